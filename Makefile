@@ -1,0 +1,30 @@
+# make demo   set up .venv, then run the quickstart on this machine's default backends
+# make test   set up .venv, then run the test suite (GPU tests skip without a GPU)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: demo test gpu-check bench clean
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	@# reuse a torch that is already installed; otherwise take the pinned CPU build
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e ".[test,triton]"
+	@touch $@
+
+demo: $(VENV)/.installed
+	$(PY) examples/quickstart.py
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+
+# on a CUDA machine: every GPU test, then the benchmark; results under $$OUT (or benchmarks/results)
+gpu-check:
+	PYTHONUNBUFFERED=1 $(PYTHON) -m pytest -q -m gpu -x tests
+	PYTHONUNBUFFERED=1 $(PYTHON) benchmarks/bench_linear.py --out $${OUT:-benchmarks/results/h100}
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

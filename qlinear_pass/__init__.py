@@ -1,0 +1,31 @@
+"""qlinear_pass: a torch.compile pass that runs quantized linears on the fastest kernel you pick.
+
+::
+
+    model = qlinear_pass.quantize(model, "fp8_rowwise")
+    fast = torch.compile(model, backend=qlinear_pass.make(linear_backend="triton"))
+    print(qlinear_pass.explain(model, x))
+"""
+from .compile import make
+from .config import LinearBackendConfig, linear_backend
+from .nn import QuantizedLinear, quantize
+from .registry import DeviceInfo, Kernel, LayerSpec, NoKernelError, available_backends, register_kernel
+from .report import Report, explain
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "make",
+    "linear_backend",
+    "LinearBackendConfig",
+    "quantize",
+    "QuantizedLinear",
+    "explain",
+    "Report",
+    "register_kernel",
+    "Kernel",
+    "LayerSpec",
+    "DeviceInfo",
+    "available_backends",
+    "NoKernelError",
+]

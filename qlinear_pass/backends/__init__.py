@@ -1,0 +1,1 @@
+"""Backends: one module per backend; each registers its kernels on import."""

@@ -1,0 +1,24 @@
+"""Backend ``emulation``: every scheme in float32, on any device.
+
+The scheme's reference itself, run behind the custom op.  Slow, exact, and
+``auto``'s last resort, so ``auto`` never fails for a known scheme.
+"""
+from __future__ import annotations
+
+from ..config import SCHEMES
+from ..registry import Kernel, register_kernel
+from ..schemes import reference
+
+
+@register_kernel
+class EmulationKernel(Kernel):
+    name = "emulation"
+    backend = "emulation"
+    schemes = SCHEMES
+    priority = 1000
+
+    def run(self, spec, x, params, bias):
+        input_scale = None
+        if spec.act_input == "static":
+            params, input_scale = params[:-1], params[-1]
+        return reference(spec.scheme, x, params, bias, input_scale=input_scale, out_dtype=spec.out_dtype)

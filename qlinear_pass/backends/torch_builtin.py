@@ -1,0 +1,221 @@
+"""Backend ``torch``: PyTorch's own quantized matmuls, inlined as ATen ops.
+
+These kernels do not hide behind the custom op: they write ATen nodes into
+the graph (``emit``), so Inductor fuses the activation quantization and the
+scale/bias epilogue around the library call.
+
+* ``torch_scaled_mm``: ``torch._scaled_mm`` for ``fp8_tensor`` / ``fp8_rowwise``
+* ``torch_int_mm``: ``torch._int_mm`` + epilogue for ``int8_rowwise``
+* ``torch_int8pack``: ``torch._weight_int8pack_mm`` for ``int8_weight_only``
+  (behind the custom op: Inductor's lowering of it wants realized inputs)
+* ``torch_int4pack``: the int4pack (tinygemm) ops for ``w4a16``, with weights
+  repacked at compile time, so the weights must be graph constants
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import schemes as S
+from ..registry import OK, DeviceInfo, Kernel, LayerSpec, register_kernel
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(op, key))
+    except Exception:
+        return False
+
+
+def _device_key(device: DeviceInfo) -> str:
+    return {"cuda": "CUDA", "cpu": "CPU"}.get(device.type, device.type.upper())
+
+
+def _act_inputs(emit, m):
+    """The quantized activation and its scale: the graph's own (dynamic chain) or the given ones."""
+    from ..graph_pass import canonical_inputs
+
+    x, params, bias = canonical_inputs(emit, m)
+    if m.spec.act_input == "static":
+        return x, params[-1], params[:-1], bias
+    q, scale = m.act_q, m.act_scale
+    if len(q.meta["val"].shape) != 2:
+        q = emit(aten.reshape.default, q, [-1, m.spec.k])
+    return q, scale, params, bias
+
+
+def _finish(emit, y, m, bias):
+    """y (float32 or out dtype) + bias, cast to the layer's output dtype."""
+    if bias is not None:
+        if y.meta["val"].dtype != torch.float32:
+            y = emit(prims.convert_element_type.default, y, torch.float32)
+        y = emit(aten.add.Tensor, y, emit(prims.convert_element_type.default, bias, torch.float32))
+    if y.meta["val"].dtype != m.spec.out_dtype:
+        y = emit(prims.convert_element_type.default, y, m.spec.out_dtype)
+    return y
+
+
+@register_kernel
+class TorchScaledMM(Kernel):
+    name = "torch_scaled_mm"
+    backend = "torch"
+    schemes = ("fp8_tensor", "fp8_rowwise")
+    priority = 30
+    opaque = False
+
+    def is_supported(self, device: DeviceInfo):
+        if not _has_kernel("aten::_scaled_mm", _device_key(device)):
+            return False, f"torch {torch.__version__} has no _scaled_mm for {device.type}"
+        if device.type == "cuda" and (device.sm or 0) < 89:
+            return False, f"torch._scaled_mm needs sm89+ (FP8 tensor cores), this is {device}"
+        return OK
+
+    def can_implement(self, spec: LayerSpec):
+        if spec.n % 16 or spec.k % 16:
+            return False, f"torch._scaled_mm needs N and K divisible by 16 (N={spec.n}, K={spec.k})"
+        if spec.device == "cuda" and spec.scheme == "fp8_rowwise" and spec.out_dtype != torch.bfloat16:
+            return False, f"torch._scaled_mm rowwise scaling on CUDA outputs bfloat16 only, this layer wants {spec.out_dtype}"
+        return OK
+
+    def emit(self, emit, m):
+        q, sa, params, bias = _act_inputs(emit, m)
+        w, sb = params[0], params[1]
+        sa = emit(prims.convert_element_type.default, sa, torch.float32)
+        sb = emit(prims.convert_element_type.default, sb, torch.float32)
+        if m.spec.scheme == "fp8_rowwise":
+            sa = emit(aten.reshape.default, sa, [-1, 1])
+            sb = emit(aten.reshape.default, sb, [1, m.spec.n])
+        wt = emit(aten.permute.default, w, [1, 0])
+        y = emit(aten._scaled_mm.default, q, wt, sa, sb, None, None, m.spec.out_dtype)
+        return _finish(emit, y, m, bias)
+
+
+@register_kernel
+class TorchIntMM(Kernel):
+    name = "torch_int_mm"
+    backend = "torch"
+    schemes = ("int8_rowwise",)
+    priority = 30
+    opaque = False
+
+    def is_supported(self, device: DeviceInfo):
+        if not _has_kernel("aten::_int_mm", _device_key(device)):
+            return False, f"torch {torch.__version__} has no _int_mm for {device.type}"
+        return OK
+
+    def can_implement(self, spec: LayerSpec):
+        if spec.device == "cuda":
+            if spec.m is None:
+                return False, "torch._int_mm needs M > 16 on CUDA, and this layer's M is dynamic (it may be 1..16 at run time)"
+            if spec.m <= 16:
+                return False, f"torch._int_mm needs M > 16 on CUDA, this layer has M={spec.m}"
+            if spec.n % 8 or spec.k % 8:
+                return False, f"torch._int_mm needs N and K divisible by 8 on CUDA (N={spec.n}, K={spec.k})"
+        return OK
+
+    def emit(self, emit, m):
+        q, sa, params, bias = _act_inputs(emit, m)
+        w, sb = params[0], params[1]
+        acc = emit(aten._int_mm.default, q, emit(aten.permute.default, w, [1, 0]))
+        y = emit(prims.convert_element_type.default, acc, torch.float32)
+        y = emit(aten.mul.Tensor, y, emit(aten.reshape.default, emit(prims.convert_element_type.default, sa, torch.float32), [-1, 1]))
+        y = emit(aten.mul.Tensor, y, emit(aten.reshape.default, emit(prims.convert_element_type.default, sb, torch.float32), [1, m.spec.n]))
+        return _finish(emit, y, m, bias)
+
+
+@register_kernel
+class TorchInt8Pack(Kernel):
+    name = "torch_int8pack"
+    backend = "torch"
+    schemes = ("int8_weight_only",)
+    priority = 30
+
+    def is_supported(self, device: DeviceInfo):
+        if not _has_kernel("aten::_weight_int8pack_mm", _device_key(device)):
+            return False, f"torch {torch.__version__} has no _weight_int8pack_mm for {device.type}"
+        return OK
+
+    def can_implement(self, spec: LayerSpec):
+        if spec.act_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            return False, f"_weight_int8pack_mm takes bf16/fp16/fp32 activations, not {spec.act_dtype}"
+        if spec.device == "cuda" and spec.act_dtype == torch.float32:
+            return False, "_weight_int8pack_mm on CUDA takes bf16/fp16 activations"
+        return OK
+
+    def run(self, spec, x, params, bias):
+        # opaque: Inductor's lowering of this op wants realized inputs
+        y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), params[0], params[1].to(x.dtype))
+        if bias is not None:
+            y = (y.float() + bias.float()).to(spec.out_dtype)
+        return y.to(spec.out_dtype)
+
+
+@register_kernel
+class TorchInt4Pack(Kernel):
+    name = "torch_int4pack"
+    backend = "torch"
+    schemes = ("w4a16",)
+    priority = 30
+    opaque = False
+
+    def is_supported(self, device: DeviceInfo):
+        op = "aten::_weight_int4pack_mm_for_cpu" if device.type == "cpu" else "aten::_weight_int4pack_mm"
+        if not _has_kernel(op, _device_key(device)):
+            return False, f"torch {torch.__version__} has no {op.split('::')[1]} for {device.type}"
+        return OK
+
+    def can_implement(self, spec: LayerSpec):
+        if not spec.weights_constant:
+            return False, (
+                "the int4pack ops need the weights repacked once at compile time, so the weights must be graph "
+                "constants: set torch._inductor.config.freezing = True before torch.compile (Dynamo reads it "
+                "while tracing) and run under torch.no_grad()"
+            )
+        if spec.device == "cuda":
+            if spec.act_dtype != torch.bfloat16:
+                return False, f"tinygemm (_weight_int4pack_mm) on CUDA takes bfloat16 activations, not {spec.act_dtype}"
+            if spec.k % 1024 and spec.k % 256:
+                return False, f"tinygemm needs K divisible by 256 (K={spec.k})"
+            if spec.n % 8:
+                return False, f"tinygemm needs N divisible by 8 (N={spec.n})"
+        elif spec.act_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            return False, f"_weight_int4pack_mm_for_cpu takes float activations, not {spec.act_dtype}"
+        return OK
+
+    @staticmethod
+    def prepack(weight, scale, zero, spec: LayerSpec):
+        q = S.unpack_int4(weight).to(torch.int32)
+        sc = scale.float()
+        z = zero.float() if zero is not None else torch.full_like(sc, 8.0)
+        # ours: (q - z) * s  ==  tinygemm's (q - 8) * s + (8 - z) * s
+        dt = spec.act_dtype if spec.device == "cpu" else torch.bfloat16
+        sz = torch.stack([sc, (8.0 - z) * sc], dim=-1).transpose(0, 1).contiguous().to(dt)
+        if spec.device == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack(pack_for_tinygemm(q), 8)
+        return packed, sz
+
+    def emit(self, emit, m):
+        from ..graph_pass import canonical_inputs
+
+        x, params, bias = canonical_inputs(emit, m)
+        gm = emit.graph.owning_module
+        values = [getattr(gm, p.target) if p is not None else None for p in params]
+        packed, sz = self.prepack(*values, m.spec)
+        pk = emit.constant("int4pack", packed)
+        szn = emit.constant("int4pack_scales_zeros", sz)
+        g = m.spec.group_size
+        if m.spec.device == "cpu":
+            y = emit(aten._weight_int4pack_mm_for_cpu.default, x, pk, g, szn)
+        else:
+            y = emit(aten._weight_int4pack_mm.default, x, pk, g, szn)
+        return _finish(emit, y, m, bias)
+
+
+def pack_for_tinygemm(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] int32 0..15 -> [N, K/2] uint8, the even k in the HIGH nibble (the CUDA op's input)."""
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] << 4) | q[:, 1::2]

@@ -1,0 +1,180 @@
+"""``make()``: the ``torch.compile`` backend that runs the pass inside Inductor.
+
+::
+
+    torch.compile(model, backend=qlinear_pass.make(linear_backend="triton"))
+    torch.compile(model, backend="qlinear")          # the config in effect at call time
+
+``make`` caches its result per (config, options): calling ``make("triton")``
+twice gives the same object, so Dynamo does not recompile.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Optional
+
+import torch
+
+from . import config as C
+from .graph_pass import CompileRecord, QLinearPass, _remember, rewrite
+from .registry import NoKernelError
+
+log = logging.getLogger("qlinear_pass")
+
+
+def _visible_error(exc: NoKernelError) -> BaseException:
+    """A NoKernelError that Dynamo lets through unwrapped (still a NoKernelError / ValueError)."""
+    try:
+        from torch._dynamo.exc import ShortenTraceback
+    except ImportError:
+        return exc
+
+    class _CompiledNoKernelError(NoKernelError, ShortenTraceback):
+        def __init__(self, msg: str) -> None:
+            ShortenTraceback.__init__(self, msg, first_useful_frame=None)
+
+    _CompiledNoKernelError.__name__ = "NoKernelError"
+    _CompiledNoKernelError.__qualname__ = "NoKernelError"
+    err = _CompiledNoKernelError(str(exc))
+    return err
+
+
+def _find_no_kernel(exc: BaseException) -> Optional[NoKernelError]:
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, NoKernelError):
+            return e
+        stack += [getattr(e, "inner_exception", None), e.__cause__, e.__context__]
+        stack += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
+    return None
+
+
+def _needs_grad(gm: torch.fx.GraphModule, example_inputs) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs):
+        return True
+    return any(p.requires_grad for p in gm.parameters())
+
+
+class QLinearBackend:
+    """A ``torch.compile`` backend: Inductor (or plain AOTAutograd) with the pass."""
+
+    def __init__(self, config: Optional[C.LinearBackendConfig], inductor: bool, options: tuple) -> None:
+        self.config = config
+        self.inductor = inductor
+        self.options = dict(options)
+        self.__name__ = "qlinear"
+
+    def __repr__(self) -> str:
+        cfg = self.config.describe() if self.config else "<config in effect at call time>"
+        return f"qlinear_pass.make({cfg}, inductor={self.inductor})"
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        cfg, source = C.resolve(self.config)
+        if _needs_grad(gm, example_inputs):
+            _remember(CompileRecord(cfg, source, training=True))
+            log.info("qlinear_pass: graph needs gradients; compiling it untouched")
+            return self._compile(gm, example_inputs, None)
+        try:
+            return self._compile(gm, example_inputs, QLinearPass(cfg, source))
+        except NoKernelError as exc:
+            raise _visible_error(exc) from None
+        except Exception as exc:
+            nk = _find_no_kernel(exc)
+            if nk is not None:
+                raise _visible_error(nk) from None
+            raise
+
+    def _compile(self, gm, example_inputs, graph_pass: Optional[QLinearPass]):
+        if self.inductor:
+            from torch._inductor import config as inductor_config
+            from torch._inductor.compile_fx import compile_fx
+
+            patches = dict(self.options)
+            if graph_pass is not None:
+                patches["post_grad_custom_pre_pass"] = graph_pass
+            with inductor_config.patch(patches):
+                return compile_fx(gm, example_inputs)
+        return _aot_compile(gm, example_inputs, graph_pass)
+
+
+def _aot_compile(gm, example_inputs, graph_pass: Optional[QLinearPass]):
+    """AOTAutograd to an ATen graph, the pass over it, no code generation."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
+
+    def fw(fx_gm: torch.fx.GraphModule, inputs):
+        if graph_pass is not None:
+            graph_pass(fx_gm.graph, is_inference=True)
+            fx_gm.recompile()
+        return make_boxed_func(fx_gm.forward)
+
+    def train_fw(fx_gm, inputs):
+        return make_boxed_func(fx_gm.forward)
+
+    backend = aot_autograd(fw_compiler=train_fw, inference_compiler=fw, decompositions=select_decomp_table())
+    return backend(gm, example_inputs)
+
+
+def _freeze(options: dict) -> tuple:
+    out = []
+    for k, v in sorted(options.items()):
+        try:
+            hash(v)
+        except TypeError:
+            raise TypeError(f"inductor option {k}={v!r} must be hashable") from None
+        out.append((k, v))
+    return tuple(out)
+
+
+def make(
+    linear_backend: "str | C.LinearBackendConfig | None" = None,
+    *,
+    config: Optional[C.LinearBackendConfig] = None,
+    inductor: bool = True,
+    **inductor_options: Any,
+) -> QLinearBackend:
+    """A ``torch.compile`` backend that swaps quantized linears for fast kernels.
+
+    ``linear_backend`` (a name or a :class:`LinearBackendConfig`) or
+    ``config`` fixes the backend; with neither, the config in effect when the
+    compiled model is called decides (``with linear_backend(...)``, the
+    environment variable, ``auto``).  Other keyword arguments are Inductor
+    options (such as ``max_autotune=True``; freezing is global, see the
+    README).  ``inductor=False`` runs the pass over the ATen graph
+    without code generation (fast to compile; for debugging and tests).
+    """
+    if linear_backend is not None and config is not None:
+        raise TypeError("pass either linear_backend or config, not both")
+    cfg = C.as_config(config if config is not None else linear_backend)
+    if "freezing" in inductor_options:
+        raise TypeError(
+            "freezing cannot be set per backend: Dynamo reads it while tracing. Set "
+            "torch._inductor.config.freezing = True before calling the compiled model instead"
+        )
+    if not inductor and inductor_options:
+        raise TypeError(f"inductor options {sorted(inductor_options)} need inductor=True")
+    return _make_cached(cfg, bool(inductor), _freeze(inductor_options))
+
+
+@functools.lru_cache(maxsize=None)
+def _make_cached(cfg, inductor, options) -> QLinearBackend:
+    if options:
+        from torch._inductor import config as inductor_config
+
+        unknown = [k for k, _ in options if not hasattr(inductor_config, k.split(".")[0])]
+        if unknown:
+            raise TypeError(f"unknown Inductor option(s): {', '.join(unknown)}")
+    return QLinearBackend(cfg, inductor, options)
+
+
+#: the backend registered as ``torch.compile(backend="qlinear")``
+qlinear_backend = make()

@@ -1,0 +1,1 @@
+"""Kernel sources and the custom-op glue that runs them."""

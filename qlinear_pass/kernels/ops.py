@@ -1,0 +1,46 @@
+"""``qlinear_pass::linear``: the one custom op every opaque kernel runs behind.
+
+The graph pass replaces a matched linear by a call of this op carrying the
+chosen kernel's name and the layer spec.  Inductor keeps it as an opaque call
+(its fake implementation gives the output shape), so a symbolic M needs no
+recompile, and the kernel itself may pick a path by M at run time.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Optional
+
+import torch
+
+from ..registry import LayerSpec, get_kernel
+
+#: how often each kernel ran through the op (kernel name -> calls); for tests and debugging
+CALLS: collections.Counter = collections.Counter()
+
+
+@torch.library.custom_op("qlinear_pass::linear", mutates_args=())
+def linear(
+    x: torch.Tensor,
+    params: list[Optional[torch.Tensor]],
+    bias: Optional[torch.Tensor],
+    kernel: str,
+    spec: str,
+) -> torch.Tensor:
+    k = get_kernel(kernel)
+    s = LayerSpec.from_json(spec)
+    CALLS[kernel] += 1
+    out = k.run(s, x, params, bias)
+    if out.shape[-1] != s.n or out.dtype != s.out_dtype:
+        raise RuntimeError(f"kernel {kernel} returned {tuple(out.shape)} {out.dtype}, expected [..., {s.n}] {s.out_dtype}")
+    return out
+
+
+@linear.register_fake
+def _(x, params, bias, kernel, spec):
+    s = LayerSpec.from_json(spec)
+    return x.new_empty((*x.shape[:-1], s.n), dtype=s.out_dtype)
+
+
+def call(kernel: str, spec: LayerSpec, x: torch.Tensor, params, bias=None) -> torch.Tensor:
+    """Run ``kernel`` through the op (what a compiled graph does), e.g. from tests."""
+    return torch.ops.qlinear_pass.linear(x, list(params), bias, kernel, spec.to_json())

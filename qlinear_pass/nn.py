@@ -1,0 +1,135 @@
+"""Reference quantized modules and :func:`quantize`.
+
+Each :class:`QuantizedLinear` holds real quantized weights and computes its
+scheme's float32 reference in plain torch, so it is correct in eager mode on
+any device.  ``torch.compile`` with :func:`qlinear_pass.make` swaps the
+reference math for a fast kernel.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from . import schemes as S
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer whose weight is stored quantized in ``scheme``."""
+
+    def __init__(
+        self,
+        scheme: str,
+        in_features: int,
+        out_features: int,
+        params: dict,
+        bias: Optional[torch.Tensor] = None,
+        group_size: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        self.scheme = S.get_scheme(scheme).name
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        self.register_buffer("weight", params["weight"])
+        self.register_buffer("weight_scale", params["weight_scale"])
+        self.register_buffer("weight_zero", params.get("weight_zero"))
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: str, *, group_size: int = 128, zero_points: bool = False) -> "QuantizedLinear":
+        params = S.quantize_weight(scheme, linear.weight, group_size=group_size, zero_points=zero_points)
+        name = S.get_scheme(scheme).name
+        return cls(
+            name,
+            linear.in_features,
+            linear.out_features,
+            params,
+            linear.bias,
+            group_size=group_size if name == "w4a16" else None,
+        )
+
+    @property
+    def params(self) -> list:
+        names = S.get_scheme(self.scheme).param_names
+        return [getattr(self, n) for n in names]
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return S.dequantize_weight(self.scheme, self.params, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return S.reference(self.scheme, x, self.params, self.bias)
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.group_size else ""
+        z = ", zero_points=True" if self.weight_zero is not None else ""
+        return f"{self.scheme}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{g}{z}"
+
+
+def _matches(name: str, patterns: Optional[Iterable[str]]) -> bool:
+    return patterns is not None and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _as_patterns(value) -> Optional[list[str]]:
+    if value is None:
+        return None
+    return [value] if isinstance(value, str) else list(value)
+
+
+def quantize(
+    model: nn.Module,
+    scheme: str,
+    *,
+    group_size: int = 128,
+    zero_points: bool = False,
+    include=None,
+    exclude=None,
+) -> nn.Module:
+    """Replace the model's ``nn.Linear`` modules by :class:`QuantizedLinear`, in place.
+
+    ``include`` / ``exclude`` are module-name globs (``"layers.*.mlp.*"``).  A
+    layer whose shape the scheme cannot hold (K not a multiple of the group
+    size, say) is an error naming it; exclude it to keep it in float.  Nothing
+    is replaced unless every selected layer can be: no half-quantized model.
+    """
+    s = S.get_scheme(scheme)
+    if s.name == "w4a16" and group_size not in S.GROUP_SIZES:
+        raise ValueError(f"w4a16 group size must be one of {S.GROUP_SIZES}, got {group_size}")
+    if zero_points and s.name != "w4a16":
+        raise ValueError(f"zero_points is a w4a16 option; scheme {s.name} is symmetric")
+    inc, exc = _as_patterns(include), _as_patterns(exclude)
+    chosen: list[tuple[str, nn.Linear]] = []
+    problems: list[str] = []
+    for name, mod in model.named_modules():
+        if type(mod) is not nn.Linear:
+            continue
+        if inc is not None and not _matches(name, inc):
+            continue
+        if _matches(name, exc):
+            continue
+        k = mod.in_features
+        if s.name == "w4a16" and k % group_size:
+            problems.append(f"{name or '<root>'}: K={k} is not a multiple of group_size={group_size}")
+        elif s.name == "fp8_block" and k % S.BLOCK:
+            problems.append(f"{name or '<root>'}: K={k} is not a multiple of the 128-wide block")
+        else:
+            chosen.append((name, mod))
+    if problems:
+        raise ValueError(
+            f"cannot quantize {len(problems)} layer(s) to {s.name}:\n  "
+            + "\n  ".join(problems)
+            + "\nPass exclude=[...] with these names to keep them in float."
+        )
+    for name, mod in chosen:
+        q = QuantizedLinear.from_linear(mod, s.name, group_size=group_size, zero_points=zero_points)
+        if not name:
+            return q
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, q)
+    return model

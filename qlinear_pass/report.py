@@ -1,0 +1,98 @@
+"""``explain()``: which kernel runs each quantized linear, and why not the others."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from . import config as C
+from .graph_pass import HISTORY, CompileRecord
+
+
+@dataclasses.dataclass
+class Report:
+    """The decisions of one compile.
+
+    ``rows``: one dict per matched linear (keys ``module``, ``scheme``, ``n``,
+    ``k``, ``backend``, ``kernel``, ``rejected``, ...); ``unmatched``: the
+    matmuls seen but not matched, with the reason.
+    """
+
+    config: C.LinearBackendConfig
+    source: str
+    rows: list[dict]
+    unmatched: list[dict]
+    training: bool = False
+
+    @classmethod
+    def from_records(cls, records: list[CompileRecord], cfg: C.LinearBackendConfig, source: str) -> "Report":
+        rows, unmatched, training = [], [], False
+        for r in records:
+            rows += [d.as_row() for d in r.decisions]
+            unmatched += r.unmatched
+            training |= r.training
+        return cls(cfg, source, rows, unmatched, training)
+
+    def kernels(self) -> dict[str, str]:
+        """module -> kernel name."""
+        return {r["module"]: r["kernel"] for r in self.rows}
+
+    def __str__(self) -> str:
+        lines = [f"linear backend: {self.config.describe()} (from {self.source})"]
+        if self.training:
+            lines.append("graph needs gradients: left untouched (the pass rewrites inference graphs only)")
+        headers = ["module", "scheme", "N", "K", "backend", "kernel", "rejected"]
+        table = []
+        for r in self.rows:
+            scheme = r["scheme"] + (f" g{r['group_size']}" if r.get("group_size") else "")
+            kernel = (r["kernel"] or "-") + (" (fallback)" if r.get("fallback") else "")
+            rej = "; ".join(f"{n}: {why}" for n, why in r["rejected"]) or "-"
+            table.append([r["module"] or "-", scheme, str(r["n"]), str(r["k"]), r["backend"], kernel, rej])
+        if table:
+            widths = [max(len(h), *(min(len(row[i]), 60) for row in table)) for i, h in enumerate(headers)]
+            fmt = lambda row: "  ".join(c.ljust(w) if i < len(row) - 1 else c for i, (c, w) in enumerate(zip(row, widths)))
+            lines.append(fmt(headers))
+            lines.append(fmt(["-" * w for w in widths]))
+            lines += [fmt(row) for row in table]
+        else:
+            lines.append("no quantized linears matched")
+        if self.unmatched:
+            lines.append("")
+            lines.append("matmuls seen but not matched:")
+            for u in self.unmatched:
+                where = u["module"] or u["node"]
+                lines.append(f"  {where} ({u['op']}): {u['reason']}")
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, p, cycle):  # IPython
+        p.text(str(self))
+
+
+def explain(
+    model: torch.nn.Module,
+    *example_inputs,
+    linear_backend: "str | C.LinearBackendConfig | None" = None,
+    inductor: bool = False,
+) -> Report:
+    """Compile ``model`` on ``example_inputs`` and report every quantized linear.
+
+    The pass runs exactly as in ``make()`` (over the ATen graph, without
+    Inductor code generation unless ``inductor=True``), under ``no_grad``.
+    An explicit backend that cannot run a layer raises ``NoKernelError``.
+    """
+    import torch._dynamo
+
+    from .compile import make
+
+    cfg, source = C.resolve(linear_backend)
+    backend = make(cfg, inductor=inductor)
+    start = len(HISTORY)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend=backend, fullgraph=False)(*example_inputs)
+    finally:
+        torch._dynamo.reset()
+    records = HISTORY[start:]
+    return Report.from_records(records, cfg, source)

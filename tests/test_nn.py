@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+import qlinear_pass as qp
+from qlinear_pass import schemes as S
+from qlinear_pass.examples_model import TinyBlock
+
+
+def test_quantize_replaces_every_linear_in_place():
+    m = TinyBlock(128, 256)
+    out = qp.quantize(m, "fp8_rowwise")
+    assert out is m
+    kinds = {type(mod) for mod in m.modules()}
+    assert torch.nn.Linear not in kinds and qp.QuantizedLinear in kinds
+    assert m.q_proj.weight.dtype == torch.float8_e4m3fn
+
+
+def test_include_exclude_globs():
+    m = qp.quantize(TinyBlock(128, 256), "int8_rowwise", include=["*_proj"], exclude="down_*")
+    assert isinstance(m.up_proj, qp.QuantizedLinear)
+    assert type(m.down_proj) is torch.nn.Linear
+    m = qp.quantize(TinyBlock(128, 256), "int8_rowwise", include="q_proj")
+    assert isinstance(m.q_proj, qp.QuantizedLinear) and type(m.k_proj) is torch.nn.Linear
+
+
+def test_bad_group_size_names_the_layer_and_leaves_the_model_alone():
+    m = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 96), torch.nn.Linear(96, 8))
+    with pytest.raises(ValueError) as e:
+        qp.quantize(m, "w4a16", group_size=128)
+    assert "1: K=64" in str(e.value) and "2: K=96" in str(e.value) and "exclude" in str(e.value)
+    assert all(type(x) is torch.nn.Linear for x in m)  # nothing half-done
+    qp.quantize(m, "w4a16", group_size=128, exclude=["1", "2"])
+    assert isinstance(m[0], qp.QuantizedLinear) and type(m[1]) is torch.nn.Linear
+
+
+def test_option_errors():
+    with pytest.raises(ValueError, match="group size"):
+        qp.quantize(torch.nn.Linear(64, 8), "w4a16", group_size=16)
+    with pytest.raises(ValueError, match="zero_points is a w4a16 option"):
+        qp.quantize(torch.nn.Linear(64, 8), "int8_rowwise", zero_points=True)
+    with pytest.raises(ValueError, match="unknown scheme"):
+        qp.quantize(torch.nn.Linear(64, 8), "int3")
+
+
+def test_root_linear_is_returned_quantized():
+    q = qp.quantize(torch.nn.Linear(128, 8), "fp8_tensor")
+    assert isinstance(q, qp.QuantizedLinear) and "fp8_tensor" in repr(q)
+
+
+@pytest.mark.parametrize("scheme", [s.name for s in S.all_schemes()])
+def test_eager_forward_is_close_to_float(scheme):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 64)
+    x = torch.randn(2, 5, 256)
+    ref = lin(x)
+    q = qp.quantize(torch.nn.Sequential(lin), scheme, group_size=64)[0]
+    y = q(x)
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    assert S.relative_error(y, ref) < (0.15 if scheme == "w4a16" else 0.06)
+    assert S.relative_error(q.dequantized_weight(), lin.weight) < (0.15 if scheme == "w4a16" else 0.05)

@@ -1,0 +1,201 @@
+"""The matcher: which forms are recognised, how often, and that the rewrite equals eager."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qlinear_pass as qp
+from qlinear_pass import schemes as S
+from qlinear_pass.examples_model import TinyBlock
+
+from .helpers import compile_and_run, linear_model, random_activation, recorded
+
+F8 = torch.float8_e4m3fn
+
+
+def _dynamic_fp8_token(x):
+    xf = x.float()
+    s = xf.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 448.0
+    return (xf / s).clamp(-448.0, 448.0).to(F8), s
+
+
+def _dynamic_int8_token(x):
+    xf = x.float()
+    s = xf.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127.0
+    return (xf / s).round().clamp(-128, 127).to(torch.int8), s
+
+
+class UserScaledMM(torch.nn.Module):
+    """User code calling torch._scaled_mm, the way serving code does."""
+
+    def __init__(self, k, n, mode, bias=False):
+        super().__init__()
+        torch.manual_seed(3)
+        w = torch.randn(n, k) * 0.05
+        self.mode = mode
+        rowwise = mode in ("dynamic_rowwise", "static_rowwise")
+        p = S.quantize_weight("fp8_rowwise" if rowwise else "fp8_tensor", w)
+        self.register_buffer("w", p["weight"])
+        self.register_buffer("sw", p["weight_scale"].reshape(1, n) if rowwise else p["weight_scale"])
+        self.register_buffer("s_in", torch.tensor(0.02))
+        self.register_buffer("b", torch.randn(n).to(torch.bfloat16) if bias else None)
+
+    def forward(self, x):
+        if self.mode == "dynamic_rowwise":
+            q, s = _dynamic_fp8_token(x)
+        elif self.mode == "static_tensor":  # calibrated input scale
+            q, s = (x.float() / self.s_in).clamp(-448.0, 448.0).to(F8), self.s_in
+        else:
+            raise AssertionError
+        return torch._scaled_mm(q, self.w.t(), s, self.sw, bias=self.b, out_dtype=torch.bfloat16)
+
+    def reference(self, x):
+        if self.mode == "dynamic_rowwise":
+            return S.reference("fp8_rowwise", x, [self.w, self.sw.reshape(-1)], self.b, out_dtype=torch.bfloat16)
+        q = (x.float() / self.s_in).clamp(-448.0, 448.0).to(F8)
+        return S.reference("fp8_tensor", q, [self.w, self.sw], self.b, input_scale=self.s_in, out_dtype=torch.bfloat16)
+
+
+class UserIntMM(torch.nn.Module):
+    def __init__(self, k, n, bias=False):
+        super().__init__()
+        torch.manual_seed(4)
+        p = S.quantize_weight("int8_rowwise", torch.randn(n, k) * 0.05)
+        self.register_buffer("w", p["weight"])
+        self.register_buffer("sw", p["weight_scale"])
+        self.register_buffer("b", torch.randn(n) if bias else None)
+
+    def forward(self, x):
+        q, s = _dynamic_int8_token(x)
+        y = torch._int_mm(q, self.w.t()).float() * s * self.sw
+        if self.b is not None:
+            y = y + self.b
+        return y.to(x.dtype)
+
+    def reference(self, x):
+        return S.reference("int8_rowwise", x, [self.w, self.sw], self.b)
+
+
+class UserWeightOnly(torch.nn.Module):
+    def __init__(self, k, n, scheme, order, bias=False):
+        super().__init__()
+        torch.manual_seed(5)
+        p = S.quantize_weight(scheme, torch.randn(n, k) * 0.05)
+        self.scheme, self.order = scheme, order
+        self.register_buffer("w", p["weight"])
+        self.register_buffer("s", p["weight_scale"])
+        self.register_buffer("b", torch.randn(n).to(torch.bfloat16) if bias else None)
+
+    def forward(self, x):
+        if self.order == "convert_then_scale":  # w.to(dt) * s
+            wd = self.w.to(x.dtype) * self.s[:, None].to(x.dtype)
+        elif self.order == "scale_then_convert":  # (w * s).to(dt)
+            wd = (self.w.float() * self.s[:, None]).to(x.dtype)
+        else:  # not a dequantisation: shifts instead of scaling
+            wd = self.w.to(x.dtype) + self.s[:, None].to(x.dtype)
+        return F.linear(x, wd, self.b)
+
+    def reference(self, x):
+        return S.reference(self.scheme, x, [self.w, self.s], self.b)
+
+
+@pytest.mark.parametrize("scheme", [s.name for s in S.all_schemes()])
+def test_reference_modules_of_every_scheme(scheme):
+    torch.manual_seed(0)
+    m = qp.quantize(TinyBlock(256, 384, bias=True).to(torch.bfloat16), scheme, group_size=64)
+    x = random_activation((2, 3, 256))
+    y, recs = compile_and_run(m, x, "emulation")
+    (rec,) = recs
+    assert len(rec.decisions) == 7, rec.unmatched
+    assert {d.spec.scheme for d in rec.decisions} == {scheme}
+    # the attention matmuls are seen (bmm is not an anchor) and nothing else is left unmatched
+    assert rec.unmatched == []
+    with torch.no_grad():
+        assert S.relative_error(y, m(x)) < 1e-2
+    assert sorted(d.spec.module for d in rec.decisions) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@pytest.mark.parametrize("mode,scheme,act_input", [
+    ("dynamic_rowwise", "fp8_rowwise", "dynamic"),
+    ("static_tensor", "fp8_tensor", "static"),
+])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("backend", ["emulation", "torch"])
+def test_user_scaled_mm(mode, scheme, act_input, bias, backend):
+    m = UserScaledMM(128, 48, mode, bias)
+    x = random_activation((9, 128))
+    y, recs = compile_and_run(m, x, backend)
+    (d,) = recs[0].decisions
+    assert (d.spec.scheme, d.spec.act_input, d.spec.has_bias) == (scheme, act_input, bias)
+    assert S.relative_error(y, m.reference(x)) < S.TOLERANCE[torch.bfloat16]
+
+
+def test_prequantized_scaled_mm_input():
+    m = UserScaledMM(128, 32, "dynamic_rowwise")
+
+    def f(q, s):
+        return torch._scaled_mm(q, m.w.t(), s, m.sw, out_dtype=torch.float32)
+
+    q, s = _dynamic_fp8_token(random_activation((5, 128)))
+    with torch.no_grad(), recorded() as recs:
+        y = torch.compile(f, backend=qp.make("emulation", inductor=False))(q, s)
+    (d,) = recs[0].decisions
+    assert d.spec.act_input == "static" and d.spec.act_dtype == F8 and d.spec.out_dtype == torch.float32
+    ref = S.reference("fp8_rowwise", q, [m.w, m.sw.reshape(-1)], input_scale=s, out_dtype=torch.float32)
+    assert S.relative_error(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("backend", ["emulation", "torch"])
+def test_user_int_mm_with_scale_multiplies(bias, backend):
+    m = UserIntMM(128, 40, bias)
+    x = random_activation((33, 128))
+    y, recs = compile_and_run(m, x, backend)
+    (d,) = recs[0].decisions
+    assert d.spec.scheme == "int8_rowwise" and d.spec.act_input == "dynamic" and d.spec.has_bias == bias
+    assert S.relative_error(y, m.reference(x)) < S.TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "fp8_weight_only"])
+@pytest.mark.parametrize("order", ["convert_then_scale", "scale_then_convert"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_weight_only_dequant_then_linear_both_orders(scheme, order, bias):
+    m = UserWeightOnly(64, 24, scheme, order, bias)
+    x = random_activation((2, 7, 64))
+    y, recs = compile_and_run(m, x, "auto")
+    (d,) = recs[0].decisions
+    assert d.spec.scheme == scheme and d.spec.has_bias == bias and d.spec.act_input == "none"
+    assert y.shape == (2, 7, 24)
+    assert S.relative_error(y, m.reference(x)) < S.TOLERANCE[torch.bfloat16]
+
+
+def test_lookalike_that_is_not_a_dequantisation_is_left_alone():
+    m = UserWeightOnly(64, 24, "int8_weight_only", "shift")
+    x = random_activation((5, 64))
+    y, recs = compile_and_run(m, x, "emulation")
+    assert recs[0].decisions == []
+    (miss,) = recs[0].unmatched
+    assert "does not compute int8_weight_only" in miss["reason"]
+    with torch.no_grad():
+        torch.testing.assert_close(y, m(x))
+
+
+def test_float_linear_is_reported_as_not_quantized():
+    m = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    qp.quantize(m, "fp8_rowwise", include="2")
+    _, recs = compile_and_run(m, torch.randn(4, 32), "emulation")
+    assert [d.spec.module for d in recs[0].decisions] == ["2"]
+    (miss,) = recs[0].unmatched
+    assert miss["module"] == "0" and "float weight" in miss["reason"]
+
+
+def test_matched_count_with_shared_activation():
+    """Three projections of one activation: three matches, one each."""
+    m = linear_model(128, 64, "fp8_rowwise")
+    block = torch.nn.ModuleDict({"a": m[0], "b": linear_model(128, 32, "fp8_rowwise")[0]})
+
+    def f(x):
+        return block["a"](x).sum(-1) + block["b"](x).sum(-1)
+
+    _, recs = compile_and_run(f, random_activation((4, 128)), "emulation")
+    assert len(recs[0].decisions) == 2

@@ -1,0 +1,146 @@
+import warnings
+
+import pytest
+import torch
+
+import qlinear_pass as qp
+from qlinear_pass import registry as R
+from qlinear_pass.config import backend_names
+
+H100 = R.DeviceInfo("cuda", (9, 0), "fake H100")
+A100 = R.DeviceInfo("cuda", (8, 0), "fake A100")
+CPU = R.DeviceInfo("cpu", None, "cpu")
+
+
+def spec(scheme="fp8_rowwise", n=256, k=512, device="cuda", **kw):
+    return R.LayerSpec(scheme=scheme, n=n, k=k, act_dtype=torch.bfloat16, out_dtype=torch.bfloat16, device=device,
+                       module="layers.0.mlp.up_proj", **kw)
+
+
+@pytest.fixture
+def fake_kernels():
+    """Two kernels of a plug-in backend 'testlib' and one of 'testlib2'."""
+
+    class Fast(R.Kernel):
+        name, backend, schemes, priority = "testlib_fast", "testlib", ("fp8_rowwise",), 5
+
+        def is_supported(self, device):
+            if device.sm is None or device.sm < 90:
+                return False, f"needs sm90, this is {device}"
+            return True, ""
+
+        def can_implement(self, spec):
+            if spec.k % 128:
+                return False, f"K={spec.k} is not a multiple of 128"
+            return True, ""
+
+    class Slow(R.Kernel):
+        name, backend, schemes, priority = "testlib_slow", "testlib", ("fp8_rowwise", "w4a16"), 8
+
+        def is_supported(self, device):
+            return (device.type == "cuda", "needs CUDA")
+
+    class Other(R.Kernel):
+        name, backend, schemes, priority = "testlib2_any", "testlib2", ("fp8_rowwise",), 1
+
+        def priority_for(self, device):
+            return 1 if device.type == "cuda" else 999
+
+    for cls in (Fast, Slow, Other):
+        qp.register_kernel(cls)
+    yield
+    for cls in (Fast, Slow, Other):
+        R.unregister_kernel(cls.name)
+
+
+def test_registering_a_kernel_makes_its_backend_known(fake_kernels):
+    assert "testlib" in backend_names()
+    assert qp.LinearBackendConfig("TestLib").linear_backend == "testlib"
+
+
+def test_priority_order_per_device(fake_kernels):
+    names = [k.name for k in R.candidates("fp8_rowwise", H100)]
+    assert names.index("testlib2_any") < names.index("testlib_fast") < names.index("testlib_slow")
+    assert names[-1] == "emulation"
+    names_cpu = [k.name for k in R.candidates("fp8_rowwise", CPU)]
+    assert names_cpu.index("testlib2_any") > names_cpu.index("testlib_slow")
+
+
+def test_explicit_backend_filters_and_first_fit_wins(fake_kernels):
+    sel = R.select(spec(), qp.LinearBackendConfig("testlib"), H100)
+    assert sel.kernel.name == "testlib_fast" and sel.rejected == []
+    sel = R.select(spec(k=200), qp.LinearBackendConfig("testlib"), H100)
+    assert sel.kernel.name == "testlib_slow"
+    assert sel.rejected == [("testlib_fast", "K=200 is not a multiple of 128")]
+    sel = R.select(spec(), qp.LinearBackendConfig("testlib"), A100)
+    assert sel.kernel.name == "testlib_slow" and "needs sm90" in sel.rejected[0][1]
+
+
+def test_no_kernel_error_names_layer_candidates_and_fixes(fake_kernels):
+    with pytest.raises(qp.NoKernelError) as e:
+        R.select(spec(k=200), qp.LinearBackendConfig("testlib"), CPU)
+    msg = str(e.value)
+    assert isinstance(e.value, ValueError)
+    for part in ["'testlib'", "layers.0.mlp.up_proj", "fp8_rowwise", "N=256", "K=200",
+                 "testlib_fast: needs sm90", "testlib_slow: needs CUDA", "per_scheme", "on_unsupported='fallback'"]:
+        assert part in msg, part
+
+
+def test_backend_without_kernels_says_so():
+    with pytest.raises(qp.NoKernelError, match="has no kernels registered"):
+        R.select(spec(), qp.LinearBackendConfig("conch"), H100)
+
+
+def test_auto_never_raises_for_a_known_scheme():
+    for scheme in R.C.SCHEMES:
+        sel = R.select(spec(scheme, n=8, k=8, device="meta"), qp.LinearBackendConfig(), R.DeviceInfo("meta"))
+        assert sel.kernel is not None
+
+
+def test_per_scheme_override(fake_kernels):
+    cfg = qp.LinearBackendConfig("emulation", per_scheme={"fp8_rowwise": "testlib2"})
+    assert R.select(spec(), cfg, H100).kernel.name == "testlib2_any"
+    assert R.select(spec("w4a16", group_size=128), cfg, H100).kernel.name == "emulation"
+
+
+def test_fallback_warns_once_per_layer_type(fake_kernels):
+    cfg = qp.LinearBackendConfig("testlib", on_unsupported="fallback")
+    R._warned.clear()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        s1 = R.select(spec(k=200), cfg, CPU)
+        s2 = R.select(spec(k=200), cfg, CPU)
+    assert s1.fallback and s1.kernel is not None and s1.kernel.backend != "testlib"
+    assert s2.fallback
+    msgs = [str(x.message) for x in w if "falling back" in str(x.message)]
+    assert len(msgs) == 1 and "testlib_fast" in msgs[0]
+
+
+def test_register_kernel_rejects_bad_classes():
+    with pytest.raises(TypeError):
+        qp.register_kernel(object)
+
+    class NoName(R.Kernel):
+        backend, schemes = "testlib", ("fp8_rowwise",)
+
+    with pytest.raises(TypeError, match="must set 'name'"):
+        qp.register_kernel(NoName)
+
+    class BadScheme(R.Kernel):
+        name, backend, schemes = "bad_scheme", "testlib", ("fp9",)
+
+    with pytest.raises(ValueError, match="unknown scheme"):
+        qp.register_kernel(BadScheme)
+
+
+def test_available_backends_table():
+    table = qp.available_backends("cpu")
+    assert table["emulation"]["w4a16"] == (True, "emulation")
+    ok, why = table["conch"]["fp8_rowwise"]
+    assert not ok and "no kernels registered" in why
+    assert "auto" not in table
+
+
+def test_device_info_of():
+    assert R.DeviceInfo.of("cpu").type == "cpu"
+    assert H100.sm == 90 and "sm90" in str(H100)
