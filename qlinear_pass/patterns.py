@@ -441,6 +441,18 @@ def _act_granularity(scale: fx.Node, k: int) -> Optional[str]:
     return None
 
 
+def _resolve_granularity(gran: Optional[str], scale: fx.Node, wt: "_Weight") -> Optional[str]:
+    """With one row (M == 1) a [1, 1] scale is per tensor *and* per token (and per group if K == 128).
+
+    Take the granularity the weight's scheme needs; the numeric check still decides.
+    """
+    if gran == "tensor" and len(_shape(scale)) >= 2:
+        want = {"channel": "token", "block": "group"}.get(wt.granularity)
+        if want == "token" or (want == "group" and wt.k == S.BLOCK):
+            return want
+    return gran
+
+
 def _trace_quant_chain(q: fx.Node, k: int) -> tuple[fx.Node, fx.Node]:
     """q = convert(clamp(x / s)) -> (float source x, scale s)."""
     t = q.args[0] if q.op == "call_function" and q.target in CONVERTS else None
@@ -586,7 +598,7 @@ def _epilogue(anchor: fx.Node, n: int, bias: Optional[fx.Node], allow_scales: bo
     return end, bias, xs, ws, _dtype(end)
 
 
-def _match_anchor(node: fx.Node) -> Match:
+def _match_anchor(node: fx.Node, static: frozenset) -> Match:
     t = node.target
     if t in MM_TARGETS:
         a, b = (node.args[1], node.args[2]) if t == aten.addmm.default else (node.args[0], node.args[1])
@@ -614,7 +626,7 @@ def _match_anchor(node: fx.Node) -> Match:
                 src, scale = _trace_quant_chain(q, k)
             except _Miss:
                 pass
-            gran = _act_granularity(scale, k) if scale is not None else None
+            gran = _resolve_granularity(_act_granularity(scale, k), scale, wt) if scale is not None else None
             act = _Act("dynamic", src, gran, _dtype(q), q, scale) if src is not None and gran else None
             if act is not None:
                 scheme = _scheme_for_weight(wt, act.granularity)
@@ -639,7 +651,7 @@ def _match_anchor(node: fx.Node) -> Match:
         else:
             act_dtype = _dtype(act.x)
         params, shapes = _canonical_weight_params(wt)
-        return _make(node, end, act, scheme, wt, params, shapes, bias, n, k, m, act_dtype, out_dtype, b)
+        return _make(node, end, act, scheme, wt, params, shapes, bias, n, k, m, act_dtype, out_dtype, b, static)
 
     # _scaled_mm / _int_mm: the weight is used quantized, as is
     if len(wd.all_input_nodes) and wd.op == "call_function" and wd.target in REGION_OPS:
@@ -671,7 +683,7 @@ def _match_anchor(node: fx.Node) -> Match:
         if xscale is None or ws is None:
             raise _Miss("_int_mm is not followed by multiplies with a per-token [M, 1] and a per-channel [N] scale")
         wt = _Weight("int8", "channel", wd, _skip(ws, VIEWS), None, n, k)
-    agran = _act_granularity(xscale, k)
+    agran = _resolve_granularity(_act_granularity(xscale, k), xscale, wt)
     if agran is None:
         raise _Miss(f"activation scale of shape {_shape(xscale)}")
     act = None
@@ -695,10 +707,10 @@ def _match_anchor(node: fx.Node) -> Match:
     elif out_dtype not in FLOAT_DTYPES:
         raise _Miss("_int_mm epilogue does not end in a float tensor")
     params, shapes = _canonical_weight_params(wt)
-    return _make(node, end, act, scheme, wt, params, shapes, bias, n, k, m, _dtype(act.x), out_dtype, b)
+    return _make(node, end, act, scheme, wt, params, shapes, bias, n, k, m, _dtype(act.x), out_dtype, b, static)
 
 
-def _make(anchor, end, act: _Act, scheme, wt, params, shapes, bias, n, k, m, act_dtype, out_dtype, b) -> Match:
+def _make(anchor, end, act: _Act, scheme, wt, params, shapes, bias, n, k, m, act_dtype, out_dtype, b, static) -> Match:
     if act.mode == "static":
         params = params + [act.scale]
         g = act.granularity
@@ -714,7 +726,7 @@ def _make(anchor, end, act: _Act, scheme, wt, params, shapes, bias, n, k, m, act
         zero_points=wt.zero is not None,
         act_input=act.mode,
         device=val(anchor).device.type if isinstance(val(anchor), torch.Tensor) else "cpu",
-        weights_constant=all(p.op == "get_attr" for p in params[:1]),
+        weights_constant=all(p.op == "get_attr" or p in static for p in (wt.weight, wt.scale, wt.zero) if p is not None),
         m=m,
         module=module_path(anchor),
     )
@@ -730,14 +742,24 @@ def find_linears(graph: fx.Graph) -> tuple[list[Match], list[Unmatched]]:
         return _find_linears(graph)
 
 
+def static_inputs(graph: fx.Graph) -> frozenset:
+    """Placeholders that are module parameters / buffers: the same tensors every call."""
+    tc = torch._guards.TracingContext.try_get()
+    meta = getattr(tc, "fw_metadata", None) if tc is not None else None
+    indices = set(getattr(meta, "static_input_indices", None) or ())
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    return frozenset(p for i, p in enumerate(placeholders) if i in indices)
+
+
 def _find_linears(graph: fx.Graph) -> tuple[list[Match], list[Unmatched]]:
+    static = static_inputs(graph)
     matches: list[Match] = []
     misses: list[Unmatched] = []
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in ANCHORS:
             continue
         try:
-            matches.append(_match_anchor(node))
+            matches.append(_match_anchor(node, static))
         except _Miss as miss:
             shp = _shape(node)
             n = shp[-1] if shp and isinstance(shp[-1], int) else None

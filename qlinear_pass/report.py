@@ -85,12 +85,16 @@ def explain(
 
     from .compile import make
 
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
     cfg, source = C.resolve(linear_backend)
     backend = make(cfg, inductor=inductor)
     start = len(HISTORY)
     torch._dynamo.reset()
     try:
-        with torch.no_grad():
+        # a cache hit would skip the pass, and with it the decisions to report
+        with torch.no_grad(), inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
             torch.compile(model, backend=backend, fullgraph=False)(*example_inputs)
     finally:
         torch._dynamo.reset()

@@ -207,26 +207,33 @@ def dequantize_weight(scheme: "str | Scheme", params: Sequence[Optional[torch.Te
 def quantize_activation(scheme: "str | Scheme", x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic activation quantization of a 2-D ``x`` [M, K]: ``(x_q, x_scale)``.
 
-    x_scale is [] (tensor), [M, 1] (token) or [M, K/128] (group).
+    x_scale is [] (tensor), [M, 1] (token) or [M, K/128] (group).  The
+    constants are literals on purpose: under ``dynamic=True`` Dynamo turns a
+    float read from an attribute or a global into a graph input, and a
+    quantization with an unknown divisor can no longer be recognised.
     """
     s = scheme if isinstance(scheme, Scheme) else get_scheme(scheme)
+    fp8 = s.act_dtype == FP8
     xf = x.float()
     m, k = xf.shape
     if s.act_granularity == "tensor":
-        scale = xf.abs().amax().clamp_min(AMAX_EPS) / s.qmax
+        amax = xf.abs().amax().clamp_min(1e-12)
+        scale = amax / 448.0 if fp8 else amax / 127.0
         xs = xf / scale
     elif s.act_granularity == "token":
-        scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(AMAX_EPS) / s.qmax
+        amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
+        scale = amax / 448.0 if fp8 else amax / 127.0
         xs = xf / scale
     elif s.act_granularity == "group":
-        g = xf.reshape(m, k // BLOCK, BLOCK)
-        scale = g.abs().amax(dim=-1).clamp_min(AMAX_EPS) / s.qmax
+        g = xf.reshape(m, k // 128, 128)
+        amax = g.abs().amax(dim=-1).clamp_min(1e-12)
+        scale = amax / 448.0 if fp8 else amax / 127.0
         xs = (g / scale[..., None]).reshape(m, k)
     else:
         raise ValueError(f"scheme {s.name} has no activation quantization")
-    if s.act_dtype == FP8:
-        return xs.clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
-    return xs.round().clamp(-128, 127).to(torch.int8), scale
+    if fp8:
+        return xs.clamp(-448.0, 448.0).to(FP8), scale
+    return xs.round().clamp(-128.0, 127.0).to(torch.int8), scale
 
 
 def dequantize_activation(scheme: "str | Scheme", xq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -234,7 +241,7 @@ def dequantize_activation(scheme: "str | Scheme", xq: torch.Tensor, scale: torch
     xf = xq.float()
     if s.act_granularity == "group":
         m, k = xf.shape
-        return (xf.reshape(m, k // BLOCK, BLOCK) * scale.float()[..., None]).reshape(m, k)
+        return (xf.reshape(m, k // 128, 128) * scale.float()[..., None]).reshape(m, k)
     return xf * scale.float()
 
 

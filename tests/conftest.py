@@ -25,6 +25,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
+    """A clean Dynamo, and no on-disk caches: a cache hit skips the pass, and with it
+    the decisions the tests read (the cache key includes the config, so users keep them)."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
     torch._dynamo.reset()
-    yield
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        yield
     torch._dynamo.reset()

@@ -1,17 +1,20 @@
 """Backend ``torch``: PyTorch's own quantized matmuls, inlined as ATen ops.
 
-These kernels do not hide behind the custom op: they write ATen nodes into
-the graph (``emit``), so Inductor fuses the activation quantization and the
-scale/bias epilogue around the library call.
+Where Inductor can fuse around the library call, these kernels write ATen
+nodes into the graph (``emit``) instead of hiding behind the custom op.
 
 * ``torch_scaled_mm``: ``torch._scaled_mm`` for ``fp8_tensor`` / ``fp8_rowwise``
+  (the activation quantization stays in the graph; the call is opaque)
 * ``torch_int_mm``: ``torch._int_mm`` + epilogue for ``int8_rowwise``
 * ``torch_int8pack``: ``torch._weight_int8pack_mm`` for ``int8_weight_only``
   (behind the custom op: Inductor's lowering of it wants realized inputs)
 * ``torch_int4pack``: the int4pack (tinygemm) ops for ``w4a16``, with weights
-  repacked at compile time, so the weights must be graph constants
+  repacked once and cached, so the weights must be module parameters/buffers
 """
 from __future__ import annotations
+
+import dataclasses
+import weakref
 
 import torch
 
@@ -59,6 +62,15 @@ def _finish(emit, y, m, bias):
 
 @register_kernel
 class TorchScaledMM(Kernel):
+    """``torch._scaled_mm``: the matmul runs behind the custom op, the quantization stays in the graph.
+
+    A dynamic activation chain is kept as ATen ops (Inductor fuses it into one
+    kernel) and only the matmul is replaced: the op receives the quantized
+    activation and its scale.  ``_scaled_mm`` checks the strides of its
+    ``[M, 1]`` / ``[1, N]`` scales, which Inductor treats as free for size-1
+    dims, so the call itself stays outside Inductor's layouts.
+    """
+
     name = "torch_scaled_mm"
     backend = "torch"
     schemes = ("fp8_tensor", "fp8_rowwise")
@@ -81,15 +93,26 @@ class TorchScaledMM(Kernel):
 
     def emit(self, emit, m):
         q, sa, params, bias = _act_inputs(emit, m)
-        w, sb = params[0], params[1]
-        sa = emit(prims.convert_element_type.default, sa, torch.float32)
-        sb = emit(prims.convert_element_type.default, sb, torch.float32)
-        if m.spec.scheme == "fp8_rowwise":
-            sa = emit(aten.reshape.default, sa, [-1, 1])
-            sb = emit(aten.reshape.default, sb, [1, m.spec.n])
-        wt = emit(aten.permute.default, w, [1, 0])
-        y = emit(aten._scaled_mm.default, q, wt, sa, sb, None, None, m.spec.out_dtype)
-        return _finish(emit, y, m, bias)
+        spec = dataclasses.replace(m.spec, act_input="static", act_dtype=torch.float8_e4m3fn)
+        return emit(torch.ops.qlinear_pass.linear.default, q, [*params, sa], bias, self.name, spec.to_json())
+
+    def run(self, spec, x, params, bias):
+        if spec.act_input == "static":
+            w, sw, sa = params
+            xq = x
+        else:
+            w, sw = params
+            xq, sa = S.quantize_activation(spec.scheme, x)
+        if spec.scheme == "fp8_rowwise":
+            sa = sa.float().reshape(-1).view(-1, 1)
+            sb = sw.float().reshape(-1).view(1, -1)
+        else:
+            sa, sb = sa.float().reshape(()), sw.float().reshape(())
+        fused_bias = bias is not None and bias.dtype == spec.out_dtype and spec.out_dtype != torch.float32
+        y = torch._scaled_mm(xq, w.t(), sa, sb, bias=bias if fused_bias else None, out_dtype=spec.out_dtype)
+        if bias is not None and not fused_bias:
+            y = (y.float() + bias.float()).to(spec.out_dtype)
+        return y
 
 
 @register_kernel
@@ -154,11 +177,24 @@ class TorchInt8Pack(Kernel):
 
 @register_kernel
 class TorchInt4Pack(Kernel):
+    """The int4pack (tinygemm) ops: ``_weight_int4pack_mm`` (CUDA) and its CPU twin.
+
+    Their weight layout is their own, so weights are repacked once, on first
+    use, and the packed copy is cached for as long as the weight tensor lives
+    (and is not modified in place).  That is only sound for weights that are
+    the same tensors on every call: module parameters and buffers.
+    """
+
     name = "torch_int4pack"
     backend = "torch"
     schemes = ("w4a16",)
     priority = 30
-    opaque = False
+
+    def __init__(self) -> None:
+        # id(weight) -> (weakref to weight, validity key, packed, scales_and_zeros); tensors
+        # compare elementwise, so they cannot be WeakKeyDictionary keys
+        self._packed: dict[int, tuple] = {}
+        self.repacks = 0
 
     def is_supported(self, device: DeviceInfo):
         op = "aten::_weight_int4pack_mm_for_cpu" if device.type == "cpu" else "aten::_weight_int4pack_mm"
@@ -169,14 +205,13 @@ class TorchInt4Pack(Kernel):
     def can_implement(self, spec: LayerSpec):
         if not spec.weights_constant:
             return False, (
-                "the int4pack ops need the weights repacked once at compile time, so the weights must be graph "
-                "constants: set torch._inductor.config.freezing = True before torch.compile (Dynamo reads it "
-                "while tracing) and run under torch.no_grad()"
+                "the int4pack ops need the weights repacked into their own layout once, so the weights must be "
+                "module parameters/buffers (graph constants), not tensors computed or passed in per call"
             )
         if spec.device == "cuda":
             if spec.act_dtype != torch.bfloat16:
                 return False, f"tinygemm (_weight_int4pack_mm) on CUDA takes bfloat16 activations, not {spec.act_dtype}"
-            if spec.k % 1024 and spec.k % 256:
+            if spec.k % 256:
                 return False, f"tinygemm needs K divisible by 256 (K={spec.k})"
             if spec.n % 8:
                 return False, f"tinygemm needs N divisible by 8 (N={spec.n})"
@@ -184,35 +219,40 @@ class TorchInt4Pack(Kernel):
             return False, f"_weight_int4pack_mm_for_cpu takes float activations, not {spec.act_dtype}"
         return OK
 
-    @staticmethod
-    def prepack(weight, scale, zero, spec: LayerSpec):
+    def prepack(self, weight, scale, zero, spec: LayerSpec):
         q = S.unpack_int4(weight).to(torch.int32)
         sc = scale.float()
         z = zero.float() if zero is not None else torch.full_like(sc, 8.0)
         # ours: (q - z) * s  ==  tinygemm's (q - 8) * s + (8 - z) * s
-        dt = spec.act_dtype if spec.device == "cpu" else torch.bfloat16
+        dt = spec.act_dtype if weight.device.type == "cpu" else torch.bfloat16
         sz = torch.stack([sc, (8.0 - z) * sc], dim=-1).transpose(0, 1).contiguous().to(dt)
-        if spec.device == "cpu":
+        if weight.device.type == "cpu":
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack(pack_for_tinygemm(q), 8)
+        self.repacks += 1
         return packed, sz
 
-    def emit(self, emit, m):
-        from ..graph_pass import canonical_inputs
+    def _get_packed(self, spec, weight, scale, zero):
+        key = (weight._version, scale.data_ptr(), scale._version, None if zero is None else (zero.data_ptr(), zero._version), spec.act_dtype)
+        hit = self._packed.get(id(weight))
+        if hit is None or hit[0]() is not weight or hit[1] != key:
+            wid = id(weight)
+            ref = weakref.ref(weight, lambda _r, wid=wid, packed=self._packed: packed.pop(wid, None))
+            hit = (ref, key, *self.prepack(weight, scale, zero, spec))
+            self._packed[wid] = hit
+        return hit[2], hit[3]
 
-        x, params, bias = canonical_inputs(emit, m)
-        gm = emit.graph.owning_module
-        values = [getattr(gm, p.target) if p is not None else None for p in params]
-        packed, sz = self.prepack(*values, m.spec)
-        pk = emit.constant("int4pack", packed)
-        szn = emit.constant("int4pack_scales_zeros", sz)
-        g = m.spec.group_size
-        if m.spec.device == "cpu":
-            y = emit(aten._weight_int4pack_mm_for_cpu.default, x, pk, g, szn)
+    def run(self, spec, x, params, bias):
+        weight, scale, zero = params
+        packed, sz = self._get_packed(spec, weight, scale, zero)
+        if x.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, spec.group_size, sz)
         else:
-            y = emit(aten._weight_int4pack_mm.default, x, pk, g, szn)
-        return _finish(emit, y, m, bias)
+            y = torch.ops.aten._weight_int4pack_mm(x.contiguous(), packed, spec.group_size, sz)
+        if bias is not None:
+            y = y.float() + bias.float()
+        return y.to(spec.out_dtype)
 
 
 def pack_for_tinygemm(q: torch.Tensor) -> torch.Tensor:
