@@ -275,6 +275,8 @@ class _Weight:
     n: int
     k: int
     group_size: Optional[int] = None
+    #: other granularities the same scale shape means (one 128x128 block is one tensor scale)
+    alts: tuple = ()
 
 
 def _strip_transpose(b: fx.Node) -> fx.Node:
@@ -305,15 +307,16 @@ def _classify_weight_leaves(leaves: list[fx.Node], n: int, k: int) -> _Weight:
         numel = 1
         for d in _shape(sc):
             numel *= d
+        one_block = k == S.BLOCK and n <= S.BLOCK
         if numel == 1:
-            gran = "tensor"
+            gran, alts = "tensor", (("block",) if one_block else ())
         elif numel == n and max(_shape(sc)) == n:
-            gran = "channel"
+            gran, alts = "channel", ()
         elif _shape(sc) == (-(-n // S.BLOCK), k // S.BLOCK) and k % S.BLOCK == 0:
-            gran = "block"
+            gran, alts = "block", ()
         else:
             raise _Miss(f"weight scale of shape {_shape(sc)} is neither per-tensor, per-channel [N] nor 128x128 blocks")
-        return _Weight(fam, gran, w, sc, None, n, k)
+        return _Weight(fam, gran, w, sc, None, n, k, alts=alts)
     w = packed[0]
     cand = [l for l in others if len(_shape(l)) == 2 and _shape(l)[0] == n and k % _shape(l)[1] == 0]
     floats = [l for l in cand if _dtype(l) in FLOAT_DTYPES]
@@ -335,31 +338,47 @@ def _classify_weight_leaves(leaves: list[fx.Node], n: int, k: int) -> _Weight:
 
 
 def _canonical_weight_params(wt: _Weight) -> tuple[list, list]:
+    """Parameter nodes and the shape each must have for kernels (None: as is)."""
     n, k = wt.n, wt.k
     if wt.granularity == "tensor":
         return [wt.weight, wt.scale], [None, ()]
     if wt.granularity == "channel":
         return [wt.weight, wt.scale], [None, (n,)]
     if wt.granularity == "block":
-        return [wt.weight, wt.scale], [None, None]
+        return [wt.weight, wt.scale], [None, (-(-n // S.BLOCK), k // S.BLOCK)]
     return [wt.weight, wt.scale, wt.zero], [None, None, None]
 
 
-def _scheme_for_weight(wt: _Weight, act: Optional[str]) -> str:
-    key = (wt.scheme_family, wt.granularity, act)
-    table = {
-        ("fp8", "tensor", "tensor"): "fp8_tensor",
-        ("fp8", "channel", "token"): "fp8_rowwise",
-        ("fp8", "block", "group"): "fp8_block",
-        ("int8", "channel", "token"): "int8_rowwise",
-        ("int8", "channel", None): "int8_weight_only",
-        ("fp8", "channel", None): "fp8_weight_only",
-        ("int4", "group", None): "w4a16",
-    }
-    if key not in table:
-        a = f"{act} activation scales" if act else "float activations"
-        raise _Miss(f"{wt.scheme_family} weights with {wt.granularity} scales and {a} is not a supported scheme")
-    return table[key]
+_SCHEME_TABLE = {
+    ("fp8", "tensor", "tensor"): "fp8_tensor",
+    ("fp8", "channel", "token"): "fp8_rowwise",
+    ("fp8", "block", "group"): "fp8_block",
+    ("int8", "channel", "token"): "int8_rowwise",
+    ("int8", "channel", None): "int8_weight_only",
+    ("fp8", "channel", None): "fp8_weight_only",
+    ("int4", "group", None): "w4a16",
+}
+
+
+def _scheme_for_weight(wt: _Weight, act: "Optional[str] | list") -> str:
+    """The scheme of a weight and an activation granularity (or candidates, first that fits).
+
+    Picks among equivalent readings of one scale shape and fixes
+    ``wt.granularity`` to the one used.
+    """
+    acts = act if isinstance(act, list) else [act]
+    for wg in (wt.granularity, *wt.alts):
+        for ag in acts:
+            scheme = _SCHEME_TABLE.get((wt.scheme_family, wg, ag))
+            if scheme is not None:
+                wt.granularity, wt.alts = wg, ()
+                return scheme
+    a = f"{acts[0]} activation scales" if acts[0] else "float activations"
+    raise _Miss(f"{wt.scheme_family} weights with {wt.granularity} scales and {a} is not a supported scheme")
+
+
+def _act_of(scheme: str) -> Optional[str]:
+    return S.get_scheme(scheme).act_granularity
 
 
 def _verify_weight_region(wd: fx.Node, inner, leaves, wt: _Weight, scheme: str) -> None:
@@ -427,30 +446,35 @@ def _find_quantized(a: fx.Node, depth: int = 8) -> Optional[fx.Node]:
 
 
 def _act_granularity(scale: fx.Node, k: int) -> Optional[str]:
-    shp = _shape(scale)
-    numel_one = all(isinstance(d, int) and d == 1 for d in shp)
-    if numel_one:
+    """[] / [1, 1] -> tensor, [M, 1] -> token, [M, K/128] (or [M, K/128, 1]) -> group."""
+    dims = list(_shape(scale))
+    while dims and isinstance(dims[-1], int) and dims[-1] == 1:
+        dims.pop()
+    if all(isinstance(d, int) and d == 1 for d in dims):
         return "tensor"
-    dims = [d for d in shp if not (isinstance(d, int) and d == 1)]
-    if len(dims) == 1 and not (isinstance(dims[0], int) and dims[0] == k // S.BLOCK and k > S.BLOCK):
-        return "token"
-    if len(dims) == 2 and isinstance(dims[1], int) and dims[1] == k // S.BLOCK:
-        return "group"
     if len(dims) == 1:
         return "token"
+    if len(dims) == 2 and isinstance(dims[1], int) and dims[1] == k // S.BLOCK and k % S.BLOCK == 0:
+        return "group"
     return None
 
 
-def _resolve_granularity(gran: Optional[str], scale: fx.Node, wt: "_Weight") -> Optional[str]:
-    """With one row (M == 1) a [1, 1] scale is per tensor *and* per token (and per group if K == 128).
+def _act_candidates(scale: fx.Node, k: int) -> list:
+    """Activation granularities one scale shape can mean.
 
-    Take the granularity the weight's scheme needs; the numeric check still decides.
+    A [M, 1] scale is per token and, when K == 128, per 1x128 group too; with
+    one row (M == 1) a [1, 1] scale is also per tensor.  The numeric check of
+    the chain still decides whether the math is right.
     """
-    if gran == "tensor" and len(_shape(scale)) >= 2:
-        want = {"channel": "token", "block": "group"}.get(wt.granularity)
-        if want == "token" or (want == "group" and wt.k == S.BLOCK):
-            return want
-    return gran
+    g = _act_granularity(scale, k)
+    if g is None:
+        return []
+    cands = [g]
+    if g == "token" and k == S.BLOCK:
+        cands.append("group")
+    if g == "tensor" and len(_shape(scale)) >= 2:
+        cands += ["token"] + (["group"] if k == S.BLOCK else [])
+    return cands
 
 
 def _trace_quant_chain(q: fx.Node, k: int) -> tuple[fx.Node, fx.Node]:
@@ -626,10 +650,11 @@ def _match_anchor(node: fx.Node, static: frozenset) -> Match:
                 src, scale = _trace_quant_chain(q, k)
             except _Miss:
                 pass
-            gran = _resolve_granularity(_act_granularity(scale, k), scale, wt) if scale is not None else None
-            act = _Act("dynamic", src, gran, _dtype(q), q, scale) if src is not None and gran else None
+            cands = _act_candidates(scale, k) if scale is not None else []
+            act = _Act("dynamic", src, None, _dtype(q), q, scale) if src is not None and cands else None
             if act is not None:
-                scheme = _scheme_for_weight(wt, act.granularity)
+                scheme = _scheme_for_weight(wt, cands)
+                act.granularity = _act_of(scheme)
                 try:
                     _verify_act(src, [a], scheme, k, "dq")
                 except _Miss as miss:
@@ -674,7 +699,8 @@ def _match_anchor(node: fx.Node, static: frozenset) -> Match:
         wgran = "tensor" if all(d == 1 for d in _shape(ws)) else "channel" if n in _shape(ws) and max(_shape(ws)) == n else None
         if wgran is None:
             raise _Miss(f"_scaled_mm weight scale of shape {_shape(ws)}")
-        wt = _Weight("fp8", wgran, wd, ws, None, n, k)
+        one_block = k == S.BLOCK and n <= S.BLOCK and wgran == "tensor"
+        wt = _Weight("fp8", wgran, wd, ws, None, n, k, alts=("block",) if one_block else ())
         xscale = scale_a
     else:
         if wdt != torch.int8 or _dtype(a) != torch.int8:
@@ -683,9 +709,11 @@ def _match_anchor(node: fx.Node, static: frozenset) -> Match:
         if xscale is None or ws is None:
             raise _Miss("_int_mm is not followed by multiplies with a per-token [M, 1] and a per-channel [N] scale")
         wt = _Weight("int8", "channel", wd, _skip(ws, VIEWS), None, n, k)
-    agran = _resolve_granularity(_act_granularity(xscale, k), xscale, wt)
-    if agran is None:
+    cands = _act_candidates(xscale, k)
+    if not cands:
         raise _Miss(f"activation scale of shape {_shape(xscale)}")
+    scheme = _scheme_for_weight(wt, cands)
+    agran = _act_of(scheme)
     act = None
     if a.op == "call_function" and a.target in CONVERTS:
         try:

@@ -78,10 +78,10 @@ class TorchScaledMM(Kernel):
     opaque = False
 
     def is_supported(self, device: DeviceInfo):
-        if not _has_kernel("aten::_scaled_mm", _device_key(device)):
-            return False, f"torch {torch.__version__} has no _scaled_mm for {device.type}"
         if device.type == "cuda" and (device.sm or 0) < 89:
             return False, f"torch._scaled_mm needs sm89+ (FP8 tensor cores), this is {device}"
+        if not _has_kernel("aten::_scaled_mm", _device_key(device)):
+            return False, f"torch {torch.__version__} has no _scaled_mm for {device.type}"
         return OK
 
     def can_implement(self, spec: LayerSpec):

@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+import qlinear_pass as qp
+from qlinear_pass.examples_model import TinyBlock
+
+from .helpers import random_activation
+
+
+def test_explain_rows_and_table():
+    m = qp.quantize(TinyBlock(128, 256).to(torch.bfloat16), "w4a16", group_size=64, exclude="down_proj")
+    rep = qp.explain(m, random_activation((2, 4, 128)), linear_backend="torch")
+    assert len(rep.rows) == 6
+    row = {r["module"]: r for r in rep.rows}["up_proj"]
+    for key in ("module", "scheme", "n", "k", "backend", "kernel", "rejected"):
+        assert key in row
+    assert (row["scheme"], row["n"], row["k"], row["backend"], row["kernel"]) == ("w4a16", 256, 128, "torch", "torch_int4pack")
+    text = str(rep)
+    assert "linear backend: torch (from make)" in text and "up_proj" in text and "torch_int4pack" in text
+    assert "down_proj" in text and "float weight" in text  # seen, not matched
+    assert rep.kernels()["q_proj"] == "torch_int4pack"
+
+
+def test_explain_lists_rejected_candidates_under_auto():
+    m = qp.quantize(torch.nn.Sequential(torch.nn.Linear(128, 40)), "fp8_rowwise")
+    rep = qp.explain(m, torch.randn(3, 128))
+    (row,) = rep.rows
+    assert row["kernel"] == "emulation"
+    assert any(name == "torch_scaled_mm" and "divisible by 16" in why for name, why in row["rejected"])
+    assert "torch_scaled_mm: torch._scaled_mm needs N and K divisible by 16" in str(rep)
+
+
+def test_explain_raises_for_an_explicit_backend_without_kernel():
+    m = qp.quantize(torch.nn.Sequential(torch.nn.Linear(128, 32)), "fp8_weight_only")
+    with pytest.raises(qp.NoKernelError, match="fp8_weight_only"):
+        qp.explain(m, torch.randn(3, 128), linear_backend="torch")
+
+
+def test_explain_uses_the_context():
+    m = qp.quantize(torch.nn.Sequential(torch.nn.Linear(128, 32)), "int8_rowwise")
+    with qp.linear_backend("emulation"):
+        rep = qp.explain(m, torch.randn(3, 128))
+    assert rep.source == "context" and rep.rows[0]["kernel"] == "emulation"
