@@ -1,7 +1,14 @@
 import os
 
-import pytest
 import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Triton kernels run on the CPU through Triton's interpreter; it is read when
+    # triton is first imported, so this comes before anything imports it
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -12,8 +19,6 @@ settings.register_profile(
     derandomize=True,
 )
 settings.load_profile("ci")
-
-HAS_CUDA = torch.cuda.is_available()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,137 @@
+"""Backend ``triton``: our own Triton kernels for every scheme (``kernels/triton_gemm.py``).
+
+* ``triton_w8a8``: ``fp8_tensor``, ``fp8_rowwise``, ``fp8_block``, ``int8_rowwise``.
+  Dynamic activations are quantized by the kernel's own path: M == 1 a GEMV
+  that quantizes the row itself; per-token M <= 64 the GEMM quantizes its
+  tiles on the fly; otherwise a quantize kernel feeds the GEMM.
+* ``triton_weight_only``: ``int8_weight_only``, ``fp8_weight_only``, ``w4a16``.
+  M == 1 a GEMV; otherwise a GEMM dequantising in registers, split-K for M <= 32.
+
+The path is chosen by M inside the op, so one compiled graph serves prefill
+and decode.  On a machine without a GPU the kernels run through Triton's
+interpreter when ``TRITON_INTERPRET=1`` (that is how CI checks them).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from ..registry import OK, DeviceInfo, Kernel, LayerSpec, register_kernel
+
+FLOAT_ACTS = (torch.bfloat16, torch.float16, torch.float32)
+#: per-token W8A8: at or below this M the GEMM quantizes the activation itself
+FUSED_QUANT_MAX_M = 64
+
+
+def _triton_status(device: DeviceInfo):
+    if importlib.util.find_spec("triton") is None:
+        return False, "Triton is not installed (pip install 'qlinear_pass[triton]')"
+    if device.type == "cuda":
+        if device.sm is not None and device.sm < 80:
+            return False, f"our Triton kernels need sm80+ (Ampere or newer), this is {device}"
+        return OK
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return OK
+    return False, f"Triton kernels need a CUDA GPU (on {device.type}, only through TRITON_INTERPRET=1, for testing)"
+
+
+class _TritonKernel(Kernel):
+    backend = "triton"
+
+    def priority_for(self, device: DeviceInfo) -> int:
+        # first choice on a GPU; on the CPU only when named (the interpreter is for tests),
+        # so auto prefers even emulation there
+        return 20 if device.type == "cuda" else 2000
+
+    def is_supported(self, device: DeviceInfo):
+        return _triton_status(device)
+
+
+@register_kernel
+class TritonW8A8(_TritonKernel):
+    name = "triton_w8a8"
+    schemes = ("fp8_tensor", "fp8_rowwise", "fp8_block", "int8_rowwise")
+
+    def is_supported(self, device: DeviceInfo):
+        ok, why = _triton_status(device)
+        if ok and device.type == "cuda" and device.sm is not None and device.sm < 89:
+            return False, f"FP8 tensor-core dots need sm89+; this is {device} (int8_rowwise alone would run, but the kernel serves all four)"
+        return ok, why
+
+    def can_implement(self, spec: LayerSpec):
+        if spec.k % 32:
+            return False, f"the W8A8 kernels need K divisible by 32 (K={spec.k})"
+        if spec.out_dtype not in FLOAT_ACTS:
+            return False, f"output dtype {spec.out_dtype} is not bf16/fp16/fp32"
+        if spec.act_input == "dynamic" and spec.act_dtype not in FLOAT_ACTS:
+            return False, f"activation dtype {spec.act_dtype} is not bf16/fp16/fp32"
+        return OK
+
+    def run(self, spec, x, params, bias):
+        from ..kernels import triton_gemm as T
+        from .. import schemes as S
+
+        scheme = S.get_scheme(spec.scheme)
+        w, sw = params[0], params[1]
+        x = x if x.dim() == 2 else x.reshape(-1, spec.k)
+        m = x.shape[0]
+        w_scale = {"tensor": T.W_TENSOR, "channel": T.W_CHANNEL, "block": T.W_BLOCK}[scheme.weight_granularity]
+        gran = scheme.act_granularity
+        fp8 = scheme.act_dtype == S.FP8
+        if spec.act_input == "static":
+            sa = params[2].float()
+            if m == 1 and gran != "group" and T.gemv_fits(spec.k):
+                return T.gemv(x, w, sw, None, bias, spec.out_dtype, w_kind=T.W_FP8 if fp8 else T.W_INT8,
+                              w_scale=w_scale, a_quant=4, sa=sa.reshape(-1))
+            a_scale = T.A_TENSOR if gran == "tensor" else T.A_GROUP if gran == "group" else T.A_TOKEN
+            if gran == "token":
+                sa = sa.reshape(-1, 1)
+            return T.w8a8_gemm(x, w, sa, sw, bias, spec.out_dtype, a_scale=a_scale, w_scale=w_scale)
+        # dynamic: quantize the activation ourselves
+        if m == 1 and T.gemv_fits(spec.k):
+            a_quant = 3 if gran == "group" else (1 if fp8 else 2)
+            return T.gemv(x, w, sw, None, bias, spec.out_dtype, w_kind=T.W_FP8 if fp8 else T.W_INT8,
+                          w_scale=w_scale, a_quant=a_quant)
+        if gran == "token" and m <= FUSED_QUANT_MAX_M:
+            return T.w8a8_gemm(x.contiguous(), w, None, sw, bias, spec.out_dtype, a_scale=T.A_TOKEN, w_scale=w_scale,
+                               fuse_quant=True)
+        if gran == "tensor":
+            xq, sa = S.quantize_activation(scheme, x)
+            return T.w8a8_gemm(xq, w, sa.reshape(()), sw, bias, spec.out_dtype, a_scale=T.A_TENSOR, w_scale=w_scale)
+        xq, sa = T.quantize_activation(x, scheme.act_dtype, group=128 if gran == "group" else 0)
+        return T.w8a8_gemm(xq, w, sa, sw, bias, spec.out_dtype,
+                           a_scale=T.A_GROUP if gran == "group" else T.A_TOKEN, w_scale=w_scale)
+
+
+@register_kernel
+class TritonWeightOnly(_TritonKernel):
+    name = "triton_weight_only"
+    schemes = ("int8_weight_only", "fp8_weight_only", "w4a16")
+
+    def can_implement(self, spec: LayerSpec):
+        if spec.act_dtype not in (torch.bfloat16, torch.float16):
+            return False, f"the weight-only kernels use 16-bit tensor-core dots: bf16/fp16 activations, not {spec.act_dtype}"
+        if spec.scheme == "w4a16":
+            if spec.k % 128:
+                return False, f"the int4 kernels walk K in whole 128-wide tiles: K={spec.k} is not a multiple of 128"
+        elif spec.k % 16:
+            return False, f"K={spec.k} is not a multiple of 16"
+        return OK
+
+    def run(self, spec, x, params, bias):
+        from ..kernels import triton_gemm as T
+
+        x = x if x.dim() == 2 else x.reshape(-1, spec.k)
+        m = x.shape[0]
+        if spec.scheme == "w4a16":
+            w, s, z = params
+            kind, g = T.W_INT4, spec.group_size
+        else:
+            (w, s), z = params[:2], None
+            kind, g = (T.W_INT8 if spec.scheme == "int8_weight_only" else T.W_FP8), 0
+        if m == 1 and T.gemv_fits(spec.k, g):
+            return T.gemv(x, w, s, z, bias, spec.out_dtype, w_kind=kind, w_scale=0 if g else T.W_CHANNEL,
+                          a_quant=0, group_size=g)
+        return T.weight_only_gemm(x.contiguous(), w, s, z, bias, spec.out_dtype, kind=kind, group_size=g)

@@ -1,0 +1,552 @@
+"""Triton kernels for every scheme: W8A8 GEMMs, weight-only GEMMs, GEMVs, activation quantization.
+
+Four kernels, each with compile-time modes (``tl.constexpr``), so one source
+serves all schemes without branching at run time:
+
+* ``_quant_act_kernel``: dynamic per-token / per-1x128-group quantization of
+  a bf16/fp16/fp32 activation to FP8 e4m3 or INT8 (scale = amax / qmax).
+* ``_w8a8_kernel``: FP8 or INT8 GEMM ``x_q @ w_q^T`` with fp32 (int32)
+  accumulation; per-tensor, per-token x per-channel, or 1x128 x 128x128 block
+  scales; bias and the cast in the epilogue.  For the per-token scheme it can
+  also quantize the activation itself (``FUSE_QUANT``: each program finds its
+  rows' amax in a first pass over K, then quantizes tiles on the fly), which
+  saves the quantized copy and a launch where M is small.  Split-K (fp32
+  atomics into a zeroed buffer) keeps all SMs busy for decode shapes.
+* ``_wo_kernel``: weight-only GEMM; int8 / fp8 per-channel or packed int4
+  group-wise weights (zero points optional) dequantised in registers, a 16-bit
+  tensor-core dot, split-K for small M.
+* ``_gemv_kernel``: M == 1 (decode) for every scheme: a split-K GEMV that
+  streams the weight once at full memory bandwidth, dequantising in fp32.
+  For W8A8 schemes it quantizes the activation row itself, so the result is
+  the W8A8 math exactly.
+
+The Python wrappers pick the path by M at run time, inside the custom op, so
+one compiled graph serves prefill and decode.  Launch configurations come
+from small per-M-bucket lists, autotuned once per (bucket, N, K) on Hopper.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# activation scale modes
+A_NONE, A_TENSOR, A_TOKEN, A_GROUP = 0, 1, 2, 3
+# weight scale modes
+W_TENSOR, W_CHANNEL, W_BLOCK, W_GROUP = 1, 2, 3, 4
+# weight storage
+W_INT8, W_FP8, W_INT4 = 0, 1, 2
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _autotune(configs, key, **kw):
+    """``triton.autotune`` with results cached on disk where Triton supports it;
+    under the interpreter only the first config (tuning there measures nothing)."""
+    if interpreting():
+        prune = kw.get("prune_configs_by", {}).get("early_config_prune")
+        if prune is None:
+            configs = configs[:1]
+        else:
+            kw["prune_configs_by"] = {"early_config_prune": lambda c, a, **k: prune(c, a, **k)[:1]}
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        kw["cache_results"] = True
+    return triton.autotune(configs=configs, key=key, **kw)
+
+
+def _cfg(bm, bn, bk, warps, stages, split_k=1, group_m=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "GROUP_M": group_m},
+                         num_warps=warps, num_stages=stages)
+
+
+# --- activation quantization ------------------------------------------------------
+
+
+@triton.jit
+def _quant_act_kernel(X, Q, S, M, K, stride_xm, stride_qm, stride_sm,
+                      QMAX: tl.constexpr, IS_INT8: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per row: per-token (GROUP == 0) or per-GROUP-wide group scales."""
+    row = tl.program_id(0)
+    x_row = X + row.to(tl.int64) * stride_xm
+    q_row = Q + row.to(tl.int64) * stride_qm
+    offs = tl.arange(0, BLOCK_K)
+    if GROUP == 0:
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / QMAX
+        tl.store(S + row.to(tl.int64) * stride_sm, scale)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            y = x / scale
+            if IS_INT8:
+                y = tl.minimum(tl.maximum(_round_half_even(y), -128.0), 127.0)
+                tl.store(q_row + k0 + offs, y.to(tl.int8), mask=k0 + offs < K)
+            else:
+                tl.store(q_row + k0 + offs, _to_fp8(y), mask=k0 + offs < K)
+    else:
+        g_offs = tl.arange(0, GROUP)
+        for g0 in range(0, K, GROUP):
+            x = tl.load(x_row + g0 + g_offs).to(tl.float32)
+            scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / QMAX
+            tl.store(S + row.to(tl.int64) * stride_sm + g0 // GROUP, scale)
+            tl.store(q_row + g0 + g_offs, _to_fp8(x / scale))
+
+
+# Triton's interpreter (how CI runs these kernels) differs from the GPU in two
+# places: its float -> fp8 cast does not carry a rounding into the exponent
+# (127.9 -> 64), and a tensor converted to bf16/fp16 in-kernel feeds tl.dot
+# wrong values.  Under the interpreter the helpers below round to the fp8 grid
+# arithmetically and dot in fp32; on the GPU they are the plain cast and dot.
+_INTERP = tl.constexpr(interpreting())
+
+
+@triton.jit
+def _fp8_grid(y):
+    """Round to the e4m3 grid, ties to even, saturating at 448 (exact in fp32)."""
+    a = tl.minimum(tl.abs(y), 448.0)
+    e = tl.floor(tl.log2(tl.maximum(a, 0.015625)))  # 2^-6: below it the subnormal step 2^-9
+    step = tl.exp2(e - 3.0)
+    r = tl.minimum(_round_half_even(a / step) * step, 448.0)
+    return tl.where(y < 0, -r, r)
+
+
+@triton.jit
+def _to_fp8(y):
+    if _INTERP:
+        y = _fp8_grid(y)
+    return y.to(tl.float8e4nv)
+
+
+@triton.jit
+def _fp8_round(y):
+    """fp32 -> the nearest fp8 value, as fp32."""
+    if _INTERP:
+        return _fp8_grid(y)
+    else:
+        return y.to(tl.float8e4nv).to(tl.float32)
+
+
+@triton.jit
+def _dot16(a, w32, acc):
+    """acc += a @ w32 with w32 (fp32 values) cast to a's 16-bit dtype first."""
+    if _INTERP:
+        return tl.dot(a.to(tl.float32), w32, acc, out_dtype=tl.float32)
+    else:
+        return tl.dot(a, w32.to(a.dtype), acc, out_dtype=tl.float32)
+
+
+@triton.jit
+def _round_half_even(y):
+    """torch.round: to nearest, ties to even (floor(y + 0.5), then the odd ties back down)."""
+    r = tl.floor(y + 0.5)
+    tie = (r - y) == 0.5
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(tie & odd, r - 1.0, r)
+
+
+def quantize_activation(x: torch.Tensor, dtype: torch.dtype, group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (x_q [M, K], scale [M, 1] or [M, K/group]) with amax / qmax scales."""
+    m, k = x.shape
+    x = x.contiguous()
+    q = torch.empty((m, k), device=x.device, dtype=dtype)
+    is_int8 = dtype == torch.int8
+    qmax = 127.0 if is_int8 else 448.0
+    s = torch.empty((m, k // group if group else 1), device=x.device, dtype=torch.float32)
+    if m:
+        _quant_act_kernel[(m,)](x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0),
+                                QMAX=qmax, IS_INT8=is_int8, GROUP=group, BLOCK_K=1024 if not group else 128)
+    return q, s
+
+
+# --- W8A8 GEMM ---------------------------------------------------------------------
+
+
+_W8A8_CONFIGS = [
+    # large M (prefill): wide tiles, deep pipelines
+    _cfg(128, 256, 128, 8, 3),
+    _cfg(128, 128, 128, 8, 4),
+    _cfg(128, 128, 128, 4, 4),
+    _cfg(64, 128, 128, 4, 4),
+    # small M (decode): narrow M tile, split-K to fill the SMs
+    _cfg(16, 64, 128, 4, 4, split_k=4),
+    _cfg(16, 128, 128, 4, 4, split_k=2),
+    _cfg(32, 64, 128, 4, 4, split_k=2),
+    _cfg(64, 64, 128, 4, 4),
+]
+
+
+SMALL_M = 32  # at or below: narrow M tiles with split-K into an fp32 buffer
+
+
+def _w8a8_prune(configs, named_args, **kwargs):
+    m = named_args["M"]
+    if m <= SMALL_M:
+        chosen = [c for c in configs if c.kwargs["BLOCK_M"] <= SMALL_M]
+    else:
+        chosen = [c for c in configs if c.kwargs["BLOCK_M"] >= 64 and c.kwargs["SPLIT_K"] == 1]
+        if m <= 128:
+            chosen = [c for c in chosen if c.kwargs["BLOCK_M"] == 64] or chosen
+    return chosen or configs[:1]
+
+
+@_autotune(_W8A8_CONFIGS, key=["M_BUCKET", "N", "K", "A_SCALE", "W_SCALE", "IS_INT8", "FUSE_QUANT"],
+           prune_configs_by={"early_config_prune": _w8a8_prune}, reset_to_zero=["C"])
+@triton.jit
+def _w8a8_kernel(
+    A, W, C, SA, SW, BIAS, M, N, K, M_BUCKET,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_cn, stride_sam, stride_swn,
+    A_SCALE: tl.constexpr, W_SCALE: tl.constexpr, IS_INT8: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FUSE_QUANT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # grouped ordering: consecutive programs share W tiles in L2
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = W + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    QMAX: tl.constexpr = 127.0 if IS_INT8 else 448.0
+
+    if FUSE_QUANT:  # per-token scales of this program's rows, from the float activation
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(a_ptrs + k0 * stride_ak, mask=mask_m[:, None] & (offs_k[None, :] + k0 < K), other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), axis=1))
+        sa_row = tl.maximum(amax, 1e-12) / QMAX
+
+    if IS_INT8:
+        acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for kt in range(pid_k, k_tiles, SPLIT_K):
+        k0 = kt * BLOCK_K
+        mask_k = offs_k + k0 < K
+        a = tl.load(a_ptrs + k0 * stride_ak, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if FUSE_QUANT:  # |a / sa| <= qmax by construction; the clamp guards rounding
+            a = a.to(tl.float32) / sa_row[:, None]
+            if IS_INT8:
+                a = tl.minimum(tl.maximum(_round_half_even(a), -QMAX), QMAX).to(tl.int8)
+            else:
+                a = _to_fp8(a)
+        w = tl.load(w_ptrs + k0 * stride_wk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if W_SCALE == W_BLOCK:
+            # one 1x128 activation group and one 128x128 weight block per K tile (BLOCK_K == 128)
+            part = tl.dot(a, w, out_dtype=tl.float32)
+            sa = tl.load(SA + offs_m.to(tl.int64) * stride_sam + kt, mask=mask_m, other=0.0)
+            sw = tl.load(SW + (offs_n // 128) * stride_swn + kt, mask=mask_n, other=0.0)
+            acc += part * sa[:, None] * sw[None, :]
+        elif IS_INT8:
+            acc_i += tl.dot(a, w, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(a, w, acc, out_dtype=tl.float32)
+
+    if IS_INT8:
+        acc = acc_i.to(tl.float32)
+    if W_SCALE != W_BLOCK:
+        if FUSE_QUANT:
+            acc = acc * sa_row[:, None]
+        elif A_SCALE == A_TENSOR:
+            acc = acc * tl.load(SA)
+        else:
+            acc = acc * tl.load(SA + offs_m.to(tl.int64) * stride_sam, mask=mask_m, other=0.0)[:, None]
+        if W_SCALE == W_TENSOR:
+            acc = acc * tl.load(SW)
+        else:
+            acc = acc * tl.load(SW + offs_n * stride_swn, mask=mask_n, other=0.0)[None, :]
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = C + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(c_ptrs, acc, mask=mask, sem="relaxed")
+
+
+def _m_bucket(m: int) -> int:
+    for b in (1, 16, 32, 64, 128, 256, 512, 1024, 2048):
+        if m <= b:
+            return b
+    return 4096
+
+
+def _grid(m, n):
+    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+
+def _out(m, n, device, out_dtype):
+    """Small M: an fp32 buffer that split-K programs add into (zeroed); large M: the output itself."""
+    if m <= SMALL_M:
+        return torch.zeros((m, n), device=device, dtype=torch.float32)
+    return torch.empty((m, n), device=device, dtype=out_dtype)
+
+
+def w8a8_gemm(a, w, sa, sw, bias, out_dtype, *, a_scale: int, w_scale: int, fuse_quant: bool = False):
+    """C = (a_q @ w_q^T) * scales + bias.  a [M, K] quantized (or float with fuse_quant), w [N, K]."""
+    m, k = a.shape
+    n = w.shape[0]
+    c = _out(m, n, a.device, out_dtype)
+    if m == 0:
+        return c.to(out_dtype)
+    sa_t = sa if sa is not None else c
+    _w8a8_kernel[_grid(m, n)](
+        a, w, c, sa_t, sw, bias if bias is not None else c, m, n, k, _m_bucket(m),
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1),
+        sa_t.stride(0) if sa_t.dim() else 0, sw.stride(0) if sw.dim() else 0,
+        A_SCALE=a_scale, W_SCALE=w_scale, IS_INT8=w.dtype == torch.int8, HAS_BIAS=bias is not None,
+        FUSE_QUANT=fuse_quant,
+    )
+    return c if c.dtype == out_dtype else c.to(out_dtype)
+
+
+# --- weight-only GEMM ------------------------------------------------------------------
+
+
+_WO_CONFIGS = [
+    _cfg(128, 128, 64, 8, 4),
+    _cfg(128, 256, 64, 8, 3),
+    _cfg(64, 128, 64, 4, 4),
+    _cfg(128, 128, 128, 8, 3),
+    _cfg(128, 256, 128, 8, 3),
+    _cfg(16, 64, 128, 4, 4, split_k=4),
+    _cfg(16, 128, 128, 4, 4, split_k=2),
+    _cfg(16, 64, 64, 4, 4, split_k=8),
+    _cfg(32, 64, 128, 4, 4, split_k=2),
+    _cfg(64, 64, 128, 4, 4),
+]
+
+
+def _wo_prune(configs, named_args, **kwargs):
+    m = named_args["M"]
+    g = kwargs.get("GROUP_SIZE", named_args.get("GROUP_SIZE", 0))
+    if m <= SMALL_M:
+        chosen = [c for c in configs if c.kwargs["BLOCK_M"] <= SMALL_M]
+    else:
+        chosen = [c for c in configs if c.kwargs["BLOCK_M"] >= 64 and c.kwargs["SPLIT_K"] == 1]
+    if g:
+        chosen = [c for c in chosen if c.kwargs["BLOCK_K"] % g == 0]
+    return chosen or configs[:1]
+
+
+@_autotune(_WO_CONFIGS, key=["M_BUCKET", "N", "K", "W_KIND", "GROUP_SIZE", "HAS_ZERO"],
+           prune_configs_by={"early_config_prune": _wo_prune}, reset_to_zero=["C"])
+@triton.jit
+def _wo_kernel(
+    A, W, C, SW, ZW, BIAS, M, N, K, M_BUCKET,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_cn, stride_sn, stride_zn,
+    W_KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    if W_KIND == 2:  # packed int4: [N, K/2] bytes, even k in the low nibble
+        HALF: tl.constexpr = BLOCK_K // 2
+        offs_kh = tl.arange(0, HALF)
+        w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_kh[None, :] * stride_wk
+        GPT: tl.constexpr = BLOCK_K // GROUP_SIZE  # groups per K tile
+        offs_g = tl.arange(0, GPT)
+        for kt in range(pid_k, k_tiles, SPLIT_K):
+            k0 = kt * BLOCK_K
+            a = tl.load(a_ptrs + k0 * stride_ak, mask=mask_m[:, None], other=0.0)
+            packed = tl.load(w_ptrs + (k0 // 2) * stride_wk, mask=mask_n[:, None], other=0)
+            lo = (packed & 0xF).to(tl.float32)
+            hi = (packed >> 4).to(tl.float32)
+            q = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])
+            gidx = k0 // GROUP_SIZE + offs_g
+            s = tl.load(SW + offs_n[:, None].to(tl.int64) * stride_sn + gidx[None, :], mask=mask_n[:, None], other=0.0)
+            if HAS_ZERO:
+                z = tl.load(ZW + offs_n[:, None].to(tl.int64) * stride_zn + gidx[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
+            else:
+                z = tl.full([BLOCK_N, GPT], 8.0, tl.float32)
+            wq = tl.reshape(q, [BLOCK_N, GPT, GROUP_SIZE])
+            wd = (wq - z[:, :, None]) * s.to(tl.float32)[:, :, None]
+            acc = _dot16(a, tl.trans(tl.reshape(wd, [BLOCK_N, BLOCK_K])), acc)
+    else:  # int8 / fp8 per channel: exact cast to the activation dtype, scale in the epilogue
+        w_ptrs = W + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+        for kt in range(pid_k, k_tiles, SPLIT_K):
+            k0 = kt * BLOCK_K
+            mask_k = offs_k + k0 < K
+            a = tl.load(a_ptrs + k0 * stride_ak, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs + k0 * stride_wk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = _dot16(a, w.to(tl.float32), acc)
+        acc = acc * tl.load(SW + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = C + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(c_ptrs, acc, mask=mask, sem="relaxed")
+
+
+def weight_only_gemm(a, w, sw, zw, bias, out_dtype, *, kind: int, group_size: int = 0):
+    m, k = a.shape
+    n = w.shape[0]
+    c = _out(m, n, a.device, out_dtype)
+    if m == 0:
+        return c.to(out_dtype)
+    _wo_kernel[_grid(m, n)](
+        a, w, c, sw, zw if zw is not None else sw, bias if bias is not None else c, m, n, k, _m_bucket(m),
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1),
+        sw.stride(0), zw.stride(0) if zw is not None else 0,
+        W_KIND=kind, GROUP_SIZE=group_size, HAS_ZERO=zw is not None, HAS_BIAS=bias is not None,
+    )
+    return c if c.dtype == out_dtype else c.to(out_dtype)
+
+
+# --- M == 1: GEMV ------------------------------------------------------------------------
+
+
+_GEMV_CONFIGS = [
+    triton.Config({"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 8}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 8}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 4}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 64, "BLOCK_K": 512, "SPLIT_K": 16}, num_warps=8, num_stages=2),
+]
+
+
+def _gemv_prune(configs, named_args, **kwargs):
+    g = kwargs.get("GROUP_SIZE", named_args.get("GROUP_SIZE", 0))
+    k = named_args["K"]
+    return [c for c in configs if k % c.kwargs["BLOCK_K"] == 0 and (not g or c.kwargs["BLOCK_K"] % g == 0)]
+
+
+@_autotune(_GEMV_CONFIGS, key=["N", "K", "W_KIND", "W_SCALE", "A_QUANT", "GROUP_SIZE", "HAS_ZERO"],
+           prune_configs_by={"early_config_prune": _gemv_prune}, reset_to_zero=["C"])
+@triton.jit
+def _gemv_kernel(
+    X, W, C, SW, ZW, BIAS, SA, N, K, stride_wn, stride_sn, stride_zn,
+    W_KIND: tl.constexpr, W_SCALE: tl.constexpr, A_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """c[n] = sum_k x[k] * dequant(w)[n, k] for one row x; split-K partial sums are atomically added.
+
+    A_QUANT: 0 weight-only; 1 fp8 per-token; 2 int8 per-token; 3 fp8 1x128 groups; 4 static
+    (x already quantized, scale in SA); 5 fp8 per-tensor static scale given (SA).
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    QMAX: tl.constexpr = 127.0 if A_QUANT == 2 else 448.0
+    if A_QUANT == 1 or A_QUANT == 2:  # the row's scale: the activation is tiny, read it whole
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            amax = tl.maximum(amax, tl.abs(tl.load(X + k0 + offs_k).to(tl.float32)))
+        sa = tl.maximum(tl.max(amax, axis=0), 1e-12) / QMAX
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for kt in range(pid_k, K // BLOCK_K, SPLIT_K):  # K % BLOCK_K == 0 (see _gemv_prune)
+        k0 = kt * BLOCK_K
+        x = tl.load(X + k0 + offs_k).to(tl.float32)
+        if A_QUANT == 1:
+            x = _fp8_round(x / sa)
+        elif A_QUANT == 2:
+            x = tl.minimum(tl.maximum(_round_half_even(x / sa), -128.0), 127.0)
+        elif A_QUANT == 3:
+            xg = tl.reshape(x, [BLOCK_K // 128, 128])
+            sg = tl.maximum(tl.max(tl.abs(xg), axis=1), 1e-12) / 448.0
+            xq = _fp8_round(xg / sg[:, None])
+            x = tl.reshape(xq * sg[:, None], [BLOCK_K])
+        if W_KIND == 2:
+            HALF: tl.constexpr = BLOCK_K // 2
+            offs_kh = tl.arange(0, HALF)
+            packed = tl.load(W + offs_n[:, None].to(tl.int64) * stride_wn + (k0 // 2 + offs_kh)[None, :], mask=mask_n[:, None], other=0)
+            q = tl.reshape(tl.join((packed & 0xF).to(tl.float32), (packed >> 4).to(tl.float32)), [BLOCK_N, BLOCK_K])
+            GPT: tl.constexpr = BLOCK_K // GROUP_SIZE
+            gidx = k0 // GROUP_SIZE + tl.arange(0, GPT)
+            s = tl.load(SW + offs_n[:, None].to(tl.int64) * stride_sn + gidx[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                z = tl.load(ZW + offs_n[:, None].to(tl.int64) * stride_zn + gidx[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
+            else:
+                z = tl.full([BLOCK_N, GPT], 8.0, tl.float32)
+            wd = tl.reshape((tl.reshape(q, [BLOCK_N, GPT, GROUP_SIZE]) - z[:, :, None]) * s[:, :, None], [BLOCK_N, BLOCK_K])
+            acc += tl.sum(wd * x[None, :], axis=1)
+        else:
+            w = tl.load(W + offs_n[:, None].to(tl.int64) * stride_wn + (k0 + offs_k)[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
+            if W_SCALE == 3:  # 128x128 blocks: scale each 128-wide chunk of the row
+                wb = tl.reshape(w, [BLOCK_N, BLOCK_K // 128, 128])
+                kb = k0 // 128 + tl.arange(0, BLOCK_K // 128)
+                sb = tl.load(SW + (offs_n // 128)[:, None] * stride_sn + kb[None, :], mask=mask_n[:, None], other=0.0)
+                w = tl.reshape(wb * sb[:, :, None], [BLOCK_N, BLOCK_K])
+            acc += tl.sum(w * x[None, :], axis=1)
+    if W_SCALE == 1:
+        acc = acc * tl.load(SW)
+    elif W_SCALE == 2:
+        acc = acc * tl.load(SW + offs_n * stride_sn, mask=mask_n, other=0.0)
+    if A_QUANT == 1 or A_QUANT == 2:
+        acc = acc * sa
+    elif A_QUANT == 4:
+        acc = acc * tl.load(SA)
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if SPLIT_K == 1:
+        tl.store(C + offs_n, acc, mask=mask_n)
+    else:
+        tl.atomic_add(C + offs_n, acc, mask=mask_n, sem="relaxed")
+
+
+def gemv(x, w, sw, zw, bias, out_dtype, *, w_kind: int, w_scale: int, a_quant: int, group_size: int = 0, sa=None):
+    """One activation row x [1, K] (float, or quantized with a_quant == 4 and its scale sa)."""
+    n = w.shape[0]
+    k = x.shape[-1]
+    acc = torch.zeros((1, n), device=x.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+    _gemv_kernel[grid](
+        x.reshape(-1).contiguous(), w, acc, sw, zw if zw is not None else sw, bias if bias is not None else acc,
+        sa if sa is not None else acc, n, k, w.stride(0), sw.stride(0) if sw.dim() else 0,
+        zw.stride(0) if zw is not None else 0,
+        W_KIND=w_kind, W_SCALE=w_scale, A_QUANT=a_quant, GROUP_SIZE=group_size,
+        HAS_ZERO=zw is not None, HAS_BIAS=bias is not None,
+    )
+    return acc if acc.dtype == out_dtype else acc.to(out_dtype)
+
+
+def gemv_fits(k: int, group_size: int = 0) -> bool:
+    """The GEMV walks K in whole tiles: some config's BLOCK_K must divide K (and be whole groups)."""
+    return any(k % c.kwargs["BLOCK_K"] == 0 and (not group_size or c.kwargs["BLOCK_K"] % group_size == 0)
+               for c in _GEMV_CONFIGS)

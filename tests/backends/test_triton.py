@@ -1,0 +1,151 @@
+"""Triton kernels against the scheme references: through the pass (hypothesis) and path by path.
+
+On a machine without a GPU these run through Triton's interpreter
+(``TRITON_INTERPRET=1``, set by conftest.py); the ``gpu`` tests run on CUDA
+with larger and odd shapes, M from 1 to 4096, and poisoned output memory.
+"""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import qlinear_pass as qp
+from qlinear_pass import schemes as S
+from qlinear_pass.registry import DeviceInfo, LayerSpec, get_kernel
+
+from .conformance import check_against_reference, layer_cases
+
+pytest.importorskip("triton")
+
+W8A8 = ["fp8_tensor", "fp8_rowwise", "fp8_block", "int8_rowwise"]
+WEIGHT_ONLY = ["int8_weight_only", "fp8_weight_only", "w4a16"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_direct(scheme, m, n, k, *, act_input, dtype=torch.bfloat16, bias=True, group_size=64, zero_points=False,
+               seed=0, device=DEVICE, poison=False):
+    """Call the kernel's run() directly (what the custom op does) and compare with the reference."""
+    g = torch.Generator().manual_seed(seed)
+    sch = S.get_scheme(scheme)
+    w = torch.randn(n, k, generator=g) * 0.05
+    p = S.quantize_weight(scheme, w, group_size=group_size, zero_points=zero_points)
+    params = [None if p.get(nm) is None else p[nm].to(device) for nm in sch.param_names]
+    x = (torch.randn(m, k, generator=g) * torch.exp2(torch.randint(-3, 4, (m, 1), generator=g).float())).to(dtype).to(device)
+    b = (torch.randn(n, generator=g)).to(dtype).to(device) if bias else None
+    spec = dict(scheme=scheme, n=n, k=k, act_dtype=dtype, out_dtype=dtype, has_bias=bias,
+                group_size=group_size if scheme == "w4a16" else None, zero_points=zero_points,
+                act_input=act_input, device=device, m=m)
+    if act_input == "static":
+        xq, xs = S.quantize_activation(scheme, x)
+        ref = S.reference(scheme, xq, params, b, input_scale=xs, out_dtype=dtype)
+        x, params, spec["act_dtype"] = xq, params + [xs], xq.dtype
+    else:
+        ref = S.reference(scheme, x, params, b)
+    if poison and device == "cuda":
+        # fill the caching allocator's free blocks with NaN: an unwritten output element shows
+        torch.full((m * n * 4 + (1 << 20),), float("nan"), device=device)
+    kernel = get_kernel("triton_weight_only" if sch.weight_only else "triton_w8a8")
+    y = kernel.run(LayerSpec(**spec), x, params, b)
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    err = S.relative_error(y, ref)
+    assert err <= S.TOLERANCE[dtype], f"{scheme} {act_input} M={m} N={n} K={k}: relative error {err:.3g}"
+    return err
+
+
+# M = 1 takes the GEMV, 5 the split-K GEMM (fused quantization for per-token), 40 the large-tile GEMM
+PATH_MS = [1, 5, 40]
+
+
+@pytest.mark.parametrize("m", PATH_MS)
+@pytest.mark.parametrize("act_input", ["dynamic", "static"])
+@pytest.mark.parametrize("scheme", W8A8)
+def test_w8a8_paths(scheme, act_input, m):
+    run_direct(scheme, m, 80, 256, act_input=act_input)
+
+
+@pytest.mark.parametrize("m", PATH_MS)
+@pytest.mark.parametrize("scheme,group,zp", [("int8_weight_only", 64, False), ("fp8_weight_only", 64, False),
+                                             ("w4a16", 32, False), ("w4a16", 64, True), ("w4a16", 128, True)])
+def test_weight_only_paths(scheme, group, zp, m):
+    run_direct(scheme, m, 48, 256, act_input="none", group_size=group, zero_points=zp)
+
+
+def test_fp16_and_no_bias():
+    run_direct("fp8_rowwise", 3, 32, 128, act_input="dynamic", dtype=torch.float16, bias=False)
+    run_direct("w4a16", 1, 32, 128, act_input="none", dtype=torch.float16, bias=False, group_size=128)
+
+
+@pytest.mark.parametrize("scheme", W8A8 + WEIGHT_ONLY)
+def test_triton_through_the_pass(scheme):
+    dtypes = [torch.bfloat16, torch.float16] if scheme in WEIGHT_ONLY else None
+
+    @given(case=layer_cases(scheme, dtypes=dtypes))
+    def run(case):
+        kernel = "triton_weight_only" if scheme in WEIGHT_ONLY else "triton_w8a8"
+        check_against_reference(scheme, "triton", case, device=DEVICE, expect_kernel=kernel)
+
+    run()
+
+
+def spec(scheme, **kw):
+    base = dict(scheme=scheme, n=4096, k=4096, act_dtype=torch.bfloat16, out_dtype=torch.bfloat16, device="cuda",
+                act_input="dynamic")
+    base.update(kw)
+    return LayerSpec(**base)
+
+
+def test_honest_reasons():
+    w8a8, wo = get_kernel("triton_w8a8"), get_kernel("triton_weight_only")
+    ok, why = w8a8.is_supported(DeviceInfo("cuda", (8, 0), "fake A100"))
+    assert not ok and "sm89" in why
+    ok, why = wo.is_supported(DeviceInfo("cuda", (7, 5), "fake T4"))
+    assert not ok and "sm80" in why
+    ok, why = w8a8.can_implement(spec("fp8_rowwise", k=4008))
+    assert not ok and "K divisible by 32" in why
+    ok, why = wo.can_implement(spec("w4a16", k=4032, group_size=64, act_input="none"))
+    assert not ok and "multiple of 128" in why
+    ok, why = wo.can_implement(spec("int8_weight_only", act_dtype=torch.float32, act_input="none"))
+    assert not ok and "bf16/fp16" in why
+    assert w8a8.can_implement(spec("fp8_block"))[0]
+
+
+def test_priority_prefers_triton_on_gpus_only():
+    from qlinear_pass.registry import candidates
+
+    gpu = [k.name for k in candidates("fp8_rowwise", DeviceInfo("cuda", (9, 0), "fake H100"))]
+    assert gpu.index("triton_w8a8") < gpu.index("torch_scaled_mm")
+    cpu = [k.name for k in candidates("fp8_rowwise", DeviceInfo("cpu"))]
+    assert cpu.index("triton_w8a8") > cpu.index("torch_scaled_mm")
+
+
+# --- on the GPU: larger and odd shapes, M from 1 to 4096 --------------------------------------
+
+
+@pytest.mark.gpu
+@given(
+    scheme=st.sampled_from(W8A8 + WEIGHT_ONLY),
+    m=st.sampled_from([1, 2, 7, 16, 17, 33, 100, 255, 1024, 4096]),
+    n=st.sampled_from([40, 136, 1000, 4096, 6144]),
+    kb=st.sampled_from([1, 3, 8, 32]),
+    act_input=st.sampled_from(["dynamic", "static"]),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 1000),
+)
+def test_gpu_against_reference(scheme, m, n, kb, act_input, dtype, seed):
+    k = kb * 128
+    if scheme in WEIGHT_ONLY:
+        act_input = "none"
+    run_direct(scheme, m, n, k, act_input=act_input, dtype=dtype, seed=seed, device="cuda", poison=True,
+               group_size=[32, 64, 128][seed % 3], zero_points=bool(seed % 2) and scheme == "w4a16")
+
+
+@pytest.mark.gpu
+def test_gpu_through_compile_with_inductor():
+    from .conformance import linear_model, random_activation
+
+    m = linear_model(4096, 1024, "w4a16", group_size=128).cuda()
+    f = torch.compile(m, backend=qp.make("triton"), dynamic=True)
+    with torch.no_grad():
+        for rows in (1, 16, 300):
+            x = random_activation((rows, 4096)).cuda()
+            assert S.relative_error(f(x), m(x)) < S.TOLERANCE[torch.bfloat16]
