@@ -42,7 +42,7 @@ def test_same_backend_object_does_not_recompile():
 
 
 def test_kernel_follows_the_config_in_effect_at_call_time():
-    m = linear_model(64, 32, "fp8_rowwise")
+    m = linear_model(64, 32, "fp8_tensor")
     x = random_activation((4, 64))
     f = torch.compile(m, backend=qp.make(inductor=False))
     with torch.no_grad():
@@ -63,7 +63,7 @@ def test_kernel_follows_the_config_in_effect_at_call_time():
 
 
 def test_explicit_make_beats_the_context():
-    m = linear_model(64, 32, "fp8_rowwise")
+    m = linear_model(64, 32, "fp8_tensor")
     f = torch.compile(m, backend=qp.make("emulation", inductor=False))
     with torch.no_grad(), qp.linear_backend("torch"), recorded() as recs:
         f(random_activation((4, 64)))
@@ -116,7 +116,7 @@ def test_registered_as_qlinear_dynamo_backend():
 
 @pytest.mark.inductor
 def test_inductor_with_torch_kernels_matches_reference():
-    m = linear_model(128, 64, "fp8_rowwise", bias=True)
+    m = linear_model(128, 64, "fp8_tensor", bias=True)
     x = random_activation((2, 5, 128))
     y, recs = compile_and_run(m, x, "torch", inductor=True)
     assert kernels_of(recs) == ["torch_scaled_mm"]

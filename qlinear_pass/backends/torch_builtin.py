@@ -14,6 +14,7 @@ nodes into the graph (``emit``) instead of hiding behind the custom op.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 
 import torch
@@ -29,6 +30,17 @@ def _has_kernel(op: str, key: str) -> bool:
     try:
         return bool(torch._C._dispatch_has_kernel_for_dispatch_key(op, key))
     except Exception:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_rowwise_scaled_mm() -> bool:
+    """Does this torch's CPU ``_scaled_mm`` take rowwise scales? (2.13 does, 2.11 does not.)"""
+    try:
+        a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+        torch._scaled_mm(a, a.t(), torch.ones(16, 1), torch.ones(1, 16), out_dtype=torch.bfloat16)
+        return True
+    except (RuntimeError, NotImplementedError):
         return False
 
 
@@ -89,6 +101,8 @@ class TorchScaledMM(Kernel):
             return False, f"torch._scaled_mm needs N and K divisible by 16 (N={spec.n}, K={spec.k})"
         if spec.device == "cuda" and spec.scheme == "fp8_rowwise" and spec.out_dtype != torch.bfloat16:
             return False, f"torch._scaled_mm rowwise scaling on CUDA outputs bfloat16 only, this layer wants {spec.out_dtype}"
+        if spec.device == "cpu" and spec.scheme == "fp8_rowwise" and not cpu_rowwise_scaled_mm():
+            return False, f"torch {torch.__version__}'s CPU _scaled_mm takes per-tensor scales only"
         return OK
 
     def emit(self, emit, m):

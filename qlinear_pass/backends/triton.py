@@ -1,9 +1,9 @@
 """Backend ``triton``: our own Triton kernels for every scheme (``kernels/triton_gemm.py``).
 
 * ``triton_w8a8``: ``fp8_tensor``, ``fp8_rowwise``, ``fp8_block``, ``int8_rowwise``.
-  Dynamic activations are quantized by the kernel's own path: M == 1 a GEMV
-  that quantizes the row itself; per-token M <= 64 the GEMM quantizes its
-  tiles on the fly; otherwise a quantize kernel feeds the GEMM.
+  Dynamic activations: at M == 1 a GEMV that quantizes the row itself (one
+  kernel); otherwise a quantize kernel feeds the GEMM (measured faster than
+  quantizing inside the GEMM, see kernels/triton_gemm.py).
 * ``triton_weight_only``: ``int8_weight_only``, ``fp8_weight_only``, ``w4a16``.
   M == 1 a GEMV; otherwise a GEMM dequantising in registers, split-K for M <= 32.
 
@@ -21,8 +21,6 @@ import torch
 from ..registry import OK, DeviceInfo, Kernel, LayerSpec, register_kernel
 
 FLOAT_ACTS = (torch.bfloat16, torch.float16, torch.float32)
-#: per-token W8A8: at or below this M the GEMM quantizes the activation itself
-FUSED_QUANT_MAX_M = 64
 
 
 def _triton_status(device: DeviceInfo):
@@ -94,9 +92,6 @@ class TritonW8A8(_TritonKernel):
             a_quant = 3 if gran == "group" else (1 if fp8 else 2)
             return T.gemv(x, w, sw, None, bias, spec.out_dtype, w_kind=T.W_FP8 if fp8 else T.W_INT8,
                           w_scale=w_scale, a_quant=a_quant)
-        if gran == "token" and m <= FUSED_QUANT_MAX_M:
-            return T.w8a8_gemm(x.contiguous(), w, None, sw, bias, spec.out_dtype, a_scale=T.A_TOKEN, w_scale=w_scale,
-                               fuse_quant=True)
         if gran == "tensor":
             xq, sa = S.quantize_activation(scheme, x)
             return T.w8a8_gemm(xq, w, sa.reshape(()), sw, bias, spec.out_dtype, a_scale=T.A_TENSOR, w_scale=w_scale)

@@ -7,18 +7,19 @@ serves all schemes without branching at run time:
   a bf16/fp16/fp32 activation to FP8 e4m3 or INT8 (scale = amax / qmax).
 * ``_w8a8_kernel``: FP8 or INT8 GEMM ``x_q @ w_q^T`` with fp32 (int32)
   accumulation; per-tensor, per-token x per-channel, or 1x128 x 128x128 block
-  scales; bias and the cast in the epilogue.  For the per-token scheme it can
-  also quantize the activation itself (``FUSE_QUANT``: each program finds its
-  rows' amax in a first pass over K, then quantizes tiles on the fly), which
-  saves the quantized copy and a launch where M is small.  Split-K (fp32
-  atomics into a zeroed buffer) keeps all SMs busy for decode shapes.
+  scales; bias and the cast in the epilogue.  Split-K (fp32 atomics into a
+  zeroed buffer) keeps all SMs busy for decode shapes.  A dynamic activation
+  is quantized by ``_quant_act_kernel`` first: quantizing inside the GEMM
+  (each program finding its rows' amax in a first pass over K) measured
+  slower on the H100 at M = 16 (88 us against 55 us, K=4096, N=28672),
+  since every program re-reads the whole activation rows.
 * ``_wo_kernel``: weight-only GEMM; int8 / fp8 per-channel or packed int4
   group-wise weights (zero points optional) dequantised in registers, a 16-bit
   tensor-core dot, split-K for small M.
 * ``_gemv_kernel``: M == 1 (decode) for every scheme: a split-K GEMV that
   streams the weight once at full memory bandwidth, dequantising in fp32.
-  For W8A8 schemes it quantizes the activation row itself, so the result is
-  the W8A8 math exactly.
+  For W8A8 schemes it quantizes the activation row itself (one kernel, the
+  fused path), so the result is the W8A8 math exactly.
 
 The Python wrappers pick the path by M at run time, inside the custom op, so
 one compiled graph serves prefill and decode.  Launch configurations come
@@ -39,6 +40,10 @@ A_NONE, A_TENSOR, A_TOKEN, A_GROUP = 0, 1, 2, 3
 W_TENSOR, W_CHANNEL, W_BLOCK, W_GROUP = 1, 2, 3, 4
 # weight storage
 W_INT8, W_FP8, W_INT4 = 0, 1, 2
+# the same, readable inside kernels (a @jit function may only read constexpr globals)
+_A_TENSOR = tl.constexpr(A_TENSOR)
+_W_TENSOR, _W_CHANNEL, _W_BLOCK = tl.constexpr(W_TENSOR), tl.constexpr(W_CHANNEL), tl.constexpr(W_BLOCK)
+_W_INT4 = tl.constexpr(W_INT4)
 
 
 def interpreting() -> bool:
@@ -196,14 +201,13 @@ def _w8a8_prune(configs, named_args, **kwargs):
     return chosen or configs[:1]
 
 
-@_autotune(_W8A8_CONFIGS, key=["M_BUCKET", "N", "K", "A_SCALE", "W_SCALE", "IS_INT8", "FUSE_QUANT"],
+@_autotune(_W8A8_CONFIGS, key=["M_BUCKET", "N", "K", "A_SCALE", "W_SCALE", "IS_INT8"],
            prune_configs_by={"early_config_prune": _w8a8_prune}, reset_to_zero=["C"])
 @triton.jit
 def _w8a8_kernel(
     A, W, C, SA, SW, BIAS, M, N, K, M_BUCKET,
     stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_cn, stride_sam, stride_swn,
     A_SCALE: tl.constexpr, W_SCALE: tl.constexpr, IS_INT8: tl.constexpr, HAS_BIAS: tl.constexpr,
-    FUSE_QUANT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -227,13 +231,6 @@ def _w8a8_kernel(
     w_ptrs = W + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
     QMAX: tl.constexpr = 127.0 if IS_INT8 else 448.0
 
-    if FUSE_QUANT:  # per-token scales of this program's rows, from the float activation
-        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a = tl.load(a_ptrs + k0 * stride_ak, mask=mask_m[:, None] & (offs_k[None, :] + k0 < K), other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(a.to(tl.float32)), axis=1))
-        sa_row = tl.maximum(amax, 1e-12) / QMAX
-
     if IS_INT8:
         acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -242,14 +239,8 @@ def _w8a8_kernel(
         k0 = kt * BLOCK_K
         mask_k = offs_k + k0 < K
         a = tl.load(a_ptrs + k0 * stride_ak, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if FUSE_QUANT:  # |a / sa| <= qmax by construction; the clamp guards rounding
-            a = a.to(tl.float32) / sa_row[:, None]
-            if IS_INT8:
-                a = tl.minimum(tl.maximum(_round_half_even(a), -QMAX), QMAX).to(tl.int8)
-            else:
-                a = _to_fp8(a)
         w = tl.load(w_ptrs + k0 * stride_wk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if W_SCALE == W_BLOCK:
+        if W_SCALE == _W_BLOCK:
             # one 1x128 activation group and one 128x128 weight block per K tile (BLOCK_K == 128)
             part = tl.dot(a, w, out_dtype=tl.float32)
             sa = tl.load(SA + offs_m.to(tl.int64) * stride_sam + kt, mask=mask_m, other=0.0)
@@ -262,14 +253,12 @@ def _w8a8_kernel(
 
     if IS_INT8:
         acc = acc_i.to(tl.float32)
-    if W_SCALE != W_BLOCK:
-        if FUSE_QUANT:
-            acc = acc * sa_row[:, None]
-        elif A_SCALE == A_TENSOR:
+    if W_SCALE != _W_BLOCK:
+        if A_SCALE == _A_TENSOR:
             acc = acc * tl.load(SA)
         else:
             acc = acc * tl.load(SA + offs_m.to(tl.int64) * stride_sam, mask=mask_m, other=0.0)[:, None]
-        if W_SCALE == W_TENSOR:
+        if W_SCALE == _W_TENSOR:
             acc = acc * tl.load(SW)
         else:
             acc = acc * tl.load(SW + offs_n * stride_swn, mask=mask_n, other=0.0)[None, :]
@@ -302,8 +291,8 @@ def _out(m, n, device, out_dtype):
     return torch.empty((m, n), device=device, dtype=out_dtype)
 
 
-def w8a8_gemm(a, w, sa, sw, bias, out_dtype, *, a_scale: int, w_scale: int, fuse_quant: bool = False):
-    """C = (a_q @ w_q^T) * scales + bias.  a [M, K] quantized (or float with fuse_quant), w [N, K]."""
+def w8a8_gemm(a, w, sa, sw, bias, out_dtype, *, a_scale: int, w_scale: int):
+    """C = (a_q @ w_q^T) * scales + bias.  a [M, K] quantized, w [N, K]."""
     m, k = a.shape
     n = w.shape[0]
     c = _out(m, n, a.device, out_dtype)
@@ -315,7 +304,6 @@ def w8a8_gemm(a, w, sa, sw, bias, out_dtype, *, a_scale: int, w_scale: int, fuse
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1),
         sa_t.stride(0) if sa_t.dim() else 0, sw.stride(0) if sw.dim() else 0,
         A_SCALE=a_scale, W_SCALE=w_scale, IS_INT8=w.dtype == torch.int8, HAS_BIAS=bias is not None,
-        FUSE_QUANT=fuse_quant,
     )
     return c if c.dtype == out_dtype else c.to(out_dtype)
 
@@ -379,25 +367,22 @@ def _wo_kernel(
     k_tiles = tl.cdiv(K, BLOCK_K)
     if W_KIND == 2:  # packed int4: [N, K/2] bytes, even k in the low nibble
         HALF: tl.constexpr = BLOCK_K // 2
+        GPT: tl.constexpr = BLOCK_K // GROUP_SIZE  # groups per K tile
         offs_kh = tl.arange(0, HALF)
         w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_kh[None, :] * stride_wk
-        GPT: tl.constexpr = BLOCK_K // GROUP_SIZE  # groups per K tile
         offs_g = tl.arange(0, GPT)
         for kt in range(pid_k, k_tiles, SPLIT_K):
             k0 = kt * BLOCK_K
             a = tl.load(a_ptrs + k0 * stride_ak, mask=mask_m[:, None], other=0.0)
             packed = tl.load(w_ptrs + (k0 // 2) * stride_wk, mask=mask_n[:, None], other=0)
-            lo = (packed & 0xF).to(tl.float32)
-            hi = (packed >> 4).to(tl.float32)
-            q = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])
+            q = tl.reshape(tl.join((packed & 0xF).to(tl.float32), (packed >> 4).to(tl.float32)), [BLOCK_N, BLOCK_K])
             gidx = k0 // GROUP_SIZE + offs_g
             s = tl.load(SW + offs_n[:, None].to(tl.int64) * stride_sn + gidx[None, :], mask=mask_n[:, None], other=0.0)
             if HAS_ZERO:
                 z = tl.load(ZW + offs_n[:, None].to(tl.int64) * stride_zn + gidx[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
             else:
                 z = tl.full([BLOCK_N, GPT], 8.0, tl.float32)
-            wq = tl.reshape(q, [BLOCK_N, GPT, GROUP_SIZE])
-            wd = (wq - z[:, :, None]) * s.to(tl.float32)[:, :, None]
+            wd = (tl.reshape(q, [BLOCK_N, GPT, GROUP_SIZE]) - z[:, :, None]) * s.to(tl.float32)[:, :, None]
             acc = _dot16(a, tl.trans(tl.reshape(wd, [BLOCK_N, BLOCK_K])), acc)
     else:  # int8 / fp8 per channel: exact cast to the activation dtype, scale in the epilogue
         w_ptrs = W + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
@@ -439,9 +424,10 @@ def weight_only_gemm(a, w, sw, zw, bias, out_dtype, *, kind: int, group_size: in
 
 _GEMV_CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 8}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 128, "BLOCK_K": 256, "SPLIT_K": 4}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 8}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 256, "BLOCK_K": 128, "SPLIT_K": 4}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 4}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 512, "SPLIT_K": 16}, num_warps=8, num_stages=2),
 ]
@@ -492,19 +478,23 @@ def _gemv_kernel(
             xq = _fp8_round(xg / sg[:, None])
             x = tl.reshape(xq * sg[:, None], [BLOCK_K])
         if W_KIND == 2:
-            HALF: tl.constexpr = BLOCK_K // 2
-            offs_kh = tl.arange(0, HALF)
-            packed = tl.load(W + offs_n[:, None].to(tl.int64) * stride_wn + (k0 // 2 + offs_kh)[None, :], mask=mask_n[:, None], other=0)
-            q = tl.reshape(tl.join((packed & 0xF).to(tl.float32), (packed >> 4).to(tl.float32)), [BLOCK_N, BLOCK_K])
-            GPT: tl.constexpr = BLOCK_K // GROUP_SIZE
-            gidx = k0 // GROUP_SIZE + tl.arange(0, GPT)
-            s = tl.load(SW + offs_n[:, None].to(tl.int64) * stride_sn + gidx[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
-            if HAS_ZERO:
-                z = tl.load(ZW + offs_n[:, None].to(tl.int64) * stride_zn + gidx[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
-            else:
-                z = tl.full([BLOCK_N, GPT], 8.0, tl.float32)
-            wd = tl.reshape((tl.reshape(q, [BLOCK_N, GPT, GROUP_SIZE]) - z[:, :, None]) * s[:, :, None], [BLOCK_N, BLOCK_K])
-            acc += tl.sum(wd * x[None, :], axis=1)
+            # even and odd k apart: sum_k x[k] w[n, k] = sum_j xe[j] lo[n, j] + xo[j] hi[n, j], and per
+            # group s * (sum q x - z * sum x): two FMAs a weight, no interleaving; the groups of a
+            # tile are unrolled so their loads are all in flight together
+            HALF_G: tl.constexpr = GROUP_SIZE // 2
+            offs_h = tl.arange(0, HALF_G)
+            for g in tl.static_range(BLOCK_K // GROUP_SIZE):
+                kg = k0 + g * GROUP_SIZE
+                xe = tl.load(X + kg + 2 * offs_h).to(tl.float32)
+                xo = tl.load(X + kg + 2 * offs_h + 1).to(tl.float32)
+                packed = tl.load(W + offs_n[:, None].to(tl.int64) * stride_wn + (kg // 2 + offs_h)[None, :], mask=mask_n[:, None], other=0)
+                s = tl.load(SW + offs_n.to(tl.int64) * stride_sn + kg // GROUP_SIZE, mask=mask_n, other=0.0).to(tl.float32)
+                if HAS_ZERO:
+                    z = tl.load(ZW + offs_n.to(tl.int64) * stride_zn + kg // GROUP_SIZE, mask=mask_n, other=0).to(tl.float32)
+                else:
+                    z = 8.0
+                qx = tl.sum((packed & 0xF).to(tl.float32) * xe[None, :] + (packed >> 4).to(tl.float32) * xo[None, :], axis=1)
+                acc += s * (qx - z * tl.sum(xe + xo, axis=0))
         else:
             w = tl.load(W + offs_n[:, None].to(tl.int64) * stride_wn + (k0 + offs_k)[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
             if W_SCALE == 3:  # 128x128 blocks: scale each 128-wide chunk of the row
