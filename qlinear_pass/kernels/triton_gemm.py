@@ -170,6 +170,37 @@ def quantize_activation(x: torch.Tensor, dtype: torch.dtype, group: int = 0) -> 
     return q, s
 
 
+@triton.jit
+def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Row and column offsets of this program's output tile, in grouped order
+    (consecutive programs share weight tiles in L2)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def _store_tile(C, acc, BIAS, offs_m, offs_n, M, N, stride_cm, stride_cn, pid_k,
+                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Bias (added once, by the first K split), then a store, or an fp32 atomic add for split-K."""
+    mask_n = offs_n < N
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = C + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(c_ptrs, acc, mask=mask, sem="relaxed")
+
+
 # --- W8A8 GEMM ---------------------------------------------------------------------
 
 
@@ -210,20 +241,8 @@ def _w8a8_kernel(
     A_SCALE: tl.constexpr, W_SCALE: tl.constexpr, IS_INT8: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    # grouped ordering: consecutive programs share W tiles in L2
-    width = GROUP_M * num_n
-    group = pid // width
-    first_m = group * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -262,15 +281,7 @@ def _w8a8_kernel(
             acc = acc * tl.load(SW)
         else:
             acc = acc * tl.load(SW + offs_n * stride_swn, mask=mask_n, other=0.0)[None, :]
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = C + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(c_ptrs, acc, mask=mask, sem="relaxed")
+    _store_tile(C, acc, BIAS, offs_m, offs_n, M, N, stride_cm, stride_cn, pid_k, HAS_BIAS, SPLIT_K)
 
 
 def _m_bucket(m: int) -> int:
@@ -346,22 +357,11 @@ def _wo_kernel(
     W_KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    group = pid // width
-    first_m = group * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -393,15 +393,7 @@ def _wo_kernel(
             w = tl.load(w_ptrs + k0 * stride_wk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             acc = _dot16(a, w.to(tl.float32), acc)
         acc = acc * tl.load(SW + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = C + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(c_ptrs, acc, mask=mask, sem="relaxed")
+    _store_tile(C, acc, BIAS, offs_m, offs_n, M, N, stride_cm, stride_cn, pid_k, HAS_BIAS, SPLIT_K)
 
 
 def weight_only_gemm(a, w, sw, zw, bias, out_dtype, *, kind: int, group_size: int = 0):
