@@ -114,7 +114,15 @@ class Unmatched:
 
 
 class _Miss(Exception):
-    pass
+    """This matmul is not a quantized linear we can replace (the message says why)."""
+
+
+class _NotDynamic(_Miss):
+    """The activation's quantization is not computed in the graph from a float activation
+    alone (a given scale, say): treat the quantized activation as an input ("static")."""
+
+    def __init__(self) -> None:
+        super().__init__("unrecognised activation quantization")
 
 
 def val(n: Any) -> Any:
@@ -481,13 +489,13 @@ def _trace_quant_chain(q: fx.Node, k: int) -> tuple[fx.Node, fx.Node]:
     """q = convert(clamp(x / s)) -> (float source x, scale s)."""
     t = q.args[0] if q.op == "call_function" and q.target in CONVERTS else None
     if t is None:
-        raise _Miss("static")
+        raise _NotDynamic()
     t = _skip(t, {aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default, aten.round.default} | VIEWS | CONVERTS)
     if t.op != "call_function" or t.target not in (aten.div.Tensor, aten.mul.Tensor):
-        raise _Miss("static")
+        raise _NotDynamic()
     a, b = t.args[0], t.args[1]
     if not isinstance(b, fx.Node):
-        raise _Miss("static")
+        raise _NotDynamic()
     scale = b
     if t.target == aten.mul.Tensor:  # x * (1 / s)
         scale = b.args[0] if b.op == "call_function" and b.target == aten.reciprocal.default else b
@@ -503,7 +511,7 @@ def _trace_quant_chain(q: fx.Node, k: int) -> tuple[fx.Node, fx.Node]:
         break
     if _dtype(src) not in FLOAT_DTYPES or _shape(src)[-1:] != (k,):
         if best is None:
-            raise _Miss("static")
+            raise _NotDynamic()
     return (best if best is not None else src), scale
 
 
@@ -522,7 +530,7 @@ def _verify_act(x: fx.Node, outputs: list[fx.Node], scheme: str, k: int, kind: s
     inner_all.sort(key=order.__getitem__)
     foreign = [l for l in leaves_all if l is not x and isinstance(val(l), torch.Tensor)]
     if foreign:
-        raise _Miss("static")
+        raise _NotDynamic()
     key = _signature(inner_all, leaves_all, (scheme, kind, tuple(outputs.index(o) for o in outputs)))
     hit = _VERIFY_CACHE.get(key)
     if hit is None:
@@ -657,9 +665,7 @@ def _match_anchor(node: fx.Node, static: frozenset) -> Match:
                 act.granularity = _act_of(scheme)
                 try:
                     _verify_act(src, [a], scheme, k, "dq")
-                except _Miss as miss:
-                    if str(miss) != "static":
-                        raise
+                except _NotDynamic:
                     act = None
             if act is None:
                 raise _Miss("the activation is dequantized from a quantized tensor that is not a dynamic quantization of a float activation")
@@ -722,9 +728,8 @@ def _match_anchor(node: fx.Node, static: frozenset) -> Match:
             if _skip(s, VIEWS) is _skip(xscale, VIEWS | CONVERTS):
                 _verify_act(src, [a, xscale], scheme, k, "q")
                 act = _Act("dynamic", src, agran, _dtype(a), a, xscale)
-        except _Miss as miss:
-            if str(miss) != "static":
-                raise
+        except _NotDynamic:
+            pass
     if act is None:
         act = _Act("static", a, agran, _dtype(a), a, xscale)
     scheme = _scheme_for_weight(wt, agran)
@@ -789,12 +794,8 @@ def _find_linears(graph: fx.Graph) -> tuple[list[Match], list[Unmatched]]:
         try:
             matches.append(_match_anchor(node, static))
         except _Miss as miss:
-            shp = _shape(node)
-            n = shp[-1] if shp and isinstance(shp[-1], int) else None
-            ks = None
-            for a in node.args[:3]:
-                if isinstance(a, fx.Node) and len(_shape(a)) == 2 and isinstance(_shape(a)[0], int) and node.target != aten.addmm.default:
-                    ks = _shape(a)[0] if a is node.args[1] else ks
-            reason = str(miss) if str(miss) != "static" else "unrecognised activation quantization"
-            misses.append(Unmatched(node, module_path(node), reason, n, ks))
+            b = node.args[2] if node.target == aten.addmm.default else node.args[1]
+            kn = _shape(b) if isinstance(b, fx.Node) else ()
+            k, n = (kn if len(kn) == 2 else (None, None))
+            misses.append(Unmatched(node, module_path(node), str(miss), _static(n), _static(k)))
     return matches, misses
