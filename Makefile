@@ -13,6 +13,10 @@ $(VENV)/.installed: pyproject.toml
 	@# reuse a torch that is already installed; otherwise take the pinned CPU build
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q -e ".[test,triton]"
+	@# FlashInfer, for its selection and error tests: the package and what `import flashinfer`
+	@# needs (the full extra also pulls the cuDNN frontend and CUTLASS DSL, which only GPUs use)
+	$(PY) -m pip install -q --no-deps "flashinfer-python==0.7.2"
+	$(PY) -m pip install -q "apache-tvm-ffi>=0.1.11,<0.2" nvidia-ml-py requests tqdm
 	@touch $@
 
 demo: $(VENV)/.installed

@@ -9,6 +9,8 @@ export PYTHONUNBUFFERED=1
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
+# a FlashInfer installed by an earlier call on this machine (its wheel travels alone: 62 MiB)
+if [ -d /root/fisite/flashinfer ]; then export PYTHONPATH=/root/fisite:${PYTHONPATH:-}; fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD:${PYTHONPATH:-}
 python3 -m qlinear_pass env | tee "$OUT/env.txt"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv | tee -a "$OUT/env.txt"
