@@ -105,13 +105,10 @@ def _run(scheme, kernel_name, m, n, k, act_input, seed):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme,kernel", GPU_KERNELS)
-def test_gpu_against_reference(scheme, kernel):
-    @given(m=st.sampled_from([1, 7, 31, 32, 100, 1024, 4096]), n=st.sampled_from([256, 1024, 4096]),
-           kb=st.sampled_from([2, 8, 32]), act_input=st.sampled_from(["dynamic", "static"]), seed=st.integers(0, 99))
-    def run(m, n, kb, act_input, seed):
-        _run(scheme, kernel, m, n, kb * 128, act_input, seed)
-
-    run()
+@given(m=st.sampled_from([1, 7, 31, 32, 100, 1024, 4096]), n=st.sampled_from([256, 1024, 4096]),
+       kb=st.sampled_from([2, 8, 32]), act_input=st.sampled_from(["dynamic", "static"]), seed=st.integers(0, 99))
+def test_gpu_against_reference(scheme, kernel, m, n, kb, act_input, seed):
+    _run(scheme, kernel, m, n, kb * 128, act_input, seed)
 
 
 @pytest.mark.gpu
