@@ -122,7 +122,7 @@ def rewrite(graph: fx.Graph, cfg: C.LinearBackendConfig, record: CompileRecord, 
     for m in matches:
         dev = device or DeviceInfo.of(_device_of(m))
         sel = select(m.spec, cfg, dev)
-        record.decisions.append(Decision(m.spec, sel.backend, sel.kernel.name if sel.kernel else None, sel.rejected, sel.fallback, sel.note))
+        record.decisions.append(Decision(m.spec, sel.backend, sel.describe(), sel.rejected, sel.fallback, sel.note))
         _replace(graph, m, sel)
     if matches:
         graph.eliminate_dead_code()
@@ -208,9 +208,9 @@ def canonical_inputs(emit: Emitter, m: Match) -> tuple[fx.Node, list, Optional[f
 def _replace(graph: fx.Graph, m: Match, sel: Selection) -> None:
     kernel: Kernel = sel.kernel
     emit = Emitter(graph, m.end, m.anchor)
-    if kernel.opaque:
+    if kernel.opaque or sel.plan:
         x, params, bias = canonical_inputs(emit, m)
-        new = emit(torch.ops.qlinear_pass.linear.default, x, params, bias, kernel.name, m.spec.to_json())
+        new = emit(torch.ops.qlinear_pass.linear.default, x, params, bias, sel.kernel_name, m.spec.to_json())
     else:
         new = kernel.emit(emit, m)
     want = val(m.end)

@@ -136,6 +136,14 @@ class Kernel:
     def priority_for(self, device: DeviceInfo) -> int:
         return self.priority
 
+    def auto_priority(self, device: DeviceInfo, m_bucket: Optional[int]) -> int:
+        """Rank under ``auto`` for layers whose M falls in ``m_bucket`` (see ``M_BUCKETS``).
+
+        A kernel that measures fastest only for some M ranks itself per bucket;
+        by default the rank is :meth:`priority_for`.
+        """
+        return self.priority_for(device)
+
     #: False for kernels that insert ATen ops into the graph (see emit)
     opaque: ClassVar[bool] = True
 
@@ -237,6 +245,14 @@ def _load_backends() -> None:
 # --- selection ---------------------------------------------------------------
 
 
+#: ``auto`` ranks kernels per M bucket: M <= 1, <= 16, <= 128, <= 1024, larger (None)
+M_BUCKETS: tuple = (1, 16, 128, 1024, None)
+
+
+def m_bucket(m: int) -> Optional[int]:
+    return next(b for b in M_BUCKETS if b is None or m <= b)
+
+
 @dataclasses.dataclass
 class Selection:
     spec: LayerSpec
@@ -245,6 +261,33 @@ class Selection:
     rejected: list[tuple[str, str]]  # (kernel name, reason)
     fallback: bool = False  # an explicit backend fell back to auto
     note: str = ""
+    #: auto with a dynamic M: [(largest M or None, kernel), ...] when the best kernel depends on M
+    plan: list = dataclasses.field(default_factory=list)
+
+    @property
+    def kernel_name(self) -> Optional[str]:
+        """What the custom op is given: a kernel name, or a per-M plan ``a@1;b``."""
+        if self.plan:
+            return ";".join(k.name if limit is None else f"{k.name}@{limit}" for limit, k in self.plan)
+        return self.kernel.name if self.kernel else None
+
+    def describe(self) -> Optional[str]:
+        if not self.plan:
+            return self.kernel_name
+        parts, low = [], 0
+        for limit, k in self.plan:
+            parts.append(f"{k.name} (M>{low})" if limit is None else f"{k.name} (M<={limit})" if low == 0 else f"{k.name} ({low}<M<={limit})")
+            low = limit or low
+        return ", ".join(parts)
+
+
+def parse_plan(text: str) -> list:
+    """``"a@1;b"`` -> [(1, "a"), (None, "b")]."""
+    out = []
+    for part in text.split(";"):
+        name, _, limit = part.partition("@")
+        out.append((int(limit) if limit else None, name))
+    return out
 
 
 def candidates(scheme: str, device: DeviceInfo) -> list[Kernel]:
@@ -254,9 +297,13 @@ def candidates(scheme: str, device: DeviceInfo) -> list[Kernel]:
     return sorted(ks, key=lambda k: (k.priority_for(device), k.name))
 
 
-def _first_fit(spec: LayerSpec, device: DeviceInfo, backend: str) -> tuple[Optional[Kernel], list[tuple[str, str]]]:
+def _first_fit(spec: LayerSpec, device: DeviceInfo, backend: str, bucket: Optional[int] = None,
+               ranked: bool = False) -> tuple[Optional[Kernel], list[tuple[str, str]]]:
     rejected: list[tuple[str, str]] = []
-    for k in candidates(spec.scheme, device):
+    ks = candidates(spec.scheme, device)
+    if ranked:
+        ks = sorted(ks, key=lambda k: (k.auto_priority(device, bucket), k.name))
+    for k in ks:
         if backend != "auto" and k.backend != backend:
             continue
         ok, why = k.is_supported(device)
@@ -275,13 +322,14 @@ def select(spec: LayerSpec, cfg: C.LinearBackendConfig, device: "DeviceInfo | No
     """Choose the kernel for one layer: the first candidate that fits wins."""
     device = DeviceInfo.of(spec.device) if device is None else device
     backend = cfg.backend_for(spec.scheme)
+    if backend == "auto":
+        return _select_auto(spec, device)
     kernel, rejected = _first_fit(spec, device, backend)
     if kernel is not None:
         return Selection(spec, backend, kernel, rejected)
-    if backend == "auto":
-        raise RuntimeError(f"no kernel at all for {spec.short()} on {device}: {rejected}")  # emulation is always there
     if cfg.on_unsupported == "fallback":
-        auto_kernel, auto_rejected = _first_fit(spec, device, "auto")
+        auto = _select_auto(spec, device)
+        auto_kernel = auto.kernel
         key = (spec.scheme, backend, spec.n, spec.k)
         if key not in _warned:
             _warned.add(key)
@@ -291,8 +339,32 @@ def select(spec: LayerSpec, cfg: C.LinearBackendConfig, device: "DeviceInfo | No
                 f"falling back to auto, which chose {auto_kernel.name if auto_kernel else None!r}",
                 stacklevel=2,
             )
-        return Selection(spec, backend, auto_kernel, rejected, fallback=True, note=f"fell back from {backend}")
+        return Selection(spec, backend, auto_kernel, rejected, fallback=True, note=f"fell back from {backend}", plan=auto.plan)
     raise NoKernelError(no_kernel_message(spec, backend, rejected, device))
+
+
+def _select_auto(spec: LayerSpec, device: DeviceInfo) -> Selection:
+    """``auto``: the first fit in priority order; with a dynamic M, the first fit of each M bucket.
+
+    When the winners differ by bucket and all run behind the custom op, the
+    layer gets a per-M plan that the op follows at run time.
+    """
+    if spec.m is not None:
+        kernel, rejected = _first_fit(spec, device, "auto", m_bucket(spec.m), ranked=True)
+    else:
+        kernel, rejected = _first_fit(spec, device, "auto")
+    if kernel is None:  # emulation runs every scheme anywhere
+        raise RuntimeError(f"no kernel at all for {spec.short()} on {device}: {rejected}")
+    plan: list = []
+    if spec.m is None:
+        winners = [(b, _first_fit(spec, device, "auto", b, ranked=True)[0]) for b in M_BUCKETS]
+        if len({k.name for _, k in winners}) > 1 and all(k.opaque for _, k in winners):
+            for limit, k in winners:
+                if plan and plan[-1][1] is k:
+                    plan[-1] = (limit, k)
+                else:
+                    plan.append((limit, k))
+    return Selection(spec, "auto", kernel, rejected, plan=plan)
 
 
 def _layer(spec: LayerSpec) -> str:

@@ -1,3 +1,4 @@
+import dataclasses
 import warnings
 
 import pytest
@@ -144,3 +145,79 @@ def test_available_backends_table():
 def test_device_info_of():
     assert R.DeviceInfo.of("cpu").type == "cpu"
     assert H100.sm == 90 and "sm90" in str(H100)
+
+
+@pytest.fixture
+def bucket_kernels():
+    """Two CPU kernels for int8_weight_only: one best at M=1, the other above (by auto_priority)."""
+    from qlinear_pass.schemes import reference
+
+    class Decode(R.Kernel):
+        name, backend, schemes = "testlib_decode", "testlib", ("int8_weight_only",)
+
+        def auto_priority(self, device, m_bucket):
+            return 1 if m_bucket == 1 else 500
+
+        def run(self, spec, x, params, bias):
+            return reference(spec.scheme, x, params, bias, out_dtype=spec.out_dtype)
+
+    class Prefill(R.Kernel):
+        name, backend, schemes = "testlib_prefill", "testlib", ("int8_weight_only",)
+
+        def auto_priority(self, device, m_bucket):
+            return 2 if m_bucket != 1 else 500
+
+        def run(self, spec, x, params, bias):
+            return reference(spec.scheme, x, params, bias, out_dtype=spec.out_dtype)
+
+    for cls in (Decode, Prefill):
+        qp.register_kernel(cls)
+    yield
+    for cls in (Decode, Prefill):
+        R.unregister_kernel(cls.name)
+
+
+def test_auto_plans_per_m_bucket_when_m_is_dynamic(bucket_kernels):
+    s = spec("int8_weight_only", device="cpu")
+    sel = R.select(s, qp.LinearBackendConfig(), CPU)
+    assert [(limit, k.name) for limit, k in sel.plan] == [(1, "testlib_decode"), (None, "testlib_prefill")]
+    assert sel.kernel_name == "testlib_decode@1;testlib_prefill"
+    assert sel.describe() == "testlib_decode (M<=1), testlib_prefill (M>1)"
+    assert R.parse_plan(sel.kernel_name) == [(1, "testlib_decode"), (None, "testlib_prefill")]
+    # a fixed M takes its bucket's winner, no plan
+    fixed = R.select(dataclasses.replace(s, m=1), qp.LinearBackendConfig(), CPU)
+    assert fixed.kernel.name == "testlib_decode" and not fixed.plan
+    assert R.select(dataclasses.replace(s, m=300), qp.LinearBackendConfig(), CPU).kernel.name == "testlib_prefill"
+    # an explicit backend never plans
+    assert not R.select(s, qp.LinearBackendConfig("testlib"), CPU).plan
+
+
+def test_the_op_follows_the_plan_by_m(bucket_kernels):
+    import torch
+
+    from qlinear_pass.kernels.ops import CALLS
+    from .helpers import linear_model, random_activation
+
+    m = linear_model(64, 32, "int8_weight_only")
+    f = torch.compile(m, backend=qp.make(inductor=False), dynamic=True)
+    with torch.no_grad():
+        before = dict(CALLS)
+        for rows in (2, 1, 5, 1):
+            x = random_activation((rows, 64))
+            torch.testing.assert_close(f(x), m(x))
+    ran = {k: CALLS[k] - before.get(k, 0) for k in ("testlib_decode", "testlib_prefill")}
+    assert ran == {"testlib_decode": 2, "testlib_prefill": 2}
+
+
+def test_the_op_dispatches_a_plan(bucket_kernels):
+    import torch
+
+    from qlinear_pass import schemes as S
+    from qlinear_pass.kernels import ops
+
+    p = S.quantize_weight("int8_weight_only", torch.randn(16, 32))
+    s = R.LayerSpec("int8_weight_only", 16, 32, torch.float32, torch.float32)
+    for rows, ran in ((1, "testlib_decode"), (3, "testlib_prefill"), (1, "testlib_decode")):
+        before = ops.CALLS[ran]
+        ops.call("testlib_decode@1;testlib_prefill", s, torch.randn(rows, 32), [p["weight"], p["weight_scale"]])
+        assert ops.CALLS[ran] == before + 1

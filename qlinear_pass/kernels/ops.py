@@ -1,7 +1,8 @@
 """``qlinear_pass::linear``: the one custom op every opaque kernel runs behind.
 
 The graph pass replaces a matched linear by a call of this op carrying the
-chosen kernel's name and the layer spec.  Inductor keeps it as an opaque call
+chosen kernel's name (or, under ``auto`` with a dynamic M, a per-M plan such
+as ``triton_w8a8@1;flashinfer_deepgemm_fp8_block``) and the layer spec.  Inductor keeps it as an opaque call
 (its fake implementation gives the output shape), so a symbolic M needs no
 recompile, and the kernel itself may pick a path by M at run time.
 """
@@ -12,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..registry import LayerSpec, get_kernel
+from ..registry import LayerSpec, get_kernel, parse_plan
 
 #: how often each kernel ran through the op (kernel name -> calls); for tests and debugging
 CALLS: collections.Counter = collections.Counter()
@@ -26,6 +27,9 @@ def linear(
     kernel: str,
     spec: str,
 ) -> torch.Tensor:
+    if ";" in kernel:  # a per-M plan chosen by auto: "a@1;b"
+        m = x.numel() // max(x.shape[-1], 1)
+        kernel = next(name for limit, name in parse_plan(kernel) if limit is None or m <= limit)
     k = get_kernel(kernel)
     s = LayerSpec.from_json(spec)
     CALLS[kernel] += 1
