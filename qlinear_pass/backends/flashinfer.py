@@ -172,8 +172,9 @@ class FlashInferDeepGemm(_FlashInferKernel):
     schemes = ("fp8_block",)
 
     def auto_priority(self, device: DeviceInfo, m_bucket):
-        # measured on the H100 (benchmarks/results/h100/flashinfer): faster than our Triton
-        # block-scaled GEMM from M = 16 up (1.1-1.7x), slower at M = 1 (62 vs 44 us, dynamic)
+        # measured on the H100 (benchmarks/results/h100/flashinfer): against our Triton
+        # block-scaled GEMM 0.98-1.16x at M = 16 and 1.09-1.93x from M = 128 up, but at M = 1
+        # our GEMV, which quantizes the row itself, is 1.4-3.7x faster with dynamic activations
         if device.sm == 90 and m_bucket != 1:
             return 15
         return self.priority_for(device)
