@@ -100,23 +100,43 @@ def _scalar(t: torch.Tensor) -> torch.Tensor:
 
 
 class _FlashInferKernel(Kernel):
+    """Shared glue: support asked of FlashInfer (``fi_api`` with ``fi_backend``), activation, bias."""
+
     priority = 40
+    fi_api: str = ""
+    fi_backend: str = ""
 
     def priority_for(self, device: DeviceInfo) -> int:
         return self.priority if device.type == "cuda" else 3000
+
+    def is_supported(self, device: DeviceInfo):
+        ok, why = _library_status(device)
+        if not ok:
+            return ok, why
+        return _cc_reason(self.fi_api, self.fi_backend, device)
+
+    @staticmethod
+    def activation(spec: LayerSpec, x: torch.Tensor, params):
+        """The quantized 2-D activation and its scale: given (static) or made here (dynamic)."""
+        x = x.reshape(-1, spec.k)
+        if spec.act_input == "static":
+            return x, params[2]
+        if spec.scheme == "fp8_block":
+            from ..kernels import triton_gemm as T
+
+            return T.quantize_activation(x, S.FP8, group=S.BLOCK)
+        return S.quantize_activation(spec.scheme, x)
+
+    @staticmethod
+    def with_bias(y: torch.Tensor, bias, out_dtype: torch.dtype) -> torch.Tensor:
+        return y if bias is None else (y.float() + bias.float()).to(out_dtype)
 
 
 class _BmmFp8(_FlashInferKernel):
     """``fp8_tensor``: ``bmm_fp8`` on [1, M, K] x [1, K, N] (column-major B: the [N, K] weight's transpose)."""
 
     schemes = ("fp8_tensor",)
-    fi_backend: str = ""
-
-    def is_supported(self, device: DeviceInfo):
-        ok, why = _library_status(device)
-        if not ok:
-            return ok, why
-        return _cc_reason("bmm_fp8", self.fi_backend, device)
+    fi_api = "bmm_fp8"
 
     def can_implement(self, spec: LayerSpec):
         if spec.out_dtype not in (torch.bfloat16, torch.float16):
@@ -128,19 +148,12 @@ class _BmmFp8(_FlashInferKernel):
         return OK
 
     def run(self, spec, x, params, bias):
-        fi = _flashinfer()
         _announce_jit("gemm", "flashinfer.jit.gemm.core:gen_gemm_module", "40 s")
         w, sw = params[0], params[1]
-        x = x.reshape(-1, spec.k)
-        if spec.act_input == "static":
-            xq, sa = x, params[2]
-        else:
-            xq, sa = S.quantize_activation(spec.scheme, x)
-        y = fi.gemm.bmm_fp8(xq.contiguous().unsqueeze(0), w.contiguous().unsqueeze(0).transpose(-2, -1),
-                            _scalar(sa), _scalar(sw), spec.out_dtype, backend=self.fi_backend)[0]
-        if bias is not None:
-            y = (y.float() + bias.float()).to(spec.out_dtype)
-        return y
+        xq, sa = self.activation(spec, x, params)
+        y = _flashinfer().gemm.bmm_fp8(xq.contiguous().unsqueeze(0), w.contiguous().unsqueeze(0).transpose(-2, -1),
+                                       _scalar(sa), _scalar(sw), spec.out_dtype, backend=self.fi_backend)[0]
+        return self.with_bias(y, bias, spec.out_dtype)
 
 
 @register_kernel
@@ -195,21 +208,12 @@ class FlashInferDeepGemm(_FlashInferKernel):
         return OK
 
     def run(self, spec, x, params, bias):
-        fi = _flashinfer()
         _announce_jit("fp8_blockscale_gemm_90", "flashinfer.jit.gemm.fp8_blockscale:gen_fp8_blockscale_gemm_sm90_module", "130 s")
         w, sw = params[0], params[1]
-        x = x.reshape(-1, spec.k)
-        if spec.act_input == "static":
-            xq, sa = x, params[2]
-        else:
-            from ..kernels import triton_gemm as T
-
-            xq, sa = T.quantize_activation(x, S.FP8, group=S.BLOCK)
-        y = fi.gemm.fp8_blockscale_gemm_sm90(xq.contiguous(), w, mn_major_scales(sa), sw.float().contiguous(),
-                                             out_dtype=torch.bfloat16)
-        if bias is not None:
-            y = (y.float() + bias.float()).to(spec.out_dtype)
-        return y
+        xq, sa = self.activation(spec, x, params)
+        y = _flashinfer().gemm.fp8_blockscale_gemm_sm90(xq.contiguous(), w, mn_major_scales(sa), sw.float().contiguous(),
+                                                        out_dtype=torch.bfloat16)
+        return self.with_bias(y, bias, spec.out_dtype)
 
 
 def mn_major_scales(scale: torch.Tensor) -> torch.Tensor:
@@ -224,13 +228,7 @@ class _Groupwise(_FlashInferKernel):
     """sm100+: ``fp8_block`` through ``gemm_fp8_nt_groupwise`` (K-major scales, as ours are)."""
 
     schemes = ("fp8_block",)
-    fi_backend: str = ""
-
-    def is_supported(self, device: DeviceInfo):
-        ok, why = _library_status(device)
-        if not ok:
-            return ok, why
-        return _cc_reason("gemm_fp8_nt_groupwise", self.fi_backend, device)
+    fi_api = "gemm_fp8_nt_groupwise"
 
     def can_implement(self, spec: LayerSpec):
         if spec.out_dtype not in (torch.bfloat16, torch.float16):
@@ -240,21 +238,12 @@ class _Groupwise(_FlashInferKernel):
         return OK
 
     def run(self, spec, x, params, bias):
-        fi = _flashinfer()
         w, sw = params[0], params[1]
-        x = x.reshape(-1, spec.k)
-        if spec.act_input == "static":
-            xq, sa = x, params[2]
-        else:
-            from ..kernels import triton_gemm as T
-
-            xq, sa = T.quantize_activation(x, S.FP8, group=S.BLOCK)
-        y = fi.gemm.gemm_fp8_nt_groupwise(xq.contiguous(), w, sa.float().contiguous(), sw.float().contiguous(),
-                                          scale_major_mode="K", scale_granularity_mnk=(1, 128, 128),
-                                          out_dtype=spec.out_dtype, backend=self.fi_backend)
-        if bias is not None:
-            y = (y.float() + bias.float()).to(spec.out_dtype)
-        return y
+        xq, sa = self.activation(spec, x, params)
+        y = _flashinfer().gemm.gemm_fp8_nt_groupwise(
+            xq.contiguous(), w, sa.float().contiguous(), sw.float().contiguous(), scale_major_mode="K",
+            scale_granularity_mnk=(1, 128, 128), out_dtype=spec.out_dtype, backend=self.fi_backend)
+        return self.with_bias(y, bias, spec.out_dtype)
 
 
 @register_kernel

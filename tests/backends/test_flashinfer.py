@@ -130,3 +130,62 @@ def test_gpu_row_major_activation_scales_are_wrong():
     wrong = fi.gemm.fp8_blockscale_gemm_sm90(xq, wq, xs.contiguous(), ws, out_dtype=torch.bfloat16)
     assert S.relative_error(right, ref) < S.TOLERANCE[torch.bfloat16]
     assert S.relative_error(wrong, ref) > 0.05
+
+
+class _FakeGemm:
+    """FlashInfer's GEMM entry points as the kernels compute them, in torch: tests our glue on CPU.
+
+    ``fp8_blockscale_gemm_sm90`` reads its activation scales the way the CUDA kernel does: from
+    the tensor's storage, MN-major, with M padded to a multiple of 4.
+    """
+
+    @staticmethod
+    def bmm_fp8(a, b, a_scale, b_scale, dtype, out=None, backend="cublas"):
+        assert a.dim() == 3 and b.dim() == 3 and b.stride(-2) == 1  # B column-major
+        return ((a.float() @ b.float()) * a_scale * b_scale).to(dtype)
+
+    @staticmethod
+    def fp8_blockscale_gemm_sm90(input, weight, input_scale=None, weight_scale=None, out=None, out_dtype=None):
+        m, k = input.shape
+        ld = -(-m // 4) * 4
+        flat = torch.tensor(input_scale.untyped_storage().tolist(), dtype=torch.uint8).view(torch.float32)
+        flat = flat[input_scale.storage_offset():]
+        sa = torch.stack([flat[j * ld: j * ld + m] for j in range(k // 128)], dim=1)  # [M, K/128]
+        xd = S.dequantize_activation("fp8_block", input, sa)
+        wd = S.dequantize_weight("fp8_block", [weight, weight_scale], k)
+        return (xd @ wd.t()).to(torch.bfloat16)
+
+    @staticmethod
+    def gemm_fp8_nt_groupwise(a, b, a_scale, b_scale, scale_major_mode=None, mma_sm=1,
+                              scale_granularity_mnk=(1, 128, 128), out=None, out_dtype=None, backend="cutlass"):
+        assert scale_major_mode == "K" and a_scale.is_contiguous()
+        xd = S.dequantize_activation("fp8_block", a, a_scale)
+        wd = S.dequantize_weight("fp8_block", [b, b_scale], a.shape[1])
+        return (xd @ wd.t()).to(out_dtype)
+
+
+@pytest.mark.parametrize("kernel,scheme", [("flashinfer_cublas_fp8", "fp8_tensor"), ("flashinfer_cutlass_fp8", "fp8_tensor"),
+                                           ("flashinfer_deepgemm_fp8_block", "fp8_block"),
+                                           ("flashinfer_cutlass_fp8_block", "fp8_block"), ("flashinfer_trtllm_fp8_block", "fp8_block")])
+@pytest.mark.parametrize("act_input", ["dynamic", "static"])
+@pytest.mark.parametrize("m", [1, 5, 8])
+def test_glue_against_reference_with_the_library_emulated(monkeypatch, kernel, scheme, act_input, m):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(FI, "_flashinfer", lambda: SimpleNamespace(gemm=_FakeGemm))
+    monkeypatch.setattr(FI, "_announce_jit", lambda *a: None)
+    g = torch.Generator().manual_seed(m)
+    n, k = 256, 512
+    p = S.quantize_weight(scheme, torch.randn(n, k, generator=g) * 0.05)
+    params = [p["weight"], p["weight_scale"]]
+    x = (torch.randn(m, k, generator=g) * torch.exp2(torch.randint(-3, 4, (m, k // 128), generator=g).float()).repeat_interleave(128, 1)).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16()
+    s = R.LayerSpec(scheme, n, k, torch.bfloat16, torch.bfloat16, has_bias=True, act_input=act_input)
+    if act_input == "static":
+        xq, xs = S.quantize_activation(scheme, x)
+        ref = S.reference(scheme, xq, params, bias, input_scale=xs, out_dtype=torch.bfloat16)
+        x, params = xq, params + [xs]
+    else:
+        ref = S.reference(scheme, x, params, bias)
+    y = R.get_kernel(kernel).run(s, x, params, bias)
+    assert S.relative_error(y, ref) < S.TOLERANCE[torch.bfloat16]
