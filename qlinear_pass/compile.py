@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from . import config as C
-from .graph_pass import CompileRecord, QLinearPass, _remember, rewrite
+from .graph_pass import CompileRecord, QLinearPass, _remember
 from .registry import NoKernelError
 
 log = logging.getLogger("qlinear_pass")

@@ -25,7 +25,6 @@ import threading
 from types import MappingProxyType
 from typing import Mapping
 
-import torch
 from torch.overrides import TorchFunctionMode
 
 ENV_VAR = "QLINEAR_PASS_LINEAR_BACKEND"

@@ -685,8 +685,6 @@ def _match_anchor(node: fx.Node, static: frozenset) -> Match:
         return _make(node, end, act, scheme, wt, params, shapes, bias, n, k, m, act_dtype, out_dtype, b, static)
 
     # _scaled_mm / _int_mm: the weight is used quantized, as is
-    if len(wd.all_input_nodes) and wd.op == "call_function" and wd.target in REGION_OPS:
-        pass  # a weight computed in the graph is still fine as an input
     wdt = _dtype(wd)
     if t in SCALED_MM_TARGETS:
         if wdt != torch.float8_e4m3fn or _dtype(a) != torch.float8_e4m3fn:

@@ -21,7 +21,6 @@ from typing import ClassVar, Optional, Sequence
 import torch
 
 from . import config as C
-from .schemes import get_scheme
 
 
 class NoKernelError(ValueError):

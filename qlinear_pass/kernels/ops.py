@@ -9,6 +9,7 @@ recompile, and the kernel itself may pick a path by M at run time.
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Optional
 
 import torch
@@ -17,6 +18,12 @@ from ..registry import LayerSpec, get_kernel, parse_plan
 
 #: how often each kernel ran through the op (kernel name -> calls); for tests and debugging
 CALLS: collections.Counter = collections.Counter()
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(text: str) -> tuple:
+    """Parsed once per plan string: the op runs on every call of a compiled model."""
+    return tuple(parse_plan(text))
 
 
 @torch.library.custom_op("qlinear_pass::linear", mutates_args=())
@@ -29,7 +36,7 @@ def linear(
 ) -> torch.Tensor:
     if ";" in kernel:  # a per-M plan chosen by auto: "a@1;b"
         m = x.numel() // max(x.shape[-1], 1)
-        kernel = next(name for limit, name in parse_plan(kernel) if limit is None or m <= limit)
+        kernel = next(name for limit, name in _plan(kernel) if limit is None or m <= limit)
     k = get_kernel(kernel)
     s = LayerSpec.from_json(spec)
     CALLS[kernel] += 1

@@ -35,15 +35,14 @@ import triton
 import triton.language as tl
 
 # activation scale modes
-A_NONE, A_TENSOR, A_TOKEN, A_GROUP = 0, 1, 2, 3
-# weight scale modes
-W_TENSOR, W_CHANNEL, W_BLOCK, W_GROUP = 1, 2, 3, 4
+A_TENSOR, A_TOKEN, A_GROUP = 1, 2, 3
+# weight scale modes (group-wise int4 scales are applied inside the weight-only kernels)
+W_TENSOR, W_CHANNEL, W_BLOCK = 1, 2, 3
 # weight storage
 W_INT8, W_FP8, W_INT4 = 0, 1, 2
 # the same, readable inside kernels (a @jit function may only read constexpr globals)
 _A_TENSOR = tl.constexpr(A_TENSOR)
-_W_TENSOR, _W_CHANNEL, _W_BLOCK = tl.constexpr(W_TENSOR), tl.constexpr(W_CHANNEL), tl.constexpr(W_BLOCK)
-_W_INT4 = tl.constexpr(W_INT4)
+_W_TENSOR, _W_BLOCK = tl.constexpr(W_TENSOR), tl.constexpr(W_BLOCK)
 
 
 def interpreting() -> bool:
@@ -248,7 +247,6 @@ def _w8a8_kernel(
     mask_n = offs_n < N
     a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
     w_ptrs = W + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
-    QMAX: tl.constexpr = 127.0 if IS_INT8 else 448.0
 
     if IS_INT8:
         acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)

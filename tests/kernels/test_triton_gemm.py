@@ -21,6 +21,7 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
         assert " passed" in out.stdout
 
+
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
