@@ -205,6 +205,19 @@ def canonical_inputs(emit: Emitter, m: Match) -> tuple[fx.Node, list, Optional[f
     return x, params, m.bias
 
 
+def quantized_inputs(emit: Emitter, m: Match) -> tuple[fx.Node, fx.Node, list, Optional[fx.Node]]:
+    """For kernels that keep a dynamic activation quantization in the graph (Inductor fuses it):
+    the quantized 2-D activation, its scale, the weight parameters and the bias.
+    For a static activation these are the given quantized activation and scale."""
+    x, params, bias = canonical_inputs(emit, m)
+    if m.spec.act_input == "static":
+        return x, params[-1], params[:-1], bias
+    q, scale = m.act_q, m.act_scale
+    if len(val(q).shape) != 2:
+        q = emit(aten.reshape.default, q, [-1, m.spec.k])
+    return q, scale, params, bias
+
+
 def _replace(graph: fx.Graph, m: Match, sel: Selection) -> None:
     kernel: Kernel = sel.kernel
     emit = Emitter(graph, m.end, m.anchor)

@@ -146,6 +146,11 @@ class Kernel:
     #: False for kernels that insert ATen ops into the graph (see emit)
     opaque: ClassVar[bool] = True
 
+    @property
+    def runs_behind_op(self) -> bool:
+        """Can it run behind the custom op (it has a :meth:`run`)?  Per-M plans need that."""
+        return type(self).run is not Kernel.run
+
     def run(
         self,
         spec: LayerSpec,
@@ -345,8 +350,8 @@ def select(spec: LayerSpec, cfg: C.LinearBackendConfig, device: "DeviceInfo | No
 def _select_auto(spec: LayerSpec, device: DeviceInfo) -> Selection:
     """``auto``: the first fit in priority order; with a dynamic M, the first fit of each M bucket.
 
-    When the winners differ by bucket and all run behind the custom op, the
-    layer gets a per-M plan that the op follows at run time.
+    When the winners differ by bucket and all can run behind the custom op,
+    the layer gets a per-M plan that the op follows at run time.
     """
     if spec.m is not None:
         kernel, rejected = _first_fit(spec, device, "auto", m_bucket(spec.m), ranked=True)
@@ -357,7 +362,7 @@ def _select_auto(spec: LayerSpec, device: DeviceInfo) -> Selection:
     plan: list = []
     if spec.m is None:
         winners = [(b, _first_fit(spec, device, "auto", b, ranked=True)[0]) for b in M_BUCKETS]
-        if len({k.name for _, k in winners}) > 1 and all(k.opaque for _, k in winners):
+        if len({k.name for _, k in winners}) > 1 and all(k.runs_behind_op for _, k in winners):
             for limit, k in winners:
                 if plan and plan[-1][1] is k:
                     plan[-1] = (limit, k)

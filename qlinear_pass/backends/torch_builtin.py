@@ -48,19 +48,6 @@ def _device_key(device: DeviceInfo) -> str:
     return {"cuda": "CUDA", "cpu": "CPU"}.get(device.type, device.type.upper())
 
 
-def _act_inputs(emit, m):
-    """The quantized activation and its scale: the graph's own (dynamic chain) or the given ones."""
-    from ..graph_pass import canonical_inputs
-
-    x, params, bias = canonical_inputs(emit, m)
-    if m.spec.act_input == "static":
-        return x, params[-1], params[:-1], bias
-    q, scale = m.act_q, m.act_scale
-    if len(q.meta["val"].shape) != 2:
-        q = emit(aten.reshape.default, q, [-1, m.spec.k])
-    return q, scale, params, bias
-
-
 def _finish(emit, y, m, bias):
     """y (float32 or out dtype) + bias, cast to the layer's output dtype."""
     if bias is not None:
@@ -106,7 +93,9 @@ class TorchScaledMM(Kernel):
         return OK
 
     def emit(self, emit, m):
-        q, sa, params, bias = _act_inputs(emit, m)
+        from ..graph_pass import quantized_inputs
+
+        q, sa, params, bias = quantized_inputs(emit, m)
         spec = dataclasses.replace(m.spec, act_input="static", act_dtype=torch.float8_e4m3fn)
         return emit(torch.ops.qlinear_pass.linear.default, q, [*params, sa], bias, self.name, spec.to_json())
 
@@ -153,7 +142,9 @@ class TorchIntMM(Kernel):
         return OK
 
     def emit(self, emit, m):
-        q, sa, params, bias = _act_inputs(emit, m)
+        from ..graph_pass import quantized_inputs
+
+        q, sa, params, bias = quantized_inputs(emit, m)
         w, sb = params[0], params[1]
         acc = emit(aten._int_mm.default, q, emit(aten.permute.default, w, [1, 0]))
         y = emit(prims.convert_element_type.default, acc, torch.float32)
