@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test gpu-check bench clean
+.PHONY: demo test cutlass-build-check gpu-check bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	@# needs (the full extra also pulls the cuDNN frontend and CUTLASS DSL, which only GPUs use)
 	$(PY) -m pip install -q --no-deps "flashinfer-python==0.7.2"
 	$(PY) -m pip install -q "apache-tvm-ffi>=0.1.11,<0.2" nvidia-ml-py requests tqdm
+	@# CUTLASS headers for the compile check of the CUTLASS kernels (its Python deps are for its
+	@# own generator, which we do not use)
+	$(PY) -m pip install -q --no-deps "nvidia-cutlass==4.2.0.0" ninja
 	@touch $@
 
 demo: $(VENV)/.installed
@@ -24,6 +27,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+
+# nvcc compiles every CUTLASS source for sm_90a (no GPU needed; `make test` runs it too when nvcc is there)
+cutlass-build-check: $(VENV)/.installed
+	$(PY) -m qlinear_pass.kernels.cutlass_build --compile-only
 
 # on a CUDA machine: every GPU test, then the benchmark; results under $$OUT (or benchmarks/results)
 gpu-check:

@@ -37,12 +37,21 @@ def _env(args) -> int:
     print(f"qlinear_pass {__version__}")
     print(f"python {platform.python_version()} ({sys.executable})")
     print(f"torch {torch.__version__}")
-    for mod in ("triton", "flashinfer", "cutlass_library"):
+    for mod in ("triton", "flashinfer"):
         try:
             m = __import__(mod)
             print(f"{mod} {getattr(m, '__version__', '?')}")
         except Exception as exc:
             print(f"{mod}: not available ({type(exc).__name__})")
+    from .kernels import cutlass_build as B
+
+    inc, why = B.cutlass_include()
+    print(f"CUTLASS headers: {B.cutlass_version(inc)} at {inc}" if inc else f"CUTLASS headers: {why}")
+    path, version, why = B.nvcc()
+    print(f"nvcc: {'.'.join(map(str, version))} at {path}" if path else f"nvcc: {why}")
+    built = {f: B.build_record(f) for f in B.FAMILIES}
+    print("CUTLASS builds in " + str(B.cache_dir()) + ": "
+          + (", ".join(f"{f} ({r['seconds']} s)" for f, r in built.items() if r) or "none yet"))
     print(f"device: {DeviceInfo.of(None)}")
     print(f"CUDA available: {torch.cuda.is_available()} (torch built with CUDA {torch.version.cuda})")
     from .config import ENV_VAR, resolve

@@ -1,0 +1,140 @@
+// PyTorch binding of one CUTLASS kernel family: checks the tensors, then calls the
+// C entry points of qlp_gemm.h on the current stream.  Built once per family with
+// -DQLP_FAMILY_FP8, -DQLP_FAMILY_INT8 or -DQLP_FAMILY_FP8_BLOCK.
+#include <torch/extension.h>
+
+#include <cuda_runtime.h>
+
+#if __has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#define QLP_TORCH_CUDA 1
+#else  // a CPU-only torch: enough to compile-check this file (cutlass_build.py --compile-only)
+#define QLP_TORCH_CUDA 0
+#endif
+
+#include <string>
+
+#include "qlp_gemm.h"
+
+namespace {
+
+#if defined(QLP_FAMILY_FP8)
+constexpr const char* kFamily = "fp8";
+const auto kOperand = at::kFloat8_e4m3fn;
+constexpr bool kBlock = false;
+#elif defined(QLP_FAMILY_INT8)
+constexpr const char* kFamily = "int8";
+const auto kOperand = at::kChar;
+constexpr bool kBlock = false;
+#elif defined(QLP_FAMILY_FP8_BLOCK)
+constexpr const char* kFamily = "fp8_block";
+const auto kOperand = at::kFloat8_e4m3fn;
+constexpr bool kBlock = true;
+#else
+#error "define QLP_FAMILY_FP8, QLP_FAMILY_INT8 or QLP_FAMILY_FP8_BLOCK"
+#endif
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int sm_count(int device) {
+  static int counts[64] = {0};
+  if (device < 0 || device >= 64) return 0;  // 0: CUTLASS asks the driver itself
+  if (counts[device] == 0) {
+    int n = 0;
+    const cudaError_t err = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
+    TORCH_CHECK(err == cudaSuccess, "qlinear_pass cutlass: ", cudaGetErrorString(err));
+    counts[device] = n;
+  }
+  return counts[device];
+}
+
+void check_matrix(const torch::Tensor& t, const char* name, at::ScalarType dtype, const torch::Tensor& like) {
+  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "qlinear_pass cutlass ", kFamily, ": ", name,
+              " must be on ", like.device(), ", got ", t.device());
+  TORCH_CHECK(t.dim() == 2, "qlinear_pass cutlass ", kFamily, ": ", name, " must be 2-D, got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "qlinear_pass cutlass ", kFamily, ": ", name, " must be ", dtype,
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "qlinear_pass cutlass ", kFamily, ": ", name, " must be contiguous");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "qlinear_pass cutlass ", kFamily, ": ", name,
+              " must start on a 16-byte boundary (TMA)");
+}
+
+void check_scale(const torch::Tensor& s, const char* name, int64_t numel, const torch::Tensor& like) {
+  TORCH_CHECK(s.is_cuda() && s.device() == like.device(), "qlinear_pass cutlass ", kFamily, ": ", name,
+              " must be on ", like.device());
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous(), "qlinear_pass cutlass ", kFamily, ": ", name,
+              " must be contiguous float32");
+  TORCH_CHECK(s.numel() == numel, "qlinear_pass cutlass ", kFamily, ": ", name, " has ", s.numel(),
+              " values, expected ", numel);
+}
+
+// out[M, N] = the family's scaled product of a[M, K] and b[N, K], plus bias[N]; returns out.
+torch::Tensor gemm(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& scale_a,
+                   const torch::Tensor& scale_b, const c10::optional<torch::Tensor>& bias, torch::Tensor out) {
+  check_matrix(a, "a", kOperand, a);
+  check_matrix(b, "b", kOperand, a);
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kHalf, "qlinear_pass cutlass ",
+              kFamily, ": out must be bfloat16 or float16, got ", out.scalar_type());
+  check_matrix(out, "out", out.scalar_type(), a);
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(0);
+  TORCH_CHECK(b.size(1) == k, "qlinear_pass cutlass ", kFamily, ": a is ", a.sizes(), " but b is ", b.sizes());
+  TORCH_CHECK(out.size(0) == m && out.size(1) == n, "qlinear_pass cutlass ", kFamily, ": out is ", out.sizes(),
+              ", expected [", m, ", ", n, "]");
+  TORCH_CHECK(k % 16 == 0 && n % 8 == 0, "qlinear_pass cutlass ", kFamily,
+              ": needs K % 16 == 0 and N % 8 == 0, got N=", n, " K=", k);
+  TORCH_CHECK(m < (int64_t(1) << 31) && n < (int64_t(1) << 31) && k < (int64_t(1) << 31),
+              "qlinear_pass cutlass: sizes must fit in int32");
+  bool a_rows = false, b_cols = false;
+  if (kBlock) {
+    check_scale(scale_a, "scale_a", m * cdiv(k, 128), a);
+    check_scale(scale_b, "scale_b", cdiv(n, 128) * cdiv(k, 128), a);
+  } else {
+    a_rows = scale_a.numel() != 1;
+    b_cols = scale_b.numel() != 1;
+    check_scale(scale_a, "scale_a", a_rows ? m : 1, a);
+    check_scale(scale_b, "scale_b", b_cols ? n : 1, a);
+  }
+  const void* bias_ptr = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == out.scalar_type() && bias->is_contiguous() && bias->numel() == n &&
+                    bias->device() == a.device(),
+                "qlinear_pass cutlass ", kFamily, ": bias must be a contiguous [N] tensor of the output dtype");
+    bias_ptr = bias->data_ptr();
+  }
+  if (m == 0) return out;
+
+#if QLP_TORCH_CUDA
+  const c10::cuda::CUDAGuard guard(a.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.get_device()).stream();
+#else
+  TORCH_CHECK(false, "qlinear_pass cutlass: this torch is built without CUDA");
+  cudaStream_t stream = nullptr;
+#endif
+  qlp::GemmArgs args{a.data_ptr(), b.data_ptr(), out.data_ptr(), scale_a.data_ptr<float>(),
+                     scale_b.data_ptr<float>(), bias_ptr, int(m), int(n), int(k), a_rows, b_cols,
+                     int(a.get_device()), sm_count(a.get_device())};
+  const bool half = out.scalar_type() == at::kHalf;
+  const size_t ws_bytes = half ? qlp_workspace_f16(&args) : qlp_workspace_bf16(&args);
+  torch::Tensor ws;
+  if (ws_bytes) ws = torch::empty({int64_t(ws_bytes)}, a.options().dtype(at::kByte));
+  void* ws_ptr = ws_bytes ? ws.data_ptr() : nullptr;
+  const char* err = half ? qlp_run_f16(&args, ws_ptr, stream) : qlp_run_bf16(&args, ws_ptr, stream);
+  TORCH_CHECK(err == nullptr, "qlinear_pass cutlass ", kFamily, " (M=", m, " N=", n, " K=", k, "): ", err);
+  const cudaError_t launch = cudaGetLastError();
+  TORCH_CHECK(launch == cudaSuccess, "qlinear_pass cutlass ", kFamily, ": ", cudaGetErrorString(launch));
+  return out;
+}
+
+std::string config(int64_t m) { return qlp_config_bf16(int(m)); }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "qlinear_pass CUTLASS sm90a GEMMs (one kernel family)";
+  module.attr("family") = kFamily;
+  module.def("gemm", &gemm, "out = scaled a @ b.T + bias (see qlp_gemm.cuh)", pybind11::arg("a"),
+             pybind11::arg("b"), pybind11::arg("scale_a"), pybind11::arg("scale_b"), pybind11::arg("bias"),
+             pybind11::arg("out"));
+  module.def("config", &config, "the tile configuration that runs for this M", pybind11::arg("m"));
+}

@@ -1,0 +1,231 @@
+// Scaled GEMMs for Hopper (sm90a) built from CUTLASS 3.x collectives.
+//
+//   fp8 / int8:  D[M, N] = sa * sb * (A[M, K] @ B[N, K]^T) + bias[N]
+//   fp8_block:   D[M, N] = sum_kb sa[m, kb] * sb[n / 128, kb] * (A @ B^T)[kb] + bias[N]
+//
+// A is the row-major activation, B the [N, K] weight (K contiguous: the K x N
+// operand column-major), D row-major bf16 or fp16.  fp8/int8 scales are float32,
+// one value or one per row of A / of B, picked at run time by a broadcast stride
+// so one kernel serves fp8_tensor and fp8_rowwise.  fp8_block applies its scales
+// in the mainloop, once per 128-wide K block, both K-major:
+// sa [M, K/128], sb [ceil(N/128), K/128].
+//
+// Each <family>_<dtype>.cu instantiates one family for one output dtype with
+// QLP_DEFINE_FAMILY; bindings.cpp is the only file that sees PyTorch.
+#pragma once
+
+#include <type_traits>
+
+#include "qlp_gemm.h"
+
+#include <cute/tensor.hpp>
+#include <cutlass/cutlass.h>
+#include <cutlass/functional.h>
+#include <cutlass/kernel_hardware_info.h>
+#include <cutlass/numeric_types.h>
+#include <cutlass/detail/blockwise_scale_layout.hpp>
+#include <cutlass/epilogue/collective/collective_builder.hpp>
+#include <cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/gemm/device/gemm_universal_adapter.h>
+#include <cutlass/gemm/dispatch_policy.hpp>
+#include <cutlass/gemm/kernel/gemm_universal.hpp>
+
+namespace qlp {
+
+using namespace cute;
+namespace fusion = cutlass::epilogue::fusion;
+using cutlass::gemm::KernelTmaWarpSpecialized;
+using cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+using cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+using cutlass::gemm::KernelTmaWarpSpecializedPingpongFP8FastAccum;
+using cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum;
+using cutlass::gemm::KernelTmaWarpSpecializedPingpongFP8Blockwise;
+using cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8Blockwise;
+using cutlass::epilogue::TmaWarpSpecialized;
+using cutlass::epilogue::TmaWarpSpecializedCooperative;
+
+constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
+constexpr int kAlignAB = 16;  // 16 bytes of 8-bit elements: K % 16 == 0
+constexpr int kAlignD = 8;    // 16 bytes of 16-bit elements: N % 8 == 0
+
+// D = sa * (sb * acc) + bias, sa a column (or scalar) broadcast, sb and bias row broadcasts.
+// A null scale reads as 1 and a null bias as 0 (the block-scaled GEMM passes no scales here).
+template <class TileShape, class ElementD>
+using ScaledEpilogue = fusion::Sm90EVT<
+    fusion::Sm90Compute<cutlass::homogeneous_multiply_add, ElementD, float, kRound>,
+    fusion::Sm90ColBroadcast<0, TileShape, float, float, Stride<bool, _0, _0>>,
+    fusion::Sm90EVT<fusion::Sm90Compute<cutlass::multiplies, float, float, kRound>,
+                    fusion::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, bool, _0>>,
+                    fusion::Sm90AccFetch>,
+    fusion::Sm90RowBroadcast<0, TileShape, ElementD, float, Stride<_0, _1, _0>>>;
+
+template <class Epilogue, class ElementD>
+typename Epilogue::Arguments scaled_epilogue_args(GemmArgs const& g, bool with_scales) {
+  const float* sa = with_scales ? g.scale_a : nullptr;
+  const float* sb = with_scales ? g.scale_b : nullptr;
+  return typename Epilogue::Arguments{
+      {sa, 1.0f, {with_scales && g.scale_a_rows, _0{}, _0{}}},
+      {{sb, 1.0f, {_0{}, with_scales && g.scale_b_cols, _0{}}}, {}, {}},
+      {static_cast<ElementD const*>(g.bias), ElementD(0), {_0{}, _1{}, _0{}}},
+      {}};
+}
+
+// Stride of a row-major [rows, cols] matrix, batch of 1: A [M, K], B [N, K] (the K x N operand
+// column-major) and D [M, N] all use it.
+inline auto row_major(int cols) { return make_stride(int64_t(cols), _1{}, int64_t(0)); }
+
+template <class CollectiveMainloop, class CollectiveEpilogue>
+struct Adapter {
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
+                                                      CollectiveEpilogue, cutlass::gemm::PersistentScheduler>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+};
+
+// fp8 (e4m3) or int8 operands, per-tensor/per-row/per-column scales in the epilogue.
+template <class ElementAB, class ElementD, class TileShape, class ClusterShape, class KernelSchedule,
+          class EpilogueSchedule>
+struct ScaledGemm {
+  using ElementAcc = typename std::conditional<std::is_same<ElementAB, int8_t>::value, int32_t, float>::type;
+  using Epilogue = ScaledEpilogue<TileShape, ElementD>;
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, float, void, cutlass::layout::RowMajor,
+      kAlignD, ElementD, cutlass::layout::RowMajor, kAlignD, EpilogueSchedule, Epilogue>::CollectiveOp;
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementAB, cutlass::layout::RowMajor, kAlignAB,
+      ElementAB, cutlass::layout::ColumnMajor, kAlignAB, ElementAcc, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      KernelSchedule>::CollectiveOp;
+  using Gemm = typename Adapter<CollectiveMainloop, CollectiveEpilogue>::Gemm;
+
+  static typename Gemm::Arguments arguments(GemmArgs const& g) {
+    typename CollectiveMainloop::Arguments mainloop{
+        static_cast<ElementAB const*>(g.a), row_major(g.k), static_cast<ElementAB const*>(g.b),
+        row_major(g.k)};
+    typename CollectiveEpilogue::Arguments epilogue{scaled_epilogue_args<Epilogue, ElementD>(g, true), nullptr,
+                                                    row_major(g.n), static_cast<ElementD*>(g.d),
+                                                    row_major(g.n)};
+    return {cutlass::gemm::GemmUniversalMode::kGemm, {g.m, g.n, g.k, 1}, mainloop, epilogue,
+            cutlass::KernelHardwareInfo{g.device, g.sm_count}};
+  }
+};
+
+// fp8 (e4m3) with 1x128 activation groups and 128x128 weight blocks, scaled in the mainloop.
+template <class ElementD, class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule>
+struct BlockScaledGemm {
+  using ElementAB = cutlass::float_e4m3_t;
+  using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<1, 128, 128, cute::GMMA::Major::K,
+                                                                  cute::GMMA::Major::K>;
+  using LayoutSFA = decltype(ScaleConfig::deduce_layoutSFA());
+  using LayoutSFB = decltype(ScaleConfig::deduce_layoutSFB());
+  using Epilogue = ScaledEpilogue<TileShape, ElementD>;
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor, kAlignD,
+      ElementD, cutlass::layout::RowMajor, kAlignD, EpilogueSchedule, Epilogue>::CollectiveOp;
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementAB,
+      cute::tuple<cutlass::layout::RowMajor, LayoutSFA>, kAlignAB, ElementAB,
+      cute::tuple<cutlass::layout::ColumnMajor, LayoutSFB>, kAlignAB, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      KernelSchedule>::CollectiveOp;
+  using Gemm = typename Adapter<CollectiveMainloop, CollectiveEpilogue>::Gemm;
+
+  static typename Gemm::Arguments arguments(GemmArgs const& g) {
+    auto shape = make_shape(g.m, g.n, g.k, 1);
+    typename CollectiveMainloop::Arguments mainloop{
+        static_cast<ElementAB const*>(g.a), row_major(g.k),
+        static_cast<ElementAB const*>(g.b), row_major(g.k),
+        g.scale_a, ScaleConfig::tile_atom_to_shape_SFA(shape),
+        g.scale_b, ScaleConfig::tile_atom_to_shape_SFB(shape)};
+    typename CollectiveEpilogue::Arguments epilogue{scaled_epilogue_args<Epilogue, ElementD>(g, false), nullptr,
+                                                    row_major(g.n), static_cast<ElementD*>(g.d),
+                                                    row_major(g.n)};
+    return {cutlass::gemm::GemmUniversalMode::kGemm, {g.m, g.n, g.k, 1}, mainloop, epilogue,
+            cutlass::KernelHardwareInfo{g.device, g.sm_count}};
+  }
+};
+
+template <class T>
+struct Tag {
+  using type = T;
+};
+
+// --- tile configurations by M bucket (one place per family) -----------------------------------
+// Decode-sized M gets 64-row tiles (less wasted MMA work) and clusters along N that
+// multicast the activation tile; prefill gets 128x128 tiles in 2x1 clusters.
+
+template <class ElementD, class F>
+decltype(auto) dispatch_fp8(int m, F&& f) {
+  using E = cutlass::float_e4m3_t;
+  if (m <= 64)
+    return f(Tag<ScaledGemm<E, ElementD, Shape<_64, _64, _128>, Shape<_1, _8, _1>,
+                            KernelTmaWarpSpecializedPingpongFP8FastAccum, TmaWarpSpecialized>>{}, "64x64x128 c1x8 pingpong");
+  if (m <= 128)
+    return f(Tag<ScaledGemm<E, ElementD, Shape<_64, _128, _128>, Shape<_2, _1, _1>,
+                            KernelTmaWarpSpecializedPingpongFP8FastAccum, TmaWarpSpecialized>>{}, "64x128x128 c2x1 pingpong");
+  return f(Tag<ScaledGemm<E, ElementD, Shape<_128, _128, _128>, Shape<_2, _1, _1>,
+                          KernelTmaWarpSpecializedPingpongFP8FastAccum, TmaWarpSpecialized>>{}, "128x128x128 c2x1 pingpong");
+}
+
+template <class ElementD, class F>
+decltype(auto) dispatch_int8(int m, F&& f) {
+  using E = int8_t;
+  if (m <= 64)
+    return f(Tag<ScaledGemm<E, ElementD, Shape<_64, _128, _256>, Shape<_1, _8, _1>, KernelTmaWarpSpecialized,
+                            TmaWarpSpecialized>>{}, "64x128x256 c1x8");
+  if (m <= 128)
+    return f(Tag<ScaledGemm<E, ElementD, Shape<_64, _128, _128>, Shape<_2, _1, _1>,
+                            KernelTmaWarpSpecializedPingpong, TmaWarpSpecialized>>{}, "64x128x128 c2x1 pingpong");
+  return f(Tag<ScaledGemm<E, ElementD, Shape<_128, _128, _128>, Shape<_2, _1, _1>,
+                          KernelTmaWarpSpecializedPingpong, TmaWarpSpecialized>>{}, "128x128x128 c2x1 pingpong");
+}
+
+template <class ElementD, class F>
+decltype(auto) dispatch_fp8_block(int m, F&& f) {
+  if (m <= 64)
+    return f(Tag<BlockScaledGemm<ElementD, Shape<_64, _128, _128>, Shape<_1, _1, _1>,
+                                 KernelTmaWarpSpecializedPingpongFP8Blockwise, TmaWarpSpecialized>>{}, "64x128x128 pingpong");
+  return f(Tag<BlockScaledGemm<ElementD, Shape<_128, _128, _128>, Shape<_1, _2, _1>,
+                               KernelTmaWarpSpecializedCooperativeFP8Blockwise, TmaWarpSpecializedCooperative>>{}, "128x128x128 c1x2 cooperative");
+}
+
+// --- running one configuration ---------------------------------------------------------------
+
+template <class Config>
+size_t workspace_size(GemmArgs const& g) {
+  return Config::Gemm::get_workspace_size(Config::arguments(g));
+}
+
+template <class Config>
+const char* run(GemmArgs const& g, void* workspace, cudaStream_t stream) {
+  typename Config::Gemm gemm;
+  auto args = Config::arguments(g);
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess)
+    return "CUTLASS cannot implement this problem (alignment of M, N, K or the pointers)";
+  if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess)
+    return "CUTLASS failed to initialize the GEMM (TMA descriptors or workspace)";
+  if (gemm.run(stream) != cutlass::Status::kSuccess) return "CUTLASS failed to launch the GEMM";
+  return nullptr;
+}
+
+}  // namespace qlp
+
+// Defines the extern "C" entry points of qlp_gemm.h for one family and output dtype.
+#define QLP_DEFINE_FAMILY(DISPATCH, ElementD, SUFFIX)                                                 \
+  extern "C" size_t qlp_workspace_##SUFFIX(const qlp::GemmArgs* g) {                                  \
+    return DISPATCH<ElementD>(g->m, [&](auto tag, const char*) {                                       \
+      return qlp::workspace_size<typename decltype(tag)::type>(*g);                                    \
+    });                                                                                                \
+  }                                                                                                    \
+  extern "C" const char* qlp_run_##SUFFIX(const qlp::GemmArgs* g, void* ws, cudaStream_t stream) {    \
+    return DISPATCH<ElementD>(g->m, [&](auto tag, const char*) {                                       \
+      return qlp::run<typename decltype(tag)::type>(*g, ws, stream);                                   \
+    });                                                                                                \
+  }                                                                                                    \
+  extern "C" const char* qlp_config_##SUFFIX(int m) {                                                 \
+    return DISPATCH<ElementD>(m, [](auto, const char* name) { return name; });                         \
+  }

@@ -1,0 +1,340 @@
+"""CUTLASS backend: reasons, limits and errors everywhere; the Python glue against the reference on
+CPU (the extension emulated in torch); the real kernels against the reference on a Hopper GPU."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import qlinear_pass as qp
+from qlinear_pass import registry as R
+from qlinear_pass import schemes as S
+from qlinear_pass.backends import cutlass as CU
+from qlinear_pass.kernels import cutlass_build as B
+
+H100 = R.DeviceInfo("cuda", (9, 0), "fake H100")
+B200 = R.DeviceInfo("cuda", (10, 0), "fake B200")
+CPU = R.DeviceInfo("cpu")
+KERNELS = {"fp8_tensor": "cutlass_fp8", "fp8_rowwise": "cutlass_fp8", "int8_rowwise": "cutlass_int8",
+           "fp8_block": "cutlass_fp8_block"}
+
+
+def spec(scheme="fp8_rowwise", **kw):
+    base = dict(scheme=scheme, n=4096, k=4096, act_dtype=torch.bfloat16, out_dtype=torch.bfloat16, device="cuda",
+                act_input="dynamic", module="layers.0.mlp.down_proj")
+    base.update(kw)
+    return R.LayerSpec(**base)
+
+
+def test_one_kernel_per_family_covers_the_four_schemes():
+    for scheme, name in KERNELS.items():
+        assert [k.name for k in R.candidates(scheme, H100) if k.backend == "cutlass"] == [name]
+    for scheme in ("int8_weight_only", "fp8_weight_only", "w4a16"):
+        assert not [k for k in R.candidates(scheme, H100) if k.backend == "cutlass"]
+
+
+def test_device_reasons():
+    k = CU.CutlassFp8()
+    ok, why = k.is_supported(CPU)
+    assert not ok and "CUDA GPU" in why
+    ok, why = k.is_supported(B200)
+    assert not ok and "sm90a" in why and "sm100" in why
+
+
+@pytest.fixture
+def toolchain_ok(monkeypatch):
+    """A machine where everything the build needs is present (each test then takes one thing away)."""
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(B, "nvcc", lambda: ("/opt/cuda/bin/nvcc", (13, 0), ""))
+    monkeypatch.setattr(B, "cutlass_include", lambda: ("/opt/cutlass/include", ""))
+    import torch.utils.cpp_extension as ce
+
+    monkeypatch.setattr(ce, "CUDA_HOME", "/opt/cuda")
+    monkeypatch.setattr(ce, "is_ninja_available", lambda: True)
+    return monkeypatch
+
+
+def test_toolchain_reasons(toolchain_ok):
+    k = CU.CutlassInt8()
+    assert k.is_supported(H100) == (True, "")
+    toolchain_ok.setattr(torch.version, "cuda", "12.8")
+    ok, why = k.is_supported(H100)
+    assert not ok and "nvcc 13.0" in why and "CUDA 12.8" in why
+    toolchain_ok.setattr(torch.version, "cuda", None)
+    ok, why = k.is_supported(H100)
+    assert not ok and "without CUDA" in why
+
+
+def test_missing_tools_reasons(toolchain_ok):
+    import torch.utils.cpp_extension as ce
+
+    k = CU.CutlassFp8Block()
+    toolchain_ok.setattr(ce, "is_ninja_available", lambda: False)
+    assert "pip install ninja" in k.is_supported(H100)[1]
+    toolchain_ok.setattr(B, "cutlass_include", lambda: (None, "the CUTLASS headers are not installed (pip install nvidia-cutlass, ...)"))
+    assert "nvidia-cutlass" in k.is_supported(H100)[1]
+    toolchain_ok.setattr(B, "nvcc", lambda: (None, (12, 1), "nvcc 12.1 at /x/nvcc is too old for sm90a CUTLASS kernels"))
+    assert "too old" in k.is_supported(H100)[1]
+
+
+def test_nvcc_version_is_read_and_checked(monkeypatch, tmp_path):
+    for release, ok in (("12.1", False), ("12.4", True), ("13.0", True)):
+        home = tmp_path / release
+        (home / "bin").mkdir(parents=True)
+        (home / "include").mkdir()
+        (home / "include" / "cuda_runtime.h").write_text("")
+        nvcc = home / "bin" / "nvcc"
+        nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.1'\n")
+        nvcc.chmod(0o755)
+        import torch.utils.cpp_extension as ce
+
+        monkeypatch.setattr(ce, "CUDA_HOME", str(home))
+        B.nvcc.cache_clear()
+        path, version, why = B.nvcc()
+        assert version == tuple(map(int, release.split(".")))
+        assert (path is not None) == ok, why
+        if not ok:
+            assert "too old" in why and "12.3" in why
+    B.nvcc.cache_clear()
+
+
+def test_headers_missing_or_found(monkeypatch, tmp_path):
+    monkeypatch.setenv("QLINEAR_PASS_CUTLASS_DIR", str(tmp_path))
+    inc, why = B.cutlass_include()
+    assert inc is None and "QLINEAR_PASS_CUTLASS_DIR" in why and "blockwise" in why
+    for f in ("cute/tensor.hpp", "cutlass/gemm/collective/collective_builder.hpp",
+              "cutlass/gemm/collective/sm90_mma_tma_gmma_ss_warpspecialized_fp8_blockwise_scaling.hpp"):
+        (tmp_path / "include" / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "include" / f).write_text("")
+    assert B.cutlass_include() == (tmp_path / "include", "")
+
+
+def test_alignment_and_dtype_limits():
+    k = CU.CutlassFp8()
+    assert k.can_implement(spec(n=4104, k=4112)) == (True, "")
+    ok, why = k.can_implement(spec(k=4100))
+    assert not ok and "K divisible by 16" in why
+    ok, why = k.can_implement(spec(n=4100))
+    assert not ok and "N divisible by 8" in why
+    ok, why = k.can_implement(spec(out_dtype=torch.float32))
+    assert not ok and "bfloat16 or float16" in why
+    ok, why = CU.CutlassFp8Block().can_implement(spec("fp8_block", k=4112))
+    assert not ok and "128-wide" in why
+    assert CU.CutlassInt8().can_implement(spec("int8_rowwise", out_dtype=torch.float16)) == (True, "")
+
+
+def test_explicit_cutlass_without_hopper_is_an_error_naming_why():
+    with pytest.raises(qp.NoKernelError) as e:
+        R.select(spec("int8_rowwise"), qp.LinearBackendConfig("cutlass"), B200)
+    msg = str(e.value)
+    assert "layers.0.mlp.down_proj" in msg and "cutlass_int8" in msg and "sm90a" in msg and "Fixes" in msg
+    with pytest.raises(qp.NoKernelError) as e:
+        R.select(spec("w4a16", group_size=128), qp.LinearBackendConfig("cutlass"), H100)
+    assert "no kernel for scheme 'w4a16'" in str(e.value)
+
+
+def test_compile_on_cpu_raises_before_running():
+    from ..helpers import linear_model, random_activation
+
+    m = linear_model(256, 64, "fp8_block")
+    with pytest.raises(qp.NoKernelError, match="cutlass_fp8_block: the CUTLASS kernels need a CUDA GPU"):
+        torch.compile(m, backend=qp.make(linear_backend="cutlass", inductor=False))(random_activation((4, 256)))
+
+
+def test_fallback_to_auto_warns(toolchain_ok):
+    cfg = qp.LinearBackendConfig("cutlass", on_unsupported="fallback")
+    with pytest.warns(UserWarning, match="falling back to auto"):
+        sel = R.select(spec("fp8_rowwise", n=4100, module="fallback.case"), cfg, H100)
+    assert sel.fallback and sel.kernel.backend != "cutlass"
+
+
+def _auto_winners(scheme):
+    return {b: R._first_fit(spec(scheme, m=b or 8192), H100, "auto", b, ranked=True)[0].name for b in R.M_BUCKETS}
+
+
+def test_auto_on_hopper_ranks_cutlass_by_m(toolchain_ok):
+    """Where the benchmark put it (benchmarks/results/h100/cutlass; CU.AUTO_RANK)."""
+    cutlass_from_16 = {1: "triton_w8a8", 16: "cutlass_fp8", 128: "cutlass_fp8", 1024: "cutlass_fp8", None: "cutlass_fp8"}
+    assert _auto_winners("fp8_rowwise") == cutlass_from_16
+    assert _auto_winners("fp8_tensor") == cutlass_from_16
+    assert set(_auto_winners("int8_rowwise").values()) == {"cutlass_int8"}
+    block = _auto_winners("fp8_block")
+    assert block[1] == "triton_w8a8"
+    from qlinear_pass.backends import flashinfer as FI
+
+    if FI._flashinfer() is not None:
+        assert {block[b] for b in R.M_BUCKETS[1:]} == {"flashinfer_deepgemm_fp8_block"}
+    toolchain_ok.setattr(FI, "_flashinfer", lambda: None)
+    without = _auto_winners("fp8_block")
+    assert {without[b] for b in R.M_BUCKETS[1:]} == {"cutlass_fp8_block"}  # ahead of our Triton GEMM
+
+
+def test_auto_plan_runs_triton_at_m1_and_cutlass_above(toolchain_ok):
+    sel = R.select(spec("fp8_rowwise", m=None), qp.LinearBackendConfig(), H100)
+    assert sel.kernel_name == "triton_w8a8@1;cutlass_fp8"
+
+
+def test_auto_elsewhere_never_picks_cutlass():
+    for device in (CPU, B200):
+        for scheme in KERNELS:
+            assert "cutlass" not in R.select(spec(scheme, m=None, device=device.type), qp.LinearBackendConfig(), device).kernel_name
+
+
+# --- the Python glue, with the extension emulated -----------------------------------------------
+
+
+class _FakeModule:
+    """The extension's gemm() as the C++ computes it (same checks on sizes), in torch."""
+
+    def __init__(self, family):
+        self.family = family
+
+    def gemm(self, a, b, scale_a, scale_b, bias, out):
+        m, k = a.shape
+        n = b.shape[0]
+        assert a.is_contiguous() and b.is_contiguous() and scale_a.dtype == scale_b.dtype == torch.float32
+        assert out.shape == (m, n) and out.dtype in (torch.bfloat16, torch.float16)
+        assert bias is None or (bias.dtype == out.dtype and bias.shape == (n,))
+        if self.family == "fp8_block":
+            assert scale_a.numel() == m * (k // 128) and scale_b.numel() == -(-n // 128) * (k // 128)
+            xd = S.dequantize_activation("fp8_block", a, scale_a.view(m, k // 128))
+            wd = S.dequantize_weight("fp8_block", [b, scale_b.view(-1, k // 128)], k)
+            y = xd @ wd.t()
+        else:
+            assert scale_a.numel() in (1, m) and scale_b.numel() in (1, n)
+            y = (a.float() @ b.float().t()) * scale_a.view(-1, 1) * scale_b.view(1, -1)
+        if bias is not None:
+            y = y + bias.float()
+        out.copy_(y)
+        return out
+
+
+@pytest.mark.parametrize("scheme", list(KERNELS))
+@pytest.mark.parametrize("act_input", ["dynamic", "static"])
+@pytest.mark.parametrize("m,dtype", [(1, torch.bfloat16), (5, torch.float16), (33, torch.bfloat16)])
+def test_glue_against_reference_with_the_extension_emulated(monkeypatch, scheme, act_input, m, dtype):
+    kernel = R.get_kernel(KERNELS[scheme])
+    monkeypatch.setattr(type(kernel), "module", lambda self: _FakeModule(self.family))
+    g = torch.Generator().manual_seed(m)
+    n, k = 136, 384
+    p = S.quantize_weight(scheme, torch.randn(n, k, generator=g) * 0.05)
+    params = [p["weight"], p["weight_scale"]]
+    x = (torch.randn(m, k, generator=g) * torch.exp2(torch.randint(-3, 4, (m, k // 128), generator=g).float()).repeat_interleave(128, 1)).to(dtype)
+    bias = torch.randn(n, generator=g, dtype=torch.float32)  # a float32 bias: the glue casts it
+    s = R.LayerSpec(scheme, n, k, dtype, dtype, has_bias=True, act_input=act_input)
+    if act_input == "static":
+        xq, xs = S.quantize_activation(scheme, x)
+        ref = S.reference(scheme, xq, params, bias, input_scale=xs, out_dtype=dtype)
+        x, params = xq, params + [xs]
+    else:
+        ref = S.reference(scheme, x, params, bias).to(dtype)
+    y = kernel.run(s, x, params, bias)
+    assert y.dtype == dtype and S.relative_error(y, ref) < S.TOLERANCE[dtype]
+
+
+def test_the_pass_keeps_the_quantization_in_the_graph(toolchain_ok):
+    """Under an explicit cutlass backend the op receives the graph's quantized activation."""
+    from qlinear_pass.kernels import ops
+
+    from ..helpers import linear_model, random_activation
+
+    seen = []
+    kernel = R.get_kernel("cutlass_fp8")
+    toolchain_ok.setattr(type(kernel), "module", lambda self: _FakeModule(self.family))
+    toolchain_ok.setattr(R.DeviceInfo, "of", classmethod(lambda cls, d=None: H100))
+    orig = CU.CutlassFp8.run
+
+    def spy(self, spec_, x, params, bias):
+        seen.append((spec_.act_input, x.dtype))
+        return orig(self, spec_, x, params, bias)
+
+    toolchain_ok.setattr(CU.CutlassFp8, "run", spy)
+    m = linear_model(256, 64, "fp8_rowwise", bias=True)
+    x = random_activation((3, 256))
+    before = ops.CALLS["cutlass_fp8"]
+    with torch.no_grad():
+        y = torch.compile(m, backend=qp.make(linear_backend="cutlass", inductor=False))(x)
+    assert ops.CALLS["cutlass_fp8"] == before + 1
+    assert seen == [("static", torch.float8_e4m3fn)]
+    ref = S.reference("fp8_rowwise", x, m[0].params, m[0].bias)
+    assert S.relative_error(y, ref) < S.TOLERANCE[torch.bfloat16]
+
+
+# --- on a Hopper GPU --------------------------------------------------------------------------
+
+
+def _hopper_or_skip(name):
+    ok, why = R.get_kernel(name).is_supported(R.DeviceInfo.of("cuda"))
+    if not ok:
+        pytest.skip(why)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", list(KERNELS))
+@given(m=st.integers(1, 4096), n8=st.integers(1, 64), k16=st.integers(1, 48),
+       act_input=st.sampled_from(["dynamic", "static"]), dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+       bias=st.booleans(), seed=st.integers(0, 99))
+def test_gpu_against_reference(scheme, m, n8, k16, act_input, dtype, bias, seed):
+    """M 1..4096, N any multiple of 8, K any multiple of 16 (of 128 for fp8_block)."""
+    from .test_triton import run_direct
+
+    _hopper_or_skip(KERNELS[scheme])
+    k = k16 * 128 if scheme == "fp8_block" else k16 * 16 * 7
+    run_direct(scheme, m, n8 * 8 * 3, min(k, 8192), act_input=act_input, dtype=dtype, bias=bias, seed=seed,
+               device="cuda", poison=True, kernel=KERNELS[scheme])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", list(KERNELS))
+def test_gpu_every_tile_configuration(scheme):
+    """One M per tile bucket of qlp_gemm.cuh's dispatch, on a Llama-sized layer."""
+    from .test_triton import run_direct
+
+    _hopper_or_skip(KERNELS[scheme])
+    mod = R.get_kernel(KERNELS[scheme]).module()
+    configs = set()
+    for m in (1, 64, 65, 128, 129, 4096):
+        configs.add(mod.config(m))
+        run_direct(scheme, m, 4096, 4096, act_input="dynamic", device="cuda", poison=True, kernel=KERNELS[scheme])
+    assert len(configs) >= 2
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_model_with_inductor():
+    """The whole route: Inductor fuses the quantization, the op runs the CUTLASS GEMM."""
+    from qlinear_pass.kernels import ops
+
+    from ..helpers import linear_model, random_activation
+
+    _hopper_or_skip("cutlass_fp8")
+    for scheme in KERNELS:
+        m = linear_model(1024, 512, scheme, bias=True).cuda()
+        x = random_activation((2, 37, 1024)).cuda()
+        name = KERNELS[scheme]
+        before = ops.CALLS[name]
+        with torch.no_grad():
+            with qp.linear_backend("cutlass"):
+                y = torch.compile(m, backend=qp.make())(x)
+            ref = S.reference(scheme, x, m[0].params, m[0].bias)
+        assert ops.CALLS[name] == before + 1
+        assert S.relative_error(y, ref) < S.TOLERANCE[torch.bfloat16], scheme
+        torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_gpu_binding_rejects_bad_input():
+    _hopper_or_skip("cutlass_fp8")
+    mod = R.get_kernel("cutlass_fp8").module()
+    a = torch.zeros(4, 64, device="cuda", dtype=torch.float8_e4m3fn)
+    b = torch.zeros(32, 64, device="cuda", dtype=torch.float8_e4m3fn)
+    one = torch.ones(1, device="cuda")
+    out = torch.empty(4, 32, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="b must be 2-D"):
+        mod.gemm(a, b[0], one, one, None, out)
+    with pytest.raises(RuntimeError, match="scale_a has 3 values, expected 4"):
+        mod.gemm(a, b, torch.ones(3, device="cuda"), one, None, out)
+    with pytest.raises(RuntimeError, match="K % 16 == 0"):
+        mod.gemm(a[:, :40].contiguous(), b[:, :40].contiguous(), one, one, None, out)
+    with pytest.raises(RuntimeError, match="out must be bfloat16 or float16"):
+        mod.gemm(a, b, one, one, None, out.float())
