@@ -150,6 +150,11 @@ def nvcc() -> tuple[Optional[str], Optional[tuple[int, int]], str]:
     return path, version, ""
 
 
+def ninja_available() -> bool:
+    """Is ninja on PATH? (What torch.utils.cpp_extension runs; a lookup, not a subprocess per layer.)"""
+    return shutil.which("ninja") is not None
+
+
 def toolchain_status() -> tuple[bool, str]:
     """Can this machine build the kernels? (Not: can it run them; that is the device's question.)"""
     import torch
@@ -165,12 +170,11 @@ def toolchain_status() -> tuple[bool, str]:
     inc, why = cutlass_include()
     if inc is None:
         return False, why
-    from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available
+    from torch.utils.cpp_extension import CUDA_HOME
 
     if CUDA_HOME is None:
         return False, "torch.utils.cpp_extension found no CUDA toolkit (set CUDA_HOME to the folder holding bin/nvcc)"
-
-    if not is_ninja_available():
+    if not ninja_available():
         return False, "ninja is not installed (pip install ninja); torch.utils.cpp_extension builds with it"
     return True, ""
 

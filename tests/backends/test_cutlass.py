@@ -51,7 +51,7 @@ def toolchain_ok(monkeypatch):
     import torch.utils.cpp_extension as ce
 
     monkeypatch.setattr(ce, "CUDA_HOME", "/opt/cuda")
-    monkeypatch.setattr(ce, "is_ninja_available", lambda: True)
+    monkeypatch.setattr(B, "ninja_available", lambda: True)
     return monkeypatch
 
 
@@ -67,10 +67,8 @@ def test_toolchain_reasons(toolchain_ok):
 
 
 def test_missing_tools_reasons(toolchain_ok):
-    import torch.utils.cpp_extension as ce
-
     k = CU.CutlassFp8Block()
-    toolchain_ok.setattr(ce, "is_ninja_available", lambda: False)
+    toolchain_ok.setattr(B, "ninja_available", lambda: False)
     assert "pip install ninja" in k.is_supported(H100)[1]
     toolchain_ok.setattr(B, "cutlass_include", lambda: (None, "the CUTLASS headers are not installed (pip install nvidia-cutlass, ...)"))
     assert "nvidia-cutlass" in k.is_supported(H100)[1]
