@@ -24,12 +24,12 @@ itself.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import torch
 
 from .. import schemes as S
 from ..kernels import cutlass_build as B
+from ..kernels.ops import quantize_activation
 from ..registry import OK, DeviceInfo, Kernel, LayerSpec, register_kernel
 
 OUT_DTYPES = (torch.bfloat16, torch.float16)
@@ -96,16 +96,6 @@ class _CutlassKernel(Kernel):
         spec = dataclasses.replace(m.spec, act_input="static", act_dtype=q.meta["val"].dtype)
         return emit(torch.ops.qlinear_pass.linear.default, q, [*params, sa], bias, self.name, spec.to_json())
 
-    @staticmethod
-    def quantize(spec: LayerSpec, x: torch.Tensor):
-        """A dynamic activation's quantization: one Triton kernel on a GPU when Triton is there."""
-        scheme = S.get_scheme(spec.scheme)
-        if x.is_cuda and scheme.act_granularity != "tensor" and importlib.util.find_spec("triton") is not None:
-            from ..kernels import triton_gemm as T
-
-            return T.quantize_activation(x, scheme.act_dtype, group=S.BLOCK if scheme.act_granularity == "group" else 0)
-        return S.quantize_activation(scheme, x)
-
     def run(self, spec, x, params, bias):
         x = x.reshape(-1, spec.k)
         if spec.act_input == "static":
@@ -113,7 +103,7 @@ class _CutlassKernel(Kernel):
             xq = x
         else:
             w, sw = params[:2]
-            xq, sa = self.quantize(spec, x)
+            xq, sa = quantize_activation(spec.scheme, x)
         out = torch.empty((xq.shape[0], spec.n), device=xq.device, dtype=spec.out_dtype)
         if bias is not None:
             bias = bias.to(spec.out_dtype).contiguous()

@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-from .. import schemes as S
+from ..kernels.ops import quantize_activation
 from ..registry import OK, DeviceInfo, Kernel, LayerSpec, register_kernel
 
 log = logging.getLogger("qlinear_pass")
@@ -121,11 +121,7 @@ class _FlashInferKernel(Kernel):
         x = x.reshape(-1, spec.k)
         if spec.act_input == "static":
             return x, params[2]
-        if spec.scheme == "fp8_block":
-            from ..kernels import triton_gemm as T
-
-            return T.quantize_activation(x, S.FP8, group=S.BLOCK)
-        return S.quantize_activation(spec.scheme, x)
+        return quantize_activation(spec.scheme, x)
 
     @staticmethod
     def with_bias(y: torch.Tensor, bias, out_dtype: torch.dtype) -> torch.Tensor:

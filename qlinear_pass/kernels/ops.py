@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import collections
 import functools
+import importlib.util
+import os
 from typing import Optional
 
 import torch
 
+from .. import schemes as S
 from ..registry import LayerSpec, get_kernel, parse_plan
 
 #: how often each kernel ran through the op (kernel name -> calls); for tests and debugging
@@ -55,3 +58,18 @@ def _(x, params, bias, kernel, spec):
 def call(kernel: str, spec: LayerSpec, x: torch.Tensor, params, bias=None) -> torch.Tensor:
     """Run ``kernel`` through the op (what a compiled graph does), e.g. from tests."""
     return torch.ops.qlinear_pass.linear(x, list(params), bias, kernel, spec.to_json())
+
+
+def quantize_activation(scheme: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dynamic activation's quantization for a kernel running behind the op: ``(x_q, scale)``.
+
+    Per-token and per-group scales come from our one-kernel Triton quantizer where Triton can run
+    (a GPU, or its interpreter); otherwise, and for per-tensor scales, from the scheme's torch code.
+    """
+    s = S.get_scheme(scheme)
+    triton_runs = x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if s.act_granularity != "tensor" and triton_runs and importlib.util.find_spec("triton") is not None:
+        from . import triton_gemm as T
+
+        return T.quantize_activation(x, s.act_dtype, group=S.BLOCK if s.act_granularity == "group" else 0)
+    return S.quantize_activation(s, x)
