@@ -9,8 +9,9 @@
   groups and the 128x128 weight blocks are applied in the mainloop, once per
   128-wide K block.
 
-Tile shapes follow M (64-row tiles for decode, 128x128 for prefill; the
-table is ``dispatch_*`` in ``kernels/cutlass/qlp_gemm.cuh``).  Nothing is
+Each family is built with a few tile configurations (``*Configs`` in
+``kernels/cutlass/qlp_gemm.cuh``); ``tile_config`` below picks one per call by
+M, N and K, from what ``benchmarks/bench_cutlass_tiles.py`` measured.  Nothing is
 shipped compiled: a family is built with nvcc the first time it is chosen on a
 machine (minutes; cached; see ``kernels/cutlass_build.py``), during
 ``torch.compile`` when the pass picks it.
@@ -24,12 +25,13 @@ itself.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 
 from .. import schemes as S
 from ..kernels import cutlass_build as B
-from ..kernels.ops import quantize_activation
+from ..kernels.ops import mn_major_scales, quantize_activation
 from ..registry import OK, DeviceInfo, Kernel, LayerSpec, register_kernel
 
 OUT_DTYPES = (torch.bfloat16, torch.float16)
@@ -40,15 +42,40 @@ OUT_DTYPES = (torch.bfloat16, torch.float16)
 #:   is as fast or faster.
 #: * cutlass_int8: fastest at almost every M (1.9-3.8x _int_mm + epilogue at M >= 1024, 1.2-1.4x
 #:   our Triton kernels there; at M <= 16 they trade places: 0.83-1.15x, Triton ahead at K = 14336).
-#: * cutlass_fp8_block: 1.55-1.8x our Triton GEMM at M >= 1024 (0.88-1.22x at M = 16-128, ahead in
-#:   sum), on par with FlashInfer's DeepGEMM at M >= 1024 (0.85-1.06x; behind it at M = 128), so
-#:   DeepGEMM stays first where it is installed; the Triton GEMV wins at M = 1.
+#: * cutlass_fp8_block (benchmarks/results/h100/cutlass/fp8_block/): 1.6-1.75x our Triton GEMM at
+#:   M >= 1024 and 1.01-1.35x at M = 128, but behind it at M <= 16 in 3 of 4 shapes (0.78-1.05x);
+#:   on par with FlashInfer's DeepGEMM at M >= 1024 (0.88-1.16x over three runs) and behind it
+#:   at M <= 128 (0.75-0.95x), so DeepGEMM stays first where it is installed.
 AUTO_RANK = {
     "cutlass_fp8": {16: 10, 128: 10, 1024: 10, None: 10},
     "cutlass_int8": {1: 10, 16: 10, 128: 10, 1024: 10, None: 10},
-    "cutlass_fp8_block": {16: 17, 128: 17, 1024: 17, None: 17},
+    "cutlass_fp8_block": {128: 17, 1024: 17, None: 17},
 }
 FLOAT_ACTS = (torch.bfloat16, torch.float16, torch.float32)
+#: family -> {tile configuration name: index in its built module}, read once per process
+_CONFIG_INDICES: dict = {}
+
+
+def tile_config(family: str, m: int, n: int, k: int) -> str:
+    """The tile configuration (its name in qlp_gemm.cuh) a family runs for an M x N x K problem.
+
+    From benchmarks/results/h100/cutlass/tiles/ (H100, every configuration timed on Llama-3-8B's
+    four shapes at M = 1, 16, 128, 1024, 4096): decode-sized M takes 64-row tiles, prefill
+    128x128 tiles in 2-CTA clusters.  Each family's rule picks the fastest configuration in at
+    least 17 of those 20 cells and is within 5% of it in the rest.  For fp8_block the cluster along M (sharing the weight tile) beat the one along N
+    by up to 10% from M = 1024 up; a stream-K schedule, also timed, was never faster.
+    """
+    if family == "fp8":
+        if m <= 64:
+            return "64x64x128 c1x8 pingpong"
+        return "64x128x128 c2x1 pingpong" if m <= 128 else "128x128x128 c2x1 pingpong"
+    if family == "int8":
+        if m <= 64:
+            return "64x128x256 c1x8"
+        return "64x128x128 c2x1 pingpong" if m <= 128 else "128x128x128 c2x1 pingpong"
+    if family == "fp8_block":
+        return "64x128x128 pingpong" if m <= 128 else "128x128x128 c2x1 cooperative"
+    raise ValueError(f"unknown CUTLASS kernel family {family!r}")
 
 
 class _CutlassKernel(Kernel):
@@ -88,6 +115,17 @@ class _CutlassKernel(Kernel):
     def module(self):
         return B.load(self.family)
 
+    def config_index(self, m: int, n: int, k: int, name: Optional[str] = None) -> int:
+        """The index in the built module of configuration ``name`` (default: ``tile_config``'s choice)."""
+        indices = _CONFIG_INDICES.get(self.family)
+        if indices is None:
+            indices = _CONFIG_INDICES[self.family] = {c: i for i, c in enumerate(self.module().configs())}
+        name = name or tile_config(self.family, m, n, k)
+        if name not in indices:
+            raise RuntimeError(f"the CUTLASS {self.family} build has no tile configuration {name!r} "
+                               f"(it has {', '.join(indices)})")
+        return indices[name]
+
     def emit(self, emit, m):
         from ..graph_pass import quantized_inputs
 
@@ -96,7 +134,11 @@ class _CutlassKernel(Kernel):
         spec = dataclasses.replace(m.spec, act_input="static", act_dtype=q.meta["val"].dtype)
         return emit(torch.ops.qlinear_pass.linear.default, q, [*params, sa], bias, self.name, spec.to_json())
 
-    def run(self, spec, x, params, bias):
+    def activation_scale(self, sa: torch.Tensor, m: int) -> torch.Tensor:
+        """The activation scale as the family's kernels read it."""
+        return sa.float().reshape(-1).contiguous()
+
+    def run(self, spec, x, params, bias, config: Optional[str] = None):
         x = x.reshape(-1, spec.k)
         if spec.act_input == "static":
             w, sw, sa = params
@@ -104,11 +146,13 @@ class _CutlassKernel(Kernel):
         else:
             w, sw = params[:2]
             xq, sa = quantize_activation(spec.scheme, x)
-        out = torch.empty((xq.shape[0], spec.n), device=xq.device, dtype=spec.out_dtype)
+        m = xq.shape[0]
+        out = torch.empty((m, spec.n), device=xq.device, dtype=spec.out_dtype)
         if bias is not None:
             bias = bias.to(spec.out_dtype).contiguous()
-        return self.module().gemm(xq.contiguous(), w.contiguous(), sa.float().reshape(-1).contiguous(),
-                                  sw.float().reshape(-1).contiguous(), bias, out)
+        return self.module().gemm(xq.contiguous(), w.contiguous(), self.activation_scale(sa, m),
+                                  sw.float().reshape(-1).contiguous(), bias, out,
+                                  self.config_index(m, spec.n, spec.k, config))
 
 
 @register_kernel
@@ -135,3 +179,7 @@ class CutlassFp8Block(_CutlassKernel):
         if spec.k % S.BLOCK:
             return False, f"the block-scaled kernel walks K in whole 128-wide scale blocks (K={spec.k})"
         return super().can_implement(spec)
+
+    def activation_scale(self, sa: torch.Tensor, m: int) -> torch.Tensor:
+        # [M, K/128] -> MN-major [K/128, M rounded up to 4]: the mainloop loads a tile's column by TMA
+        return mn_major_scales(sa.reshape(m, -1))

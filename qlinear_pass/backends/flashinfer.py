@@ -27,6 +27,7 @@ import sys
 
 import torch
 
+from ..kernels import ops
 from ..kernels.ops import quantize_activation
 from ..registry import OK, DeviceInfo, Kernel, LayerSpec, register_kernel
 
@@ -214,10 +215,7 @@ class FlashInferDeepGemm(_FlashInferKernel):
 
 def mn_major_scales(scale: torch.Tensor) -> torch.Tensor:
     """[M, K/128] activation scales laid out MN-major, M padded to a multiple of 4 (as the kernel reads them)."""
-    m, kb = scale.shape
-    padded = torch.zeros((kb, -(-m // 4) * 4), device=scale.device, dtype=torch.float32)
-    padded[:, :m] = scale.float().t()
-    return padded[:, :m].t()
+    return ops.mn_major_scales(scale)[:, :scale.shape[0]].t()
 
 
 class _Groupwise(_FlashInferKernel):

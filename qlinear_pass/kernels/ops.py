@@ -73,3 +73,19 @@ def quantize_activation(scheme: str, x: torch.Tensor) -> tuple[torch.Tensor, tor
 
         return T.quantize_activation(x, s.act_dtype, group=S.BLOCK if s.act_granularity == "group" else 0)
     return S.quantize_activation(s, x)
+
+
+def mn_major_scales(scale: torch.Tensor) -> torch.Tensor:
+    """``[M, G]`` per-group activation scales stored MN-major: a contiguous float32 ``[G, M4]``
+    tensor, M4 = M rounded up to a multiple of 4 (16-byte rows, as TMA loads them), the pad zero.
+
+    The block-scaled GEMMs on Hopper (ours in CUTLASS, FlashInfer's) read a tile's scales as one
+    contiguous column; ``out[:, :M].t()`` is the ``[M, G]`` view of the same values.
+    """
+    m, groups = scale.shape
+    m4 = -(-m // 4) * 4
+    out = torch.empty((groups, m4), device=scale.device, dtype=torch.float32)
+    out[:, :m] = scale.t()
+    if m4 != m:
+        out[:, m:] = 0
+    return out

@@ -1,5 +1,6 @@
 """CUTLASS backend: reasons, limits and errors everywhere; the Python glue against the reference on
 CPU (the extension emulated in torch); the real kernels against the reference on a Hopper GPU."""
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -165,7 +166,7 @@ def test_auto_on_hopper_ranks_cutlass_by_m(toolchain_ok):
         assert {block[b] for b in R.M_BUCKETS[1:]} == {"flashinfer_deepgemm_fp8_block"}
     toolchain_ok.setattr(FI, "_flashinfer", lambda: None)
     without = _auto_winners("fp8_block")
-    assert {without[b] for b in R.M_BUCKETS[1:]} == {"cutlass_fp8_block"}  # ahead of our Triton GEMM
+    assert [without[b] for b in R.M_BUCKETS] == ["triton_w8a8"] * 2 + ["cutlass_fp8_block"] * 3
 
 
 def test_auto_plan_runs_triton_at_m1_and_cutlass_above(toolchain_ok):
@@ -182,21 +183,61 @@ def test_auto_elsewhere_never_picks_cutlass():
 # --- the Python glue, with the extension emulated -----------------------------------------------
 
 
+def cuh_configs() -> dict:
+    """{family: [tile configuration names, by index]} as qlp_gemm.cuh lists them."""
+    text = (B.SOURCE_DIR / "qlp_gemm.cuh").read_text()
+    out = {}
+    for family, struct in (("fp8", "Fp8Configs"), ("int8", "Int8Configs"), ("fp8_block", "Fp8BlockConfigs")):
+        body = text.split(f"struct {struct} {{", 1)[1].split("};\n\n", 1)[0] + "};"
+        names = re.findall(r'static constexpr const char\* name = "([^"]+)";', body)
+        listed = re.search(r"using List = ConfigList<([^>]*)>;", body).group(1)
+        assert [c.strip() for c in listed.split(",")] == [f"C{i}" for i in range(len(names))], family
+        out[family] = names
+    return out
+
+
+def test_tile_config_names_configurations_the_sources_build():
+    configs = cuh_configs()
+    assert set(configs) == set(B.FAMILIES)
+    for family, names in configs.items():
+        assert len(names) == len(set(names)) >= 2, family
+        picked = {CU.tile_config(family, m, n, k) for m in (1, 16, 64, 65, 128, 129, 1024, 4096, 65536)
+                  for k, n in ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (128, 8), (8192, 64))}
+        assert picked <= set(names), (family, picked - set(names))
+    with pytest.raises(ValueError, match="unknown CUTLASS kernel family"):
+        CU.tile_config("fp4", 1, 8, 16)
+
+
+def test_a_configuration_the_build_lacks_is_named(monkeypatch):
+    kernel = R.get_kernel("cutlass_int8")
+    monkeypatch.setattr(type(kernel), "module", lambda self: _FakeModule(self.family))
+    monkeypatch.setattr(CU, "_CONFIG_INDICES", {})
+    assert kernel.config_index(1, 4096, 4096) == cuh_configs()["int8"].index(CU.tile_config("int8", 1, 4096, 4096))
+    with pytest.raises(RuntimeError, match="has no tile configuration '1x1x1'.*64x128x256 c1x8"):
+        kernel.config_index(1, 4096, 4096, "1x1x1")
+
+
 class _FakeModule:
-    """The extension's gemm() as the C++ computes it (same checks on sizes), in torch."""
+    """The extension's gemm() as the C++ computes it (same checks on sizes and layouts), in torch."""
 
     def __init__(self, family):
         self.family = family
 
-    def gemm(self, a, b, scale_a, scale_b, bias, out):
+    def configs(self):
+        return cuh_configs()[self.family]
+
+    def gemm(self, a, b, scale_a, scale_b, bias, out, config):
         m, k = a.shape
         n = b.shape[0]
+        assert 0 <= config < len(self.configs())
         assert a.is_contiguous() and b.is_contiguous() and scale_a.dtype == scale_b.dtype == torch.float32
+        assert scale_a.is_contiguous() and scale_b.is_contiguous()
         assert out.shape == (m, n) and out.dtype in (torch.bfloat16, torch.float16)
         assert bias is None or (bias.dtype == out.dtype and bias.shape == (n,))
         if self.family == "fp8_block":
-            assert scale_a.numel() == m * (k // 128) and scale_b.numel() == -(-n // 128) * (k // 128)
-            xd = S.dequantize_activation("fp8_block", a, scale_a.view(m, k // 128))
+            # MN-major activation scales, rows padded to a multiple of 4
+            assert scale_a.shape == (k // 128, -(-m // 4) * 4) and scale_b.numel() == -(-n // 128) * (k // 128)
+            xd = S.dequantize_activation("fp8_block", a, scale_a[:, :m].t())
             wd = S.dequantize_weight("fp8_block", [b, scale_b.view(-1, k // 128)], k)
             y = xd @ wd.t()
         else:
@@ -284,18 +325,22 @@ def test_gpu_against_reference(scheme, m, n8, k16, act_input, dtype, bias, seed)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("scheme", list(KERNELS))
+@pytest.mark.parametrize("scheme", ["fp8_rowwise", "int8_rowwise", "fp8_block"])
 def test_gpu_every_tile_configuration(scheme):
-    """One M per tile bucket of qlp_gemm.cuh's dispatch, on a Llama-sized layer."""
+    """Every configuration the family builds, whichever M tile_config would give it: decode and
+    prefill M (odd ones too), a long K with few output tiles and a small layer."""
     from .test_triton import run_direct
 
     _hopper_or_skip(KERNELS[scheme])
-    mod = R.get_kernel(KERNELS[scheme]).module()
-    configs = set()
-    for m in (1, 64, 65, 128, 129, 4096):
-        configs.add(mod.config(m))
-        run_direct(scheme, m, 4096, 4096, act_input="dynamic", device="cuda", poison=True, kernel=KERNELS[scheme])
-    assert len(configs) >= 2
+    kernel = R.get_kernel(KERNELS[scheme])
+    names = list(kernel.module().configs())
+    assert names == cuh_configs()[kernel.family]
+    for name in names:
+        for m, n, k in ((1, 4096, 4096), (37, 1536, 2048), (130, 2048, 14336), (1027, 1024, 4096), (4096, 384, 640)):
+            k = -(-k // 128) * 128 if scheme == "fp8_block" else k
+            for act_input in ("dynamic", "static"):
+                run_direct(scheme, m, n, k, act_input=act_input, device="cuda", poison=True, kernel=KERNELS[scheme],
+                           seed=m, bias=m % 2 == 1, config=name)
 
 
 @pytest.mark.gpu
@@ -329,10 +374,18 @@ def test_gpu_binding_rejects_bad_input():
     one = torch.ones(1, device="cuda")
     out = torch.empty(4, 32, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="b must be 2-D"):
-        mod.gemm(a, b[0], one, one, None, out)
+        mod.gemm(a, b[0], one, one, None, out, 0)
     with pytest.raises(RuntimeError, match="scale_a has 3 values, expected 4"):
-        mod.gemm(a, b, torch.ones(3, device="cuda"), one, None, out)
+        mod.gemm(a, b, torch.ones(3, device="cuda"), one, None, out, 0)
     with pytest.raises(RuntimeError, match="K % 16 == 0"):
-        mod.gemm(a[:, :40].contiguous(), b[:, :40].contiguous(), one, one, None, out)
+        mod.gemm(a[:, :40].contiguous(), b[:, :40].contiguous(), one, one, None, out, 0)
     with pytest.raises(RuntimeError, match="out must be bfloat16 or float16"):
-        mod.gemm(a, b, one, one, None, out.float())
+        mod.gemm(a, b, one, one, None, out.float(), 0)
+    with pytest.raises(RuntimeError, match="no tile configuration 99"):
+        mod.gemm(a, b, one, one, None, out, 99)
+    block = R.get_kernel("cutlass_fp8_block").module()
+    a, b = torch.zeros(5, 256, device="cuda", dtype=torch.float8_e4m3fn), torch.zeros(32, 256, device="cuda", dtype=torch.float8_e4m3fn)
+    sb, out = torch.ones(1, 2, device="cuda"), torch.empty(5, 32, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"MN-major activation scales, \[K/128, M rounded up to a multiple of 4\] = \[2, 8\]"):
+        block.gemm(a, b, torch.ones(5, 2, device="cuda"), sb, None, out, 0)  # row-major [M, K/128]
+    assert block.gemm(a, b, torch.ones(2, 8, device="cuda"), sb, None, out, 0).abs().sum().item() == 0

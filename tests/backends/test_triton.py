@@ -23,7 +23,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_direct(scheme, m, n, k, *, act_input, dtype=torch.bfloat16, bias=True, group_size=64, zero_points=False,
-               seed=0, device=DEVICE, poison=False, kernel=None):
+               seed=0, device=DEVICE, poison=False, kernel=None, **run_kwargs):
     """Call the kernel's run() directly (what the custom op does) and compare with the reference."""
     g = torch.Generator().manual_seed(seed)
     sch = S.get_scheme(scheme)
@@ -45,10 +45,10 @@ def run_direct(scheme, m, n, k, *, act_input, dtype=torch.bfloat16, bias=True, g
         # fill the caching allocator's free blocks with NaN: an unwritten output element shows
         torch.full((m * n * 4 + (1 << 20),), float("nan"), device=device)
     kernel = get_kernel(kernel or ("triton_weight_only" if sch.weight_only else "triton_w8a8"))
-    y = kernel.run(LayerSpec(**spec), x, params, b)
+    y = kernel.run(LayerSpec(**spec), x, params, b, **run_kwargs)
     assert y.shape == ref.shape and y.dtype == ref.dtype
     err = S.relative_error(y, ref)
-    assert err <= S.TOLERANCE[dtype], f"{scheme} {act_input} M={m} N={n} K={k}: relative error {err:.3g}"
+    assert err <= S.TOLERANCE[dtype], f"{scheme} {act_input} M={m} N={n} K={k} {run_kwargs or ''}: relative error {err:.3g}"
     return err
 
 

@@ -23,7 +23,8 @@ def test_every_family_has_its_sources():
     for family, sources in B.FAMILIES.items():
         for name in (*B.HEADERS, *sources):
             assert (B.SOURCE_DIR / name).is_file(), name
-        assert f"dispatch_{family}" in (B.SOURCE_DIR / sources[0]).read_text()
+        for cu in sources:
+            assert "QLP_DEFINE_FAMILY(qlp::" in (B.SOURCE_DIR / cu).read_text(), cu
 
 
 def test_build_key_changes_with_sources_and_versions(monkeypatch, tmp_path):

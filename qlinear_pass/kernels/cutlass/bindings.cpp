@@ -14,6 +14,7 @@
 #endif
 
 #include <string>
+#include <vector>
 
 #include "qlp_gemm.h"
 
@@ -51,7 +52,7 @@ int sm_count(int device) {
 
 void check_matrix(const torch::Tensor& t, const char* name, at::ScalarType dtype, const torch::Tensor& like) {
   TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "qlinear_pass cutlass ", kFamily, ": ", name,
-              " must be on ", like.device(), ", got ", t.device());
+              " must be a CUDA tensor", t.is_cuda() ? " on the device of a" : "", ", got one on ", t.device());
   TORCH_CHECK(t.dim() == 2, "qlinear_pass cutlass ", kFamily, ": ", name, " must be 2-D, got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == dtype, "qlinear_pass cutlass ", kFamily, ": ", name, " must be ", dtype,
               ", got ", t.scalar_type());
@@ -62,16 +63,31 @@ void check_matrix(const torch::Tensor& t, const char* name, at::ScalarType dtype
 
 void check_scale(const torch::Tensor& s, const char* name, int64_t numel, const torch::Tensor& like) {
   TORCH_CHECK(s.is_cuda() && s.device() == like.device(), "qlinear_pass cutlass ", kFamily, ": ", name,
-              " must be on ", like.device());
+              " must be a CUDA tensor on the device of a, got one on ", s.device());
   TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous(), "qlinear_pass cutlass ", kFamily, ": ", name,
               " must be contiguous float32");
   TORCH_CHECK(s.numel() == numel, "qlinear_pass cutlass ", kFamily, ": ", name, " has ", s.numel(),
               " values, expected ", numel);
 }
 
-// out[M, N] = the family's scaled product of a[M, K] and b[N, K], plus bias[N]; returns out.
+int config_count() {
+  const int n = qlp_config_count_bf16();
+  TORCH_CHECK(n == qlp_config_count_f16(), "qlinear_pass cutlass ", kFamily,
+              ": the bf16 and f16 builds list different tile configurations");
+  return n;
+}
+
+std::vector<std::string> configs() {
+  std::vector<std::string> names;
+  for (int i = 0; i < config_count(); ++i) names.emplace_back(qlp_config_name_bf16(i));
+  return names;
+}
+
+// out[M, N] = the family's scaled product of a[M, K] and b[N, K], plus bias[N], with tile
+// configuration `config` (an index into configs()); returns out.
 torch::Tensor gemm(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& scale_a,
-                   const torch::Tensor& scale_b, const c10::optional<torch::Tensor>& bias, torch::Tensor out) {
+                   const torch::Tensor& scale_b, const c10::optional<torch::Tensor>& bias, torch::Tensor out,
+                   int64_t config) {
   check_matrix(a, "a", kOperand, a);
   check_matrix(b, "b", kOperand, a);
   TORCH_CHECK(out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kHalf, "qlinear_pass cutlass ",
@@ -85,9 +101,21 @@ torch::Tensor gemm(const torch::Tensor& a, const torch::Tensor& b, const torch::
               ": needs K % 16 == 0 and N % 8 == 0, got N=", n, " K=", k);
   TORCH_CHECK(m < (int64_t(1) << 31) && n < (int64_t(1) << 31) && k < (int64_t(1) << 31),
               "qlinear_pass cutlass: sizes must fit in int32");
+  TORCH_CHECK(config >= 0 && config < config_count(), "qlinear_pass cutlass ", kFamily, ": no tile configuration ",
+              config, " (the family has ", config_count(), ")");
   bool a_rows = false, b_cols = false;
+  int64_t a_ld = 0;
   if (kBlock) {
-    check_scale(scale_a, "scale_a", m * cdiv(k, 128), a);
+    TORCH_CHECK(k % 128 == 0, "qlinear_pass cutlass fp8_block: needs K % 128 == 0 (whole scale blocks), got K=", k);
+    // MN-major activation scales: [K/128, ld] with ld >= M a multiple of 4 (16-byte TMA rows)
+    TORCH_CHECK(scale_a.dim() == 2 && scale_a.size(0) == k / 128 && scale_a.size(1) >= m &&
+                    scale_a.size(1) % 4 == 0,
+                "qlinear_pass cutlass fp8_block: scale_a must be the MN-major activation scales, [K/128, M rounded "
+                "up to a multiple of 4] = [", k / 128, ", ", (m + 3) / 4 * 4, "], got ", scale_a.sizes());
+    a_ld = scale_a.size(1);
+    check_scale(scale_a, "scale_a", scale_a.numel(), a);
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(scale_a.data_ptr()) % 16 == 0,
+                "qlinear_pass cutlass fp8_block: scale_a must start on a 16-byte boundary (TMA)");
     check_scale(scale_b, "scale_b", cdiv(n, 128) * cdiv(k, 128), a);
   } else {
     a_rows = scale_a.numel() != 1;
@@ -113,20 +141,20 @@ torch::Tensor gemm(const torch::Tensor& a, const torch::Tensor& b, const torch::
 #endif
   qlp::GemmArgs args{a.data_ptr(), b.data_ptr(), out.data_ptr(), scale_a.data_ptr<float>(),
                      scale_b.data_ptr<float>(), bias_ptr, int(m), int(n), int(k), a_rows, b_cols,
-                     int(a.get_device()), sm_count(a.get_device())};
+                     int(a_ld), int(a.get_device()), sm_count(a.get_device())};
   const bool half = out.scalar_type() == at::kHalf;
-  const size_t ws_bytes = half ? qlp_workspace_f16(&args) : qlp_workspace_bf16(&args);
+  const int cfg = int(config);
+  const size_t ws_bytes = half ? qlp_workspace_f16(&args, cfg) : qlp_workspace_bf16(&args, cfg);
   torch::Tensor ws;
   if (ws_bytes) ws = torch::empty({int64_t(ws_bytes)}, a.options().dtype(at::kByte));
   void* ws_ptr = ws_bytes ? ws.data_ptr() : nullptr;
-  const char* err = half ? qlp_run_f16(&args, ws_ptr, stream) : qlp_run_bf16(&args, ws_ptr, stream);
-  TORCH_CHECK(err == nullptr, "qlinear_pass cutlass ", kFamily, " (M=", m, " N=", n, " K=", k, "): ", err);
+  const char* err = half ? qlp_run_f16(&args, cfg, ws_ptr, stream) : qlp_run_bf16(&args, cfg, ws_ptr, stream);
+  TORCH_CHECK(err == nullptr, "qlinear_pass cutlass ", kFamily, " (M=", m, " N=", n, " K=", k, ", tiles ",
+              qlp_config_name_bf16(cfg), "): ", err);
   const cudaError_t launch = cudaGetLastError();
   TORCH_CHECK(launch == cudaSuccess, "qlinear_pass cutlass ", kFamily, ": ", cudaGetErrorString(launch));
   return out;
 }
-
-std::string config(int64_t m) { return qlp_config_bf16(int(m)); }
 
 }  // namespace
 
@@ -135,6 +163,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.attr("family") = kFamily;
   module.def("gemm", &gemm, "out = scaled a @ b.T + bias (see qlp_gemm.cuh)", pybind11::arg("a"),
              pybind11::arg("b"), pybind11::arg("scale_a"), pybind11::arg("scale_b"), pybind11::arg("bias"),
-             pybind11::arg("out"));
-  module.def("config", &config, "the tile configuration that runs for this M", pybind11::arg("m"));
+             pybind11::arg("out"), pybind11::arg("config"));
+  module.def("configs", &configs, "the family's tile configurations, by index");
 }

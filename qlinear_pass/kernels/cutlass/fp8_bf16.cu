@@ -1,4 +1,4 @@
 // The fp8 family with bf16 output (see qlp_gemm.cuh).
 #include "qlp_gemm.cuh"
 
-QLP_DEFINE_FAMILY(qlp::dispatch_fp8, cutlass::bfloat16_t, bf16)
+QLP_DEFINE_FAMILY(qlp::Fp8Configs, cutlass::bfloat16_t, bf16)

@@ -1,4 +1,4 @@
 // The int8 family with f16 output (see qlp_gemm.cuh).
 #include "qlp_gemm.cuh"
 
-QLP_DEFINE_FAMILY(qlp::dispatch_int8, cutlass::half_t, f16)
+QLP_DEFINE_FAMILY(qlp::Int8Configs, cutlass::half_t, f16)

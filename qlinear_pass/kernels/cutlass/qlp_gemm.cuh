@@ -7,11 +7,12 @@
 // operand column-major), D row-major bf16 or fp16.  fp8/int8 scales are float32,
 // one value or one per row of A / of B, picked at run time by a broadcast stride
 // so one kernel serves fp8_tensor and fp8_rowwise.  fp8_block applies its scales
-// in the mainloop, once per 128-wide K block, both K-major:
-// sa [M, K/128], sb [ceil(N/128), K/128].
+// in the mainloop, once per 128-wide K block: sa MN-major [K/128, M padded to 4],
+// sb K-major [ceil(N/128), K/128].
 //
-// Each <family>_<dtype>.cu instantiates one family for one output dtype with
-// QLP_DEFINE_FAMILY; bindings.cpp is the only file that sees PyTorch.
+// Each family has a list of tile configurations (Fp8Configs, Int8Configs,
+// Fp8BlockConfigs below); each <family>_<dtype>.cu instantiates one family for one
+// output dtype with QLP_DEFINE_FAMILY; bindings.cpp is the only file that sees PyTorch.
 #pragma once
 
 #include <type_traits>
@@ -80,6 +81,12 @@ struct Adapter {
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
                                                       CollectiveEpilogue, cutlass::gemm::PersistentScheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  template <class Mainloop, class Epilogue>
+  static typename Gemm::Arguments arguments(GemmArgs const& g, Mainloop const& mainloop, Epilogue const& epilogue) {
+    return {cutlass::gemm::GemmUniversalMode::kGemm, {g.m, g.n, g.k, 1}, mainloop, epilogue,
+            cutlass::KernelHardwareInfo{g.device, g.sm_count}};
+  }
 };
 
 // fp8 (e4m3) or int8 operands, per-tensor/per-row/per-column scales in the epilogue.
@@ -98,7 +105,8 @@ struct ScaledGemm {
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
       KernelSchedule>::CollectiveOp;
-  using Gemm = typename Adapter<CollectiveMainloop, CollectiveEpilogue>::Gemm;
+  using Run = Adapter<CollectiveMainloop, CollectiveEpilogue>;
+  using Gemm = typename Run::Gemm;
 
   static typename Gemm::Arguments arguments(GemmArgs const& g) {
     typename CollectiveMainloop::Arguments mainloop{
@@ -107,16 +115,18 @@ struct ScaledGemm {
     typename CollectiveEpilogue::Arguments epilogue{scaled_epilogue_args<Epilogue, ElementD>(g, true), nullptr,
                                                     row_major(g.n), static_cast<ElementD*>(g.d),
                                                     row_major(g.n)};
-    return {cutlass::gemm::GemmUniversalMode::kGemm, {g.m, g.n, g.k, 1}, mainloop, epilogue,
-            cutlass::KernelHardwareInfo{g.device, g.sm_count}};
+    return Run::arguments(g, mainloop, epilogue);
   }
 };
 
 // fp8 (e4m3) with 1x128 activation groups and 128x128 weight blocks, scaled in the mainloop.
+// The activation scales are MN-major ([K/128, M] with rows of scale_a_ld >= M, a multiple of 4),
+// so the mainloop loads a tile's column of them with TMA alongside A; the weight scales stay
+// K-major as the weights store them (one per tile in N, which the mainloop copies either way).
 template <class ElementD, class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule>
 struct BlockScaledGemm {
   using ElementAB = cutlass::float_e4m3_t;
-  using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<1, 128, 128, cute::GMMA::Major::K,
+  using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<1, 128, 128, cute::GMMA::Major::MN,
                                                                   cute::GMMA::Major::K>;
   using LayoutSFA = decltype(ScaleConfig::deduce_layoutSFA());
   using LayoutSFB = decltype(ScaleConfig::deduce_layoutSFB());
@@ -132,20 +142,22 @@ struct BlockScaledGemm {
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
       KernelSchedule>::CollectiveOp;
-  using Gemm = typename Adapter<CollectiveMainloop, CollectiveEpilogue>::Gemm;
+  using Run = Adapter<CollectiveMainloop, CollectiveEpilogue>;
+  using Gemm = typename Run::Gemm;
 
   static typename Gemm::Arguments arguments(GemmArgs const& g) {
-    auto shape = make_shape(g.m, g.n, g.k, 1);
+    // the scale layouts: activation rows padded to scale_a_ld (rows past M only meet the zero rows
+    // TMA fills in past the end of A, and are never stored)
+    auto sfa = ScaleConfig::tile_atom_to_shape_SFA(make_shape(g.scale_a_ld, g.n, g.k, 1));
+    auto sfb = ScaleConfig::tile_atom_to_shape_SFB(make_shape(g.m, g.n, g.k, 1));
     typename CollectiveMainloop::Arguments mainloop{
         static_cast<ElementAB const*>(g.a), row_major(g.k),
         static_cast<ElementAB const*>(g.b), row_major(g.k),
-        g.scale_a, ScaleConfig::tile_atom_to_shape_SFA(shape),
-        g.scale_b, ScaleConfig::tile_atom_to_shape_SFB(shape)};
+        g.scale_a, sfa, g.scale_b, sfb};
     typename CollectiveEpilogue::Arguments epilogue{scaled_epilogue_args<Epilogue, ElementD>(g, false), nullptr,
                                                     row_major(g.n), static_cast<ElementD*>(g.d),
                                                     row_major(g.n)};
-    return {cutlass::gemm::GemmUniversalMode::kGemm, {g.m, g.n, g.k, 1}, mainloop, epilogue,
-            cutlass::KernelHardwareInfo{g.device, g.sm_count}};
+    return Run::arguments(g, mainloop, epilogue);
   }
 };
 
@@ -154,44 +166,83 @@ struct Tag {
   using type = T;
 };
 
-// --- tile configurations by M bucket (one place per family) -----------------------------------
-// Decode-sized M gets 64-row tiles (less wasted MMA work) and clusters along N that
-// multicast the activation tile; prefill gets 128x128 tiles in 2x1 clusters.
+// --- the tile configurations of each family ----------------------------------------------------
+// Index i of a family's Configs list is configuration i of the C entry points; Python picks one by
+// M, N and K (backends/cutlass.py, tile_config) and finds it by name; benchmarks/bench_cutlass_tiles.py
+// times every configuration.  Decode-sized M wants 64-row tiles (less wasted MMA work) and clusters
+// along N that multicast the activation tile; prefill wants 128x128 tiles in 2-CTA clusters.
 
-template <class ElementD, class F>
-decltype(auto) dispatch_fp8(int m, F&& f) {
+template <class... Configs>
+struct ConfigList {
+  static constexpr int count = sizeof...(Configs);
+
+  // f(Tag<Config>{}) for the config at `index` (which the caller has checked); R{} otherwise.
+  template <class R, class F>
+  static R visit(int index, F&& f) {
+    R result{};
+    int i = 0;
+    (void)((i++ == index ? (result = f(Tag<Configs>{}), true) : false) || ...);
+    return result;
+  }
+
+  static const char* name(int index) {
+    const char* names[] = {Configs::name...};
+    return index >= 0 && index < count ? names[index] : nullptr;
+  }
+};
+
+template <class ElementD>
+struct Fp8Configs {
   using E = cutlass::float_e4m3_t;
-  if (m <= 64)
-    return f(Tag<ScaledGemm<E, ElementD, Shape<_64, _64, _128>, Shape<_1, _8, _1>,
-                            KernelTmaWarpSpecializedPingpongFP8FastAccum, TmaWarpSpecialized>>{}, "64x64x128 c1x8 pingpong");
-  if (m <= 128)
-    return f(Tag<ScaledGemm<E, ElementD, Shape<_64, _128, _128>, Shape<_2, _1, _1>,
-                            KernelTmaWarpSpecializedPingpongFP8FastAccum, TmaWarpSpecialized>>{}, "64x128x128 c2x1 pingpong");
-  return f(Tag<ScaledGemm<E, ElementD, Shape<_128, _128, _128>, Shape<_2, _1, _1>,
-                          KernelTmaWarpSpecializedPingpongFP8FastAccum, TmaWarpSpecialized>>{}, "128x128x128 c2x1 pingpong");
-}
+  struct C0 : ScaledGemm<E, ElementD, Shape<_64, _64, _128>, Shape<_1, _8, _1>,
+                         KernelTmaWarpSpecializedPingpongFP8FastAccum, TmaWarpSpecialized> {
+    static constexpr const char* name = "64x64x128 c1x8 pingpong";
+  };
+  struct C1 : ScaledGemm<E, ElementD, Shape<_64, _128, _128>, Shape<_2, _1, _1>,
+                         KernelTmaWarpSpecializedPingpongFP8FastAccum, TmaWarpSpecialized> {
+    static constexpr const char* name = "64x128x128 c2x1 pingpong";
+  };
+  struct C2 : ScaledGemm<E, ElementD, Shape<_128, _128, _128>, Shape<_2, _1, _1>,
+                         KernelTmaWarpSpecializedPingpongFP8FastAccum, TmaWarpSpecialized> {
+    static constexpr const char* name = "128x128x128 c2x1 pingpong";
+  };
+  using List = ConfigList<C0, C1, C2>;
+};
 
-template <class ElementD, class F>
-decltype(auto) dispatch_int8(int m, F&& f) {
+template <class ElementD>
+struct Int8Configs {
   using E = int8_t;
-  if (m <= 64)
-    return f(Tag<ScaledGemm<E, ElementD, Shape<_64, _128, _256>, Shape<_1, _8, _1>, KernelTmaWarpSpecialized,
-                            TmaWarpSpecialized>>{}, "64x128x256 c1x8");
-  if (m <= 128)
-    return f(Tag<ScaledGemm<E, ElementD, Shape<_64, _128, _128>, Shape<_2, _1, _1>,
-                            KernelTmaWarpSpecializedPingpong, TmaWarpSpecialized>>{}, "64x128x128 c2x1 pingpong");
-  return f(Tag<ScaledGemm<E, ElementD, Shape<_128, _128, _128>, Shape<_2, _1, _1>,
-                          KernelTmaWarpSpecializedPingpong, TmaWarpSpecialized>>{}, "128x128x128 c2x1 pingpong");
-}
+  struct C0 : ScaledGemm<E, ElementD, Shape<_64, _128, _256>, Shape<_1, _8, _1>, KernelTmaWarpSpecialized,
+                         TmaWarpSpecialized> {
+    static constexpr const char* name = "64x128x256 c1x8";
+  };
+  struct C1 : ScaledGemm<E, ElementD, Shape<_64, _128, _128>, Shape<_2, _1, _1>, KernelTmaWarpSpecializedPingpong,
+                         TmaWarpSpecialized> {
+    static constexpr const char* name = "64x128x128 c2x1 pingpong";
+  };
+  struct C2 : ScaledGemm<E, ElementD, Shape<_128, _128, _128>, Shape<_2, _1, _1>, KernelTmaWarpSpecializedPingpong,
+                         TmaWarpSpecialized> {
+    static constexpr const char* name = "128x128x128 c2x1 pingpong";
+  };
+  using List = ConfigList<C0, C1, C2>;
+};
 
-template <class ElementD, class F>
-decltype(auto) dispatch_fp8_block(int m, F&& f) {
-  if (m <= 64)
-    return f(Tag<BlockScaledGemm<ElementD, Shape<_64, _128, _128>, Shape<_1, _1, _1>,
-                                 KernelTmaWarpSpecializedPingpongFP8Blockwise, TmaWarpSpecialized>>{}, "64x128x128 pingpong");
-  return f(Tag<BlockScaledGemm<ElementD, Shape<_128, _128, _128>, Shape<_1, _2, _1>,
-                               KernelTmaWarpSpecializedCooperativeFP8Blockwise, TmaWarpSpecializedCooperative>>{}, "128x128x128 c1x2 cooperative");
-}
+template <class ElementD>
+struct Fp8BlockConfigs {
+  struct C0 : BlockScaledGemm<ElementD, Shape<_64, _128, _128>, Shape<_1, _1, _1>,
+                              KernelTmaWarpSpecializedPingpongFP8Blockwise, TmaWarpSpecialized> {
+    static constexpr const char* name = "64x128x128 pingpong";
+  };
+  struct C1 : BlockScaledGemm<ElementD, Shape<_128, _128, _128>, Shape<_1, _2, _1>,
+                              KernelTmaWarpSpecializedCooperativeFP8Blockwise, TmaWarpSpecializedCooperative> {
+    static constexpr const char* name = "128x128x128 c1x2 cooperative";
+  };
+  struct C2 : BlockScaledGemm<ElementD, Shape<_128, _128, _128>, Shape<_2, _1, _1>,
+                              KernelTmaWarpSpecializedCooperativeFP8Blockwise, TmaWarpSpecializedCooperative> {
+    static constexpr const char* name = "128x128x128 c2x1 cooperative";
+  };
+  using List = ConfigList<C0, C1, C2>;
+};
 
 // --- running one configuration ---------------------------------------------------------------
 
@@ -215,17 +266,21 @@ const char* run(GemmArgs const& g, void* workspace, cudaStream_t stream) {
 }  // namespace qlp
 
 // Defines the extern "C" entry points of qlp_gemm.h for one family and output dtype.
-#define QLP_DEFINE_FAMILY(DISPATCH, ElementD, SUFFIX)                                                 \
-  extern "C" size_t qlp_workspace_##SUFFIX(const qlp::GemmArgs* g) {                                  \
-    return DISPATCH<ElementD>(g->m, [&](auto tag, const char*) {                                       \
+#define QLP_DEFINE_FAMILY(CONFIGS, ElementD, SUFFIX)                                                  \
+  using qlp_configs_##SUFFIX = typename CONFIGS<ElementD>::List;                                      \
+  QLP_API int qlp_config_count_##SUFFIX() { return qlp_configs_##SUFFIX::count; }                 \
+  QLP_API const char* qlp_config_name_##SUFFIX(int config) {                                       \
+    return qlp_configs_##SUFFIX::name(config);                                                        \
+  }                                                                                                    \
+  QLP_API size_t qlp_workspace_##SUFFIX(const qlp::GemmArgs* g, int config) {                      \
+    return qlp_configs_##SUFFIX::visit<size_t>(config, [&](auto tag) {                                 \
       return qlp::workspace_size<typename decltype(tag)::type>(*g);                                    \
     });                                                                                                \
   }                                                                                                    \
-  extern "C" const char* qlp_run_##SUFFIX(const qlp::GemmArgs* g, void* ws, cudaStream_t stream) {    \
-    return DISPATCH<ElementD>(g->m, [&](auto tag, const char*) {                                       \
+  QLP_API const char* qlp_run_##SUFFIX(const qlp::GemmArgs* g, int config, void* ws,               \
+                                          cudaStream_t stream) {                                      \
+    if (config < 0 || config >= qlp_configs_##SUFFIX::count) return "no such tile configuration";     \
+    return qlp_configs_##SUFFIX::visit<const char*>(config, [&](auto tag) {                            \
       return qlp::run<typename decltype(tag)::type>(*g, ws, stream);                                   \
     });                                                                                                \
-  }                                                                                                    \
-  extern "C" const char* qlp_config_##SUFFIX(int m) {                                                 \
-    return DISPATCH<ElementD>(m, [](auto, const char* name) { return name; });                         \
   }

@@ -1,6 +1,9 @@
 // The C interface between the CUTLASS translation units and the PyTorch binding.
 // Every kernel family (fp8, int8, fp8_block) is built as its own extension from
 // bindings.cpp and <family>_bf16.cu / <family>_f16.cu, which define these symbols.
+// A family holds several tile configurations (qlp_gemm.cuh lists them); the caller
+// names the one to run by its index, and Python picks it by M, N and K
+// (backends/cutlass.py, tile_config).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -13,24 +16,33 @@ struct GemmArgs {
   const void* a;        // [M, K] row-major (fp8 e4m3 or int8)
   const void* b;        // [N, K] row-major, i.e. the K x N operand column-major
   void* d;              // [M, N] row-major output (bf16 or fp16)
-  const float* scale_a; // fp8/int8: [M] (scale_a_rows) or [1]; fp8_block: [M, K/128]
+  const float* scale_a; // fp8/int8: [M] (scale_a_rows) or [1]; fp8_block: [K/128, scale_a_ld] (MN-major)
   const float* scale_b; // fp8/int8: [N] (scale_b_cols) or [1]; fp8_block: [ceil(N/128), K/128]
   const void* bias;     // [N] in the output dtype, or null
   int m, n, k;
   bool scale_a_rows;
   bool scale_b_cols;
+  int scale_a_ld;       // fp8_block: M rounded up to a multiple of 4 (TMA rows are 16-byte aligned)
   int device;
   int sm_count;
 };
 
 }  // namespace qlp
 
-// Bytes of scratch the GEMM needs for these arguments.
-extern "C" size_t qlp_workspace_bf16(const qlp::GemmArgs* args);
-extern "C" size_t qlp_workspace_f16(const qlp::GemmArgs* args);
+// Every family's extension defines these same names, and one process loads several families:
+// hidden, each extension's calls bind to its own definitions even where a library is loaded
+// with RTLD_GLOBAL.
+#define QLP_API extern "C" __attribute__((visibility("hidden")))
+
+// How many tile configurations the family has, and the name of each (index 0 .. count-1);
+// both output dtypes list the same configurations.
+QLP_API int qlp_config_count_bf16();
+QLP_API int qlp_config_count_f16();
+QLP_API const char* qlp_config_name_bf16(int config);
+QLP_API const char* qlp_config_name_f16(int config);
+// Bytes of scratch the GEMM needs for these arguments and configuration.
+QLP_API size_t qlp_workspace_bf16(const qlp::GemmArgs* args, int config);
+QLP_API size_t qlp_workspace_f16(const qlp::GemmArgs* args, int config);
 // Runs the GEMM on `stream`; null on success, else a message saying what failed.
-extern "C" const char* qlp_run_bf16(const qlp::GemmArgs* args, void* workspace, cudaStream_t stream);
-extern "C" const char* qlp_run_f16(const qlp::GemmArgs* args, void* workspace, cudaStream_t stream);
-// The tile configuration that runs for this M (a name, for benchmarks and tests).
-extern "C" const char* qlp_config_bf16(int m);
-extern "C" const char* qlp_config_f16(int m);
+QLP_API const char* qlp_run_bf16(const qlp::GemmArgs* args, int config, void* workspace, cudaStream_t stream);
+QLP_API const char* qlp_run_f16(const qlp::GemmArgs* args, int config, void* workspace, cudaStream_t stream);
