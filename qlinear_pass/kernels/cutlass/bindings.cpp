@@ -13,12 +13,43 @@
 #define QLP_TORCH_CUDA 0
 #endif
 
+#include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "qlp_gemm.h"
 
 namespace {
+
+// Error messages are assembled from std::string pieces and thrown as std::runtime_error (a Python
+// RuntimeError), not formatted by TORCH_CHECK's ostream: no stream or locale code runs on this
+// library's error paths.  (On the GPU machine a process once crashed inside libstdc++'s locale code
+// while TORCH_CHECK formatted a tensor's sizes here: the signature of two libstdc++ copies in one
+// process, which a user's environment may have too.)
+std::string piece(const char* s) { return s; }
+std::string piece(const std::string& s) { return s; }
+template <class T, std::enable_if_t<std::is_integral<T>::value, int> = 0>
+std::string piece(T v) { return std::to_string(v); }
+std::string piece(at::ScalarType t) { return c10::toString(t); }
+std::string piece(const c10::Device& d) { return d.str(); }
+std::string piece(at::IntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + "]";
+}
+
+template <class... Parts>
+[[noreturn]] void fail(const Parts&... parts) {
+  std::string msg;
+  ((msg += piece(parts)), ...);
+  throw std::runtime_error(msg);
+}
+
+#define QLP_CHECK(cond, ...) \
+  do {                       \
+    if (!(cond)) fail(__VA_ARGS__); \
+  } while (0)
 
 #if defined(QLP_FAMILY_FP8)
 constexpr const char* kFamily = "fp8";
@@ -44,35 +75,35 @@ int sm_count(int device) {
   if (counts[device] == 0) {
     int n = 0;
     const cudaError_t err = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
-    TORCH_CHECK(err == cudaSuccess, "qlinear_pass cutlass: ", cudaGetErrorString(err));
+    QLP_CHECK(err == cudaSuccess, "qlinear_pass cutlass: ", cudaGetErrorString(err));
     counts[device] = n;
   }
   return counts[device];
 }
 
 void check_matrix(const torch::Tensor& t, const char* name, at::ScalarType dtype, const torch::Tensor& like) {
-  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "qlinear_pass cutlass ", kFamily, ": ", name,
+  QLP_CHECK(t.is_cuda() && t.device() == like.device(), "qlinear_pass cutlass ", kFamily, ": ", name,
               " must be a CUDA tensor", t.is_cuda() ? " on the device of a" : "", ", got one on ", t.device());
-  TORCH_CHECK(t.dim() == 2, "qlinear_pass cutlass ", kFamily, ": ", name, " must be 2-D, got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, "qlinear_pass cutlass ", kFamily, ": ", name, " must be ", dtype,
+  QLP_CHECK(t.dim() == 2, "qlinear_pass cutlass ", kFamily, ": ", name, " must be 2-D, got ", t.sizes());
+  QLP_CHECK(t.scalar_type() == dtype, "qlinear_pass cutlass ", kFamily, ": ", name, " must be ", dtype,
               ", got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "qlinear_pass cutlass ", kFamily, ": ", name, " must be contiguous");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "qlinear_pass cutlass ", kFamily, ": ", name,
+  QLP_CHECK(t.is_contiguous(), "qlinear_pass cutlass ", kFamily, ": ", name, " must be contiguous");
+  QLP_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "qlinear_pass cutlass ", kFamily, ": ", name,
               " must start on a 16-byte boundary (TMA)");
 }
 
 void check_scale(const torch::Tensor& s, const char* name, int64_t numel, const torch::Tensor& like) {
-  TORCH_CHECK(s.is_cuda() && s.device() == like.device(), "qlinear_pass cutlass ", kFamily, ": ", name,
+  QLP_CHECK(s.is_cuda() && s.device() == like.device(), "qlinear_pass cutlass ", kFamily, ": ", name,
               " must be a CUDA tensor on the device of a, got one on ", s.device());
-  TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous(), "qlinear_pass cutlass ", kFamily, ": ", name,
+  QLP_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous(), "qlinear_pass cutlass ", kFamily, ": ", name,
               " must be contiguous float32");
-  TORCH_CHECK(s.numel() == numel, "qlinear_pass cutlass ", kFamily, ": ", name, " has ", s.numel(),
+  QLP_CHECK(s.numel() == numel, "qlinear_pass cutlass ", kFamily, ": ", name, " has ", s.numel(),
               " values, expected ", numel);
 }
 
 int config_count() {
   const int n = qlp_config_count_bf16();
-  TORCH_CHECK(n == qlp_config_count_f16(), "qlinear_pass cutlass ", kFamily,
+  QLP_CHECK(n == qlp_config_count_f16(), "qlinear_pass cutlass ", kFamily,
               ": the bf16 and f16 builds list different tile configurations");
   return n;
 }
@@ -90,31 +121,31 @@ torch::Tensor gemm(const torch::Tensor& a, const torch::Tensor& b, const torch::
                    int64_t config) {
   check_matrix(a, "a", kOperand, a);
   check_matrix(b, "b", kOperand, a);
-  TORCH_CHECK(out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kHalf, "qlinear_pass cutlass ",
+  QLP_CHECK(out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kHalf, "qlinear_pass cutlass ",
               kFamily, ": out must be bfloat16 or float16, got ", out.scalar_type());
   check_matrix(out, "out", out.scalar_type(), a);
   const int64_t m = a.size(0), k = a.size(1), n = b.size(0);
-  TORCH_CHECK(b.size(1) == k, "qlinear_pass cutlass ", kFamily, ": a is ", a.sizes(), " but b is ", b.sizes());
-  TORCH_CHECK(out.size(0) == m && out.size(1) == n, "qlinear_pass cutlass ", kFamily, ": out is ", out.sizes(),
+  QLP_CHECK(b.size(1) == k, "qlinear_pass cutlass ", kFamily, ": a is ", a.sizes(), " but b is ", b.sizes());
+  QLP_CHECK(out.size(0) == m && out.size(1) == n, "qlinear_pass cutlass ", kFamily, ": out is ", out.sizes(),
               ", expected [", m, ", ", n, "]");
-  TORCH_CHECK(k % 16 == 0 && n % 8 == 0, "qlinear_pass cutlass ", kFamily,
+  QLP_CHECK(k % 16 == 0 && n % 8 == 0, "qlinear_pass cutlass ", kFamily,
               ": needs K % 16 == 0 and N % 8 == 0, got N=", n, " K=", k);
-  TORCH_CHECK(m < (int64_t(1) << 31) && n < (int64_t(1) << 31) && k < (int64_t(1) << 31),
+  QLP_CHECK(m < (int64_t(1) << 31) && n < (int64_t(1) << 31) && k < (int64_t(1) << 31),
               "qlinear_pass cutlass: sizes must fit in int32");
-  TORCH_CHECK(config >= 0 && config < config_count(), "qlinear_pass cutlass ", kFamily, ": no tile configuration ",
+  QLP_CHECK(config >= 0 && config < config_count(), "qlinear_pass cutlass ", kFamily, ": no tile configuration ",
               config, " (the family has ", config_count(), ")");
   bool a_rows = false, b_cols = false;
   int64_t a_ld = 0;
   if (kBlock) {
-    TORCH_CHECK(k % 128 == 0, "qlinear_pass cutlass fp8_block: needs K % 128 == 0 (whole scale blocks), got K=", k);
+    QLP_CHECK(k % 128 == 0, "qlinear_pass cutlass fp8_block: needs K % 128 == 0 (whole scale blocks), got K=", k);
     // MN-major activation scales: [K/128, ld] with ld >= M a multiple of 4 (16-byte TMA rows)
-    TORCH_CHECK(scale_a.dim() == 2 && scale_a.size(0) == k / 128 && scale_a.size(1) >= m &&
+    QLP_CHECK(scale_a.dim() == 2 && scale_a.size(0) == k / 128 && scale_a.size(1) >= m &&
                     scale_a.size(1) % 4 == 0,
                 "qlinear_pass cutlass fp8_block: scale_a must be the MN-major activation scales, [K/128, M rounded "
                 "up to a multiple of 4] = [", k / 128, ", ", (m + 3) / 4 * 4, "], got ", scale_a.sizes());
     a_ld = scale_a.size(1);
     check_scale(scale_a, "scale_a", scale_a.numel(), a);
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(scale_a.data_ptr()) % 16 == 0,
+    QLP_CHECK(reinterpret_cast<uintptr_t>(scale_a.data_ptr()) % 16 == 0,
                 "qlinear_pass cutlass fp8_block: scale_a must start on a 16-byte boundary (TMA)");
     check_scale(scale_b, "scale_b", cdiv(n, 128) * cdiv(k, 128), a);
   } else {
@@ -125,7 +156,7 @@ torch::Tensor gemm(const torch::Tensor& a, const torch::Tensor& b, const torch::
   }
   const void* bias_ptr = nullptr;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == out.scalar_type() && bias->is_contiguous() && bias->numel() == n &&
+    QLP_CHECK(bias->scalar_type() == out.scalar_type() && bias->is_contiguous() && bias->numel() == n &&
                     bias->device() == a.device(),
                 "qlinear_pass cutlass ", kFamily, ": bias must be a contiguous [N] tensor of the output dtype");
     bias_ptr = bias->data_ptr();
@@ -136,7 +167,7 @@ torch::Tensor gemm(const torch::Tensor& a, const torch::Tensor& b, const torch::
   const c10::cuda::CUDAGuard guard(a.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.get_device()).stream();
 #else
-  TORCH_CHECK(false, "qlinear_pass cutlass: this torch is built without CUDA");
+  QLP_CHECK(false, "qlinear_pass cutlass: this torch is built without CUDA");
   cudaStream_t stream = nullptr;
 #endif
   qlp::GemmArgs args{a.data_ptr(), b.data_ptr(), out.data_ptr(), scale_a.data_ptr<float>(),
@@ -149,10 +180,10 @@ torch::Tensor gemm(const torch::Tensor& a, const torch::Tensor& b, const torch::
   if (ws_bytes) ws = torch::empty({int64_t(ws_bytes)}, a.options().dtype(at::kByte));
   void* ws_ptr = ws_bytes ? ws.data_ptr() : nullptr;
   const char* err = half ? qlp_run_f16(&args, cfg, ws_ptr, stream) : qlp_run_bf16(&args, cfg, ws_ptr, stream);
-  TORCH_CHECK(err == nullptr, "qlinear_pass cutlass ", kFamily, " (M=", m, " N=", n, " K=", k, ", tiles ",
+  QLP_CHECK(err == nullptr, "qlinear_pass cutlass ", kFamily, " (M=", m, " N=", n, " K=", k, ", tiles ",
               qlp_config_name_bf16(cfg), "): ", err);
   const cudaError_t launch = cudaGetLastError();
-  TORCH_CHECK(launch == cudaSuccess, "qlinear_pass cutlass ", kFamily, ": ", cudaGetErrorString(launch));
+  QLP_CHECK(launch == cudaSuccess, "qlinear_pass cutlass ", kFamily, ": ", cudaGetErrorString(launch));
   return out;
 }
 
