@@ -62,8 +62,9 @@ def tile_config(family: str, m: int, n: int, k: int) -> str:
     From benchmarks/results/h100/cutlass/tiles/ (H100, every configuration timed on Llama-3-8B's
     four shapes at M = 1, 16, 128, 1024, 4096): decode-sized M takes 64-row tiles, prefill
     128x128 tiles in 2-CTA clusters.  Each family's rule picks the fastest configuration in at
-    least 17 of those 20 cells and is within 5% of it in the rest.  For fp8_block the cluster along M (sharing the weight tile) beat the one along N
-    by up to 10% from M = 1024 up; a stream-K schedule, also timed, was never faster.
+    least 17 of those 20 cells and is within 5% of it in the rest.  For fp8_block the cluster
+    along M (sharing the weight tile) beat the one along N by up to 10% from M = 1024 up; a
+    stream-K schedule, also timed, was never faster.
     """
     if family == "fp8":
         if m <= 64:
