@@ -1,11 +1,13 @@
-"""Backend ``triton``: our own Triton kernels for every scheme (``kernels/triton_gemm.py``).
+"""Backend ``triton``: our own Triton kernels for every scheme.
 
 * ``triton_w8a8``: ``fp8_tensor``, ``fp8_rowwise``, ``fp8_block``, ``int8_rowwise``.
-  Dynamic activations: at M == 1 a GEMV that quantizes the row itself (one
-  kernel); otherwise a quantize kernel feeds the GEMM (measured faster than
-  quantizing inside the GEMM, see kernels/triton_gemm.py).
 * ``triton_weight_only``: ``int8_weight_only``, ``fp8_weight_only``, ``w4a16``.
-  M == 1 a GEMV; otherwise a GEMM dequantising in registers, split-K for M <= 32.
+
+Both take the decode kernel (``kernels/triton_decode.py``) for M <= 16: one launch
+per linear that streams the weight at the memory roofline and, for W8A8, quantizes
+the activation rows itself.  Above, the GEMMs of ``kernels/triton_gemm.py``: a
+quantize kernel feeding the W8A8 GEMM (measured faster than quantizing inside the
+GEMM), and a weight-only GEMM dequantising in registers.
 
 The path is chosen by M inside the op, so one compiled graph serves prefill
 and decode.  On a machine without a GPU the kernels run through Triton's
@@ -68,30 +70,35 @@ class TritonW8A8(_TritonKernel):
         return OK
 
     def run(self, spec, x, params, bias):
-        from ..kernels import triton_gemm as T
         from .. import schemes as S
+        from ..kernels import triton_decode as D
+        from ..kernels import triton_gemm as T
 
         scheme = S.get_scheme(spec.scheme)
         w, sw = params[0], params[1]
         x = x if x.dim() == 2 else x.reshape(-1, spec.k)
         m = x.shape[0]
-        w_scale = {"tensor": T.W_TENSOR, "channel": T.W_CHANNEL, "block": T.W_BLOCK}[scheme.weight_granularity]
         gran = scheme.act_granularity
-        fp8 = scheme.act_dtype == S.FP8
+        if m <= D.MAX_M and D.fits(spec.k):
+            # decode sizes: one launch that quantizes the activation itself (or takes the given one)
+            static = spec.act_input == "static"
+            act = {("tensor", False): D.Act.DYN_TENSOR, ("token", False): D.Act.DYN_TOKEN, ("group", False): D.Act.DYN_GROUP,
+                   ("tensor", True): D.Act.STATIC_TENSOR, ("token", True): D.Act.STATIC_TOKEN,
+                   ("group", True): D.Act.STATIC_GROUP}[(gran, static)]
+            sa = None
+            if static:
+                sa = params[2].float()
+                sa = sa.reshape(m, -1) if gran == "group" else sa.reshape(-1)
+            return D.decode_gemm(x, w, sw, None, sa, bias, spec.out_dtype, w_kind=_decode_weight(w),
+                                 w_scale=_decode_scale_modes()[scheme.weight_granularity], act=act,
+                                 act_int8=scheme.act_dtype == torch.int8)
+        w_scale = {"tensor": T.W_TENSOR, "channel": T.W_CHANNEL, "block": T.W_BLOCK}[scheme.weight_granularity]
         if spec.act_input == "static":
             sa = params[2].float()
-            if m == 1 and gran != "group" and T.gemv_fits(spec.k):
-                return T.gemv(x, w, sw, None, bias, spec.out_dtype, w_kind=T.W_FP8 if fp8 else T.W_INT8,
-                              w_scale=w_scale, a_quant=4, sa=sa.reshape(-1))
             a_scale = T.A_TENSOR if gran == "tensor" else T.A_GROUP if gran == "group" else T.A_TOKEN
             if gran == "token":
                 sa = sa.reshape(-1, 1)
             return T.w8a8_gemm(x, w, sa, sw, bias, spec.out_dtype, a_scale=a_scale, w_scale=w_scale)
-        # dynamic: quantize the activation ourselves
-        if m == 1 and T.gemv_fits(spec.k):
-            a_quant = 3 if gran == "group" else (1 if fp8 else 2)
-            return T.gemv(x, w, sw, None, bias, spec.out_dtype, w_kind=T.W_FP8 if fp8 else T.W_INT8,
-                          w_scale=w_scale, a_quant=a_quant)
         if gran == "tensor":
             xq, sa = S.quantize_activation(scheme, x)
             return T.w8a8_gemm(xq, w, sa.reshape(()), sw, bias, spec.out_dtype, a_scale=T.A_TENSOR, w_scale=w_scale)
@@ -116,6 +123,7 @@ class TritonWeightOnly(_TritonKernel):
         return OK
 
     def run(self, spec, x, params, bias):
+        from ..kernels import triton_decode as D
         from ..kernels import triton_gemm as T
 
         x = x if x.dim() == 2 else x.reshape(-1, spec.k)
@@ -126,7 +134,19 @@ class TritonWeightOnly(_TritonKernel):
         else:
             (w, s), z = params[:2], None
             kind, g = (T.W_INT8 if spec.scheme == "int8_weight_only" else T.W_FP8), 0
-        if m == 1 and T.gemv_fits(spec.k, g):
-            return T.gemv(x, w, s, z, bias, spec.out_dtype, w_kind=kind, w_scale=0 if g else T.W_CHANNEL,
-                          a_quant=0, group_size=g)
+        if m <= D.MAX_M and D.fits(spec.k, g):
+            return D.decode_gemm(x, w, s, z, None, bias, spec.out_dtype, w_kind=_decode_weight(w),
+                                 w_scale=D.Weight.GROUP if g else D.Weight.CHANNEL, act=D.Act.FLOAT, group_size=g)
         return T.weight_only_gemm(x.contiguous(), w, s, z, bias, spec.out_dtype, kind=kind, group_size=g)
+
+
+def _decode_weight(w: torch.Tensor) -> int:
+    from ..kernels.triton_decode import Weight
+
+    return {torch.int8: Weight.INT8, torch.uint8: Weight.INT4}.get(w.dtype, Weight.FP8)
+
+
+def _decode_scale_modes() -> dict:
+    from ..kernels.triton_decode import Weight
+
+    return {"tensor": Weight.TENSOR, "channel": Weight.CHANNEL, "block": Weight.BLOCK, "group": Weight.GROUP}

@@ -1,0 +1,239 @@
+#!/usr/bin/env python3
+"""Decode-sized linears (M = 1..16) at the memory roofline: every weight format, every launch
+configuration of the decode kernel, beside bf16 ``F.linear`` and the earlier Triton path.
+
+For each format, (K, N) and M this times, on the same data and in one run:
+
+* the decode kernel (``qlinear_pass/kernels/triton_decode.py``) in every configuration of
+  ``CONFIGS`` (``--sweep``) or only in the one ``decode_config`` picks;
+* the kernel a compiled model runs today for that format (``triton_w8a8`` /
+  ``triton_weight_only`` through their ``run``), bf16 ``F.linear`` and, for fp8 rowwise,
+  ``torch._scaled_mm`` with the activation already quantized.
+
+Each time is the median replay of a CUDA graph of many calls cycling over weight copies that
+together exceed twice the L2, divided by the calls.  Bandwidth counts the weight bytes with their
+scales (the activation and output are noise at M <= 16) against a device-to-device copy measured
+in the same run (bytes read + written).  Every configuration is also checked against the
+scheme's reference.  Writes ``bench_decode.json`` and ``summary.md`` to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from qlinear_pass import schemes as S  # noqa: E402
+from qlinear_pass.kernels import triton_decode as D  # noqa: E402
+
+SHAPES = [(4096, 14336), (14336, 4096), (4096, 6144), (4096, 1024)]
+MS = [1, 8, 16]
+#: (label, scheme, group size, zero points)
+FORMATS = [
+    ("fp8_rowwise", "fp8_rowwise", 0, False),
+    ("int8_rowwise", "int8_rowwise", 0, False),
+    ("fp8_block", "fp8_block", 0, False),
+    ("int8_weight_only", "int8_weight_only", 0, False),
+    ("fp8_weight_only", "fp8_weight_only", 0, False),
+    ("w4a16 g128", "w4a16", 128, False),
+    ("w4a16 g128 zp", "w4a16", 128, True),
+    ("w4a16 g32 zp", "w4a16", 32, True),
+]
+L2_BYTES = 50e6
+
+
+def graph_time(calls, reps_target: int = 200, replays: int = 7) -> float:
+    """Median seconds per call: one CUDA graph of many calls cycling over ``calls``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for c in calls:
+            c()
+            c()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    reps = max(len(calls), reps_target)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(reps):
+            calls[i % len(calls)]()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / reps)
+    del g
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    src = torch.randn(1 << 28, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    t = graph_time([lambda: dst.copy_(src)], reps_target=20, replays=5)
+    return 2 * src.numel() * 4 / t
+
+
+def kinds(scheme: str, params: dict):
+    sch = S.get_scheme(scheme)
+    wk = {torch.int8: D.Weight.INT8, torch.uint8: D.Weight.INT4}.get(params["weight"].dtype, D.Weight.FP8)
+    ws = {"tensor": D.Weight.TENSOR, "channel": D.Weight.CHANNEL, "block": D.Weight.BLOCK, "group": D.Weight.GROUP}[sch.weight_granularity]
+    act = D.Act.FLOAT if sch.weight_only else {"tensor": D.Act.DYN_TENSOR, "token": D.Act.DYN_TOKEN, "group": D.Act.DYN_GROUP}[sch.act_granularity]
+    return wk, ws, act, sch.act_dtype == torch.int8
+
+
+def previous(scheme, x, ps, g):
+    """The Triton path a compiled model ran before the decode kernel: a split-K GEMV (fill, atomics,
+    convert) at M = 1, a quantize kernel and a split-K GEMM above."""
+    from qlinear_pass.kernels import triton_gemm as T
+
+    sch = S.get_scheme(scheme)
+    m = x.shape[0]
+    kind = {torch.int8: T.W_INT8, torch.uint8: T.W_INT4}.get(ps[0].dtype, T.W_FP8)
+    ws = {"tensor": T.W_TENSOR, "channel": T.W_CHANNEL, "block": T.W_BLOCK, "group": 0}[sch.weight_granularity]
+    z = ps[2] if len(ps) > 2 else None
+    if sch.weight_only:
+        if m == 1:
+            return T.gemv(x, ps[0], ps[1], z, None, torch.bfloat16, w_kind=kind, w_scale=ws, a_quant=0, group_size=g)
+        return T.weight_only_gemm(x, ps[0], ps[1], z, None, torch.bfloat16, kind=kind, group_size=g)
+    gran = sch.act_granularity
+    if m == 1:
+        a_quant = 3 if gran == "group" else (2 if sch.act_dtype == torch.int8 else 1)
+        return T.gemv(x, ps[0], ps[1], None, None, torch.bfloat16, w_kind=kind, w_scale=ws, a_quant=a_quant)
+    xq, sa = T.quantize_activation(x, sch.act_dtype, group=128 if gran == "group" else 0)
+    return T.w8a8_gemm(xq, ps[0], sa, ps[1], None, torch.bfloat16, a_scale=T.A_GROUP if gran == "group" else T.A_TOKEN, w_scale=ws)
+
+
+def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> dict:
+    sch = S.get_scheme(scheme)
+    w = torch.randn(n, k, device="cuda") * 0.02
+    p = S.quantize_weight(scheme, w, group_size=g or 128, zero_points=zp)
+    names = sch.param_names
+    params = [p.get(nm) for nm in names]
+    wbytes = sum(t.numel() * t.element_size() for t in params if t is not None)
+    copies = max(1, int(2 * L2_BYTES // wbytes) + 1)
+    sets = [[None if t is None else t.clone() for t in params] for _ in range(copies)]
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ref = S.reference(scheme, x, params, None)
+    wk, ws, act, a8 = kinds(scheme, p)
+    out = {"format": label, "scheme": scheme, "k": k, "n": n, "m": m, "weight_bytes": wbytes, "copies": copies, "configs": []}
+
+    def ours(cfg):
+        def mk(ps):
+            return lambda: D.decode_gemm(x, ps[0], ps[1], ps[2] if len(ps) > 2 else None, None, None, torch.bfloat16,
+                                         w_kind=wk, w_scale=ws, act=act, act_int8=a8, group_size=g, config=cfg)
+        return [mk(ps) for ps in sets]
+
+    cfgs = [c for c in D.CONFIGS if c.use_dot or m == 1] if sweep else []
+    default = D.decode_config(wk, m, n, k, g)
+    for cfg in [default] + cfgs:
+        try:
+            y = ours(cfg)[0]()
+            err = S.relative_error(y, ref)
+            t = graph_time(ours(cfg))
+            out["configs"].append({"config": str(cfg), "default": cfg is default, "time_us": t * 1e6,
+                                   "gbps": wbytes / t / 1e9, "of_copy": wbytes / t / copy_bw, "rel_err": err})
+        except Exception as exc:  # a configuration that does not compile or fit: recorded, not fatal
+            out["configs"].append({"config": str(cfg), "default": cfg is default, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+    timed = [c for c in out["configs"] if "time_us" in c]
+    best = min(timed, key=lambda c: c["time_us"]) if timed else None
+    out["best"] = best
+    out["default"] = next((c for c in out["configs"] if c["default"]), None)
+
+    # peers: bf16 F.linear, the kernel a compiled model ran before, _scaled_mm with a quantized activation
+    peers = {}
+    wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(1, int(2 * L2_BYTES // (n * k * 2)) + 1))]
+    peers["bf16 F.linear"] = graph_time([(lambda ww: (lambda: F.linear(x, ww)))(ww) for ww in wb])
+    del wb
+    try:
+        peers["triton (previous)"] = graph_time([(lambda ps: (lambda: previous(scheme, x, ps, g)))(ps) for ps in sets])
+    except Exception as exc:
+        out["previous_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    if scheme == "fp8_rowwise":
+        xq, xs = S.quantize_activation(scheme, x)
+        peers["_scaled_mm (x pre-quantized)"] = graph_time([
+            (lambda ps: (lambda: torch._scaled_mm(xq, ps[0].t(), scale_a=xs, scale_b=ps[1].reshape(1, -1),
+                                                   out_dtype=torch.bfloat16)))(ps) for ps in sets])
+    out["peers_us"] = {k_: v * 1e6 for k_, v in peers.items()}
+    del sets
+    torch.cuda.empty_cache()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "decode"))
+    ap.add_argument("--sweep", action="store_true", help="time every configuration in CONFIGS, not only the chosen one")
+    ap.add_argument("--formats", default="", help="comma-separated labels (default: all)")
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--shapes", default="", help="KxN,... (default: Llama-3-8B decode shapes)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_decode.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ms = [int(v) for v in args.ms.split(",")]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    want = set(args.formats.split(",")) if args.formats else None
+    copy_bw = copy_bandwidth()
+    import triton
+
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "python": platform.python_version(), "copy_bytes_per_s": copy_bw, "sweep": args.sweep, "cases": []}
+    print(f"{result['device']}: copy {copy_bw / 1e9:.0f} GB/s", flush=True)
+    t0 = time.monotonic()
+    for label, scheme, g, zp in FORMATS:
+        if want and label not in want:
+            continue
+        for k, n in shapes:
+            for m in ms:
+                case = bench_case(label, scheme, g, zp, k, n, m, args.sweep, copy_bw)
+                result["cases"].append(case)
+                b, d = case["best"], case["default"]
+                peers = ", ".join(f"{k_} {v:.1f}" for k_, v in case["peers_us"].items())
+                if b:
+                    print(f"[{time.monotonic() - t0:5.0f}s] {label:17s} K={k:5d} N={n:5d} M={m:2d}: best {b['time_us']:6.1f} us "
+                          f"{b['of_copy']:.0%} ({b['config']}), chosen {d.get('time_us', float('nan')):6.1f} us "
+                          f"{d.get('of_copy', 0):.0%} | {peers} | err {b['rel_err']:.1e}", flush=True)
+                else:
+                    print(f"{label} K={k} N={n} M={m}: no configuration ran: {case['configs'][:2]}", flush=True)
+                (out_dir / "bench_decode.json").write_text(json.dumps(result, indent=1))
+    write_summary(result, out_dir / "summary.md")
+    return 0
+
+
+def write_summary(result: dict, path: Path) -> None:
+    lines = [f"# Decode kernel, {result['device']} (torch {result['torch']}, Triton {result['triton']})", "",
+             f"Copy bandwidth {result['copy_bytes_per_s'] / 1e9:.0f} GB/s (read + write).  us per call; "
+             "% = weight bytes / time / copy bandwidth.", "",
+             "| format | K | N | M | chosen us | % copy | best us | best config | bf16 us | previous us | x bf16 | x previous |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in result["cases"]:
+        d, b, p = c["default"] or {}, c["best"] or {}, c["peers_us"]
+        t = d.get("time_us")
+        bf = p.get("bf16 F.linear")
+        prev = p.get("triton (previous)")
+        lines.append(f"| {c['format']} | {c['k']} | {c['n']} | {c['m']} | {t:.1f} | {d.get('of_copy', 0):.0%} | "
+                     f"{b.get('time_us', float('nan')):.1f} | {b.get('config', '')} | {bf:.1f} | "
+                     f"{prev if prev is None else round(prev, 1)} | {bf / t:.2f} | {'' if prev is None else f'{prev / t:.2f}'} |"
+                     if t else f"| {c['format']} | {c['k']} | {c['n']} | {c['m']} | failed | | | | | | | |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

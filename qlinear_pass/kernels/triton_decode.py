@@ -1,0 +1,342 @@
+"""Decode-sized GEMMs (M <= 16) for every weight format: one launch per linear, at the memory roofline.
+
+At decode sizes a linear is bound by reading its weight once: the kernel's job is to keep every
+SM streaming weight bytes.  ``_decode_kernel`` does that without the three-kernel pattern of a
+split-K GEMV (zero fill, atomics, convert):
+
+* each program owns ``BLOCK_N`` output channels and walks the whole of K, so no partial sums
+  leave the program and the output is written once, in its dtype (no memset, no convert);
+  ``BLOCK_N`` is chosen per shape so that N / BLOCK_N programs fill the SMs (``decode_config``);
+* weights are read as ``[BLOCK_N, BLOCK_K]`` tiles of their stored layout (K contiguous), so
+  each thread issues 16-byte loads; packed int4 stays packed (low nibble = even k, the public
+  layout): the even and odd k of a tile are two half-width operands, which needs no
+  interleaving of registers, only a stride-2 read of the (tiny, cached) activation;
+* a W8A8 layer's dynamic activation quantization happens inside the program: every program
+  finds the scales of the M <= 16 rows itself (the activation is a few KB, read from L2), so the
+  linear stays one launch;
+* two inner paths: ``USE_DOT`` runs ``acc[BLOCK_N, 16] += w @ x^T`` on the tensor cores (the
+  weight as the wide operand, the M <= 16 rows padded to 16), with exact 16-bit operands (8-bit
+  integers and e4m3 values are exact in bf16); without it (M == 1 only) a fp32 FMA reduction.
+
+The launch configuration comes from ``decode_config``: a small rule from
+``benchmarks/bench_decode.py``, which times every configuration in ``CONFIGS`` on the GPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_gemm import _INTERP, _fp8_round, _round_half_even
+
+#: the most activation rows the decode kernel serves
+MAX_M = 16
+
+
+class Act:
+    """How the kernel receives the activation (the ``ACT`` constexpr)."""
+
+    FLOAT = 0  # weight-only: the activation is used as it is
+    DYN_TOKEN = 1  # quantize per row here (scale = amax / qmax)
+    DYN_TENSOR = 2  # quantize with one scale for all rows, found here
+    DYN_GROUP = 3  # quantize per 1x128 group here (fp8_block)
+    STATIC_TOKEN = 4  # already quantized; one scale per row in SA
+    STATIC_TENSOR = 5  # already quantized; one scale in SA
+    STATIC_GROUP = 6  # already quantized; [M, K/128] scales in SA
+
+
+class Weight:
+    """Weight storage (``W_KIND``) and its scales (``W_SCALE``)."""
+
+    INT8, FP8, INT4 = 0, 1, 2
+    TENSOR, CHANNEL, BLOCK, GROUP = 0, 1, 2, 3
+
+
+_FLOAT = tl.constexpr(Act.FLOAT)
+_DYN_TOKEN = tl.constexpr(Act.DYN_TOKEN)
+_DYN_TENSOR = tl.constexpr(Act.DYN_TENSOR)
+_DYN_GROUP = tl.constexpr(Act.DYN_GROUP)
+_STATIC_TOKEN = tl.constexpr(Act.STATIC_TOKEN)
+_STATIC_TENSOR = tl.constexpr(Act.STATIC_TENSOR)
+_STATIC_GROUP = tl.constexpr(Act.STATIC_GROUP)
+_INT4 = tl.constexpr(Weight.INT4)
+_WS_TENSOR = tl.constexpr(Weight.TENSOR)
+_WS_CHANNEL = tl.constexpr(Weight.CHANNEL)
+_WS_BLOCK = tl.constexpr(Weight.BLOCK)
+
+
+@triton.jit
+def _quant(x, sa, QMAX: tl.constexpr, ACT_INT8: tl.constexpr):
+    """x / sa rounded to the quantized grid (int8: ties to even, clamped; fp8: e4m3, saturated), as fp32."""
+    y = x / sa
+    if ACT_INT8:
+        return tl.minimum(tl.maximum(_round_half_even(y), -128.0), 127.0)
+    else:
+        return _fp8_round(tl.minimum(tl.maximum(y, -448.0), 448.0))
+
+
+@triton.jit
+def _mma(a, b, acc, DT: tl.constexpr):
+    """acc += a @ b on the tensor cores with both operands in the 16-bit dtype DT, fp32 accumulation.
+
+    Under Triton's interpreter (CI) a 16-bit cast feeding tl.dot gives wrong values, so there
+    the dot runs in fp32 (the operands this kernel feeds are exact in DT, except dequantized int4).
+    """
+    if _INTERP:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee", out_dtype=tl.float32)
+    else:
+        return tl.dot(a.to(DT), b.to(DT), acc, out_dtype=tl.float32)
+
+
+@triton.jit
+def _decode_kernel(
+    X, W, C, SW, ZW, SA, BIAS, M, N, K,
+    stride_xm, stride_wn, stride_cm, stride_swn, stride_zn, stride_sam,
+    W_KIND: tl.constexpr, W_SCALE: tl.constexpr, ACT: tl.constexpr, ACT_INT8: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, DT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    """C[m, n] = sum_k act(X)[m, k] * dequant(W)[n, k] (* scales) + bias, for m < M <= BLOCK_M.
+
+    K % BLOCK_K == 0 (``decode_gemm`` picks such a BLOCK_K); int4: BLOCK_K % GROUP_SIZE == 0.
+    DT: the 16-bit dtype of the tensor-core operands (fp16 for an fp16 activation of a weight-only
+    layer, else bf16, exact for 8-bit values).  The accumulator is [BLOCK_N, BLOCK_M]: the weight is the wide operand of the dot.
+    """
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_k = tl.arange(0, BLOCK_K)
+    w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn
+    # the activation, transposed: [BLOCK_K, BLOCK_M] tiles (K contiguous)
+    x_cols = X + offs_m[None, :].to(tl.int64) * stride_xm
+    QMAX: tl.constexpr = 127.0 if ACT_INT8 else 448.0
+
+    # the activation scale of each row (or of all rows) for a dynamic per-token / per-tensor quantization
+    if ACT == _DYN_TOKEN or ACT == _DYN_TENSOR:
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            xa = tl.load(x_cols + k0 + offs_k[:, None], mask=mask_m[None, :], other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(xa), axis=0))
+        if ACT == _DYN_TENSOR:
+            amax = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.max(amax, axis=0)
+        sa = tl.maximum(amax, 1e-12) / QMAX
+    elif ACT == _STATIC_TOKEN:
+        sa = tl.load(SA + offs_m * stride_sam, mask=mask_m, other=0.0)
+    elif ACT == _STATIC_TENSOR:
+        sa = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(SA)
+    else:
+        sa = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
+
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    if W_KIND == _INT4:
+        # packed [N, K/2] bytes: byte j of a row holds k = 2j (low nibble) and 2j + 1 (high); the
+        # even and odd k are two half-width operands, so the nibbles are never interleaved
+        HALF: tl.constexpr = BLOCK_K // 2
+        GPT: tl.constexpr = BLOCK_K // GROUP_SIZE  # groups per K tile
+        HG: tl.constexpr = GROUP_SIZE // 2  # packed bytes per group
+        offs_h = tl.arange(0, HALF)
+        offs_g = tl.arange(0, GPT)
+        for k0 in range(0, K, BLOCK_K):
+            p = tl.load(w_rows + k0 // 2 + offs_h[None, :], mask=mask_n[:, None], other=0)
+            gidx = k0 // GROUP_SIZE + offs_g
+            s = tl.load(SW + offs_n[:, None].to(tl.int64) * stride_swn + gidx[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                z = tl.load(ZW + offs_n[:, None].to(tl.int64) * stride_zn + gidx[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
+            else:
+                z = tl.full([BLOCK_N, GPT], 8.0, tl.float32)
+            lo = tl.reshape((p & 0xF).to(tl.float32), [BLOCK_N, GPT, HG])
+            hi = tl.reshape((p >> 4).to(tl.float32), [BLOCK_N, GPT, HG])
+            if USE_DOT:
+                xe = tl.load(x_cols + k0 + 2 * offs_h[:, None], mask=mask_m[None, :], other=0.0)
+                xo = tl.load(x_cols + k0 + 1 + 2 * offs_h[:, None], mask=mask_m[None, :], other=0.0)
+                we = tl.reshape((lo - z[:, :, None]) * s[:, :, None], [BLOCK_N, HALF])
+                wo = tl.reshape((hi - z[:, :, None]) * s[:, :, None], [BLOCK_N, HALF])
+                acc = _mma(we, xe, acc, DT)
+                acc = _mma(wo, xo, acc, DT)
+            else:
+                # M == 1: per group s * (sum_j q x - z * sum_j x), two FMAs a weight
+                xe = tl.reshape(tl.load(X + k0 + 2 * offs_h).to(tl.float32), [GPT, HG])
+                xo = tl.reshape(tl.load(X + k0 + 1 + 2 * offs_h).to(tl.float32), [GPT, HG])
+                qx = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)
+                xs = tl.sum(xe + xo, axis=1)
+                acc += tl.sum(s * (qx - z * xs[None, :]), axis=1)[:, None]
+    elif W_SCALE == _WS_BLOCK or ACT == _DYN_GROUP or ACT == _STATIC_GROUP:
+        # 1x128 activation groups and/or 128x128 weight blocks: each 128-wide chunk of K is scaled
+        # on its own, after a dot of exact 8-bit values
+        CH: tl.constexpr = BLOCK_K // 128
+        offs_c = tl.arange(0, 128)
+        for k0 in range(0, K, BLOCK_K):
+            if USE_DOT:
+                for c in tl.static_range(CH):
+                    kc = k0 + c * 128
+                    w = tl.load(w_rows + kc + offs_c[None, :], mask=mask_n[:, None], other=0.0)
+                    x = tl.load(x_cols + kc + offs_c[:, None], mask=mask_m[None, :], other=0.0).to(tl.float32)
+                    if ACT == _DYN_GROUP:
+                        sg = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / QMAX
+                        x = _quant(x, sg[None, :], QMAX, ACT_INT8)
+                    elif ACT == _STATIC_GROUP:
+                        sg = tl.load(SA + offs_m.to(tl.int64) * stride_sam + kc // 128, mask=mask_m, other=0.0)
+                    else:
+                        if ACT == _DYN_TOKEN or ACT == _DYN_TENSOR:
+                            x = _quant(x, sa[None, :], QMAX, ACT_INT8)
+                        sg = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
+                    part = _mma(w, x, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), tl.bfloat16)
+                    if W_SCALE == _WS_BLOCK:
+                        sb = tl.load(SW + (offs_n // 128) * stride_swn + kc // 128, mask=mask_n, other=0.0)
+                        part = part * sb[:, None]
+                    acc += part * sg[None, :]
+            else:
+                w3 = tl.reshape(tl.load(w_rows + k0 + offs_k[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32),
+                                [BLOCK_N, CH, 128])
+                x3 = tl.reshape(tl.load(X + k0 + offs_k).to(tl.float32), [CH, 128])
+                kb = k0 // 128 + tl.arange(0, CH)
+                if ACT == _DYN_GROUP:
+                    sg = tl.maximum(tl.max(tl.abs(x3), axis=1), 1e-12) / QMAX
+                    x3 = _quant(x3, sg[:, None], QMAX, ACT_INT8) * sg[:, None]
+                elif ACT == _STATIC_GROUP:
+                    x3 = x3 * tl.load(SA + kb)[:, None]
+                elif ACT == _DYN_TOKEN or ACT == _DYN_TENSOR:
+                    x3 = _quant(x3, tl.max(sa, axis=0), QMAX, ACT_INT8)
+                if W_SCALE == _WS_BLOCK:
+                    sb = tl.load(SW + (offs_n // 128)[:, None] * stride_swn + kb[None, :], mask=mask_n[:, None], other=0.0)
+                    w3 = w3 * sb[:, :, None]
+                acc += tl.sum(tl.sum(w3 * x3[None, :, :], axis=2), axis=1)[:, None]
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            w = tl.load(w_rows + k0 + offs_k[None, :], mask=mask_n[:, None], other=0.0)
+            if USE_DOT:
+                x = tl.load(x_cols + k0 + offs_k[:, None], mask=mask_m[None, :], other=0.0)
+                if ACT == _DYN_TOKEN or ACT == _DYN_TENSOR:
+                    x = _quant(x.to(tl.float32), sa[None, :], QMAX, ACT_INT8)
+                # 8-bit weights and quantized activations are exact in bf16; a float activation stays in its dtype
+                acc = _mma(w, x, acc, DT)
+            else:
+                x = tl.load(X + k0 + offs_k).to(tl.float32)
+                if ACT == _DYN_TOKEN or ACT == _DYN_TENSOR:
+                    x = _quant(x, tl.max(sa, axis=0), QMAX, ACT_INT8)
+                acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)[:, None]
+
+    # epilogue: weight scale, activation scale, bias, one store in the output dtype
+    if W_SCALE == _WS_TENSOR:
+        acc = acc * tl.load(SW)
+    elif W_SCALE == _WS_CHANNEL:
+        acc = acc * tl.load(SW + offs_n * stride_swn, mask=mask_n, other=0.0)[:, None]
+    if ACT == _DYN_TOKEN or ACT == _DYN_TENSOR or ACT == _STATIC_TOKEN or ACT == _STATIC_TENSOR:
+        acc = acc * sa[None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    c_ptrs = C + offs_m[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
+    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+    use_dot: bool
+
+    def __str__(self) -> str:
+        return f"{'dot' if self.use_dot else 'fma'} n{self.block_n} k{self.block_k} w{self.warps} s{self.stages}"
+
+
+#: every configuration the benchmark times (benchmarks/bench_decode.py --sweep); decode_config picks among them
+CONFIGS = tuple(
+    [Config(bn, bk, w, 1, False) for bn in (16, 32, 64) for bk in (256, 512, 1024) for w in (4, 8)
+     if bn * bk <= 32768 and (w == 4 or bk == 1024)]
+    + [Config(bn, bk, 4, s, True) for bn in (16, 32, 64) for bk in (256, 512) for s in (2, 3)]
+)
+
+
+def fits(k: int, group_size: int = 0) -> bool:
+    """Can the decode kernel run a layer with this K (and int4 group size)?"""
+    return k % 128 == 0 and (not group_size or 128 % group_size == 0 or group_size % 128 == 0) and k % max(group_size, 1) == 0
+
+
+def _block_k_for(k: int, want: int, group_size: int) -> int:
+    bk = want
+    while bk > 128 and (k % bk or (group_size and bk % group_size)):
+        bk //= 2
+    return bk
+
+
+def decode_config(w_kind: int, m: int, n: int, k: int, group_size: int = 0, sms: int = 132) -> Config:
+    """The launch configuration for one layer (see benchmarks/bench_decode.py for the timings).
+
+    Enough programs to give every SM at least two (N / BLOCK_N >= 2 x SMs where N allows),
+    wide K tiles for many loads in flight, the tensor-core path above M = 1.
+    """
+    block_n = 64
+    while block_n > 16 and triton.cdiv(n, block_n) < 2 * sms:
+        block_n //= 2
+    use_dot = m > 1
+    bk = 512 if w_kind != Weight.INT4 else 1024
+    if block_n == 64:
+        bk = bk // 2
+    return Config(block_n, _block_k_for(k, bk, group_size), 4, 3 if use_dot else 1, use_dot)
+
+
+def decode_gemm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    sw: torch.Tensor,
+    zw: Optional[torch.Tensor],
+    sa: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    out_dtype: torch.dtype,
+    *,
+    w_kind: int,
+    w_scale: int,
+    act: int,
+    act_int8: bool = False,
+    group_size: int = 0,
+    config: Optional[Config] = None,
+) -> torch.Tensor:
+    """One launch: ``x`` [M <= 16, K] (float, or quantized for the static modes with scales ``sa``)
+    times the stored weight ``w`` ([N, K], or [N, K/2] packed int4) -> [M, N] in ``out_dtype``."""
+    m, k = x.shape
+    n = w.shape[0]
+    if m > MAX_M:
+        raise ValueError(f"the decode kernel serves M <= {MAX_M}, got M={m}")
+    if not fits(k, group_size):
+        raise ValueError(f"the decode kernel needs K divisible by 128 and whole int4 groups per tile (K={k}, group {group_size})")
+    c = torch.empty((m, n), device=x.device, dtype=out_dtype)
+    if m == 0 or n == 0:
+        return c
+    cfg = config or decode_config(w_kind, m, n, k, group_size, _sm_count(x.device))
+    if not cfg.use_dot and m > 1:
+        raise ValueError("the FMA path serves M == 1 only")
+    bk = _block_k_for(k, cfg.block_k, group_size)
+    if w_kind == Weight.INT4 and bk % group_size:
+        raise ValueError(f"BLOCK_K {bk} does not hold whole groups of {group_size}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    dummy = c
+    _decode_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x, w, c, sw, zw if zw is not None else sw, sa if sa is not None else sw, bias if bias is not None else dummy,
+        m, n, k, x.stride(0), w.stride(0), c.stride(0), sw.stride(0) if sw.dim() else 0,
+        zw.stride(0) if zw is not None else 0, sa.stride(0) if sa is not None and sa.dim() else 0,
+        W_KIND=w_kind, W_SCALE=w_scale, ACT=act, ACT_INT8=act_int8, GROUP_SIZE=group_size,
+        HAS_ZERO=zw is not None, HAS_BIAS=bias is not None,
+        DT=tl.float16 if (act == Act.FLOAT and x.dtype == torch.float16) else tl.bfloat16,
+        BLOCK_M=16 if cfg.use_dot else 1, BLOCK_N=cfg.block_n, BLOCK_K=bk, USE_DOT=cfg.use_dot,
+        num_warps=cfg.warps, num_stages=cfg.stages,
+    )
+    return c
+
+
+_SMS: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
