@@ -10,12 +10,12 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
 { nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv; python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"; } | tee "$OUT/env.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   QLINEAR_TEST_EXAMPLES=${QLINEAR_TEST_EXAMPLES:-25} timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -rfs \
-    tests/kernels/test_triton_decode.py tests/backends/test_triton.py > "$OUT/tests_gpu.txt" 2>&1
+    ${TEST_FILES:-tests/kernels/test_triton_decode.py tests/backends/test_triton.py} > "$OUT/tests_gpu.txt" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed|Error" "$OUT/tests_gpu.txt" | tail -15
 fi
 if [ "${SKIP_SWEEP:-0}" != 1 ]; then
   timeout ${SWEEP_TIMEOUT:-240} python3 benchmarks/bench_decode.py --sweep --out "$OUT/sweep" \
-    --formats "${SWEEP_FORMATS:-fp8_rowwise,int8_weight_only,w4a16 g128,fp8_block}" --shapes 4096x14336,14336x4096 --ms 1,16 \
+    --formats "${SWEEP_FORMATS:-fp8_rowwise,int8_weight_only,w4a16 g128}" --shapes 4096x14336,14336x4096 --ms ${SWEEP_MS:-1,8} \
     2>&1 | tee "$OUT/sweep.log" | grep -v "^\s*$" | tail -20
 fi
 timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_decode.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -100

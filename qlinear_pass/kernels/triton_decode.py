@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_gemm import _INTERP, _fp8_round, _round_half_even
+from .triton_gemm import _INTERP, _fp8_round, _round_half_even, _to_fp8
 
 #: the most activation rows the decode kernel serves
 MAX_M = 16
@@ -76,6 +76,15 @@ def _quant(x, sa, QMAX: tl.constexpr, ACT_INT8: tl.constexpr):
         return tl.minimum(tl.maximum(_round_half_even(y), -128.0), 127.0)
     else:
         return _fp8_round(tl.minimum(tl.maximum(y, -448.0), 448.0))
+
+
+@triton.jit
+def _quant_to(x, sa, QMAX: tl.constexpr, ACT_INT8: tl.constexpr):
+    """The same, stored in the quantized dtype (int8 or fp8 e4m3) for a native dot."""
+    if ACT_INT8:
+        return _quant(x, sa, QMAX, ACT_INT8).to(tl.int8)
+    else:
+        return _to_fp8(tl.minimum(tl.maximum(x / sa, -448.0), 448.0))
 
 
 @triton.jit
@@ -133,6 +142,7 @@ def _decode_kernel(
         sa = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc_i = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)  # int8 x int8 dots (unused otherwise)
     if W_KIND == _INT4:
         # packed [N, K/2] bytes: byte j of a row holds k = 2j (low nibble) and 2j + 1 (high); the
         # even and odd k are two half-width operands, so the nibbles are never interleaved
@@ -152,16 +162,20 @@ def _decode_kernel(
             lo = tl.reshape((p & 0xF).to(tl.float32), [BLOCK_N, GPT, HG])
             hi = tl.reshape((p >> 4).to(tl.float32), [BLOCK_N, GPT, HG])
             if USE_DOT:
-                xe = tl.load(x_cols + k0 + 2 * offs_h[:, None], mask=mask_m[None, :], other=0.0)
-                xo = tl.load(x_cols + k0 + 1 + 2 * offs_h[:, None], mask=mask_m[None, :], other=0.0)
+                # the activation rows read contiguously (16-byte loads), even and odd k split in registers
+                xx = tl.load(X + offs_m[:, None].to(tl.int64) * stride_xm + k0 + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+                xe, xo = tl.split(tl.reshape(xx, [BLOCK_M, HALF, 2]))
+                xe = tl.trans(xe)
+                xo = tl.trans(xo)
                 we = tl.reshape((lo - z[:, :, None]) * s[:, :, None], [BLOCK_N, HALF])
                 wo = tl.reshape((hi - z[:, :, None]) * s[:, :, None], [BLOCK_N, HALF])
                 acc = _mma(we, xe, acc, DT)
                 acc = _mma(wo, xo, acc, DT)
             else:
                 # M == 1: per group s * (sum_j q x - z * sum_j x), two FMAs a weight
-                xe = tl.reshape(tl.load(X + k0 + 2 * offs_h).to(tl.float32), [GPT, HG])
-                xo = tl.reshape(tl.load(X + k0 + 1 + 2 * offs_h).to(tl.float32), [GPT, HG])
+                xe, xo = tl.split(tl.reshape(tl.load(X + k0 + offs_k).to(tl.float32), [HALF, 2]))
+                xe = tl.reshape(xe, [GPT, HG])
+                xo = tl.reshape(xo, [GPT, HG])
                 qx = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)
                 xs = tl.sum(xe + xo, axis=1)
                 acc += tl.sum(s * (qx - z * xs[None, :]), axis=1)[:, None]
@@ -175,17 +189,18 @@ def _decode_kernel(
                 for c in tl.static_range(CH):
                     kc = k0 + c * 128
                     w = tl.load(w_rows + kc + offs_c[None, :], mask=mask_n[:, None], other=0.0)
-                    x = tl.load(x_cols + kc + offs_c[:, None], mask=mask_m[None, :], other=0.0).to(tl.float32)
+                    x = tl.load(x_cols + kc + offs_c[:, None], mask=mask_m[None, :], other=0.0)
                     if ACT == _DYN_GROUP:
+                        x = x.to(tl.float32)
                         sg = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / QMAX
-                        x = _quant(x, sg[None, :], QMAX, ACT_INT8)
+                        x = _quant_to(x, sg[None, :], QMAX, ACT_INT8)
                     elif ACT == _STATIC_GROUP:
                         sg = tl.load(SA + offs_m.to(tl.int64) * stride_sam + kc // 128, mask=mask_m, other=0.0)
                     else:
                         if ACT == _DYN_TOKEN or ACT == _DYN_TENSOR:
-                            x = _quant(x, sa[None, :], QMAX, ACT_INT8)
+                            x = _quant_to(x.to(tl.float32), sa[None, :], QMAX, ACT_INT8)
                         sg = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
-                    part = _mma(w, x, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), tl.bfloat16)
+                    part = tl.dot(w, x, out_dtype=tl.float32)
                     if W_SCALE == _WS_BLOCK:
                         sb = tl.load(SW + (offs_n // 128) * stride_swn + kc // 128, mask=mask_n, other=0.0)
                         part = part * sb[:, None]
@@ -211,16 +226,25 @@ def _decode_kernel(
             w = tl.load(w_rows + k0 + offs_k[None, :], mask=mask_n[:, None], other=0.0)
             if USE_DOT:
                 x = tl.load(x_cols + k0 + offs_k[:, None], mask=mask_m[None, :], other=0.0)
-                if ACT == _DYN_TOKEN or ACT == _DYN_TENSOR:
-                    x = _quant(x.to(tl.float32), sa[None, :], QMAX, ACT_INT8)
-                # 8-bit weights and quantized activations are exact in bf16; a float activation stays in its dtype
-                acc = _mma(w, x, acc, DT)
+                if ACT == _FLOAT:
+                    # 8-bit weights are exact in the activation's 16-bit dtype
+                    acc = _mma(w, x, acc, DT)
+                else:
+                    # quantized activation: a native fp8 x fp8 or int8 x int8 dot
+                    if ACT == _DYN_TOKEN or ACT == _DYN_TENSOR:
+                        x = _quant_to(x.to(tl.float32), sa[None, :], QMAX, ACT_INT8)
+                    if ACT_INT8:
+                        acc_i = tl.dot(w, x, acc_i, out_dtype=tl.int32)
+                    else:
+                        acc = tl.dot(w, x, acc, out_dtype=tl.float32)
             else:
                 x = tl.load(X + k0 + offs_k).to(tl.float32)
                 if ACT == _DYN_TOKEN or ACT == _DYN_TENSOR:
                     x = _quant(x, tl.max(sa, axis=0), QMAX, ACT_INT8)
                 acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)[:, None]
 
+    if ACT_INT8 and USE_DOT and ACT != _FLOAT:
+        acc += acc_i.to(tl.float32)
     # epilogue: weight scale, activation scale, bias, one store in the output dtype
     if W_SCALE == _WS_TENSOR:
         acc = acc * tl.load(SW)
@@ -248,9 +272,8 @@ class Config:
 
 #: every configuration the benchmark times (benchmarks/bench_decode.py --sweep); decode_config picks among them
 CONFIGS = tuple(
-    [Config(bn, bk, w, 1, False) for bn in (16, 32, 64) for bk in (256, 512, 1024) for w in (4, 8)
-     if bn * bk <= 32768 and (w == 4 or bk == 1024)]
-    + [Config(bn, bk, 4, s, True) for bn in (16, 32, 64) for bk in (256, 512) for s in (2, 3)]
+    [Config(bn, bk, w, st, False) for bn in (8, 16, 32) for bk, w in ((512, 4), (1024, 4), (1024, 8)) for st in (1, 3)]
+    + [Config(bn, bk, 4, st, True) for bn in (16, 32, 64) for bk in (128, 256, 512) for st in (3, 4) if bn * bk <= 16384]
 )
 
 
@@ -267,19 +290,22 @@ def _block_k_for(k: int, want: int, group_size: int) -> int:
 
 
 def decode_config(w_kind: int, m: int, n: int, k: int, group_size: int = 0, sms: int = 132) -> Config:
-    """The launch configuration for one layer (see benchmarks/bench_decode.py for the timings).
+    """The launch configuration for one layer, from the configuration sweep of
+    ``benchmarks/bench_decode.py --sweep`` (results under ``benchmarks/results/*/decode/sweep``).
 
-    Enough programs to give every SM at least two (N / BLOCK_N >= 2 x SMs where N allows),
-    wide K tiles for many loads in flight, the tensor-core path above M = 1.
+    M == 1, the FMA path: 16-row programs (8-row where 16 would leave fewer than two programs an
+    SM), tiles 512 wide (1024 and 8 warps along a long K, and for int4, whose bytes hold twice the
+    values); M > 1, the tensor-core path: the widest of 64 / 32 / 16 rows that still gives each SM
+    about one program, 256-512 wide tiles, three pipeline stages.
     """
-    block_n = 64
-    while block_n > 16 and triton.cdiv(n, block_n) < 2 * sms:
-        block_n //= 2
-    use_dot = m > 1
-    bk = 512 if w_kind != Weight.INT4 else 1024
-    if block_n == 64:
-        bk = bk // 2
-    return Config(block_n, _block_k_for(k, bk, group_size), 4, 3 if use_dot else 1, use_dot)
+    if m == 1:
+        block_n = 16 if triton.cdiv(n, 16) >= 2 * sms else 8
+        long_k = k >= 8192
+        bk = 1024 if long_k or w_kind == Weight.INT4 else 512
+        return Config(block_n, _block_k_for(k, bk, group_size), 8 if long_k else 4, 1, False)
+    block_n = next((bn for bn in (64, 32) if triton.cdiv(n, bn) >= 0.9 * sms), 16)
+    bk = 256 if block_n == 64 else 512
+    return Config(block_n, _block_k_for(k, bk, group_size), 4, 3, True)
 
 
 def decode_gemm(

@@ -103,7 +103,8 @@ def test_default_config_runs_and_fills_the_gpu():
                 assert k % c.block_k == 0 and (not g or c.block_k % g == 0)
                 assert c.use_dot == (m > 1)
                 assert -(-n // c.block_n) >= 64
-    check("w4a16", 1, 40, 384, group_size=128)  # K = 3 x 128: the tile shrinks to divide it
+    # K = 3 x 128: the tile shrinks to divide it
+    check("w4a16", 1, 40, 384, group_size=128, device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_bad_inputs_raise():
