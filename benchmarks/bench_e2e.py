@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -544,15 +545,28 @@ def _short(exc: BaseException, limit: int = 800) -> str:
 
 
 def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> Optional[float]:
-    """10 log10(sum(ref^2) / sum((out - ref)^2)); None when out equals ref exactly."""
+    """10 log10(sum(ref^2) / sum((out - ref)^2)); None when out equals ref exactly or is not finite."""
     ref = ref.double()
     err = (out.double() - ref).pow(2).sum().item()
     sig = ref.pow(2).sum().item()
-    if err == 0.0:
+    if err == 0.0 or not math.isfinite(err) or sig == 0.0:
         return None
-    if not math.isfinite(err):
-        return float("-inf") if sig > 0 else None
     return 10.0 * math.log10(sig / err)
+
+
+def _finite_or_none(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def to_json(obj) -> str:
+    """Strict JSON: NaN and infinities (broken logits) are written as null."""
+    return json.dumps(_finite_or_none(obj), indent=1, default=str, allow_nan=False)
 
 
 def logits_check(logits: torch.Tensor) -> dict:
@@ -713,7 +727,7 @@ class VariantRun:
         side = torch.cuda.Stream() if s.cuda and s.compile_mode == "layer" else None
         if side is not None:
             side.wait_stream(torch.cuda.current_stream())
-        with torch.no_grad(), (torch.cuda.stream(side) if side is not None else _nullcontext()):
+        with torch.no_grad(), (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
             run.reset()
             t = time.perf_counter()
             run.eager_body()
@@ -920,6 +934,8 @@ class VariantRun:
             "reference": "float32 model with the original (unquantized bf16) weights",
             "sqnr_db_compiled": sqnr_db(compiled, ref),
             "sqnr_db_eager": sqnr_db(eager, ref),
+            "finite_compiled": bool(torch.isfinite(compiled).all().item()),
+            "finite_eager": bool(torch.isfinite(eager).all().item()),
             "argmax_match_compiled": float((compiled.argmax(-1) == ref.argmax(-1)).float().mean().item()),
             "argmax_match_eager": float((eager.argmax(-1) == ref.argmax(-1)).float().mean().item()),
             "ref_logits_std": float(ref.std().item()),
@@ -930,14 +946,6 @@ class VariantRun:
         del model, base
         _free()
         self.save()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --- the profile ------------------------------------------------------------------------------
@@ -1092,7 +1100,7 @@ def child_main(args: argparse.Namespace) -> int:
 
     def save() -> None:
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1, default=str))
+        tmp.write_text(to_json(result))
         os.replace(tmp, path)
 
     ctx = VariantRun(variant, settings, result, save)
@@ -1244,7 +1252,7 @@ def add_ratios(results: list) -> None:
 
 def write_outputs(out_dir: Path, doc: dict, plot_png: bool) -> list:
     add_ratios(doc["variants"])
-    (out_dir / "bench_e2e.json").write_text(json.dumps(doc, indent=1, default=str))
+    (out_dir / "bench_e2e.json").write_text(to_json(doc))
     table = summary(doc)
     (out_dir / "summary.md").write_text(table + "\n")
     written = [out_dir / "bench_e2e.json", out_dir / "summary.md"]
@@ -1306,6 +1314,21 @@ def summary(doc: dict) -> str:
                 kpl_s,
             ]) + " |"
         )
+    kernel_lines = []
+    for r in doc["variants"]:
+        k = r.get("kernels") or {}
+        if not k.get("measured") or not k.get("linears"):
+            continue
+        groups = "; ".join(
+            f"{g['linears']} x [{', '.join(_short_name(n) for n in g['kernels'])}] {g['mean_us']:.1f} us"
+            for g in k["by_kernels"][:3]
+        )
+        kernel_lines.append(f"- {r.get('label') or r['variant']}: {k['linears_per_step']:.0f} linears per step "
+                            f"({k['linear_op']}), {k['linear_us_per_step'] / 1e3:.2f} of {k['device_us_per_step'] / 1e3:.2f} "
+                            f"device ms per step; {groups}")
+    if kernel_lines:
+        lines += ["", f"Kernels per linear (profiled decode steps, batch {b1}, outside the CUDA graph; "
+                  f"count x [kernels] mean device time):", ""] + kernel_lines
     errors = [(r["variant"], ph, msg) for r in doc["variants"] for ph, msg in (r.get("errors") or {}).items()]
     if errors:
         lines += ["", "Errors:", ""]
@@ -1320,6 +1343,10 @@ def summary(doc: dict) -> str:
     if doc.get("stopped_early"):
         lines += ["", f"Stopped early: {doc['stopped_early']}"]
     return "\n".join(lines)
+
+
+def _short_name(kernel: str, limit: int = 48) -> str:
+    return kernel if len(kernel) <= limit else kernel[: limit - 3] + "..."
 
 
 def plot(doc: dict, path: Path) -> bool:
@@ -1352,12 +1379,38 @@ def plot(doc: dict, path: Path) -> bool:
         ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)
         ax.set_title(title, fontsize=9)
         ax.grid(True, axis="y", alpha=0.3)
-    fig.suptitle(f"{doc['machine']}: {doc['settings']['shape']['layers']}-layer Llama-3-8B-shaped decoder, "
+    shape = doc["settings"]["shape"]
+    fig.suptitle(f"{doc['machine']}: {shape['layers']}-layer decoder, hidden {shape['hidden']}, "
                  f"--compile {doc['settings']['compile_mode']} (labels: x bf16)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+#: settings that must agree for --resume to keep an earlier run's variants
+_RESUME_KEYS = ("device", "compile_mode", "shape", "small", "inductor", "batches", "decode_steps", "decode_runs",
+                "warmup_steps", "prefill_tokens", "prefill_runs", "max_seq", "acc_layers", "acc_tokens", "group_size", "seed")
+
+
+def _resumable(out_dir: Path, doc: dict) -> dict:
+    """Variants of an earlier bench_e2e.json in ``out_dir`` that finished (ok or partial) under the
+    same settings, machine and torch, by name."""
+    path = out_dir / "bench_e2e.json"
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        log(f"--resume: {path} is not readable JSON ({exc}); starting afresh")
+        return {}
+    same = all(old.get(k) == doc[k] for k in ("machine", "torch")) and all(
+        old.get("settings", {}).get(k) == doc["settings"].get(k) for k in _RESUME_KEYS
+    )
+    if not same:
+        log(f"--resume: {path} was written with other settings, machine or torch; starting afresh")
+        return {}
+    return {r["variant"]: r for r in old.get("variants", []) if r.get("status") in ("ok", "partial")}
 
 
 def parent_main(args: argparse.Namespace, argv: list) -> int:
@@ -1387,9 +1440,14 @@ def parent_main(args: argparse.Namespace, argv: list) -> int:
         "variants": [],
         "stopped_early": None,
     }
+    kept = _resumable(out_dir, doc) if args.resume else {}
     log(f"bench_e2e: {machine}; torch {torch.__version__}; variants {', '.join(v.name for v in variants)}; out {out_dir}")
     with tempfile.TemporaryDirectory(prefix="bench_e2e_") as tmp:
         for i, v in enumerate(variants):
+            if v.name in kept:
+                doc["variants"].append(kept[v.name])
+                log(f"--- {v.name}: kept from the earlier run in {out_dir} (--resume)")
+                continue
             timeout = args.variant_timeout
             if deadline is not None:
                 left = deadline - time.monotonic()
@@ -1441,6 +1499,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compile without Inductor code generation (make(..., inductor=False); bf16: aot_eager): CPU smoke tests")
     p.add_argument("--variant-timeout", type=float, default=600.0, help="seconds one variant may take (default: %(default)s)")
     p.add_argument("--deadline", type=float, default=None, help="seconds after which no variant starts or runs on")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the variants that finished in --out's bench_e2e.json under the same settings; run the rest")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)

@@ -249,3 +249,37 @@ def test_cpu_small_run_writes_results(tmp_path):
     assert set(q["x_bf16"]) == {"decode_b1", "decode_b2", "prefill"}
     table = (out / "summary.md").read_text()
     assert "| int8_weight_only/auto |" in table and "SQNR" in table
+
+
+def _doc(settings, variants):
+    return {"machine": "cpu", "torch": torch.__version__, "triton": None, "settings": settings, "variants": variants}
+
+
+def test_resume_keeps_finished_variants_of_the_same_settings(tmp_path):
+    settings = {**_settings().as_json()}
+    old = _doc(settings, [
+        {"variant": "bf16", "status": "ok", "decode": {"1": {"tok_s": 1.0}}},
+        {"variant": "w4a16/auto", "status": "timeout", "errors": {"build": "timed out"}},
+    ])
+    (tmp_path / "bench_e2e.json").write_text(json.dumps(old))
+    kept = E2E._resumable(tmp_path, _doc(settings, []))
+    assert list(kept) == ["bf16"]
+    other = {**settings, "decode_steps": settings["decode_steps"] + 1}
+    assert E2E._resumable(tmp_path, _doc(other, [])) == {}
+
+
+def test_summary_lists_errors_and_kernels():
+    settings = _settings().as_json()
+    rows = [
+        {"variant": "bf16", "status": "ok", "decode": {"1": {"tok_s": 100.0}, "8": {"tok_s": 500.0}}, "prefill": {"ms": 10.0},
+         "kernels": {"measured": True, "linears": 14, "linears_per_step": 7, "linear_op": "ATen matmul ops",
+                     "linear_us_per_step": 70.0, "device_us_per_step": 100.0, "kernels_per_linear": 1.0, "us_per_linear": 10.0,
+                     "by_kernels": [{"kernels": ["gemv_bf16"], "linears": 14, "mean_us": 10.0}]}},
+        {"variant": "w4a16/auto", "label": "w4a16 g128/auto", "status": "failed", "errors": {"build": "NoKernelError: none"}},
+    ]
+    E2E.add_ratios(rows)
+    table = E2E.summary(_doc(settings, rows))
+    assert "| bf16 | 100.0 | 1.00 | 500.0 | 1.00 | 10.00 | 1.00 |" in table
+    assert "w4a16 g128/auto (failed)" in table
+    assert "- w4a16/auto (build): NoKernelError: none" in table
+    assert "7 linears per step" in table and "gemv_bf16" in table
