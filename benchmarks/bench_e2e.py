@@ -742,20 +742,27 @@ class VariantRun:
 
         graph = None
         holder: dict = {}
+
+        def eager_step() -> None:
+            holder["logits"] = run.eager_body()
+
         with torch.no_grad():
+            step = eager_step
+            row["timing"] = "Inductor CUDA graphs (compiled step)" if s.cuda else "wall clock, eager step"
             if s.cuda and s.compile_mode == "layer":
                 run.reset()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    static_logits = run.eager_body()
-                step = graph.replay
-                row["timing"] = "one torch.cuda.CUDAGraph per step, replayed"
-            else:
-
-                def step() -> None:
-                    holder["logits"] = run.eager_body()
-
-                row["timing"] = "Inductor CUDA graphs (compiled step)" if s.cuda else "wall clock, eager step"
+                try:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        static_logits = run.eager_body()
+                    step = graph.replay
+                    row["timing"] = "one torch.cuda.CUDAGraph per step, replayed"
+                except Exception as exc:  # report the numbers without the graph, and why
+                    graph = None
+                    row["graph_error"] = _short(exc)
+                    row["timing"] = "CUDA events over eager steps (the CUDA graph capture failed)"
+                    self.log(f"{phase}: CUDA graph capture failed, timing eager steps: {row['graph_error']}")
+                    _recover(s)
             times = [self._time_steps(run, step) for _ in range(s.decode_runs)]
             logits = static_logits if graph is not None else holder["logits"]
             row["logits_check"] = logits_check(logits)
@@ -775,7 +782,14 @@ class VariantRun:
         self.save()
 
         if profile:
-            self.profile(run)
+            try:
+                self.profile(run)
+            except Exception as exc:
+                self.result["errors"]["profile"] = _short(exc)
+                self.result["kernels"] = {"measured": False, "reason": f"the profile failed: {self.result['errors']['profile']}"}
+                self.log(f"profile: ERROR {self.result['errors']['profile']}")
+                _recover(s)
+                self.save()
         del graph
         _free()
 
