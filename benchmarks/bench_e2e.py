@@ -343,7 +343,13 @@ def build_layer(s: ModelShape, index: int, device: str, dtype: torch.dtype, seed
     return layer
 
 
-def build_model(s: ModelShape, settings: Settings, dtype: torch.dtype, variant: Optional[Variant], progress: Callable[[str], None] = lambda m: None) -> Decoder:
+def build_model(
+    s: ModelShape,
+    settings: Settings,
+    dtype: torch.dtype,
+    variant: Optional[Variant],
+    progress: Callable[[str], None] = lambda m: None,
+) -> Decoder:
     """The decoder, built on the device layer by layer; each layer quantized right after it is built."""
     device = settings.device
     with torch.no_grad():
@@ -649,7 +655,9 @@ class VariantRun:
         self.result["build_s"] = time.perf_counter() - t
         self.result["layer_weight_bytes"] = layer_weight_bytes(self.model.layers[0])
         self.result["model_weight_bytes"] = sum(layer_weight_bytes(m) for m in self.model.layers) + sum(
-            p.numel() * p.element_size() for m in (self.model.embed_tokens, self.model.norm, self.model.lm_head) for p in m.parameters()
+            p.numel() * p.element_size()
+            for m in (self.model.embed_tokens, self.model.norm, self.model.lm_head)
+            for p in m.parameters()
         )
         if s.cuda:
             self.result["peak_build_bytes"] = torch.cuda.max_memory_allocated()
@@ -819,7 +827,8 @@ class VariantRun:
         if s.compile_mode != "layer":
             self.result["kernels"] = {
                 "measured": False,
-                "reason": "--compile model runs the step as Inductor CUDA graphs, which hide the kernels from the profiler; use --compile layer",
+                "reason": "--compile model runs the step as Inductor CUDA graphs, which hide the kernels from the "
+                "profiler; use --compile layer",
             }
             return
         from torch.profiler import ProfilerActivity, profile
@@ -1144,10 +1153,15 @@ def child_main(args: argparse.Namespace) -> int:
             _recover(settings)
     result["phase"] = "done"
     result["wall_s"] = time.monotonic() - ctx.t0
-    result["status"] = "ok" if not result["errors"] else ("partial" if "decode" in result else "failed")
+    result["status"] = "ok" if not result["errors"] else ("partial" if _decoded(result) else "failed")
     save()
     ctx.log(f"done: {result['status']}")
     return 0
+
+
+def _decoded(result: dict) -> bool:
+    """Whether a variant measured any decode speed."""
+    return any(row.get("tok_s") for row in (result.get("decode") or {}).values())
 
 
 def _recover(settings: Settings) -> None:
@@ -1220,14 +1234,16 @@ def run_variant(variant: Variant, argv: list, timeout: float, workdir: Path) -> 
     result.setdefault("backend", variant.backend)
     result.setdefault("errors", {})
     result["process_wall_s"] = wall
-    if timed_out:
+    if timed_out and result.get("phase") == "done" and result.get("status") not in (None, "running"):
+        result["note"] = f"the process finished its measurements but had not exited after {timeout:.0f}s; it was stopped"
+    elif timed_out:
         phase = result.get("phase", "start")
         result["errors"][phase] = f"timed out after {timeout:.0f}s (during {phase})"
         result["status"] = "timeout"
     elif rc != 0:
         phase = result.get("phase", "start")
         result["errors"].setdefault(phase, f"process exited with status {rc} (during {phase})")
-        result["status"] = "failed" if "decode" not in result else "partial"
+        result["status"] = "failed" if not _decoded(result) else "partial"
     elif result.get("status") in (None, "running"):
         result["status"] = "failed"
         result["errors"].setdefault("result", "the variant process wrote no final result")
@@ -1292,7 +1308,8 @@ def summary(doc: dict) -> str:
         f"{doc['machine']}; torch {doc['torch']}, triton {doc['triton']}; --compile {s['compile_mode']}"
         f"{'' if s['inductor'] else ' (no Inductor)'}; {shape['layers']} layers, hidden {shape['hidden']}, "
         f"vocab {shape['vocab']}; decode {s['decode_steps']} steps x {s['decode_runs']} runs from position "
-        f"{s['prefill_tokens']}; prefill {s['prefill_tokens']} tokens; SQNR on {s['acc_layers']} layers x {s['acc_tokens']} tokens vs float32.",
+        f"{s['prefill_tokens']}; prefill {s['prefill_tokens']} tokens; "
+        f"SQNR on {s['acc_layers']} layers x {s['acc_tokens']} tokens vs float32.",
         "",
         f"| variant | decode b{b1} tok/s | x bf16 | b{b8} tok/s (batch) | x bf16 | prefill ms | x bf16 | compile s | pass s "
         f"| peak GB | layer MB | SQNR dB compiled / eager | kernels per linear |",
@@ -1465,7 +1482,7 @@ def parent_main(args: argparse.Namespace, argv: list) -> int:
             timeout = args.variant_timeout
             if deadline is not None:
                 left = deadline - time.monotonic()
-                if left < 20:
+                if left < 5:
                     doc["stopped_early"] = f"deadline reached before {v.name}"
                     for rest in variants[i:]:
                         doc["variants"].append({
@@ -1474,7 +1491,7 @@ def parent_main(args: argparse.Namespace, argv: list) -> int:
                         })
                     log(doc["stopped_early"])
                     break
-                timeout = min(timeout, left - 5)
+                timeout = min(timeout, left - 2)
             log(f"--- {v.name} ({i + 1}/{len(variants)}), time limit {timeout:.0f}s")
             r = run_variant(v, argv, timeout, Path(tmp))
             doc["variants"].append(r)

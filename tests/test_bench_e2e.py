@@ -65,10 +65,11 @@ def test_decode_step_by_step_matches_prefill(shape, tokens, seed):
         E2E.set_cache(model, 2, torch.float32)
         want = E2E.prefill_logits(model, E2E.layer_forward, ids, all_positions=True)
         E2E.set_cache(model, 2, torch.float32)
-        got = torch.stack(
-            [E2E.decode_logits(model, E2E.layer_forward, ids[:, i : i + 1], model.positions[i : i + 1].clone()) for i in range(tokens)],
-            dim=1,
-        )
+        steps = [
+            E2E.decode_logits(model, E2E.layer_forward, ids[:, i : i + 1], model.positions[i : i + 1].clone())
+            for i in range(tokens)
+        ]
+        got = torch.stack(steps, dim=1)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
