@@ -111,4 +111,4 @@ def test_record_times_the_pass():
         f(random_activation((3, 128)))
     (rec,) = recs
     assert len(rec.decisions) == 1
-    assert 0.0 < rec.seconds < 60.0
+    assert rec.seconds > 0.0
