@@ -1538,8 +1538,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.variant is not None and not args.result_file:
         p.error("--variant needs --result-file")
-    if any(b < 1 for b in args.batch_sizes):
-        p.error("--batch-sizes must be positive")
+    if any(b < 1 for b in args.batch_sizes) or len(set(args.batch_sizes)) != len(args.batch_sizes):
+        p.error(f"--batch-sizes must be distinct positive integers, got {args.batch_sizes}")
     if args.layers is not None and args.layers < 1:
         p.error("--layers must be >= 1")
     if args.group_size not in (32, 64, 128):
