@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import pathlib
+import time
 from typing import Any, Optional
 
 import torch
@@ -63,6 +64,8 @@ class CompileRecord:
     decisions: list[Decision] = dataclasses.field(default_factory=list)
     unmatched: list[dict] = dataclasses.field(default_factory=list)
     training: bool = False
+    #: wall seconds the pass took over this graph (matching, selection, replacement)
+    seconds: float = 0.0
 
 
 #: every run of the pass in this process, newest last (bounded)
@@ -107,7 +110,11 @@ class QLinearPass(_Base):
         if not is_inference:
             record.training = True
             return
-        rewrite(graph, self.config, record, self.device)
+        start = time.perf_counter()
+        try:
+            rewrite(graph, self.config, record, self.device)
+        finally:
+            record.seconds = time.perf_counter() - start
 
 
 def _remember(record: CompileRecord) -> None:

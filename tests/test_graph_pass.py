@@ -101,3 +101,14 @@ def test_inductor_end_to_end_with_dynamic_m():
             x = random_activation((rows, 128))
             assert S.relative_error(f(x), m(x)) < 1e-2
     assert len(recs) == 1 and recs[0].decisions[0].kernel == "emulation"
+
+
+def test_record_times_the_pass():
+    """CompileRecord.seconds: the time the pass itself took, what bench_e2e sums per variant."""
+    m = linear_model(128, 64, "int8_weight_only")
+    f = torch.compile(m, backend=qp.make("emulation", inductor=False))
+    with torch.no_grad(), recorded() as recs:
+        f(random_activation((3, 128)))
+    (rec,) = recs
+    assert len(rec.decisions) == 1
+    assert rec.seconds > 0.0

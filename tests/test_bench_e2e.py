@@ -1,0 +1,286 @@
+"""benchmarks/bench_e2e.py: the model's math, the profile's bookkeeping, and a CPU run end to end."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "bench_e2e.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_e2e", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_e2e", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+E2E = _load()
+
+
+def _settings():
+    return E2E.settings_from(E2E.parse_args(["--device", "cpu", "--small"]))
+
+
+# --- the model ----------------------------------------------------------------------------
+
+
+@st.composite
+def model_shapes(draw):
+    kv = draw(st.sampled_from([1, 2]))
+    rep = draw(st.sampled_from([1, 2, 4]))
+    head_dim = draw(st.sampled_from([8, 16]))
+    return E2E.ModelShape(
+        hidden=kv * rep * head_dim,
+        layers=draw(st.integers(1, 2)),
+        heads=kv * rep,
+        kv_heads=kv,
+        intermediate=draw(st.sampled_from([32, 48])),
+        vocab=draw(st.sampled_from([50, 97])),
+    )
+
+
+@given(shape=model_shapes(), tokens=st.integers(1, 6), seed=st.integers(0, 3))
+@example(shape=E2E.ModelShape(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=48, vocab=50), tokens=5, seed=0)
+def test_decode_step_by_step_matches_prefill(shape, tokens, seed):
+    """Decoding token by token through the static cache (query heads folded per KV head, mask
+    built from the position tensor) gives the logits of a causal prefill (KV heads repeated)."""
+    settings = dataclasses.replace(_settings(), shape=shape, max_seq=16, seed=seed)
+    model = E2E.build_model(shape, settings, torch.float32, None)
+    ids = torch.randint(shape.vocab, (2, tokens), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        E2E.set_cache(model, 2, torch.float32)
+        want = E2E.prefill_logits(model, E2E.layer_forward, ids, all_positions=True)
+        E2E.set_cache(model, 2, torch.float32)
+        steps = [
+            E2E.decode_logits(model, E2E.layer_forward, ids[:, i : i + 1], model.positions[i : i + 1].clone())
+            for i in range(tokens)
+        ]
+        got = torch.stack(steps, dim=1)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_decode_attends_only_to_written_positions():
+    """A value planted in the cache beyond the current position does not change the logits."""
+    shape = E2E.ModelShape(hidden=32, layers=1, heads=4, kv_heads=2, intermediate=48, vocab=50)
+    settings = dataclasses.replace(_settings(), shape=shape, max_seq=16)
+    model = E2E.build_model(shape, settings, torch.float32, None)
+    tok = torch.tensor([[3]])
+    pos = torch.tensor([2])
+    with torch.no_grad():
+        E2E.set_cache(model, 1, torch.float32)
+        clean = E2E.decode_logits(model, E2E.layer_forward, tok, pos)
+        E2E.set_cache(model, 1, torch.float32)
+        model.layers[0].self_attn.v_cache[:, :, 3:] = 1e3
+        dirty = E2E.decode_logits(model, E2E.layer_forward, tok, pos)
+        model.layers[0].self_attn.v_cache[:, :, 1] = 1e3
+        seen = E2E.decode_logits(model, E2E.layer_forward, tok, pos)
+    torch.testing.assert_close(dirty, clean)
+    assert not torch.allclose(seen, clean)
+
+
+def test_shallow_model_has_the_first_layers_of_the_deep_one():
+    settings = dataclasses.replace(_settings(), shape=dataclasses.replace(E2E.SMALL, layers=3))
+    deep = E2E.build_model(settings.shape, settings, torch.bfloat16, None)
+    shallow = E2E.build_model(dataclasses.replace(settings.shape, layers=1), settings, torch.bfloat16, None)
+    torch.testing.assert_close(shallow.layers[0].mlp.down_proj.weight, deep.layers[0].mlp.down_proj.weight, rtol=0, atol=0)
+    torch.testing.assert_close(shallow.lm_head.weight, deep.lm_head.weight, rtol=0, atol=0)
+    assert not torch.equal(deep.layers[0].mlp.down_proj.weight, deep.layers[1].mlp.down_proj.weight)
+
+
+def test_quantized_layers_and_bf16_lm_head():
+    settings = _settings()
+    model = E2E.build_model(settings.shape, settings, torch.bfloat16, E2E.Variant.parse("fp8_rowwise/auto"))
+    kinds = {type(m).__name__ for m in model.layers.modules() if isinstance(m, (torch.nn.Linear, E2E.qp.QuantizedLinear))}
+    assert kinds == {"QuantizedLinear"}
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.bfloat16
+    # fp8 weights: about half of bf16 (norm weights and scales on top)
+    bf16 = E2E.build_model(settings.shape, settings, torch.bfloat16, None)
+    ratio = E2E.layer_weight_bytes(model.layers[0]) / E2E.layer_weight_bytes(bf16.layers[0])
+    assert 0.5 < ratio < 0.52
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+@given(n=st.integers(4, 64), scale=st.floats(1e-4, 1.0), seed=st.integers(0, 5))
+def test_sqnr_db_matches_the_noise_ratio(n, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.randn(n, generator=g) + 0.1
+    noise = torch.randn(n, generator=g) * scale
+    want = 10 * math.log10(ref.double().pow(2).sum().item() / noise.double().pow(2).sum().item())
+    assert E2E.sqnr_db(ref + noise.double().to(ref.dtype), ref) == pytest.approx(want, abs=0.05)
+
+
+def test_sqnr_db_of_an_exact_copy_is_none():
+    x = torch.randn(8)
+    assert E2E.sqnr_db(x.clone(), x) is None
+
+
+@pytest.mark.parametrize("text", ["fp8", "fp8_rowwise", "fp8_rowwise/nonsense", "a/b/c"])
+def test_bad_variant_names_say_what_is_wrong(text):
+    with pytest.raises(ValueError, match="variant|scheme|backend"):
+        E2E.Variant.parse(text)
+
+
+def test_cpu_default_variants_run_on_cpu_backends():
+    cpu = E2E.parse_variants(None, "cpu")
+    assert cpu[0].name == "bf16"
+    assert all(v.backend in E2E.CPU_BACKENDS for v in cpu[1:])
+    assert len(E2E.parse_variants(None, "cuda")) == len(E2E.DEFAULT_VARIANTS)
+
+
+def test_ratios_are_against_bf16_at_the_same_batch():
+    rows = [
+        {"variant": "bf16", "decode": {"1": {"tok_s": 100.0}, "8": {"tok_s": 400.0}}, "prefill": {"ms": 50.0}},
+        {"variant": "w4a16/auto", "decode": {"1": {"tok_s": 150.0}, "8": {"tok_s": 200.0}}, "prefill": {"ms": 100.0}},
+        {"variant": "fp8_rowwise/auto", "status": "failed", "errors": {"build": "x"}},
+    ]
+    E2E.add_ratios(rows)
+    assert rows[1]["x_bf16"] == {"decode_b1": 1.5, "decode_b8": 0.5, "prefill": 0.5}
+    assert rows[2]["x_bf16"] == {}
+
+
+# --- the profile's bookkeeping ----------------------------------------------------------------
+
+
+def _ev(name, start, end, thread=1, kernels=(), device="cpu", shapes=()):
+    from torch.autograd import DeviceType
+
+    return SimpleNamespace(
+        name=name,
+        thread=thread,
+        time_range=SimpleNamespace(start=start, end=end),
+        kernels=[SimpleNamespace(name=k, duration=d) for k, d in kernels],
+        device_type=DeviceType.CPU if device == "cpu" else DeviceType.CUDA,
+        input_shapes=list(shapes),
+    )
+
+
+def test_kernel_breakdown_counts_kernels_under_each_linear():
+    events = [
+        # linear 1: a fill inside a nested op, then the GEMV on the op itself
+        _ev("qlinear_pass::linear", 0, 10, kernels=[("gemv", 5.0)], shapes=[[1, 64]]),
+        _ev("aten::zero_", 1, 2, kernels=[("fill", 1.0)]),
+        # linear 2, on the same thread
+        _ev("qlinear_pass::linear", 20, 30, kernels=[("gemv", 7.0)], shapes=[[1, 64]]),
+        # not under a linear: attention
+        _ev("aten::_efficient_attention_forward", 12, 18, kernels=[("attn", 3.0)]),
+        # another thread's op inside linear 1's time range does not count
+        _ev("aten::add", 3, 4, thread=2, kernels=[("add", 9.0)]),
+        # lm_head (vocab-wide) is excluded
+        _ev("aten::mm", 40, 50, kernels=[("cublas", 20.0)], shapes=[[1, 64], [64, 1000]]),
+        _ev("gemv", 0, 5, device="cuda"),
+        _ev("gemv", 20, 27, device="cuda"),
+        _ev("fill", 1, 2, device="cuda"),
+        _ev("attn", 12, 15, device="cuda"),
+        _ev("cublas", 40, 60, device="cuda"),
+    ]
+    out = E2E.kernel_breakdown(events, steps=1, exclude_dims=(1000,))
+    assert out["linear_op"] == "qlinear_pass::linear"
+    assert out["linears"] == 2
+    assert out["kernels_per_linear"] == 1.5
+    assert out["us_per_linear"] == pytest.approx((6.0 + 7.0) / 2)
+    assert [(g["kernels"], g["linears"]) for g in out["by_kernels"]] == [(["gemv"], 1), (["gemv", "fill"], 1)]
+    assert out["top_kernels"][0]["kernel"] == "cublas"
+    assert out["device_us_per_step"] == pytest.approx(5 + 7 + 1 + 3 + 20)
+
+
+def test_kernel_breakdown_falls_back_to_aten_matmuls_and_takes_the_outermost():
+    events = [
+        _ev("aten::mm", 0, 10, kernels=[("gemm", 4.0)], shapes=[[1, 64], [64, 128]]),
+        _ev("aten::mm", 2, 3, kernels=[("inner", 1.0)], shapes=[[1, 64], [64, 128]]),
+        _ev("aten::mm", 20, 30, kernels=[("lm", 9.0)], shapes=[[1, 64], [64, 1000]]),
+    ]
+    out = E2E.kernel_breakdown(events, steps=2, exclude_dims=(1000,))
+    assert out["linear_op"] == "ATen matmul ops" and "note" in out
+    assert out["linears"] == 1 and out["linears_per_step"] == 0.5
+    assert out["kernels_per_linear"] == 2 and out["us_per_linear"] == pytest.approx(5.0)
+
+
+# --- the whole script, CPU mode -----------------------------------------------------------------
+
+
+def test_cpu_small_run_writes_results(tmp_path):
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, str(SCRIPT), "--device", "cpu", "--small", "--layers", "1",
+        "--variants", "bf16,int8_weight_only/auto", "--decode-steps", "2", "--prefill-tokens", "16",
+        "--batch-sizes", "1,2", "--no-inductor", "--out", str(out), "--variant-timeout", "300",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("TRITON_INTERPRET", None)  # auto picks what a CPU user gets, not the interpreted Triton kernels
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((out / "bench_e2e.json").read_text())
+    assert doc["settings"]["compile_mode"] == "layer"
+    assert doc["settings"]["shape"]["layers"] == 1
+    assert [v["variant"] for v in doc["variants"]] == ["bf16", "int8_weight_only/auto"]
+    for v in doc["variants"]:
+        assert v["status"] == "ok", v.get("errors")
+        for b in ("1", "2"):
+            row = v["decode"][b]
+            assert row["tok_s"] > 0 and row["tok_s_per_seq"] > 0
+            assert row["logits_check"]["ok"]
+        assert v["prefill"]["ms"] > 0
+        acc = v["accuracy"]
+        assert math.isfinite(acc["sqnr_db_compiled"]) and acc["sqnr_db_compiled"] > 0
+        assert math.isfinite(acc["sqnr_db_eager"]) and acc["sqnr_db_eager"] > 0
+        assert v["compile"]["layers_share_one_graph"] is True
+        assert v["compile"]["compile_s"] > 0
+        assert v["kernels"]["measured"] is False
+        assert v["memory"]["peak_bytes"] is None
+        assert v["layer_weight_bytes"] > 0
+    q = doc["variants"][1]
+    assert q["compile"]["linears_rewritten"] >= 7 and q["compile"]["pass_s"] > 0
+    assert q["layer_weight_bytes"] < doc["variants"][0]["layer_weight_bytes"]
+    assert set(q["x_bf16"]) == {"decode_b1", "decode_b2", "prefill"}
+    table = (out / "summary.md").read_text()
+    assert "| int8_weight_only/auto |" in table and "SQNR" in table
+
+
+def _doc(settings, variants):
+    return {"machine": "cpu", "torch": torch.__version__, "triton": None, "settings": settings, "variants": variants}
+
+
+def test_resume_keeps_finished_variants_of_the_same_settings(tmp_path):
+    settings = {**_settings().as_json()}
+    old = _doc(settings, [
+        {"variant": "bf16", "status": "ok", "decode": {"1": {"tok_s": 1.0}}},
+        {"variant": "w4a16/auto", "status": "timeout", "errors": {"build": "timed out"}},
+    ])
+    (tmp_path / "bench_e2e.json").write_text(json.dumps(old))
+    kept = E2E._resumable(tmp_path, _doc(settings, []))
+    assert list(kept) == ["bf16"]
+    other = {**settings, "decode_steps": settings["decode_steps"] + 1}
+    assert E2E._resumable(tmp_path, _doc(other, [])) == {}
+
+
+def test_summary_lists_errors_and_kernels():
+    settings = _settings().as_json()
+    rows = [
+        {"variant": "bf16", "status": "ok", "decode": {"1": {"tok_s": 100.0}, "8": {"tok_s": 500.0}}, "prefill": {"ms": 10.0},
+         "kernels": {"measured": True, "linears": 14, "linears_per_step": 7, "linear_op": "ATen matmul ops",
+                     "linear_us_per_step": 70.0, "device_us_per_step": 100.0, "kernels_per_linear": 1.0, "us_per_linear": 10.0,
+                     "by_kernels": [{"kernels": ["gemv_bf16"], "linears": 14, "mean_us": 10.0}]}},
+        {"variant": "w4a16/auto", "label": "w4a16 g128/auto", "status": "failed", "errors": {"build": "NoKernelError: none"}},
+    ]
+    E2E.add_ratios(rows)
+    table = E2E.summary(_doc(settings, rows))
+    assert "| bf16 | 100.0 | 1.00 | 500.0 | 1.00 | 10.00 | 1.00 |" in table
+    assert "w4a16 g128/auto (failed)" in table
+    assert "- w4a16/auto (build): NoKernelError: none" in table
+    assert "7 linears per step" in table and "gemv_bf16" in table
