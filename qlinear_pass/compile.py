@@ -11,6 +11,7 @@ twice gives the same object, so Dynamo does not recompile.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from typing import Any, Optional
 
@@ -23,21 +24,32 @@ from .registry import NoKernelError
 log = logging.getLogger("qlinear_pass")
 
 
-def _visible_error(exc: NoKernelError) -> BaseException:
-    """A NoKernelError that Dynamo lets through unwrapped (still a NoKernelError / ValueError)."""
-    try:
-        from torch._dynamo.exc import ShortenTraceback
-    except ImportError:
+try:
+    from torch._dynamo.exc import ShortenTraceback as _Shorten
+except ImportError:  # pragma: no cover - every torch we support has it
+    _Shorten = None
+
+if _Shorten is not None:
+
+    class _CompiledNoKernelError(NoKernelError, _Shorten):
+        """A NoKernelError that Dynamo lets through unwrapped, its traceback cut to our frame."""
+
+        def __init__(self, message: str, frame) -> None:
+            _Shorten.__init__(self, message, first_useful_frame=frame)
+            self.message = message
+
+    _CompiledNoKernelError.__name__ = _CompiledNoKernelError.__qualname__ = "NoKernelError"
+    _CompiledNoKernelError.__module__ = "qlinear_pass"
+
+
+def _visible_error(exc: NoKernelError, frame) -> BaseException:
+    """The error the user of the compiled model sees: still a NoKernelError (and a ValueError),
+    printed as ``qlinear_pass.NoKernelError`` with our message alone, and a traceback that goes
+    from the user's call into this backend, without Dynamo's and Inductor's frames."""
+    message = getattr(exc, "message", None) or str(exc)
+    if _Shorten is None:
         return exc
-
-    class _CompiledNoKernelError(NoKernelError, ShortenTraceback):
-        def __init__(self, msg: str) -> None:
-            ShortenTraceback.__init__(self, msg, first_useful_frame=None)
-
-    _CompiledNoKernelError.__name__ = "NoKernelError"
-    _CompiledNoKernelError.__qualname__ = "NoKernelError"
-    err = _CompiledNoKernelError(str(exc))
-    return err
+    return _CompiledNoKernelError(message, frame)
 
 
 def _find_no_kernel(exc: BaseException) -> Optional[NoKernelError]:
@@ -84,13 +96,11 @@ class QLinearBackend:
             return self._compile(gm, example_inputs, None)
         try:
             return self._compile(gm, example_inputs, QLinearPass(cfg, source))
-        except NoKernelError as exc:
-            raise _visible_error(exc) from None
         except Exception as exc:
             nk = _find_no_kernel(exc)
-            if nk is not None:
-                raise _visible_error(nk) from None
-            raise
+            if nk is None:
+                raise
+        raise _visible_error(nk, inspect.currentframe()) from None
 
     def _compile(self, gm, example_inputs, graph_pass: Optional[QLinearPass]):
         if self.inductor:

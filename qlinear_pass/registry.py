@@ -24,7 +24,17 @@ from . import config as C
 
 
 class NoKernelError(ValueError):
-    """An explicit backend has no kernel that can run a layer."""
+    """An explicit backend has no kernel that can run a layer.
+
+    The message names the layer, every candidate kernel with its reason, and the fixes.
+    """
+
+    def __str__(self) -> str:
+        # our message alone: torch.compile appends its own advice to args[0] on the way out
+        return getattr(self, "message", None) or super().__str__()
+
+
+NoKernelError.__module__ = "qlinear_pass"  # its public home: printed as qlinear_pass.NoKernelError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,7 +354,9 @@ def select(spec: LayerSpec, cfg: C.LinearBackendConfig, device: "DeviceInfo | No
                 stacklevel=2,
             )
         return Selection(spec, backend, auto_kernel, rejected, fallback=True, note=f"fell back from {backend}", plan=auto.plan)
-    raise NoKernelError(no_kernel_message(spec, backend, rejected, device))
+    err = NoKernelError(no_kernel_message(spec, backend, rejected, device))
+    err.message = err.args[0]
+    raise err
 
 
 def _select_auto(spec: LayerSpec, device: DeviceInfo) -> Selection:

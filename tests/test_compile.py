@@ -87,6 +87,24 @@ def test_no_kernel_error_reaches_the_torch_compile_user():
     assert isinstance(e.value, ValueError)
 
 
+@pytest.mark.parametrize("inductor", [False, True])
+def test_no_kernel_error_reads_as_ours_with_a_short_traceback(inductor):
+    import traceback
+
+    m = linear_model(256, 128, "fp8_block")
+    with pytest.raises(qp.NoKernelError) as e:
+        compile_and_run(m, random_activation((4, 256)), "torch", inductor=inductor)
+    lines = traceback.format_exception(e.value)
+    text = "".join(lines)
+    last = lines[-1]
+    # the class prints under its public name, and the message is ours alone, first
+    assert last.startswith("qlinear_pass.NoKernelError: linear backend 'torch' has no kernel for layer '0'"), last
+    assert "TORCHDYNAMO_VERBOSE" not in str(e.value) and "BackendCompilerFailed" not in text
+    frames = sum(1 for line in lines if line.startswith("  File "))
+    assert frames <= 8, text
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+
+
 def test_fallback_warns_and_is_reported():
     m = linear_model(256, 128, "fp8_block")
     cfg = qp.LinearBackendConfig("torch", on_unsupported="fallback")
