@@ -7,7 +7,7 @@
     print(qlinear_pass.explain(model, x))
 """
 from .compile import make
-from .config import LinearBackendConfig, linear_backend
+from .config import EnvConfigError, LinearBackendConfig, linear_backend
 from .nn import QuantizedLinear, quantize
 from .registry import DeviceInfo, Kernel, LayerSpec, NoKernelError, available_backends, register_kernel
 from .report import Report, explain
@@ -28,4 +28,5 @@ __all__ = [
     "DeviceInfo",
     "available_backends",
     "NoKernelError",
+    "EnvConfigError",
 ]

@@ -184,14 +184,26 @@ def current_context_config() -> LinearBackendConfig | None:
     return stack[-1] if stack else None
 
 
+class EnvConfigError(ValueError):
+    """The environment variable ``QLINEAR_PASS_LINEAR_BACKEND`` names no backend."""
+
+
+EnvConfigError.__module__ = "qlinear_pass"
+
+
 def env_config() -> LinearBackendConfig | None:
-    value = os.environ.get(ENV_VAR, "").strip()
+    """The config the environment variable sets, if any; a bad value is an error naming it."""
+    raw = os.environ.get(ENV_VAR, "")
+    value = raw.strip()
     if not value:
         return None
     try:
         return LinearBackendConfig(linear_backend=value)
-    except ValueError as exc:
-        raise ValueError(f"environment variable {ENV_VAR}: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise EnvConfigError(
+            f"environment variable {ENV_VAR}={raw!r} is not a linear backend: {exc} "
+            f"Set it to one of those names, or unset it for 'auto'."
+        ) from None
 
 
 def resolve(explicit: "str | LinearBackendConfig | None" = None) -> tuple[LinearBackendConfig, str]:

@@ -7,8 +7,10 @@ AOTAutograd caches never hand back a graph compiled for another backend.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import json
 import pathlib
 from typing import Any, Optional
 
@@ -56,22 +58,69 @@ class Decision:
 
 @dataclasses.dataclass
 class CompileRecord:
-    """One run of the pass over one graph."""
+    """One compile of one graph: the config it used and what the pass decided.
+
+    Each record belongs to the compile that made it: the compiled callable carries it
+    (``qlinear_record``), and :func:`watch` collects the records of the compiles inside a
+    block.  ``origin`` says where the decisions come from: ``"pass"`` (the pass ran),
+    ``"cache"`` (Inductor's cache returned a compiled graph, so the pass did not run, and the
+    decisions stored beside it were read back) or ``"rederived"`` (a cache hit with no stored
+    decisions: the pass was run again over the graph, without code generation).
+    """
 
     config: C.LinearBackendConfig
     source: str  # where the config came from: make / context / env / default
     decisions: list[Decision] = dataclasses.field(default_factory=list)
     unmatched: list[dict] = dataclasses.field(default_factory=list)
     training: bool = False
+    origin: str = "pass"
+    #: wall-clock seconds the compile took, when known
+    seconds: Optional[float] = None
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "decisions": [
+                {"spec": d.spec.to_json(), "backend": d.backend, "kernel": d.kernel, "rejected": d.rejected,
+                 "fallback": d.fallback, "note": d.note}
+                for d in self.decisions
+            ],
+            "unmatched": self.unmatched,
+            "training": self.training,
+        })
+
+    @classmethod
+    def from_json(cls, text: str, config: C.LinearBackendConfig, source: str, origin: str) -> "CompileRecord":
+        d = json.loads(text)
+        decisions = [
+            Decision(LayerSpec.from_json(x["spec"]), x["backend"], x["kernel"], [tuple(r) for r in x["rejected"]],
+                     x["fallback"], x["note"])
+            for x in d["decisions"]
+        ]
+        return cls(config, source, decisions, d["unmatched"], d["training"], origin)
 
 
-#: every run of the pass in this process, newest last (bounded)
-HISTORY: list[CompileRecord] = []
-_HISTORY_LIMIT = 256
+_WATCHERS: list = []
 
 
-def last_record() -> Optional[CompileRecord]:
-    return HISTORY[-1] if HISTORY else None
+@contextlib.contextmanager
+def watch():
+    """Collect the :class:`CompileRecord` of every compile that finishes inside the block.
+
+    >>> with watch() as records:
+    ...     compiled(x)
+    """
+    out: list[CompileRecord] = []
+    _WATCHERS.append(out)
+    try:
+        yield out
+    finally:
+        _WATCHERS.remove(out)
+
+
+def publish(record: CompileRecord) -> None:
+    """Hand a finished record to every :func:`watch` in progress."""
+    for w in list(_WATCHERS):
+        w.append(record)
 
 
 def _package_hash() -> str:
@@ -88,12 +137,17 @@ _Base: Any = getattr(_cgp, "CustomInferenceAwareGraphPass", _cgp.CustomGraphPass
 
 
 class QLinearPass(_Base):
-    """Rewrites the quantized linears of one graph for one config."""
+    """Rewrites the quantized linears of one graph for one config.
+
+    ``record`` is None until the pass runs; after a compile it still being None means
+    Inductor's cache supplied the compiled graph.
+    """
 
     def __init__(self, config: C.LinearBackendConfig, source: str = "make", device: Optional[DeviceInfo] = None) -> None:
         self.config = config
         self.source = source
         self.device = device
+        self.record: Optional[CompileRecord] = None
 
     def uuid(self) -> Any:
         global _PKG_HASH
@@ -103,16 +157,11 @@ class QLinearPass(_Base):
 
     def __call__(self, graph: fx.Graph, is_inference: bool = True) -> None:
         record = CompileRecord(self.config, self.source)
-        _remember(record)
+        self.record = record
         if not is_inference:
             record.training = True
             return
         rewrite(graph, self.config, record, self.device)
-
-
-def _remember(record: CompileRecord) -> None:
-    HISTORY.append(record)
-    del HISTORY[:-_HISTORY_LIMIT]
 
 
 def rewrite(graph: fx.Graph, cfg: C.LinearBackendConfig, record: CompileRecord, device: Optional[DeviceInfo] = None) -> None:

@@ -152,6 +152,8 @@ def _static(x: Any) -> Optional[int]:
     return x if isinstance(x, int) else None
 
 
+#: the global name under which explain() hands the model to Dynamo
+EXPLAIN_ROOT = "_qlinear_explain_model"
 _MODULE_PART = re.compile(r"\._modules\['([^']*)'\]|\[(\d+)\]|\['([^']*)'\]")
 
 
@@ -162,6 +164,7 @@ def module_path(node: fx.Node) -> str:
         return ""
     path = list(stack.values())[-1][0]
     path = re.sub(r"^L\['(self|fn|mod|model|m)'\]\.?", "", str(path))
+    path = re.sub(r"^G\['%s'\]\.?" % EXPLAIN_ROOT, "", path)  # the model explain() compiles
     path = re.sub(r"^L\['([^']*)'\]\.?", r"\1.", path)
     path = _MODULE_PART.sub(lambda m: "." + next(g for g in m.groups() if g is not None), path)
     return path.strip(".")
