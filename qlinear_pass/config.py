@@ -81,8 +81,25 @@ def _norm(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
 
+#: names people write for a scheme, and the scheme they mean (only ever a hint, never accepted)
+SCHEME_HINTS = {
+    "int4": "w4a16",
+    "int4_weight_only": "w4a16",
+    "w4a16_int4": "w4a16",
+    "uint4": "w4a16",
+    "fp8": "fp8_rowwise",
+    "fp8_dynamic": "fp8_rowwise",
+    "fp8_per_tensor": "fp8_tensor",
+    "fp8_blockwise": "fp8_block",
+    "int8": "int8_rowwise",
+    "w8a8": "int8_rowwise",
+    "w8a16": "int8_weight_only",
+}
+
+
 def _unknown(kind: str, name: str, valid: tuple[str, ...]) -> ValueError:
-    close = difflib.get_close_matches(_norm(name), valid, n=1, cutoff=0.5)
+    hint = SCHEME_HINTS.get(_norm(name)) if kind == "scheme" else None
+    close = [hint] if hint else difflib.get_close_matches(_norm(name), valid, n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return ValueError(f"unknown {kind} {name!r}.{hint} Valid {kind}s: {', '.join(valid)}.")
 

@@ -61,6 +61,11 @@ class DeviceInfo:
         return cls(device.type, None, device.type, device.index)
 
     @property
+    def present(self) -> bool:
+        """False for a CUDA device that is not there (``DeviceInfo.of("cuda")`` without a GPU)."""
+        return not (self.type == "cuda" and self.capability is None)
+
+    @property
     def sm(self) -> Optional[int]:
         return None if self.capability is None else self.capability[0] * 10 + self.capability[1]
 
@@ -311,6 +316,13 @@ def candidates(scheme: str, device: DeviceInfo) -> list[Kernel]:
     return sorted(ks, key=lambda k: (k.priority_for(device), k.name))
 
 
+def supported(kernel: Kernel, device: DeviceInfo) -> Reason:
+    """Can ``kernel`` run on ``device``: the kernel's own answer, on a device that is there."""
+    if not device.present:
+        return False, f"no {'CUDA' if device.type == 'cuda' else device.type} device is visible to torch"
+    return kernel.is_supported(device)
+
+
 def _first_fit(spec: LayerSpec, device: DeviceInfo, backend: str, bucket: Optional[int] = None,
                ranked: bool = False) -> tuple[Optional[Kernel], list[tuple[str, str]]]:
     rejected: list[tuple[str, str]] = []
@@ -320,7 +332,7 @@ def _first_fit(spec: LayerSpec, device: DeviceInfo, backend: str, bucket: Option
     for k in ks:
         if backend != "auto" and k.backend != backend:
             continue
-        ok, why = k.is_supported(device)
+        ok, why = supported(k, device)
         if ok:
             ok, why = k.can_implement(spec)
         if ok:
@@ -424,7 +436,7 @@ def available_backends(device=None) -> dict[str, dict[str, Reason]]:
                 continue
             reasons = []
             for k in ks:
-                ok, why = k.is_supported(dev)
+                ok, why = supported(k, dev)
                 if ok:
                     row[s] = (True, k.name)
                     break

@@ -18,7 +18,7 @@ def linear_model(k: int, n: int, scheme: str, *, bias=False, dtype=torch.bfloat1
         if bias:
             lin.bias.normal_(0, 0.5)
     m = torch.nn.Sequential(lin).to(dtype)
-    return qp.quantize(m, scheme, group_size=group_size, zero_points=zero_points)
+    return qp.quantize(m, scheme, group_size=group_size if scheme == "w4a16" else None, zero_points=zero_points)
 
 
 def random_activation(shape, dtype=torch.bfloat16, seed=1):

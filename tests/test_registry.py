@@ -221,3 +221,13 @@ def test_the_op_dispatches_a_plan(bucket_kernels):
         before = ops.CALLS[ran]
         ops.call("testlib_decode@1;testlib_prefill", s, torch.randn(rows, 32), [p["weight"], p["weight_scale"]])
         assert ops.CALLS[ran] == before + 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_available_backends_for_cuda_without_a_cuda_device():
+    table = qp.available_backends("cuda")
+    for backend, row in table.items():
+        for scheme, (ok, why) in row.items():
+            assert not ok, (backend, scheme)
+            if why not in ("no kernel for this scheme", "no kernels registered"):
+                assert "no CUDA device is visible" in why, (backend, scheme, why)
