@@ -9,7 +9,8 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test test-all cutlass-build-check gpu-check bench clean
 
-PIP    := $(PY) -m pip install -q --disable-pip-version-check
+# -qq: errors only (this machine's pip configuration warns about index folders it lacks, 34 lines)
+PIP    := $(PY) -m pip install -qq --disable-pip-version-check
 
 # An isolated venv (no system site-packages: nothing else's plugins or warnings in the tests).
 # torch stays pinned: pip takes the local CPU wheel for exactly this version, where an unpinned
