@@ -111,10 +111,11 @@ def test_fallback_warns_once_per_layer_type(fake_kernels):
         warnings.simplefilter("always")
         s1 = R.select(spec(k=200), cfg, CPU)
         s2 = R.select(spec(k=200), cfg, CPU)
+        s3 = R.select(spec(k=200, n=512), cfg, CPU)  # another layer type: warned about too
     assert s1.fallback and s1.kernel is not None and s1.kernel.backend != "testlib"
-    assert s2.fallback
+    assert s2.fallback and s3.fallback
     msgs = [str(x.message) for x in w if "falling back" in str(x.message)]
-    assert len(msgs) == 1 and "testlib_fast" in msgs[0]
+    assert len(msgs) == 2 and "testlib_fast" in msgs[0] and "N=512" in msgs[1]
 
 
 def test_register_kernel_rejects_bad_classes():
@@ -143,8 +144,12 @@ def test_available_backends_table():
 
 
 def test_device_info_of():
-    assert R.DeviceInfo.of("cpu").type == "cpu"
-    assert H100.sm == 90 and "sm90" in str(H100)
+    assert R.DeviceInfo.of("cpu") == R.DeviceInfo("cpu", None, "cpu")
+    assert R.DeviceInfo.of(H100) is H100
+    assert H100.sm == 90 and "sm90" in str(H100) and H100.present
+    if not torch.cuda.is_available():
+        absent = R.DeviceInfo.of("cuda")
+        assert absent.type == "cuda" and absent.capability is None and not absent.present
 
 
 @pytest.fixture

@@ -56,6 +56,7 @@ def test_honest_reasons_on_cuda_devices():
 def test_torch_backend_has_no_block_or_fp8_weight_only_kernel():
     table = qp.available_backends("cpu")["torch"]
     assert table["fp8_block"] == (False, "no kernel for this scheme")
+    assert table["fp8_weight_only"] == (False, "no kernel for this scheme")
     assert table["fp8_rowwise"][0]
 
 
