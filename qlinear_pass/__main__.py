@@ -38,7 +38,7 @@ class CliError(Exception):
 def _backends(args) -> int:
     from . import available_backends
     from .config import SCHEMES
-    from .registry import DeviceInfo
+    from .spec import DeviceInfo
 
     dev = DeviceInfo.of(args.device)
     table = available_backends(dev)
@@ -87,7 +87,7 @@ def _env(args) -> int:
     import torch
 
     from . import __version__
-    from .registry import DeviceInfo
+    from .spec import DeviceInfo
 
     print(f"qlinear_pass {__version__}")
     print(f"python {platform.python_version()} ({sys.executable})")
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
     from .config import EnvConfigError
-    from .registry import NoKernelError
+    from .select import NoKernelError
 
     try:
         return args.fn(args)

@@ -21,7 +21,7 @@ import torch
 from . import config as C
 from . import record_store
 from .graph_pass import CompileRecord, QLinearPass, publish
-from .registry import NoKernelError
+from .select import NoKernelError
 
 log = logging.getLogger("qlinear_pass")
 
@@ -84,7 +84,7 @@ def _find_no_kernel(exc: BaseException) -> Optional[NoKernelError]:
 def _device_of_inputs(example_inputs) -> str:
     for t in example_inputs:
         if isinstance(t, torch.Tensor) and t.device.type != "cpu":
-            from .registry import DeviceInfo
+            from .spec import DeviceInfo
 
             return str(DeviceInfo.of(t.device))
     return "cpu"

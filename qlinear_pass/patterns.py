@@ -37,7 +37,8 @@ import torch
 import torch.fx as fx
 
 from . import schemes as S
-from .registry import LayerSpec
+from .emit import val
+from .spec import LayerSpec
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -123,10 +124,6 @@ class _NotDynamic(_Miss):
 
     def __init__(self) -> None:
         super().__init__("unrecognised activation quantization")
-
-
-def val(n: Any) -> Any:
-    return n.meta.get("val") if isinstance(n, fx.Node) else None
 
 
 def _shape(n: fx.Node) -> tuple:

@@ -108,9 +108,9 @@ def test_no_kernel_error_reads_as_ours_with_a_short_traceback(inductor):
 def test_fallback_warns_and_is_reported():
     m = linear_model(256, 128, "fp8_block")
     cfg = qp.LinearBackendConfig("torch", on_unsupported="fallback")
-    from qlinear_pass import registry
+    from qlinear_pass import select
 
-    registry._warned.clear()
+    select._warned.clear()
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         rep = qp.explain(m, random_activation((4, 256)), linear_backend=cfg)

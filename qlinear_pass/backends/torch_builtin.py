@@ -20,7 +20,9 @@ import weakref
 import torch
 
 from .. import schemes as S
-from ..registry import OK, DeviceInfo, Kernel, LayerSpec, register_kernel
+from ..kernel import Kernel
+from ..registry import register_kernel
+from ..spec import OK, DeviceInfo, LayerSpec
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -93,7 +95,7 @@ class TorchScaledMM(Kernel):
         return OK
 
     def emit(self, emit, m):
-        from ..graph_pass import quantized_inputs
+        from ..emit import quantized_inputs
 
         q, sa, params, bias = quantized_inputs(emit, m)
         spec = dataclasses.replace(m.spec, act_input="static", act_dtype=torch.float8_e4m3fn)
@@ -142,7 +144,7 @@ class TorchIntMM(Kernel):
         return OK
 
     def emit(self, emit, m):
-        from ..graph_pass import quantized_inputs
+        from ..emit import quantized_inputs
 
         q, sa, params, bias = quantized_inputs(emit, m)
         w, sb = params[0], params[1]
