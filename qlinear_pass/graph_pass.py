@@ -20,7 +20,7 @@ from torch._inductor import custom_graph_pass as _cgp
 
 from . import config as C
 from .kernels import ops as _ops  # noqa: F401  (registers qlinear_pass::linear)
-from .emit import Emitter, canonical_inputs, quantized_inputs, val
+from .emit import Emitter, canonical_inputs, quantized_inputs, val  # noqa: F401  (quantized_inputs: its old home)
 from .patterns import Match, Unmatched, find_linears
 from .kernel import Kernel
 from .registry import registry_key
