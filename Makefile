@@ -1,34 +1,49 @@
 # make demo   set up .venv, then run the quickstart on this machine's default backends
-# make test   set up .venv, then run the test suite (GPU tests skip without a GPU)
+# make test   set up .venv, then run the fast tests (GPU tests skip without a GPU)
+# make test-all   the same, then the sm90 compile checks (what CI runs)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test cutlass-build-check gpu-check bench clean
+.PHONY: demo test test-all cutlass-build-check gpu-check bench clean
 
+# -qq: errors only (this machine's pip configuration warns about index folders it lacks, 34 lines)
+PIP    := $(PY) -m pip install -qq --disable-pip-version-check
+
+# An isolated venv (no system site-packages: nothing else's plugins or warnings in the tests).
+# torch stays pinned: pip takes the local CPU wheel for exactly this version, where an unpinned
+# torch would pull gigabytes of CUDA packages.
 $(VENV)/.installed: pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
-	@# reuse a torch that is already installed; otherwise take the pinned CPU build
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e ".[test,triton]"
-	@# FlashInfer, for its selection and error tests: the package and what `import flashinfer`
-	@# needs (the full extra also pulls the cuDNN frontend and CUTLASS DSL, which only GPUs use)
-	$(PY) -m pip install -q --no-deps "flashinfer-python==0.7.2"
-	$(PY) -m pip install -q "apache-tvm-ffi>=0.1.11,<0.2" nvidia-ml-py requests tqdm
+	@echo "setting up $(VENV): $(TORCH_PIN) (CPU), triton, the test tools, FlashInfer and CUTLASS headers"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PIP) $(TORCH_PIN)
+	@$(PIP) -e ".[test,triton]"
+	@# FlashInfer, for its selection and error tests: what `import flashinfer` needs, then the
+	@# package alone, last (its full list of dependencies is for GPUs: the cuDNN frontend, the
+	@# CUTLASS DSL, ...; installing anything with dependencies after it would make pip print
+	@# an ERROR block about those it lacks)
+	@$(PIP) "apache-tvm-ffi>=0.1.11,<0.2" nvidia-ml-py requests tqdm
 	@# CUTLASS headers for the compile check of the CUTLASS kernels (its Python deps are for its
 	@# own generator, which we do not use)
-	$(PY) -m pip install -q --no-deps "nvidia-cutlass==4.2.0.0" ninja
+	@$(PIP) --no-deps "nvidia-cutlass==4.2.0.0" ninja
+	@$(PIP) --no-deps "flashinfer-python==0.7.2"
 	@touch $@
 
 demo: $(VENV)/.installed
 	$(PY) examples/quickstart.py
 
+# the fast tier: everything but the `slow` sm90 compile checks (a few minutes on 2 cores)
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
 
-# nvcc compiles every CUTLASS source for sm_90a (no GPU needed; `make test` runs it too when nvcc is there)
+# everything (what CI runs): the fast tier, then the sm90 compile checks, which print their
+# progress (-s) as nvcc and ptxas finish each source
+test-all: test
+	$(PY) -m pytest -m slow -s -v -p no:xdist $(PYTEST_ARGS)
+
+# nvcc compiles every CUTLASS source for sm_90a (no GPU needed; `make test-all` runs it too when nvcc is there)
 cutlass-build-check: $(VENV)/.installed
 	$(PY) -m qlinear_pass.kernels.cutlass_build --compile-only
 

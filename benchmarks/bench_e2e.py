@@ -636,7 +636,9 @@ class VariantRun:
         self.layer_fn = None
         self.step_fn = None
         self.prefill_fn = None
-        self.history_start = len(graph_pass.HISTORY)
+        # every compile of this variant's process hands its record to this list
+        self._watch = graph_pass.watch()
+        self.records = self._watch.__enter__()
         self.compile_s: dict = {}
         self.graphs: dict = {}
 
@@ -692,7 +694,7 @@ class VariantRun:
         self._record_compile()
 
     def _record_compile(self) -> None:
-        records = graph_pass.HISTORY[self.history_start:]
+        records = list(self.records)
         kernels: collections.Counter = collections.Counter()
         fallbacks = unmatched = 0
         for r in records:
@@ -704,7 +706,7 @@ class VariantRun:
         c.update(
             first_call_s=dict(self.compile_s),
             compile_s=sum(self.compile_s.values()),
-            pass_s=sum(r.seconds for r in records),
+            pass_s=sum(r.pass_seconds for r in records),
             pass_runs=len(records),
             graphs=dict(self.graphs),
             total_graphs=sum(self.graphs.values()),

@@ -38,7 +38,7 @@ def main() -> None:
     print(f"block: hidden={hidden}, intermediate={inter}; input {tuple(x.shape)} bf16\n")
     summary = []
     for scheme in [s.name for s in S.all_schemes()]:
-        model = qp.quantize(copy.deepcopy(base), scheme, group_size=128)
+        model = qp.quantize(copy.deepcopy(base), scheme)
         report = qp.explain(model, x)
         print(f"== {scheme} ==")
         print(report)

@@ -7,9 +7,12 @@
     print(qlinear_pass.explain(model, x))
 """
 from .compile import make
-from .config import LinearBackendConfig, linear_backend
+from .config import EnvConfigError, LinearBackendConfig, linear_backend
 from .nn import QuantizedLinear, quantize
-from .registry import DeviceInfo, Kernel, LayerSpec, NoKernelError, available_backends, register_kernel
+from .kernel import Kernel
+from .registry import register_kernel
+from .select import NoKernelError, available_backends
+from .spec import DeviceInfo, LayerSpec
 from .report import Report, explain
 
 __version__ = "0.1.0"
@@ -28,4 +31,5 @@ __all__ = [
     "DeviceInfo",
     "available_backends",
     "NoKernelError",
+    "EnvConfigError",
 ]

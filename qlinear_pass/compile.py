@@ -11,33 +11,59 @@ twice gives the same object, so Dynamo does not recompile.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
+import time
 from typing import Any, Optional
 
 import torch
 
 from . import config as C
-from .graph_pass import CompileRecord, QLinearPass, _remember
-from .registry import NoKernelError
+from . import record_store
+from .graph_pass import CompileRecord, QLinearPass, publish
+from .select import NoKernelError
 
 log = logging.getLogger("qlinear_pass")
 
 
-def _visible_error(exc: NoKernelError) -> BaseException:
-    """A NoKernelError that Dynamo lets through unwrapped (still a NoKernelError / ValueError)."""
-    try:
-        from torch._dynamo.exc import ShortenTraceback
-    except ImportError:
+try:
+    from torch._dynamo.exc import ShortenTraceback as _Shorten
+except ImportError:  # pragma: no cover - every torch we support has it
+    _Shorten = None
+
+_VISIBLE: dict = {}
+
+
+def _visible_class(base: type) -> type:
+    """``base`` made into an error Dynamo lets through unwrapped, its traceback cut to our frame,
+    printed under ``base``'s own name."""
+    cls = _VISIBLE.get(base)
+    if cls is None:
+
+        def __init__(self, message: str, frame) -> None:
+            _Shorten.__init__(self, message, first_useful_frame=frame)
+            self.message = message
+
+        cls = type(base.__name__, (base, _Shorten), {
+            "__init__": __init__,
+            "__str__": lambda self: self.message,
+            "__module__": base.__module__,
+            "__qualname__": base.__qualname__,
+            "__doc__": base.__doc__,
+        })
+        _VISIBLE[base] = cls
+    return cls
+
+
+def _visible_error(exc: Exception, frame) -> BaseException:
+    """The error the user of the compiled model sees: still of ``exc``'s type (a NoKernelError
+    is a ValueError, too), printed as ``qlinear_pass.NoKernelError`` with our message alone, and
+    a traceback that goes from the user's call into this backend, without Dynamo's and
+    Inductor's frames."""
+    message = getattr(exc, "message", None) or str(exc)
+    if _Shorten is None:
         return exc
-
-    class _CompiledNoKernelError(NoKernelError, ShortenTraceback):
-        def __init__(self, msg: str) -> None:
-            ShortenTraceback.__init__(self, msg, first_useful_frame=None)
-
-    _CompiledNoKernelError.__name__ = "NoKernelError"
-    _CompiledNoKernelError.__qualname__ = "NoKernelError"
-    err = _CompiledNoKernelError(str(exc))
-    return err
+    return _visible_class(type(exc))(message, frame)
 
 
 def _find_no_kernel(exc: BaseException) -> Optional[NoKernelError]:
@@ -53,6 +79,15 @@ def _find_no_kernel(exc: BaseException) -> Optional[NoKernelError]:
         stack += [getattr(e, "inner_exception", None), e.__cause__, e.__context__]
         stack += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
     return None
+
+
+def _device_of_inputs(example_inputs) -> str:
+    for t in example_inputs:
+        if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+            from .spec import DeviceInfo
+
+            return str(DeviceInfo.of(t.device))
+    return "cpu"
 
 
 def _needs_grad(gm: torch.fx.GraphModule, example_inputs) -> bool:
@@ -77,20 +112,52 @@ class QLinearBackend:
         return f"qlinear_pass.make({cfg}, inductor={self.inductor})"
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
-        cfg, source = C.resolve(self.config)
-        if _needs_grad(gm, example_inputs):
-            _remember(CompileRecord(cfg, source, training=True))
-            log.info("qlinear_pass: graph needs gradients; compiling it untouched")
-            return self._compile(gm, example_inputs, None)
+        started = time.perf_counter()
         try:
-            return self._compile(gm, example_inputs, QLinearPass(cfg, source))
-        except NoKernelError as exc:
-            raise _visible_error(exc) from None
-        except Exception as exc:
-            nk = _find_no_kernel(exc)
-            if nk is not None:
-                raise _visible_error(nk) from None
-            raise
+            cfg, source = C.resolve(self.config)
+        except C.EnvConfigError as exc:
+            raise _visible_error(exc, inspect.currentframe()) from None
+        if _needs_grad(gm, example_inputs):
+            log.info("qlinear_pass: graph needs gradients; compiling it untouched")
+            compiled = self._compile(gm, example_inputs, None)
+            record = CompileRecord(cfg, source, training=True)
+        else:
+            graph_pass = QLinearPass(cfg, source)
+            store_key = record_store.key(gm, example_inputs, graph_pass.uuid(), self.options,
+                                         str(_device_of_inputs(example_inputs))) if self.inductor else None
+            try:
+                compiled = self._compile(gm, example_inputs, graph_pass)
+            except Exception as exc:
+                nk = _find_no_kernel(exc)
+                if nk is None:
+                    raise
+                raise _visible_error(nk, inspect.currentframe()) from None
+            record = graph_pass.record
+            if record is None:  # a cache returned the compiled graph: the pass did not run
+                record = (record_store.load(store_key, cfg, source) if store_key else None) \
+                    or self._rederive(gm, example_inputs, cfg, source)
+            elif store_key is not None:
+                record_store.save(store_key, record)
+        record.seconds = time.perf_counter() - started
+        try:
+            compiled.qlinear_record = record
+        except (AttributeError, TypeError):
+            pass
+        publish(record)
+        return compiled
+
+    @staticmethod
+    def _rederive(gm, example_inputs, cfg, source) -> CompileRecord:
+        """The pass once more over the ATen graph, without code generation (a cache hit whose
+        decisions were not stored)."""
+        import torch._functorch.config as functorch_config
+
+        graph_pass = QLinearPass(cfg, source)
+        with functorch_config.patch(enable_autograd_cache=False):
+            _aot_compile(gm, example_inputs, graph_pass)
+        record = graph_pass.record or CompileRecord(cfg, source)
+        record.origin = "rederived"
+        return record
 
     def _compile(self, gm, example_inputs, graph_pass: Optional[QLinearPass]):
         if self.inductor:
@@ -155,6 +222,8 @@ def make(
     if linear_backend is not None and config is not None:
         raise TypeError("pass either linear_backend or config, not both")
     cfg = C.as_config(config if config is not None else linear_backend)
+    if cfg is None:
+        C.env_config()  # a bad QLINEAR_PASS_LINEAR_BACKEND is an error here, not at the first call
     if "freezing" in inductor_options:
         raise TypeError(
             "freezing cannot be set per backend: Dynamo reads it while tracing. Set "
@@ -176,5 +245,6 @@ def _make_cached(cfg, inductor, options) -> QLinearBackend:
     return QLinearBackend(cfg, inductor, options)
 
 
-#: the backend registered as ``torch.compile(backend="qlinear")``
-qlinear_backend = make()
+#: the backend registered as ``torch.compile(backend="qlinear")`` (importing this module must
+#: not fail on a bad environment variable: the first compile reports it)
+qlinear_backend = _make_cached(None, True, ())

@@ -81,8 +81,25 @@ def _norm(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
 
+#: names people write for a scheme, and the scheme they mean (only ever a hint, never accepted)
+SCHEME_HINTS = {
+    "int4": "w4a16",
+    "int4_weight_only": "w4a16",
+    "w4a16_int4": "w4a16",
+    "uint4": "w4a16",
+    "fp8": "fp8_rowwise",
+    "fp8_dynamic": "fp8_rowwise",
+    "fp8_per_tensor": "fp8_tensor",
+    "fp8_blockwise": "fp8_block",
+    "int8": "int8_rowwise",
+    "w8a8": "int8_rowwise",
+    "w8a16": "int8_weight_only",
+}
+
+
 def _unknown(kind: str, name: str, valid: tuple[str, ...]) -> ValueError:
-    close = difflib.get_close_matches(_norm(name), valid, n=1, cutoff=0.5)
+    hint = SCHEME_HINTS.get(_norm(name)) if kind == "scheme" else None
+    close = [hint] if hint else difflib.get_close_matches(_norm(name), valid, n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return ValueError(f"unknown {kind} {name!r}.{hint} Valid {kind}s: {', '.join(valid)}.")
 
@@ -184,14 +201,26 @@ def current_context_config() -> LinearBackendConfig | None:
     return stack[-1] if stack else None
 
 
+class EnvConfigError(ValueError):
+    """The environment variable ``QLINEAR_PASS_LINEAR_BACKEND`` names no backend."""
+
+
+EnvConfigError.__module__ = "qlinear_pass"
+
+
 def env_config() -> LinearBackendConfig | None:
-    value = os.environ.get(ENV_VAR, "").strip()
+    """The config the environment variable sets, if any; a bad value is an error naming it."""
+    raw = os.environ.get(ENV_VAR, "")
+    value = raw.strip()
     if not value:
         return None
     try:
         return LinearBackendConfig(linear_backend=value)
-    except ValueError as exc:
-        raise ValueError(f"environment variable {ENV_VAR}: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise EnvConfigError(
+            f"environment variable {ENV_VAR}={raw!r} is not a linear backend: {exc} "
+            f"Set it to one of those names, or unset it for 'auto'."
+        ) from None
 
 
 def resolve(explicit: "str | LinearBackendConfig | None" = None) -> tuple[LinearBackendConfig, str]:

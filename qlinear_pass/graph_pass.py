@@ -7,8 +7,10 @@ AOTAutograd caches never hand back a graph compiled for another backend.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import json
 import pathlib
 import time
 from typing import Any, Optional
@@ -19,8 +21,12 @@ from torch._inductor import custom_graph_pass as _cgp
 
 from . import config as C
 from .kernels import ops as _ops  # noqa: F401  (registers qlinear_pass::linear)
-from .patterns import Match, Unmatched, find_linears, val
-from .registry import DeviceInfo, Kernel, LayerSpec, Selection, registry_key, select
+from .emit import Emitter, canonical_inputs, quantized_inputs, val  # noqa: F401  (quantized_inputs: its old home)
+from .patterns import Match, Unmatched, find_linears
+from .kernel import Kernel
+from .registry import registry_key
+from .select import Selection, select
+from .spec import DeviceInfo, LayerSpec
 
 
 @dataclasses.dataclass
@@ -57,24 +63,71 @@ class Decision:
 
 @dataclasses.dataclass
 class CompileRecord:
-    """One run of the pass over one graph."""
+    """One compile of one graph: the config it used and what the pass decided.
+
+    Each record belongs to the compile that made it: the compiled callable carries it
+    (``qlinear_record``), and :func:`watch` collects the records of the compiles inside a
+    block.  ``origin`` says where the decisions come from: ``"pass"`` (the pass ran),
+    ``"cache"`` (Inductor's cache returned a compiled graph, so the pass did not run, and the
+    decisions stored beside it were read back) or ``"rederived"`` (a cache hit with no stored
+    decisions: the pass was run again over the graph, without code generation).
+    """
 
     config: C.LinearBackendConfig
     source: str  # where the config came from: make / context / env / default
     decisions: list[Decision] = dataclasses.field(default_factory=list)
     unmatched: list[dict] = dataclasses.field(default_factory=list)
     training: bool = False
-    #: wall seconds the pass took over this graph (matching, selection, replacement)
-    seconds: float = 0.0
+    origin: str = "pass"
+    #: wall seconds the pass itself took over this graph (matching, selection, replacement)
+    pass_seconds: float = 0.0
+    #: wall-clock seconds the compile took, when known
+    seconds: Optional[float] = None
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "decisions": [
+                {"spec": d.spec.to_json(), "backend": d.backend, "kernel": d.kernel, "rejected": d.rejected,
+                 "fallback": d.fallback, "note": d.note}
+                for d in self.decisions
+            ],
+            "unmatched": self.unmatched,
+            "training": self.training,
+        })
+
+    @classmethod
+    def from_json(cls, text: str, config: C.LinearBackendConfig, source: str, origin: str) -> "CompileRecord":
+        d = json.loads(text)
+        decisions = [
+            Decision(LayerSpec.from_json(x["spec"]), x["backend"], x["kernel"], [tuple(r) for r in x["rejected"]],
+                     x["fallback"], x["note"])
+            for x in d["decisions"]
+        ]
+        return cls(config, source, decisions, d["unmatched"], d["training"], origin)
 
 
-#: every run of the pass in this process, newest last (bounded)
-HISTORY: list[CompileRecord] = []
-_HISTORY_LIMIT = 256
+_WATCHERS: list = []
 
 
-def last_record() -> Optional[CompileRecord]:
-    return HISTORY[-1] if HISTORY else None
+@contextlib.contextmanager
+def watch():
+    """Collect the :class:`CompileRecord` of every compile that finishes inside the block.
+
+    >>> with watch() as records:
+    ...     compiled(x)
+    """
+    out: list[CompileRecord] = []
+    _WATCHERS.append(out)
+    try:
+        yield out
+    finally:
+        _WATCHERS.remove(out)
+
+
+def publish(record: CompileRecord) -> None:
+    """Hand a finished record to every :func:`watch` in progress."""
+    for w in list(_WATCHERS):
+        w.append(record)
 
 
 def _package_hash() -> str:
@@ -91,12 +144,17 @@ _Base: Any = getattr(_cgp, "CustomInferenceAwareGraphPass", _cgp.CustomGraphPass
 
 
 class QLinearPass(_Base):
-    """Rewrites the quantized linears of one graph for one config."""
+    """Rewrites the quantized linears of one graph for one config.
+
+    ``record`` is None until the pass runs; after a compile it still being None means
+    Inductor's cache supplied the compiled graph.
+    """
 
     def __init__(self, config: C.LinearBackendConfig, source: str = "make", device: Optional[DeviceInfo] = None) -> None:
         self.config = config
         self.source = source
         self.device = device
+        self.record: Optional[CompileRecord] = None
 
     def uuid(self) -> Any:
         global _PKG_HASH
@@ -106,7 +164,7 @@ class QLinearPass(_Base):
 
     def __call__(self, graph: fx.Graph, is_inference: bool = True) -> None:
         record = CompileRecord(self.config, self.source)
-        _remember(record)
+        self.record = record
         if not is_inference:
             record.training = True
             return
@@ -114,12 +172,7 @@ class QLinearPass(_Base):
         try:
             rewrite(graph, self.config, record, self.device)
         finally:
-            record.seconds = time.perf_counter() - start
-
-
-def _remember(record: CompileRecord) -> None:
-    HISTORY.append(record)
-    del HISTORY[:-_HISTORY_LIMIT]
+            record.pass_seconds = time.perf_counter() - start
 
 
 def rewrite(graph: fx.Graph, cfg: C.LinearBackendConfig, record: CompileRecord, device: Optional[DeviceInfo] = None) -> None:
@@ -145,84 +198,7 @@ def _miss_row(miss: Unmatched) -> dict:
     return {"module": miss.module, "node": miss.node.name, "op": str(miss.node.target), "n": miss.n, "k": miss.k, "reason": miss.reason}
 
 
-# --- building nodes -------------------------------------------------------------
-
-
-class Emitter:
-    """Creates nodes before ``anchor`` with fake values, as Inductor expects."""
-
-    def __init__(self, graph: fx.Graph, anchor: fx.Node, meta_from: fx.Node) -> None:
-        self.graph = graph
-        self.anchor = anchor
-        self.meta_from = meta_from
-        vals = [v for v in (val(n) for n in anchor.all_input_nodes) if isinstance(v, torch.Tensor)]
-        self.fake_mode = torch._guards.detect_fake_mode(vals) if vals else None
-
-    def __call__(self, target, *args, **kwargs) -> fx.Node:
-        with self.graph.inserting_before(self.anchor):
-            node = self.graph.call_function(target, args, kwargs)
-        for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
-            if key in self.meta_from.meta:
-                node.meta[key] = self.meta_from.meta[key]
-
-        def fake(a):
-            return val(a) if isinstance(a, fx.Node) else a
-
-        fargs = fx.node.map_aggregate(args, fake)
-        fkwargs = fx.node.map_aggregate(kwargs, fake)
-        if self.fake_mode is not None:
-            with self.fake_mode:
-                node.meta["val"] = target(*fargs, **fkwargs)
-        else:
-            node.meta["val"] = target(*fargs, **fkwargs)
-        return node
-
-    def constant(self, name: str, tensor: torch.Tensor) -> fx.Node:
-        """A new constant of the graph module (weights prepared at compile time)."""
-        gm = self.graph.owning_module
-        base = f"_qlinear_{name}"
-        attr = base
-        i = 0
-        while hasattr(gm, attr):
-            i += 1
-            attr = f"{base}_{i}"
-        gm.register_buffer(attr, tensor)
-        with self.graph.inserting_before(self.anchor):
-            node = self.graph.get_attr(attr)
-        if self.fake_mode is not None:
-            node.meta["val"] = self.fake_mode.from_tensor(tensor, static_shapes=True)
-        else:
-            node.meta["val"] = tensor
-        return node
-
-
 aten = torch.ops.aten
-
-
-def canonical_inputs(emit: Emitter, m: Match) -> tuple[fx.Node, list, Optional[fx.Node]]:
-    """The kernel's inputs: 2-D activation, canonical parameters, bias."""
-    x = m.x
-    if len(val(x).shape) != 2:
-        x = emit(aten.reshape.default, x, [-1, m.spec.k])
-    params = []
-    for p, shape in zip(m.params, m.param_shapes):
-        if p is not None and shape is not None and tuple(val(p).shape) != tuple(shape):
-            p = emit(aten.reshape.default, p, list(shape))
-        params.append(p)
-    return x, params, m.bias
-
-
-def quantized_inputs(emit: Emitter, m: Match) -> tuple[fx.Node, fx.Node, list, Optional[fx.Node]]:
-    """For kernels that keep a dynamic activation quantization in the graph (Inductor fuses it):
-    the quantized 2-D activation, its scale, the weight parameters and the bias.
-    For a static activation these are the given quantized activation and scale."""
-    x, params, bias = canonical_inputs(emit, m)
-    if m.spec.act_input == "static":
-        return x, params[-1], params[:-1], bias
-    q, scale = m.act_q, m.act_scale
-    if len(val(q).shape) != 2:
-        q = emit(aten.reshape.default, q, [-1, m.spec.k])
-    return q, scale, params, bias
 
 
 def _replace(graph: fx.Graph, m: Match, sel: Selection) -> None:

@@ -42,9 +42,11 @@ class QuantizedLinear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scheme: str, *, group_size: int = 128, zero_points: bool = False) -> "QuantizedLinear":
-        params = S.quantize_weight(scheme, linear.weight, group_size=group_size, zero_points=zero_points)
+    def from_linear(cls, linear: nn.Linear, scheme: str, *, group_size: Optional[int] = None,
+                    zero_points: bool = False) -> "QuantizedLinear":
         name = S.get_scheme(scheme).name
+        group_size = _group_size(name, group_size)
+        params = S.quantize_weight(scheme, linear.weight, group_size=group_size or 128, zero_points=zero_points)
         return cls(
             name,
             linear.in_features,
@@ -71,6 +73,19 @@ class QuantizedLinear(nn.Module):
         return f"{self.scheme}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{g}{z}"
 
 
+def _group_size(scheme: str, group_size: Optional[int]) -> Optional[int]:
+    """The group size of a w4a16 layer (default 128); an error for schemes without groups."""
+    if scheme != "w4a16":
+        if group_size is not None:
+            raise ValueError(f"group_size is a w4a16 option; scheme {scheme} has no weight groups "
+                             f"(got group_size={group_size})")
+        return None
+    group_size = 128 if group_size is None else group_size
+    if group_size not in S.GROUP_SIZES:
+        raise ValueError(f"w4a16 group size must be one of {S.GROUP_SIZES}, got {group_size}")
+    return group_size
+
+
 def _matches(name: str, patterns: Optional[Iterable[str]]) -> bool:
     return patterns is not None and any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -85,7 +100,7 @@ def quantize(
     model: nn.Module,
     scheme: str,
     *,
-    group_size: int = 128,
+    group_size: Optional[int] = None,
     zero_points: bool = False,
     include=None,
     exclude=None,
@@ -98,8 +113,7 @@ def quantize(
     is replaced unless every selected layer can be: no half-quantized model.
     """
     s = S.get_scheme(scheme)
-    if s.name == "w4a16" and group_size not in S.GROUP_SIZES:
-        raise ValueError(f"w4a16 group size must be one of {S.GROUP_SIZES}, got {group_size}")
+    group_size = _group_size(s.name, group_size)
     if zero_points and s.name != "w4a16":
         raise ValueError(f"zero_points is a w4a16 option; scheme {s.name} is symmetric")
     inc, exc = _as_patterns(include), _as_patterns(exclude)

@@ -1,12 +1,17 @@
 """``explain()``: which kernel runs each quantized linear, and why not the others."""
 from __future__ import annotations
 
+import builtins
 import dataclasses
+import itertools
+import types
 
 import torch
 
 from . import config as C
-from .graph_pass import HISTORY, CompileRecord
+from . import graph_pass
+from .graph_pass import CompileRecord
+from .patterns import EXPLAIN_ROOT
 
 
 @dataclasses.dataclass
@@ -38,7 +43,7 @@ class Report:
         return {r["module"]: r["kernel"] for r in self.rows}
 
     def __str__(self) -> str:
-        lines = [f"linear backend: {self.config.describe()} (from {self.source})"]
+        lines = [f"linear backend: {self.config.describe()} (from {_SOURCES.get(self.source, self.source)})"]
         if self.training:
             lines.append("graph needs gradients: left untouched (the pass rewrites inference graphs only)")
         headers = ["module", "scheme", "N", "K", "backend", "kernel", "rejected"]
@@ -68,34 +73,76 @@ class Report:
         p.text(str(self))
 
 
+def _qlinear_backend_of(compiled) -> "object | None":
+    """The ``make()`` backend a ``torch.compile``-d module or function was compiled with, if any."""
+    from .compile import QLinearBackend
+
+    ctx = getattr(compiled, "dynamo_ctx", None)
+    stack = [getattr(ctx, "callback", None)]
+    seen = set()
+    while stack:
+        obj = stack.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, QLinearBackend):
+            return obj
+        stack += [getattr(obj, a, None) for a in ("_torchdynamo_orig_backend", "compiler_fn", "__wrapped__")]
+    return None
+
+
+_SOURCES = {
+    "make": "the compiled model's make()",
+    "argument": "explain's linear_backend argument",
+}
+
+_explain_count = itertools.count()
+
+
 def explain(
-    model: torch.nn.Module,
+    model,
     *example_inputs,
     linear_backend: "str | C.LinearBackendConfig | None" = None,
     inductor: bool = False,
 ) -> Report:
-    """Compile ``model`` on ``example_inputs`` and report every quantized linear.
+    """Compile a copy of ``model`` on ``example_inputs`` and report every quantized linear.
 
-    The pass runs exactly as in ``make()`` (over the ATen graph, without
-    Inductor code generation unless ``inductor=True``), under ``no_grad``.
+    ``model`` may be the compiled model (``torch.compile(model, backend=make(...))``): the
+    report then uses the config it was compiled with.  ``linear_backend`` names a config
+    instead; with neither, the config in effect here (context, environment, ``auto``) is used
+    and the report says so.  The pass runs exactly as in ``make()`` (over the ATen graph,
+    without Inductor code generation unless ``inductor=True``), under ``no_grad``.  Other
+    compiled models are left alone: the copy is compiled from a new entry point, with a
+    backend of its own and the on-disk caches off, so nothing of theirs is reset or reused.
     An explicit backend that cannot run a layer raises ``NoKernelError``.
     """
-    import torch._dynamo
-
-    from .compile import make
-
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
-    cfg, source = C.resolve(linear_backend)
-    backend = make(cfg, inductor=inductor)
-    start = len(HISTORY)
-    torch._dynamo.reset()
-    try:
-        # a cache hit would skip the pass, and with it the decisions to report
-        with torch.no_grad(), inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
-            torch.compile(model, backend=backend, fullgraph=False)(*example_inputs)
-    finally:
-        torch._dynamo.reset()
-    records = HISTORY[start:]
+    from .compile import QLinearBackend
+
+    target = getattr(model, "_orig_mod", None) or getattr(model, "_torchdynamo_orig_callable", None) or model
+    compiled_with = _qlinear_backend_of(model)
+    if linear_backend is not None:
+        cfg, source = C.as_config(linear_backend), "argument"
+    elif compiled_with is not None and compiled_with.config is not None:
+        cfg, source = compiled_with.config, "make"
+    else:
+        cfg, source = C.resolve(None)
+        source = f"{source}; explain() was given no config: the one in effect here"
+    options = tuple(sorted(compiled_with.options.items())) if compiled_with is not None else ()
+    backend = QLinearBackend(cfg, inductor or bool(options), options)
+
+    # a function of its own (a new code object): Dynamo's caches are per code object, so this
+    # compile neither reuses nor replaces the entries of the user's compiled models
+    code = _entry.__code__.replace(co_name=f"qlinear_explain_{next(_explain_count)}")
+    entry = types.FunctionType(code, {"__builtins__": builtins, EXPLAIN_ROOT: target})
+    with graph_pass.watch() as records:
+        with torch.no_grad(), inductor_config.patch(fx_graph_cache=False), \
+                functorch_config.patch(enable_autograd_cache=False):
+            torch.compile(entry, backend=backend, fullgraph=False)(*example_inputs)
     return Report.from_records(records, cfg, source)
+
+
+def _entry(*args):
+    return _qlinear_explain_model(*args)  # noqa: F821  (a global of the function built from this code)

@@ -1,13 +1,11 @@
 """Shared test helpers: small quantized models, compiling with the pass, recorded decisions."""
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 import qlinear_pass as qp
 from qlinear_pass import schemes as S
-from qlinear_pass.graph_pass import HISTORY
+from qlinear_pass.graph_pass import watch
 
 ALL_SCHEMES = S.SCHEMES if hasattr(S, "SCHEMES") else tuple(s.name for s in S.all_schemes())
 
@@ -20,7 +18,7 @@ def linear_model(k: int, n: int, scheme: str, *, bias=False, dtype=torch.bfloat1
         if bias:
             lin.bias.normal_(0, 0.5)
     m = torch.nn.Sequential(lin).to(dtype)
-    return qp.quantize(m, scheme, group_size=group_size, zero_points=zero_points)
+    return qp.quantize(m, scheme, group_size=group_size if scheme == "w4a16" else None, zero_points=zero_points)
 
 
 def random_activation(shape, dtype=torch.bfloat16, seed=1):
@@ -28,13 +26,9 @@ def random_activation(shape, dtype=torch.bfloat16, seed=1):
     return torch.randn(shape, generator=g).to(dtype)
 
 
-@contextlib.contextmanager
 def recorded():
     """Collect the CompileRecords made inside the block."""
-    start = len(HISTORY)
-    out: list = []
-    yield out
-    out.extend(HISTORY[start:])
+    return watch()
 
 
 def kernels_of(records) -> list:

@@ -87,12 +87,30 @@ def test_no_kernel_error_reaches_the_torch_compile_user():
     assert isinstance(e.value, ValueError)
 
 
+@pytest.mark.parametrize("inductor", [False, True])
+def test_no_kernel_error_reads_as_ours_with_a_short_traceback(inductor):
+    import traceback
+
+    m = linear_model(256, 128, "fp8_block")
+    with pytest.raises(qp.NoKernelError) as e:
+        compile_and_run(m, random_activation((4, 256)), "torch", inductor=inductor)
+    lines = traceback.format_exception(e.value)
+    text = "".join(lines)
+    last = lines[-1]
+    # the class prints under its public name, and the message is ours alone, first
+    assert last.startswith("qlinear_pass.NoKernelError: linear backend 'torch' has no kernel for layer '0'"), last
+    assert "TORCHDYNAMO_VERBOSE" not in str(e.value) and "BackendCompilerFailed" not in text
+    frames = sum(1 for line in lines if line.startswith("  File "))
+    assert frames <= 8, text
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+
+
 def test_fallback_warns_and_is_reported():
     m = linear_model(256, 128, "fp8_block")
     cfg = qp.LinearBackendConfig("torch", on_unsupported="fallback")
-    from qlinear_pass import registry
+    from qlinear_pass import select
 
-    registry._warned.clear()
+    select._warned.clear()
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         rep = qp.explain(m, random_activation((4, 256)), linear_backend=cfg)
@@ -153,3 +171,48 @@ def test_int4pack_refuses_weights_passed_per_call():
     with pytest.raises(qp.NoKernelError, match="module parameters/buffers"):
         with torch.no_grad():
             torch.compile(f, backend=qp.make("torch", inductor=False))(random_activation((3, 256)), p["weight"], p["weight_scale"])
+
+
+def test_records_belong_to_their_compile():
+    m = linear_model(64, 32, "int8_rowwise")
+    x = random_activation((4, 64))
+    with torch.no_grad(), recorded() as outer:
+        f = torch.compile(m, backend=qp.make("emulation", inductor=False))
+        f(x)
+        with recorded() as inner:
+            torch.compile(m, backend=qp.make("torch", inductor=False))(x)
+    assert kernels_of(inner) == ["torch_int_mm"]
+    assert kernels_of(outer) == ["emulation", "torch_int_mm"]
+    assert all(r.origin == "pass" and r.seconds is not None and r.seconds > 0 for r in outer)
+
+
+@pytest.mark.inductor
+def test_decisions_survive_inductor_cache_hits(tmp_path, monkeypatch):
+    """A cache hit skips the pass: the decisions come back from beside the cached graph, or are
+    re-derived when they were not stored."""
+    import shutil
+
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    from qlinear_pass import record_store
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    m = linear_model(64, 32, "int8_weight_only")
+    x = random_activation((4, 64))
+
+    def compile_once():
+        torch._dynamo.reset()
+        with torch.no_grad(), recorded() as recs:
+            torch.compile(m, backend=qp.make("emulation"))(x)
+        (rec,) = recs
+        return rec
+
+    with inductor_config.patch(fx_graph_cache=True), functorch_config.patch(enable_autograd_cache=True):
+        first = compile_once()
+        hit = compile_once()
+        shutil.rmtree(record_store.directory())
+        rederived = compile_once()
+    assert first.origin == "pass" and hit.origin == "cache" and rederived.origin == "rederived"
+    for rec in (first, hit, rederived):
+        assert [(d.spec.scheme, d.kernel) for d in rec.decisions] == [("int8_weight_only", "emulation")]

@@ -1,6 +1,7 @@
 import dataclasses
 
 import pytest
+import torch
 
 import qlinear_pass as qp
 from qlinear_pass import config as C
@@ -97,3 +98,27 @@ def test_context_takes_options_with_a_name():
         assert cfg.on_unsupported == "fallback"
     with pytest.raises(TypeError):
         qp.linear_backend(qp.LinearBackendConfig(), on_unsupported="fallback")
+
+
+def test_bad_env_var_is_reported_by_make(monkeypatch):
+    monkeypatch.setenv(C.ENV_VAR, "trition")
+    with pytest.raises(qp.EnvConfigError) as e:
+        qp.make()
+    msg = str(e.value)
+    assert f"{C.ENV_VAR}='trition'" in msg and "Did you mean 'triton'" in msg and "unset it" in msg
+    assert isinstance(e.value, ValueError)
+    qp.make("emulation")  # an explicit backend does not read it
+
+
+def test_bad_env_var_reaches_the_compiled_call_unwrapped(monkeypatch):
+    import traceback
+
+    from .helpers import linear_model, random_activation
+
+    m = linear_model(64, 32, "int8_rowwise")
+    f = torch.compile(m, backend="qlinear")  # the entry point: made before the variable was set
+    monkeypatch.setenv(C.ENV_VAR, "nope")
+    with pytest.raises(qp.EnvConfigError) as e, torch.no_grad():
+        f(random_activation((2, 64)))
+    last = traceback.format_exception(e.value)[-1]
+    assert last.startswith(f"qlinear_pass.EnvConfigError: environment variable {C.ENV_VAR}='nope'"), last

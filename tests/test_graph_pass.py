@@ -104,11 +104,11 @@ def test_inductor_end_to_end_with_dynamic_m():
 
 
 def test_record_times_the_pass():
-    """CompileRecord.seconds: the time the pass itself took, what bench_e2e sums per variant."""
+    """CompileRecord.pass_seconds: the time the pass itself took (what bench_e2e sums per variant), within the compile's seconds."""
     m = linear_model(128, 64, "int8_weight_only")
     f = torch.compile(m, backend=qp.make("emulation", inductor=False))
     with torch.no_grad(), recorded() as recs:
         f(random_activation((3, 128)))
     (rec,) = recs
     assert len(rec.decisions) == 1
-    assert rec.seconds > 0.0
+    assert 0.0 < rec.pass_seconds <= rec.seconds

@@ -53,8 +53,26 @@ def test_eager_forward_is_close_to_float(scheme):
     lin = torch.nn.Linear(256, 64)
     x = torch.randn(2, 5, 256)
     ref = lin(x)
-    q = qp.quantize(torch.nn.Sequential(lin), scheme, group_size=64)[0]
+    q = qp.quantize(torch.nn.Sequential(lin), scheme, group_size=64 if scheme == "w4a16" else None)[0]
     y = q(x)
     assert y.shape == ref.shape and y.dtype == x.dtype
     assert S.relative_error(y, ref) < (0.15 if scheme == "w4a16" else 0.06)
     assert S.relative_error(q.dequantized_weight(), lin.weight) < (0.15 if scheme == "w4a16" else 0.05)
+
+
+@pytest.mark.parametrize("scheme", ["fp8_rowwise", "int8_weight_only", "fp8_block"])
+def test_group_size_for_a_scheme_without_groups_raises(scheme):
+    with pytest.raises(ValueError, match=f"group_size is a w4a16 option; scheme {scheme} has no weight groups"):
+        qp.quantize(torch.nn.Sequential(torch.nn.Linear(128, 8)), scheme, group_size=64)
+
+
+def test_w4a16_group_size_defaults_to_128():
+    q = qp.quantize(torch.nn.Sequential(torch.nn.Linear(256, 8)), "w4a16")[0]
+    assert q.group_size == 128 and q.weight_scale.shape == (8, 2)
+
+
+@pytest.mark.parametrize("name,meant", [("int4", "w4a16"), ("INT4", "w4a16"), ("fp8", "fp8_rowwise"),
+                                        ("fp8-rowwize", "fp8_rowwise")])
+def test_a_near_miss_scheme_name_gets_a_hint(name, meant):
+    with pytest.raises(ValueError, match=f"Did you mean '{meant}'"):
+        qp.quantize(torch.nn.Sequential(torch.nn.Linear(128, 8)), name)

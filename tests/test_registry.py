@@ -6,6 +6,7 @@ import torch
 
 import qlinear_pass as qp
 from qlinear_pass import registry as R
+from qlinear_pass import select as SEL
 from qlinear_pass.config import backend_names
 
 H100 = R.DeviceInfo("cuda", (9, 0), "fake H100")
@@ -60,26 +61,26 @@ def test_registering_a_kernel_makes_its_backend_known(fake_kernels):
 
 
 def test_priority_order_per_device(fake_kernels):
-    names = [k.name for k in R.candidates("fp8_rowwise", H100)]
+    names = [k.name for k in SEL.candidates("fp8_rowwise", H100)]
     assert names.index("testlib2_any") < names.index("testlib_fast") < names.index("testlib_slow")
     assert names[-1] == "emulation"
-    names_cpu = [k.name for k in R.candidates("fp8_rowwise", CPU)]
+    names_cpu = [k.name for k in SEL.candidates("fp8_rowwise", CPU)]
     assert names_cpu.index("testlib2_any") > names_cpu.index("testlib_slow")
 
 
 def test_explicit_backend_filters_and_first_fit_wins(fake_kernels):
-    sel = R.select(spec(), qp.LinearBackendConfig("testlib"), H100)
+    sel = SEL.select(spec(), qp.LinearBackendConfig("testlib"), H100)
     assert sel.kernel.name == "testlib_fast" and sel.rejected == []
-    sel = R.select(spec(k=200), qp.LinearBackendConfig("testlib"), H100)
+    sel = SEL.select(spec(k=200), qp.LinearBackendConfig("testlib"), H100)
     assert sel.kernel.name == "testlib_slow"
     assert sel.rejected == [("testlib_fast", "K=200 is not a multiple of 128")]
-    sel = R.select(spec(), qp.LinearBackendConfig("testlib"), A100)
+    sel = SEL.select(spec(), qp.LinearBackendConfig("testlib"), A100)
     assert sel.kernel.name == "testlib_slow" and "needs sm90" in sel.rejected[0][1]
 
 
 def test_no_kernel_error_names_layer_candidates_and_fixes(fake_kernels):
     with pytest.raises(qp.NoKernelError) as e:
-        R.select(spec(k=200), qp.LinearBackendConfig("testlib"), CPU)
+        SEL.select(spec(k=200), qp.LinearBackendConfig("testlib"), CPU)
     msg = str(e.value)
     assert isinstance(e.value, ValueError)
     for part in ["'testlib'", "layers.0.mlp.up_proj", "fp8_rowwise", "N=256", "K=200",
@@ -89,32 +90,33 @@ def test_no_kernel_error_names_layer_candidates_and_fixes(fake_kernels):
 
 def test_backend_without_kernels_says_so():
     with pytest.raises(qp.NoKernelError, match="has no kernels registered"):
-        R.select(spec(), qp.LinearBackendConfig("conch"), H100)
+        SEL.select(spec(), qp.LinearBackendConfig("conch"), H100)
 
 
 def test_auto_never_raises_for_a_known_scheme():
-    for scheme in R.C.SCHEMES:
-        sel = R.select(spec(scheme, n=8, k=8, device="meta"), qp.LinearBackendConfig(), R.DeviceInfo("meta"))
+    for scheme in SEL.C.SCHEMES:
+        sel = SEL.select(spec(scheme, n=8, k=8, device="meta"), qp.LinearBackendConfig(), R.DeviceInfo("meta"))
         assert sel.kernel is not None
 
 
 def test_per_scheme_override(fake_kernels):
     cfg = qp.LinearBackendConfig("emulation", per_scheme={"fp8_rowwise": "testlib2"})
-    assert R.select(spec(), cfg, H100).kernel.name == "testlib2_any"
-    assert R.select(spec("w4a16", group_size=128), cfg, H100).kernel.name == "emulation"
+    assert SEL.select(spec(), cfg, H100).kernel.name == "testlib2_any"
+    assert SEL.select(spec("w4a16", group_size=128), cfg, H100).kernel.name == "emulation"
 
 
 def test_fallback_warns_once_per_layer_type(fake_kernels):
     cfg = qp.LinearBackendConfig("testlib", on_unsupported="fallback")
-    R._warned.clear()
+    SEL._warned.clear()
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        s1 = R.select(spec(k=200), cfg, CPU)
-        s2 = R.select(spec(k=200), cfg, CPU)
+        s1 = SEL.select(spec(k=200), cfg, CPU)
+        s2 = SEL.select(spec(k=200), cfg, CPU)
+        s3 = SEL.select(spec(k=200, n=512), cfg, CPU)  # another layer type: warned about too
     assert s1.fallback and s1.kernel is not None and s1.kernel.backend != "testlib"
-    assert s2.fallback
+    assert s2.fallback and s3.fallback
     msgs = [str(x.message) for x in w if "falling back" in str(x.message)]
-    assert len(msgs) == 1 and "testlib_fast" in msgs[0]
+    assert len(msgs) == 2 and "testlib_fast" in msgs[0] and "N=512" in msgs[1]
 
 
 def test_register_kernel_rejects_bad_classes():
@@ -143,8 +145,12 @@ def test_available_backends_table():
 
 
 def test_device_info_of():
-    assert R.DeviceInfo.of("cpu").type == "cpu"
-    assert H100.sm == 90 and "sm90" in str(H100)
+    assert R.DeviceInfo.of("cpu") == R.DeviceInfo("cpu", None, "cpu")
+    assert R.DeviceInfo.of(H100) is H100
+    assert H100.sm == 90 and "sm90" in str(H100) and H100.present
+    if not torch.cuda.is_available():
+        absent = R.DeviceInfo.of("cuda")
+        assert absent.type == "cuda" and absent.capability is None and not absent.present
 
 
 @pytest.fixture
@@ -179,17 +185,17 @@ def bucket_kernels():
 
 def test_auto_plans_per_m_bucket_when_m_is_dynamic(bucket_kernels):
     s = spec("int8_weight_only", device="cpu")
-    sel = R.select(s, qp.LinearBackendConfig(), CPU)
+    sel = SEL.select(s, qp.LinearBackendConfig(), CPU)
     assert [(limit, k.name) for limit, k in sel.plan] == [(1, "testlib_decode"), (None, "testlib_prefill")]
     assert sel.kernel_name == "testlib_decode@1;testlib_prefill"
     assert sel.describe() == "testlib_decode (M<=1), testlib_prefill (M>1)"
-    assert R.parse_plan(sel.kernel_name) == [(1, "testlib_decode"), (None, "testlib_prefill")]
+    assert SEL.parse_plan(sel.kernel_name) == [(1, "testlib_decode"), (None, "testlib_prefill")]
     # a fixed M takes its bucket's winner, no plan
-    fixed = R.select(dataclasses.replace(s, m=1), qp.LinearBackendConfig(), CPU)
+    fixed = SEL.select(dataclasses.replace(s, m=1), qp.LinearBackendConfig(), CPU)
     assert fixed.kernel.name == "testlib_decode" and not fixed.plan
-    assert R.select(dataclasses.replace(s, m=300), qp.LinearBackendConfig(), CPU).kernel.name == "testlib_prefill"
+    assert SEL.select(dataclasses.replace(s, m=300), qp.LinearBackendConfig(), CPU).kernel.name == "testlib_prefill"
     # an explicit backend never plans
-    assert not R.select(s, qp.LinearBackendConfig("testlib"), CPU).plan
+    assert not SEL.select(s, qp.LinearBackendConfig("testlib"), CPU).plan
 
 
 def test_the_op_follows_the_plan_by_m(bucket_kernels):
@@ -221,3 +227,13 @@ def test_the_op_dispatches_a_plan(bucket_kernels):
         before = ops.CALLS[ran]
         ops.call("testlib_decode@1;testlib_prefill", s, torch.randn(rows, 32), [p["weight"], p["weight_scale"]])
         assert ops.CALLS[ran] == before + 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_available_backends_for_cuda_without_a_cuda_device():
+    table = qp.available_backends("cuda")
+    for backend, row in table.items():
+        for scheme, (ok, why) in row.items():
+            assert not ok, (backend, scheme)
+            if why not in ("no kernel for this scheme", "no kernels registered"):
+                assert "no CUDA device is visible" in why, (backend, scheme, why)

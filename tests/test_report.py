@@ -16,7 +16,7 @@ def test_explain_rows_and_table():
         assert key in row
     assert (row["scheme"], row["n"], row["k"], row["backend"], row["kernel"]) == ("w4a16", 256, 128, "torch", "torch_int4pack")
     text = str(rep)
-    assert "linear backend: torch (from make)" in text and "up_proj" in text and "torch_int4pack" in text
+    assert "linear backend: torch (from explain's linear_backend argument)" in text and "up_proj" in text and "torch_int4pack" in text
     assert "down_proj" in text and "float weight" in text  # seen, not matched
     assert rep.kernels()["q_proj"] == "torch_int4pack"
 
@@ -40,4 +40,32 @@ def test_explain_uses_the_context():
     m = qp.quantize(torch.nn.Sequential(torch.nn.Linear(128, 32)), "int8_rowwise")
     with qp.linear_backend("emulation"):
         rep = qp.explain(m, torch.randn(3, 128))
-    assert rep.source == "context" and rep.rows[0]["kernel"] == "emulation"
+    assert rep.source.startswith("context") and rep.rows[0]["kernel"] == "emulation"
+    assert "explain() was given no config" in str(rep)
+
+
+def test_explain_reports_the_config_the_model_was_compiled_with():
+    m = qp.quantize(torch.nn.Sequential(torch.nn.Linear(128, 32)), "int8_rowwise")
+    cfg = qp.LinearBackendConfig("torch", per_scheme={"int8_rowwise": "emulation"})
+    fast = torch.compile(m, backend=qp.make(config=cfg, inductor=False))
+    rep = qp.explain(fast, torch.randn(3, 128))
+    assert rep.config == cfg and rep.source == "make"
+    assert rep.rows[0]["kernel"] == "emulation"
+    assert str(rep).startswith("linear backend: torch[int8_rowwise=emulation] (from the compiled model's make())")
+
+
+def test_explain_leaves_other_compiled_models_alone():
+    from torch._dynamo.testing import CompileCounter
+
+    other = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    counter = CompileCounter()
+    f = torch.compile(other, backend=counter)
+    x = torch.randn(2, 16)
+    f(x)
+    assert counter.frame_count == 1
+    m = qp.quantize(torch.nn.Sequential(torch.nn.Linear(128, 32)), "int8_rowwise")
+    for _ in range(2):  # the same model twice: each explain compiles (and reports) afresh
+        rep = qp.explain(m, torch.randn(3, 128), linear_backend="emulation")
+        assert [r["kernel"] for r in rep.rows] == ["emulation"]
+    f(x)
+    assert counter.frame_count == 1  # no recompile of the user's model

@@ -32,7 +32,9 @@ import torch
 from .. import schemes as S
 from ..kernels import cutlass_build as B
 from ..kernels.ops import mn_major_scales, quantize_activation
-from ..registry import OK, DeviceInfo, Kernel, LayerSpec, register_kernel
+from ..kernel import Kernel
+from ..registry import register_kernel
+from ..spec import OK, DeviceInfo, LayerSpec
 
 OUT_DTYPES = (torch.bfloat16, torch.float16)
 #: auto's rank of each kernel per M bucket on Hopper (lower runs first; our Triton kernels are
@@ -128,7 +130,7 @@ class _CutlassKernel(Kernel):
         return indices[name]
 
     def emit(self, emit, m):
-        from ..graph_pass import quantized_inputs
+        from ..emit import quantized_inputs
 
         self.module()  # build now, while torch.compile runs, not on the first forward
         q, sa, params, bias = quantized_inputs(emit, m)

@@ -6,7 +6,8 @@ The scheme's reference itself, run behind the custom op.  Slow, exact, and
 from __future__ import annotations
 
 from ..config import SCHEMES
-from ..registry import Kernel, register_kernel
+from ..kernel import Kernel
+from ..registry import register_kernel
 from ..schemes import reference
 
 

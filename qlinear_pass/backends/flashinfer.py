@@ -29,7 +29,9 @@ import torch
 
 from ..kernels import ops
 from ..kernels.ops import quantize_activation
-from ..registry import OK, DeviceInfo, Kernel, LayerSpec, register_kernel
+from ..kernel import Kernel
+from ..registry import register_kernel
+from ..spec import OK, DeviceInfo, LayerSpec
 
 log = logging.getLogger("qlinear_pass")
 

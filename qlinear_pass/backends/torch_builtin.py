@@ -20,7 +20,9 @@ import weakref
 import torch
 
 from .. import schemes as S
-from ..registry import OK, DeviceInfo, Kernel, LayerSpec, register_kernel
+from ..kernel import Kernel
+from ..registry import register_kernel
+from ..spec import OK, DeviceInfo, LayerSpec
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -93,7 +95,7 @@ class TorchScaledMM(Kernel):
         return OK
 
     def emit(self, emit, m):
-        from ..graph_pass import quantized_inputs
+        from ..emit import quantized_inputs
 
         q, sa, params, bias = quantized_inputs(emit, m)
         spec = dataclasses.replace(m.spec, act_input="static", act_dtype=torch.float8_e4m3fn)
@@ -142,7 +144,7 @@ class TorchIntMM(Kernel):
         return OK
 
     def emit(self, emit, m):
-        from ..graph_pass import quantized_inputs
+        from ..emit import quantized_inputs
 
         q, sa, params, bias = quantized_inputs(emit, m)
         w, sb = params[0], params[1]
@@ -170,6 +172,10 @@ class TorchInt8Pack(Kernel):
             return False, f"_weight_int8pack_mm takes bf16/fp16/fp32 activations, not {spec.act_dtype}"
         if spec.device == "cuda" and spec.act_dtype == torch.float32:
             return False, "_weight_int8pack_mm on CUDA takes bf16/fp16 activations"
+        if spec.device == "cpu" and spec.act_dtype == torch.bfloat16 and spec.k % 16:
+            # its vectorised bf16 path reads K 16 at a time with no tail: other K read past the
+            # row (garbage or a crash), measured on torch 2.13 with AVX-512
+            return False, f"_weight_int8pack_mm on CPU with bfloat16 activations needs K divisible by 16 (K={spec.k})"
         return OK
 
     def run(self, spec, x, params, bias):
@@ -220,8 +226,11 @@ class TorchInt4Pack(Kernel):
                 return False, f"tinygemm needs K divisible by 256 (K={spec.k})"
             if spec.n % 8:
                 return False, f"tinygemm needs N divisible by 8 (N={spec.n})"
-        elif spec.act_dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            return False, f"_weight_int4pack_mm_for_cpu takes float activations, not {spec.act_dtype}"
+        else:
+            if spec.act_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+                return False, f"_weight_int4pack_mm_for_cpu takes float activations, not {spec.act_dtype}"
+            if spec.n % 16:
+                return False, f"_convert_weight_to_int4pack_for_cpu needs N divisible by 16 (N={spec.n})"
         return OK
 
     def prepack(self, weight, scale, zero, spec: LayerSpec):

@@ -5,28 +5,56 @@ chosen kernel's name (or, under ``auto`` with a dynamic M, a per-M plan such
 as ``triton_w8a8@1;flashinfer_deepgemm_fp8_block``) and the layer spec.  Inductor keeps it as an opaque call
 (its fake implementation gives the output shape), so a symbolic M needs no
 recompile, and the kernel itself may pick a path by M at run time.
+
+The two strings are what survives Inductor's FX-graph cache from one process to the next;
+the op resolves them once per process into a :class:`Handle` (the spec, the kernel objects
+of the plan), and each call after the first is one dictionary lookup.
 """
 from __future__ import annotations
 
 import collections
-import functools
 import importlib.util
 import os
 from typing import Optional
 
 import torch
 
+from .. import registry
 from .. import schemes as S
-from ..registry import LayerSpec, get_kernel, parse_plan
+from ..spec import LayerSpec, parse_plan
 
 #: how often each kernel ran through the op (kernel name -> calls); for tests and debugging
 CALLS: collections.Counter = collections.Counter()
 
 
-@functools.lru_cache(maxsize=1024)
-def _plan(text: str) -> tuple:
-    """Parsed once per plan string: the op runs on every call of a compiled model."""
-    return tuple(parse_plan(text))
+class Handle:
+    """The op's two strings, resolved: the layer spec and ``[(largest M or None, name, kernel)]``."""
+
+    __slots__ = ("spec", "plan", "generation")
+
+    def __init__(self, kernel: str, spec: str) -> None:
+        self.spec = LayerSpec.from_json(spec)
+        self.plan = tuple((limit, name, registry.get_kernel(name)) for limit, name in parse_plan(kernel))
+        self.generation = registry.generation()
+
+    def pick(self, x: torch.Tensor) -> tuple:
+        """(name, kernel) for this activation's M."""
+        plan = self.plan
+        if len(plan) == 1:
+            return plan[0][1], plan[0][2]
+        m = x.numel() // max(x.shape[-1], 1)
+        return next((name, k) for limit, name, k in plan if limit is None or m <= limit)
+
+
+_HANDLES: dict = {}
+
+
+def handle(kernel: str, spec: str) -> Handle:
+    """The resolved handle of one call site (cached; re-resolved if kernels were re-registered)."""
+    h = _HANDLES.get((kernel, spec))
+    if h is None or h.generation != registry.generation():
+        h = _HANDLES[(kernel, spec)] = Handle(kernel, spec)
+    return h
 
 
 @torch.library.custom_op("qlinear_pass::linear", mutates_args=())
@@ -37,21 +65,19 @@ def linear(
     kernel: str,
     spec: str,
 ) -> torch.Tensor:
-    if ";" in kernel:  # a per-M plan chosen by auto: "a@1;b"
-        m = x.numel() // max(x.shape[-1], 1)
-        kernel = next(name for limit, name in _plan(kernel) if limit is None or m <= limit)
-    k = get_kernel(kernel)
-    s = LayerSpec.from_json(spec)
-    CALLS[kernel] += 1
+    h = handle(kernel, spec)
+    name, k = h.pick(x)
+    s = h.spec
+    CALLS[name] += 1
     out = k.run(s, x, params, bias)
     if out.shape[-1] != s.n or out.dtype != s.out_dtype:
-        raise RuntimeError(f"kernel {kernel} returned {tuple(out.shape)} {out.dtype}, expected [..., {s.n}] {s.out_dtype}")
+        raise RuntimeError(f"kernel {name} returned {tuple(out.shape)} {out.dtype}, expected [..., {s.n}] {s.out_dtype}")
     return out
 
 
 @linear.register_fake
 def _(x, params, bias, kernel, spec):
-    s = LayerSpec.from_json(spec)
+    s = handle(kernel, spec).spec
     return x.new_empty((*x.shape[:-1], s.n), dtype=s.out_dtype)
 
 

@@ -31,6 +31,26 @@ def layer_cases(draw, scheme: str, *, max_m: int = 33, k_choices=(128, 256), n_c
     )
 
 
+def edge_cases(scheme: str, *, dtype=torch.bfloat16) -> list[dict]:
+    """Pinned layers every conformance test runs besides the drawn ones: one row (the decode
+    path), a 3-D input with bias, a narrow N and the smallest group."""
+    base = dict(k=128, n=16, bias=False, dtype=dtype, group_size=32, zero_points=False, seed=7)
+    return [
+        {**base, "lead": (1,)},
+        {**base, "lead": (2, 3), "n": 80, "bias": True, "zero_points": scheme == "w4a16"},
+    ]
+
+
+def check_drawn_or_pinned(scheme: str, backend: str, data, *, strategy=None, dtype=torch.bfloat16, **kw):
+    """The body of a conformance test taking ``data`` from ``@given(data=st.data())``, and
+    ``None`` from ``@example(data=None)``: then it runs the :func:`edge_cases`."""
+    if data is None:
+        for case in edge_cases(scheme, dtype=dtype):
+            check_against_reference(scheme, backend, case, **kw)
+        return
+    check_against_reference(scheme, backend, data.draw(strategy or layer_cases(scheme), label="case"), **kw)
+
+
 def check_against_reference(scheme: str, backend: str, case: dict, *, device="cpu", expect_kernel=None):
     torch._dynamo.reset()
     m = linear_model(case["k"], case["n"], scheme, bias=case["bias"], dtype=case["dtype"],

@@ -1,17 +1,16 @@
 import pytest
-from hypothesis import given
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from qlinear_pass import schemes as S
 
-from .conformance import check_against_reference, layer_cases
+from .conformance import check_drawn_or_pinned
 
 SCHEMES = [s.name for s in S.all_schemes()]
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_emulation_agrees_with_reference(scheme):
-    @given(case=layer_cases(scheme))
-    def run(case):
-        check_against_reference(scheme, "emulation", case, expect_kernel="emulation")
-
-    run()
+@given(data=st.data())
+@example(data=None)
+def test_emulation_agrees_with_reference(scheme, data):
+    check_drawn_or_pinned(scheme, "emulation", data, expect_kernel="emulation")

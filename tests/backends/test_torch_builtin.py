@@ -1,11 +1,12 @@
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 import qlinear_pass as qp
 from qlinear_pass.registry import DeviceInfo, LayerSpec, get_kernel
 
-from .conformance import check_against_reference, layer_cases
+from .conformance import check_drawn_or_pinned, layer_cases
 
 CPU_PAIRS = [
     ("fp8_tensor", "torch_scaled_mm"),
@@ -17,16 +18,14 @@ CPU_PAIRS = [
 
 
 @pytest.mark.parametrize("scheme,kernel", CPU_PAIRS)
-def test_torch_kernels_agree_with_reference_on_cpu(scheme, kernel):
+@given(data=st.data())
+@example(data=None)
+def test_torch_kernels_agree_with_reference_on_cpu(scheme, kernel, data):
     from qlinear_pass.backends.torch_builtin import cpu_rowwise_scaled_mm
 
     if scheme == "fp8_rowwise" and not cpu_rowwise_scaled_mm():
         pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm has no rowwise scales")
-    @given(case=layer_cases(scheme))
-    def run(case):
-        check_against_reference(scheme, "torch", case, expect_kernel=kernel)
-
-    run()
+    check_drawn_or_pinned(scheme, "torch", data, expect_kernel=kernel)
 
 
 def spec(scheme, **kw):
@@ -57,14 +56,14 @@ def test_honest_reasons_on_cuda_devices():
 def test_torch_backend_has_no_block_or_fp8_weight_only_kernel():
     table = qp.available_backends("cpu")["torch"]
     assert table["fp8_block"] == (False, "no kernel for this scheme")
+    assert table["fp8_weight_only"] == (False, "no kernel for this scheme")
     assert table["fp8_rowwise"][0]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme", ["fp8_tensor", "fp8_rowwise", "int8_weight_only", "w4a16"])
-def test_torch_kernels_on_gpu(scheme):
-    @given(case=layer_cases(scheme, max_m=300, k_choices=(256, 512), n_choices=(64, 256), dtypes=[torch.bfloat16]))
-    def run(case):
-        check_against_reference(scheme, "auto" if scheme == "int8_weight_only" else "torch", case, device="cuda")
-
-    run()
+@given(data=st.data())
+def test_torch_kernels_on_gpu(scheme, data):
+    strategy = layer_cases(scheme, max_m=300, k_choices=(256, 512), n_choices=(64, 256), dtypes=[torch.bfloat16])
+    check_drawn_or_pinned(scheme, "auto" if scheme == "int8_weight_only" else "torch", data, strategy=strategy,
+                          device="cuda")

@@ -6,14 +6,14 @@ with larger and odd shapes, M from 1 to 4096, and poisoned output memory.
 """
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import qlinear_pass as qp
 from qlinear_pass import schemes as S
 from qlinear_pass.registry import DeviceInfo, LayerSpec, get_kernel
 
-from .conformance import check_against_reference, layer_cases
+from .conformance import check_drawn_or_pinned, layer_cases
 
 pytest.importorskip("triton")
 
@@ -76,15 +76,13 @@ def test_fp16_and_no_bias():
 
 
 @pytest.mark.parametrize("scheme", W8A8 + WEIGHT_ONLY)
-def test_triton_through_the_pass(scheme):
+@given(data=st.data())
+@example(data=None)
+def test_triton_through_the_pass(scheme, data):
     dtypes = [torch.bfloat16, torch.float16] if scheme in WEIGHT_ONLY else None
-
-    @given(case=layer_cases(scheme, dtypes=dtypes))
-    def run(case):
-        kernel = "triton_weight_only" if scheme in WEIGHT_ONLY else "triton_w8a8"
-        check_against_reference(scheme, "triton", case, device=DEVICE, expect_kernel=kernel)
-
-    run()
+    kernel = "triton_weight_only" if scheme in WEIGHT_ONLY else "triton_w8a8"
+    check_drawn_or_pinned(scheme, "triton", data, strategy=layer_cases(scheme, dtypes=dtypes), device=DEVICE,
+                          expect_kernel=kernel)
 
 
 def spec(scheme, **kw):

@@ -130,6 +130,7 @@ def _toolchain_or_skip():
         pytest.skip(why)
 
 
+@pytest.mark.slow
 def test_compile_only_every_source():
     """nvcc compiles every translation unit for sm_90a, and the binding passes the C++ compiler.
 

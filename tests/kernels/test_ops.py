@@ -18,3 +18,25 @@ def test_mn_major_scales_memory(m, groups, seed, dtype):
     for g in range(groups):
         assert torch.equal(flat[g * m4:g * m4 + m], scale[:, g].float())
         assert torch.count_nonzero(flat[g * m4 + m:(g + 1) * m4]) == 0
+
+
+def test_the_op_resolves_its_strings_once(monkeypatch):
+    """The hot path: the kernel name and spec JSON become a handle on the first call only."""
+    import torch
+
+    from qlinear_pass import schemes as S
+    from qlinear_pass.spec import LayerSpec
+
+    calls = []
+    real = LayerSpec.from_json
+
+    def counting(text):
+        calls.append(text)
+        return real(text)
+
+    monkeypatch.setattr(LayerSpec, "from_json", staticmethod(counting))
+    p = S.quantize_weight("int8_weight_only", torch.randn(16, 32))
+    spec = LayerSpec("int8_weight_only", 16, 32, torch.float32, torch.float32, module="resolve.once")
+    for rows in (1, 3, 2):
+        ops.call("emulation", spec, torch.randn(rows, 32), [p["weight"], p["weight_scale"]])
+    assert len(calls) == 1

@@ -14,6 +14,7 @@ triton = pytest.importorskip("triton")
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 
+    @pytest.mark.slow
     def test_kernels_compile_for_sm90():
         env = {**os.environ, "TRITON_INTERPRET": "0"}  # "0": conftest.py leaves a set value alone
         out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],

@@ -1,0 +1,74 @@
+"""The :class:`Kernel` base class: one implementation of one or more schemes.
+
+A kernel belongs to exactly one backend and answers two questions, each with a reason:
+
+* ``is_supported(device) -> (ok, reason)``: can it run on this device at all (GPU
+  generation, libraries installed)?
+* ``can_implement(spec) -> (ok, reason)``: can it run this layer (shape alignment, group
+  size, dtypes, constant weights)?  It states every constraint of the op it wraps.
+
+It then either runs behind the custom op (:meth:`Kernel.run`) or writes ATen nodes into the
+graph (:meth:`Kernel.emit`, with the helpers of ``emit.py``).
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Optional, Sequence
+
+import torch
+
+from .spec import OK, DeviceInfo, LayerSpec, Reason
+
+
+class Kernel:
+    """Base class of every kernel.
+
+    Subclasses set ``name`` (unique), ``backend``, ``schemes`` and
+    ``priority`` (lower runs first under ``auto``; see :meth:`priority_for`),
+    and implement :meth:`run`.  A kernel that wants Inductor to fuse around it
+    overrides :meth:`emit` instead (see ``graph_pass.py``).
+    """
+
+    name: ClassVar[str]
+    backend: ClassVar[str]
+    schemes: ClassVar[tuple[str, ...]]
+    priority: ClassVar[int] = 50
+
+    def is_supported(self, device: DeviceInfo) -> Reason:
+        return OK
+
+    def can_implement(self, spec: LayerSpec) -> Reason:
+        return OK
+
+    def priority_for(self, device: DeviceInfo) -> int:
+        return self.priority
+
+    def auto_priority(self, device: DeviceInfo, m_bucket: Optional[int]) -> int:
+        """Rank under ``auto`` for layers whose M falls in ``m_bucket`` (see ``M_BUCKETS``).
+
+        A kernel that measures fastest only for some M ranks itself per bucket;
+        by default the rank is :meth:`priority_for`.
+        """
+        return self.priority_for(device)
+
+    #: False for kernels that insert ATen ops into the graph (see emit)
+    opaque: ClassVar[bool] = True
+
+    @property
+    def runs_behind_op(self) -> bool:
+        """Can it run behind the custom op (it has a :meth:`run`)?  Per-M plans need that."""
+        return type(self).run is not Kernel.run
+
+    def run(
+        self,
+        spec: LayerSpec,
+        x: torch.Tensor,
+        params: Sequence[Optional[torch.Tensor]],
+        bias: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<kernel {self.name} ({self.backend})>"
+
+
+__all__ = ["Kernel"]

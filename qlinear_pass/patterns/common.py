@@ -1,0 +1,457 @@
+"""What every matcher shares: the match types, the op sets, and the weight, activation and
+epilogue helpers."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from .. import schemes as S
+from ..emit import val
+from ..spec import LayerSpec
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+MM_TARGETS = {aten.mm.default, aten.addmm.default}
+SCALED_MM_TARGETS = {aten._scaled_mm.default}
+INT_MM_TARGETS = {aten._int_mm.default}
+ANCHORS = MM_TARGETS | SCALED_MM_TARGETS | INT_MM_TARGETS
+
+CONVERTS = {prims.convert_element_type.default, aten._to_copy.default}
+VIEWS = {
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.default,
+    aten.expand.default,
+    aten.clone.default,
+    aten.alias.default,
+}
+TRANSPOSES = {aten.permute.default, aten.t.default, aten.transpose.int}
+QUANT_DTYPES = {torch.float8_e4m3fn, torch.int8}
+FLOAT_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
+
+# the ops a dequantise or quantize region may consist of (anything else ends it)
+def _resolve(names: str) -> set:
+    """ATen overloads by name; ones this torch lacks are skipped."""
+    out = set()
+    for name in names.split():
+        op, _, overload = name.partition(".")
+        packet = getattr(aten, op, None)
+        target = getattr(packet, overload or "default", None) if packet is not None else None
+        if target is not None:
+            out.add(target)
+    return out
+
+
+REGION_OPS = CONVERTS | VIEWS | TRANSPOSES | _resolve(
+    "mul.Tensor mul.Scalar div.Tensor div.Scalar sub.Tensor sub.Scalar add.Tensor add.Scalar "
+    "neg reciprocal abs amax max clamp clamp_min clamp_max round "
+    "bitwise_and.Scalar bitwise_and.Tensor bitwise_right_shift.Tensor bitwise_right_shift.Tensor_Scalar "
+    "__rshift__.Scalar __rshift__.Tensor __and__.Scalar __and__.Tensor "
+    "cat stack repeat_interleave.self_int repeat_interleave.Tensor slice.Tensor index.Tensor "
+    "iota full scalar_tensor where.self sym_size.int"
+)
+
+
+@dataclasses.dataclass
+class Match:
+    """One quantized linear found in the graph."""
+
+    spec: LayerSpec
+    anchor: fx.Node
+    end: fx.Node  # the node whose uses the replacement takes over ([M, N])
+    x: fx.Node  # the activation the kernel receives (float, or quantized when static)
+    params: list  # canonical parameter nodes (see schemes.py), input_scale last when static
+    param_shapes: list  # canonical shape for each param (None: keep as is)
+    bias: Optional[fx.Node]
+    act_q: Optional[fx.Node] = None  # the graph's own quantized activation (dynamic chains)
+    act_scale: Optional[fx.Node] = None  # and its scale
+    weight_t: Optional[fx.Node] = None  # the [K, N] operand as the graph has it
+
+
+@dataclasses.dataclass
+class Unmatched:
+    """A matmul the matcher saw but could not turn into a quantized linear."""
+
+    node: fx.Node
+    module: str
+    reason: str
+    n: Optional[int] = None
+    k: Optional[int] = None
+
+
+class _Miss(Exception):
+    """This matmul is not a quantized linear we can replace (the message says why)."""
+
+
+class _NotDynamic(_Miss):
+    """The activation's quantization is not computed in the graph from a float activation
+    alone (a given scale, say): treat the quantized activation as an input ("static")."""
+
+    def __init__(self) -> None:
+        super().__init__("unrecognised activation quantization")
+
+
+def _shape(n: fx.Node) -> tuple:
+    v = val(n)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else ()
+
+
+def _dtype(n: Any) -> Optional[torch.dtype]:
+    v = val(n)
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+def _hint(x: Any) -> Any:
+    if isinstance(x, torch.SymInt):
+        h = x.node.hint
+        if h is None:
+            raise _Miss("a symbolic size without a hint")
+        return int(h)
+    return x
+
+
+def _static(x: Any) -> Optional[int]:
+    return x if isinstance(x, int) else None
+
+
+#: the global name under which explain() hands the model to Dynamo
+EXPLAIN_ROOT = "_qlinear_explain_model"
+_MODULE_PART = re.compile(r"\._modules\['([^']*)'\]|\[(\d+)\]|\['([^']*)'\]")
+
+
+def module_path(node: fx.Node) -> str:
+    """``L['self'].layers[0].mlp`` -> ``layers.0.mlp``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"^L\['(self|fn|mod|model|m)'\]\.?", "", str(path))
+    path = re.sub(r"^G\['%s'\]\.?" % EXPLAIN_ROOT, "", path)  # the model explain() compiles
+    path = re.sub(r"^L\['([^']*)'\]\.?", r"\1.", path)
+    path = _MODULE_PART.sub(lambda m: "." + next(g for g in m.groups() if g is not None), path)
+    return path.strip(".")
+
+
+@dataclasses.dataclass
+class _Weight:
+    scheme_family: str  # "fp8", "int8", "int4"
+    granularity: str  # tensor / channel / block / group
+    weight: fx.Node
+    scale: Optional[fx.Node]
+    zero: Optional[fx.Node]
+    n: int
+    k: int
+    group_size: Optional[int] = None
+    #: other granularities the same scale shape means (one 128x128 block is one tensor scale)
+    alts: tuple = ()
+
+
+def _strip_transpose(b: fx.Node) -> fx.Node:
+    if b.op == "call_function" and b.target in TRANSPOSES and len(_shape(b)) == 2:
+        if b.target == aten.permute.default and list(b.args[1]) not in ([1, 0], [-1, -2], [-1, 0], [1, -2]):
+            raise _Miss("the weight operand is permuted, not transposed")
+        return b.args[0]
+    raise _Miss("the weight operand is not a transposed [N, K] tensor (expected w.t() / permute(w, [1, 0]))")
+
+
+def _classify_weight_leaves(leaves: list[fx.Node], n: int, k: int) -> _Weight:
+    tensors = [l for l in leaves if isinstance(val(l), torch.Tensor)]
+    quant = [l for l in tensors if _dtype(l) in (torch.float8_e4m3fn, torch.int8) and _shape(l) == (n, k)]
+    packed = [l for l in tensors if _dtype(l) == torch.uint8 and _shape(l) == (n, k // 2)]
+    if any(isinstance(s, torch.SymInt) for l in tensors for s in _shape(l)):
+        raise _Miss("the weight operand depends on a tensor with a dynamic shape (the activation?)")
+    others = [l for l in tensors if l not in quant and l not in packed]
+    if len(quant) + len(packed) != 1:
+        if not quant and not packed and all(_dtype(l) in FLOAT_DTYPES for l in tensors):
+            raise _Miss("float weight: not a quantized linear")
+        raise _Miss(f"expected one quantized weight [N, K] (int8/fp8) or packed int4 [N, K/2] (uint8) among {[(_dtype(l), _shape(l)) for l in tensors]}")
+    if quant:
+        w = quant[0]
+        fam = "fp8" if _dtype(w) == torch.float8_e4m3fn else "int8"
+        if len(others) != 1:
+            raise _Miss(f"expected one weight scale next to the {fam} weight, found {len(others)}")
+        sc = others[0]
+        numel = 1
+        for d in _shape(sc):
+            numel *= d
+        one_block = k == S.BLOCK and n <= S.BLOCK
+        if numel == 1:
+            gran, alts = "tensor", (("block",) if one_block else ())
+        elif numel == n and max(_shape(sc)) == n:
+            gran, alts = "channel", ()
+        elif _shape(sc) == (-(-n // S.BLOCK), k // S.BLOCK) and k % S.BLOCK == 0:
+            gran, alts = "block", ()
+        else:
+            raise _Miss(f"weight scale of shape {_shape(sc)} is neither per-tensor, per-channel [N] nor 128x128 blocks")
+        return _Weight(fam, gran, w, sc, None, n, k, alts=alts)
+    w = packed[0]
+    cand = [l for l in others if len(_shape(l)) == 2 and _shape(l)[0] == n and k % _shape(l)[1] == 0]
+    floats = [l for l in cand if _dtype(l) in FLOAT_DTYPES]
+    if not floats or len(cand) > 2 or len(others) != len(cand):
+        raise _Miss(f"int4 weight needs group scales [N, K/group] (and optionally zero points), found {[(_dtype(l), _shape(l)) for l in others]}")
+    if len(cand) == 1:
+        scale, zero = cand[0], None
+    else:
+        ints = [l for l in cand if _dtype(l) not in FLOAT_DTYPES]
+        scale, zero = (floats[0], ints[0]) if ints else (None, None)
+        if scale is None:
+            raise _Miss("two float group tensors next to an int4 weight: cannot tell scales from zero points")
+    if _shape(zero or scale) != _shape(scale):
+        raise _Miss("zero points and scales differ in shape")
+    gs = k // _shape(scale)[1]
+    if gs not in S.GROUP_SIZES:
+        raise _Miss(f"int4 group size {gs} is not one of {S.GROUP_SIZES}")
+    return _Weight("int4", "group", w, scale, zero, n, k, gs)
+
+
+def _canonical_weight_params(wt: _Weight) -> tuple[list, list]:
+    """Parameter nodes and the shape each must have for kernels (None: as is)."""
+    n, k = wt.n, wt.k
+    if wt.granularity == "tensor":
+        return [wt.weight, wt.scale], [None, ()]
+    if wt.granularity == "channel":
+        return [wt.weight, wt.scale], [None, (n,)]
+    if wt.granularity == "block":
+        return [wt.weight, wt.scale], [None, (-(-n // S.BLOCK), k // S.BLOCK)]
+    return [wt.weight, wt.scale, wt.zero], [None, None, None]
+
+
+_SCHEME_TABLE = {
+    ("fp8", "tensor", "tensor"): "fp8_tensor",
+    ("fp8", "channel", "token"): "fp8_rowwise",
+    ("fp8", "block", "group"): "fp8_block",
+    ("int8", "channel", "token"): "int8_rowwise",
+    ("int8", "channel", None): "int8_weight_only",
+    ("fp8", "channel", None): "fp8_weight_only",
+    ("int4", "group", None): "w4a16",
+}
+
+
+def _scheme_for_weight(wt: _Weight, act: "Optional[str] | list") -> str:
+    """The scheme of a weight and an activation granularity (or candidates, first that fits).
+
+    Picks among equivalent readings of one scale shape and fixes
+    ``wt.granularity`` to the one used.
+    """
+    acts = act if isinstance(act, list) else [act]
+    for wg in (wt.granularity, *wt.alts):
+        for ag in acts:
+            scheme = _SCHEME_TABLE.get((wt.scheme_family, wg, ag))
+            if scheme is not None:
+                wt.granularity, wt.alts = wg, ()
+                return scheme
+    a = f"{acts[0]} activation scales" if acts[0] else "float activations"
+    raise _Miss(f"{wt.scheme_family} weights with {wt.granularity} scales and {a} is not a supported scheme")
+
+
+def _act_of(scheme: str) -> Optional[str]:
+    return S.get_scheme(scheme).act_granularity
+
+
+# --- the activation side ------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Act:
+    mode: str  # "none", "dynamic", "static"
+    x: fx.Node  # float source (none/dynamic) or quantized activation (static)
+    granularity: Optional[str] = None
+    dtype: Optional[torch.dtype] = None  # quantized dtype
+    q: Optional[fx.Node] = None
+    scale: Optional[fx.Node] = None
+
+
+def _skip(n: fx.Node, targets: set) -> fx.Node:
+    while n.op == "call_function" and n.target in targets:
+        n = n.args[0]
+    return n
+
+
+def _find_quantized(a: fx.Node, depth: int = 8) -> Optional[fx.Node]:
+    """The nearest fp8/int8 node above ``a`` through dequantise ops (convert, mul, views)."""
+    frontier = [a]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if _dtype(n) in QUANT_DTYPES:
+                return n
+            if n.op == "call_function" and n.target in (CONVERTS | VIEWS | {aten.mul.Tensor, aten.div.Tensor}):
+                nxt += [x for x in n.args if isinstance(x, fx.Node)]
+        frontier = nxt
+    return None
+
+
+def _act_granularity(scale: fx.Node, k: int) -> Optional[str]:
+    """[] / [1, 1] -> tensor, [M, 1] -> token, [M, K/128] (or [M, K/128, 1]) -> group."""
+    dims = list(_shape(scale))
+    while dims and isinstance(dims[-1], int) and dims[-1] == 1:
+        dims.pop()
+    if all(isinstance(d, int) and d == 1 for d in dims):
+        return "tensor"
+    if len(dims) == 1:
+        return "token"
+    if len(dims) == 2 and isinstance(dims[1], int) and dims[1] == k // S.BLOCK and k % S.BLOCK == 0:
+        return "group"
+    return None
+
+
+def _act_candidates(scale: fx.Node, k: int) -> list:
+    """Activation granularities one scale shape can mean.
+
+    A [M, 1] scale is per token and, when K == 128, per 1x128 group too; with
+    one row (M == 1) a [1, 1] scale is also per tensor.  The numeric check of
+    the chain still decides whether the math is right.
+    """
+    g = _act_granularity(scale, k)
+    if g is None:
+        return []
+    cands = [g]
+    if g == "token" and k == S.BLOCK:
+        cands.append("group")
+    if g == "tensor" and len(_shape(scale)) >= 2:
+        cands += ["token"] + (["group"] if k == S.BLOCK else [])
+    return cands
+
+
+def _trace_quant_chain(q: fx.Node, k: int) -> tuple[fx.Node, fx.Node]:
+    """q = convert(clamp(x / s)) -> (float source x, scale s)."""
+    t = q.args[0] if q.op == "call_function" and q.target in CONVERTS else None
+    if t is None:
+        raise _NotDynamic()
+    t = _skip(t, {aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default, aten.round.default} | VIEWS | CONVERTS)
+    if t.op != "call_function" or t.target not in (aten.div.Tensor, aten.mul.Tensor):
+        raise _NotDynamic()
+    a, b = t.args[0], t.args[1]
+    if not isinstance(b, fx.Node):
+        raise _NotDynamic()
+    scale = b
+    if t.target == aten.mul.Tensor:  # x * (1 / s)
+        scale = b.args[0] if b.op == "call_function" and b.target == aten.reciprocal.default else b
+    src = a
+    best = None
+    while True:
+        shp = _shape(src)
+        if _dtype(src) in FLOAT_DTYPES and len(shp) == 2 and shp[-1] == k:
+            best = src
+        if src.op == "call_function" and src.target in (CONVERTS | VIEWS):
+            src = src.args[0]
+            continue
+        break
+    if _dtype(src) not in FLOAT_DTYPES or _shape(src)[-1:] != (k,):
+        if best is None:
+            raise _NotDynamic()
+    return (best if best is not None else src), scale
+
+
+# --- anchors ----------------------------------------------------------------
+
+
+def _single_user(n: fx.Node) -> Optional[fx.Node]:
+    users = list(n.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _bias_leaf(b: fx.Node, n: int) -> Optional[fx.Node]:
+    b = _skip(b, CONVERTS | VIEWS)
+    shp = _shape(b)
+    if _dtype(b) in FLOAT_DTYPES and shp in ((n,), (1, n)):
+        return b
+    return None
+
+
+def _epilogue(anchor: fx.Node, n: int, bias: Optional[fx.Node], allow_scales: bool):
+    """Walk the single-user chain after the matmul: (end, bias, x-scale, w-scale, out dtype)."""
+    end = anchor
+    xs = ws = None
+    while True:
+        u = _single_user(end)
+        if u is None or u.op != "call_function":
+            break
+        if u.target in CONVERTS:
+            end = u
+            continue
+        if u.target == aten.add.Tensor and bias is None:
+            other = u.args[1] if u.args[0] is end else u.args[0]
+            leaf = _bias_leaf(other, n) if isinstance(other, fx.Node) else None
+            if leaf is None:
+                break
+            bias, end = leaf, u
+            continue
+        if allow_scales and u.target == aten.mul.Tensor and bias is None:
+            other = u.args[1] if u.args[0] is end else u.args[0]
+            if not isinstance(other, fx.Node):
+                break
+            shp = _shape(other)
+            if shp and shp[-1] == n and all(d == 1 for d in shp[:-1]) and ws is None:
+                ws, end = other, u
+                continue
+            if len(shp) == 2 and shp[-1] == 1 and xs is None:
+                xs, end = other, u
+                continue
+            if all(isinstance(d, int) and d == 1 for d in shp) and xs is None:
+                xs, end = other, u
+                continue
+            break
+        break
+    return end, bias, xs, ws, _dtype(end)
+
+
+@dataclasses.dataclass
+class _Side:
+    """What a matcher found, before it becomes a :class:`Match`."""
+
+    anchor: fx.Node  # the matmul
+    end: fx.Node  # the last node of the epilogue
+    weight_t: fx.Node  # the [K, N] operand as the graph has it
+    act: "_Act"
+    weight: "_Weight"
+    scheme: str
+    bias: Optional[fx.Node]
+    m: Optional[int]  # M when fixed in the graph
+    act_dtype: torch.dtype
+    out_dtype: torch.dtype
+
+
+def build_match(found: _Side, static: frozenset) -> Match:
+    """The :class:`Match` (and its :class:`LayerSpec`) of what a matcher found."""
+    wt, act = found.weight, found.act
+    params, shapes = _canonical_weight_params(wt)
+    if act.mode == "static":
+        params = params + [act.scale]
+        shapes = shapes + [() if act.granularity == "tensor" else None]
+    anchor_val = val(found.anchor)
+    spec = LayerSpec(
+        scheme=found.scheme,
+        n=wt.n,
+        k=wt.k,
+        act_dtype=found.act_dtype,
+        out_dtype=found.out_dtype,
+        has_bias=found.bias is not None,
+        group_size=wt.group_size,
+        zero_points=wt.zero is not None,
+        act_input=act.mode,
+        device=anchor_val.device.type if isinstance(anchor_val, torch.Tensor) else "cpu",
+        weights_constant=all(p.op == "get_attr" or p in static for p in (wt.weight, wt.scale, wt.zero) if p is not None),
+        m=found.m,
+        module=module_path(found.anchor),
+    )
+    return Match(spec, found.anchor, found.end, act.x, params, shapes, found.bias, act.q, act.scale, found.weight_t)
+
+
+def operands(node: fx.Node) -> tuple:
+    """(activation, [K, N] weight operand, weight [N, K], N, K, M or None) of a 2-D matmul anchor."""
+    a, b = (node.args[1], node.args[2]) if node.target == aten.addmm.default else (node.args[0], node.args[1])
+    if len(_shape(a)) != 2 or len(_shape(b)) != 2:
+        raise _Miss("not a 2-D matmul")
+    k, n = _shape(b)
+    if not isinstance(n, int) or not isinstance(k, int):
+        raise _Miss("N or K is dynamic")
+    return a, b, _strip_transpose(b), n, k, _static(_shape(a)[0])
