@@ -343,6 +343,11 @@ def build_layer(s: ModelShape, index: int, device: str, dtype: torch.dtype, seed
     return layer
 
 
+def group_kw(scheme: str, group_size: int) -> dict:
+    """quantize()'s group_size argument, which only w4a16 takes."""
+    return {"group_size": group_size} if scheme == "w4a16" else {}
+
+
 def build_model(
     s: ModelShape,
     settings: Settings,
@@ -362,7 +367,7 @@ def build_model(
         for i in range(s.layers):
             layer = build_layer(s, i, device, dtype, settings.seed, settings.shape.layers)
             if variant is not None and variant.scheme is not None:
-                qp.quantize(layer, variant.scheme, group_size=settings.group_size)
+                qp.quantize(layer, variant.scheme, **group_kw(variant.scheme, settings.group_size))
             model.layers.append(layer)
             if (i + 1) % 8 == 0 or i + 1 == s.layers:
                 progress(f"built {i + 1}/{s.layers} layers")
@@ -925,7 +930,7 @@ class VariantRun:
         model = base
         if self.variant.scheme is not None:
             for layer in model.layers:
-                qp.quantize(layer, self.variant.scheme, group_size=s.group_size)
+                qp.quantize(layer, self.variant.scheme, **group_kw(self.variant.scheme, s.group_size))
         gen = _generator(s.device, s.seed + 97)
         tokens = torch.randint(shape.vocab, (1, s.acc_tokens), device=s.device, generator=gen)
         with torch.no_grad():
