@@ -63,6 +63,8 @@ class CompileRecord:
     decisions: list[Decision] = dataclasses.field(default_factory=list)
     unmatched: list[dict] = dataclasses.field(default_factory=list)
     training: bool = False
+    #: why the graph was left untouched, when ``training``
+    training_reason: str = ""
 
 
 #: every run of the pass in this process, newest last (bounded)
@@ -106,6 +108,7 @@ class QLinearPass(_Base):
         _remember(record)
         if not is_inference:
             record.training = True
+            record.training_reason = "AOTAutograd traced a training graph: left untouched (the pass rewrites inference graphs only)"
             return
         rewrite(graph, self.config, record, self.device)
 

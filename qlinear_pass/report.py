@@ -15,7 +15,9 @@ class Report:
 
     ``rows``: one dict per matched linear (keys ``module``, ``scheme``, ``n``,
     ``k``, ``backend``, ``kernel``, ``rejected``, ...); ``unmatched``: the
-    matmuls seen but not matched, with the reason.
+    matmuls seen but not matched, with the reason; ``training``: a graph
+    needed gradients and was compiled untouched (``training_reasons`` say
+    why), so no kernel of the pass runs in it.
     """
 
     config: C.LinearBackendConfig
@@ -23,15 +25,20 @@ class Report:
     rows: list[dict]
     unmatched: list[dict]
     training: bool = False
+    training_reasons: list[str] = dataclasses.field(default_factory=list)
+    #: for a ``training`` report: what the pass would do when called under ``torch.no_grad()``
+    under_no_grad: "Report | None" = None
 
     @classmethod
     def from_records(cls, records: list[CompileRecord], cfg: C.LinearBackendConfig, source: str) -> "Report":
-        rows, unmatched, training = [], [], False
+        rows, unmatched, training, reasons = [], [], False, []
         for r in records:
             rows += [d.as_row() for d in r.decisions]
             unmatched += r.unmatched
             training |= r.training
-        return cls(cfg, source, rows, unmatched, training)
+            if r.training and r.training_reason and r.training_reason not in reasons:
+                reasons.append(r.training_reason)
+        return cls(cfg, source, rows, unmatched, training, reasons)
 
     def kernels(self) -> dict[str, str]:
         """module -> kernel name."""
@@ -40,7 +47,7 @@ class Report:
     def __str__(self) -> str:
         lines = [f"linear backend: {self.config.describe()} (from {self.source})"]
         if self.training:
-            lines.append("graph needs gradients: left untouched (the pass rewrites inference graphs only)")
+            lines += self.training_reasons or ["graph needs gradients: left untouched (the pass rewrites inference graphs only)"]
         headers = ["module", "scheme", "N", "K", "backend", "kernel", "rejected"]
         table = []
         for r in self.rows:
@@ -54,8 +61,11 @@ class Report:
             lines.append(fmt(headers))
             lines.append(fmt(["-" * w for w in widths]))
             lines += [fmt(row) for row in table]
-        else:
+        elif not self.training:
             lines.append("no quantized linears matched")
+        if self.under_no_grad is not None:
+            lines.append("under torch.no_grad() the pass would choose:")
+            lines += ["  " + line for line in str(self.under_no_grad).splitlines()[1:]]
         if self.unmatched:
             lines.append("")
             lines.append("matmuls seen but not matched:")
@@ -77,8 +87,12 @@ def explain(
     """Compile ``model`` on ``example_inputs`` and report every quantized linear.
 
     The pass runs exactly as in ``make()`` (over the ATen graph, without
-    Inductor code generation unless ``inductor=True``), under ``no_grad``.
-    An explicit backend that cannot run a layer raises ``NoKernelError``.
+    Inductor code generation unless ``inductor=True``), in the grad mode in
+    effect: called outside ``torch.no_grad()`` on a model with trainable
+    parameters, the report says the graph needs gradients and lists no
+    kernel in ``rows``, since the compiled model would run none; what it
+    would run under ``torch.no_grad()`` is in ``under_no_grad``.  An explicit
+    backend that cannot run a layer raises ``NoKernelError``.
     """
     import torch._dynamo
 
@@ -89,13 +103,20 @@ def explain(
 
     cfg, source = C.resolve(linear_backend)
     backend = make(cfg, inductor=inductor)
-    start = len(HISTORY)
-    torch._dynamo.reset()
-    try:
-        # a cache hit would skip the pass, and with it the decisions to report
-        with torch.no_grad(), inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
-            torch.compile(model, backend=backend, fullgraph=False)(*example_inputs)
-    finally:
+
+    def run() -> Report:
+        start = len(HISTORY)
         torch._dynamo.reset()
-    records = HISTORY[start:]
-    return Report.from_records(records, cfg, source)
+        try:
+            # a cache hit would skip the pass, and with it the decisions to report
+            with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+                torch.compile(model, backend=backend, fullgraph=False)(*example_inputs)
+        finally:
+            torch._dynamo.reset()
+        return Report.from_records(HISTORY[start:], cfg, source)
+
+    report = run()
+    if report.training and torch.is_grad_enabled():
+        with torch.no_grad():
+            report.under_no_grad = run()
+    return report
