@@ -1,6 +1,4 @@
 """Checkpoints written by the compressed-tensors package itself load exactly, and ours read back in it."""
-import json
-import os
 
 import pytest
 import torch

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import qlinear_pass as qp
-from qlinear_pass import schemes as S
 
 from . import ct_reference as R
 
