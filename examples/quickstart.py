@@ -39,7 +39,8 @@ def main() -> None:
     summary = []
     for scheme in [s.name for s in S.all_schemes()]:
         model = qp.quantize(copy.deepcopy(base), scheme)
-        report = qp.explain(model, x)
+        with torch.no_grad():
+            report = qp.explain(model, x)
         print(f"== {scheme} ==")
         print(report)
         torch._dynamo.reset()

@@ -6,6 +6,7 @@
     fast = torch.compile(model, backend=qlinear_pass.make(linear_backend="triton"))
     print(qlinear_pass.explain(model, x))
 """
+from .checkpoints import CheckpointError, load_quantized, save_quantized
 from .compile import make
 from .config import EnvConfigError, LinearBackendConfig, linear_backend
 from .nn import QuantizedLinear, quantize
@@ -22,6 +23,9 @@ __all__ = [
     "linear_backend",
     "LinearBackendConfig",
     "quantize",
+    "load_quantized",
+    "save_quantized",
+    "CheckpointError",
     "QuantizedLinear",
     "explain",
     "Report",

@@ -13,7 +13,9 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import re
 import time
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -90,12 +92,61 @@ def _device_of_inputs(example_inputs) -> str:
     return "cpu"
 
 
-def _needs_grad(gm: torch.fx.GraphModule, example_inputs) -> bool:
+def _source_name(node: Optional[torch.fx.Node], fallback: str) -> str:
+    """``0.mlp.weight`` for a parameter Dynamo lifted as ``L['self']._modules['0']...``."""
+    arg = node.meta.get("grapharg") if node is not None else None
+    src = getattr(arg, "source", None)
+    if src is None:
+        return fallback
+    name = src.name() if callable(src.name) else src.name
+    parts = re.findall(r"\._(?:modules|parameters|buffers)\['([^']*)'\]", name)
+    return ".".join(parts) if parts else name
+
+
+def _needs_grad(gm: torch.fx.GraphModule, example_inputs) -> Optional[tuple[str, str]]:
+    """Why this graph must be differentiable: ``(kind, detail)``, or None for an inference graph.
+
+    ``kind`` is ``"input"`` (an input that requires grad) or ``"parameter"``
+    (a trainable float parameter in the graph; quantized modules hold none).
+    """
     if not torch.is_grad_enabled():
-        return False
-    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs):
-        return True
-    return any(p.requires_grad for p in gm.parameters())
+        return None
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    params, inputs = [], []
+    for i, t in enumerate(example_inputs):
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            node = placeholders[i] if i < len(placeholders) else None
+            (params if isinstance(t, torch.nn.Parameter) else inputs).append(_source_name(node, f"input {i}"))
+    params += [name for name, p in gm.named_parameters() if p.requires_grad]
+    if inputs:
+        return "input", f"input {inputs[0]} requires grad"
+    if params:
+        more = f" (and {len(params) - 1} more)" if len(params) > 1 else ""
+        return "parameter", f"parameter {params[0]}{more} requires grad"
+    return None
+
+
+#: the kinds of grad-needing graphs already warned about in this process
+_WARNED: set = set()
+
+_FIXES = {
+    "input": "pass inputs that do not require grad, or call it under torch.no_grad()",
+    "parameter": "call it under torch.no_grad() / torch.inference_mode(), or model.requires_grad_(False)",
+}
+
+
+def training_message(kind: str, detail: str) -> str:
+    return (
+        f"graph needs gradients ({detail}): compiled untouched, the quantized linears run "
+        f"their float32 reference; for the fast kernels {_FIXES[kind]}"
+    )
+
+
+def _warn_training(kind: str, detail: str) -> None:
+    if kind in _WARNED:
+        return
+    _WARNED.add(kind)
+    warnings.warn("qlinear_pass: " + training_message(kind, detail), UserWarning, stacklevel=2)
 
 
 class QLinearBackend:
@@ -117,10 +168,11 @@ class QLinearBackend:
             cfg, source = C.resolve(self.config)
         except C.EnvConfigError as exc:
             raise _visible_error(exc, inspect.currentframe()) from None
-        if _needs_grad(gm, example_inputs):
-            log.info("qlinear_pass: graph needs gradients; compiling it untouched")
+        why = _needs_grad(gm, example_inputs)
+        if why is not None:
+            _warn_training(*why)
             compiled = self._compile(gm, example_inputs, None)
-            record = CompileRecord(cfg, source, training=True)
+            record = CompileRecord(cfg, source, training=True, training_reason=training_message(*why))
         else:
             graph_pass = QLinearPass(cfg, source)
             store_key = record_store.key(gm, example_inputs, graph_pass.uuid(), self.options,

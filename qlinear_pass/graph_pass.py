@@ -79,6 +79,8 @@ class CompileRecord:
     unmatched: list[dict] = dataclasses.field(default_factory=list)
     training: bool = False
     origin: str = "pass"
+    #: why the graph was left untouched, when ``training``
+    training_reason: str = ""
     #: wall seconds the pass itself took over this graph (matching, selection, replacement)
     pass_seconds: float = 0.0
     #: wall-clock seconds the compile took, when known
@@ -93,6 +95,7 @@ class CompileRecord:
             ],
             "unmatched": self.unmatched,
             "training": self.training,
+            "training_reason": self.training_reason,
         })
 
     @classmethod
@@ -103,7 +106,7 @@ class CompileRecord:
                      x["fallback"], x["note"])
             for x in d["decisions"]
         ]
-        return cls(config, source, decisions, d["unmatched"], d["training"], origin)
+        return cls(config, source, decisions, d["unmatched"], d["training"], origin, d.get("training_reason", ""))
 
 
 _WATCHERS: list = []
@@ -167,6 +170,7 @@ class QLinearPass(_Base):
         self.record = record
         if not is_inference:
             record.training = True
+            record.training_reason = "AOTAutograd traced a training graph: left untouched (the pass rewrites inference graphs only)"
             return
         start = time.perf_counter()
         try:

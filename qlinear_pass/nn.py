@@ -17,7 +17,11 @@ from . import schemes as S
 
 
 class QuantizedLinear(nn.Module):
-    """A linear layer whose weight is stored quantized in ``scheme``."""
+    """A linear layer whose weight is stored quantized in ``scheme``.
+
+    It is for inference: the quantized weight, its scales and the bias are
+    buffers, not parameters, so nothing in it asks for gradients.
+    """
 
     def __init__(
         self,
@@ -36,10 +40,9 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("weight", params["weight"])
         self.register_buffer("weight_scale", params["weight_scale"])
         self.register_buffer("weight_zero", params.get("weight_zero"))
-        if bias is not None:
-            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
-        else:
-            self.register_parameter("bias", None)
+        # inference only: every tensor is a buffer, so a compiled model called without
+        # torch.no_grad() still has nothing to differentiate and gets the pass
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: str, *, group_size: Optional[int] = None,

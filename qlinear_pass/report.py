@@ -20,7 +20,9 @@ class Report:
 
     ``rows``: one dict per matched linear (keys ``module``, ``scheme``, ``n``,
     ``k``, ``backend``, ``kernel``, ``rejected``, ...); ``unmatched``: the
-    matmuls seen but not matched, with the reason.
+    matmuls seen but not matched, with the reason; ``training``: a graph
+    needed gradients and was compiled untouched (``training_reasons`` say
+    why), so no kernel of the pass runs in it.
     """
 
     config: C.LinearBackendConfig
@@ -28,15 +30,20 @@ class Report:
     rows: list[dict]
     unmatched: list[dict]
     training: bool = False
+    training_reasons: list[str] = dataclasses.field(default_factory=list)
+    #: for a ``training`` report: what the pass would do when called under ``torch.no_grad()``
+    under_no_grad: "Report | None" = None
 
     @classmethod
     def from_records(cls, records: list[CompileRecord], cfg: C.LinearBackendConfig, source: str) -> "Report":
-        rows, unmatched, training = [], [], False
+        rows, unmatched, training, reasons = [], [], False, []
         for r in records:
             rows += [d.as_row() for d in r.decisions]
             unmatched += r.unmatched
             training |= r.training
-        return cls(cfg, source, rows, unmatched, training)
+            if r.training and r.training_reason and r.training_reason not in reasons:
+                reasons.append(r.training_reason)
+        return cls(cfg, source, rows, unmatched, training, reasons)
 
     def kernels(self) -> dict[str, str]:
         """module -> kernel name."""
@@ -45,7 +52,7 @@ class Report:
     def __str__(self) -> str:
         lines = [f"linear backend: {self.config.describe()} (from {_SOURCES.get(self.source, self.source)})"]
         if self.training:
-            lines.append("graph needs gradients: left untouched (the pass rewrites inference graphs only)")
+            lines += self.training_reasons or ["graph needs gradients: left untouched (the pass rewrites inference graphs only)"]
         headers = ["module", "scheme", "N", "K", "backend", "kernel", "rejected"]
         table = []
         for r in self.rows:
@@ -59,8 +66,11 @@ class Report:
             lines.append(fmt(headers))
             lines.append(fmt(["-" * w for w in widths]))
             lines += [fmt(row) for row in table]
-        else:
+        elif not self.training:
             lines.append("no quantized linears matched")
+        if self.under_no_grad is not None:
+            lines.append("under torch.no_grad() the pass would choose:")
+            lines += ["  " + line for line in str(self.under_no_grad).splitlines()[1:]]
         if self.unmatched:
             lines.append("")
             lines.append("matmuls seen but not matched:")
@@ -111,7 +121,10 @@ def explain(
     report then uses the config it was compiled with.  ``linear_backend`` names a config
     instead; with neither, the config in effect here (context, environment, ``auto``) is used
     and the report says so.  The pass runs exactly as in ``make()`` (over the ATen graph,
-    without Inductor code generation unless ``inductor=True``), under ``no_grad``.  Other
+    without Inductor code generation unless ``inductor=True``), in the grad mode in effect:
+    called outside ``torch.no_grad()`` on a model with trainable parameters, the report says
+    the graph needs gradients and lists no kernel in ``rows``, since the compiled model would
+    run none; what it would run under ``torch.no_grad()`` is in ``under_no_grad``.  Other
     compiled models are left alone: the copy is compiled from a new entry point, with a
     backend of its own and the on-disk caches off, so nothing of theirs is reset or reused.
     An explicit backend that cannot run a layer raises ``NoKernelError``.
@@ -133,15 +146,21 @@ def explain(
     options = tuple(sorted(compiled_with.options.items())) if compiled_with is not None else ()
     backend = QLinearBackend(cfg, inductor or bool(options), options)
 
-    # a function of its own (a new code object): Dynamo's caches are per code object, so this
-    # compile neither reuses nor replaces the entries of the user's compiled models
-    code = _entry.__code__.replace(co_name=f"qlinear_explain_{next(_explain_count)}")
-    entry = types.FunctionType(code, {"__builtins__": builtins, EXPLAIN_ROOT: target})
-    with graph_pass.watch() as records:
-        with torch.no_grad(), inductor_config.patch(fx_graph_cache=False), \
-                functorch_config.patch(enable_autograd_cache=False):
-            torch.compile(entry, backend=backend, fullgraph=False)(*example_inputs)
-    return Report.from_records(records, cfg, source)
+    def run(grad: bool) -> Report:
+        # a function of its own (a new code object): Dynamo's caches are per code object, so this
+        # compile neither reuses nor replaces the entries of the user's compiled models
+        code = _entry.__code__.replace(co_name=f"qlinear_explain_{next(_explain_count)}")
+        entry = types.FunctionType(code, {"__builtins__": builtins, EXPLAIN_ROOT: target})
+        with graph_pass.watch() as records:
+            with torch.set_grad_enabled(grad), inductor_config.patch(fx_graph_cache=False), \
+                    functorch_config.patch(enable_autograd_cache=False):
+                torch.compile(entry, backend=backend, fullgraph=False)(*example_inputs)
+        return Report.from_records(records, cfg, source)
+
+    report = run(torch.is_grad_enabled())
+    if report.training and torch.is_grad_enabled():
+        report.under_no_grad = run(False)
+    return report
 
 
 def _entry(*args):

@@ -40,3 +40,15 @@ def _fresh_dynamo():
     with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
         yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def fresh_warnings():
+    """Forget which grad-needing graphs were already warned about (warned once per process)."""
+    from qlinear_pass import compile as qcompile
+
+    saved = set(qcompile._WARNED)
+    qcompile._WARNED.clear()
+    yield
+    qcompile._WARNED.clear()
+    qcompile._WARNED.update(saved)

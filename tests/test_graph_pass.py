@@ -1,4 +1,6 @@
 """The pass over whole graphs: shapes, dtypes, dynamic M, training graphs, cache keys."""
+import warnings
+
 import pytest
 import torch
 from hypothesis import given
@@ -46,18 +48,76 @@ def test_symbolic_m_does_not_recompile():
     assert len(recs) == 1 and len(recs[0].decisions) == 1
 
 
-def test_training_graph_is_left_untouched_and_correct():
-    m = linear_model(64, 32, "int8_weight_only", bias=True, dtype=torch.float32)
-    assert m[0].bias.requires_grad
+def test_quantized_modules_hold_no_trainable_state():
+    m = linear_model(64, 32, "w4a16", bias=True, dtype=torch.float32, group_size=32, zero_points=True)
+    assert list(m.parameters()) == []
+    names = {n for n, _ in m.named_buffers()}
+    assert {"0.weight", "0.weight_scale", "0.weight_zero", "0.bias"} <= names
+    assert "0.bias" in m.state_dict()
+
+
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "fp8_rowwise", "w4a16"])
+def test_inference_call_without_no_grad_gets_the_pass(scheme, fresh_warnings):
+    """The README's snippet, as users write it: no torch.no_grad(), a layer with bias."""
+    m = linear_model(64, 32, scheme, bias=True, dtype=torch.float32, group_size=32)
     x = random_activation((4, 64), torch.float32)
-    with recorded() as recs:
-        y = torch.compile(m, backend=qp.make("emulation", inductor=False))(x)
+    assert torch.is_grad_enabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an inference graph warns about nothing
+        with recorded() as recs:
+            y = torch.compile(m, backend=qp.make("emulation", inductor=False))(x)
+    assert len(recs) == 1 and not recs[0].training
+    assert [d.kernel for d in recs[0].decisions] == ["emulation"]
+    assert not y.requires_grad
+    with torch.no_grad():
+        assert S.relative_error(y, m(x)) < 1e-5
+
+
+def test_input_requiring_grad_is_left_untouched_with_one_warning(fresh_warnings):
+    m = linear_model(64, 32, "int8_weight_only", bias=True, dtype=torch.float32)
+    x = random_activation((4, 64), torch.float32).requires_grad_()
+    f = torch.compile(m, backend=qp.make("emulation", inductor=False))
+    with pytest.warns(UserWarning, match=r"graph needs gradients \(input .* requires grad\)"), recorded() as recs:
+        y = f(x)
     assert recs and all(r.training and not r.decisions for r in recs)
+    assert "input" in recs[0].training_reason
     y.sum().backward()
-    assert m[0].bias.grad is not None
-    torch.testing.assert_close(m[0].bias.grad, torch.full((32,), 4.0))
+    with torch.no_grad():
+        ref = S.dequantize_weight("int8_weight_only", m[0].params, 64)
+    torch.testing.assert_close(x.grad, ref.sum(0).expand(4, 64))
     with torch.no_grad():
         torch.testing.assert_close(y, m(x))
+    # the second grad-needing graph of the same kind does not warn again
+    torch._dynamo.reset()
+    x2 = random_activation((5, 64), torch.float32).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.compile(m, backend=qp.make("emulation", inductor=False))(x2)
+
+
+def test_trainable_float_parameter_is_left_untouched_and_warns_once_per_reason(fresh_warnings):
+    """A float layer beside the quantized one makes the graph differentiable: untouched, warned."""
+    lin = torch.nn.Linear(32, 64)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 32), lin)
+    m = qp.quantize(m, "int8_weight_only", include="0")
+    x = random_activation((4, 64), torch.float32)
+    f = torch.compile(m, backend=qp.make("emulation", inductor=False))
+    with pytest.warns(UserWarning, match=r"parameter 1\.weight \(and 1 more\) requires grad") as caught, recorded() as recs:
+        y = f(x)
+    assert len(caught) == 1 and "torch.no_grad()" in str(caught[0].message)
+    assert recs and all(r.training and not r.decisions for r in recs)
+    y.sum().backward()
+    assert lin.bias.grad is not None
+    # another reason still warns once: an input that requires grad
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="input"):
+        torch.compile(m, backend=qp.make("emulation", inductor=False))(x.clone().requires_grad_())
+    # under no_grad the same model gets the pass and warns about nothing
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y2, recs = compile_and_run(m, x, "emulation")
+    assert [d.kernel for d in recs[0].decisions] == ["emulation"]
 
 
 def test_uuid_depends_on_config():

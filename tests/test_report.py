@@ -9,7 +9,9 @@ from .helpers import random_activation
 
 def test_explain_rows_and_table():
     m = qp.quantize(TinyBlock(128, 256).to(torch.bfloat16), "w4a16", group_size=64, exclude="down_proj")
-    rep = qp.explain(m, random_activation((2, 4, 128)), linear_backend="torch")
+    with torch.no_grad():
+        rep = qp.explain(m, random_activation((2, 4, 128)), linear_backend="torch")
+    assert not rep.training and rep.under_no_grad is None
     assert len(rep.rows) == 6
     row = {r["module"]: r for r in rep.rows}["up_proj"]
     for key in ("module", "scheme", "n", "k", "backend", "kernel", "rejected"):
@@ -69,3 +71,30 @@ def test_explain_leaves_other_compiled_models_alone():
         assert [r["kernel"] for r in rep.rows] == ["emulation"]
     f(x)
     assert counter.frame_count == 1  # no recompile of the user's model
+
+
+def test_explain_without_no_grad_says_the_graph_needs_gradients(fresh_warnings):
+    """A float norm's weight requires grad: called like this, the compiled model runs no kernel
+    of the pass, and explain() says so instead of listing kernels."""
+    m = qp.quantize(TinyBlock(128, 256), "int8_rowwise")
+    assert torch.is_grad_enabled()
+    with pytest.warns(UserWarning, match="graph needs gradients"):
+        rep = qp.explain(m, random_activation((2, 4, 128), torch.float32), linear_backend="emulation")
+    assert rep.training and rep.rows == [] and rep.kernels() == {}
+    assert any("parameter norm.weight requires grad" in r for r in rep.training_reasons)
+    text = str(rep)
+    assert "graph needs gradients (parameter norm.weight requires grad)" in text
+    assert "torch.no_grad()" in text
+    # what it would run under no_grad, labelled as such
+    assert rep.under_no_grad is not None and not rep.under_no_grad.training
+    assert len(rep.under_no_grad.rows) == 7
+    assert "under torch.no_grad() the pass would choose:" in text and "q_proj" in text
+    with torch.no_grad():
+        rep2 = qp.explain(m, random_activation((2, 4, 128), torch.float32), linear_backend="emulation")
+    assert not rep2.training and len(rep2.rows) == 7
+
+
+def test_explain_of_a_fully_quantized_model_needs_no_no_grad():
+    m = qp.quantize(torch.nn.Sequential(torch.nn.Linear(128, 32, bias=True)), "int8_weight_only")
+    rep = qp.explain(m, torch.randn(3, 128), linear_backend="emulation")
+    assert not rep.training and [r["kernel"] for r in rep.rows] == ["emulation"]
