@@ -19,6 +19,7 @@ scheme's reference.  Writes ``bench_decode.json`` and ``summary.md`` to --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -138,8 +139,13 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
                                          w_kind=wk, w_scale=ws, act=act, act_int8=a8, group_size=g, config=cfg)
         return [mk(ps) for ps in sets]
 
-    cfgs = [c for c in D.CONFIGS if c.use_dot or m == 1] if sweep else []
     default = D.decode_config(wk, m, n, k, g)
+    if sweep == "configs":
+        cfgs = [c for c in D.CONFIGS if c.use_dot or m == 1]
+    elif sweep == "splits":  # the chosen configuration with every split of K
+        cfgs = [dataclasses.replace(default, split_k=sp) for sp in (1, 2, 4, 8) if sp != default.split_k]
+    else:
+        cfgs = []
     for cfg in [default] + cfgs:
         try:
             y = ours(cfg)[0]()
@@ -177,7 +183,8 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "decode"))
-    ap.add_argument("--sweep", action="store_true", help="time every configuration in CONFIGS, not only the chosen one")
+    ap.add_argument("--sweep", choices=["configs", "splits"], default=None,
+                    help="also time every configuration in CONFIGS, or the chosen one with every split of K")
     ap.add_argument("--formats", default="", help="comma-separated labels (default: all)")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default="", help="KxN,... (default: Llama-3-8B decode shapes)")

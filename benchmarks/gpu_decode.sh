@@ -14,8 +14,8 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   grep -E "^(FAILED|ERROR)|passed|failed|Error" "$OUT/tests_gpu.txt" | tail -15
 fi
 if [ "${SKIP_SWEEP:-0}" != 1 ]; then
-  timeout ${SWEEP_TIMEOUT:-240} python3 benchmarks/bench_decode.py --sweep --out "$OUT/sweep" \
-    --formats "${SWEEP_FORMATS:-fp8_rowwise,int8_weight_only,w4a16 g128}" --shapes 4096x14336,14336x4096 --ms ${SWEEP_MS:-1,8} \
+  timeout ${SWEEP_TIMEOUT:-240} python3 benchmarks/bench_decode.py --sweep ${SWEEP:-configs} --out "$OUT/sweep" \
+    --formats "${SWEEP_FORMATS:-fp8_rowwise,int8_weight_only,w4a16 g128}" --shapes ${SWEEP_SHAPES:-4096x14336,14336x4096} --ms ${SWEEP_MS:-1,8} \
     2>&1 | tee "$OUT/sweep.log" | grep -v "^\s*$" | tail -20
 fi
 timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_decode.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -100

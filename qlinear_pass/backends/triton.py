@@ -3,9 +3,10 @@
 * ``triton_w8a8``: ``fp8_tensor``, ``fp8_rowwise``, ``fp8_block``, ``int8_rowwise``.
 * ``triton_weight_only``: ``int8_weight_only``, ``fp8_weight_only``, ``w4a16``.
 
-Both take the decode kernel (``kernels/triton_decode.py``) for M <= 16: one launch
-per linear that streams the weight at the memory roofline and, for W8A8, quantizes
-the activation rows itself.  Above, the GEMMs of ``kernels/triton_gemm.py``: a
+Both take the decode kernel (``kernels/triton_decode.py``) at M == 1 (and up to
+M = 16 where it measures faster, ``DECODE_ABOVE_M1``): one launch per linear that
+streams the weight at the memory roofline and, for W8A8, quantizes the activation
+row itself.  Otherwise the GEMMs of ``kernels/triton_gemm.py``: a
 quantize kernel feeding the W8A8 GEMM (measured faster than quantizing inside the
 GEMM), and a weight-only GEMM dequantising in registers.
 
@@ -79,7 +80,7 @@ class TritonW8A8(_TritonKernel):
         x = x if x.dim() == 2 else x.reshape(-1, spec.k)
         m = x.shape[0]
         gran = scheme.act_granularity
-        if m <= D.MAX_M and D.fits(spec.k):
+        if _decode_serves(spec.scheme, m) and D.fits(spec.k):
             # decode sizes: one launch that quantizes the activation itself (or takes the given one)
             static = spec.act_input == "static"
             act = {("tensor", False): D.Act.DYN_TENSOR, ("token", False): D.Act.DYN_TOKEN, ("group", False): D.Act.DYN_GROUP,
@@ -134,10 +135,22 @@ class TritonWeightOnly(_TritonKernel):
         else:
             (w, s), z = params[:2], None
             kind, g = (T.W_INT8 if spec.scheme == "int8_weight_only" else T.W_FP8), 0
-        if m <= D.MAX_M and D.fits(spec.k, g):
+        if _decode_serves(spec.scheme, m) and D.fits(spec.k, g):
             return D.decode_gemm(x, w, s, z, None, bias, spec.out_dtype, w_kind=_decode_weight(w),
                                  w_scale=D.Weight.GROUP if g else D.Weight.CHANNEL, act=D.Act.FLOAT, group_size=g)
         return T.weight_only_gemm(x.contiguous(), w, s, z, bias, spec.out_dtype, kind=kind, group_size=g)
+
+
+#: schemes whose layers take the decode kernel's tensor-core path for 1 < M <= 16: where it beat the
+#: GEMMs below on the H200 at M = 8 (benchmarks/results/h200/decode/summary.md, "previous"); at
+#: M == 1 the decode kernel runs every scheme
+DECODE_ABOVE_M1 = ("fp8_block",)
+
+
+def _decode_serves(scheme: str, m: int) -> bool:
+    from ..kernels.triton_decode import MAX_M
+
+    return m == 1 or (m <= MAX_M and scheme in DECODE_ABOVE_M1)
 
 
 def _decode_weight(w: torch.Tensor) -> int:

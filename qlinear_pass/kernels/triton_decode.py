@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .triton_gemm import _INTERP, _fp8_round, _round_half_even, _to_fp8
 
@@ -73,7 +74,11 @@ def _quant(x, sa, QMAX: tl.constexpr, ACT_INT8: tl.constexpr):
     """x / sa rounded to the quantized grid (int8: ties to even, clamped; fp8: e4m3, saturated), as fp32."""
     y = x / sa
     if ACT_INT8:
-        return tl.minimum(tl.maximum(_round_half_even(y), -128.0), 127.0)
+        if _INTERP:
+            r = _round_half_even(y)
+        else:
+            r = libdevice.rint(y)  # one instruction, ties to even
+        return tl.minimum(tl.maximum(r, -128.0), 127.0)
     else:
         return _fp8_round(tl.minimum(tl.maximum(y, -448.0), 448.0))
 
@@ -85,6 +90,23 @@ def _quant_to(x, sa, QMAX: tl.constexpr, ACT_INT8: tl.constexpr):
         return _quant(x, sa, QMAX, ACT_INT8).to(tl.int8)
     else:
         return _to_fp8(tl.minimum(tl.maximum(x / sa, -448.0), 448.0))
+
+
+@triton.jit
+def _small_int_to_f32(q):
+    """int32 0 <= q < 2**23 -> fp32, exactly, by integer ops and one add: the bits of 2**23 + q
+    are 0x4B000000 | q.  The int -> float converter runs at a quarter of the FMA rate on Hopper,
+    and at M == 1 it, not memory, bounded the 4- and 8-bit integer paths."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _w8_to_f32(w):
+    """An 8-bit weight tile (int8 or fp8) as fp32 values; int8 without the int -> float converter."""
+    if w.dtype == tl.int8:
+        return _small_int_to_f32(w.to(tl.int32) + 128) - 128.0
+    else:
+        return w.to(tl.float32)
 
 
 @triton.jit
@@ -102,11 +124,12 @@ def _mma(a, b, acc, DT: tl.constexpr):
 
 @triton.jit
 def _decode_kernel(
-    X, W, C, SW, ZW, SA, BIAS, M, N, K,
+    X, W, C, SW, ZW, SA, BIAS, WS, LOCKS, M, N, K,
     stride_xm, stride_wn, stride_cm, stride_swn, stride_zn, stride_sam,
     W_KIND: tl.constexpr, W_SCALE: tl.constexpr, ACT: tl.constexpr, ACT_INT8: tl.constexpr,
     GROUP_SIZE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """C[m, n] = sum_k act(X)[m, k] * dequant(W)[n, k] (* scales) + bias, for m < M <= BLOCK_M.
 
@@ -115,6 +138,11 @@ def _decode_kernel(
     layer, else bf16, exact for 8-bit values).  The accumulator is [BLOCK_N, BLOCK_M]: the weight is the wide operand of the dot.
     """
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    # this program's share of K: whole BLOCK_K tiles, split evenly over SPLIT_K programs
+    tiles_per_split = tl.cdiv(K // BLOCK_K, SPLIT_K)
+    k_lo = pid_k * tiles_per_split * BLOCK_K
+    k_hi = tl.minimum(k_lo + tiles_per_split * BLOCK_K, K)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
@@ -151,7 +179,7 @@ def _decode_kernel(
         HG: tl.constexpr = GROUP_SIZE // 2  # packed bytes per group
         offs_h = tl.arange(0, HALF)
         offs_g = tl.arange(0, GPT)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             p = tl.load(w_rows + k0 // 2 + offs_h[None, :], mask=mask_n[:, None], other=0)
             gidx = k0 // GROUP_SIZE + offs_g
             s = tl.load(SW + offs_n[:, None].to(tl.int64) * stride_swn + gidx[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
@@ -159,8 +187,9 @@ def _decode_kernel(
                 z = tl.load(ZW + offs_n[:, None].to(tl.int64) * stride_zn + gidx[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
             else:
                 z = tl.full([BLOCK_N, GPT], 8.0, tl.float32)
-            lo = tl.reshape((p & 0xF).to(tl.float32), [BLOCK_N, GPT, HG])
-            hi = tl.reshape((p >> 4).to(tl.float32), [BLOCK_N, GPT, HG])
+            p32 = p.to(tl.int32)
+            lo = tl.reshape(_small_int_to_f32(p32 & 0xF), [BLOCK_N, GPT, HG])
+            hi = tl.reshape(_small_int_to_f32(p32 >> 4), [BLOCK_N, GPT, HG])
             if USE_DOT:
                 # the activation rows read contiguously (16-byte loads), even and odd k split in registers
                 xx = tl.load(X + offs_m[:, None].to(tl.int64) * stride_xm + k0 + offs_k[None, :], mask=mask_m[:, None], other=0.0)
@@ -184,7 +213,7 @@ def _decode_kernel(
         # on its own, after a dot of exact 8-bit values
         CH: tl.constexpr = BLOCK_K // 128
         offs_c = tl.arange(0, 128)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             if USE_DOT:
                 for c in tl.static_range(CH):
                     kc = k0 + c * 128
@@ -222,7 +251,7 @@ def _decode_kernel(
                     w3 = w3 * sb[:, :, None]
                 acc += tl.sum(tl.sum(w3 * x3[None, :, :], axis=2), axis=1)[:, None]
     else:
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             w = tl.load(w_rows + k0 + offs_k[None, :], mask=mask_n[:, None], other=0.0)
             if USE_DOT:
                 x = tl.load(x_cols + k0 + offs_k[:, None], mask=mask_m[None, :], other=0.0)
@@ -241,11 +270,33 @@ def _decode_kernel(
                 x = tl.load(X + k0 + offs_k).to(tl.float32)
                 if ACT == _DYN_TOKEN or ACT == _DYN_TENSOR:
                     x = _quant(x, tl.max(sa, axis=0), QMAX, ACT_INT8)
-                acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)[:, None]
+                acc += tl.sum(_w8_to_f32(w) * x[None, :], axis=1)[:, None]
 
     if ACT_INT8 and USE_DOT and ACT != _FLOAT:
         acc += acc_i.to(tl.float32)
-    # epilogue: weight scale, activation scale, bias, one store in the output dtype
+    if SPLIT_K > 1:
+        # split K: every program leaves its partial sums in the workspace; the last of a tile's
+        # programs to arrive (a counter per tile, which it resets) adds them up and runs the
+        # epilogue, so the reduction needs no zeroed output, no atomics on it and no second kernel
+        ws_tile = WS + offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+        tl.store(ws_tile + pid_k.to(tl.int64) * M * N, acc, mask=mask_n[:, None] & mask_m[None, :])
+        tl.debug_barrier()
+        arrived = tl.atomic_add(LOCKS + pid, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for sk in tl.static_range(SPLIT_K):
+                acc += tl.load(ws_tile + sk * M * N, mask=mask_n[:, None] & mask_m[None, :], other=0.0,
+                               cache_modifier=".cg")
+            tl.atomic_xchg(LOCKS + pid, 0)
+            _epilogue(acc, C, SW, BIAS, sa, offs_n, offs_m, mask_n, mask_m, stride_cm, stride_swn, W_SCALE, ACT, HAS_BIAS)
+    else:
+        _epilogue(acc, C, SW, BIAS, sa, offs_n, offs_m, mask_n, mask_m, stride_cm, stride_swn, W_SCALE, ACT, HAS_BIAS)
+
+
+@triton.jit
+def _epilogue(acc, C, SW, BIAS, sa, offs_n, offs_m, mask_n, mask_m, stride_cm, stride_swn,
+              W_SCALE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Weight scale, activation scale, bias, one store in the output dtype."""
     if W_SCALE == _WS_TENSOR:
         acc = acc * tl.load(SW)
     elif W_SCALE == _WS_CHANNEL:
@@ -265,9 +316,12 @@ class Config:
     warps: int
     stages: int
     use_dot: bool
+    #: programs along K per tile of N (reduced inside the kernel, see _decode_kernel)
+    split_k: int = 1
 
     def __str__(self) -> str:
-        return f"{'dot' if self.use_dot else 'fma'} n{self.block_n} k{self.block_k} w{self.warps} s{self.stages}"
+        split = f" split{self.split_k}" if self.split_k > 1 else ""
+        return f"{'dot' if self.use_dot else 'fma'} n{self.block_n} k{self.block_k} w{self.warps} s{self.stages}{split}"
 
 
 #: every configuration the benchmark times (benchmarks/bench_decode.py --sweep); decode_config picks among them
@@ -289,23 +343,31 @@ def _block_k_for(k: int, want: int, group_size: int) -> int:
     return bk
 
 
-def decode_config(w_kind: int, m: int, n: int, k: int, group_size: int = 0, sms: int = 132) -> Config:
-    """The launch configuration for one layer, from the configuration sweep of
-    ``benchmarks/bench_decode.py --sweep`` (results under ``benchmarks/results/*/decode/sweep``).
+def _split_for(n_tiles: int, k_tiles: int, sms: int) -> int:
+    """Programs along K: until the grid gives every SM about three programs, keeping at least
+    two K tiles per program (a long walk through K by too few programs leaves HBM idle)."""
+    split = 1
+    while n_tiles * split < 3 * sms and k_tiles // (split * 2) >= 2 and split < 8:
+        split *= 2
+    return split
 
-    M == 1, the FMA path: 16-row programs (8-row where 16 would leave fewer than two programs an
-    SM), tiles 512 wide (1024 and 8 warps along a long K, and for int4, whose bytes hold twice the
-    values); M > 1, the tensor-core path: the widest of 64 / 32 / 16 rows that still gives each SM
-    about one program, 256-512 wide tiles, three pipeline stages.
+
+def decode_config(w_kind: int, m: int, n: int, k: int, group_size: int = 0, sms: int = 132) -> Config:
+    """The launch configuration for one layer, from the sweeps of ``benchmarks/bench_decode.py``
+    (results under ``benchmarks/results/h200/decode/``).
+
+    M == 1, the FMA path: 16-row programs, tiles 512 wide (1024 and 8 warps along a long K, and
+    1024 for int4, whose bytes hold twice the values); M > 1, the tensor-core path: the widest of
+    64 / 32 / 16 rows that still gives each SM about one program, 256-512 wide tiles, three
+    pipeline stages.  Both split K where N alone gives too few programs (``_split_for``).
     """
     if m == 1:
-        block_n = 16 if triton.cdiv(n, 16) >= 2 * sms else 8
         long_k = k >= 8192
-        bk = 1024 if long_k or w_kind == Weight.INT4 else 512
-        return Config(block_n, _block_k_for(k, bk, group_size), 8 if long_k else 4, 1, False)
+        bk = _block_k_for(k, 1024 if long_k or w_kind == Weight.INT4 else 512, group_size)
+        return Config(16, bk, 8 if long_k else 4, 1, False, _split_for(triton.cdiv(n, 16), k // bk, sms))
     block_n = next((bn for bn in (64, 32) if triton.cdiv(n, bn) >= 0.9 * sms), 16)
-    bk = 256 if block_n == 64 else 512
-    return Config(block_n, _block_k_for(k, bk, group_size), 4, 3, True)
+    bk = _block_k_for(k, 256 if block_n == 64 else 512, group_size)
+    return Config(block_n, bk, 4, 3, True, _split_for(triton.cdiv(n, block_n), k // bk, sms))
 
 
 def decode_gemm(
@@ -342,18 +404,42 @@ def decode_gemm(
     if w_kind == Weight.INT4 and bk % group_size:
         raise ValueError(f"BLOCK_K {bk} does not hold whole groups of {group_size}")
     x = x if x.stride(-1) == 1 else x.contiguous()
-    dummy = c
-    _decode_kernel[(triton.cdiv(n, cfg.block_n),)](
-        x, w, c, sw, zw if zw is not None else sw, sa if sa is not None else sw, bias if bias is not None else dummy,
-        m, n, k, x.stride(0), w.stride(0), c.stride(0), sw.stride(0) if sw.dim() else 0,
+    n_tiles = triton.cdiv(n, cfg.block_n)
+    split = max(1, min(cfg.split_k, k // bk))
+    if split > 1:
+        ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+        locks = _locks(x.device, n_tiles)
+    else:
+        ws = locks = c
+    _decode_kernel[(n_tiles, split)](
+        x, w, c, sw, zw if zw is not None else sw, sa if sa is not None else sw, bias if bias is not None else c,
+        ws, locks, m, n, k, x.stride(0), w.stride(0), c.stride(0), sw.stride(0) if sw.dim() else 0,
         zw.stride(0) if zw is not None else 0, sa.stride(0) if sa is not None and sa.dim() else 0,
         W_KIND=w_kind, W_SCALE=w_scale, ACT=act, ACT_INT8=act_int8, GROUP_SIZE=group_size,
         HAS_ZERO=zw is not None, HAS_BIAS=bias is not None,
         DT=tl.float16 if (act == Act.FLOAT and x.dtype == torch.float16) else tl.bfloat16,
-        BLOCK_M=16 if cfg.use_dot else 1, BLOCK_N=cfg.block_n, BLOCK_K=bk, USE_DOT=cfg.use_dot,
+        BLOCK_M=16 if cfg.use_dot else 1, BLOCK_N=cfg.block_n, BLOCK_K=bk, USE_DOT=cfg.use_dot, SPLIT_K=split,
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
     return c
+
+
+#: tile counters of the split-K reduction, one zeroed int32 array per (device, stream): kernels of one
+#: stream run one after another and every tile's last program resets its counter, so an array is
+#: always zero between launches; launches on different streams may overlap, so they never share one
+_LOCKS: dict = {}
+_LOCK_SLOTS = 1 << 16
+
+
+def _locks(device: torch.device, n_tiles: int) -> torch.Tensor:
+    if n_tiles > _LOCK_SLOTS:
+        raise ValueError(f"split-K over {n_tiles} tiles of N: more than the {_LOCK_SLOTS} counters")
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    locks = _LOCKS.get(key)
+    if locks is None:
+        locks = _LOCKS[key] = torch.zeros(_LOCK_SLOTS, device=device, dtype=torch.int32)
+    return locks
 
 
 _SMS: dict = {}

@@ -60,6 +60,8 @@ def check(scheme, m, n, k, *, static=False, group_size=64, zero_points=False, dt
                       group_size=group_size if scheme == "w4a16" else 0, config=config)
     assert y.shape == ref.shape and y.dtype == dtype
     assert not torch.isnan(y).any(), "unwritten or NaN output"
+    # the split-K counters are back to zero for the next launch
+    assert all(int(locks.count_nonzero()) == 0 for locks in D._LOCKS.values())
     err = S.relative_error(y, ref)
     assert err <= S.TOLERANCE[dtype], f"{scheme} M={m} N={n} K={k} static={static} {config}: relative error {err:.3g}"
 
@@ -78,7 +80,8 @@ def decode_cases(draw, max_n=48, ks=(128, 256)):
         zero_points=draw(st.booleans()) if scheme == "w4a16" else False,
         dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])),
         bias=draw(st.booleans()),
-        config=D.Config(draw(st.sampled_from([16, 32])), draw(st.sampled_from([128, 256])), 4, 2 if use_dot else 1, use_dot),
+        config=D.Config(draw(st.sampled_from([16, 32])), draw(st.sampled_from([128, 256])), 4, 2 if use_dot else 1, use_dot,
+                        draw(st.sampled_from([1, 2, 4]))),
     )
 
 
@@ -90,6 +93,8 @@ def decode_cases(draw, max_n=48, ks=(128, 256)):
               bias=True, config=D.Config(16, 128, 4, 2, True)))
 @example(dict(scheme="fp8_block", m=3, n=130, k=256, static=True, group_size=64, zero_points=False, dtype=torch.bfloat16,
               bias=True, config=D.Config(32, 256, 4, 2, True)))
+@example(dict(scheme="int8_rowwise", m=1, n=33, k=384, static=False, group_size=64, zero_points=False,
+              dtype=torch.bfloat16, bias=True, config=D.Config(16, 128, 4, 1, False, 2)))  # 3 K tiles over 2 programs
 def test_decode_matches_reference(case):
     check(**case)
 
@@ -102,7 +107,8 @@ def test_default_config_runs_and_fills_the_gpu():
                 c = D.decode_config(wk, m, n, k, g, sms=132)
                 assert k % c.block_k == 0 and (not g or c.block_k % g == 0)
                 assert c.use_dot == (m > 1)
-                assert -(-n // c.block_n) >= 64
+                assert -(-n // c.block_n) * c.split_k >= 128  # the SMs get work
+                assert (k // c.block_k) // c.split_k >= 2  # each program walks a few tiles
     # K = 3 x 128: the tile shrinks to divide it
     check("w4a16", 1, 40, 384, group_size=128, device="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -163,10 +169,12 @@ def test_decode_kernel_mode_compiles(wdt, wk, ws, act, adt, a8, group, zero, dot
 
     fn = D._decode_kernel
     types = {"X": f"*{adt}", "W": f"*{wdt}", "C": "*bf16", "SW": "*fp32", "ZW": "*u8", "SA": "*fp32", "BIAS": "*bf16",
+             "WS": "*fp32", "LOCKS": "*i32",
              **{n: "i32" for n in ("M", "N", "K", "stride_xm", "stride_wn", "stride_cm", "stride_swn", "stride_zn", "stride_sam")}}
     constexprs = {"W_KIND": wk, "W_SCALE": ws, "ACT": act, "ACT_INT8": a8, "GROUP_SIZE": group, "HAS_ZERO": zero,
                   "HAS_BIAS": True, "DT": triton.language.float16 if adt == "fp16" else triton.language.bfloat16,
-                  "BLOCK_M": 16 if dot else 1, "BLOCK_N": 32, "BLOCK_K": 256, "USE_DOT": dot}
+                  "BLOCK_M": 16 if dot else 1, "BLOCK_N": 32, "BLOCK_K": 256, "USE_DOT": dot,
+                  "SPLIT_K": 1 if wk == D.Weight.INT8 else 2}
     signature = {name: ("constexpr" if name in constexprs else types[name]) for name in fn.arg_names}
     k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
     assert k.asm["cubin"]
