@@ -6,9 +6,8 @@ For each format, (K, N) and M this times, on the same data and in one run:
 
 * the decode kernel (``qlinear_pass/kernels/triton_decode.py``) in every configuration of
   ``CONFIGS`` (``--sweep``) or only in the one ``decode_config`` picks;
-* the kernel a compiled model runs today for that format (``triton_w8a8`` /
-  ``triton_weight_only`` through their ``run``), bf16 ``F.linear`` and, for fp8 rowwise,
-  ``torch._scaled_mm`` with the activation already quantized.
+* bf16 ``F.linear``; for M > 1 the Triton GEMMs that serve those sizes where the decode
+  kernel does not; for fp8 rowwise ``torch._scaled_mm`` with the activation already quantized.
 
 Each time is the median replay of a CUDA graph of many calls cycling over weight copies that
 together exceed twice the L2, divided by the calls.  Bandwidth counts the weight bytes with their
@@ -97,9 +96,9 @@ def kinds(scheme: str, params: dict):
     return wk, ws, act, sch.act_dtype == torch.int8
 
 
-def previous(scheme, x, ps, g):
-    """The Triton path a compiled model ran before the decode kernel: a split-K GEMV (fill, atomics,
-    convert) at M = 1, a quantize kernel and a split-K GEMM above."""
+def triton_gemm(scheme, x, ps, g):
+    """The Triton GEMMs that serve M > 1 where the decode kernel does not (``DECODE_ABOVE_M1``):
+    a quantize kernel and a split-K GEMM (fill, fp32 atomics, convert)."""
     from qlinear_pass.kernels import triton_gemm as T
 
     sch = S.get_scheme(scheme)
@@ -108,13 +107,8 @@ def previous(scheme, x, ps, g):
     ws = {"tensor": T.W_TENSOR, "channel": T.W_CHANNEL, "block": T.W_BLOCK, "group": 0}[sch.weight_granularity]
     z = ps[2] if len(ps) > 2 else None
     if sch.weight_only:
-        if m == 1:
-            return T.gemv(x, ps[0], ps[1], z, None, torch.bfloat16, w_kind=kind, w_scale=ws, a_quant=0, group_size=g)
         return T.weight_only_gemm(x, ps[0], ps[1], z, None, torch.bfloat16, kind=kind, group_size=g)
     gran = sch.act_granularity
-    if m == 1:
-        a_quant = 3 if gran == "group" else (2 if sch.act_dtype == torch.int8 else 1)
-        return T.gemv(x, ps[0], ps[1], None, None, torch.bfloat16, w_kind=kind, w_scale=ws, a_quant=a_quant)
     xq, sa = T.quantize_activation(x, sch.act_dtype, group=128 if gran == "group" else 0)
     return T.w8a8_gemm(xq, ps[0], sa, ps[1], None, torch.bfloat16, a_scale=T.A_GROUP if gran == "group" else T.A_TOKEN, w_scale=ws)
 
@@ -139,7 +133,7 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
                                          w_kind=wk, w_scale=ws, act=act, act_int8=a8, group_size=g, config=cfg)
         return [mk(ps) for ps in sets]
 
-    default = D.decode_config(wk, m, n, k, g)
+    default = D.decode_config(wk, m, n, k, g, act=act)
     if sweep == "configs":
         cfgs = [c for c in D.CONFIGS if c.use_dot or m == 1]
     elif sweep == "splits":  # the chosen configuration with every split of K
@@ -166,9 +160,10 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
     peers["bf16 F.linear"] = graph_time([(lambda ww: (lambda: F.linear(x, ww)))(ww) for ww in wb])
     del wb
     try:
-        peers["triton (previous)"] = graph_time([(lambda ps: (lambda: previous(scheme, x, ps, g)))(ps) for ps in sets])
+        if m > 1:
+            peers["triton GEMM"] = graph_time([(lambda ps: (lambda: triton_gemm(scheme, x, ps, g)))(ps) for ps in sets])
     except Exception as exc:
-        out["previous_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        out["triton_gemm_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     if scheme == "fp8_rowwise":
         xq, xs = S.quantize_activation(scheme, x)
         peers["_scaled_mm (x pre-quantized)"] = graph_time([
@@ -228,13 +223,13 @@ def write_summary(result: dict, path: Path) -> None:
     lines = [f"# Decode kernel, {result['device']} (torch {result['torch']}, Triton {result['triton']})", "",
              f"Copy bandwidth {result['copy_bytes_per_s'] / 1e9:.0f} GB/s (read + write).  us per call; "
              "% = weight bytes / time / copy bandwidth.", "",
-             "| format | K | N | M | chosen us | % copy | best us | best config | bf16 us | previous us | x bf16 | x previous |",
+             "| format | K | N | M | chosen us | % copy | best us | best config | bf16 us | Triton GEMM us | x bf16 | x Triton GEMM |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["cases"]:
         d, b, p = c["default"] or {}, c["best"] or {}, c["peers_us"]
         t = d.get("time_us")
         bf = p.get("bf16 F.linear")
-        prev = p.get("triton (previous)")
+        prev = p.get("triton GEMM")
         lines.append(f"| {c['format']} | {c['k']} | {c['n']} | {c['m']} | {t:.1f} | {d.get('of_copy', 0):.0%} | "
                      f"{b.get('time_us', float('nan')):.1f} | {b.get('config', '')} | {bf:.1f} | "
                      f"{prev if prev is None else round(prev, 1)} | {bf / t:.2f} | {'' if prev is None else f'{prev / t:.2f}'} |"

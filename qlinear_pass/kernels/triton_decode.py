@@ -352,22 +352,29 @@ def _split_for(n_tiles: int, k_tiles: int, sms: int) -> int:
     return split
 
 
-def decode_config(w_kind: int, m: int, n: int, k: int, group_size: int = 0, sms: int = 132) -> Config:
+def decode_config(w_kind: int, m: int, n: int, k: int, group_size: int = 0, sms: int = 132,
+                  act: int = Act.FLOAT) -> Config:
     """The launch configuration for one layer, from the sweeps of ``benchmarks/bench_decode.py``
     (results under ``benchmarks/results/h200/decode/``).
 
     M == 1, the FMA path: 16-row programs, tiles 512 wide (1024 and 8 warps along a long K, and
     1024 for int4, whose bytes hold twice the values); M > 1, the tensor-core path: the widest of
     64 / 32 / 16 rows that still gives each SM about one program, 256-512 wide tiles, three
-    pipeline stages.  Both split K where N alone gives too few programs (``_split_for``).
+    pipeline stages.  Both split K where N alone gives too few programs (``_split_for``), except
+    for a dynamic per-token / per-tensor activation along a long K: every program of a split
+    finds the scale over the whole row first, and at K = 14336 that costs more than the split
+    gains (fp8_rowwise, N = 4096: 27.8 us unsplit, 34.8 us in two).
     """
+    dynamic_scale = act in (Act.DYN_TOKEN, Act.DYN_TENSOR) and k >= 8192
     if m == 1:
         long_k = k >= 8192
         bk = _block_k_for(k, 1024 if long_k or w_kind == Weight.INT4 else 512, group_size)
-        return Config(16, bk, 8 if long_k else 4, 1, False, _split_for(triton.cdiv(n, 16), k // bk, sms))
+        split = 1 if dynamic_scale else _split_for(triton.cdiv(n, 16), k // bk, sms)
+        return Config(16, bk, 8 if long_k else 4, 1, False, split)
     block_n = next((bn for bn in (64, 32) if triton.cdiv(n, bn) >= 0.9 * sms), 16)
     bk = _block_k_for(k, 256 if block_n == 64 else 512, group_size)
-    return Config(block_n, bk, 4, 3, True, _split_for(triton.cdiv(n, block_n), k // bk, sms))
+    split = 1 if dynamic_scale else _split_for(triton.cdiv(n, block_n), k // bk, sms)
+    return Config(block_n, bk, 4, 3, True, split)
 
 
 def decode_gemm(
@@ -397,7 +404,7 @@ def decode_gemm(
     c = torch.empty((m, n), device=x.device, dtype=out_dtype)
     if m == 0 or n == 0:
         return c
-    cfg = config or decode_config(w_kind, m, n, k, group_size, _sm_count(x.device))
+    cfg = config or decode_config(w_kind, m, n, k, group_size, _sm_count(x.device), act)
     if not cfg.use_dot and m > 1:
         raise ValueError("the FMA path serves M == 1 only")
     bk = _block_k_for(k, cfg.block_k, group_size)

@@ -1,6 +1,6 @@
-"""Triton kernels for every scheme: W8A8 GEMMs, weight-only GEMMs, GEMVs, activation quantization.
+"""Triton GEMMs for every scheme: W8A8 GEMMs, weight-only GEMMs, activation quantization.
 
-Four kernels, each with compile-time modes (``tl.constexpr``), so one source
+Three kernels, each with compile-time modes (``tl.constexpr``), so one source
 serves all schemes without branching at run time:
 
 * ``_quant_act_kernel``: dynamic per-token / per-1x128-group quantization of
@@ -16,10 +16,9 @@ serves all schemes without branching at run time:
 * ``_wo_kernel``: weight-only GEMM; int8 / fp8 per-channel or packed int4
   group-wise weights (zero points optional) dequantised in registers, a 16-bit
   tensor-core dot, split-K for small M.
-* ``_gemv_kernel``: M == 1 (decode) for every scheme: a split-K GEMV that
-  streams the weight once at full memory bandwidth, dequantising in fp32.
-  For W8A8 schemes it quantizes the activation row itself (one kernel, the
-  fused path), so the result is the W8A8 math exactly.
+
+M == 1 (and small M for some schemes) runs the decode kernel of
+``triton_decode.py`` instead: one launch at the memory roofline.
 
 The Python wrappers pick the path by M at run time, inside the custom op, so
 one compiled graph serves prefill and decode.  Launch configurations come
@@ -407,126 +406,3 @@ def weight_only_gemm(a, w, sw, zw, bias, out_dtype, *, kind: int, group_size: in
         W_KIND=kind, GROUP_SIZE=group_size, HAS_ZERO=zw is not None, HAS_BIAS=bias is not None,
     )
     return c if c.dtype == out_dtype else c.to(out_dtype)
-
-
-# --- M == 1: GEMV ------------------------------------------------------------------------
-
-
-_GEMV_CONFIGS = [
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 8}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 256, "SPLIT_K": 4}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 8}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 256, "BLOCK_K": 128, "SPLIT_K": 4}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 4}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 512, "SPLIT_K": 16}, num_warps=8, num_stages=2),
-]
-
-
-def _gemv_prune(configs, named_args, **kwargs):
-    g = kwargs.get("GROUP_SIZE", named_args.get("GROUP_SIZE", 0))
-    k = named_args["K"]
-    return [c for c in configs if k % c.kwargs["BLOCK_K"] == 0 and (not g or c.kwargs["BLOCK_K"] % g == 0)]
-
-
-@_autotune(_GEMV_CONFIGS, key=["N", "K", "W_KIND", "W_SCALE", "A_QUANT", "GROUP_SIZE", "HAS_ZERO"],
-           prune_configs_by={"early_config_prune": _gemv_prune}, reset_to_zero=["C"])
-@triton.jit
-def _gemv_kernel(
-    X, W, C, SW, ZW, BIAS, SA, N, K, stride_wn, stride_sn, stride_zn,
-    W_KIND: tl.constexpr, W_SCALE: tl.constexpr, A_QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-):
-    """c[n] = sum_k x[k] * dequant(w)[n, k] for one row x; split-K partial sums are atomically added.
-
-    A_QUANT: 0 weight-only; 1 fp8 per-token; 2 int8 per-token; 3 fp8 1x128 groups; 4 static
-    (x already quantized, scale in SA); 5 fp8 per-tensor static scale given (SA).
-    """
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    QMAX: tl.constexpr = 127.0 if A_QUANT == 2 else 448.0
-    if A_QUANT == 1 or A_QUANT == 2:  # the row's scale: the activation is tiny, read it whole
-        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            amax = tl.maximum(amax, tl.abs(tl.load(X + k0 + offs_k).to(tl.float32)))
-        sa = tl.maximum(tl.max(amax, axis=0), 1e-12) / QMAX
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for kt in range(pid_k, K // BLOCK_K, SPLIT_K):  # K % BLOCK_K == 0 (see _gemv_prune)
-        k0 = kt * BLOCK_K
-        x = tl.load(X + k0 + offs_k).to(tl.float32)
-        if A_QUANT == 1:
-            x = _fp8_round(x / sa)
-        elif A_QUANT == 2:
-            x = tl.minimum(tl.maximum(_round_half_even(x / sa), -128.0), 127.0)
-        elif A_QUANT == 3:
-            xg = tl.reshape(x, [BLOCK_K // 128, 128])
-            sg = tl.maximum(tl.max(tl.abs(xg), axis=1), 1e-12) / 448.0
-            xq = _fp8_round(xg / sg[:, None])
-            x = tl.reshape(xq * sg[:, None], [BLOCK_K])
-        if W_KIND == 2:
-            # even and odd k apart: sum_k x[k] w[n, k] = sum_j xe[j] lo[n, j] + xo[j] hi[n, j], and per
-            # group s * (sum q x - z * sum x): two FMAs a weight, no interleaving; the groups of a
-            # tile are unrolled so their loads are all in flight together
-            HALF_G: tl.constexpr = GROUP_SIZE // 2
-            offs_h = tl.arange(0, HALF_G)
-            for g in tl.static_range(BLOCK_K // GROUP_SIZE):
-                kg = k0 + g * GROUP_SIZE
-                xe = tl.load(X + kg + 2 * offs_h).to(tl.float32)
-                xo = tl.load(X + kg + 2 * offs_h + 1).to(tl.float32)
-                packed = tl.load(W + offs_n[:, None].to(tl.int64) * stride_wn + (kg // 2 + offs_h)[None, :], mask=mask_n[:, None], other=0)
-                s = tl.load(SW + offs_n.to(tl.int64) * stride_sn + kg // GROUP_SIZE, mask=mask_n, other=0.0).to(tl.float32)
-                if HAS_ZERO:
-                    z = tl.load(ZW + offs_n.to(tl.int64) * stride_zn + kg // GROUP_SIZE, mask=mask_n, other=0).to(tl.float32)
-                else:
-                    z = 8.0
-                qx = tl.sum((packed & 0xF).to(tl.float32) * xe[None, :] + (packed >> 4).to(tl.float32) * xo[None, :], axis=1)
-                acc += s * (qx - z * tl.sum(xe + xo, axis=0))
-        else:
-            w = tl.load(W + offs_n[:, None].to(tl.int64) * stride_wn + (k0 + offs_k)[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
-            if W_SCALE == 3:  # 128x128 blocks: scale each 128-wide chunk of the row
-                wb = tl.reshape(w, [BLOCK_N, BLOCK_K // 128, 128])
-                kb = k0 // 128 + tl.arange(0, BLOCK_K // 128)
-                sb = tl.load(SW + (offs_n // 128)[:, None] * stride_sn + kb[None, :], mask=mask_n[:, None], other=0.0)
-                w = tl.reshape(wb * sb[:, :, None], [BLOCK_N, BLOCK_K])
-            acc += tl.sum(w * x[None, :], axis=1)
-    if W_SCALE == 1:
-        acc = acc * tl.load(SW)
-    elif W_SCALE == 2:
-        acc = acc * tl.load(SW + offs_n * stride_sn, mask=mask_n, other=0.0)
-    if A_QUANT == 1 or A_QUANT == 2:
-        acc = acc * sa
-    elif A_QUANT == 4:
-        acc = acc * tl.load(SA)
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    if SPLIT_K == 1:
-        tl.store(C + offs_n, acc, mask=mask_n)
-    else:
-        tl.atomic_add(C + offs_n, acc, mask=mask_n, sem="relaxed")
-
-
-def gemv(x, w, sw, zw, bias, out_dtype, *, w_kind: int, w_scale: int, a_quant: int, group_size: int = 0, sa=None):
-    """One activation row x [1, K] (float, or quantized with a_quant == 4 and its scale sa)."""
-    n = w.shape[0]
-    k = x.shape[-1]
-    acc = torch.zeros((1, n), device=x.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
-    _gemv_kernel[grid](
-        x.reshape(-1).contiguous(), w, acc, sw, zw if zw is not None else sw, bias if bias is not None else acc,
-        sa if sa is not None else acc, n, k, w.stride(0), sw.stride(0) if sw.dim() else 0,
-        zw.stride(0) if zw is not None else 0,
-        W_KIND=w_kind, W_SCALE=w_scale, A_QUANT=a_quant, GROUP_SIZE=group_size,
-        HAS_ZERO=zw is not None, HAS_BIAS=bias is not None,
-    )
-    return acc if acc.dtype == out_dtype else acc.to(out_dtype)
-
-
-def gemv_fits(k: int, group_size: int = 0) -> bool:
-    """The GEMV walks K in whole tiles: some config's BLOCK_K must divide K (and be whole groups)."""
-    return any(k % c.kwargs["BLOCK_K"] == 0 and (not group_size or c.kwargs["BLOCK_K"] % group_size == 0)
-               for c in _GEMV_CONFIGS)

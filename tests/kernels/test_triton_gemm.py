@@ -80,21 +80,6 @@ def test_weight_only_kernel_compiles(kind, wdt, group, zero, cfg):
                                                "HAS_BIAS": False, **cfg.kwargs})
     assert k.asm["cubin"]
 
-@pytest.mark.parametrize("w_kind,wdt,w_scale,a_quant,group,zero", [
-    (T.W_INT4, "u8", 0, 0, 128, True),
-    (T.W_FP8, "fp8e4nv", T.W_CHANNEL, 1, 0, False),
-    (T.W_INT8, "i8", T.W_CHANNEL, 2, 0, False),
-    (T.W_FP8, "fp8e4nv", T.W_BLOCK, 3, 0, False),
-    (T.W_FP8, "fp8e4nv", T.W_TENSOR, 4, 0, False),
-])
-def test_gemv_kernel_compiles(w_kind, wdt, w_scale, a_quant, group, zero):
-    types = {"X": "*bf16", "W": f"*{wdt}", "C": "*fp32", "SW": "*fp32", "ZW": "*u8", "BIAS": "*bf16", "SA": "*fp32",
-             **_ints("N", "K", "stride_wn", "stride_sn", "stride_zn")}
-    k = compile_for_sm90(T._gemv_kernel, types, {"W_KIND": w_kind, "W_SCALE": w_scale, "A_QUANT": a_quant,
-                                                 "GROUP_SIZE": group, "HAS_ZERO": zero, "HAS_BIAS": True,
-                                                 **T._GEMV_CONFIGS[0].kwargs})
-    assert k.asm["cubin"]
-
 @pytest.mark.parametrize("qdt,is_int8,group", [("fp8e4nv", False, 0), ("fp8e4nv", False, 128), ("i8", True, 0)])
 def test_quantize_kernel_compiles(qdt, is_int8, group):
     types = {"X": "*bf16", "Q": f"*{qdt}", "S": "*fp32", **_ints("M", "K", "stride_xm", "stride_qm", "stride_sm")}
