@@ -175,6 +175,35 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
     return out
 
 
+def bench_prefill(label, scheme, g, zp, k, n, m) -> dict:
+    """Weight-only at prefill sizes: our Triton GEMM (dequantising every tile in its mainloop)
+    against one dequantising pass + cuBLAS, and bf16 F.linear; weights rotated as above."""
+    from qlinear_pass.kernels import triton_gemm as T
+
+    p = S.quantize_weight(scheme, torch.randn(n, k, device="cuda") * 0.02, group_size=g or 128, zero_points=zp)
+    params = [p.get(nm) for nm in S.get_scheme(scheme).param_names]
+    wbytes = sum(t.numel() * t.element_size() for t in params if t is not None)
+    sets = [[None if t is None else t.clone() for t in params] for _ in range(max(1, int(2 * L2_BYTES // wbytes) + 1))]
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    kind = {torch.int8: T.W_INT8, torch.uint8: T.W_INT4}.get(p["weight"].dtype, T.W_FP8)
+    ref = S.reference(scheme, x, params, None)
+    out = {"format": label, "k": k, "n": n, "m": m, "us": {}, "rel_err": {}}
+    paths = {
+        "triton GEMM": lambda ps: T.weight_only_gemm(x, ps[0], ps[1], ps[2] if len(ps) > 2 else None, None, torch.bfloat16,
+                                                     kind=kind, group_size=g),
+        "dequant + cuBLAS": lambda ps: T.dequant_linear(x, ps[0], ps[1], ps[2] if len(ps) > 2 else None, None,
+                                                        torch.bfloat16, kind=kind, group_size=g),
+    }
+    for name, fn in paths.items():
+        out["rel_err"][name] = S.relative_error(fn(sets[0]), ref)
+        out["us"][name] = graph_time([(lambda ps: (lambda: fn(ps)))(ps) for ps in sets], reps_target=20, replays=5) * 1e6
+    wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    out["us"]["bf16 F.linear"] = graph_time([(lambda ww: (lambda: F.linear(x, ww)))(ww) for ww in wb], reps_target=20, replays=5) * 1e6
+    del sets, wb
+    torch.cuda.empty_cache()
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "decode"))
@@ -183,6 +212,8 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", default="", help="comma-separated labels (default: all)")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default="", help="KxN,... (default: Llama-3-8B decode shapes)")
+    ap.add_argument("--prefill", action="store_true",
+                    help="weight-only formats at prefill M (128..4096): Triton GEMM vs dequantise + cuBLAS vs bf16")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_decode.py needs a CUDA GPU", file=sys.stderr)
@@ -192,8 +223,29 @@ def main(argv=None) -> int:
     ms = [int(v) for v in args.ms.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     want = set(args.formats.split(",")) if args.formats else None
-    copy_bw = copy_bandwidth()
     import triton
+
+    if args.prefill:
+        res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "cases": []}
+        lines = [f"# Weight-only at prefill sizes, {res['device']}", "", "us per call (ratio: bf16 / path).", "",
+                 "| format | K | N | M | Triton GEMM | dequant + cuBLAS | bf16 | x bf16 (GEMM) | x bf16 (dequant) |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        for label, scheme, g, zp in FORMATS:
+            if S.get_scheme(scheme).weight_only and (not want or label in want):
+                for k, n in (shapes if args.shapes else [(4096, 14336), (14336, 4096), (4096, 6144)]):
+                    for m in (ms if args.ms != ",".join(map(str, MS)) else [128, 1024, 2048, 4096]):
+                        c = bench_prefill(label, scheme, g, zp, k, n, m)
+                        res["cases"].append(c)
+                        u = c["us"]
+                        row = (f"| {label} | {k} | {n} | {m} | {u['triton GEMM']:.1f} | {u['dequant + cuBLAS']:.1f} | "
+                               f"{u['bf16 F.linear']:.1f} | {u['bf16 F.linear'] / u['triton GEMM']:.2f} | "
+                               f"{u['bf16 F.linear'] / u['dequant + cuBLAS']:.2f} |")
+                        lines.append(row)
+                        print(row, flush=True)
+                        (out_dir / "bench_prefill.json").write_text(json.dumps(res, indent=1))
+        (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+        return 0
+    copy_bw = copy_bandwidth()
 
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "python": platform.python_version(), "copy_bytes_per_s": copy_bw, "sweep": args.sweep, "cases": []}

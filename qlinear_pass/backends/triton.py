@@ -138,6 +138,8 @@ class TritonWeightOnly(_TritonKernel):
         if _decode_serves(spec.scheme, m) and D.fits(spec.k, g):
             return D.decode_gemm(x, w, s, z, None, bias, spec.out_dtype, w_kind=_decode_weight(w),
                                  w_scale=D.Weight.GROUP if g else D.Weight.CHANNEL, act=D.Act.FLOAT, group_size=g)
+        if m > DEQUANT_ABOVE_M and spec.k % 128 == 0:
+            return T.dequant_linear(x.contiguous(), w, s, z, bias, spec.out_dtype, kind=kind, group_size=g)
         return T.weight_only_gemm(x.contiguous(), w, s, z, bias, spec.out_dtype, kind=kind, group_size=g)
 
 
@@ -145,6 +147,12 @@ class TritonWeightOnly(_TritonKernel):
 #: GEMMs below on the H200 at M = 8 (benchmarks/results/h200/decode/summary.md, "previous"); at
 #: M == 1 the decode kernel runs every scheme
 DECODE_ABOVE_M1 = ("fp8_block",)
+
+
+#: above this M a weight-only layer dequantises its weight once (one Triton pass) and runs cuBLAS:
+#: at prefill sizes that beats dequantising every tile in our GEMM's mainloop (H200,
+#: benchmarks/results/h200/decode/prefill)
+DEQUANT_ABOVE_M = 128
 
 
 def _decode_serves(scheme: str, m: int) -> bool:

@@ -63,11 +63,35 @@ def test_w8a8_paths(scheme, act_input, m):
     run_direct(scheme, m, 80, 256, act_input=act_input)
 
 
-@pytest.mark.parametrize("m", PATH_MS)
+# M = 130: above DEQUANT_ABOVE_M the weight is dequantised once and the matmul is torch's
+@pytest.mark.parametrize("m", PATH_MS + [130])
 @pytest.mark.parametrize("scheme,group,zp", [("int8_weight_only", 64, False), ("fp8_weight_only", 64, False),
                                              ("w4a16", 32, False), ("w4a16", 64, True), ("w4a16", 128, True)])
 def test_weight_only_paths(scheme, group, zp, m):
     run_direct(scheme, m, 48, 256, act_input="none", group_size=group, zero_points=zp)
+
+
+@pytest.mark.parametrize("scheme,group,zp", [("int8_weight_only", 0, False), ("fp8_weight_only", 0, False),
+                                             ("w4a16", 32, True), ("w4a16", 128, False)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dequantize_is_the_reference_weight(scheme, group, zp, dtype):
+    """The one-pass dequantisation gives the reference's float32 weight, rounded once: exactly on a
+    GPU; Triton's interpreter rounds its fp32 -> 16-bit casts towards zero, so there within an ulp."""
+    from qlinear_pass.kernels import triton_gemm as T
+
+    g = torch.Generator().manual_seed(1)
+    p = S.quantize_weight(scheme, torch.randn(40, 512, generator=g), group_size=group or 128, zero_points=zp)
+    params = [p.get(nm) for nm in S.get_scheme(scheme).param_names]
+    params = [None if t is None else t.to(DEVICE) for t in params]
+    kind = {"int8_weight_only": T.W_INT8, "fp8_weight_only": T.W_FP8, "w4a16": T.W_INT4}[scheme]
+    out = T.dequantize(params[0], params[1], params[2] if len(params) > 2 else None, dtype, kind=kind, k=512,
+                       group_size=group)
+    ref32 = S.dequantize_weight(scheme, params, 512)
+    if DEVICE == "cuda":
+        assert torch.equal(out, ref32.to(dtype))
+    else:
+        ulp = torch.finfo(dtype).eps * ref32.abs() + torch.finfo(dtype).smallest_normal
+        assert ((out.float() - ref32).abs() <= ulp).all()
 
 
 def test_fp16_and_no_bias():
