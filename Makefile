@@ -1,13 +1,14 @@
 # make demo   set up .venv, then run the quickstart on this machine's default backends
 # make test   set up .venv, then run the fast tests (GPU tests skip without a GPU)
 # make test-all   the same, then the sm90 compile checks (what CI runs)
+# make bench-e2e  on a CUDA machine: the end-to-end decoder benchmark (benchmarks/bench_e2e.py)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all cutlass-build-check gpu-check bench clean
+.PHONY: demo test test-all cutlass-build-check gpu-check bench-e2e bench clean
 
 # -qq: errors only (this machine's pip configuration warns about index folders it lacks, 34 lines)
 PIP    := $(PY) -m pip install -qq --disable-pip-version-check
@@ -51,6 +52,12 @@ cutlass-build-check: $(VENV)/.installed
 gpu-check:
 	PYTHONUNBUFFERED=1 $(PYTHON) -m pytest -q -m gpu -x tests
 	PYTHONUNBUFFERED=1 $(PYTHON) benchmarks/bench_linear.py --out $${OUT:-benchmarks/results/h100}
+
+# on a CUDA machine: the end-to-end benchmark (bf16 and every default variant); results under
+# $$OUT (or benchmarks/results/<card>/e2e); E2E_ARGS adds arguments, e.g. E2E_ARGS=--quick
+E2E_ARGS ?=
+bench-e2e:
+	PYTHONUNBUFFERED=1 $(PYTHON) benchmarks/bench_e2e.py $${OUT:+--out $$OUT} $(E2E_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -2,8 +2,9 @@
 """End to end: greedy decoding of a Llama-3-8B-shaped decoder, bf16 against each scheme x backend.
 
 The model is plain PyTorch: hidden 4096, 32 layers, 32 heads / 8 KV heads (head dim 128),
-intermediate 14336, vocab 128256, RMSNorm, RoPE, grouped-query attention through
-``F.scaled_dot_product_attention`` over a static KV cache, SwiGLU MLP, and q/k/v/o and
+intermediate 14336, vocab 128256, RMSNorm, RoPE, grouped-query attention over a static KV cache
+(prefill through ``F.scaled_dot_product_attention``, decode through matmuls and a softmax that
+split the cache length: :func:`decode_attention`), SwiGLU MLP, and q/k/v/o and
 gate/up/down as separate bias-free linears (as in Hugging Face checkpoints).  Its random
 weights are built on the device layer by layer, and each layer is quantized with
 ``qlinear_pass.quantize`` as soon as it is built; embedding and ``lm_head`` stay bf16.
@@ -410,13 +411,39 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def layer_forward(layer: DecoderLayer, x, cos, sin, pos, mask, prefill: bool):
+def decode_attention(qg: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Decode attention over the whole static cache: ``qg`` [B, kv_heads, R, D] (the query heads of
+    each KV head folded into R rows), caches [B, kv_heads, S, D], ``mask`` [1, 1, R, S] bool (True:
+    attend).  Returns [B, kv_heads, R, D] in the cache's dtype.
+
+    Plain tensor ops, not ``F.scaled_dot_product_attention``: with a mask, SDPA picks a fused
+    kernel that tiles only the query rows (cuDNN's flash forward on an H200: about 8 CTAs for 4
+    rows, 45-49 us per layer at batch 1 and 8), where these ops become two cuBLAS batched matmuls
+    that split the cache length over the whole GPU and one Inductor softmax kernel (about 12 us
+    at batch 1, 31 us at batch 8, close to reading the cache once).  Scores come out of the
+    matmul in the activation dtype (fp32 accumulation) and are scaled, masked and softmaxed in
+    float32.  Every variant runs this same code, so attention does not hide the linears.
+    """
+    scale = qg.shape[-1] ** -0.5
+    scores = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * scale
+    scores = torch.where(mask, scores, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs.to(v_cache.dtype), v_cache)
+
+
+def sdpa_decode_attention(qg: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The same attention through ``F.scaled_dot_product_attention`` (the reference in the tests)."""
+    return F.scaled_dot_product_attention(qg, k_cache, v_cache, attn_mask=mask)
+
+
+def layer_forward(layer: DecoderLayer, x, cos, sin, pos, mask, prefill: bool, attention=decode_attention):
     """One decoder layer over ``x`` [B, T, hidden] at positions ``pos`` [T] (a device tensor).
 
     Writes the new keys and values into the layer's static cache with ``index_copy_``.  Prefill
-    (positions 0..T-1) attends causally over its own keys; decode attends over the whole cache
-    under ``mask``, with the query heads of each KV head folded into the query length so the
-    cache is never expanded to the query heads.
+    (positions 0..T-1) attends causally over its own keys through SDPA (its flash kernel tiles
+    the 2048 query rows well); decode attends over the whole cache under ``mask`` with
+    ``attention`` (:func:`decode_attention`), the query heads of each KV head folded into the
+    query length so the cache is never expanded to the query heads.
     """
     attn, mlp = layer.self_attn, layer.mlp
     b, t, _ = x.shape
@@ -436,8 +463,7 @@ def layer_forward(layer: DecoderLayer, x, cos, sin, pos, mask, prefill: bool):
         o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
     else:
         qg = q.reshape(b, nkv, rep * t, d)
-        o = F.scaled_dot_product_attention(qg, attn.k_cache, attn.v_cache, attn_mask=mask)
-        o = o.reshape(b, nh, t, d)
+        o = attention(qg, attn.k_cache, attn.v_cache, mask).reshape(b, nh, t, d)
     o = o.transpose(1, 2).reshape(b, t, nh * d)
     x = x + attn.o_proj(o)
     h = layer.post_attention_layernorm(x)
@@ -987,6 +1013,14 @@ def _is_device_event(e) -> bool:
     return e.device_type == DeviceType.CUDA
 
 
+def _is_device_kernel(e) -> bool:
+    """A device event that is work on the device: not a profiler annotation mirrored onto the
+    device timeline (``## Call CompiledFxGraph ... ##`` spans a whole compiled graph)."""
+    if not _is_device_event(e) or getattr(e, "is_user_annotation", False):
+        return False
+    return not (e.name.startswith("## ") or e.name.endswith(" ##"))
+
+
 def _is_cpu_event(e) -> bool:
     from torch.autograd import DeviceType
 
@@ -1000,14 +1034,59 @@ def _shapes_have(e, dims: tuple) -> bool:
     return False
 
 
+#: CPU ops and kernel names that are attention (SDPA's ops, the decode attention's batched
+#: matmuls, Inductor's softmax kernels), for the per-step split
+ATTENTION_RE = re.compile(r"bmm|scaled_dot_product|attention|flash|fmha|softmax", re.IGNORECASE)
+#: ops that can be ``lm_head`` (the one matmul with the vocabulary in its shapes)
+LM_HEAD_OPS = (LINEAR_OP, "aten::linear", "aten::matmul", *INLINE_LINEAR_OPS)
+SPLIT_KEYS = ("linears", "attention", "lm_head", "other")
+
+
+def _outermost(ops: list) -> list:
+    """The ops not inside another of ``ops`` on the same thread."""
+    ops = sorted(ops, key=lambda e: (e.thread, e.time_range.start, -e.time_range.end))
+    outer: list = []
+    for e in ops:
+        if outer and outer[-1].thread == e.thread and e.time_range.end <= outer[-1].time_range.end:
+            continue
+        outer.append(e)
+    return outer
+
+
+class _Spans:
+    """Time ranges of outermost ops per thread: is an event inside one of them?"""
+
+    def __init__(self, ops: list) -> None:
+        import bisect
+
+        self._bisect = bisect
+        self.by_thread: dict = collections.defaultdict(list)
+        for e in ops:
+            self.by_thread[e.thread].append((e.time_range.start, e.time_range.end))
+        self.starts = {t: [a for a, _ in lst] for t, lst in self.by_thread.items()}
+
+    def contains(self, e) -> bool:
+        lst = self.by_thread.get(e.thread)
+        if not lst:
+            return False
+        i = self._bisect.bisect_right(self.starts[e.thread], e.time_range.start) - 1
+        return i >= 0 and e.time_range.end <= lst[i][1]
+
+
 def kernel_breakdown(events, steps: int, exclude_dims: tuple = (), top: int = 12) -> dict:
-    """Kernels per linear layer from profiler events.
+    """Kernels per linear layer and where a step's device time goes, from profiler events.
 
     A linear is a CPU op event named ``qlinear_pass::linear`` (or, where the variant has none,
     an ATen matmul op: bf16 and kernels that inline ATen ops), outermost on its thread, whose
     input shapes contain none of ``exclude_dims`` (the vocabulary: ``lm_head``).  Its kernels
     are the device kernels the profiler attached to it or to any op inside its time range on
-    the same thread.  Also returns the step's top device kernels by total time.
+    the same thread.
+
+    The split puts every device kernel attached to a CPU op in one bucket: ``linears`` (inside
+    a linear), ``lm_head`` (inside the vocabulary-wide matmul), ``attention`` (attached to an op,
+    or named, as in :data:`ATTENTION_RE`: SDPA, batched matmuls, softmax kernels) and ``other``
+    (norms, RoPE, cache writes, argmax, and device time no CPU op claimed).  ``top_kernels`` and
+    the totals count device kernels only, not profiler annotations.
     """
     cpu = [e for e in events if _is_cpu_event(e)]
     ops = [e for e in cpu if e.name == LINEAR_OP]
@@ -1018,14 +1097,8 @@ def kernel_breakdown(events, steps: int, exclude_dims: tuple = (), top: int = 12
         linear_op = "ATen matmul ops"
         note = ("no qlinear_pass::linear ops: counted ATen matmul ops; Inductor kernels around them "
                 "(activation quantization, epilogues) are not part of the count")
-    ops = [e for e in ops if not _shapes_have(e, exclude_dims)]
-    # outermost only
-    ops.sort(key=lambda e: (e.thread, e.time_range.start, -e.time_range.end))
-    outer: list = []
-    for e in ops:
-        if outer and outer[-1].thread == e.thread and e.time_range.end <= outer[-1].time_range.end:
-            continue
-        outer.append(e)
+    outer = _outermost([e for e in ops if not _shapes_have(e, exclude_dims)])
+    head = _outermost([e for e in cpu if e.name in LM_HEAD_OPS and _shapes_have(e, exclude_dims)]) if exclude_dims else []
     with_kernels: dict = collections.defaultdict(list)
     for e in cpu:
         if getattr(e, "kernels", None):
@@ -1068,7 +1141,7 @@ def kernel_breakdown(events, steps: int, exclude_dims: tuple = (), top: int = 12
     device_totals: dict = {}
     device_us = 0.0
     for e in events:
-        if _is_device_event(e):
+        if _is_device_kernel(e):
             dur = float(e.time_range.end - e.time_range.start)
             d = device_totals.setdefault(e.name, [0, 0.0])
             d[0] += 1
@@ -1078,6 +1151,27 @@ def kernel_breakdown(events, steps: int, exclude_dims: tuple = (), top: int = 12
         {"kernel": name, "calls_per_step": c / steps, "us_per_step": t / steps, "share": t / device_us if device_us else None}
         for name, (c, t) in sorted(device_totals.items(), key=lambda kv: -kv[1][1])[:top]
     ]
+
+    linear_spans, head_spans = _Spans(outer), _Spans(head)
+    split = dict.fromkeys(SPLIT_KEYS, 0.0)
+    claimed = 0.0
+    for lst in with_kernels.values():
+        for e in lst:
+            if linear_spans.contains(e):
+                bucket = "linears"
+            elif head_spans.contains(e):
+                bucket = "lm_head"
+            else:
+                bucket = None
+            for k in e.kernels:
+                if k.name.startswith("## ") or k.name.endswith(" ##"):
+                    continue
+                b = bucket or ("attention" if ATTENTION_RE.search(e.name) or ATTENTION_RE.search(k.name) else "other")
+                split[b] += float(k.duration)
+                claimed += float(k.duration)
+    unclaimed = max(device_us - claimed, 0.0)
+    split["other"] += unclaimed
+
     n = len(per_linear)
     total_kernels = sum(len(p[0]) for p in per_linear)
     linear_us = sum(p[1] for p in per_linear)
@@ -1091,6 +1185,8 @@ def kernel_breakdown(events, steps: int, exclude_dims: tuple = (), top: int = 12
         "us_per_linear": linear_us / n if n else None,
         "linear_us_per_step": linear_us / steps,
         "device_us_per_step": device_us / steps,
+        "split_us_per_step": {k: v / steps for k, v in split.items()},
+        "unclaimed_us_per_step": unclaimed / steps,
         "by_kernels": group_rows,
         "top_kernels": top_rows,
     }
@@ -1367,6 +1463,23 @@ def summary(doc: dict) -> str:
     if kernel_lines:
         lines += ["", f"Kernels per linear (profiled decode steps, batch {b1}, outside the CUDA graph; "
                   f"count x [kernels] mean device time):", ""] + kernel_lines
+    split_rows = []
+    for r in doc["variants"]:
+        sp = _get(r, "kernels", "split_us_per_step")
+        if not _get(r, "kernels", "measured") or not sp:
+            continue
+        total = _get(r, "kernels", "device_us_per_step")
+        split_rows.append("| " + " | ".join(
+            [r.get("label") or r["variant"]]
+            + [_fmt(sp.get(k) / 1e3 if sp.get(k) is not None else None, 2) for k in SPLIT_KEYS]
+            + [_fmt(total / 1e3 if total is not None else None, 2)]
+        ) + " |")
+    if split_rows:
+        lines += ["", f"Where a decode step's device time goes (batch {b1}, ms per step, profiled outside the CUDA graph; "
+                  "linears: the layers' linears; attention: decode attention's matmuls and softmax; "
+                  "other: norms, RoPE, cache writes, SwiGLU, argmax):", "",
+                  "| variant | linears | attention | lm_head | other | device total |",
+                  "|---|---:|---:|---:|---:|---:|"] + split_rows
     errors = [(r["variant"], ph, msg) for r in doc["variants"] for ph, msg in (r.get("errors") or {}).items()]
     if errors:
         lines += ["", "Errors:", ""]

@@ -92,6 +92,61 @@ def test_decode_attends_only_to_written_positions():
     assert not torch.allclose(seen, clean)
 
 
+@st.composite
+def attention_cases(draw):
+    """Folded decode queries [B, KV, R, D], caches [B, KV, S, D] and positions to attend up to."""
+    batch = draw(st.integers(1, 3))
+    kv = draw(st.sampled_from([1, 2]))
+    rows = draw(st.sampled_from([1, 4]))
+    head_dim = draw(st.sampled_from([8, 16, 32]))
+    seq = draw(st.integers(2, 40))
+    pos = draw(st.integers(0, seq - 1))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    seed = draw(st.integers(0, 2**16))
+    return batch, kv, rows, head_dim, seq, pos, dtype, seed
+
+
+@given(case=attention_cases())
+@example(case=(1, 8, 4, 128, 300, 299, torch.bfloat16, 0))  # the Llama-3 head layout, whole cache seen
+@example(case=(2, 1, 4, 16, 5, 0, torch.float32, 1))  # only the first slot visible
+def test_decode_attention_matches_sdpa(case):
+    """The decode attention (matmuls, float32 softmax) against SDPA with the same boolean mask."""
+    batch, kv, rows, head_dim, seq, pos, dtype, seed = case
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, kv, rows, head_dim, generator=g).to(dtype)
+    k = torch.randn(batch, kv, seq, head_dim, generator=g).to(dtype)
+    v = torch.randn(batch, kv, seq, head_dim, generator=g).to(dtype)
+    mask = (torch.arange(seq) <= pos)[None, None, None].expand(1, 1, rows, seq)
+    got = E2E.decode_attention(q, k, v, mask)
+    want = E2E.sdpa_decode_attention(q.double(), k.double(), v.double(), mask)
+    assert got.dtype == dtype and got.shape == (batch, kv, rows, head_dim)
+    tol = 2e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_logits_match_the_sdpa_attention(dtype):
+    """A decode step after a prompt: the same logits with the decode attention as with SDPA's
+    attention over the same cache (bf16: within bf16 rounding of the activations)."""
+    import functools
+
+    shape = E2E.ModelShape(hidden=128, layers=2, heads=8, kv_heads=2, intermediate=256, vocab=97)
+    settings = dataclasses.replace(_settings(), shape=shape, max_seq=64)
+    model = E2E.build_model(shape, settings, dtype, None)
+    ids = torch.randint(shape.vocab, (2, 20), generator=torch.Generator().manual_seed(3))
+    reference = functools.partial(E2E.layer_forward, attention=E2E.sdpa_decode_attention)
+    got, want = [], []
+    with torch.no_grad():
+        for layer_fn, out in ((E2E.layer_forward, got), (reference, want)):
+            E2E.set_cache(model, 2, dtype)
+            E2E.prefill_logits(model, E2E.layer_forward, ids[:, :16])
+            for i in range(16, 20):
+                out.append(E2E.decode_logits(model, layer_fn, ids[:, i : i + 1], model.positions[i : i + 1].clone()).float())
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(torch.stack(got), torch.stack(want), atol=tol, rtol=tol)
+    assert (torch.stack(got).argmax(-1) == torch.stack(want).argmax(-1)).float().mean() >= 0.75
+
+
 def test_shallow_model_has_the_first_layers_of_the_deep_one():
     settings = dataclasses.replace(_settings(), shape=dataclasses.replace(E2E.SMALL, layers=3))
     deep = E2E.build_model(settings.shape, settings, torch.bfloat16, None)
@@ -199,6 +254,42 @@ def test_kernel_breakdown_counts_kernels_under_each_linear():
     assert out["device_us_per_step"] == pytest.approx(5 + 7 + 1 + 3 + 20)
 
 
+def test_kernel_breakdown_splits_a_step_and_skips_annotations():
+    """Every device kernel lands in one bucket; the compiled graph's annotation is no kernel."""
+    events = [
+        _ev("## Call CompiledFxGraph abc ##", 0, 100),
+        _ev("qlinear_pass::linear", 0, 10, shapes=[[1, 64]]),
+        _ev("triton_quant", 1, 2, kernels=[("quant", 1.0)]),
+        _ev("cutlass_op", 3, 9, kernels=[("gemm", 6.0)]),
+        _ev("aten::bmm", 11, 12, kernels=[("nvjet_gemm", 2.0)], shapes=[[8, 4, 64], [8, 64, 300]]),
+        _ev("triton_red_fused__softmax_where_3", 12, 13, kernels=[("triton_red_fused__softmax_where_3", 3.0)]),
+        _ev("aten::bmm", 13, 14, kernels=[("nvjet_gemm", 2.5)], shapes=[[8, 4, 300], [8, 300, 64]]),
+        _ev("triton_poi_fused_add_rope", 15, 16, kernels=[("triton_poi_fused_add_rope", 0.5)]),
+        _ev("aten::linear", 20, 40, shapes=[[1, 64], [1000, 64]]),
+        _ev("aten::mm", 21, 39, kernels=[("nvjet_gemm", 20.0)], shapes=[[1, 64], [64, 1000]]),
+        # device side: the annotation, each kernel, and a memset no CPU op claimed
+        _ev("## Call CompiledFxGraph abc ##", 0, 90, device="cuda"),
+        _ev("quant", 1, 2, device="cuda"),
+        _ev("gemm", 3, 9, device="cuda"),
+        _ev("nvjet_gemm", 11, 13, device="cuda"),
+        _ev("triton_red_fused__softmax_where_3", 13, 16, device="cuda"),
+        _ev("nvjet_gemm", 16, 18.5, device="cuda"),
+        _ev("triton_poi_fused_add_rope", 19, 19.5, device="cuda"),
+        _ev("nvjet_gemm", 21, 41, device="cuda"),
+        _ev("Memset (Device)", 50, 51, device="cuda"),
+    ]
+    out = E2E.kernel_breakdown(events, steps=1, exclude_dims=(1000,))
+    assert out["device_us_per_step"] == pytest.approx(1 + 6 + 2 + 3 + 2.5 + 0.5 + 20 + 1)
+    assert all(not r["kernel"].startswith("##") for r in out["top_kernels"])
+    assert out["top_kernels"][0]["kernel"] == "nvjet_gemm"
+    assert out["top_kernels"][0]["calls_per_step"] == 3
+    split = out["split_us_per_step"]
+    assert split == pytest.approx({"linears": 7.0, "attention": 7.5, "lm_head": 20.0, "other": 1.5})
+    assert split["linears"] == pytest.approx(out["linear_us_per_step"])
+    assert sum(split.values()) == pytest.approx(out["device_us_per_step"])
+    assert out["unclaimed_us_per_step"] == pytest.approx(1.0)
+
+
 def test_kernel_breakdown_falls_back_to_aten_matmuls_and_takes_the_outermost():
     events = [
         _ev("aten::mm", 0, 10, kernels=[("gemm", 4.0)], shapes=[[1, 64], [64, 128]]),
@@ -275,6 +366,7 @@ def test_summary_lists_errors_and_kernels():
         {"variant": "bf16", "status": "ok", "decode": {"1": {"tok_s": 100.0}, "8": {"tok_s": 500.0}}, "prefill": {"ms": 10.0},
          "kernels": {"measured": True, "linears": 14, "linears_per_step": 7, "linear_op": "ATen matmul ops",
                      "linear_us_per_step": 70.0, "device_us_per_step": 100.0, "kernels_per_linear": 1.0, "us_per_linear": 10.0,
+                     "split_us_per_step": {"linears": 70.0, "attention": 12.0, "lm_head": 8.0, "other": 10.0},
                      "by_kernels": [{"kernels": ["gemv_bf16"], "linears": 14, "mean_us": 10.0}]}},
         {"variant": "w4a16/auto", "label": "w4a16 g128/auto", "status": "failed", "errors": {"build": "NoKernelError: none"}},
     ]
@@ -284,3 +376,4 @@ def test_summary_lists_errors_and_kernels():
     assert "w4a16 g128/auto (failed)" in table
     assert "- w4a16/auto (build): NoKernelError: none" in table
     assert "7 linears per step" in table and "gemv_bf16" in table
+    assert "| bf16 | 0.07 | 0.01 | 0.01 | 0.01 | 0.10 |" in table
