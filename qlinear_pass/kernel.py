@@ -22,15 +22,17 @@ from .spec import OK, DeviceInfo, LayerSpec, Reason
 class Kernel:
     """Base class of every kernel.
 
-    Subclasses set ``name`` (unique), ``backend``, ``schemes`` and
-    ``priority`` (lower runs first under ``auto``; see :meth:`priority_for`),
-    and implement :meth:`run`.  A kernel that wants Inductor to fuse around it
+    Subclasses set ``name`` (unique), ``backend`` and ``schemes``, and implement
+    :meth:`run`.  Where ``auto`` tries a kernel is decided by the table of
+    ``ranking.py``; a kernel its rows do not list (a plug-in's) is tried after the
+    listed ones, ordered by ``priority``.  A kernel that wants Inductor to fuse around it
     overrides :meth:`emit` instead (see ``graph_pass.py``).
     """
 
     name: ClassVar[str]
     backend: ClassVar[str]
     schemes: ClassVar[tuple[str, ...]]
+    #: a plug-in's hint for ``auto``: among kernels the ranking table does not list, lower runs first
     priority: ClassVar[int] = 50
 
     def is_supported(self, device: DeviceInfo) -> Reason:
@@ -38,17 +40,6 @@ class Kernel:
 
     def can_implement(self, spec: LayerSpec) -> Reason:
         return OK
-
-    def priority_for(self, device: DeviceInfo) -> int:
-        return self.priority
-
-    def auto_priority(self, device: DeviceInfo, m_bucket: Optional[int]) -> int:
-        """Rank under ``auto`` for layers whose M falls in ``m_bucket`` (see ``M_BUCKETS``).
-
-        A kernel that measures fastest only for some M ranks itself per bucket;
-        by default the rank is :meth:`priority_for`.
-        """
-        return self.priority_for(device)
 
     #: False for kernels that insert ATen ops into the graph (see emit)
     opaque: ClassVar[bool] = True

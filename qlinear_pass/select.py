@@ -13,7 +13,9 @@ import warnings
 from typing import Optional
 
 from . import config as C
+from . import ranking
 from .kernel import Kernel
+from .ranking import M_BUCKETS, m_bucket
 from .registry import _KERNELS, _load_backends
 from .spec import DeviceInfo, LayerSpec, Reason, parse_plan, plan_text  # noqa: F401  (parse_plan: old path)
 
@@ -30,14 +32,6 @@ class NoKernelError(ValueError):
 
 
 NoKernelError.__module__ = "qlinear_pass"  # its public home: printed as qlinear_pass.NoKernelError
-
-
-#: ``auto`` ranks kernels per M bucket: M <= 1, <= 16, <= 128, <= 1024, larger (None)
-M_BUCKETS: tuple = (1, 16, 128, 1024, None)
-
-
-def m_bucket(m: int) -> Optional[int]:
-    return next(b for b in M_BUCKETS if b is None or m <= b)
 
 
 @dataclasses.dataclass
@@ -68,11 +62,11 @@ class Selection:
         return ", ".join(parts)
 
 
-def candidates(scheme: str, device: DeviceInfo) -> list[Kernel]:
-    """Kernels registered for ``scheme``, in ``auto`` priority order for ``device``."""
+def candidates(scheme: str, device: DeviceInfo, bucket: Optional[int] = 1, act_dtype=None) -> list[Kernel]:
+    """Kernels registered for ``scheme``, in the order ``auto`` tries them on ``device`` for
+    layers whose M falls in ``bucket`` and whose activation is ``act_dtype`` (``ranking.py``'s table)."""
     _load_backends()
-    ks = [k for k in _KERNELS.values() if scheme in k.schemes]
-    return sorted(ks, key=lambda k: (k.priority_for(device), k.name))
+    return ranking.order([k for k in _KERNELS.values() if scheme in k.schemes], scheme, device, bucket, act_dtype)
 
 
 def supported(kernel: Kernel, device: DeviceInfo) -> Reason:
@@ -82,13 +76,12 @@ def supported(kernel: Kernel, device: DeviceInfo) -> Reason:
     return kernel.is_supported(device)
 
 
-def _first_fit(spec: LayerSpec, device: DeviceInfo, backend: str, bucket: Optional[int] = None,
-               ranked: bool = False) -> tuple[Optional[Kernel], list[tuple[str, str]]]:
+def _first_fit(spec: LayerSpec, device: DeviceInfo, backend: str,
+               bucket: Optional[int] = 1) -> tuple[Optional[Kernel], list[tuple[str, str]]]:
+    """The first candidate of ``backend`` (all of them for ``auto``), in the order of M bucket
+    ``bucket``, that can run ``spec`` on ``device``; and (name, reason) for each one before it."""
     rejected: list[tuple[str, str]] = []
-    ks = candidates(spec.scheme, device)
-    if ranked:
-        ks = sorted(ks, key=lambda k: (k.auto_priority(device, bucket), k.name))
-    for k in ks:
+    for k in candidates(spec.scheme, device, bucket, spec.act_dtype):
         if backend != "auto" and k.backend != backend:
             continue
         ok, why = supported(k, device)
@@ -109,7 +102,7 @@ def select(spec: LayerSpec, cfg: C.LinearBackendConfig, device: "DeviceInfo | No
     backend = cfg.backend_for(spec.scheme)
     if backend == "auto":
         return _select_auto(spec, device)
-    kernel, rejected = _first_fit(spec, device, backend)
+    kernel, rejected = _first_fit(spec, device, backend, _bucket_of(spec))
     if kernel is not None:
         return Selection(spec, backend, kernel, rejected)
     if cfg.on_unsupported == "fallback":
@@ -130,27 +123,35 @@ def select(spec: LayerSpec, cfg: C.LinearBackendConfig, device: "DeviceInfo | No
     raise err
 
 
-def _select_auto(spec: LayerSpec, device: DeviceInfo) -> Selection:
-    """``auto``: the first fit in priority order; with a dynamic M, the first fit of each M bucket.
+def _bucket_of(spec: LayerSpec) -> Optional[int]:
+    """The M bucket whose order a layer follows: its own, or M <= 1's when M is dynamic."""
+    return m_bucket(spec.m) if spec.m is not None else M_BUCKETS[0]
 
-    When the winners differ by bucket and all can run behind the custom op,
-    the layer gets a per-M plan that the op follows at run time.
+
+def _select_auto(spec: LayerSpec, device: DeviceInfo) -> Selection:
+    """``auto``: the first fit in the order of the layer's M bucket (``ranking.py``).
+
+    With a dynamic M, the first fit of every bucket: one kernel when they agree; a
+    per-M plan that the op follows at run time when they differ and all can run behind
+    the custom op; otherwise the first fit for M = 1.
     """
     if spec.m is not None:
-        kernel, rejected = _first_fit(spec, device, "auto", m_bucket(spec.m), ranked=True)
-    else:
-        kernel, rejected = _first_fit(spec, device, "auto")
-    if kernel is None:  # emulation runs every scheme anywhere
-        raise RuntimeError(f"no kernel at all for {spec.short()} on {device}: {rejected}")
+        kernel, rejected = _first_fit(spec, device, "auto", m_bucket(spec.m))
+        if kernel is None:  # emulation runs every scheme anywhere
+            raise RuntimeError(f"no kernel at all for {spec.short()} on {device}: {rejected}")
+        return Selection(spec, "auto", kernel, rejected)
+    fits = [(b, *_first_fit(spec, device, "auto", b)) for b in M_BUCKETS]
+    missing = [(b, rejected) for b, k, rejected in fits if k is None]
+    if missing:
+        raise RuntimeError(f"no kernel at all for {spec.short()} on {device}: {missing}")
+    _, kernel, rejected = fits[0]
     plan: list = []
-    if spec.m is None:
-        winners = [(b, _first_fit(spec, device, "auto", b, ranked=True)[0]) for b in M_BUCKETS]
-        if len({k.name for _, k in winners}) > 1 and all(k.runs_behind_op for _, k in winners):
-            for limit, k in winners:
-                if plan and plan[-1][1] is k:
-                    plan[-1] = (limit, k)
-                else:
-                    plan.append((limit, k))
+    if len({k.name for _, k, _ in fits}) > 1 and all(k.runs_behind_op for _, k, _ in fits):
+        for limit, k, _ in fits:
+            if plan and plan[-1][1] is k:
+                plan[-1] = (limit, k)
+            else:
+                plan.append((limit, k))
     return Selection(spec, "auto", kernel, rejected, plan=plan)
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import qlinear_pass as qp
+from qlinear_pass import ranking
 from qlinear_pass import registry as R
 from qlinear_pass import select as SEL
 from qlinear_pass.config import backend_names
@@ -45,9 +46,6 @@ def fake_kernels():
     class Other(R.Kernel):
         name, backend, schemes, priority = "testlib2_any", "testlib2", ("fp8_rowwise",), 1
 
-        def priority_for(self, device):
-            return 1 if device.type == "cuda" else 999
-
     for cls in (Fast, Slow, Other):
         qp.register_kernel(cls)
     yield
@@ -60,12 +58,14 @@ def test_registering_a_kernel_makes_its_backend_known(fake_kernels):
     assert qp.LinearBackendConfig("TestLib").linear_backend == "testlib"
 
 
-def test_priority_order_per_device(fake_kernels):
-    names = [k.name for k in SEL.candidates("fp8_rowwise", H100)]
-    assert names.index("testlib2_any") < names.index("testlib_fast") < names.index("testlib_slow")
-    assert names[-1] == "emulation"
-    names_cpu = [k.name for k in SEL.candidates("fp8_rowwise", CPU)]
-    assert names_cpu.index("testlib2_any") > names_cpu.index("testlib_slow")
+def test_plug_in_kernels_follow_the_table_by_priority(fake_kernels):
+    for device in (H100, CPU):
+        names = [k.name for k in SEL.candidates("fp8_rowwise", device)]
+        plug_ins = [n for n in names if n.startswith("testlib")]
+        assert plug_ins == ["testlib2_any", "testlib_fast", "testlib_slow"]
+        listed = ranking.row(ranking.device_class(device), "fp8_rowwise", 1).kernels
+        assert names[:len(listed)] == list(listed)
+    assert SEL.candidates("fp8_rowwise", H100)[-1].name == "emulation"
 
 
 def test_explicit_backend_filters_and_first_fit_wins(fake_kernels):
@@ -154,15 +154,12 @@ def test_device_info_of():
 
 
 @pytest.fixture
-def bucket_kernels():
-    """Two CPU kernels for int8_weight_only: one best at M=1, the other above (by auto_priority)."""
+def bucket_kernels(monkeypatch):
+    """Two CPU kernels for int8_weight_only: one first at M=1, the other above (by the CPU rows)."""
     from qlinear_pass.schemes import reference
 
     class Decode(R.Kernel):
         name, backend, schemes = "testlib_decode", "testlib", ("int8_weight_only",)
-
-        def auto_priority(self, device, m_bucket):
-            return 1 if m_bucket == 1 else 500
 
         def run(self, spec, x, params, bias):
             return reference(spec.scheme, x, params, bias, out_dtype=spec.out_dtype)
@@ -170,12 +167,13 @@ def bucket_kernels():
     class Prefill(R.Kernel):
         name, backend, schemes = "testlib_prefill", "testlib", ("int8_weight_only",)
 
-        def auto_priority(self, device, m_bucket):
-            return 2 if m_bucket != 1 else 500
-
         def run(self, spec, x, params, bias):
             return reference(spec.scheme, x, params, bias, out_dtype=spec.out_dtype)
 
+    rows = [r for r in ranking.TABLE if (r.device, r.scheme) != ("cpu", "int8_weight_only")]
+    rows += [ranking.Row("cpu", "int8_weight_only", (1,), ("testlib_decode", "testlib_prefill"), "test"),
+             ranking.Row("cpu", "int8_weight_only", ranking.M_BUCKETS[1:], ("testlib_prefill", "testlib_decode"), "test")]
+    monkeypatch.setattr(ranking, "TABLE", tuple(rows))
     for cls in (Decode, Prefill):
         qp.register_kernel(cls)
     yield

@@ -24,12 +24,13 @@ def test_explain_rows_and_table():
 
 
 def test_explain_lists_rejected_candidates_under_auto():
-    m = qp.quantize(torch.nn.Sequential(torch.nn.Linear(128, 40)), "fp8_rowwise")
-    rep = qp.explain(m, torch.randn(3, 128))
+    # on a CPU with bfloat16 activations auto tries the int4pack op first (ranking.py), which needs N % 16 == 0
+    m = qp.quantize(torch.nn.Sequential(torch.nn.Linear(128, 40)).to(torch.bfloat16), "w4a16")
+    rep = qp.explain(m, torch.randn(3, 128, dtype=torch.bfloat16))
     (row,) = rep.rows
     assert row["kernel"] == "emulation"
-    assert any(name == "torch_scaled_mm" and "divisible by 16" in why for name, why in row["rejected"])
-    assert "torch_scaled_mm: torch._scaled_mm needs N and K divisible by 16" in str(rep)
+    assert any(name == "torch_int4pack" and "divisible by 16" in why for name, why in row["rejected"])
+    assert "torch_int4pack: _convert_weight_to_int4pack_for_cpu needs N divisible by 16" in str(rep)
 
 
 def test_explain_raises_for_an_explicit_backend_without_kernel():

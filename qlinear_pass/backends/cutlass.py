@@ -37,22 +37,6 @@ from ..registry import register_kernel
 from ..spec import OK, DeviceInfo, LayerSpec
 
 OUT_DTYPES = (torch.bfloat16, torch.float16)
-#: auto's rank of each kernel per M bucket on Hopper (lower runs first; our Triton kernels are
-#: 20, FlashInfer's block-scaled GEMM 15), from benchmarks/results/h100/cutlass/ (H100, torch 2.11):
-#: * cutlass_fp8: fastest from M = 16 up (fp8_rowwise 1.00-1.18x torch._scaled_mm at M >= 1024,
-#:   and ahead of our Triton GEMM); at M = 1 our Triton GEMV, which quantizes the row itself,
-#:   is as fast or faster.
-#: * cutlass_int8: fastest at almost every M (1.9-3.8x _int_mm + epilogue at M >= 1024, 1.2-1.4x
-#:   our Triton kernels there; at M <= 16 they trade places: 0.83-1.15x, Triton ahead at K = 14336).
-#: * cutlass_fp8_block (benchmarks/results/h100/cutlass/fp8_block/): 1.6-1.75x our Triton GEMM at
-#:   M >= 1024 and 1.01-1.35x at M = 128, but behind it at M <= 16 in 3 of 4 shapes (0.78-1.05x);
-#:   on par with FlashInfer's DeepGEMM at M >= 1024 (0.88-1.16x over three runs) and behind it
-#:   at M <= 128 (0.75-0.95x), so DeepGEMM stays first where it is installed.
-AUTO_RANK = {
-    "cutlass_fp8": {16: 10, 128: 10, 1024: 10, None: 10},
-    "cutlass_int8": {1: 10, 16: 10, 128: 10, 1024: 10, None: 10},
-    "cutlass_fp8_block": {128: 17, 1024: 17, None: 17},
-}
 FLOAT_ACTS = (torch.bfloat16, torch.float16, torch.float32)
 #: family -> {tile configuration name: index in its built module}, read once per process
 _CONFIG_INDICES: dict = {}
@@ -83,18 +67,9 @@ def tile_config(family: str, m: int, n: int, k: int) -> str:
 
 class _CutlassKernel(Kernel):
     backend = "cutlass"
-    priority = 25
     opaque = False
     #: which extension module (kernels/cutlass_build.FAMILIES) runs it
     family: str = ""
-
-    def priority_for(self, device: DeviceInfo) -> int:
-        return self.priority if device.type == "cuda" else 3000
-
-    def auto_priority(self, device: DeviceInfo, m_bucket):
-        if device.sm == 90 and m_bucket in AUTO_RANK.get(self.name, {}):
-            return AUTO_RANK[self.name][m_bucket]
-        return self.priority_for(device)
 
     def is_supported(self, device: DeviceInfo):
         if device.type != "cuda":

@@ -16,7 +16,6 @@ class EmulationKernel(Kernel):
     name = "emulation"
     backend = "emulation"
     schemes = SCHEMES
-    priority = 1000
 
     def run(self, spec, x, params, bias):
         input_scale = None

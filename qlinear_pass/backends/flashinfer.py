@@ -105,12 +105,8 @@ def _scalar(t: torch.Tensor) -> torch.Tensor:
 class _FlashInferKernel(Kernel):
     """Shared glue: support asked of FlashInfer (``fi_api`` with ``fi_backend``), activation, bias."""
 
-    priority = 40
     fi_api: str = ""
     fi_backend: str = ""
-
-    def priority_for(self, device: DeviceInfo) -> int:
-        return self.priority if device.type == "cuda" else 3000
 
     def is_supported(self, device: DeviceInfo):
         ok, why = _library_status(device)
@@ -182,14 +178,6 @@ class FlashInferDeepGemm(_FlashInferKernel):
     name = "flashinfer_deepgemm_fp8_block"
     backend = "flashinfer_deepgemm"
     schemes = ("fp8_block",)
-
-    def auto_priority(self, device: DeviceInfo, m_bucket):
-        # measured on the H100 (benchmarks/results/h100/flashinfer): against our Triton
-        # block-scaled GEMM 0.98-1.16x at M = 16 and 1.09-1.93x from M = 128 up, but at M = 1
-        # our GEMV, which quantizes the row itself, is 1.4-3.7x faster with dynamic activations
-        if device.sm == 90 and m_bucket != 1:
-            return 15
-        return self.priority_for(device)
 
     def is_supported(self, device: DeviceInfo):
         ok, why = _library_status(device)

@@ -75,7 +75,6 @@ class TorchScaledMM(Kernel):
     name = "torch_scaled_mm"
     backend = "torch"
     schemes = ("fp8_tensor", "fp8_rowwise")
-    priority = 30
     opaque = False
 
     def is_supported(self, device: DeviceInfo):
@@ -125,7 +124,6 @@ class TorchIntMM(Kernel):
     name = "torch_int_mm"
     backend = "torch"
     schemes = ("int8_rowwise",)
-    priority = 30
     opaque = False
 
     def is_supported(self, device: DeviceInfo):
@@ -160,7 +158,6 @@ class TorchInt8Pack(Kernel):
     name = "torch_int8pack"
     backend = "torch"
     schemes = ("int8_weight_only",)
-    priority = 30
 
     def is_supported(self, device: DeviceInfo):
         if not _has_kernel("aten::_weight_int8pack_mm", _device_key(device)):
@@ -199,7 +196,6 @@ class TorchInt4Pack(Kernel):
     name = "torch_int4pack"
     backend = "torch"
     schemes = ("w4a16",)
-    priority = 30
 
     def __init__(self) -> None:
         # id(weight) -> (weakref to weight, validity key, packed, scales_and_zeros); tensors

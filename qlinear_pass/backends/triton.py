@@ -41,11 +41,6 @@ def _triton_status(device: DeviceInfo):
 class _TritonKernel(Kernel):
     backend = "triton"
 
-    def priority_for(self, device: DeviceInfo) -> int:
-        # first choice on a GPU; on the CPU only when named (the interpreter is for tests),
-        # so auto prefers even emulation there
-        return 20 if device.type == "cuda" else 2000
-
     def is_supported(self, device: DeviceInfo):
         return _triton_status(device)
 

@@ -149,11 +149,11 @@ def test_fallback_to_auto_warns(toolchain_ok):
 
 
 def _auto_winners(scheme):
-    return {b: R._first_fit(spec(scheme, m=b or 8192), H100, "auto", b, ranked=True)[0].name for b in R.M_BUCKETS}
+    return {b: R._first_fit(spec(scheme, m=b or 8192), H100, "auto", b)[0].name for b in R.M_BUCKETS}
 
 
 def test_auto_on_hopper_ranks_cutlass_by_m(toolchain_ok):
-    """Where the benchmark put it (benchmarks/results/h100/cutlass; CU.AUTO_RANK)."""
+    """Where the benchmark put it (benchmarks/results/h100/cutlass; the sm90 rows of ranking.py)."""
     cutlass_from_16 = {1: "triton_w8a8", 16: "cutlass_fp8", 128: "cutlass_fp8", 1024: "cutlass_fp8", None: "cutlass_fp8"}
     assert _auto_winners("fp8_rowwise") == cutlass_from_16
     assert _auto_winners("fp8_tensor") == cutlass_from_16
@@ -172,6 +172,11 @@ def test_auto_on_hopper_ranks_cutlass_by_m(toolchain_ok):
 def test_auto_plan_runs_triton_at_m1_and_cutlass_above(toolchain_ok):
     sel = R.select(spec("fp8_rowwise", m=None), qp.LinearBackendConfig(), H100)
     assert sel.kernel_name == "triton_w8a8@1;cutlass_fp8"
+
+
+def test_auto_with_a_dynamic_m_runs_cutlass_int8_at_every_m(toolchain_ok):
+    sel = R.select(spec("int8_rowwise", m=None), qp.LinearBackendConfig(), H100)
+    assert sel.kernel.name == "cutlass_int8" and not sel.plan
 
 
 def test_auto_elsewhere_never_picks_cutlass():

@@ -1,0 +1,241 @@
+"""``auto``'s kernel order: one table, per device class, scheme and M bucket.
+
+Every row of :data:`TABLE` names, for one device class and one scheme, the kernels
+``auto`` tries (in order) for the M buckets it covers, and carries the measurements
+that put them in that order (results file, numbers, card).  The selection loop
+(``select.py``) asks :func:`order` for its candidates and takes the first kernel whose
+``is_supported`` and ``can_implement`` both say yes; so a kernel listed first that
+cannot run a layer (a library not installed, a shape it refuses) hands the layer to the
+next one.
+
+How a row is read: ``Row("sm90", "fp8_block", (16,), (a, b, c), ...)`` says that on a
+Hopper GPU a ``fp8_block`` layer whose M is 2..16 tries ``a``, then ``b``, then ``c``.
+M buckets are :data:`M_BUCKETS`: M <= 1, <= 16, <= 128, <= 1024 and larger (``None``).
+A row may name activation dtypes (``act_dtypes``) where the measurements split by them (the
+CPU's int8pack / int4pack ops win with bfloat16 and lose with float32); a row without them
+serves every other dtype.
+
+How the full order is made, for one (device class, scheme, M bucket):
+
+1. the kernels the row lists, in its order;
+2. kernels no row lists (a plug-in package's kernels registered through
+   ``register_kernel``), by their ``priority`` class attribute (lower first; the
+   default is 50), then by name: a plug-in's hint of where it belongs until a row,
+   backed by measurements, lists it;
+3. ``emulation``, auto's last resort, unless the row lists it earlier (it runs every
+   scheme anywhere, so nothing after it is ever chosen by ``auto``);
+4. the kernels of :data:`BEHIND_EMULATION` for the device class: they still run when
+   their backend is named, never under ``auto``.
+
+Extending it: a new kernel that should run under ``auto`` gets a place in the rows of
+the schemes and device classes it serves, with the benchmark that puts it there; a
+device class without measurements keeps no rows and follows step 2.  Explicit backends
+use the same order, filtered to their own kernels.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Optional
+
+import torch
+
+from .kernel import Kernel
+from .spec import DeviceInfo
+
+#: ``auto`` ranks kernels per M bucket: M <= 1, <= 16, <= 128, <= 1024, larger (None)
+M_BUCKETS: tuple = (1, 16, 128, 1024, None)
+ALL_M: tuple = M_BUCKETS
+EMULATION = "emulation"
+
+#: what the table is keyed by: Hopper, other CUDA GPUs, the CPU, any other device type
+DEVICE_CLASSES = ("sm90", "cuda", "cpu", "other")
+
+
+def m_bucket(m: int) -> Optional[int]:
+    """The M bucket of a layer with ``m`` rows."""
+    return next(b for b in M_BUCKETS if b is None or m <= b)
+
+
+def device_class(device: DeviceInfo) -> str:
+    """``sm90`` (Hopper), ``cuda`` (any other CUDA GPU, or an unknown one), ``cpu``, ``other``."""
+    if device.type == "cuda":
+        return "sm90" if device.sm == 90 else "cuda"
+    return "cpu" if device.type == "cpu" else "other"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """On ``device``, a ``scheme`` layer whose M falls in one of ``m`` tries ``kernels`` in order.
+
+    With ``act_dtypes``, only layers whose activation has one of those dtypes; a row
+    without them serves the other dtypes.
+    """
+
+    device: str
+    scheme: str
+    m: tuple
+    kernels: tuple
+    evidence: str
+    act_dtypes: Optional[tuple] = None
+
+
+# --- the table -----------------------------------------------------------------------------
+# Results files are under benchmarks/results/; times in microseconds; "dyn" = the kernel
+# quantizes the activation itself, "static" = it is given the quantized activation.
+
+_H100 = "H100 80GB HBM3, torch 2.11"
+_H200 = "H200, torch 2.11"
+_FI_TENSOR = ("flashinfer_cublas_fp8", "flashinfer_cudnn_fp8", "flashinfer_cutlass_fp8")
+_FI_BLOCK_SM100 = ("flashinfer_cutlass_fp8_block", "flashinfer_trtllm_fp8_block")
+
+SM90: tuple = (
+    Row("sm90", "fp8_rowwise", (1,), ("triton_w8a8", "cutlass_fp8", "torch_scaled_mm"),
+        f"h200/decode ({_H200}), K=4096 N=14336 M=1: triton_w8a8 (decode kernel, dyn) 20.5 us, "
+        "torch._scaled_mm with a pre-quantized activation 23.3, bf16 F.linear 30.6. "
+        f"h100/cutlass ({_H100}): cutlass_fp8 ahead of torch._scaled_mm only from M=16 up."),
+    Row("sm90", "fp8_rowwise", (16, 128, 1024, None), ("cutlass_fp8", "triton_w8a8", "torch_scaled_mm"),
+        f"h100/cutlass/summary.md ({_H100}), K=4096 N=28672, cutlass_fp8 vs torch._scaled_mm (static): "
+        "M=16 43.9 vs 48.2, M=128 48.1 vs 48.6, M=1024 170.9 vs 202.1, M=4096 748.3 (dyn) vs 767.3; "
+        "h100/cutlass/k14336 (K=14336 N=4096): M=16 24.3 vs 45.0, M=128 28.7 vs 36.6; "
+        "our Triton GEMM 1.2-1.4x behind cutlass_fp8 at M >= 1024 on K=4096."),
+    Row("sm90", "fp8_tensor", (1,), ("triton_w8a8", "cutlass_fp8", "torch_scaled_mm") + _FI_TENSOR,
+        "the decode kernel of fp8_rowwise with one activation scale: h200/decode measured it for "
+        f"fp8_rowwise (20.5 us vs bf16 30.6, {_H200}); fp8_tensor M=1 not timed apart. "
+        f"FlashInfer's bmm_fp8: 0.97-1.22x torch._scaled_mm (h100/flashinfer, {_H100}), kept behind it."),
+    Row("sm90", "fp8_tensor", (16, 128, 1024, None), ("cutlass_fp8", "triton_w8a8", "torch_scaled_mm") + _FI_TENSOR,
+        "cutlass_fp8 is fp8_rowwise's kernel with a scalar scale (its fp8_rowwise numbers: see that row). "
+        f"h100/cutlass/summary.md ({_H100}), fp8_tensor K=4096 N=28672: flashinfer_cublas_fp8 167.6 at "
+        "M=1024 and 680.7 at M=4096 vs torch._scaled_mm 179.0 / 772.9; not re-ranked here."),
+    Row("sm90", "fp8_block", (1,), ("triton_w8a8", "cutlass_fp8_block", "flashinfer_deepgemm_fp8_block") + _FI_BLOCK_SM100,
+        f"h200/decode ({_H200}), K=4096 N=14336 M=1: triton_w8a8 (decode kernel, dyn) 17.8 us vs bf16 30.6. "
+        f"h100/summary.md ({_H100}): flashinfer_deepgemm with a dynamic activation 0.27-0.71x our Triton "
+        "kernel at M=1 (it needs the activation quantized apart); cutlass_fp8_block behind Triton at "
+        "M <= 16 in 3 of 4 shapes (0.78-1.05x, h100/cutlass/fp8_block)."),
+    Row("sm90", "fp8_block", (16,), ("flashinfer_deepgemm_fp8_block", "triton_w8a8", "cutlass_fp8_block") + _FI_BLOCK_SM100,
+        f"h100/flashinfer ({_H100}): flashinfer_deepgemm 0.98-1.16x our Triton block-scaled kernel at "
+        "M=16 (K=4096 N=28672: 44.4 us static); h100/cutlass/fp8_block: cutlass_fp8_block 0.78-1.05x "
+        "Triton at M <= 16."),
+    Row("sm90", "fp8_block", (128, 1024, None), ("flashinfer_deepgemm_fp8_block", "cutlass_fp8_block", "triton_w8a8") + _FI_BLOCK_SM100,
+        f"h100/cutlass/fp8_block/summary.md ({_H100}): cutlass_fp8_block 1.6-1.75x our Triton GEMM at "
+        "M >= 1024 and 1.01-1.35x at M=128; against flashinfer_deepgemm 0.88-1.16x at M >= 1024 (three "
+        "runs) and 0.75-0.95x at M <= 128 (K=4096 N=28672 M=128: deepgemm 49.4 us), so DeepGEMM first "
+        "where FlashInfer is installed."),
+    Row("sm90", "int8_rowwise", ALL_M, ("cutlass_int8", "triton_w8a8", "torch_int_mm"),
+        f"M=1: h200/decode ({_H200}) K=4096 N=14336, triton_w8a8 (decode kernel) 35.0 us vs bf16 30.5 "
+        f"(1.15x bf16's time); h100/cutlass/bench_linear.json ({_H100}) cutlass_int8 (dyn) vs bf16: "
+        "K=4096 N=28672 47.8 vs 81.7 (0.58x), N=6144 16.0 vs 20.6, N=4096 14.6 vs 16.3; so cutlass_int8 "
+        "first at M=1 too. M >= 16: h100/cutlass/summary.md, cutlass_int8 vs torch._int_mm + epilogue "
+        "1.9-3.8x at M >= 1024, vs our Triton kernels 1.2-1.4x there and 0.83-1.15x at M <= 16."),
+    Row("sm90", "int8_weight_only", ALL_M, ("triton_weight_only", "torch_int8pack"),
+        f"M=1: h200/decode ({_H200}) K=4096 N=14336 triton_weight_only 22.9 us vs bf16 30.6. "
+        f"h100/summary.md ({_H100}): torch._weight_int8pack_mm on CUDA runs at about 1 TFLOP/s (a slow path)."),
+    Row("sm90", "fp8_weight_only", ALL_M, ("triton_weight_only",),
+        f"M=1: h200/decode ({_H200}) K=4096 N=14336 triton_weight_only 16.8 us vs bf16 30.6; the only GPU kernel."),
+    Row("sm90", "w4a16", ALL_M, ("triton_weight_only", "torch_int4pack"),
+        f"M=1: h200/decode ({_H200}) K=4096 N=14336 g128 triton_weight_only (decode kernel) 22.0 us vs bf16 "
+        f"30.6. M=16: h100/summary.md ({_H100}) triton_weight_only 50.7 us vs gemlite 64.7 (K=4096 N=28672); "
+        "tinygemm (torch_int4pack) kept as the fallback for shapes our kernels refuse."),
+)
+
+#: other CUDA GPUs (Ampere, Ada, Blackwell): nothing measured yet; our kernels first (sm80+)
+_UNMEASURED = "not measured on this device class: our Triton kernels first, then torch's op, then FlashInfer"
+CUDA: tuple = (
+    Row("cuda", "fp8_tensor", ALL_M, ("triton_w8a8", "torch_scaled_mm") + _FI_TENSOR, _UNMEASURED),
+    Row("cuda", "fp8_rowwise", ALL_M, ("triton_w8a8", "torch_scaled_mm"), _UNMEASURED),
+    Row("cuda", "fp8_block", ALL_M, ("triton_w8a8",) + _FI_BLOCK_SM100, _UNMEASURED),
+    Row("cuda", "int8_rowwise", ALL_M, ("triton_w8a8", "torch_int_mm"), _UNMEASURED),
+    Row("cuda", "int8_weight_only", ALL_M, ("triton_weight_only", "torch_int8pack"), _UNMEASURED),
+    Row("cuda", "fp8_weight_only", ALL_M, ("triton_weight_only",), _UNMEASURED),
+    Row("cuda", "w4a16", ALL_M, ("triton_weight_only", "torch_int4pack"), _UNMEASURED),
+)
+
+_CPU = ("cpu/bench_cpu.json (benchmarks/bench_cpu.py; AMD EPYC, 2 threads, shared machine, torch 2.13); "
+        "geometric mean over K x N = 1024x1024 and 4096x1024, us; M > 128 follows M = 128")
+_BF16 = (torch.bfloat16,)
+CPU: tuple = (
+    Row("cpu", "fp8_tensor", ALL_M, ("emulation", "torch_scaled_mm"),
+        f"{_CPU}: emulation vs torch._scaled_mm (quantizing the activation), bf16: M=1 3401 vs 3990, "
+        "M=16 4023 vs 4910, M=128 8315 vs 9223; fp32: 16543 vs 17803, 31448 vs 32479, 54503 vs 153407."),
+    Row("cpu", "fp8_rowwise", ALL_M, ("emulation", "torch_scaled_mm"),
+        f"{_CPU}: emulation vs torch._scaled_mm, bf16: M=1 4749 vs 5471, M=16 5466 vs 6284, "
+        "M=128 8214 vs 9017; fp32: 18827 vs 28755, 37471 vs 45470, 16356 vs 19458."),
+    Row("cpu", "fp8_block", ALL_M, ("emulation",), f"{_CPU}: the only CPU kernel (bf16 M=1 4923, M=128 8186)."),
+    Row("cpu", "int8_rowwise", ALL_M, ("torch_int_mm", "emulation"),
+        f"{_CPU}: torch._int_mm + epilogue vs emulation, bf16: M=1 68 vs 439, M=16 209 vs 950, "
+        "M=128 604 vs 3289; fp32: 898 vs 3865, 4081 vs 30011, 71843 vs 93070."),
+    Row("cpu", "int8_weight_only", ALL_M, ("torch_int8pack", "emulation"),
+        f"{_CPU}: _weight_int8pack_mm vs emulation, bf16: M=1 71 vs 1101, M=16 267 vs 1889, M=128 1754 vs 4556.",
+        act_dtypes=_BF16),
+    Row("cpu", "int8_weight_only", (1,), ("torch_int8pack", "emulation"),
+        f"{_CPU}: fp32 M=1 _weight_int8pack_mm 9954 vs emulation 19380."),
+    Row("cpu", "int8_weight_only", (16, 128, 1024, None), ("emulation", "torch_int8pack"),
+        f"{_CPU}: fp32 emulation vs _weight_int8pack_mm, M=16 6075 vs 27158, M=128 19772 vs 156375 "
+        "(the op's float32 path; fp16 not measured, taken as fp32)."),
+    Row("cpu", "fp8_weight_only", ALL_M, ("emulation",), f"{_CPU}: the only CPU kernel (bf16 M=1 4689, M=128 7446)."),
+    Row("cpu", "w4a16", ALL_M, ("torch_int4pack", "emulation"),
+        f"{_CPU}: _weight_int4pack_mm_for_cpu vs emulation (g128), bf16: M=1 72 vs 2362, M=16 246 vs 3203, "
+        "M=128 2436 vs 8665.", act_dtypes=_BF16),
+    Row("cpu", "w4a16", (1,), ("torch_int4pack", "emulation"),
+        f"{_CPU}: fp32 M=1 _weight_int4pack_mm_for_cpu 7463 vs emulation 57259."),
+    Row("cpu", "w4a16", (16, 128, 1024, None), ("emulation", "torch_int4pack"),
+        f"{_CPU}: fp32 emulation vs _weight_int4pack_mm_for_cpu, M=16 30880 vs 36605, M=128 33683 vs 275217 "
+        "(fp16 not measured, taken as fp32)."),
+)
+
+#: every row; :func:`order` reads it at each call (tests monkeypatch it)
+TABLE: tuple = SM90 + CUDA + CPU
+
+_GPU_ONLY = ("cutlass_fp8", "cutlass_int8", "cutlass_fp8_block", "flashinfer_deepgemm_fp8_block") + _FI_TENSOR + _FI_BLOCK_SM100
+#: kernels ``auto`` never reaches on a device class (placed after ``emulation``): our Triton
+#: kernels run on a CPU only through the interpreter, for tests; the GPU libraries refuse it
+BEHIND_EMULATION: dict = {
+    "cpu": ("triton_w8a8", "triton_weight_only") + _GPU_ONLY,
+    "other": ("triton_w8a8", "triton_weight_only") + _GPU_ONLY,
+}
+
+
+# --- the order -----------------------------------------------------------------------------
+
+_index: dict = {}
+_indexed: Optional[tuple] = None
+
+
+def row(cls: str, scheme: str, bucket: Optional[int], act_dtype: Optional[torch.dtype] = None) -> Optional[Row]:
+    """The row for device class ``cls``, ``scheme``, M bucket ``bucket`` and activation dtype
+    ``act_dtype`` (a row naming that dtype, else the row for any dtype), or None."""
+    global _index, _indexed
+    if _indexed is not TABLE:
+        index = {}
+        for r in TABLE:
+            for b in r.m:
+                for dt in r.act_dtypes or (None,):
+                    key = (r.device, r.scheme, b, dt)
+                    if key in index:
+                        on = f", {dt}" if dt is not None else ""
+                        raise ValueError(f"two rows of qlinear_pass.ranking.TABLE cover ({r.device}, {r.scheme}, M bucket {b}{on})")
+                    index[key] = r
+        _index, _indexed = index, TABLE
+    return _index.get((cls, scheme, bucket, act_dtype)) or _index.get((cls, scheme, bucket, None))
+
+
+def order(kernels: Iterable[Kernel], scheme: str, device: DeviceInfo, bucket: Optional[int],
+          act_dtype: Optional[torch.dtype] = None) -> list[Kernel]:
+    """``kernels`` (those registered for ``scheme``) in the order ``auto`` tries them on ``device``
+    for layers whose M falls in ``bucket`` and whose activation is ``act_dtype`` (see the module's
+    docstring)."""
+    if bucket not in M_BUCKETS:
+        raise ValueError(f"M bucket {bucket!r} is not one of {M_BUCKETS}")
+    cls = device_class(device)
+    r = row(cls, scheme, bucket, act_dtype)
+    listed = r.kernels if r is not None else ()
+    behind = BEHIND_EMULATION.get(cls, ())
+    by_name = {k.name: k for k in kernels}
+    first = [by_name[n] for n in listed if n in by_name]
+    rest = sorted((k for k in by_name.values() if k.name not in listed and k.name != EMULATION and k.name not in behind),
+                  key=lambda k: (k.priority, k.name))
+    last = [by_name[EMULATION]] if EMULATION in by_name and EMULATION not in listed else []
+    hidden = [by_name[n] for n in behind if n in by_name and n not in listed]
+    return first + rest + last + hidden
+
+
+__all__ = ["M_BUCKETS", "DEVICE_CLASSES", "Row", "TABLE", "BEHIND_EMULATION", "m_bucket", "device_class", "row", "order"]
