@@ -138,9 +138,9 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
         cfgs = [c for c in D.CONFIGS if c.use_dot or m == 1]
     elif sweep == "splits":  # the chosen configuration with every split of K
         cfgs = [dataclasses.replace(default, split_k=sp) for sp in (1, 2, 4, 8) if sp != default.split_k]
-    elif sweep == "modes":  # M == 1: the chosen configuration with every FMA_MODE, and row blocks of 4 / 8 / 16
-        cfgs = [dataclasses.replace(default, fma_mode=md, block_n=bn, warps=w) for md in (0, 1, 2) for bn in (4, 8, 16)
-                for w in (2, 4) if (md, bn, w) != (default.fma_mode, default.block_n, default.warps)] if m == 1 else []
+    elif sweep == "rows":  # M == 1: the chosen configuration with row blocks of 4 / 8 / 16 and 2 / 4 warps
+        cfgs = [dataclasses.replace(default, block_n=bn, warps=w) for bn in (4, 8, 16) for w in (2, 4)
+                if (bn, w) != (default.block_n, default.warps)] if m == 1 else []
     else:
         cfgs = []
     for cfg in [default] + cfgs:
@@ -210,7 +210,7 @@ def bench_prefill(label, scheme, g, zp, k, n, m) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "decode"))
-    ap.add_argument("--sweep", choices=["configs", "splits", "modes"], default=None,
+    ap.add_argument("--sweep", choices=["configs", "splits", "rows"], default=None,
                     help="also time every configuration in CONFIGS, or the chosen one with every split of K")
     ap.add_argument("--formats", default="", help="comma-separated labels (default: all)")
     ap.add_argument("--ms", default=",".join(map(str, MS)))

@@ -129,7 +129,7 @@ def _decode_kernel(
     W_KIND: tl.constexpr, W_SCALE: tl.constexpr, ACT: tl.constexpr, ACT_INT8: tl.constexpr,
     GROUP_SIZE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-    SPLIT_K: tl.constexpr, FMA_MODE: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """C[m, n] = sum_k act(X)[m, k] * dequant(W)[n, k] (* scales) + bias, for m < M <= BLOCK_M.
 
@@ -171,8 +171,6 @@ def _decode_kernel(
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     acc_i = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)  # int8 x int8 dots (unused otherwise)
-    wide = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.float32)  # FMA_MODE 2, int4
-    wide2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # FMA_MODE 2, 8-bit
     if W_KIND == _INT4:
         # packed [N, K/2] bytes: byte j of a row holds k = 2j (low nibble) and 2j + 1 (high); the
         # even and odd k are two half-width operands, so the nibbles are never interleaved
@@ -202,7 +200,7 @@ def _decode_kernel(
                 wo = tl.reshape((hi - z[:, :, None]) * s[:, :, None], [BLOCK_N, HALF])
                 acc = _mma(we, xe, acc, DT)
                 acc = _mma(wo, xo, acc, DT)
-            elif FMA_MODE == 0:
+            else:
                 # M == 1: per group s * (sum_j q x - z * sum_j x), two FMAs a weight
                 xe, xo = tl.split(tl.reshape(tl.load(X + k0 + offs_k).to(tl.float32), [HALF, 2]))
                 xe = tl.reshape(xe, [GPT, HG])
@@ -210,23 +208,6 @@ def _decode_kernel(
                 qx = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)
                 xs = tl.sum(xe + xo, axis=1)
                 acc += tl.sum(s * (qx - z * xs[None, :]), axis=1)[:, None]
-            else:
-                # M == 1, the activation read in the weight tile's own layout (every row's program
-                # reads the same addresses, from L1), so no register shuffle between the two
-                xx = tl.load(X + k0 + 2 * offs_h[None, :, None] + tl.arange(0, 2)[None, None, :] + 0 * offs_n[:, None, None])
-                xe, xo = tl.split(xx.to(tl.float32))
-                xe = tl.reshape(xe, [BLOCK_N, GPT, HG])
-                xo = tl.reshape(xo, [BLOCK_N, GPT, HG])
-                if FMA_MODE == 1:
-                    qx = tl.sum(lo * xe + hi * xo, axis=2)
-                    xs = tl.sum(xe + xo, axis=2)
-                    acc += tl.sum(s * (qx - z * xs), axis=1)[:, None]
-                else:
-                    # a wide accumulator: the weight dequantised (q s - z s, one FMA), no reduction per tile
-                    c = -z * s
-                    we = lo * s[:, :, None] + c[:, :, None]
-                    wo = hi * s[:, :, None] + c[:, :, None]
-                    wide += tl.reshape(we * xe + wo * xo, [BLOCK_N, HALF])
     elif W_SCALE == _WS_BLOCK or ACT == _DYN_GROUP or ACT == _STATIC_GROUP:
         # 1x128 activation groups and/or 128x128 weight blocks: each 128-wide chunk of K is scaled
         # on its own, after a dot of exact 8-bit values
@@ -285,28 +266,13 @@ def _decode_kernel(
                         acc_i = tl.dot(w, x, acc_i, out_dtype=tl.int32)
                     else:
                         acc = tl.dot(w, x, acc, out_dtype=tl.float32)
-            elif FMA_MODE == 0:
+            else:
                 x = tl.load(X + k0 + offs_k).to(tl.float32)
                 if ACT == _DYN_TOKEN or ACT == _DYN_TENSOR:
                     x = _quant(x, tl.max(sa, axis=0), QMAX, ACT_INT8)
                 acc += tl.sum(_w8_to_f32(w) * x[None, :], axis=1)[:, None]
-            else:
-                # the activation in the weight tile's layout (see the int4 path)
-                x = tl.load(X + k0 + offs_k[None, :] + 0 * offs_n[:, None]).to(tl.float32)
-                if ACT == _DYN_TOKEN or ACT == _DYN_TENSOR:
-                    x = _quant(x, tl.max(sa, axis=0), QMAX, ACT_INT8)
-                if FMA_MODE == 1:
-                    acc += tl.sum(_w8_to_f32(w) * x, axis=1)[:, None]
-                else:
-                    wide2 += _w8_to_f32(w) * x
-
     if ACT_INT8 and USE_DOT and ACT != _FLOAT:
         acc += acc_i.to(tl.float32)
-    if FMA_MODE == 2 and not USE_DOT:
-        if W_KIND == _INT4:
-            acc += tl.sum(wide, axis=1)[:, None]
-        elif not (W_SCALE == _WS_BLOCK or ACT == _DYN_GROUP or ACT == _STATIC_GROUP):
-            acc += tl.sum(wide2, axis=1)[:, None]
     if SPLIT_K > 1:
         # split K: every program leaves its partial sums in the workspace; the last of a tile's
         # programs to arrive (a counter per tile, which it resets) adds them up and runs the
@@ -351,15 +317,10 @@ class Config:
     use_dot: bool
     #: programs along K per tile of N (reduced inside the kernel, see _decode_kernel)
     split_k: int = 1
-    #: the M == 1 path: 0 activation read once and shuffled into the weight's layout, reduced per
-    #: tile; 1 read in the weight's layout, reduced per tile; 2 read in the weight's layout, a wide
-    #: accumulator reduced once
-    fma_mode: int = 0
 
     def __str__(self) -> str:
         split = f" split{self.split_k}" if self.split_k > 1 else ""
-        mode = f" mode{self.fma_mode}" if self.fma_mode and not self.use_dot else ""
-        return f"{'dot' if self.use_dot else 'fma'} n{self.block_n} k{self.block_k} w{self.warps} s{self.stages}{split}{mode}"
+        return f"{'dot' if self.use_dot else 'fma'} n{self.block_n} k{self.block_k} w{self.warps} s{self.stages}{split}"
 
 
 #: every configuration the benchmark times (benchmarks/bench_decode.py --sweep); decode_config picks among them
@@ -395,8 +356,8 @@ def decode_config(w_kind: int, m: int, n: int, k: int, group_size: int = 0, sms:
     """The launch configuration for one layer, from the sweeps of ``benchmarks/bench_decode.py``
     (results under ``benchmarks/results/h200/decode/``).
 
-    M == 1, the FMA path: 16-row programs, tiles 512 wide (1024 and 8 warps along a long K, and
-    1024 for int4, whose bytes hold twice the values); M > 1, the tensor-core path: the widest of
+    M == 1, the FMA path: 16-row programs, tiles 512 wide (1024 and 8 warps along a long K; 1024
+    and 4 warps for int4, whose bytes hold twice the values); M > 1, the tensor-core path: the widest of
     64 / 32 / 16 rows that still gives each SM about one program, 256-512 wide tiles, three
     pipeline stages.  Both split K where N alone gives too few programs (``_split_for``), except
     for a dynamic per-token / per-tensor activation along a long K: every program of a split
@@ -408,7 +369,7 @@ def decode_config(w_kind: int, m: int, n: int, k: int, group_size: int = 0, sms:
         long_k = k >= 8192
         bk = _block_k_for(k, 1024 if long_k or w_kind == Weight.INT4 else 512, group_size)
         split = 1 if dynamic_scale else _split_for(triton.cdiv(n, 16), k // bk, sms)
-        return Config(16, bk, 8 if long_k else 4, 1, False, split)
+        return Config(16, bk, 8 if long_k and w_kind != Weight.INT4 else 4, 1, False, split)
     block_n = next((bn for bn in (64, 32) if triton.cdiv(n, bn) >= 0.9 * sms), 16)
     bk = _block_k_for(k, 256 if block_n == 64 else 512, group_size)
     split = 1 if dynamic_scale else _split_for(triton.cdiv(n, block_n), k // bk, sms)
@@ -464,7 +425,6 @@ def decode_gemm(
         HAS_ZERO=zw is not None, HAS_BIAS=bias is not None,
         DT=tl.float16 if (act == Act.FLOAT and x.dtype == torch.float16) else tl.bfloat16,
         BLOCK_M=16 if cfg.use_dot else 1, BLOCK_N=cfg.block_n, BLOCK_K=bk, USE_DOT=cfg.use_dot, SPLIT_K=split,
-        FMA_MODE=0 if cfg.use_dot else cfg.fma_mode,
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
     return c

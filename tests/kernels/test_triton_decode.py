@@ -81,14 +81,14 @@ def decode_cases(draw, max_n=48, ks=(128, 256)):
         dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])),
         bias=draw(st.booleans()),
         config=D.Config(draw(st.sampled_from([16, 32])), draw(st.sampled_from([128, 256])), 4, 2 if use_dot else 1, use_dot,
-                        draw(st.sampled_from([1, 2, 4])), 0 if use_dot else draw(st.sampled_from([0, 1, 2]))),
+                        draw(st.sampled_from([1, 2, 4]))),
     )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu test covers this on a GPU")
 @given(decode_cases())
 @example(dict(scheme="w4a16", m=1, n=17, k=256, static=False, group_size=128, zero_points=True, dtype=torch.bfloat16,
-              bias=False, config=D.Config(16, 256, 4, 1, False, 1, 2)))
+              bias=False, config=D.Config(16, 256, 4, 1, False)))
 @example(dict(scheme="fp8_tensor", m=16, n=5, k=128, static=False, group_size=64, zero_points=False, dtype=torch.float16,
               bias=True, config=D.Config(16, 128, 4, 2, True)))
 @example(dict(scheme="fp8_block", m=3, n=130, k=256, static=True, group_size=64, zero_points=False, dtype=torch.bfloat16,
@@ -162,7 +162,6 @@ COMPILE_CASES = [  # (weight dtype, w_kind, w_scale, act, act dtype, act_int8, g
 
 @pytest.mark.parametrize("wdt,wk,ws,act,adt,a8,group,zero,dot", COMPILE_CASES)
 def test_decode_kernel_mode_compiles(wdt, wk, ws, act, adt, a8, group, zero, dot):
-    case = (wdt, wk, ws, act, adt, a8, group, zero, dot)
     if INTERPRETED:
         pytest.skip("checked in a subprocess without the interpreter")
     from triton.backends.compiler import GPUTarget
@@ -175,7 +174,7 @@ def test_decode_kernel_mode_compiles(wdt, wk, ws, act, adt, a8, group, zero, dot
     constexprs = {"W_KIND": wk, "W_SCALE": ws, "ACT": act, "ACT_INT8": a8, "GROUP_SIZE": group, "HAS_ZERO": zero,
                   "HAS_BIAS": True, "DT": triton.language.float16 if adt == "fp16" else triton.language.bfloat16,
                   "BLOCK_M": 16 if dot else 1, "BLOCK_N": 32, "BLOCK_K": 256, "USE_DOT": dot,
-                  "SPLIT_K": 1 if wk == D.Weight.INT8 else 2, "FMA_MODE": 0 if dot else (1 + COMPILE_CASES.index(case) % 2)}
+                  "SPLIT_K": 1 if wk == D.Weight.INT8 else 2}
     signature = {name: ("constexpr" if name in constexprs else types[name]) for name in fn.arg_names}
     k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
     assert k.asm["cubin"]
