@@ -42,6 +42,7 @@ W_INT8, W_FP8, W_INT4 = 0, 1, 2
 # the same, readable inside kernels (a @jit function may only read constexpr globals)
 _A_TENSOR = tl.constexpr(A_TENSOR)
 _W_TENSOR, _W_BLOCK = tl.constexpr(W_TENSOR), tl.constexpr(W_BLOCK)
+_W_INT4 = tl.constexpr(W_INT4)
 
 
 def interpreting() -> bool:
@@ -362,7 +363,7 @@ def _wo_kernel(
     a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    if W_KIND == 2:  # packed int4: [N, K/2] bytes, even k in the low nibble
+    if W_KIND == _W_INT4:  # packed int4: [N, K/2] bytes, even k in the low nibble
         HALF: tl.constexpr = BLOCK_K // 2
         GPT: tl.constexpr = BLOCK_K // GROUP_SIZE  # groups per K tile
         offs_kh = tl.arange(0, HALF)
@@ -420,7 +421,7 @@ def _dequant_kernel(W, SW, ZW, OUT, N, K, stride_wn, stride_sn, stride_zn, strid
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     k0 = tl.program_id(1) * BLOCK_K
-    if W_KIND == 2:
+    if W_KIND == _W_INT4:
         HALF: tl.constexpr = BLOCK_K // 2
         GPT: tl.constexpr = BLOCK_K // GROUP_SIZE
         offs_h = tl.arange(0, HALF)

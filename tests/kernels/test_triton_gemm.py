@@ -86,3 +86,13 @@ def test_quantize_kernel_compiles(qdt, is_int8, group):
     k = compile_for_sm90(T._quant_act_kernel, types, {"QMAX": 127.0 if is_int8 else 448.0, "IS_INT8": is_int8,
                                                       "GROUP": group, "BLOCK_K": 1024 if not group else 128})
     assert k.asm["cubin"]
+
+
+@pytest.mark.parametrize("kind,wdt,group,zero", [(T.W_INT4, "u8", 128, True), (T.W_INT4, "u8", 32, False),
+                                                 (T.W_INT8, "i8", 0, False), (T.W_FP8, "fp8e4nv", 0, False)])
+def test_dequant_kernel_compiles(kind, wdt, group, zero):
+    types = {"W": f"*{wdt}", "SW": "*fp32", "ZW": "*u8", "OUT": "*bf16",
+             **_ints("N", "K", "stride_wn", "stride_sn", "stride_zn", "stride_on")}
+    k = compile_for_sm90(T._dequant_kernel, types, {"W_KIND": kind, "GROUP_SIZE": group, "HAS_ZERO": zero,
+                                                    "BLOCK_N": 16, "BLOCK_K": 256})
+    assert k.asm["cubin"]
