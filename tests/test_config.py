@@ -116,7 +116,9 @@ def test_bad_env_var_reaches_the_compiled_call_unwrapped(monkeypatch):
     from .helpers import linear_model, random_activation
 
     m = linear_model(64, 32, "int8_rowwise")
-    f = torch.compile(m, backend="qlinear")  # the entry point: made before the variable was set
+    from qlinear_pass.compile import qlinear_backend  # what the "qlinear" entry point names
+
+    f = torch.compile(m, backend=qlinear_backend)  # made before the variable was set
     monkeypatch.setenv(C.ENV_VAR, "nope")
     with pytest.raises(qp.EnvConfigError) as e, torch.no_grad():
         f(random_activation((2, 64)))
