@@ -4,22 +4,27 @@ At decode sizes a linear is bound by reading its weight once: the kernel's job i
 SM streaming weight bytes.  ``_decode_kernel`` does that without the three-kernel pattern of a
 split-K GEMV (zero fill, atomics, convert):
 
-* each program owns ``BLOCK_N`` output channels and walks the whole of K, so no partial sums
-  leave the program and the output is written once, in its dtype (no memset, no convert);
-  ``BLOCK_N`` is chosen per shape so that N / BLOCK_N programs fill the SMs (``decode_config``);
+* each program owns ``BLOCK_N`` output channels and a share of K; where N alone gives too few
+  programs, K is split over ``SPLIT_K`` programs whose partial sums go to a workspace, and the
+  last program of each tile to arrive (a per-tile counter, which it resets) adds them and runs
+  the epilogue, so the output is written once, in its dtype, by one kernel;
 * weights are read as ``[BLOCK_N, BLOCK_K]`` tiles of their stored layout (K contiguous), so
-  each thread issues 16-byte loads; packed int4 stays packed (low nibble = even k, the public
-  layout): the even and odd k of a tile are two half-width operands, which needs no
-  interleaving of registers, only a stride-2 read of the (tiny, cached) activation;
+  each thread issues 16-byte loads; packed int4 stays packed in its public layout (low nibble =
+  even k): the even and odd k of a tile are two half-width operands, split from a contiguous
+  read of the activation in registers, so the weight's nibbles are never interleaved;
+* 4- and 8-bit integers become fp32 by integer ops and one add (``_small_int_to_f32``), not the
+  int -> float converter, which runs at a quarter of the FMA rate;
 * a W8A8 layer's dynamic activation quantization happens inside the program: every program
   finds the scales of the M <= 16 rows itself (the activation is a few KB, read from L2), so the
   linear stays one launch;
 * two inner paths: ``USE_DOT`` runs ``acc[BLOCK_N, 16] += w @ x^T`` on the tensor cores (the
-  weight as the wide operand, the M <= 16 rows padded to 16), with exact 16-bit operands (8-bit
-  integers and e4m3 values are exact in bf16); without it (M == 1 only) a fp32 FMA reduction.
+  weight as the wide operand, the M <= 16 rows padded to 16; native fp8 / int8 dots for a
+  quantized activation, exact 16-bit operands for a float one); without it (M == 1) an fp32
+  FMA reduction.
 
-The launch configuration comes from ``decode_config``: a small rule from
-``benchmarks/bench_decode.py``, which times every configuration in ``CONFIGS`` on the GPU.
+The launch configuration comes from ``decode_config``, a rule read off the sweeps of
+``benchmarks/bench_decode.py``.  Which layers take this kernel is the Triton backend's choice
+(``backends/triton.py``): every scheme at M == 1, ``fp8_block`` up to M = 16.
 """
 from __future__ import annotations
 
