@@ -78,6 +78,23 @@ def _post_scale(node: fx.Node, n: int) -> tuple:
         return None, None
 
 
+def _refuse_int8_zero_points(leaves: list, n: int, k: int) -> None:
+    """An int8-stored [N, K] weight with integer zero points (torchao's ``IntxWeightOnlyConfig``,
+    int8 or int4 values alike) has no scheme: say so rather than "found 2 scales"."""
+    tensors = [l for l in leaves if isinstance(val(l), torch.Tensor)]
+    w = [l for l in tensors if _dtype(l) == torch.int8 and _shape(l) == (n, k)]
+    ints = [l for l in tensors if l not in w and _dtype(l) in (torch.int8, torch.uint8, torch.int32, torch.int64)
+            and len(_shape(l)) == 2 and _shape(l)[0] == n]
+    if len(w) != 1 or not ints:
+        return
+    groups = _shape(ints[0])[1]
+    per = "per channel" if groups == 1 else f"in groups of {k // groups} along K" if k % groups == 0 else f"{groups} groups"
+    raise _Miss(
+        f"int8-stored weight with {_dtype(ints[0])} zero points {per} (torchao IntxWeightOnlyConfig's layout): "
+        "no scheme has it (int8_weight_only has no zero points; w4a16 takes int4 packed two to a uint8 [N, K/2] "
+        "with uint8 zero points, which this graph does not hold)")
+
+
 def match_mm(node: fx.Node, static: frozenset) -> Match:
     """``mm`` / ``addmm`` whose weight operand is a dequantise region (weight-only schemes, or a
     dynamically quantized activation dequantized before a float matmul)."""
@@ -92,6 +109,7 @@ def match_mm(node: fx.Node, static: frozenset) -> Match:
         post, post_scale = _post_scale(node, n)
         if post is not None:
             leaves = leaves + [l for l in _ancestors(post_scale, set())[1] if l not in leaves]
+    _refuse_int8_zero_points(leaves, n, k)
     wt = _classify_weight_leaves(leaves, n, k)
     q = _find_quantized(a)
     if post is not None and q is not None:
@@ -125,7 +143,11 @@ def match_mm(node: fx.Node, static: frozenset) -> Match:
         raise _Miss("addmm's added tensor is not a [N] bias")
     if post is not None and bias is not None:
         raise _Miss("the weight's scale multiplies the output after the bias was added (the bias is scaled too)")
-    end, bias, _, _, out_dtype = _epilogue(post if post is not None else node, n, bias, allow_scales=False)
+    start = post if post is not None else node
+    if bias is None:  # torchao adds the bias after viewing the [M, N] output back to 3-D
+        while (u := _single_user(start)) is not None and u.op == "call_function" and u.target in VIEWS and _shape(u)[-1:] == (n,):
+            start = u
+    end, bias, _, _, out_dtype = _epilogue(start, n, bias, allow_scales=False)
     if act.mode == "none":
         act_dtype = _dtype(act.x)
         if out_dtype == torch.float32 and act_dtype != torch.float32:
