@@ -313,21 +313,23 @@ def test_post_matmul_scale_lookalikes_are_listed_with_why(form, reason):
         torch.testing.assert_close(y, m(x))
 
 
-def test_int8pack_call_with_a_mismatched_scale_is_listed():
+def test_int8pack_call_with_computed_scales_and_fp32():
     m = GptFastInt8(64, 48, "int8pack")
 
-    def f(x):
-        return torch._weight_int8pack_mm(x, m.w, m.scales[:1].expand(48).contiguous()[:47].repeat(2)[:48])
+    def f(x):  # scales computed in the graph are the layer's scales all the same
+        return torch._weight_int8pack_mm(x, m.w, m.scales * 2)
 
-    _, recs = compile_and_run(f, random_activation((3, 64)), "emulation")
-    assert len(recs[0].decisions) == 1  # a [N] scale computed in the graph is still a scale
+    x = random_activation((3, 64))
+    y, recs = compile_and_run(f, x, "emulation")
+    assert _one(recs).spec.scheme == "int8_weight_only"
+    ref = S.reference("int8_weight_only", x, [m.w, (m.scales * 2).float()])
+    assert S.relative_error(y, ref) < S.TOLERANCE[torch.bfloat16]
 
-    def g(x):  # bfloat16 scales of shape [N, 1]: _weight_int8pack_mm refuses them eagerly, so use fp32 x
-        return torch._weight_int8pack_mm(x, m.w[:, :32].contiguous(), m.scales.float())
+    def g(x):  # float32 activations take float32 scales
+        return torch._weight_int8pack_mm(x, m.w, m.scales.float())
 
-    rep = qp.explain(g, torch.randn(3, 32))
-    (row,) = rep.rows
-    assert (row["scheme"], row["n"], row["k"]) == ("int8_weight_only", 48, 32)
+    (row,) = qp.explain(g, torch.randn(3, 64)).rows
+    assert (row["scheme"], row["n"], row["k"], row["act_dtype"]) == ("int8_weight_only", 48, 64, "float32")
 
 
 @pytest.mark.parametrize("scheme", ["int8_weight_only", "fp8_weight_only"])
