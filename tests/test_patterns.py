@@ -206,3 +206,221 @@ def test_matched_count_with_shared_activation():
     decisions = recs[0].decisions
     assert len(decisions) == 2
     assert sorted((d.spec.module.rsplit(".", 1)[-1], d.spec.n) for d in decisions) == [("a", 64), ("b", 32)]
+
+
+# --- graphs people already write -------------------------------------------------------------
+
+
+class GptFastInt8(torch.nn.Module):
+    """gpt-fast's int8 weight-only linear: ``F.linear(x, w.to(dt)) * scales``, the scale after
+    the matmul (bf16 scales, as gpt-fast stores them)."""
+
+    def __init__(self, k, n, form="gpt_fast"):
+        super().__init__()
+        torch.manual_seed(6)
+        p = S.quantize_weight("int8_weight_only", torch.randn(n, k) * 0.05)
+        self.form = form
+        self.register_buffer("w", p["weight"])
+        self.register_buffer("scales", p["weight_scale"].to(torch.bfloat16))
+        self.register_buffer("b", torch.randn(n).to(torch.bfloat16))
+
+    def forward(self, x):
+        if self.form == "gpt_fast":
+            return F.linear(x, self.w.to(dtype=x.dtype)) * self.scales
+        if self.form == "gpt_fast_bias":  # bias added after the scale: still the scheme, with a bias
+            return F.linear(x, self.w.to(dtype=x.dtype)) * self.scales + self.b
+        if self.form == "scaled_bias":  # the scale multiplies the bias too: not a linear of this weight
+            return F.linear(x, self.w.to(dtype=x.dtype), self.b) * self.scales
+        if self.form == "shifted":  # looks the same, but the weight is shifted before the matmul
+            return F.linear(x, self.w.to(dtype=x.dtype) + 1) * self.scales
+        if self.form == "int8pack":
+            x2 = x.reshape(-1, x.shape[-1])
+            return torch._weight_int8pack_mm(x2, self.w, self.scales).reshape(*x.shape[:-1], -1)
+        raise AssertionError(self.form)
+
+    def reference(self, x):
+        bias = self.b if self.form == "gpt_fast_bias" else None
+        return S.reference("int8_weight_only", x, [self.w, self.scales.float()], bias)
+
+
+class TorchaoWeightOnlyByHand(torch.nn.Module):
+    """The ATen graphs torchao's ``Int8WeightOnlyConfig`` / ``Float8WeightOnlyConfig`` tensors
+    reduce to (torchao 0.18 on torch 2.13), written in plain torch so that the test runs without
+    torchao: the weight is transposed, *then* converted; int8 multiplies its [N, 1] float32 scale
+    into the matmul's output, fp8 into the transposed weight.  ``test_torchao_weight_only`` checks
+    the same forms through torchao itself."""
+
+    def __init__(self, k, n, scheme, bias):
+        super().__init__()
+        torch.manual_seed(7)
+        p = S.quantize_weight(scheme, torch.randn(n, k) * 0.05)
+        self.scheme = scheme
+        self.register_buffer("qdata", p["weight"])
+        self.register_buffer("scale", p["weight_scale"].reshape(n, 1))
+        self.register_buffer("b", torch.randn(n).to(torch.bfloat16) if bias else None)
+
+    def forward(self, x):
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.scheme == "int8_weight_only":
+            y = torch.mm(x2, self.qdata.t().to(x.dtype)) * self.scale.to(x.dtype).reshape(-1)
+        else:
+            y = torch.mm(x2, (self.qdata.t().float() * self.scale.t()).to(x.dtype))
+        if self.b is not None:
+            y = y + self.b
+        return y.reshape(*x.shape[:-1], -1)
+
+    def reference(self, x):
+        return S.reference(self.scheme, x, [self.qdata, self.scale.reshape(-1)], self.b)
+
+
+def _one(recs):
+    (rec,) = recs
+    (d,) = rec.decisions
+    assert rec.unmatched == []
+    return d
+
+
+@pytest.mark.parametrize("form,bias", [("gpt_fast", False), ("gpt_fast_bias", True), ("int8pack", False)])
+@pytest.mark.parametrize("shape", [(1, 64), (2, 5, 64)])
+@pytest.mark.parametrize("backend", ["emulation", "auto"])
+def test_gpt_fast_int8_and_int8pack_call(form, bias, shape, backend):
+    m = GptFastInt8(64, 48, form)
+    x = random_activation(shape)
+    y, recs = compile_and_run(m, x, backend)
+    d = _one(recs)
+    assert (d.spec.scheme, d.spec.act_input, d.spec.has_bias, d.spec.n, d.spec.k) == ("int8_weight_only", "none", bias, 48, 64)
+    assert y.shape == (*shape[:-1], 48)
+    assert S.relative_error(y, m.reference(x)) < S.TOLERANCE[torch.bfloat16]
+    with torch.no_grad():
+        assert S.relative_error(y, m(x)) < S.TOLERANCE[torch.bfloat16]
+    rep = qp.explain(m, x, linear_backend=backend)
+    (row,) = rep.rows
+    assert row["scheme"] == "int8_weight_only" and rep.unmatched == []
+
+
+@pytest.mark.parametrize("form,reason", [
+    ("scaled_bias", "the bias is scaled too"),
+    ("shifted", "with the multiply after the matmul does not compute int8_weight_only"),
+])
+def test_post_matmul_scale_lookalikes_are_listed_with_why(form, reason):
+    m = GptFastInt8(64, 48, form)
+    x = random_activation((3, 64))
+    y, recs = compile_and_run(m, x, "emulation")
+    assert recs[0].decisions == []
+    (miss,) = recs[0].unmatched
+    assert reason in miss["reason"] and (miss["n"], miss["k"]) == (48, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(y, m(x))
+
+
+def test_int8pack_call_with_computed_scales_and_fp32():
+    m = GptFastInt8(64, 48, "int8pack")
+
+    def f(x):  # scales computed in the graph are the layer's scales all the same
+        return torch._weight_int8pack_mm(x, m.w, m.scales * 2)
+
+    x = random_activation((3, 64))
+    y, recs = compile_and_run(f, x, "emulation")
+    assert _one(recs).spec.scheme == "int8_weight_only"
+    ref = S.reference("int8_weight_only", x, [m.w, (m.scales * 2).float()])
+    assert S.relative_error(y, ref) < S.TOLERANCE[torch.bfloat16]
+
+    def g(x):  # float32 activations take float32 scales
+        return torch._weight_int8pack_mm(x, m.w, m.scales.float())
+
+    (row,) = qp.explain(g, torch.randn(3, 64)).rows
+    assert (row["scheme"], row["n"], row["k"], row["act_dtype"]) == ("int8_weight_only", 48, 64, "float32")
+
+
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "fp8_weight_only"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("backend", ["emulation", "auto"])
+def test_torchao_weight_only_forms_by_hand(scheme, bias, backend):
+    m = TorchaoWeightOnlyByHand(128, 64, scheme, bias)
+    x = random_activation((2, 3, 128))
+    y, recs = compile_and_run(m, x, backend)
+    d = _one(recs)
+    assert (d.spec.scheme, d.spec.has_bias, d.spec.act_input) == (scheme, bias, "none")
+    assert S.relative_error(y, m.reference(x)) < S.TOLERANCE[torch.bfloat16]
+
+
+def _torchao():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pytest.importorskip("torchao.quantization")
+
+
+@pytest.mark.parametrize("config,scheme", [("Int8WeightOnlyConfig", "int8_weight_only"),
+                                           ("Float8WeightOnlyConfig", "fp8_weight_only")])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("backend", ["emulation", "auto"])
+def test_torchao_weight_only(config, scheme, bias, backend):
+    tq = _torchao()
+    torch.manual_seed(8)
+    m = torch.nn.Sequential(torch.nn.Linear(128, 64, bias=bias)).to(torch.bfloat16)
+    tq.quantize_(m, getattr(tq, config)())
+    w = m[0].weight
+    x = random_activation((2, 3, 128))
+    y, recs = compile_and_run(m, x, backend)
+    d = _one(recs)
+    assert (d.spec.scheme, d.spec.has_bias, d.spec.module) == (scheme, bias, "0")
+    ref = S.reference(scheme, x, [w.qdata, w.scale.reshape(-1)], m[0].bias)
+    assert S.relative_error(y, ref) < S.TOLERANCE[torch.bfloat16]
+    with torch.no_grad():
+        assert S.relative_error(y, m(x)) < S.TOLERANCE[torch.bfloat16]
+    with torch.no_grad():  # torchao leaves the bias trainable
+        (row,) = qp.explain(m, x, linear_backend=backend).rows
+    assert (row["module"], row["scheme"]) == ("0", scheme)
+
+
+class IntxByHand(torch.nn.Module):
+    """The ATen graph torchao's ``IntxWeightOnlyConfig`` reduces to (``IntxUnpackedToInt8Tensor``,
+    torchao 0.18): int8-stored values (int8, or int4 in [-8, 7]) with int8 zero points and bf16
+    scales, per channel or in groups: ``((q.to(dt) - z.to(dt)) * s)`` before a transposed matmul."""
+
+    def __init__(self, k, n, group):
+        super().__init__()
+        g = torch.Generator().manual_seed(9)
+        self.group = group
+        self.register_buffer("q", torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8))
+        self.register_buffer("z", torch.randint(-2, 2, (n, k // group), generator=g, dtype=torch.int8))
+        self.register_buffer("s", (torch.rand(n, k // group, generator=g) * 0.01).to(torch.bfloat16))
+
+    def forward(self, x):
+        n, k = self.q.shape
+        q = self.q.reshape(n, k // self.group, self.group).to(x.dtype)
+        w = (q - self.z.reshape(n, -1, 1).to(x.dtype)) * self.s.reshape(n, -1, 1)
+        return F.linear(x, w.reshape(n, k))
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_intx_weight_only_is_listed_with_why(group):
+    m = IntxByHand(128, 64, group)
+    x = random_activation((3, 128))
+    y, recs = compile_and_run(m, x, "emulation")
+    assert recs[0].decisions == []
+    (miss,) = recs[0].unmatched
+    per = "per channel" if group == 128 else f"in groups of {group} along K"
+    assert f"int8-stored weight with torch.int8 zero points {per}" in miss["reason"]
+    assert "no scheme has it" in miss["reason"]
+    with torch.no_grad():
+        torch.testing.assert_close(y, m(x))
+
+
+@pytest.mark.parametrize("weight_dtype,granularity", [("int8", "axis"), ("int4", 32), ("int4", 128)])
+def test_torchao_intx_weight_only_is_listed_with_why(weight_dtype, granularity):
+    tq = _torchao()
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    m = torch.nn.Sequential(torch.nn.Linear(128, 64)).to(torch.bfloat16)
+    gran = PerAxis(0) if granularity == "axis" else PerGroup(granularity)
+    tq.quantize_(m, tq.IntxWeightOnlyConfig(weight_dtype=getattr(torch, weight_dtype), granularity=gran,
+                                            mapping_type=tq.MappingType.ASYMMETRIC))
+    with torch.no_grad():  # torchao leaves the bias trainable
+        rep = qp.explain(m, random_activation((3, 128)))
+    assert rep.rows == []
+    (miss,) = rep.unmatched
+    assert miss["module"] == "0" and "int8-stored weight with torch.int8 zero points" in miss["reason"]
+    assert "no scheme has it" in str(rep)

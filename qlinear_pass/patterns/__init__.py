@@ -3,7 +3,7 @@
 How a linear is found
 ---------------------
 Every matmul node is an *anchor*: ``aten.mm``, ``aten.addmm``,
-``aten._scaled_mm`` and ``aten._int_mm``.  From an anchor the matcher walks
+``aten._scaled_mm``, ``aten._int_mm`` and ``aten._weight_int8pack_mm``.  From an anchor the matcher walks
 up the two operands and down the epilogue:
 
 * the **weight side** (the ``[K, N]`` operand, a transposed ``[N, K]``
@@ -49,13 +49,15 @@ from .common import (  # noqa: F401  (the names the pass and explain use)
     module_path,
     val,
 )
-from .mm import match_mm
+from .mm import INT8PACK_TARGETS, match_int8pack, match_mm
 from .scaled import match_scaled_or_int_mm
 
 
 def _match_anchor(node: fx.Node, static: frozenset) -> Match:
     if node.target in MM_TARGETS:
         return match_mm(node, static)
+    if node.target in INT8PACK_TARGETS:
+        return match_int8pack(node, static)
     return match_scaled_or_int_mm(node, static)
 
 
@@ -82,7 +84,7 @@ def _find_linears(graph: fx.Graph) -> tuple[list[Match], list[Unmatched]]:
     matches: list[Match] = []
     misses: list[Unmatched] = []
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in ANCHORS:
+        if node.op != "call_function" or (node.target not in ANCHORS and node.target not in INT8PACK_TARGETS):
             continue
         try:
             matches.append(_match_anchor(node, static))
@@ -90,5 +92,7 @@ def _find_linears(graph: fx.Graph) -> tuple[list[Match], list[Unmatched]]:
             b = node.args[2] if node.target == aten.addmm.default else node.args[1]
             kn = _shape(b) if isinstance(b, fx.Node) else ()
             k, n = (kn if len(kn) == 2 else (None, None))
+            if node.target in INT8PACK_TARGETS:  # its weight is [N, K]
+                k, n = n, k
             misses.append(Unmatched(node, module_path(node), str(miss), _static(n), _static(k)))
     return matches, misses

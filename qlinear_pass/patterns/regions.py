@@ -212,3 +212,59 @@ def _verify_act(x: fx.Node, outputs: list[fx.Node], scheme: str, k: int, kind: s
         _VERIFY_CACHE[key] = hit
     if hit:
         raise _Miss(hit)
+
+
+def _verify_weight_operand(b: fx.Node, wt: _Weight, scheme: str, out_scale: "fx.Node | None" = None) -> None:
+    """The ``[K, N]`` matmul operand ``b`` (with the transpose, wherever it sits in the dequantise
+    region) times ``out_scale`` (a per-output-channel multiply after the matmul, or None), run on
+    random weights and compared with the scheme's reference dequantisation.
+
+    Covers ``mm(x, convert(permute(w))) * s`` (torchao's weight-only tensors),
+    ``mm(x, (permute(w).float() * permute(s)).to(dt))`` and ``linear(x, w.to(dt)) * s`` (gpt-fast):
+    since ``(x @ B) * s == x @ (B * s)`` for ``s`` along N, the effective weight is ``(B * s).t()``.
+    """
+    inner, leaves = _ancestors(b, set())
+    if out_scale is not None:
+        s_inner, s_leaves = _ancestors(out_scale, set())
+        inner += [n for n in s_inner if n not in inner]
+        leaves += [n for n in s_leaves if n not in leaves]
+        order = {n: i for i, n in enumerate(b.graph.nodes)}
+        inner.sort(key=order.__getitem__)
+    outs = [b] + ([out_scale] if out_scale is not None else [])
+    roots = tuple(("n", inner.index(o)) if o in inner else ("leaf", leaves.index(o)) for o in outs)
+    key = _signature(inner, leaves, (scheme, "kn", roots))
+    hit = _VERIFY_CACHE.get(key)
+    if hit is None:
+        gen = torch.Generator().manual_seed(1234)
+        env: dict = {}
+        _bind_symbols(leaves, env)
+        for leaf in leaves:
+            if isinstance(val(leaf), torch.Tensor):
+                role = "zero" if leaf is wt.zero else "scale" if leaf is wt.scale else "weight"
+                env[leaf] = _random_like(leaf, role, gen)
+        try:
+            got = _evaluate(inner, env, outs)
+        except Exception as exc:  # an op we cannot run on the CPU: treat as no match
+            hit = f"could not evaluate the weight's dequantise ops ({type(exc).__name__}: {exc})"
+        else:
+            kn = got[0]
+            low = kn.dtype
+            eff = kn.float()
+            if out_scale is not None:
+                s = got[1]
+                low = s.dtype if s.dtype != torch.float32 else low
+                eff = eff * s.float().reshape(1, -1)
+            params = [env[wt.weight], env[wt.scale]]
+            if wt.granularity in ("tensor", "channel"):
+                params[1] = params[1].reshape(-1)[0] if wt.granularity == "tensor" else params[1].reshape(-1)
+            if wt.zero is not None:
+                params.append(env[wt.zero])
+            want = S.dequantize_weight(scheme, params, wt.k)
+            tol = 1e-5 if low == torch.float32 else 1e-2
+            ok = _close(eff.t(), want, tol)
+            where = " with the multiply after the matmul" if out_scale is not None else ""
+            hit = "" if ok else (f"its dequantisation{where} does not compute {scheme}'s (x - zero) * scale reference"
+                                 f" (relative error {S.relative_error(eff.t(), want) if eff.t().shape == want.shape else float('inf'):.2g})")
+        _VERIFY_CACHE[key] = hit
+    if hit:
+        raise _Miss(hit)
