@@ -163,3 +163,23 @@ def test_explain_names_hf_layers_as_named_modules_does():
     assert sorted(names) == sorted(n for n, m in model.named_modules() if isinstance(m, qp.QuantizedLinear))
     assert [u["module"] for u in rep.unmatched] == ["lm_head"]
     assert "model.layers.1.self_attn.q_proj" in str(rep) and "args." not in str(rep)
+
+
+def test_the_example_runs_on_a_local_model_directory(tmp_path):
+    """examples/hf_generate.py on a saved tiny Mistral: its tokens equal the eager model's."""
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    tiny_model("mistral", torch.float32).save_pretrained(tmp_path)
+    root = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "examples" / "hf_generate.py"), str(tmp_path), "--scheme", "int8_weight_only",
+         "--tokens", "3", "--no-inductor"],
+        capture_output=True, text=True, timeout=300, cwd=root,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "same tokens as the eager quantized model: True" in proc.stdout
+    assert re.search(r"^model\.layers\.1\.mlp\.down_proj +int8_weight_only ", proc.stdout, re.M), proc.stdout
+    assert "tokens/s" in proc.stdout
