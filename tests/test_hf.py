@@ -145,6 +145,33 @@ def test_generate_compiled_matches_eager(case):
             assert {d.spec.group_size for d in r.decisions} == {case.group_size}
 
 
+def test_generate_compiles_with_our_backend_in_a_compile_config():
+    """Hugging Face's own compile of the decode steps (``CompileConfig``, the default on GPUs
+    with a static cache) with make()'s backend: it deep-copies the backend and passes its mode."""
+    model = tiny_model("llama", torch.float32)
+    qp.quantize(model, "int8_rowwise")
+    prompt = _prompt(4)
+    with torch.no_grad():
+        ref = model.generate(prompt, **GENERATE)
+    cc = transformers.CompileConfig(backend=qp.make("auto", inductor=False), mode=None)
+    cc._compile_all_devices = True  # Hugging Face compiles on GPUs only unless told
+    with graph_pass.watch() as records, torch.no_grad():
+        out = model.generate(prompt, compile_config=cc, **GENERATE)
+    assert out.sequences.tolist() == ref.sequences.tolist()
+    assert records, "generate did not compile"
+    quantized = sorted(n for n, m in model.named_modules() if isinstance(m, qp.QuantizedLinear))
+    for r in records:
+        assert sorted(d.spec.module for d in r.decisions) == quantized
+    # its default mode ("reduce-overhead") is an Inductor setting: without Inductor, a clear error
+    model = tiny_model("llama", torch.float32)
+    qp.quantize(model, "int8_rowwise")
+    cc = transformers.CompileConfig(backend=qp.make("auto", inductor=False))
+    cc._compile_all_devices = True
+    torch._dynamo.reset()
+    with torch.no_grad(), pytest.raises(ValueError, match="inductor=False leaves out"):
+        model.generate(prompt, compile_config=cc, **GENERATE)
+
+
 def _same_math(spec, scheme: str) -> bool:
     """fp8_block on a layer of one 128x128 block fed one row is fp8_tensor: one weight scale and
     one activation scale (the matcher may name it either way)."""
