@@ -162,7 +162,39 @@ class QLinearBackend:
         cfg = self.config.describe() if self.config else "<config in effect at call time>"
         return f"qlinear_pass.make({cfg}, inductor={self.inductor})"
 
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+    def __deepcopy__(self, memo) -> "QLinearBackend":
+        # immutable once made (make() hands out one object per config): copies of a settings
+        # object that holds it (Hugging Face's CompileConfig deep-copies its backend) share it
+        return self
+
+    def __copy__(self) -> "QLinearBackend":
+        return self
+
+    def with_compile_options(self, mode: Optional[str], options: Optional[dict]) -> "QLinearBackend":
+        """This backend with ``torch.compile(..., mode=, options=)`` applied: Inductor's options
+        for the mode, then ours (make()'s), then ``options``."""
+        if not self.inductor:
+            given = " and ".join(f"{x}={v!r}" for x, v in (("mode", mode), ("options", options)) if v)
+            raise ValueError(
+                f"torch.compile(..., {given}) given to {self!r}: mode and options configure "
+                "Inductor's code generation, which inductor=False leaves out; drop them (mode=None "
+                "in a Hugging Face CompileConfig) or use make(..., inductor=True)"
+            )
+        from torch._inductor import list_mode_options
+
+        merged = {**(list_mode_options(mode) if mode else {}), **self.options, **(options or {})}
+        if "freezing" in merged:
+            raise ValueError("freezing cannot be set per compile: set torch._inductor.config.freezing = True instead")
+        return _make_cached(self.config, True, _freeze(merged))
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = None,
+                 options: Optional[dict] = None):
+        if mode not in (None, "default") or options:
+            try:
+                backend = self.with_compile_options(mode if mode != "default" else None, options)
+            except (ValueError, TypeError, RuntimeError) as exc:
+                raise _visible_error(exc, inspect.currentframe()) from None
+            return backend(gm, example_inputs)
         started = time.perf_counter()
         try:
             cfg, source = C.resolve(self.config)

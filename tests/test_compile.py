@@ -224,3 +224,34 @@ def test_decisions_survive_inductor_cache_hits(tmp_path, monkeypatch):
     assert first.origin == "pass" and hit.origin == "cache" and rederived.origin == "rederived"
     for rec in (first, hit, rederived):
         assert [(d.spec.scheme, d.kernel) for d in rec.decisions] == [("int8_weight_only", "emulation")]
+
+
+def test_torch_compile_mode_and_options_reach_inductor():
+    """torch.compile(backend=make(...), mode=..., options=...) hands both to the backend, as
+    Hugging Face's CompileConfig does (mode="reduce-overhead" by default)."""
+    import copy
+
+    be = qp.make("emulation", max_autotune_gemm=False)
+    tuned = be.with_compile_options("max-autotune", {"coordinate_descent_tuning": False})
+    assert tuned.inductor and tuned.config == be.config
+    # the mode's options, then make()'s, then the call's
+    assert tuned.options["triton.cudagraphs"] is True
+    assert tuned.options["max_autotune_gemm"] is False and tuned.options["coordinate_descent_tuning"] is False
+    assert be.with_compile_options("max-autotune", {"coordinate_descent_tuning": False}) is tuned  # cached
+    assert copy.deepcopy(be) is be and copy.copy(be) is be
+    with pytest.raises(ValueError, match=r"mode='reduce-overhead'.*inductor=False leaves out"):
+        qp.make("emulation", inductor=False).with_compile_options("reduce-overhead", None)
+    with pytest.raises(ValueError, match="freezing"):
+        be.with_compile_options(None, {"freezing": True})
+
+
+def test_torch_compile_mode_runs_the_pass():
+    model = linear_model(128, 64, "int8_weight_only", dtype=torch.float32)
+    x = random_activation((3, 128), torch.float32)
+    with torch.no_grad(), recorded() as recs:
+        y = torch.compile(model, backend=qp.make("emulation"), mode="reduce-overhead")(x)
+    assert kernels_of(recs) == ["emulation"]
+    assert S.relative_error(y, model(x)) <= S.TOLERANCE[torch.float32]
+    torch._dynamo.reset()
+    with torch.no_grad(), pytest.raises(ValueError, match="inductor=False leaves out"):
+        torch.compile(model, backend=qp.make("emulation", inductor=False), mode="max-autotune")(x)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -125,19 +126,60 @@ def _static(x: Any) -> Optional[int]:
 #: the global name under which explain() hands the model to Dynamo
 EXPLAIN_ROOT = "_qlinear_explain_model"
 _MODULE_PART = re.compile(r"\._modules\['([^']*)'\]|\[(\d+)\]|\['([^']*)'\]")
+#: what Dynamo names the object a traced frame started from: a local or global, then the
+#: indexing that reached the module (``L['self']``, ``L['args'][0]``, ``G['model']``)
+_ROOT = re.compile(r"""^[LG]\[(?:'([^']*)'|"([^"]*)")\]((?:\[\d+\])*)""")
+#: ``.forward._torchdynamo_inline.__self__``: a hop through a bound method back to its module
+#: (a bare ``.__self__`` when the frame's root is the bound method itself)
+_BOUND = re.compile(r"(?:\.[A-Za-z_]\w*)?(?:\._torchdynamo_inline|\._torchdynamo_orig_callable)*\.__self__(?=\.|$)")
+_GRAPH_ROOTS: "weakref.WeakKeyDictionary[fx.Graph, frozenset]" = weakref.WeakKeyDictionary()
+
+
+def _split_root(path: str) -> tuple[str, str]:
+    """``L['args'][0].model.layers.0`` -> (``args.0``, ``.model.layers.0``); the root named as
+    its frame knows it, ``""`` for the model explain() compiles."""
+    m = _ROOT.match(path)
+    if m is None:
+        return "", "." + path
+    name = m.group(1) if m.group(1) is not None else m.group(2)
+    root = "" if name == EXPLAIN_ROOT else name + "".join("." + i for i in re.findall(r"\d+", m.group(3)))
+    return root, path[m.end():]
+
+
+def _roots(graph: fx.Graph) -> frozenset:
+    """The roots the module paths of ``graph`` start from (explain()'s model not counted)."""
+    roots = _GRAPH_ROOTS.get(graph)
+    if roots is None:
+        found = set()
+        for n in graph.nodes:
+            for path, *_ in (n.meta.get("nn_module_stack") or {}).values():
+                root = _split_root(str(path))[0]
+                if root:
+                    found.add(root)
+        roots = _GRAPH_ROOTS[graph] = frozenset(found)
+    return roots
 
 
 def module_path(node: fx.Node) -> str:
-    """``L['self'].layers[0].mlp`` -> ``layers.0.mlp``."""
+    """The module's name as ``model.named_modules()`` gives it.
+
+    Dynamo names modules from the frame it traced: ``L['self'].layers[0].mlp`` for a compiled
+    module, ``L['args'][0].model.layers.0.mlp`` for a Hugging Face forward (a decorated
+    ``forward(*args)``), ``G['net']._modules['0']`` for a global, through
+    ``forward._torchdynamo_inline.__self__`` for a module whose ``forward`` was compiled.  The
+    root is dropped when the whole graph starts from one (one model: ``layers.0.mlp``, as
+    ``named_modules()`` names it); when a compiled function reaches modules from several
+    roots, each keeps its root's name (``enc.layers.0``, ``args.1.fc``) to tell them apart.
+    """
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
-    path = list(stack.values())[-1][0]
-    path = re.sub(r"^L\['(self|fn|mod|model|m)'\]\.?", "", str(path))
-    path = re.sub(r"^G\['%s'\]\.?" % EXPLAIN_ROOT, "", path)  # the model explain() compiles
-    path = re.sub(r"^L\['([^']*)'\]\.?", r"\1.", path)
-    path = _MODULE_PART.sub(lambda m: "." + next(g for g in m.groups() if g is not None), path)
-    return path.strip(".")
+    root, rest = _split_root(str(list(stack.values())[-1][0]))
+    rest = _MODULE_PART.sub(lambda m: "." + next(g for g in m.groups() if g is not None), rest)
+    rest = _BOUND.sub("", rest).strip(".")
+    if root and node.graph is not None and len(_roots(node.graph)) > 1:
+        return f"{root}.{rest}" if rest else root
+    return rest
 
 
 @dataclasses.dataclass
