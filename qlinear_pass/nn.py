@@ -8,6 +8,7 @@ reference math for a fast kernel.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from typing import Iterable, Optional
 
 import torch
@@ -107,6 +108,7 @@ def quantize(
     zero_points: bool = False,
     include=None,
     exclude=None,
+    progress: Optional[bool] = None,
 ) -> nn.Module:
     """Replace the model's ``nn.Linear`` modules by :class:`QuantizedLinear`, in place.
 
@@ -114,6 +116,10 @@ def quantize(
     layer whose shape the scheme cannot hold (K not a multiple of the group
     size, say) is an error naming it; exclude it to keep it in float.  Nothing
     is replaced unless every selected layer can be: no half-quantized model.
+    Nothing to replace is an error too (an already quantized model, an
+    ``include`` that matches no linear), and a glob that matches no linear is
+    a warning.  ``progress``: True always, False never, None (default) a bar
+    on stderr once quantizing takes more than a few seconds.
     """
     s = S.get_scheme(scheme)
     group_size = _group_size(s.name, group_size)
@@ -142,11 +148,38 @@ def quantize(
             + "\n  ".join(problems)
             + "\nPass exclude=[...] with these names to keep them in float."
         )
+    _check_selection(model, s.name, chosen, inc, exc)
+    from .checkpoints.progress import Progress
+
+    bar = Progress(len(chosen), f"quantizing to {s.name}", progress, unit="layer")
     for name, mod in chosen:
         q = QuantizedLinear.from_linear(mod, s.name, group_size=group_size, zero_points=zero_points)
+        bar.update()
         if not name:
+            bar.close()
             return q
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, q)
+    bar.close()
     return model
+
+
+def _check_selection(model: nn.Module, scheme: str, chosen: list, inc, exc) -> None:
+    """No silent no-op: an empty selection is an error that says why, an unused glob a warning."""
+    linears = [name for name, mod in model.named_modules() if type(mod) is nn.Linear]
+    if not chosen:
+        done = [(name, mod.scheme) for name, mod in model.named_modules() if isinstance(mod, QuantizedLinear)]
+        if done and not linears:
+            raise ValueError(
+                f"the model is already quantized ({len(done)} QuantizedLinear layer(s), e.g. {done[0][0] or '<root>'!r} "
+                f"in {done[0][1]}): quantize() replaces nn.Linear modules, so quantize the float model to get {scheme}"
+            )
+        if not linears:
+            raise ValueError("the model has no nn.Linear module to quantize")
+        shown = ", ".join(repr(n) for n in linears[:6]) + (", ..." if len(linears) > 6 else "")
+        raise ValueError(f"include={inc} / exclude={exc} leave no nn.Linear to quantize; the model's linears: {shown}")
+    for kind, patterns in (("include", inc), ("exclude", exc)):
+        for p in patterns or ():
+            if not any(fnmatch.fnmatchcase(name, p) for name in linears):
+                warnings.warn(f"qlinear_pass.quantize: {kind} pattern {p!r} matches no nn.Linear of the model", stacklevel=3)

@@ -76,3 +76,32 @@ def test_w4a16_group_size_defaults_to_128():
 def test_a_near_miss_scheme_name_gets_a_hint(name, meant):
     with pytest.raises(ValueError, match=f"Did you mean '{meant}'"):
         qp.quantize(torch.nn.Sequential(torch.nn.Linear(128, 8)), name)
+
+
+def test_quantize_refuses_a_quantized_model():
+    m = qp.quantize(torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 32)), "fp8_rowwise")
+    with pytest.raises(ValueError, match="already quantized .*2 QuantizedLinear.*fp8_rowwise"):
+        qp.quantize(m, "int8_rowwise")
+
+
+def test_quantize_include_that_matches_nothing_is_an_error():
+    m = torch.nn.Sequential(torch.nn.Linear(128, 64))
+    with pytest.raises(ValueError, match=r"leave no nn.Linear to quantize; the model's linears: '0'"):
+        qp.quantize(m, "fp8_rowwise", include=["layers.*"])
+    assert type(m[0]) is torch.nn.Linear  # untouched
+
+
+def test_quantize_warns_about_a_glob_that_matches_nothing():
+    m = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 32))
+    with pytest.warns(UserWarning, match="exclude pattern 'lm_head' matches no nn.Linear"):
+        qp.quantize(m, "fp8_rowwise", exclude=["lm_head"])
+    from qlinear_pass.nn import QuantizedLinear
+
+    assert all(isinstance(x, QuantizedLinear) for x in m)
+
+
+def test_quantize_shows_progress_when_asked(capsys):
+    m = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 32))
+    qp.quantize(m, "int8_weight_only", progress=True)
+    err = capsys.readouterr().err
+    assert "quantizing to int8_weight_only" in err and "2/2" in err

@@ -12,9 +12,9 @@ _LINE_EVERY_S = 5.0
 
 
 class Progress:
-    def __init__(self, total: int, desc: str, show: Optional[bool] = None) -> None:
+    def __init__(self, total: int, desc: str, show: Optional[bool] = None, unit: str = "tensor") -> None:
         """``show``: True always, False never, None after :data:`DELAY_S` seconds."""
-        self.total, self.desc, self.n = total, desc, 0
+        self.total, self.desc, self.n, self.unit = total, desc, 0, unit
         self.start = time.monotonic()
         self.delay = 0.0 if show else DELAY_S
         self.enabled = show is not False
@@ -26,7 +26,7 @@ class Progress:
             except ImportError:
                 tqdm = None
             if tqdm is not None:
-                self.bar = tqdm(total=total, desc=desc, delay=self.delay, file=sys.stderr, unit="tensor", leave=bool(show))
+                self.bar = tqdm(total=total, desc=desc, delay=self.delay, file=sys.stderr, unit=unit, leave=bool(show))
 
     def update(self, k: int = 1) -> None:
         self.n += k
@@ -40,7 +40,7 @@ class Progress:
             return
         if self.last is None or now - self.last >= _LINE_EVERY_S or self.n == self.total:
             self.last = now
-            print(f"qlinear_pass: {self.desc}: {self.n}/{self.total} tensors, {now - self.start:.0f} s", file=sys.stderr, flush=True)
+            print(f"qlinear_pass: {self.desc}: {self.n}/{self.total} {self.unit}s, {now - self.start:.0f} s", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
