@@ -229,7 +229,7 @@ def load_quantized(
         ref = refs.get(full) if persistent else None
         if ref is None:
             if t.is_meta:
-                pending_meta.append((full, t))
+                pending_meta.append((full, t, persistent))
             continue
         consumed.add(full)
         if tuple(ref.shape) != tuple(t.shape):
@@ -239,9 +239,18 @@ def load_quantized(
         else:
             floats.append((full, t, ref))
             seen_ids.setdefault(id(t), full)
-    for full, t in pending_meta:
-        if id(t) not in seen_ids:  # a tied alias of a loaded tensor is fine
+    for full, t, persistent in pending_meta:
+        if id(t) in seen_ids:  # a tied alias of a loaded tensor is fine
+            continue
+        if persistent:
             problems.append(f"tensor {full}: on the meta device and not in the checkpoint")
+        else:
+            problems.append(
+                f"tensor {full}: a non-persistent buffer (computed when the module is built, never in a "
+                "checkpoint) is still on the meta device; build the model with only its parameters on meta "
+                "(accelerate's `init_empty_weights()`, as from_pretrained does), on a real device, or "
+                "initialise that buffer before loading"
+            )
     if problems:
         _fail(problems, path)
     unused = sorted(set(refs) - consumed)

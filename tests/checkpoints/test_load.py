@@ -175,6 +175,19 @@ def test_meta_model_with_a_tensor_not_in_the_checkpoint(w4_dir, tmp_path):
     assert model.norm.weight.is_meta and type(model.q_proj) is torch.nn.Linear
 
 
+def test_meta_model_with_a_non_persistent_buffer(w4_dir):
+    """A buffer computed at construction (RoPE's inv_freq in Hugging Face models) is never saved:
+    left on the meta device it is an error that says how to build the model instead."""
+    with torch.device("meta"):
+        model = R.Net(256, 128, True).to(torch.bfloat16)
+        model.register_buffer("inv_freq", torch.ones(4), persistent=False)
+    with pytest.raises(qp.CheckpointError, match="inv_freq: a non-persistent buffer .*init_empty_weights"):
+        qp.load_quantized(model, w4_dir)
+    model.inv_freq = torch.ones(4)  # built for real, as init_empty_weights() leaves buffers
+    qp.load_quantized(model, w4_dir)
+    assert not any(t.is_meta for t in model.state_dict().values())
+
+
 def test_progress_lines(w4_dir, capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "tqdm", None)  # the plain stderr lines
     qp.load_quantized(R.float_model(bias=True), w4_dir, progress=True)
