@@ -210,3 +210,24 @@ def test_the_example_runs_on_a_local_model_directory(tmp_path):
     assert "same tokens as the eager quantized model: True" in proc.stdout
     assert re.search(r"^model\.layers\.1\.mlp\.down_proj +int8_weight_only ", proc.stdout, re.M), proc.stdout
     assert "tokens/s" in proc.stdout
+
+
+@pytest.mark.parametrize("scheme,group_size", [("w4a16", 64), ("fp8_rowwise", None)])
+def test_a_saved_checkpoint_loads_compiles_and_generates_the_same_tokens(scheme, group_size, tmp_path):
+    """save_quantized -> a fresh float model from the config -> load_quantized -> compile ->
+    generate: the tokens of the model that was saved, run eagerly."""
+    model = tiny_model("llama", torch.bfloat16)
+    qp.quantize(model, scheme, group_size=group_size, exclude=["lm_head"])
+    prompt = _prompt(5)
+    with torch.no_grad():
+        ref = model.generate(prompt, **GENERATE)
+    qp.save_quantized(model, tmp_path / "ckpt")
+
+    fresh = tiny_model("llama", torch.bfloat16, seed=7)  # other random weights: all must come from the file
+    qp.load_quantized(fresh, tmp_path / "ckpt")
+    fresh.forward = torch.compile(fresh.forward, backend=qp.make("auto", inductor=False))
+    with graph_pass.watch() as records, torch.no_grad():
+        out = fresh.generate(prompt, **GENERATE)
+    assert out.sequences.tolist() == ref.sequences.tolist()
+    for r in records:  # every quantized linear through the pass; only the float lm_head left alone
+        assert len(r.decisions) == 14 and [u["module"] for u in r.unmatched] == ["lm_head"], r.unmatched
