@@ -6,9 +6,10 @@
 Both take the decode kernel (``kernels/triton_decode.py``) at M == 1 (and up to
 M = 16 where it measures faster, ``DECODE_ABOVE_M1``): one launch per linear that
 streams the weight at the memory roofline and, for W8A8, quantizes the activation
-row itself.  Otherwise the GEMMs of ``kernels/triton_gemm.py``: a
-quantize kernel feeding the W8A8 GEMM (measured faster than quantizing inside the
-GEMM), and a weight-only GEMM dequantising in registers.
+row itself.  Otherwise the GEMMs of ``kernels/triton_gemm.py``: a quantize kernel
+feeding the W8A8 GEMM (measured faster than quantizing inside the GEMM), and a
+weight-only GEMM dequantising in registers, or above M = 128 (``DEQUANT_ABOVE_M``)
+one dequantising pass over the weight and cuBLAS.
 
 The path is chosen by M inside the op, so one compiled graph serves prefill
 and decode.  On a machine without a GPU the kernels run through Triton's
@@ -139,7 +140,7 @@ class TritonWeightOnly(_TritonKernel):
 
 
 #: schemes whose layers take the decode kernel's tensor-core path for 1 < M <= 16: where it beat the
-#: GEMMs below on the H200 at M = 8 (benchmarks/results/h200/decode/summary.md, "previous"); at
+#: GEMMs below on the H200 at M = 8 (benchmarks/results/h200/decode/summary.md, "x Triton GEMM"); at
 #: M == 1 the decode kernel runs every scheme
 DECODE_ABOVE_M1 = ("fp8_block",)
 
