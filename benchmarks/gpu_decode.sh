@@ -20,7 +20,8 @@ if [ "${SKIP_SWEEP:-0}" != 1 ]; then
 fi
 timeout ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_decode.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -100
 if [ "${SKIP_NCU:-0}" != 1 ] && command -v ncu >/dev/null; then
-  cat > /tmp/ncu_target.py <<'PY'
+  target=$(mktemp --suffix=.py)
+  cat > "$target" <<'PY'
 import torch, sys
 sys.path.insert(0, ".")
 from qlinear_pass import schemes as S
@@ -35,6 +36,6 @@ torch.cuda.synchronize()
 PY
   timeout 120 ncu -k regex:_decode_kernel --launch-skip 2 --launch-count 4 \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__grid_size \
-    python3 /tmp/ncu_target.py > "$OUT/ncu.txt" 2>&1
+    python3 "$target" > "$OUT/ncu.txt" 2>&1
   grep -E "_decode_kernel|gpu__time|dram__|warps_active|registers|grid_size" "$OUT/ncu.txt" | head -40
 fi

@@ -48,7 +48,7 @@ def check_drawn_or_pinned(scheme: str, backend: str, data, *, strategy=None, dty
         for case in edge_cases(scheme, dtype=dtype):
             check_against_reference(scheme, backend, case, **kw)
         return
-    check_against_reference(scheme, backend, data.draw(strategy or layer_cases(scheme), label="case"), **kw)
+    check_against_reference(scheme, backend, data.draw(strategy if strategy is not None else layer_cases(scheme), label="case"), **kw)
 
 
 def check_against_reference(scheme: str, backend: str, case: dict, *, device="cpu", expect_kernel=None):
