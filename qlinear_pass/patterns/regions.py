@@ -121,29 +121,40 @@ def _signature(inner: list[fx.Node], leaves: list[fx.Node], extra: tuple) -> tup
     return body, leafsig, extra
 
 
+def _random_weight_leaves(leaves, wt: _Weight) -> dict:
+    """The region's inputs: random weights, scales and zero points (seeded), symbols bound."""
+    gen = torch.Generator().manual_seed(1234)
+    env: dict = {}
+    _bind_symbols(leaves, env)
+    for leaf in leaves:
+        if isinstance(val(leaf), torch.Tensor):
+            role = "zero" if leaf is wt.zero else "scale" if leaf is wt.scale else "weight"
+            env[leaf] = _random_like(leaf, role, gen)
+    return env
+
+
+def _reference_weight(env: dict, wt: _Weight, scheme: str) -> torch.Tensor:
+    """The scheme's float32 dequantisation of the same random inputs."""
+    params = [env[wt.weight], env[wt.scale]]
+    if wt.granularity in ("tensor", "channel"):
+        params[1] = params[1].reshape(-1)[0] if wt.granularity == "tensor" else params[1].reshape(-1)
+    if wt.zero is not None:
+        params.append(env[wt.zero])
+    return S.dequantize_weight(scheme, params, wt.k)
+
+
 def _verify_weight_region(wd: fx.Node, inner, leaves, wt: _Weight, scheme: str) -> None:
     """Run the dequantise region on random weights and compare with the scheme's reference."""
     key = _signature(inner, leaves, (scheme, "w"))
     hit = _VERIFY_CACHE.get(key)
     if hit is None:
-        gen = torch.Generator().manual_seed(1234)
-        env: dict = {}
-        _bind_symbols(leaves, env)
-        for leaf in leaves:
-            if isinstance(val(leaf), torch.Tensor):
-                role = "zero" if leaf is wt.zero else "scale" if leaf is wt.scale else "weight"
-                env[leaf] = _random_like(leaf, role, gen)
+        env = _random_weight_leaves(leaves, wt)
         try:
             (got,) = _evaluate(inner, env, [wd])
         except Exception as exc:  # an op we cannot run on the CPU: treat as no match
             hit = f"could not evaluate the weight's dequantise ops ({type(exc).__name__}: {exc})"
         else:
-            params = [env[wt.weight], env[wt.scale]]
-            if wt.granularity in ("tensor", "channel"):
-                params[1] = params[1].reshape(-1)[0] if wt.granularity == "tensor" else params[1].reshape(-1)
-            if wt.zero is not None:
-                params.append(env[wt.zero])
-            want = S.dequantize_weight(scheme, params, wt.k)
+            want = _reference_weight(env, wt, scheme)
             tol = 1e-5 if got.dtype == torch.float32 else 1e-2
             ok = _close(got.float(), want, tol)
             hit = "" if ok else f"its dequantisation does not compute {scheme}'s (x - zero) * scale reference (relative error {S.relative_error(got, want):.2g})"
@@ -235,13 +246,7 @@ def _verify_weight_operand(b: fx.Node, wt: _Weight, scheme: str, out_scale: "fx.
     key = _signature(inner, leaves, (scheme, "kn", roots))
     hit = _VERIFY_CACHE.get(key)
     if hit is None:
-        gen = torch.Generator().manual_seed(1234)
-        env: dict = {}
-        _bind_symbols(leaves, env)
-        for leaf in leaves:
-            if isinstance(val(leaf), torch.Tensor):
-                role = "zero" if leaf is wt.zero else "scale" if leaf is wt.scale else "weight"
-                env[leaf] = _random_like(leaf, role, gen)
+        env = _random_weight_leaves(leaves, wt)
         try:
             got = _evaluate(inner, env, outs)
         except Exception as exc:  # an op we cannot run on the CPU: treat as no match
@@ -254,12 +259,7 @@ def _verify_weight_operand(b: fx.Node, wt: _Weight, scheme: str, out_scale: "fx.
                 s = got[1]
                 low = s.dtype if s.dtype != torch.float32 else low
                 eff = eff * s.float().reshape(1, -1)
-            params = [env[wt.weight], env[wt.scale]]
-            if wt.granularity in ("tensor", "channel"):
-                params[1] = params[1].reshape(-1)[0] if wt.granularity == "tensor" else params[1].reshape(-1)
-            if wt.zero is not None:
-                params.append(env[wt.zero])
-            want = S.dequantize_weight(scheme, params, wt.k)
+            want = _reference_weight(env, wt, scheme)
             tol = 1e-5 if low == torch.float32 else 1e-2
             ok = _close(eff.t(), want, tol)
             where = " with the multiply after the matmul" if out_scale is not None else ""
