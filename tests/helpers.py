@@ -26,6 +26,24 @@ def random_activation(shape, dtype=torch.bfloat16, seed=1):
     return torch.randn(shape, generator=g).to(dtype)
 
 
+def kernel_case(scheme, m, n, k, *, static=False, group_size=64, zero_points=False, dtype=torch.bfloat16, bias=True,
+                seed=0, device="cpu"):
+    """Inputs for calling one kernel directly, and the scheme reference's output on them:
+    ``(x, params, bias, input_scale, ref)``.  Rows of x differ in magnitude by up to 2**6, so a
+    per-token scale that leaks across rows shows.  With ``static`` (W8A8 schemes), x is the
+    quantized activation and ``input_scale`` its scale; otherwise ``input_scale`` is None."""
+    g = torch.Generator().manual_seed(seed)
+    sch = S.get_scheme(scheme)
+    p = S.quantize_weight(scheme, torch.randn(n, k, generator=g) * 0.05, group_size=group_size, zero_points=zero_points)
+    params = [None if p.get(nm) is None else p[nm].to(device) for nm in sch.param_names]
+    x = (torch.randn(m, k, generator=g) * torch.exp2(torch.randint(-3, 4, (m, 1), generator=g).float())).to(dtype).to(device)
+    b = torch.randn(n, generator=g).to(dtype).to(device) if bias else None
+    if static and not sch.weight_only:
+        xq, xs = S.quantize_activation(scheme, x)
+        return xq, params, b, xs, S.reference(scheme, xq, params, b, input_scale=xs, out_dtype=dtype)
+    return x, params, b, None, S.reference(scheme, x, params, b)
+
+
 def recorded():
     """Collect the CompileRecords made inside the block."""
     return watch()

@@ -13,6 +13,7 @@ import qlinear_pass as qp
 from qlinear_pass import schemes as S
 from qlinear_pass.registry import DeviceInfo, LayerSpec, get_kernel
 
+from ..helpers import kernel_case
 from .conformance import check_drawn_or_pinned, layer_cases
 
 pytest.importorskip("triton")
@@ -25,22 +26,15 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def run_direct(scheme, m, n, k, *, act_input, dtype=torch.bfloat16, bias=True, group_size=64, zero_points=False,
                seed=0, device=DEVICE, poison=False, kernel=None, **run_kwargs):
     """Call the kernel's run() directly (what the custom op does) and compare with the reference."""
-    g = torch.Generator().manual_seed(seed)
     sch = S.get_scheme(scheme)
-    w = torch.randn(n, k, generator=g) * 0.05
-    p = S.quantize_weight(scheme, w, group_size=group_size, zero_points=zero_points)
-    params = [None if p.get(nm) is None else p[nm].to(device) for nm in sch.param_names]
-    x = (torch.randn(m, k, generator=g) * torch.exp2(torch.randint(-3, 4, (m, 1), generator=g).float())).to(dtype).to(device)
-    b = (torch.randn(n, generator=g)).to(dtype).to(device) if bias else None
-    spec = dict(scheme=scheme, n=n, k=k, act_dtype=dtype, out_dtype=dtype, has_bias=bias,
+    static = act_input == "static"
+    x, params, b, xs, ref = kernel_case(scheme, m, n, k, static=static, group_size=group_size,
+                                        zero_points=zero_points, dtype=dtype, bias=bias, seed=seed, device=device)
+    spec = dict(scheme=scheme, n=n, k=k, act_dtype=x.dtype, out_dtype=dtype, has_bias=bias,
                 group_size=group_size if scheme == "w4a16" else None, zero_points=zero_points,
                 act_input=act_input, device=device, m=m)
-    if act_input == "static":
-        xq, xs = S.quantize_activation(scheme, x)
-        ref = S.reference(scheme, xq, params, b, input_scale=xs, out_dtype=dtype)
-        x, params, spec["act_dtype"] = xq, params + [xs], xq.dtype
-    else:
-        ref = S.reference(scheme, x, params, b)
+    if static:
+        params = params + [xs]
     if poison and device == "cuda":
         # fill the caching allocator's free blocks with NaN: an unwritten output element shows
         torch.full((m * n * 4 + (1 << 20),), float("nan"), device=device)

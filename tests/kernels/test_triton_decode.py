@@ -18,6 +18,8 @@ triton = pytest.importorskip("triton")
 from qlinear_pass import schemes as S  # noqa: E402
 from qlinear_pass.kernels import triton_decode as D  # noqa: E402
 
+from ..helpers import kernel_case  # noqa: E402
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 SCHEMES = ["fp8_tensor", "fp8_rowwise", "fp8_block", "int8_rowwise", "int8_weight_only", "fp8_weight_only", "w4a16"]
 
@@ -37,22 +39,11 @@ def modes(scheme: str, static: bool):
 
 def check(scheme, m, n, k, *, static=False, group_size=64, zero_points=False, dtype=torch.bfloat16, bias=True,
           config=None, device="cpu", seed=0, poison=False):
-    g = torch.Generator().manual_seed(seed)
     sch = S.get_scheme(scheme)
-    w = torch.randn(n, k, generator=g) * 0.05
-    p = S.quantize_weight(scheme, w, group_size=group_size, zero_points=zero_points)
-    params = [None if p.get(nm) is None else p[nm].to(device) for nm in sch.param_names]
-    # rows of very different magnitude: a per-token scale that leaked across rows shows
-    x = (torch.randn(m, k, generator=g) * torch.exp2(torch.randint(-3, 4, (m, 1), generator=g).float())).to(dtype).to(device)
-    b = torch.randn(n, generator=g).to(dtype).to(device) if bias else None
+    x, params, b, xs, ref = kernel_case(scheme, m, n, k, static=static, group_size=group_size,
+                                        zero_points=zero_points, dtype=dtype, bias=bias, seed=seed, device=device)
     wk, ws, act = modes(scheme, static)
-    sa = None
-    if static and not sch.weight_only:
-        xq, xs = S.quantize_activation(scheme, x)
-        ref = S.reference(scheme, xq, params, b, input_scale=xs, out_dtype=dtype)
-        x, sa = xq, (xs if sch.act_granularity == "group" else xs.reshape(-1))
-    else:
-        ref = S.reference(scheme, x, params, b)
+    sa = None if xs is None else (xs if sch.act_granularity == "group" else xs.reshape(-1))
     if poison:
         torch.full((m * n * 4 + (1 << 20),), float("nan"), device=device)
     y = D.decode_gemm(x, params[0], params[1], params[2] if len(params) > 2 else None, sa, b, dtype,
