@@ -29,7 +29,7 @@ The launch configuration comes from ``decode_config``, a rule read off the sweep
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import triton
@@ -131,24 +131,53 @@ def _mma(a, b, acc, DT: tl.constexpr):
 def _decode_kernel(
     X, W, C, SW, ZW, SA, BIAS, WS, LOCKS, M, N, K,
     stride_xm, stride_wn, stride_cm, stride_swn, stride_zn, stride_sam,
+    W1, C1, SW1, ZW1, BIAS1, N1, W2, C2, SW2, ZW2, BIAS2, N2, WS_N,
     W_KIND: tl.constexpr, W_SCALE: tl.constexpr, ACT: tl.constexpr, ACT_INT8: tl.constexpr,
     GROUP_SIZE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, DT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, SEGS: tl.constexpr,
 ):
     """C[m, n] = sum_k act(X)[m, k] * dequant(W)[n, k] (* scales) + bias, for m < M <= BLOCK_M.
 
     K % BLOCK_K == 0 (``decode_gemm`` picks such a BLOCK_K); int4: BLOCK_K % GROUP_SIZE == 0.
     DT: the 16-bit dtype of the tensor-core operands (fp16 for an fp16 activation of a weight-only
     layer, else bf16, exact for 8-bit values).  The accumulator is [BLOCK_N, BLOCK_M]: the weight is the wide operand of the dot.
+
+    SEGS > 1: up to three layers that read the same activation (a transformer's q/k/v, gate/up) in
+    one launch: segment i has its own weight, scales, zero points, bias, output [M, N_i] (contiguous)
+    and N_i (N, N1, N2); the programs along N walk the segments' tiles one after another, so
+    N and N1 are multiples of BLOCK_N.  WS_N: the workspace's row length (all tiles of all segments).
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
+    tile = pid  # this program's tile of N within its segment
+    if SEGS > 1:
+        tiles0 = N // BLOCK_N
+        if pid >= tiles0:
+            tile = pid - tiles0
+            W = W1
+            C = C1
+            SW = SW1
+            ZW = ZW1
+            BIAS = BIAS1
+            N = N1
+            stride_cm = N1
+            if SEGS > 2:
+                tiles1 = N1 // BLOCK_N
+                if tile >= tiles1:
+                    tile = tile - tiles1
+                    W = W2
+                    C = C2
+                    SW = SW2
+                    ZW = ZW2
+                    BIAS = BIAS2
+                    N = N2
+                    stride_cm = N2
     # this program's share of K: whole BLOCK_K tiles, split evenly over SPLIT_K programs
     tiles_per_split = tl.cdiv(K // BLOCK_K, SPLIT_K)
     k_lo = pid_k * tiles_per_split * BLOCK_K
     k_hi = tl.minimum(k_lo + tiles_per_split * BLOCK_K, K)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
@@ -282,14 +311,14 @@ def _decode_kernel(
         # split K: every program leaves its partial sums in the workspace; the last of a tile's
         # programs to arrive (a counter per tile, which it resets) adds them up and runs the
         # epilogue, so the reduction needs no zeroed output, no atomics on it and no second kernel
-        ws_tile = WS + offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
-        tl.store(ws_tile + pid_k.to(tl.int64) * M * N, acc, mask=mask_n[:, None] & mask_m[None, :])
+        ws_tile = WS + offs_m[None, :].to(tl.int64) * WS_N + (pid * BLOCK_N + tl.arange(0, BLOCK_N))[:, None]
+        tl.store(ws_tile + pid_k.to(tl.int64) * M * WS_N, acc, mask=mask_n[:, None] & mask_m[None, :])
         tl.debug_barrier()
         arrived = tl.atomic_add(LOCKS + pid, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             for sk in tl.static_range(SPLIT_K):
-                acc += tl.load(ws_tile + sk * M * N, mask=mask_n[:, None] & mask_m[None, :], other=0.0,
+                acc += tl.load(ws_tile + sk * M * WS_N, mask=mask_n[:, None] & mask_m[None, :], other=0.0,
                                cache_modifier=".cg")
             tl.atomic_xchg(LOCKS + pid, 0)
             _epilogue(acc, C, SW, BIAS, sa, offs_n, offs_m, mask_n, mask_m, stride_cm, stride_swn, W_SCALE, ACT, HAS_BIAS)
@@ -399,40 +428,114 @@ def decode_gemm(
 ) -> torch.Tensor:
     """One launch: ``x`` [M <= 16, K] (float, or quantized for the static modes with scales ``sa``)
     times the stored weight ``w`` ([N, K], or [N, K/2] packed int4) -> [M, N] in ``out_dtype``."""
+    (c,) = decode_gemm_group(x, [Layer(w, sw, zw, bias)], sa, out_dtype, w_kind=w_kind, w_scale=w_scale, act=act,
+                             act_int8=act_int8, group_size=group_size, config=config)
+    return c
+
+
+class Layer(NamedTuple):
+    """One layer's stored weight, its scales, zero points and bias, as ``decode_gemm_group`` takes them."""
+
+    w: torch.Tensor
+    sw: torch.Tensor
+    zw: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+
+
+#: the most layers one launch serves (the kernel's segments)
+MAX_SEGMENTS = 3
+
+
+def decode_gemm_group(
+    x: torch.Tensor,
+    layers: Sequence[Layer],
+    sa: Optional[torch.Tensor],
+    out_dtype: torch.dtype,
+    *,
+    w_kind: int,
+    w_scale: int,
+    act: int,
+    act_int8: bool = False,
+    group_size: int = 0,
+    config: Optional[Config] = None,
+) -> list[torch.Tensor]:
+    """Several layers of one format that read the same activation ``x`` (a transformer's q/k/v or
+    gate/up): one output [M, N_i] each, from as few launches as the kernel's segments allow
+    (``MAX_SEGMENTS`` layers a launch).  At decode sizes a small layer alone leaves most SMs idle and
+    pays a launch; together they stream their weights as one wide layer."""
     m, k = x.shape
-    n = w.shape[0]
     if m > MAX_M:
         raise ValueError(f"the decode kernel serves M <= {MAX_M}, got M={m}")
     if not fits(k, group_size):
         raise ValueError(f"the decode kernel needs K divisible by 128 and whole int4 groups per tile (K={k}, group {group_size})")
-    c = torch.empty((m, n), device=x.device, dtype=out_dtype)
-    if m == 0 or n == 0:
-        return c
-    cfg = config or decode_config(w_kind, m, n, k, group_size, _sm_count(x.device), act)
+    if not layers:
+        return []
+    kw = k // 2 if w_kind == Weight.INT4 else k
+    for i, layer in enumerate(layers):
+        if layer.w.dim() != 2 or layer.w.shape[1] != kw:
+            raise ValueError(f"layer {i}: weight of shape {tuple(layer.w.shape)} does not match K={k}")
+        if (layer.bias is None) != (layers[0].bias is None) or (layer.zw is None) != (layers[0].zw is None):
+            raise ValueError("the layers of one group either all have a bias (zero points) or none has")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    outs = [torch.empty((m, layer.w.shape[0]), device=x.device, dtype=out_dtype) for layer in layers]
+    if m == 0:
+        return outs
+    n_total = sum(layer.w.shape[0] for layer in layers)
+    cfg = config or decode_config(w_kind, m, n_total, k, group_size, _sm_count(x.device), act)
     if not cfg.use_dot and m > 1:
         raise ValueError("the FMA path serves M == 1 only")
     bk = _block_k_for(k, cfg.block_k, group_size)
     if w_kind == Weight.INT4 and bk % group_size:
         raise ValueError(f"BLOCK_K {bk} does not hold whole groups of {group_size}")
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    n_tiles = triton.cdiv(n, cfg.block_n)
+    # layers run together when their tiles line up and they share the strides the kernel takes once
+    batches: list[list[int]] = []
+    for i, layer in enumerate(layers):
+        last = batches[-1] if batches else None
+        if (last is not None and len(last) < MAX_SEGMENTS
+                and layers[last[-1]].w.shape[0] % cfg.block_n == 0 and _strides(layer) == _strides(layers[last[0]])):
+            last.append(i)
+        else:
+            batches.append([i])
+    for batch in batches:
+        _launch(x, [layers[i] for i in batch], [outs[i] for i in batch], sa, cfg, bk, w_kind, w_scale, act, act_int8, group_size)
+    return outs
+
+
+def _strides(layer: Layer) -> tuple:
+    return (layer.w.stride(0), layer.sw.stride(0) if layer.sw.dim() else 0, layer.zw.stride(0) if layer.zw is not None else 0)
+
+
+def _launch(x, layers, outs, sa, cfg, bk, w_kind, w_scale, act, act_int8, group_size) -> None:
+    m, k = x.shape
+    n_tiles = sum(triton.cdiv(layer.w.shape[0], cfg.block_n) for layer in layers)
+    if n_tiles == 0:
+        return
     split = max(1, min(cfg.split_k, k // bk))
+    ws_n = n_tiles * cfg.block_n
     if split > 1:
-        ws = torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+        ws = torch.empty((split, m, ws_n), device=x.device, dtype=torch.float32)
         locks = _locks(x.device, n_tiles)
     else:
-        ws = locks = c
+        ws = locks = outs[0]
+    segs = []
+    for layer, c in zip(layers, outs):
+        segs.append((layer.w, c, layer.sw, layer.zw if layer.zw is not None else layer.sw,
+                     layer.bias if layer.bias is not None else c, layer.w.shape[0]))
+    while len(segs) < MAX_SEGMENTS:
+        segs.append(segs[0])
+    (w, c, sw, zw, b, n), seg1, seg2 = segs
+    zw0 = layers[0].zw
     _decode_kernel[(n_tiles, split)](
-        x, w, c, sw, zw if zw is not None else sw, sa if sa is not None else sw, bias if bias is not None else c,
+        x, w, c, sw, zw, sa if sa is not None else sw, b,
         ws, locks, m, n, k, x.stride(0), w.stride(0), c.stride(0), sw.stride(0) if sw.dim() else 0,
-        zw.stride(0) if zw is not None else 0, sa.stride(0) if sa is not None and sa.dim() else 0,
+        zw0.stride(0) if zw0 is not None else 0, sa.stride(0) if sa is not None and sa.dim() else 0,
+        *seg1, *seg2, ws_n,
         W_KIND=w_kind, W_SCALE=w_scale, ACT=act, ACT_INT8=act_int8, GROUP_SIZE=group_size,
-        HAS_ZERO=zw is not None, HAS_BIAS=bias is not None,
+        HAS_ZERO=zw0 is not None, HAS_BIAS=layers[0].bias is not None,
         DT=tl.float16 if (act == Act.FLOAT and x.dtype == torch.float16) else tl.bfloat16,
         BLOCK_M=16 if cfg.use_dot else 1, BLOCK_N=cfg.block_n, BLOCK_K=bk, USE_DOT=cfg.use_dot, SPLIT_K=split,
-        num_warps=cfg.warps, num_stages=cfg.stages,
+        SEGS=len(layers), num_warps=cfg.warps, num_stages=cfg.stages,
     )
-    return c
 
 
 #: tile counters of the split-K reduction, one zeroed int32 array per (device, stream): kernels of one

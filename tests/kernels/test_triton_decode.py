@@ -90,6 +90,55 @@ def test_decode_matches_reference(case):
     check(**case)
 
 
+def check_group(scheme, m, ns, k, *, static=False, group_size=64, zero_points=False, dtype=torch.bfloat16, bias=True,
+                config=None, device="cpu", seed=0):
+    """Layers reading one activation, run by decode_gemm_group: each output against its own reference."""
+    sch = S.get_scheme(scheme)
+    cases = [kernel_case(scheme, m, n, k, group_size=group_size, zero_points=zero_points, dtype=dtype, bias=bias,
+                         seed=seed + i, device=device) for i, n in enumerate(ns)]
+    x, xs = cases[0][0], None
+    if static:
+        x, xs = S.quantize_activation(scheme, x)
+    wk, ws, act = modes(scheme, static)
+    sa = None if xs is None else (xs if sch.act_granularity == "group" else xs.reshape(-1))
+    layers = [D.Layer(p[0], p[1], p[2] if len(p) > 2 else None, b) for _, p, b, _, _ in cases]
+    ys = D.decode_gemm_group(x, layers, sa, dtype, w_kind=wk, w_scale=ws, act=act, act_int8=sch.act_dtype == torch.int8,
+                             group_size=group_size if scheme == "w4a16" else 0, config=config)
+    assert all(int(locks.count_nonzero()) == 0 for locks in D._LOCKS.values())
+    for i, (y, (_, p, b, _, _)) in enumerate(zip(ys, cases)):
+        ref = S.reference(scheme, x, p, b, input_scale=xs, out_dtype=dtype) if static else S.reference(scheme, x, p, b)
+        assert y.shape == ref.shape and y.dtype == dtype
+        err = S.relative_error(y, ref)
+        assert err <= S.TOLERANCE[dtype], f"{scheme} layer {i} of {ns} M={m} K={k} {config}: relative error {err:.3g}"
+
+
+@st.composite
+def group_cases(draw, max_tiles=3, ks=(128, 256)):
+    case = draw(decode_cases(ks=ks))
+    bn = case["config"].block_n
+    # tile-aligned layers run in one launch; a ragged one before the last starts another
+    ns = draw(st.lists(st.one_of(st.integers(1, max_tiles).map(lambda t: t * bn), st.integers(1, 40)), min_size=1, max_size=5))
+    return {**{key: v for key, v in case.items() if key != "n"}, "ns": ns}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu test covers this on a GPU")
+@given(group_cases())
+@example(dict(scheme="fp8_rowwise", m=1, ns=[32, 16, 16], k=256, static=True, group_size=64, zero_points=False,
+              dtype=torch.bfloat16, bias=False, config=D.Config(16, 128, 4, 1, False, 2)))  # q/k/v, split K
+@example(dict(scheme="w4a16", m=1, ns=[32, 32], k=256, static=False, group_size=32, zero_points=True,
+              dtype=torch.float16, bias=True, config=D.Config(16, 128, 4, 1, False)))  # gate/up
+@example(dict(scheme="fp8_block", m=5, ns=[16, 7, 32, 16, 16], k=256, static=False, group_size=64, zero_points=False,
+              dtype=torch.bfloat16, bias=True, config=D.Config(16, 128, 4, 2, True, 2)))  # ragged, more than 3
+def test_group_matches_reference(case):
+    check_group(**case)
+
+
+@pytest.mark.gpu
+@given(group_cases(max_tiles=40, ks=(128, 384, 4096)), st.integers(0, 2**16))
+def test_group_on_gpu(case, seed):
+    check_group(**case, device="cuda", seed=seed)
+
+
 def test_default_config_runs_and_fills_the_gpu():
     """decode_config: BLOCK_K divides K (and holds whole groups), and N / BLOCK_N gives the SMs work."""
     for wk, g in ((D.Weight.FP8, 0), (D.Weight.INT4, 32), (D.Weight.INT4, 128)):
@@ -161,11 +210,14 @@ def test_decode_kernel_mode_compiles(wdt, wk, ws, act, adt, a8, group, zero, dot
     fn = D._decode_kernel
     types = {"X": f"*{adt}", "W": f"*{wdt}", "C": "*bf16", "SW": "*fp32", "ZW": "*u8", "SA": "*fp32", "BIAS": "*bf16",
              "WS": "*fp32", "LOCKS": "*i32",
-             **{n: "i32" for n in ("M", "N", "K", "stride_xm", "stride_wn", "stride_cm", "stride_swn", "stride_zn", "stride_sam")}}
+             **{n: "i32" for n in ("M", "N", "K", "stride_xm", "stride_wn", "stride_cm", "stride_swn", "stride_zn", "stride_sam",
+                                   "N1", "N2", "WS_N")},
+             **{f"{n}{i}": t for i in (1, 2) for n, t in (("W", f"*{wdt}"), ("C", "*bf16"), ("SW", "*fp32"), ("ZW", "*u8"),
+                                                          ("BIAS", "*bf16"))}}
     constexprs = {"W_KIND": wk, "W_SCALE": ws, "ACT": act, "ACT_INT8": a8, "GROUP_SIZE": group, "HAS_ZERO": zero,
                   "HAS_BIAS": True, "DT": triton.language.float16 if adt == "fp16" else triton.language.bfloat16,
                   "BLOCK_M": 16 if dot else 1, "BLOCK_N": 32, "BLOCK_K": 256, "USE_DOT": dot,
-                  "SPLIT_K": 1 if wk == D.Weight.INT8 else 2}
+                  "SPLIT_K": 1 if wk == D.Weight.INT8 else 2, "SEGS": 1 + (COMPILE_CASES.index((wdt, wk, ws, act, adt, a8, group, zero, dot)) % 3)}
     signature = {name: ("constexpr" if name in constexprs else types[name]) for name in fn.arg_names}
     k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
     assert k.asm["cubin"]
