@@ -79,12 +79,17 @@ def canonical_inputs(emit: Emitter, m: "Match") -> tuple[fx.Node, list, Optional
     x = m.x
     if len(val(x).shape) != 2:
         x = emit(aten.reshape.default, x, [-1, m.spec.k])
+    return x, canonical_params(emit, m), m.bias
+
+
+def canonical_params(emit: Emitter, m: "Match") -> list:
+    """The matched linear's parameters in their canonical shapes."""
     params = []
     for p, shape in zip(m.params, m.param_shapes):
         if p is not None and shape is not None and tuple(val(p).shape) != tuple(shape):
             p = emit(aten.reshape.default, p, list(shape))
         params.append(p)
-    return x, params, m.bias
+    return params
 
 
 def quantized_inputs(emit: Emitter, m: "Match") -> tuple[fx.Node, fx.Node, list, Optional[fx.Node]]:
@@ -100,4 +105,4 @@ def quantized_inputs(emit: Emitter, m: "Match") -> tuple[fx.Node, fx.Node, list,
     return q, scale, params, bias
 
 
-__all__ = ["Emitter", "canonical_inputs", "quantized_inputs", "val"]
+__all__ = ["Emitter", "canonical_inputs", "canonical_params", "quantized_inputs", "val"]

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import operator
 import pathlib
 import time
 from typing import Any, Optional
@@ -21,7 +22,7 @@ from torch._inductor import custom_graph_pass as _cgp
 
 from . import config as C
 from .kernels import ops as _ops  # noqa: F401  (registers qlinear_pass::linear)
-from .emit import Emitter, canonical_inputs, quantized_inputs, val  # noqa: F401  (quantized_inputs: its old home)
+from .emit import Emitter, canonical_inputs, canonical_params, quantized_inputs, val
 from .patterns import Match, Unmatched, find_linears
 from .kernel import Kernel
 from .registry import registry_key
@@ -183,11 +184,18 @@ def rewrite(graph: fx.Graph, cfg: C.LinearBackendConfig, record: CompileRecord, 
     matches, misses = find_linears(graph)
     for miss in misses:
         record.unmatched.append(_miss_row(miss))
+    chosen = []
     for m in matches:
         dev = device or DeviceInfo.of(_device_of(m))
         sel = select(m.spec, cfg, dev)
-        record.decisions.append(Decision(m.spec, sel.backend, sel.describe(), sel.rejected, sel.fallback, sel.note))
-        _replace(graph, m, sel)
+        decision = Decision(m.spec, sel.backend, sel.describe(), sel.rejected, sel.fallback, sel.note)
+        record.decisions.append(decision)
+        chosen.append((m, sel, decision))
+    for group in sibling_groups(graph, chosen):
+        if len(group) == 1:
+            _replace(graph, group[0][0], group[0][1])
+        else:
+            _replace_group(graph, group)
     if matches:
         graph.eliminate_dead_code()
         graph.lint()
@@ -205,14 +213,35 @@ def _miss_row(miss: Unmatched) -> dict:
 aten = torch.ops.aten
 
 
+def _quantized_in_graph(m: Match, sel: Selection) -> bool:
+    """Does the layer's dynamic activation quantization stay in the graph (every kernel it may run
+    takes the quantized activation, see ``Kernel.takes_quantized_activation``)?"""
+    kernels = [k for _, k in sel.plan] or [sel.kernel]
+    return m.spec.act_input == "dynamic" and m.act_q is not None and all(k.takes_quantized_activation(m.spec) for k in kernels)
+
+
+def _op_inputs(emit: Emitter, m: Match, sel: Selection) -> tuple:
+    """What ``qlinear_pass::linear`` is given for one layer: activation, parameters, bias, spec."""
+    if _quantized_in_graph(m, sel):
+        q, scale, params, bias = quantized_inputs(emit, m)
+        return q, [*params, scale], bias, dataclasses.replace(m.spec, act_input="static", act_dtype=val(q).dtype)
+    x, params, bias = canonical_inputs(emit, m)
+    return x, params, bias, m.spec
+
+
 def _replace(graph: fx.Graph, m: Match, sel: Selection) -> None:
     kernel: Kernel = sel.kernel
     emit = Emitter(graph, m.end, m.anchor)
     if kernel.opaque or sel.plan:
-        x, params, bias = canonical_inputs(emit, m)
-        new = emit(torch.ops.qlinear_pass.linear.default, x, params, bias, sel.kernel_name, m.spec.to_json())
+        x, params, bias, spec = _op_inputs(emit, m, sel)
+        new = emit(torch.ops.qlinear_pass.linear.default, x, params, bias, sel.kernel_name, spec.to_json())
     else:
         new = kernel.emit(emit, m)
+    _take_over(emit, m, new, kernel)
+
+
+def _take_over(emit: Emitter, m: Match, new: fx.Node, kernel: Kernel) -> None:
+    """The replacement, in the matched output's shape, takes over its uses."""
     want = val(m.end)
     got = val(new)
     if tuple(got.shape) != tuple(want.shape):
@@ -220,3 +249,84 @@ def _replace(graph: fx.Graph, m: Match, sel: Selection) -> None:
     if got.dtype != want.dtype:
         raise AssertionError(f"{kernel.name} produced {got.dtype}, the graph expects {want.dtype}")
     m.end.replace_all_uses_with(new)
+
+
+# --- sibling layers: one launch for the layers that read the same activation ------------------
+
+_VIEWS = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
+
+
+def _root(n: Any) -> Any:
+    """The node whose data a chain of reshapes / views shows."""
+    while isinstance(n, fx.Node) and n.op == "call_function" and n.target in _VIEWS:
+        n = n.args[0]
+    return n
+
+
+def _group_key(m: Match, sel: Selection) -> Optional[tuple]:
+    """Layers with equal keys may run as one group: same activation (and given scale), same
+    kernel or plan, same spec but for N; None when the layer's kernels do not run groups."""
+    kernels = [k for _, k in sel.plan] or [sel.kernel]
+    if not (sel.kernel.opaque or sel.plan) or not any(k.groups_layers for k in kernels):
+        return None
+    scale = _root(m.params[-1]) if m.spec.act_input == "static" else None
+    spec = dataclasses.replace(m.spec, n=0, module="")
+    return (_root(m.x), scale, sel.kernel_name, _quantized_in_graph(m, sel), spec)
+
+
+def sibling_groups(graph: fx.Graph, chosen: list) -> list:
+    """``chosen`` ([(match, selection, decision)]) as groups of layers to replace together, in
+    graph order: layers that read the same activation with the same kernel (a transformer's
+    q/k/v, gate/up), where the kernel runs groups and every member's parameters exist before the
+    first member's output (where the group's call goes)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    buckets: dict = {}
+    groups: list = []
+    for item in chosen:
+        key = _group_key(item[0], item[1])
+        if key is None:
+            groups.append([item])
+        elif key in buckets:
+            buckets[key].append(item)
+        else:
+            buckets[key] = [item]
+            groups.append(buckets[key])
+    out = []
+    for group in groups:
+        group.sort(key=lambda it: order[it[0].end])
+        first = order[group[0][0].end]
+        together = [group[0]]
+        for item in group[1:]:
+            m = item[0]
+            needs = [p for p in (*m.params, m.bias) if isinstance(p, fx.Node)]
+            if all(order[p] < first for p in needs):
+                together.append(item)
+            else:
+                out.append([item])
+        out.append(together)
+    return out
+
+
+def _replace_group(graph: fx.Graph, group: list) -> None:
+    """One ``qlinear_pass::linear_group`` call for sibling layers, placed before the first one's output."""
+    m0, sel0, _ = group[0]
+    emit = Emitter(graph, m0.end, m0.anchor)
+    x, params, bias, spec = _op_inputs(emit, m0, sel0)
+    shared_scale = _quantized_in_graph(m0, sel0)
+    flat, biases, specs = list(params), [bias], [spec]
+    for m, _, _ in group[1:]:
+        p = canonical_params(emit, m)
+        s = m.spec
+        if shared_scale:  # the same quantization of the same activation: the first one's
+            p = [*p, params[-1]]
+            s = dataclasses.replace(s, act_input="static", act_dtype=spec.act_dtype)
+        flat += p
+        biases.append(m.bias)
+        specs.append(s)
+    outs = emit(torch.ops.qlinear_pass.linear_group.default, x, flat, biases, sel0.kernel_name,
+                json.dumps([s.to_json() for s in specs]))
+    names = [m.spec.module or m.end.name for m, _, _ in group]
+    for i, (m, sel, decision) in enumerate(group):
+        _take_over(emit, m, emit(operator.getitem, outs, i), sel.kernel)
+        others = ", ".join(nm for j, nm in enumerate(names) if j != i)
+        decision.note = "; ".join(filter(None, [decision.note, f"one launch with {others}"]))

@@ -44,6 +44,7 @@ class Kernel:
     #: False for kernels that insert ATen ops into the graph (see emit)
     opaque: ClassVar[bool] = True
 
+
     @property
     def runs_behind_op(self) -> bool:
         """Can it run behind the custom op (it has a :meth:`run`)?  Per-M plans need that."""
@@ -57,6 +58,33 @@ class Kernel:
         bias: Optional[torch.Tensor],
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    def takes_quantized_activation(self, spec: LayerSpec) -> bool:
+        """Should this dynamic-activation layer get the graph's own quantized activation and its
+        scale (``run`` then sees ``spec.act_input == "static"``, the scale the last parameter)
+        instead of the float activation?  When every kernel a layer may run says yes, the pass
+        leaves the quantization in the graph, where Inductor fuses it into the kernel that
+        produces the activation (the norm before q/k/v, the SwiGLU before down_proj)."""
+        return False
+
+    def run_group(
+        self,
+        specs: Sequence[LayerSpec],
+        x: torch.Tensor,
+        params: Sequence[Sequence[Optional[torch.Tensor]]],
+        biases: Sequence[Optional[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        """Layers that read the same activation (a transformer's q/k/v, gate/up): one output each.
+
+        This default runs them one by one.  A kernel that overrides it runs them in one launch
+        where that is faster (at decode sizes a small layer alone leaves SMs idle), and the pass
+        then hands it such groups (``groups_layers``)."""
+        return [self.run(s, x, p, b) for s, p, b in zip(specs, params, biases)]
+
+    @property
+    def groups_layers(self) -> bool:
+        """Does it run sibling layers together (it overrides :meth:`run_group`)?"""
+        return type(self).run_group is not Kernel.run_group
 
     def __repr__(self) -> str:
         return f"<kernel {self.name} ({self.backend})>"

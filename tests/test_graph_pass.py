@@ -1,9 +1,10 @@
 """The pass over whole graphs: shapes, dtypes, dynamic M, training graphs, cache keys."""
+import os
 import warnings
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import qlinear_pass as qp
@@ -172,3 +173,91 @@ def test_record_times_the_pass():
     (rec,) = recs
     assert len(rec.decisions) == 1
     assert 0.0 < rec.pass_seconds <= rec.seconds
+
+
+# --- sibling layers (q/k/v, gate/up): one launch ------------------------------------------------
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Siblings(torch.nn.Module):
+    """Three linears that read one normalised activation, as a transformer's q/k/v do, and one, o,
+    that reads the activation before the norm."""
+
+    def __init__(self, k=256, ns=(256, 128, 128), bias=False):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(k, n, bias=bias) for n in (*ns, 64))
+
+    def forward(self, x):
+        h = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype)
+        return torch.cat([self.q(h), self.k(h) * 2, self.v(h), self.o(x)], -1)
+
+
+def _linear_ops(model, x, backend):
+    """The qlinear_pass call_function targets left in the graph, the output and the decisions."""
+    from qlinear_pass import graph_pass
+
+    seen = {}
+    orig = graph_pass.rewrite
+
+    def spy(graph, cfg, record, device=None):
+        orig(graph, cfg, record, device)
+        seen["nodes"] = [n for n in graph.nodes if n.op == "call_function" and "qlinear_pass" in str(n.target)]
+
+    graph_pass.rewrite = spy
+    try:
+        y, recs = compile_and_run(model, x, backend)
+    finally:
+        graph_pass.rewrite = orig
+    return seen["nodes"], y, recs[0].decisions
+
+
+@st.composite
+def sibling_cases(draw):
+    return dict(scheme=draw(st.sampled_from(["fp8_rowwise", "fp8_block", "int8_rowwise", "int8_weight_only", "w4a16"])),
+                rows=draw(st.sampled_from([1, 3])), bias=draw(st.booleans()),
+                dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])))
+
+
+@pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET") and not torch.cuda.is_available(), reason="needs Triton's interpreter or a GPU")
+@given(sibling_cases())
+@example(dict(scheme="fp8_rowwise", rows=1, bias=False, dtype=torch.bfloat16))
+@example(dict(scheme="w4a16", rows=3, bias=True, dtype=torch.float16))
+def test_siblings_run_in_one_group_call(case):
+    """q/k/v become one linear_group call (the Triton kernels run it as one launch at decode
+    sizes, one by one above); o stays its own call; every output agrees with the reference."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = qp.quantize(Siblings(bias=case["bias"]).to(case["dtype"]), case["scheme"],
+                        group_size=64 if case["scheme"] == "w4a16" else None).to(DEVICE)
+    x = random_activation((1, case["rows"], 256), case["dtype"]).to(DEVICE)
+    nodes, y, decisions = _linear_ops(model, x, "triton")
+    targets = [n.target for n in nodes]
+    assert targets.count(torch.ops.qlinear_pass.linear_group.default) == 1
+    assert targets.count(torch.ops.qlinear_pass.linear.default) == 1
+    notes = {d.spec.module: d.note for d in decisions}
+    assert notes["k"] == "one launch with q, v" and notes["o"] == ""
+    with torch.no_grad():
+        ref = model(x)
+    assert S.relative_error(y, ref) <= S.TOLERANCE[case["dtype"]]
+
+
+@pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET") and not torch.cuda.is_available(), reason="needs Triton's interpreter or a GPU")
+def test_dynamic_activation_quantization_stays_in_the_graph():
+    """A kernel that takes the quantized activation gets the graph's own (Inductor fuses it into
+    the norm before it): the op's input is fp8 and the layer's spec says it arrives quantized."""
+    model = qp.quantize(Siblings().to(torch.bfloat16), "fp8_rowwise").to(DEVICE)
+    nodes, _, _ = _linear_ops(model, random_activation((1, 1, 256)).to(DEVICE), "triton")
+    for n in nodes:
+        assert n.args[0].meta["val"].dtype == torch.float8_e4m3fn
+    # a kernel that quantizes itself receives the float activation
+    nodes, _, _ = _linear_ops(model, random_activation((1, 1, 256)).to(DEVICE), "emulation")
+    assert {n.args[0].meta["val"].dtype for n in nodes} == {torch.bfloat16}
+
+
+def test_layers_of_kernels_without_groups_stay_apart():
+    """The emulation kernel runs no groups: one linear call per layer, no notes."""
+    model = qp.quantize(Siblings().to(torch.bfloat16), "int8_weight_only")
+    nodes, _, decisions = _linear_ops(model, random_activation((1, 1, 256)), "emulation")
+    assert [n.target for n in nodes] == [torch.ops.qlinear_pass.linear.default] * 4
+    assert all(d.note == "" for d in decisions)

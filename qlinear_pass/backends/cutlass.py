@@ -104,6 +104,9 @@ class _CutlassKernel(Kernel):
                                f"(it has {', '.join(indices)})")
         return indices[name]
 
+    def takes_quantized_activation(self, spec):
+        return True  # the GEMMs take a quantized activation only
+
     def emit(self, emit, m):
         from ..emit import quantized_inputs
 

@@ -66,6 +66,47 @@ class TritonW8A8(_TritonKernel):
             return False, f"activation dtype {spec.act_dtype} is not bf16/fp16/fp32"
         return OK
 
+    def takes_quantized_activation(self, spec):
+        """Per-token and per-tensor scales: yes.  A per-token scale needs the whole row before the
+        first weight tile (in the decode kernel, a pass over the activation by every program, and
+        no split of K); Inductor finds it in the norm / SwiGLU kernel that writes the row (H200:
+        fp8_rowwise decode 1.23x -> 1.57x bf16, benchmarks/results/h200/e2e).  1x128 groups
+        (fp8_block): no; the decode kernel quantizes each group in the tile it reads, and
+        Inductor's group quantization cost more than it saved (0.36 ms more per step)."""
+        from .. import schemes as S
+
+        return S.get_scheme(spec.scheme).act_granularity != "group"
+
+    def _decode_args(self, spec, x, params, bias):
+        """The decode kernel's arguments for one layer: its ``Layer``, the activation scale, the modes."""
+        from .. import schemes as S
+        from ..kernels import triton_decode as D
+
+        scheme = S.get_scheme(spec.scheme)
+        gran = scheme.act_granularity
+        static = spec.act_input == "static"
+        act = {("tensor", False): D.Act.DYN_TENSOR, ("token", False): D.Act.DYN_TOKEN, ("group", False): D.Act.DYN_GROUP,
+               ("tensor", True): D.Act.STATIC_TENSOR, ("token", True): D.Act.STATIC_TOKEN,
+               ("group", True): D.Act.STATIC_GROUP}[(gran, static)]
+        sa = None
+        if static:
+            sa = params[2].float()
+            sa = sa.reshape(x.shape[0], -1) if gran == "group" else sa.reshape(-1)
+        modes = dict(w_kind=_decode_weight(params[0]), w_scale=_decode_scale_modes()[scheme.weight_granularity], act=act,
+                     act_int8=scheme.act_dtype == torch.int8)
+        return D.Layer(params[0], params[1], None, bias), sa, modes
+
+    def run_group(self, specs, x, params, biases):
+        from ..kernels import triton_decode as D
+
+        x = x if x.dim() == 2 else x.reshape(-1, specs[0].k)
+        if _decode_serves(specs[0].scheme, x.shape[0]) and D.fits(specs[0].k):
+            # one launch for all: they share the activation (and, quantized, its scale)
+            args = [self._decode_args(s, x, p, b) for s, p, b in zip(specs, params, biases)]
+            _, sa, modes = args[0]
+            return D.decode_gemm_group(x, [layer for layer, _, _ in args], sa, specs[0].out_dtype, **modes)
+        return super().run_group(specs, x, params, biases)
+
     def run(self, spec, x, params, bias):
         from .. import schemes as S
         from ..kernels import triton_decode as D
@@ -78,24 +119,16 @@ class TritonW8A8(_TritonKernel):
         gran = scheme.act_granularity
         if _decode_serves(spec.scheme, m) and D.fits(spec.k):
             # decode sizes: one launch that quantizes the activation itself (or takes the given one)
-            static = spec.act_input == "static"
-            act = {("tensor", False): D.Act.DYN_TENSOR, ("token", False): D.Act.DYN_TOKEN, ("group", False): D.Act.DYN_GROUP,
-                   ("tensor", True): D.Act.STATIC_TENSOR, ("token", True): D.Act.STATIC_TOKEN,
-                   ("group", True): D.Act.STATIC_GROUP}[(gran, static)]
-            sa = None
-            if static:
-                sa = params[2].float()
-                sa = sa.reshape(m, -1) if gran == "group" else sa.reshape(-1)
-            return D.decode_gemm(x, w, sw, None, sa, bias, spec.out_dtype, w_kind=_decode_weight(w),
-                                 w_scale=_decode_scale_modes()[scheme.weight_granularity], act=act,
-                                 act_int8=scheme.act_dtype == torch.int8)
+            layer, sa, modes = self._decode_args(spec, x, params, bias)
+            return D.decode_gemm_group(x, [layer], sa, spec.out_dtype, **modes)[0]
         w_scale = {"tensor": T.W_TENSOR, "channel": T.W_CHANNEL, "block": T.W_BLOCK}[scheme.weight_granularity]
         if spec.act_input == "static":
             sa = params[2].float()
             a_scale = T.A_TENSOR if gran == "tensor" else T.A_GROUP if gran == "group" else T.A_TOKEN
             if gran == "token":
                 sa = sa.reshape(-1, 1)
-            return T.w8a8_gemm(x, w, sa, sw, bias, spec.out_dtype, a_scale=a_scale, w_scale=w_scale)
+            # the graph's quantized activation may arrive in any layout (Inductor's choice): the GEMM streams rows
+            return T.w8a8_gemm(x.contiguous(), w, sa, sw, bias, spec.out_dtype, a_scale=a_scale, w_scale=w_scale)
         if gran == "tensor":
             xq, sa = S.quantize_activation(scheme, x)
             return T.w8a8_gemm(xq, w, sa.reshape(()), sw, bias, spec.out_dtype, a_scale=T.A_TENSOR, w_scale=w_scale)
@@ -119,18 +152,35 @@ class TritonWeightOnly(_TritonKernel):
             return False, f"K={spec.k} is not a multiple of 16"
         return OK
 
+    @staticmethod
+    def _params(spec, params):
+        """(weight, scale, zero points or None, kind, group size) of one layer."""
+        from ..kernels import triton_gemm as T
+
+        if spec.scheme == "w4a16":
+            w, s, z = params
+            return w, s, z, T.W_INT4, spec.group_size
+        (w, s), z = params[:2], None
+        return w, s, z, (T.W_INT8 if spec.scheme == "int8_weight_only" else T.W_FP8), 0
+
+    def run_group(self, specs, x, params, biases):
+        from ..kernels import triton_decode as D
+
+        x = x if x.dim() == 2 else x.reshape(-1, specs[0].k)
+        g = specs[0].group_size if specs[0].scheme == "w4a16" else 0
+        if _decode_serves(specs[0].scheme, x.shape[0]) and D.fits(specs[0].k, g):
+            layers = [D.Layer(*self._params(s, p)[:3], b) for s, p, b in zip(specs, params, biases)]
+            return D.decode_gemm_group(x, layers, None, specs[0].out_dtype, w_kind=_decode_weight(layers[0].w),
+                                       w_scale=D.Weight.GROUP if g else D.Weight.CHANNEL, act=D.Act.FLOAT, group_size=g)
+        return super().run_group(specs, x, params, biases)
+
     def run(self, spec, x, params, bias):
         from ..kernels import triton_decode as D
         from ..kernels import triton_gemm as T
 
         x = x if x.dim() == 2 else x.reshape(-1, spec.k)
         m = x.shape[0]
-        if spec.scheme == "w4a16":
-            w, s, z = params
-            kind, g = T.W_INT4, spec.group_size
-        else:
-            (w, s), z = params[:2], None
-            kind, g = (T.W_INT8 if spec.scheme == "int8_weight_only" else T.W_FP8), 0
+        w, s, z, kind, g = self._params(spec, params)
         if _decode_serves(spec.scheme, m) and D.fits(spec.k, g):
             return D.decode_gemm(x, w, s, z, None, bias, spec.out_dtype, w_kind=_decode_weight(w),
                                  w_scale=D.Weight.GROUP if g else D.Weight.CHANNEL, act=D.Act.FLOAT, group_size=g)

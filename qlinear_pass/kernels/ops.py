@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import json
 import os
 from typing import Optional
 
@@ -79,6 +80,53 @@ def linear(
 def _(x, params, bias, kernel, spec):
     s = handle(kernel, spec).spec
     return x.new_empty((*x.shape[:-1], s.n), dtype=s.out_dtype)
+
+
+class GroupHandle(Handle):
+    """A ``linear_group`` call site: the plan and its layers' specs."""
+
+    __slots__ = ("specs",)
+
+    def __init__(self, kernel: str, specs: str) -> None:
+        texts = json.loads(specs)
+        super().__init__(kernel, texts[0])
+        self.specs = tuple(LayerSpec.from_json(t) for t in texts)
+
+
+def group_handle(kernel: str, specs: str) -> GroupHandle:
+    h = _HANDLES.get((kernel, specs))
+    if h is None or h.generation != registry.generation():
+        h = _HANDLES[(kernel, specs)] = GroupHandle(kernel, specs)
+    return h
+
+
+@torch.library.custom_op("qlinear_pass::linear_group", mutates_args=())
+def linear_group(
+    x: torch.Tensor,
+    params: list[Optional[torch.Tensor]],
+    biases: list[Optional[torch.Tensor]],
+    kernel: str,
+    specs: str,
+) -> list[torch.Tensor]:
+    """Layers that read the same activation ``x``, run by one kernel (``Kernel.run_group``): one
+    output per layer.  ``params`` holds each layer's parameters in turn (the same count each);
+    ``specs`` is a JSON list of the layers' specs."""
+    h = group_handle(kernel, specs)
+    name, k = h.pick(x)
+    per = len(params) // len(h.specs)
+    chunks = [params[i * per:(i + 1) * per] for i in range(len(h.specs))]
+    CALLS[name] += len(h.specs)
+    outs = k.run_group(h.specs, x, chunks, biases)
+    for s, out in zip(h.specs, outs):
+        if out.shape[-1] != s.n or out.dtype != s.out_dtype:
+            raise RuntimeError(f"kernel {name} returned {tuple(out.shape)} {out.dtype} for {s.module or s.short()}, "
+                               f"expected [..., {s.n}] {s.out_dtype}")
+    return list(outs)
+
+
+@linear_group.register_fake
+def _(x, params, biases, kernel, specs):
+    return [x.new_empty((*x.shape[:-1], s.n), dtype=s.out_dtype) for s in group_handle(kernel, specs).specs]
 
 
 def call(kernel: str, spec: LayerSpec, x: torch.Tensor, params, bias=None) -> torch.Tensor:
