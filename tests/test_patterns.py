@@ -424,3 +424,72 @@ def test_torchao_intx_weight_only_is_listed_with_why(weight_dtype, granularity):
     (miss,) = rep.unmatched
     assert miss["module"] == "0" and "int8-stored weight with torch.int8 zero points" in miss["reason"]
     assert "no scheme has it" in str(rep)
+
+
+def _torchao_gpu_config(tq, name):
+    if name == "fp8_rowwise":
+        from torchao.quantization.granularity import PerRow
+
+        return tq.Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    if name == "int4_tinygemm":
+        return tq.Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+    return tq.Int4WeightOnlyConfig(group_size=128)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ["fp8_rowwise", "int4_tinygemm", "int4_default"])
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_torchao_gpu_configs_are_matched_or_listed_with_why(config, backend):
+    """torchao's GPU-only configs: each linear is either matched (and then agrees with torchao's
+    own eager output) or listed by explain() as unmatched with a reason; never silently dropped."""
+    tq = _torchao()
+    torch.manual_seed(8)
+    m = torch.nn.Sequential(torch.nn.Linear(256, 128)).to(torch.bfloat16).cuda()
+    try:
+        tq.quantize_(m, _torchao_gpu_config(tq, config))
+    except (ImportError, RuntimeError, NotImplementedError) as e:  # a kernel library torchao wants is missing
+        pytest.skip(f"torchao cannot quantize with {config} here: {e}")
+    m.requires_grad_(False)
+    x = random_activation((3, 256)).cuda()
+    with torch.no_grad():
+        want = m(x)
+        rep = qp.explain(m, x, linear_backend=backend)
+        y = torch.compile(m, backend=qp.make(backend))(x)
+    print(config, backend, rep)
+    if rep.rows:
+        (row,) = rep.rows
+        assert row["module"] == "0"
+        assert row["scheme"] == ("fp8_rowwise" if config == "fp8_rowwise" else "w4a16")
+    else:
+        (miss,) = rep.unmatched
+        assert miss["module"] == "0" and miss["reason"]
+    assert S.relative_error(y, want) < S.TOLERANCE[torch.bfloat16]
+
+
+class Int4PackByHand(torch.nn.Module):
+    """A direct tinygemm int4 call (the CPU form of what torchao's Int4WeightOnlyConfig with
+    ``tile_packed_to_4d`` and gpt-fast's int4 run on CUDA)."""
+
+    def __init__(self, k=128, n=64, group=32):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.group = group
+        w = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(w, 2))
+        self.register_buffer("sz", (torch.rand(k // group, n, 2, generator=g) * 0.01).to(torch.bfloat16))
+
+    def forward(self, x):
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.sz)
+
+
+def test_tinygemm_int4_is_listed_with_why():
+    m = Int4PackByHand()
+    x = random_activation((3, 128))
+    y, recs = compile_and_run(m, x, "emulation")
+    assert recs[0].decisions == []
+    (miss,) = recs[0].unmatched
+    assert (miss["n"], miss["k"]) == (64, 128)
+    assert "tinygemm's packed int4 weight" in miss["reason"] and "no scheme" in miss["reason"]
+    with torch.no_grad():
+        torch.testing.assert_close(y, m(x))
+        assert "tinygemm" in str(qp.explain(m, x))

@@ -3,7 +3,8 @@
 How a linear is found
 ---------------------
 Every matmul node is an *anchor*: ``aten.mm``, ``aten.addmm``,
-``aten._scaled_mm``, ``aten._int_mm`` and ``aten._weight_int8pack_mm``.  From an anchor the matcher walks
+``aten._scaled_mm``, ``aten._int_mm`` and ``aten._weight_int8pack_mm`` (tinygemm's
+``aten._weight_int4pack_mm`` too, only to list it with why: no scheme has its weight format).  From an anchor the matcher walks
 up the two operands and down the epilogue:
 
 * the **weight side** (the ``[K, N]`` operand, a transposed ``[N, K]``
@@ -49,7 +50,7 @@ from .common import (  # noqa: F401  (the names the pass and explain use)
     module_path,
     val,
 )
-from .mm import INT8PACK_TARGETS, match_int8pack, match_mm
+from .mm import INT4PACK_TARGETS, INT8PACK_TARGETS, int4pack_nk, match_int8pack, match_mm, miss_int4pack
 from .scaled import match_scaled_or_int_mm
 
 
@@ -58,6 +59,8 @@ def _match_anchor(node: fx.Node, static: frozenset) -> Match:
         return match_mm(node, static)
     if node.target in INT8PACK_TARGETS:
         return match_int8pack(node, static)
+    if node.target in INT4PACK_TARGETS:
+        return miss_int4pack(node)
     return match_scaled_or_int_mm(node, static)
 
 
@@ -84,7 +87,8 @@ def _find_linears(graph: fx.Graph) -> tuple[list[Match], list[Unmatched]]:
     matches: list[Match] = []
     misses: list[Unmatched] = []
     for node in list(graph.nodes):
-        if node.op != "call_function" or (node.target not in ANCHORS and node.target not in INT8PACK_TARGETS):
+        if node.op != "call_function" or (node.target not in ANCHORS and node.target not in INT8PACK_TARGETS
+                                          and node.target not in INT4PACK_TARGETS):
             continue
         try:
             matches.append(_match_anchor(node, static))
@@ -94,5 +98,7 @@ def _find_linears(graph: fx.Graph) -> tuple[list[Match], list[Unmatched]]:
             k, n = (kn if len(kn) == 2 else (None, None))
             if node.target in INT8PACK_TARGETS:  # its weight is [N, K]
                 k, n = n, k
+            elif node.target in INT4PACK_TARGETS:
+                n, k = int4pack_nk(node)
             misses.append(Unmatched(node, module_path(node), str(miss), _static(n), _static(k)))
     return matches, misses

@@ -36,6 +36,26 @@ from .regions import _ancestors, _verify_act, _verify_weight_operand, _verify_we
 #: ``torch._weight_int8pack_mm(x, w_int8 [N, K], scales [N])``: an int8 weight-only linear already
 INT8PACK_TARGETS = {aten._weight_int8pack_mm.default}
 
+#: tinygemm's packed int4 matmuls ``(x, packed, group_size, scales_and_zeros [K/g, N, 2])``: torchao's
+#: ``Int4WeightOnlyConfig(int4_packing_format="tile_packed_to_4d")`` and gpt-fast's int4 on CUDA, the
+#: CPU form.  Listed by ``explain()`` with why (``miss_int4pack``), never matched.
+INT4PACK_TARGETS = {getattr(aten, name).default for name in ("_weight_int4pack_mm", "_weight_int4pack_mm_for_cpu")
+                    if hasattr(aten, name)}
+
+
+def int4pack_nk(node: fx.Node) -> tuple:
+    """(N, K) of a tinygemm int4 matmul, as far as its shapes say."""
+    k = (_shape(node.args[0]) or (None,))[-1]
+    sz = _shape(node.args[3]) if len(node.args) > 3 else ()
+    return (sz[1] if len(sz) == 3 else None), k
+
+
+def miss_int4pack(node: fx.Node) -> Match:
+    """Why a tinygemm int4 matmul is not retargeted: its weight format is not a scheme's."""
+    raise _Miss(f"tinygemm's packed int4 weight ({node.target}): its zero points are bf16 offsets added after "
+                "scaling, w = (q - 8) * s + z, where w4a16 takes integer zero points, w = (q - z) * s; no scheme "
+                "has it, so the graph keeps tinygemm's kernel")
+
 
 def _mm_operands(node: fx.Node) -> tuple:
     """:func:`operands`, and whether the transpose sits inside the dequantise region.
