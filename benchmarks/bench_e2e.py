@@ -88,6 +88,8 @@ INLINE_LINEAR_OPS = (
     "aten::_weight_int4pack_mm",
 )
 LINEAR_OP = "qlinear_pass::linear"
+#: one call for sibling layers that read the same activation (q/k/v, gate/up): as many linears as it has biases
+LINEAR_GROUP_OP = "qlinear_pass::linear_group"
 ACT_DTYPE = torch.bfloat16
 
 
@@ -924,6 +926,17 @@ class VariantRun:
             "timing": "CUDA events" if s.cuda else "wall clock",
         }
         self.log(f"prefill {s.prefill_tokens} tokens: {med * 1e3:.2f} ms ({s.prefill_tokens / med:.0f} tok/s)")
+        if s.cuda and s.compile_mode == "layer":
+            # where the prefill's device time goes, and its slowest kernels (one profiled call)
+            from torch.profiler import ProfilerActivity, profile
+
+            with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+                self.prefill_fn(model, tokens)
+                torch.cuda.synchronize()
+            k = kernel_breakdown(prof.events(), 1, exclude_dims=(model.shape.vocab,))
+            self.result["prefill"]["kernels"] = {key: k.get(key) for key in (
+                "linears", "linear_calls_per_step", "kernels_per_linear", "us_per_linear", "device_us_per_step",
+                "split_us_per_step", "by_kernels", "top_kernels")}
         self.save()
 
     # -- memory ----------------------------------------------------------------------------
@@ -1089,7 +1102,7 @@ def kernel_breakdown(events, steps: int, exclude_dims: tuple = (), top: int = 12
     the totals count device kernels only, not profiler annotations.
     """
     cpu = [e for e in events if _is_cpu_event(e)]
-    ops = [e for e in cpu if e.name == LINEAR_OP]
+    ops = [e for e in cpu if e.name in (LINEAR_OP, LINEAR_GROUP_OP)]
     linear_op = LINEAR_OP
     note = ""
     if not ops:
@@ -1121,12 +1134,12 @@ def kernel_breakdown(events, steps: int, exclude_dims: tuple = (), top: int = 12
                     names.append(k.name)
                     us += float(k.duration)
             i += 1
-        per_linear.append((tuple(names), us, _op_shape(op)))
+        per_linear.append((tuple(names), us, _op_shape(op), _layers_of(op)))
 
     groups: dict = {}
-    for names, us, shape in per_linear:
+    for names, us, shape, layers in per_linear:
         g = groups.setdefault(names, {"kernels": list(names), "linears": 0, "total_us": 0.0, "shapes": collections.Counter()})
-        g["linears"] += 1
+        g["linears"] += layers
         g["total_us"] += us
         g["shapes"][shape] += 1
     group_rows = []
@@ -1134,7 +1147,7 @@ def kernel_breakdown(events, steps: int, exclude_dims: tuple = (), top: int = 12
         group_rows.append({
             "kernels": g["kernels"],
             "linears": g["linears"],
-            "mean_us": g["total_us"] / g["linears"],
+            "mean_us": g["total_us"] / g["linears"],  # per linear layer (a group call's time over its layers)
             "input_shapes": {k: v for k, v in g["shapes"].most_common(6)},
         })
 
@@ -1172,7 +1185,7 @@ def kernel_breakdown(events, steps: int, exclude_dims: tuple = (), top: int = 12
     unclaimed = max(device_us - claimed, 0.0)
     split["other"] += unclaimed
 
-    n = len(per_linear)
+    n = sum(p[3] for p in per_linear)
     total_kernels = sum(len(p[0]) for p in per_linear)
     linear_us = sum(p[1] for p in per_linear)
     out = {
@@ -1181,6 +1194,7 @@ def kernel_breakdown(events, steps: int, exclude_dims: tuple = (), top: int = 12
         "linear_op": linear_op,
         "linears": n,
         "linears_per_step": n / steps,
+        "linear_calls_per_step": len(per_linear) / steps,
         "kernels_per_linear": total_kernels / n if n else None,
         "us_per_linear": linear_us / n if n else None,
         "linear_us_per_step": linear_us / steps,
@@ -1195,6 +1209,15 @@ def kernel_breakdown(events, steps: int, exclude_dims: tuple = (), top: int = 12
     if n and not total_kernels:
         out["note"] = (out.get("note", "") + "; " if out.get("note") else "") + "no device kernels were attributed to the linear ops"
     return out
+
+
+def _layers_of(e) -> int:
+    """Linear layers one op event ran: 1, or a group call's count (its list of biases)."""
+    if e.name != LINEAR_GROUP_OP:
+        return 1
+    shapes = getattr(e, "input_shapes", None) or []
+    biases = shapes[2] if len(shapes) > 2 else None
+    return len(biases) if isinstance(biases, (list, tuple)) and biases else 1
 
 
 def _op_shape(e) -> str:
@@ -1480,6 +1503,20 @@ def summary(doc: dict) -> str:
                   "other: norms, RoPE, cache writes, SwiGLU, argmax):", "",
                   "| variant | linears | attention | lm_head | other | device total |",
                   "|---|---:|---:|---:|---:|---:|"] + split_rows
+    prefill_rows = []
+    for r in doc["variants"]:
+        pk = _get(r, "prefill", "kernels")
+        if not pk or not pk.get("split_us_per_step"):
+            continue
+        sp = pk["split_us_per_step"]
+        top = "; ".join(f"{_short_name(t['kernel'], 40)} {t['us_per_step'] / 1e3:.2f}" for t in pk["top_kernels"][:3])
+        prefill_rows.append("| " + " | ".join(
+            [r.get("label") or r["variant"]] + [_fmt(sp.get(key) / 1e3 if sp.get(key) is not None else None, 2) for key in SPLIT_KEYS]
+            + [_fmt(pk["device_us_per_step"] / 1e3, 2), top]) + " |")
+    if prefill_rows:
+        lines += ["", "Where the prefill's device time goes (one profiled call, ms; the three kernels that take most, ms):", "",
+                  "| variant | linears | attention | lm_head | other | device total | top kernels |",
+                  "|---|---:|---:|---:|---:|---:|---|"] + prefill_rows
     errors = [(r["variant"], ph, msg) for r in doc["variants"] for ph, msg in (r.get("errors") or {}).items()]
     if errors:
         lines += ["", "Errors:", ""]
