@@ -12,8 +12,11 @@ split-K GEMV (zero fill, atomics, convert):
   each thread issues 16-byte loads; packed int4 stays packed in its public layout (low nibble =
   even k): the even and odd k of a tile are two half-width operands, split from a contiguous
   read of the activation in registers, so the weight's nibbles are never interleaved;
-* 4- and 8-bit integers become fp32 by integer ops and one add (``_small_int_to_f32``), not the
-  int -> float converter, which runs at a quarter of the FMA rate;
+* 4- and 8-bit integers become fp32 without the int -> float converter, which runs at a quarter
+  of the FMA rate: on the GPU by a few lines of PTX that work on four packed bytes at once
+  (``_INT8X4_TO_F32``: a byte permute under the exponent of 2**23 and one add; ``_INT4X8_TO_F32``:
+  two nibbles under an fp16 exponent per AND/OR, one convert per value, the bias folded into the
+  zero point), under the interpreter by the same idea in Triton ops (``_small_int_to_f32``);
 * a W8A8 layer's dynamic activation quantization happens inside the program: every program
   finds the scales of the M <= 16 rows itself (the activation is a few KB, read from L2), so the
   linear stays one launch;
@@ -36,7 +39,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .triton_gemm import _INTERP, _fp8_round, _round_half_even, _to_fp8
+from .triton_gemm import _INTERP, _fp8_round, _round_half_even, _to_fp8, interpreting
 
 #: the most activation rows the decode kernel serves
 MAX_M = 16
@@ -105,11 +108,79 @@ def _small_int_to_f32(q):
     return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
+#: PTX for four int8 in one register -> four exact fp32: XOR 0x80 makes each byte w + 128 unsigned,
+#: one byte permute puts it under the exponent of 2**23 (bits 0x4B0000bb = 2**23 + bb), one add
+#: removes 2**23 + 128.  Two integer instructions an element, where Triton's own lowering of the
+#: same integer ops (sign extension, add, or, the byte's extraction) takes about four.
+_INT8X4_TO_F32 = tl.constexpr("""{
+.reg .b32 t, m;
+xor.b32 t, $4, 0x80808080;
+mov.b32 m, 0x4B000000;
+prmt.b32 $0, t, m, 0x7540;
+prmt.b32 $1, t, m, 0x7541;
+prmt.b32 $2, t, m, 0x7542;
+prmt.b32 $3, t, m, 0x7543;
+sub.f32 $0, $0, 0f4B000080;
+sub.f32 $1, $1, 0f4B000080;
+sub.f32 $2, $2, 0f4B000080;
+sub.f32 $3, $3, 0f4B000080;
+}""")
+
+#: PTX for four bytes of packed int4 (8 nibbles, low = even k) -> the even and the odd k as fp32
+#: 1024 + q: a shift and an AND/OR (one LOP3) place two nibbles under the fp16 exponent of 1024
+#: (0x6400 | q), one convert per value widens it.  The bias 1024 is folded into the zero point by
+#: the caller (``NIBBLE_BIAS``), so no add is spent per value.
+_INT4X8_TO_F32 = tl.constexpr("""{
+.reg .b32 a, b, c, d, t;
+.reg .b16 a0, a1, b0, b1, c0, c1, d0, d1;
+and.b32 t, $8, 0x000F000F;
+or.b32 a, t, 0x64006400;
+shr.u32 t, $8, 4;
+and.b32 t, t, 0x000F000F;
+or.b32 b, t, 0x64006400;
+shr.u32 t, $8, 8;
+and.b32 t, t, 0x000F000F;
+or.b32 c, t, 0x64006400;
+shr.u32 t, $8, 12;
+and.b32 t, t, 0x000F000F;
+or.b32 d, t, 0x64006400;
+mov.b32 {a0, a1}, a;
+mov.b32 {b0, b1}, b;
+mov.b32 {c0, c1}, c;
+mov.b32 {d0, d1}, d;
+cvt.f32.f16 $0, a0;
+cvt.f32.f16 $1, c0;
+cvt.f32.f16 $2, a1;
+cvt.f32.f16 $3, c1;
+cvt.f32.f16 $4, b0;
+cvt.f32.f16 $5, d0;
+cvt.f32.f16 $6, b1;
+cvt.f32.f16 $7, d1;
+}""")
+
+#: what the int4 unpacking adds to every value (``_int4_to_f32``): 1024 on the GPU, 0 interpreted
+NIBBLE_BIAS = tl.constexpr(0.0 if interpreting() else 1024.0)
+
+
+@triton.jit
+def _int4_to_f32(p):
+    """Packed int4 bytes [.., J] -> (even k, odd k) as fp32, each ``q + NIBBLE_BIAS``."""
+    if _INTERP:
+        p32 = p.to(tl.int32)
+        return _small_int_to_f32(p32 & 0xF), _small_int_to_f32(p32 >> 4)
+    else:
+        return tl.inline_asm_elementwise(_INT4X8_TO_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r", [p],
+                                         dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+
+
 @triton.jit
 def _w8_to_f32(w):
     """An 8-bit weight tile (int8 or fp8) as fp32 values; int8 without the int -> float converter."""
     if w.dtype == tl.int8:
-        return _small_int_to_f32(w.to(tl.int32) + 128) - 128.0
+        if _INTERP:
+            return _small_int_to_f32(w.to(tl.int32) + 128) - 128.0
+        else:
+            return tl.inline_asm_elementwise(_INT8X4_TO_F32, "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
     else:
         return w.to(tl.float32)
 
@@ -221,9 +292,10 @@ def _decode_kernel(
                 z = tl.load(ZW + offs_n[:, None].to(tl.int64) * stride_zn + gidx[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
             else:
                 z = tl.full([BLOCK_N, GPT], 8.0, tl.float32)
-            p32 = p.to(tl.int32)
-            lo = tl.reshape(_small_int_to_f32(p32 & 0xF), [BLOCK_N, GPT, HG])
-            hi = tl.reshape(_small_int_to_f32(p32 >> 4), [BLOCK_N, GPT, HG])
+            lo, hi = _int4_to_f32(p)
+            lo = tl.reshape(lo, [BLOCK_N, GPT, HG])
+            hi = tl.reshape(hi, [BLOCK_N, GPT, HG])
+            z = z + NIBBLE_BIAS  # the unpacked values carry the bias: (q + b) - (z + b)
             if USE_DOT:
                 # the activation rows read contiguously (16-byte loads), even and odd k split in registers
                 xx = tl.load(X + offs_m[:, None].to(tl.int64) * stride_xm + k0 + offs_k[None, :], mask=mask_m[:, None], other=0.0)

@@ -195,6 +195,8 @@ COMPILE_CASES = [  # (weight dtype, w_kind, w_scale, act, act dtype, act_int8, g
     ("fp8e4nv", D.Weight.FP8, D.Weight.BLOCK, D.Act.STATIC_GROUP, "fp8e4nv", False, 0, False, False),
     ("i8", D.Weight.INT8, D.Weight.CHANNEL, D.Act.DYN_TOKEN, "bf16", True, 0, False, True),
     ("i8", D.Weight.INT8, D.Weight.CHANNEL, D.Act.FLOAT, "fp16", False, 0, False, True),
+    ("i8", D.Weight.INT8, D.Weight.CHANNEL, D.Act.FLOAT, "bf16", False, 0, False, False),
+    ("i8", D.Weight.INT8, D.Weight.CHANNEL, D.Act.STATIC_TOKEN, "i8", True, 0, False, False),
     ("u8", D.Weight.INT4, D.Weight.GROUP, D.Act.FLOAT, "bf16", False, 128, True, False),
     ("u8", D.Weight.INT4, D.Weight.GROUP, D.Act.FLOAT, "bf16", False, 32, False, True),
 ]
