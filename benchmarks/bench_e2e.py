@@ -88,7 +88,7 @@ INLINE_LINEAR_OPS = (
     "aten::_weight_int4pack_mm",
 )
 LINEAR_OP = "qlinear_pass::linear"
-#: one call for sibling layers that read the same activation (q/k/v, gate/up): as many linears as it has biases
+#: one call for sibling layers that read the same activation (q/k/v, gate/up)
 LINEAR_GROUP_OP = "qlinear_pass::linear_group"
 ACT_DTYPE = torch.bfloat16
 
@@ -878,7 +878,8 @@ class VariantRun:
                 for _ in range(s.profile_steps):
                     run.eager_body()
                 torch.cuda.synchronize()
-        out = kernel_breakdown(prof.events(), s.profile_steps, exclude_dims=(self.model.shape.vocab,))
+        out = kernel_breakdown(prof.events(), s.profile_steps, exclude_dims=(self.model.shape.vocab,),
+                               linears_per_step=layer_linears(self.model))
         self.result["kernels"] = out
         if out.get("linears"):
             self.log(f"profile: {out['linears_per_step']:.0f} linears/step via {out['linear_op']}, "
@@ -933,7 +934,7 @@ class VariantRun:
             with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
                 self.prefill_fn(model, tokens)
                 torch.cuda.synchronize()
-            k = kernel_breakdown(prof.events(), 1, exclude_dims=(model.shape.vocab,))
+            k = kernel_breakdown(prof.events(), 1, exclude_dims=(model.shape.vocab,), linears_per_step=layer_linears(model))
             self.result["prefill"]["kernels"] = {key: k.get(key) for key in (
                 "linears", "linear_calls_per_step", "kernels_per_linear", "us_per_linear", "device_us_per_step",
                 "split_us_per_step", "by_kernels", "top_kernels")}
@@ -1086,8 +1087,18 @@ class _Spans:
         return i >= 0 and e.time_range.end <= lst[i][1]
 
 
-def kernel_breakdown(events, steps: int, exclude_dims: tuple = (), top: int = 12) -> dict:
+def layer_linears(model) -> int:
+    """The linear layers of the decoder layers (lm_head not counted): what one step runs."""
+    from qlinear_pass.nn import QuantizedLinear
+
+    return sum(isinstance(m, (torch.nn.Linear, QuantizedLinear)) for layer in model.layers for m in layer.modules())
+
+
+def kernel_breakdown(events, steps: int, exclude_dims: tuple = (), top: int = 12, linears_per_step: Optional[int] = None) -> dict:
     """Kernels per linear layer and where a step's device time goes, from profiler events.
+
+    ``linears_per_step``: the model's linear layers, when known; a ``linear_group`` call runs several
+    (the profiler does not say how many), so per-linear figures divide by this count.
 
     A linear is a CPU op event named ``qlinear_pass::linear`` (or, where the variant has none,
     an ATen matmul op: bf16 and kernels that inline ATen ops), outermost on its thread, whose
@@ -1134,20 +1145,20 @@ def kernel_breakdown(events, steps: int, exclude_dims: tuple = (), top: int = 12
                     names.append(k.name)
                     us += float(k.duration)
             i += 1
-        per_linear.append((tuple(names), us, _op_shape(op), _layers_of(op)))
+        per_linear.append((tuple(names), us, _op_shape(op)))
 
     groups: dict = {}
-    for names, us, shape, layers in per_linear:
-        g = groups.setdefault(names, {"kernels": list(names), "linears": 0, "total_us": 0.0, "shapes": collections.Counter()})
-        g["linears"] += layers
+    for names, us, shape in per_linear:
+        g = groups.setdefault(names, {"kernels": list(names), "calls": 0, "total_us": 0.0, "shapes": collections.Counter()})
+        g["calls"] += 1
         g["total_us"] += us
         g["shapes"][shape] += 1
     group_rows = []
     for g in sorted(groups.values(), key=lambda g: -g["total_us"]):
         group_rows.append({
             "kernels": g["kernels"],
-            "linears": g["linears"],
-            "mean_us": g["total_us"] / g["linears"],  # per linear layer (a group call's time over its layers)
+            "calls": g["calls"],  # linear op calls (a linear_group call runs several layers)
+            "mean_us": g["total_us"] / g["calls"],
             "input_shapes": {k: v for k, v in g["shapes"].most_common(6)},
         })
 
@@ -1185,7 +1196,7 @@ def kernel_breakdown(events, steps: int, exclude_dims: tuple = (), top: int = 12
     unclaimed = max(device_us - claimed, 0.0)
     split["other"] += unclaimed
 
-    n = sum(p[3] for p in per_linear)
+    n = linears_per_step * steps if linears_per_step and per_linear else len(per_linear)
     total_kernels = sum(len(p[0]) for p in per_linear)
     linear_us = sum(p[1] for p in per_linear)
     out = {
@@ -1209,15 +1220,6 @@ def kernel_breakdown(events, steps: int, exclude_dims: tuple = (), top: int = 12
     if n and not total_kernels:
         out["note"] = (out.get("note", "") + "; " if out.get("note") else "") + "no device kernels were attributed to the linear ops"
     return out
-
-
-def _layers_of(e) -> int:
-    """Linear layers one op event ran: 1, or a group call's count (its list of biases)."""
-    if e.name != LINEAR_GROUP_OP:
-        return 1
-    shapes = getattr(e, "input_shapes", None) or []
-    biases = shapes[2] if len(shapes) > 2 else None
-    return len(biases) if isinstance(biases, (list, tuple)) and biases else 1
 
 
 def _op_shape(e) -> str:
@@ -1477,15 +1479,17 @@ def summary(doc: dict) -> str:
         if not k.get("measured") or not k.get("linears"):
             continue
         groups = "; ".join(
-            f"{g['linears']} x [{', '.join(_short_name(n) for n in g['kernels'])}] {g['mean_us']:.1f} us"
+            f"{g.get('calls', g.get('linears'))} x [{', '.join(_short_name(n) for n in g['kernels'])}] {g['mean_us']:.1f} us"
             for g in k["by_kernels"][:3]
         )
-        kernel_lines.append(f"- {r.get('label') or r['variant']}: {k['linears_per_step']:.0f} linears per step "
+        calls = k.get("linear_calls_per_step") or k["linears_per_step"]
+        in_calls = f" in {calls:.0f} calls" if calls != k["linears_per_step"] else ""
+        kernel_lines.append(f"- {r.get('label') or r['variant']}: {k['linears_per_step']:.0f} linears per step{in_calls} "
                             f"({k['linear_op']}), {k['linear_us_per_step'] / 1e3:.2f} of {k['device_us_per_step'] / 1e3:.2f} "
                             f"device ms per step; {groups}")
     if kernel_lines:
         lines += ["", f"Kernels per linear (profiled decode steps, batch {b1}, outside the CUDA graph; "
-                  f"count x [kernels] mean device time):", ""] + kernel_lines
+                  f"op calls x [kernels] mean device time per call):", ""] + kernel_lines
     split_rows = []
     for r in doc["variants"]:
         sp = _get(r, "kernels", "split_us_per_step")

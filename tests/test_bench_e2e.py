@@ -249,24 +249,25 @@ def test_kernel_breakdown_counts_kernels_under_each_linear():
     assert out["linears"] == 2
     assert out["kernels_per_linear"] == 1.5
     assert out["us_per_linear"] == pytest.approx((6.0 + 7.0) / 2)
-    assert [(g["kernels"], g["linears"]) for g in out["by_kernels"]] == [(["gemv"], 1), (["gemv", "fill"], 1)]
+    assert [(g["kernels"], g["calls"]) for g in out["by_kernels"]] == [(["gemv"], 1), (["gemv", "fill"], 1)]
     assert out["top_kernels"][0]["kernel"] == "cublas"
     assert out["device_us_per_step"] == pytest.approx(5 + 7 + 1 + 3 + 20)
 
 
-def test_kernel_breakdown_counts_a_group_call_as_its_layers():
-    """A linear_group call (q/k/v in one launch) is as many linears as it has biases."""
+def test_kernel_breakdown_divides_by_the_models_linears():
+    """A linear_group call (q/k/v in one launch) runs several layers: per-linear figures divide by
+    the model's linear count, the calls are counted apart."""
     events = [
-        _ev("qlinear_pass::linear_group", 0, 10, kernels=[("decode", 9.0)], shapes=[[1, 64], [[8, 64]] * 6, [[], [], []]]),
+        _ev("qlinear_pass::linear_group", 0, 10, kernels=[("decode", 9.0)], shapes=[[1, 64]]),
         _ev("qlinear_pass::linear", 20, 30, kernels=[("decode", 3.0)], shapes=[[1, 64]]),
         _ev("decode", 0, 9, device="cuda"),
         _ev("decode", 20, 23, device="cuda"),
     ]
-    out = E2E.kernel_breakdown(events, steps=1)
+    out = E2E.kernel_breakdown(events, steps=1, linears_per_step=4)
     assert out["linears"] == 4 and out["linear_calls_per_step"] == 2
     assert out["kernels_per_linear"] == 0.5
     assert out["us_per_linear"] == pytest.approx(12.0 / 4)
-    assert [(g["kernels"], g["linears"]) for g in out["by_kernels"]] == [(["decode"], 4)]
+    assert [(g["kernels"], g["calls"]) for g in out["by_kernels"]] == [(["decode"], 2)]
 
 
 def test_kernel_breakdown_splits_a_step_and_skips_annotations():

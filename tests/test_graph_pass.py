@@ -194,22 +194,24 @@ class Siblings(torch.nn.Module):
 
 
 def _linear_ops(model, x, backend):
-    """The qlinear_pass call_function targets left in the graph, the output and the decisions."""
+    """The qlinear_pass call_function nodes left in the graphs (all of them, should Dynamo split the
+    forward), the output and the decisions."""
     from qlinear_pass import graph_pass
 
-    seen = {}
+    nodes = []
     orig = graph_pass.rewrite
 
     def spy(graph, cfg, record, device=None):
         orig(graph, cfg, record, device)
-        seen["nodes"] = [n for n in graph.nodes if n.op == "call_function" and "qlinear_pass" in str(n.target)]
+        nodes.extend(n for n in graph.nodes if n.op == "call_function" and "qlinear_pass" in str(n.target))
 
     graph_pass.rewrite = spy
     try:
         y, recs = compile_and_run(model, x, backend)
     finally:
         graph_pass.rewrite = orig
-    return seen["nodes"], y, recs[0].decisions
+    assert nodes, f"no linear rewritten: {[(r.training_reason, r.unmatched, r.origin) for r in recs]}"
+    return nodes, y, [d for r in recs for d in r.decisions]
 
 
 @st.composite
@@ -237,6 +239,8 @@ def test_siblings_run_in_one_group_call(case):
     assert targets.count(torch.ops.qlinear_pass.linear.default) == 1
     notes = {d.spec.module: d.note for d in decisions}
     assert notes["k"] == "one launch with q, v" and notes["o"] == ""
+    with torch.no_grad():
+        assert "[one launch with q, k]" in str(qp.explain(model, x, linear_backend="triton"))
     with torch.no_grad():
         ref = model(x)
     assert S.relative_error(y, ref) <= S.TOLERANCE[case["dtype"]]

@@ -5,8 +5,10 @@
 
 Both take the decode kernel (``kernels/triton_decode.py``) at M == 1 (and up to
 M = 16 where it measures faster, ``DECODE_ABOVE_M1``): one launch per linear that
-streams the weight at the memory roofline and, for W8A8, quantizes the activation
-row itself.  Otherwise the GEMMs of ``kernels/triton_gemm.py``: a quantize kernel
+streams the weight at the memory roofline, and one launch for sibling layers that
+read the same activation (``run_group``: q/k/v, gate/up).  W8A8 layers with per-token
+or per-tensor scales take the graph's own quantized activation
+(``takes_quantized_activation``); 1x128 groups are quantized inside the kernel.  Otherwise the GEMMs of ``kernels/triton_gemm.py``: a quantize kernel
 feeding the W8A8 GEMM (measured faster than quantizing inside the GEMM), and a
 weight-only GEMM dequantising in registers, or above M = 128 (``DEQUANT_ABOVE_M``)
 one dequantising pass over the weight and cuBLAS.
