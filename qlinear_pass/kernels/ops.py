@@ -1,4 +1,5 @@
-"""``qlinear_pass::linear``: the one custom op every opaque kernel runs behind.
+"""``qlinear_pass::linear``: the custom op every opaque kernel runs behind (and
+``qlinear_pass::linear_group``, the same for sibling layers that read one activation).
 
 The graph pass replaces a matched linear by a call of this op carrying the
 chosen kernel's name (or, under ``auto`` with a dynamic M, a per-M plan such
@@ -50,11 +51,13 @@ class Handle:
 _HANDLES: dict = {}
 
 
-def handle(kernel: str, spec: str) -> Handle:
-    """The resolved handle of one call site (cached; re-resolved if kernels were re-registered)."""
-    h = _HANDLES.get((kernel, spec))
+def handle(kernel: str, spec: str, cls: type = Handle) -> Handle:
+    """The resolved handle of one call site (cached; re-resolved if kernels were re-registered);
+    ``cls`` GroupHandle for a ``linear_group`` call's list of specs."""
+    key = (cls, kernel, spec)
+    h = _HANDLES.get(key)
     if h is None or h.generation != registry.generation():
-        h = _HANDLES[(kernel, spec)] = Handle(kernel, spec)
+        h = _HANDLES[key] = cls(kernel, spec)
     return h
 
 
@@ -93,13 +96,6 @@ class GroupHandle(Handle):
         self.specs = tuple(LayerSpec.from_json(t) for t in texts)
 
 
-def group_handle(kernel: str, specs: str) -> GroupHandle:
-    h = _HANDLES.get((kernel, specs))
-    if h is None or h.generation != registry.generation():
-        h = _HANDLES[(kernel, specs)] = GroupHandle(kernel, specs)
-    return h
-
-
 @torch.library.custom_op("qlinear_pass::linear_group", mutates_args=())
 def linear_group(
     x: torch.Tensor,
@@ -111,7 +107,7 @@ def linear_group(
     """Layers that read the same activation ``x``, run by one kernel (``Kernel.run_group``): one
     output per layer.  ``params`` holds each layer's parameters in turn (the same count each);
     ``specs`` is a JSON list of the layers' specs."""
-    h = group_handle(kernel, specs)
+    h = handle(kernel, specs, GroupHandle)
     name, k = h.pick(x)
     per = len(params) // len(h.specs)
     chunks = [params[i * per:(i + 1) * per] for i in range(len(h.specs))]
@@ -126,7 +122,7 @@ def linear_group(
 
 @linear_group.register_fake
 def _(x, params, biases, kernel, specs):
-    return [x.new_empty((*x.shape[:-1], s.n), dtype=s.out_dtype) for s in group_handle(kernel, specs).specs]
+    return [x.new_empty((*x.shape[:-1], s.n), dtype=s.out_dtype) for s in handle(kernel, specs, GroupHandle).specs]
 
 
 def call(kernel: str, spec: LayerSpec, x: torch.Tensor, params, bias=None) -> torch.Tensor:
