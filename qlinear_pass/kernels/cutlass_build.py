@@ -73,9 +73,13 @@ def _say(msg: str) -> None:
     print(f"qlinear_pass: {msg}", file=sys.stderr, flush=True)
 
 
+def cache_root() -> Path:
+    """Where built kernels are kept: ``$QLINEAR_PASS_CACHE_DIR`` or ``~/.cache/qlinear_pass``."""
+    return Path(os.environ.get("QLINEAR_PASS_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "qlinear_pass"))
+
+
 def cache_dir() -> Path:
-    root = os.environ.get("QLINEAR_PASS_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "qlinear_pass")
-    return Path(root) / "cutlass"
+    return cache_root() / "cutlass"
 
 
 # --- what the build needs ------------------------------------------------------
@@ -130,8 +134,9 @@ def _cuda_home() -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def nvcc() -> tuple[Optional[str], Optional[tuple[int, int]], str]:
-    """(path, (major, minor), why-not): the nvcc that torch.utils.cpp_extension will use."""
+def nvcc(minimum: tuple[int, int] = MIN_NVCC, purpose: str = "sm90a CUTLASS kernels") -> tuple[Optional[str], Optional[tuple[int, int]], str]:
+    """(path, (major, minor), why-not): the nvcc that torch.utils.cpp_extension will use, if it is
+    at least ``minimum`` (the version ``purpose`` needs)."""
     home = _cuda_home()
     path = os.path.join(home, "bin", "nvcc") if home else None
     if not path or not os.path.isfile(path):
@@ -144,9 +149,9 @@ def nvcc() -> tuple[Optional[str], Optional[tuple[int, int]], str]:
     if not m:
         return None, None, f"could not read the CUDA version from {path} --version"
     version = (int(m.group(1)), int(m.group(2)))
-    if version < MIN_NVCC:
-        return None, version, (f"nvcc {version[0]}.{version[1]} at {path} is too old for sm90a CUTLASS kernels "
-                               f"(needs {MIN_NVCC[0]}.{MIN_NVCC[1]} or newer)")
+    if version < minimum:
+        return None, version, (f"nvcc {version[0]}.{version[1]} at {path} is too old for {purpose} "
+                               f"(needs {minimum[0]}.{minimum[1]} or newer)")
     return path, version, ""
 
 
