@@ -167,6 +167,16 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
             peers["triton GEMM"] = graph_time([(lambda ps: (lambda: triton_gemm(scheme, x, ps, g)))(ps) for ps in sets])
     except Exception as exc:
         out["triton_gemm_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    if scheme == "w4a16" and _cuda_kernel_available():
+        from qlinear_pass.kernels import cuda_w4a16 as CW
+
+        rule = CW.row_tiles_for(m, n, torch.cuda.get_device_properties(0).multi_processor_count)
+        for rt in (1, 2):
+            def fn(ps, rt=rt):
+                return CW.w4a16_decode(x, ps[0], ps[1], ps[2] if len(ps) > 2 else None, None, g, row_tiles=rt)
+            out.setdefault("cuda_rel_err", {})[f"r{rt}"] = S.relative_error(fn(sets[0]), ref)
+            peers[f"cuda_w4a16 r{rt}"] = graph_time([(lambda ps: (lambda: fn(ps)))(ps) for ps in sets])
+        out["cuda_row_tiles"] = rule
     if scheme == "fp8_rowwise":
         xq, xs = S.quantize_activation(scheme, x)
         peers["_scaled_mm (x pre-quantized)"] = graph_time([
@@ -176,6 +186,17 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
     del sets
     torch.cuda.empty_cache()
     return out
+
+
+def _cuda_kernel_available() -> bool:
+    """Can this machine build and run the CUDA w4a16 kernel (kernels/cuda)?"""
+    from qlinear_pass.backends.cuda import CudaW4A16
+    from qlinear_pass.spec import DeviceInfo
+
+    ok, why = CudaW4A16().is_supported(DeviceInfo.of("cuda"))
+    if not ok:
+        print(f"cuda_w4a16 not timed: {why}", flush=True)
+    return ok
 
 
 def bench_prefill(label, scheme, g, zp, k, n, m) -> dict:
@@ -278,8 +299,9 @@ def write_summary(result: dict, path: Path) -> None:
     lines = [f"# Decode kernel, {result['device']} (torch {result['torch']}, Triton {result['triton']})", "",
              f"Copy bandwidth {result['copy_bytes_per_s'] / 1e9:.0f} GB/s (read + write).  us per call; "
              "% = weight bytes / time / copy bandwidth.", "",
-             "| format | K | N | M | chosen us | % copy | best us | best config | bf16 us | Triton GEMM us | x bf16 | x Triton GEMM |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| format | K | N | M | chosen us | % copy | best us | best config | bf16 us | Triton GEMM us | x bf16 | x Triton GEMM "
+             "| cuda_w4a16 us (rule) | % copy | x bf16 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["cases"]:
         d, b, p = c["default"] or {}, c["best"] or {}, c["peers_us"]
         t = d.get("time_us")
@@ -288,8 +310,18 @@ def write_summary(result: dict, path: Path) -> None:
         lines.append(f"| {c['format']} | {c['k']} | {c['n']} | {c['m']} | {t:.1f} | {d.get('of_copy', 0):.0%} | "
                      f"{b.get('time_us', float('nan')):.1f} | {b.get('config', '')} | {bf:.1f} | "
                      f"{prev if prev is None else round(prev, 1)} | {bf / t:.2f} | {'' if prev is None else f'{prev / t:.2f}'} |"
+                     + _cuda_cells(c, bf, result["copy_bytes_per_s"])
                      if t else f"| {c['format']} | {c['k']} | {c['n']} | {c['m']} | failed | | | | | | | |")
     path.write_text("\n".join(lines) + "\n")
+
+
+def _cuda_cells(case: dict, bf16_us: float, copy_bw: float) -> str:
+    """The CUDA w4a16 kernel's cells: its time with the row tiles its rule picks, % of copy, x bf16."""
+    rt = case.get("cuda_row_tiles")
+    t = case["peers_us"].get(f"cuda_w4a16 r{rt}") if rt else None
+    if t is None:
+        return "  |  |  |"
+    return f" {t:.1f} (r{rt}) | {case['weight_bytes'] / (t * 1e-6) / copy_bw:.0%} | {bf16_us / t:.2f} |"
 
 
 if __name__ == "__main__":

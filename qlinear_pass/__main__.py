@@ -107,6 +107,10 @@ def _env(args) -> int:
     built = {f: B.build_record(f) for f in B.FAMILIES}
     print("CUTLASS builds in " + str(B.cache_dir()) + ": "
           + (", ".join(f"{f} ({r['seconds']} s)" for f, r in built.items() if r) or "none yet"))
+    from .kernels import cuda_build
+
+    print("CUDA kernel builds in " + str(cuda_build.cache_dir()) + ": "
+          + (", ".join(f"{r['library']} {r['arch']} ({r['seconds']} s)" for r in cuda_build.built()) or "none yet"))
     print(f"device: {DeviceInfo.of(None)}")
     print(f"CUDA available: {torch.cuda.is_available()} (torch built with CUDA {torch.version.cuda})")
     from .config import ENV_VAR, EnvConfigError, resolve

@@ -36,6 +36,7 @@ _BACKENDS: list[str] = [
     "emulation",
     "torch",
     "triton",
+    "cuda",
     "cutlass",
     "flashinfer_cublas",
     "flashinfer_cudnn",

@@ -158,8 +158,17 @@ def test_sm90_keeps_cutlass_int8_first_at_every_m():
         assert [k.name for k in SEL.candidates("int8_rowwise", H100, b)][:2] == ["cutlass_int8", "triton_w8a8"]
 
 
-def test_sm90_decode_bucket_tries_triton_first_except_int8_rowwise():
+def test_sm90_decode_bucket_tries_triton_first_except_int8_rowwise_and_w4a16():
     for scheme in SCHEMES:
         first = SEL.candidates(scheme, H100, 1)[0].name
-        assert first == ("cutlass_int8" if scheme == "int8_rowwise" else
+        assert first == ("cutlass_int8" if scheme == "int8_rowwise" else "cuda_w4a16" if scheme == "w4a16" else
                          "triton_w8a8" if scheme in ("fp8_tensor", "fp8_rowwise", "fp8_block") else "triton_weight_only")
+
+
+def test_sm90_w4a16_takes_the_cuda_kernel_up_to_m16_then_triton():
+    for b in ranking.M_BUCKETS:
+        names = [k.name for k in SEL.candidates("w4a16", H100, b)]
+        if b is not None and b <= 16:
+            assert names[:2] == ["cuda_w4a16", "triton_weight_only"]
+        else:
+            assert names[0] == "triton_weight_only" and "cuda_w4a16" in names  # unlisted: after the listed ones

@@ -1,0 +1,462 @@
+// w4a16 at decode sizes: y[m, n] = sum_k x[m, k] * (q[n, k] - z[n, k/G]) * s[n, k/G] (+ bias[n]),
+// int4 weights in their public layout ([N, K/2] bytes, low nibble = even k), 16-bit activations.
+//
+// A decode step reads every weight byte once, so the kernel is judged by bytes per second; with
+// 4-bit weights the arithmetic per byte doubles and an fp32 FMA loop is bound by instructions, not
+// by memory.  Here the tensor cores do the multiply-adds and the CUDA cores only unpack:
+//
+// * mma.sync m16n8k16: the weight is the 16-row A operand (rows = output channels), the activation
+//   the 8-column B operand (columns = tokens; one token at M = 1 wastes columns, not time);
+// * weights travel by cp.async into a ring of STAGES chunk slots per warp (a chunk: 128 k of the
+//   warp's 16 R rows, with their scales and zero points): STAGES - 1 chunks stay in flight while the
+//   warp computes on one, so HBM sees a steady stream and registers hold only the chunk in use;
+// * a thread reads VEC bytes (2 * VEC values of k) of two weight rows per MMA pair; the 4 threads of
+//   a quad cover 8 * VEC contiguous k, a sub-chunk, which never straddles a quantization group
+//   (8 * VEC <= G), so its MMAs accumulate into a fresh fragment scaled once, in fp32, by the group
+//   scale of its row;
+// * a 32-bit word (8 nibbles, k = 8i..8i+7) becomes four bf16x2 / f16x2 registers with one LOP3
+//   each (the nibble under the exponent of 128 / 1024: (q >> 4s) & 0x000F000F | magic), holding
+//   the pairs (k_s, k_{s+4}) as BIAS + q; the MMAs multiply these, and BIAS + z times the activation's
+//   sum over the group (one more MMA, with an all-ones A, per pair) comes off in fp32.  The MMA's k order is a permutation of the loaded k (a sum does not care), and the activation is
+//   read in the same permutation: two byte permutes per pair of registers;
+// * the warps of a CTA split K (chunk c goes to warp c % WARPS) and add up through shared memory at
+//   the end of each row tile: no workspace, no atomics; the output is written once, in its dtype;
+// * CTAs are persistent (about as many as fit on the GPU at once): each walks its row tiles while
+//   its warps' rings run on from one tile into the next;
+// * at M = 1 the token's 128 values of a chunk travel in the ring beside its weights; for larger M
+//   each sub-chunk reads the activation from L2 (it is small, and shared by every CTA);
+// * up to MAX_SEGMENTS layers that read the same activation (q/k/v, gate/up) share one launch: the
+//   row tiles of the layers are numbered one after another.
+//
+// Built with nvcc on first use (kernels/cuda_build.py) into a shared library that Python calls
+// through ctypes; the launch goes to the caller's stream, so CUDA graphs capture it.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include <algorithm>
+
+namespace qlp {
+
+constexpr int MAX_SEGMENTS = 3;
+constexpr int WARPS = 8;
+constexpr int ABI_VERSION = 3;  // bumped whenever Params or Segment change
+
+struct Segment {
+  const uint8_t* w;     // [n, k/2] packed int4, rows w_stride bytes apart
+  const float* s;       // [n, k/G] fp32 scales, rows s_stride elements apart (16-byte aligned)
+  const uint8_t* z;     // [n, k/G] zero points 0..15, rows z_stride apart (4-byte aligned); null: symmetric
+  const void* bias;     // [n] in the activation dtype, or null
+  void* out;            // [m, n] in the activation dtype, rows out_stride elements apart
+  long long w_stride, s_stride, z_stride, out_stride;
+  int n;
+  int tiles;            // row tiles of this layer: ceil(n / rows per tile)
+};
+
+struct Params {
+  const void* x;        // [m, k] activation, rows x_stride elements apart (16-byte aligned)
+  long long x_stride;
+  int m, k, group, nseg, total_tiles;
+  Segment seg[MAX_SEGMENTS];
+};
+
+template <typename T> struct Num;
+template <> struct Num<__nv_bfloat16> {
+  static constexpr uint32_t MAGIC = 0x43004300u;  // bf16 128.0 twice: 0x4300 | q == 128 + q
+  static constexpr uint32_t BASE = 0x4300u;
+  static constexpr uint32_t ONES = 0x3F803F80u;   // bf16 1.0 twice
+  static constexpr float BIAS = 128.f;
+  __device__ static float to_float(const void* p, long long i) {
+    return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+  }
+  __device__ static void store(void* p, long long i, float v) {
+    static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+  }
+};
+template <> struct Num<__half> {
+  static constexpr uint32_t MAGIC = 0x64006400u;  // fp16 1024.0 twice: 0x6400 | q == 1024 + q
+  static constexpr uint32_t BASE = 0x6400u;
+  static constexpr uint32_t ONES = 0x3C003C00u;   // fp16 1.0 twice
+  static constexpr float BIAS = 1024.f;
+  __device__ static float to_float(const void* p, long long i) {
+    return __half2float(static_cast<const __half*>(p)[i]);
+  }
+  __device__ static void store(void* p, long long i, float v) {
+    static_cast<__half*>(p)[i] = __float2half_rn(v);
+  }
+};
+
+// (a & 0x000F000F) | MAGIC: the nibbles at bits 0-3 and 16-19 as two 16-bit floats BASE + q
+template <uint32_t MAGIC>
+__device__ __forceinline__ uint32_t nibbles(uint32_t a) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "n"(0x000F000Fu), "n"(MAGIC));
+  return d;
+}
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
+template <typename T>
+__device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                    uint32_t b0, uint32_t b1) {
+  if constexpr (Num<T>::BASE == 0x4300u) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// VEC bytes (WORDS = VEC / 4 words) from shared memory
+template <int WORDS>
+__device__ __forceinline__ void read_words(uint32_t (&v)[WORDS], const uint8_t* p) {
+  if constexpr (WORDS == 4) {
+    const uint4 q = *reinterpret_cast<const uint4*>(p);
+    v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
+  } else if constexpr (WORDS == 2) {
+    const uint2 q = *reinterpret_cast<const uint2*>(p);
+    v[0] = q.x; v[1] = q.y;
+  } else {
+    v[0] = *reinterpret_cast<const uint32_t*>(p);
+  }
+}
+
+__device__ __forceinline__ Segment pick(const Params& p, int& tile) {
+  // a select per field, not a dynamically indexed copy of the parameter array in local memory
+  Segment s = p.seg[0];
+  if (p.nseg > 1 && tile >= p.seg[0].tiles) {
+    tile -= p.seg[0].tiles;
+    s = p.seg[1];
+    if (p.nseg > 2 && tile >= p.seg[1].tiles) {
+      tile -= p.seg[1].tiles;
+      s = p.seg[2];
+    }
+  }
+  return s;
+}
+
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  if constexpr (BYTES == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(d), "l"(src), "n"(BYTES) : "memory");
+  }
+}
+
+// The shared memory of one CTA:
+//   the warps' rings   [WARPS][STAGES] slots, each: [16 R rows][ROW_B] weight bytes, [16 R][16]
+//                      scale bytes, [16 R][4] zero-point bytes and, for one token, its 128 values
+//   the reduction      [WARPS][16 R][8 MT] fp32
+template <int R, int TOK>
+struct Layout {
+  static constexpr int MT = TOK > 8 ? 2 : 1;  // 8-token MMA tiles
+  // chunk slots per warp, all but one in flight while one is read: 2 CTAs an SM at R = 2, 3 at R = 1
+  static constexpr int STAGES = R == 1 ? 4 : 3;
+  static constexpr int ROW_B = 80;            // a row's 64 bytes of a chunk + 16 (conflict-free reads)
+  static constexpr int W_B = 16 * R * ROW_B;
+  static constexpr int S_B = 16 * R * 16;
+  static constexpr int Z_B = 16 * R * 4;
+  static constexpr int X_B = TOK == 1 ? 128 * 2 : 0;
+  static constexpr int SLOT_B = W_B + S_B + Z_B + X_B;
+  static constexpr int RING_B = WARPS * STAGES * SLOT_B;
+  static constexpr int RED_B = WARPS * 16 * R * 8 * MT * 4;
+  static constexpr int BYTES = RING_B + RED_B;
+};
+
+// T: the activation dtype; VEC: weight bytes a thread reads per row for one MMA pair (4, 8, 16);
+// TOK: tokens per CTA (1: the activation travels with the weights in the ring; 8 or 16: read from
+// L2, larger M takes more CTAs along y); R: 16-row tiles per warp.
+template <typename T, int VEC, int TOK, int R>
+__global__ void __launch_bounds__(WARPS * 32) w4a16_kernel(const __grid_constant__ Params p) {
+  using L = Layout<R, TOK>;
+  constexpr int MT = L::MT;
+  constexpr int STAGES = L::STAGES;
+  constexpr int WORDS = VEC / 4;
+  constexpr int SUB = 16 / VEC;  // sub-chunks (one group each) in a chunk of 128 k
+  constexpr uint32_t MAGIC = Num<T>::MAGIC;
+  extern __shared__ __align__(16) uint8_t smem[];
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int tok0 = blockIdx.y * TOK;
+  const int tokens = min(TOK, p.m - tok0);
+  const int nchunks = p.k / 128;
+  const int nch = warp < nchunks ? (nchunks - warp + WARPS - 1) / WARPS : 0;  // this warp's chunks of a tile
+  const int ntiles = blockIdx.x < p.total_tiles ? (p.total_tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+
+  uint8_t* ring = smem + warp * STAGES * L::SLOT_B;
+  float (*red)[16 * R][8 * MT] = reinterpret_cast<float (*)[16 * R][8 * MT]>(smem + L::RING_B);
+  const T* x_tok = static_cast<const T*>(p.x) + (long long)tok0 * p.x_stride;
+
+  // what the next cp.async copies: chunk ci of the CTA's tile tj into slot ts; per-lane sources of
+  // that tile, set when the copies move to a new tile
+  int tj = 0, ci = 0, ts = 0;
+  const uint8_t* w_src[2 * R];
+  const float* s_src = nullptr;
+  const uint8_t* z_src = nullptr;
+  auto at_tile = [&](int j) {
+    int tile = blockIdx.x + j * gridDim.x;
+    const Segment sg = pick(p, tile);
+#pragma unroll
+    for (int q = 0; q < 2 * R; ++q) {  // 2 R pieces of 16 bytes a lane: row piece / 4, bytes 16 * (piece % 4)
+      const int piece = lane + 32 * q;
+      const int row = min(tile * 16 * R + (piece >> 2), sg.n - 1);
+      w_src[q] = sg.w + (long long)row * sg.w_stride + warp * 64 + (piece & 3) * 16;
+    }
+    const int row = min(tile * 16 * R + (lane & (16 * R - 1)), sg.n - 1);
+    s_src = sg.s + (long long)row * sg.s_stride + warp * SUB;
+    z_src = sg.z ? sg.z + (long long)row * sg.z_stride : nullptr;
+  };
+  auto issue = [&]() {
+    if (tj < ntiles) {
+      uint8_t* slot = ring + ts * L::SLOT_B;
+      const int step = ci * WARPS;  // chunks past this warp's first one
+#pragma unroll
+      for (int q = 0; q < 2 * R; ++q) cp_async<16>(slot + ((lane + 32 * q) >> 2) * L::ROW_B + (lane & 3) * 16, w_src[q] + step * 64);
+      if (lane < 16 * R) {  // the row's SUB scales, and the 4-byte word holding its SUB zero points
+        cp_async<4 * SUB>(slot + L::W_B + lane * 16, s_src + step * SUB);
+        if (z_src) cp_async<4>(slot + L::W_B + L::S_B + lane * 4, z_src + (((warp + step) * SUB) & ~3));
+      }
+      if constexpr (TOK == 1) {  // the token's 128 values of this chunk
+        if (lane < 16) cp_async<16>(slot + L::W_B + L::S_B + L::Z_B + lane * 16, x_tok + (warp + step) * 128 + lane * 8);
+      }
+      if (++ci == nch) {
+        ci = 0;
+        if (++tj < ntiles) at_tile(tj);
+      }
+    }
+    cp_commit();  // an empty group past the end keeps the count that cp_wait relies on
+    ts = ts + 1 == STAGES ? 0 : ts + 1;
+  };
+  if (nch == 0) tj = ntiles;  // a warp without chunks copies nothing, but meets the others at each tile's end
+  else if (ntiles > 0) at_tile(0);
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) issue();
+
+  int cs = 0;  // the slot computed next
+  for (int j = 0; j < ntiles; ++j) {
+    int tile = blockIdx.x + j * gridDim.x;
+    const Segment sg = pick(p, tile);
+    const int row0 = tile * 16 * R;
+    float acc[R][MT][4];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int jj = 0; jj < MT; ++jj)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[r][jj][e] = 0.f;
+
+    for (int i = 0; i < nch; ++i) {
+      issue();
+      cp_wait<STAGES - 1>();
+      __syncwarp();
+      const uint8_t* slot = ring + cs * L::SLOT_B;
+      cs = cs + 1 == STAGES ? 0 : cs + 1;
+      const float* sc = reinterpret_cast<const float*>(slot + L::W_B);
+      const uint8_t* zc = slot + L::W_B + L::S_B;
+      const int c = warp + i * WARPS;
+#pragma unroll
+      for (int s = 0; s < SUB; ++s) {
+        const int k0 = c * 128 + s * 8 * VEC;
+        // the activation of this sub-chunk as B fragments, per word: (x0,x4) (x1,x5) (x2,x6) (x3,x7)
+        uint32_t xb[MT][WORDS][4];
+#pragma unroll
+        for (int jj = 0; jj < MT; ++jj)
+#pragma unroll
+          for (int w = 0; w < WORDS; ++w) {
+            uint4 q = make_uint4(0, 0, 0, 0);
+            const int tk = 8 * jj + g;
+            if (tk < tokens) {
+              if constexpr (TOK == 1) {
+                q = *reinterpret_cast<const uint4*>(slot + L::W_B + L::S_B + L::Z_B + (s * 8 * VEC + t * 2 * VEC + 8 * w) * 2);
+              } else {
+                q = *reinterpret_cast<const uint4*>(x_tok + (long long)tk * p.x_stride + k0 + t * 2 * VEC + 8 * w);
+              }
+            }
+            xb[jj][w][0] = prmt(q.x, q.z, 0x5410);
+            xb[jj][w][1] = prmt(q.x, q.z, 0x7632);
+            xb[jj][w][2] = prmt(q.y, q.w, 0x5410);
+            xb[jj][w][3] = prmt(q.y, q.w, 0x7632);
+          }
+        // the sum of the sub-chunk's activation per token (an MMA with an all-ones A): the weights enter
+        // the MMAs as BIAS + q, and BIAS + z times this sum comes off afterwards
+        float xsum[MT][4];
+#pragma unroll
+        for (int jj = 0; jj < MT; ++jj) {
+          float xsum2[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) xsum[jj][e] = 0.f;
+#pragma unroll
+          for (int w = 0; w < WORDS; ++w) {
+            mma<T>(xsum[jj], Num<T>::ONES, Num<T>::ONES, Num<T>::ONES, Num<T>::ONES, xb[jj][w][0], xb[jj][w][1]);
+            mma<T>(xsum2, Num<T>::ONES, Num<T>::ONES, Num<T>::ONES, Num<T>::ONES, xb[jj][w][2], xb[jj][w][3]);
+          }
+#pragma unroll
+          for (int e = 0; e < 4; ++e) xsum[jj][e] += xsum2[e];
+        }
+        const int zi = ((c * SUB) & 3) + s;  // this group's byte in the copied word of zero points
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const int rl = 16 * r + g;
+          const float s_lo = sc[rl * 4 + s], s_hi = sc[(rl + 8) * 4 + s];
+          const float zb_lo = Num<T>::BIAS + (sg.z ? zc[rl * 4 + zi] : 8.f);
+          const float zb_hi = Num<T>::BIAS + (sg.z ? zc[(rl + 8) * 4 + zi] : 8.f);
+          uint32_t lo[WORDS], hi[WORDS];
+          read_words<WORDS>(lo, slot + rl * L::ROW_B + s * 4 * VEC + t * VEC);
+          read_words<WORDS>(hi, slot + (rl + 8) * L::ROW_B + s * 4 * VEC + t * VEC);
+          float part[MT][4], part2[MT][4];  // two accumulators: two independent chains of MMAs
+#pragma unroll
+          for (int jj = 0; jj < MT; ++jj)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) part[jj][e] = part2[jj][e] = 0.f;
+#pragma unroll
+          for (int w = 0; w < WORDS; ++w) {
+            uint32_t a[2][4];  // [row g / g + 8][pair q]: BIAS + (k_q, k_{q+4})
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              a[0][q] = nibbles<MAGIC>(lo[w] >> (4 * q));
+              a[1][q] = nibbles<MAGIC>(hi[w] >> (4 * q));
+            }
+#pragma unroll
+            for (int jj = 0; jj < MT; ++jj) {
+              mma<T>(part[jj], a[0][0], a[1][0], a[0][1], a[1][1], xb[jj][w][0], xb[jj][w][1]);
+              mma<T>(part2[jj], a[0][2], a[1][2], a[0][3], a[1][3], xb[jj][w][2], xb[jj][w][3]);
+            }
+          }
+#pragma unroll
+          for (int jj = 0; jj < MT; ++jj)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) part[jj][e] += part2[jj][e];
+#pragma unroll
+          for (int jj = 0; jj < MT; ++jj) {
+            acc[r][jj][0] += s_lo * fmaf(-zb_lo, xsum[jj][0], part[jj][0]);
+            acc[r][jj][1] += s_lo * fmaf(-zb_lo, xsum[jj][1], part[jj][1]);
+            acc[r][jj][2] += s_hi * fmaf(-zb_hi, xsum[jj][2], part[jj][2]);
+            acc[r][jj][3] += s_hi * fmaf(-zb_hi, xsum[jj][3], part[jj][3]);
+          }
+        }
+      }
+      __syncwarp();  // every lane is done with the slot before a later cp.async refills it
+    }
+
+    // the warps' partial sums of this tile (each warp had its own share of K) meet in shared memory,
+    // while the rings already hold the next tile's first chunks
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int jj = 0; jj < MT; ++jj) {
+        red[warp][16 * r + g][8 * jj + 2 * t] = acc[r][jj][0];
+        red[warp][16 * r + g][8 * jj + 2 * t + 1] = acc[r][jj][1];
+        red[warp][16 * r + g + 8][8 * jj + 2 * t] = acc[r][jj][2];
+        red[warp][16 * r + g + 8][8 * jj + 2 * t + 1] = acc[r][jj][3];
+      }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < R * 16 * MT * 8; idx += WARPS * 32) {
+      const int rr = idx % (R * 16), tt = idx / (R * 16);  // consecutive threads: consecutive channels
+      const int row = row0 + rr;
+      if (row >= sg.n || tt >= tokens) continue;
+      float v = 0.f;
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) v += red[w][rr][tt];
+      if (sg.bias) v += Num<T>::to_float(sg.bias, row);
+      Num<T>::store(sg.out, (long long)(tok0 + tt) * sg.out_stride + row, v);
+    }
+    __syncthreads();  // the reduction space is free again
+  }
+  cp_wait<0>();
+}
+
+template <typename T, int VEC, int TOK, int R>
+cudaError_t launch(const Params& p, cudaStream_t stream) {
+  constexpr int bytes = Layout<R, TOK>::BYTES;
+  static_assert(bytes <= 227 * 1024, "more shared memory than a Hopper SM has");
+  auto kernel = w4a16_kernel<T, VEC, TOK, R>;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e != cudaSuccess) return e;
+  int dev = 0, sms = 0, per_sm = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, bytes);
+  if (e != cudaSuccess) return e;
+  if (per_sm < 1) return cudaErrorInvalidConfiguration;
+  // persistent CTAs: as many as run at once, each with an equal share of the row tiles
+  const int resident = per_sm * sms;
+  const int rounds = (p.total_tiles + resident - 1) / resident;
+  dim3 grid((p.total_tiles + rounds - 1) / rounds, (p.m + TOK - 1) / TOK);
+  kernel<<<grid, WARPS * 32, bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int VEC, int TOK>
+cudaError_t dispatch_r(const Params& p, int row_tiles, cudaStream_t stream) {
+  return row_tiles == 1 ? launch<T, VEC, TOK, 1>(p, stream) : launch<T, VEC, TOK, 2>(p, stream);
+}
+
+template <typename T, int VEC>
+cudaError_t dispatch_m(const Params& p, int row_tiles, cudaStream_t stream) {
+  if (p.m == 1) return dispatch_r<T, VEC, 1>(p, row_tiles, stream);
+  return p.m <= 8 ? dispatch_r<T, VEC, 8>(p, row_tiles, stream) : dispatch_r<T, VEC, 16>(p, row_tiles, stream);
+}
+
+template <typename T>
+cudaError_t dispatch(const Params& p, int row_tiles, cudaStream_t stream) {
+  if (p.group == 32) return dispatch_m<T, 4>(p, row_tiles, stream);
+  if (p.group == 64) return dispatch_m<T, 8>(p, row_tiles, stream);
+  return dispatch_m<T, 16>(p, row_tiles, stream);
+}
+
+}  // namespace qlp
+
+extern "C" {
+
+// The version of Params / Segment this library was built with (the caller checks it matches its own).
+int qlp_w4a16_abi(void) { return (int)(sizeof(qlp::Params) * 1000 + qlp::MAX_SEGMENTS * 10 + qlp::ABI_VERSION); }
+
+// Launch on `stream`.  dtype: 0 bf16, 1 fp16.  row_tiles: 1 or 2 (16 or 32 channels a tile); the
+// caller sets every segment's `tiles` for rows of 16 * row_tiles and p->total_tiles to their sum.
+// Returns 0, or writes why not into err.
+int qlp_w4a16_decode(const qlp::Params* p, int dtype, int row_tiles, void* stream, char* err, int err_len) {
+  auto fail = [&](const char* what) {
+    snprintf(err, err_len, "%s", what);
+    return 1;
+  };
+  if (p->nseg < 1 || p->nseg > qlp::MAX_SEGMENTS) return fail("between 1 and MAX_SEGMENTS layers a launch");
+  if (p->group != 32 && p->group != 64 && p->group % 128 != 0) return fail("group size must be 32, 64 or a multiple of 128");
+  if (p->k % 128 != 0 || p->k % p->group != 0) return fail("K must be a multiple of 128 and of the group size");
+  if (row_tiles != 1 && row_tiles != 2) return fail("row_tiles must be 1 or 2");
+  int total = 0;
+  for (int i = 0; i < p->nseg; ++i) total += p->seg[i].tiles;
+  if (total != p->total_tiles) return fail("total_tiles is not the sum of the segments' tiles");
+  if (p->m <= 0 || total == 0) return 0;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  cudaError_t e = dtype == 0 ? qlp::dispatch<__nv_bfloat16>(*p, row_tiles, s) : qlp::dispatch<__half>(*p, row_tiles, s);
+  if (e != cudaSuccess) {
+    snprintf(err, err_len, "kernel launch failed: %s", cudaGetErrorString(e));
+    return 1;
+  }
+  return 0;
+}
+
+}  // extern "C"

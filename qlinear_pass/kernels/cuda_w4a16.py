@@ -1,0 +1,166 @@
+"""Calling the w4a16 decode kernel (``kernels/cuda/w4a16_decode.cu``) from Python.
+
+``w4a16_decode_group(x, layers, group_size)`` runs one or more w4a16 layers that read the same
+activation (a transformer's q/k/v, gate/up) in as few launches as the kernel's segments allow;
+``w4a16_decode`` is the one-layer form.  Weights stay in the public layout ([N, K/2] bytes, low
+nibble = even k); scales in fp32 (others are converted per call); zero points as uint8, or none
+(symmetric, zero point 8).  Any M is computed (more CTAs along M), but the kernel is made for
+M <= 16: each CTA reads its weight rows once per 16 tokens.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+
+from . import cuda_build
+
+#: the layers one launch serves (the kernel's MAX_SEGMENTS)
+MAX_SEGMENTS = 3
+#: the kernel's ABI_VERSION (Params and Segment as declared below)
+ABI_VERSION = 3
+DTYPES = {torch.bfloat16: 0, torch.float16: 1}
+
+
+class Layer(NamedTuple):
+    """One layer: packed weight [N, K/2] uint8, scales [N, K/G], zero points [N, K/G] uint8 or None, bias [N] or None."""
+
+    w: torch.Tensor
+    s: torch.Tensor
+    z: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+
+
+class _Segment(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("z", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("out", ctypes.c_void_p), ("w_stride", ctypes.c_longlong), ("s_stride", ctypes.c_longlong),
+                ("z_stride", ctypes.c_longlong), ("out_stride", ctypes.c_longlong), ("n", ctypes.c_int),
+                ("tiles", ctypes.c_int)]
+
+
+class _Params(ctypes.Structure):
+    _fields_ = [("x", ctypes.c_void_p), ("x_stride", ctypes.c_longlong), ("m", ctypes.c_int), ("k", ctypes.c_int),
+                ("group", ctypes.c_int), ("nseg", ctypes.c_int), ("total_tiles", ctypes.c_int),
+                ("seg", _Segment * MAX_SEGMENTS)]
+
+
+def check_group_size(k: int, group_size: int) -> str:
+    """Why the kernel cannot run K with this group size ("" when it can)."""
+    if group_size not in (32, 64) and (group_size <= 0 or group_size % 128):
+        return f"the int4 decode kernel takes groups of 32, 64 or a multiple of 128, not {group_size}"
+    if k % 128 or k % group_size:
+        return f"the int4 decode kernel needs K divisible by 128 and by the group size (K={k}, group {group_size})"
+    return ""
+
+
+def _library(device: torch.device) -> ctypes.CDLL:
+    cap = torch.cuda.get_device_capability(device)
+    lib = cuda_build.load("w4a16_decode", (int(cap[0]), int(cap[1])))
+    if not getattr(lib, "_qlp_ready", False):
+        lib.qlp_w4a16_abi.restype = ctypes.c_int
+        want = ctypes.sizeof(_Params) * 1000 + MAX_SEGMENTS * 10 + ABI_VERSION
+        if lib.qlp_w4a16_abi() != want:
+            raise RuntimeError(f"the built w4a16 decode library does not match this module (ABI {lib.qlp_w4a16_abi()} != {want})")
+        lib.qlp_w4a16_decode.restype = ctypes.c_int
+        lib.qlp_w4a16_decode.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                         ctypes.c_char_p, ctypes.c_int]
+        lib._qlp_ready = True
+    return lib
+
+
+def row_tiles_for(m: int, n_total: int, sms: int) -> int:
+    """16-row tiles per warp: 2 (tiles of 32 channels, the per-chunk work shared by twice the weight
+    bytes) where that still leaves about one tile per SM, else 1.  H200, g128, us with 16 / 32-row
+    tiles (benchmarks/results/h200/decode/cuda_w4a16): N = 14336 M = 1 21.8 / 16.2, M = 16 36.2 /
+    28.1; N = 4096 (K = 14336) M = 1 16.7 / 14.7; N = 1024 M = 1 4.5 / 5.8."""
+    return 2 if n_total // 32 >= 0.9 * sms else 1
+
+
+def _aligned(t: torch.Tensor, align: int, row_multiple: int = 1) -> torch.Tensor:
+    """``t`` (2-D) with unit stride along its rows, its start on an ``align``-byte boundary and a row
+    stride that is a multiple of ``row_multiple`` elements; a copy where ``t`` is not."""
+    if t.stride(-1) != 1 or t.data_ptr() % align or t.stride(0) % row_multiple:
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
+def _zero_points(z: torch.Tensor) -> torch.Tensor:
+    """The kernel copies zero points in 4-byte words: rows start on 4-byte boundaries and hold a whole
+    last word (a padded copy where they do not)."""
+    groups = z.shape[1]
+    if z.stride(-1) == 1 and z.data_ptr() % 4 == 0 and z.stride(0) % 4 == 0 and z.stride(0) >= -(-groups // 4) * 4:
+        return z
+    padded = torch.zeros((z.shape[0], -(-groups // 4) * 4), dtype=z.dtype, device=z.device)
+    padded[:, :groups] = z
+    return padded
+
+
+def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int,
+                       row_tiles: Optional[int] = None) -> list[torch.Tensor]:
+    """``x`` [M, K] (bf16 or fp16) times each layer's int4 weight -> one [M, N_i] output each, in x's dtype."""
+    if x.dim() != 2:
+        raise ValueError(f"the activation must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"the int4 decode kernel takes bf16 or fp16 activations, not {x.dtype}")
+    if x.device.type != "cuda":
+        raise ValueError(f"the int4 decode kernel runs on a CUDA GPU, not {x.device}")
+    m, k = x.shape
+    why = check_group_size(k, group_size)
+    if why:
+        raise ValueError(why)
+    groups = k // group_size
+    sub = 128 // min(group_size, 128)  # groups in a 128-wide chunk: the scales copied together
+    prepared = []
+    for i, layer in enumerate(layers):
+        n = layer.w.shape[0]
+        if layer.w.dtype != torch.uint8 or tuple(layer.w.shape) != (n, k // 2):
+            raise ValueError(f"layer {i}: the weight must be uint8 [N, K/2] = [{n}, {k // 2}], got "
+                             f"{layer.w.dtype} {tuple(layer.w.shape)}")
+        if tuple(layer.s.shape) != (n, groups):
+            raise ValueError(f"layer {i}: scales of shape {tuple(layer.s.shape)}, expected [{n}, {groups}]")
+        if layer.z is not None and (layer.z.dtype != torch.uint8 or tuple(layer.z.shape) != (n, groups)):
+            raise ValueError(f"layer {i}: zero points must be uint8 [{n}, {groups}], got {layer.z.dtype} {tuple(layer.z.shape)}")
+        if layer.bias is not None and tuple(layer.bias.shape) != (n,):
+            raise ValueError(f"layer {i}: bias of shape {tuple(layer.bias.shape)}, expected [{n}]")
+        # fp32 scales (what quantize() and the checkpoint loaders make); others are converted per call
+        s = _aligned(layer.s.float(), 16, sub)
+        bias = layer.bias.to(x.dtype) if layer.bias is not None else None
+        prepared.append((_aligned(layer.w, 16, 16), s, _zero_points(layer.z) if layer.z is not None else None,
+                         bias.contiguous() if bias is not None else None, n))
+    outs = [torch.empty((m, n), device=x.device, dtype=x.dtype) for *_, n in prepared]
+    if m == 0 or not prepared:
+        return outs
+    x = _aligned(x, 16, 8)
+    lib = _library(x.device)
+    n_total = sum(n for *_, n in prepared)
+    if row_tiles is None:
+        row_tiles = row_tiles_for(m, n_total, torch.cuda.get_device_properties(x.device).multi_processor_count)
+    rows = 16 * row_tiles
+    err = ctypes.create_string_buffer(256)
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    batches = [list(range(i, min(i + MAX_SEGMENTS, len(prepared)))) for i in range(0, len(prepared), MAX_SEGMENTS)]
+    with torch.cuda.device(x.device):
+        for batch in batches:
+            p = _Params()
+            p.x, p.x_stride, p.m, p.k, p.group = x.data_ptr(), x.stride(0), m, k, group_size
+            p.nseg = len(batch)
+            for j, i in enumerate(batch):
+                w, s, z, bias, n = prepared[i]
+                seg = p.seg[j]
+                seg.w, seg.s, seg.out = w.data_ptr(), s.data_ptr(), outs[i].data_ptr()
+                seg.z = z.data_ptr() if z is not None else None
+                seg.bias = bias.data_ptr() if bias is not None else None
+                seg.w_stride, seg.s_stride, seg.out_stride = w.stride(0), s.stride(0), outs[i].stride(0)
+                seg.z_stride = z.stride(0) if z is not None else 0
+                seg.n, seg.tiles = n, -(-n // rows)
+            p.total_tiles = sum(p.seg[j].tiles for j in range(len(batch)))
+            if lib.qlp_w4a16_decode(ctypes.byref(p), DTYPES[x.dtype], row_tiles, stream, err, len(err)):
+                raise RuntimeError(f"the int4 decode kernel failed: {err.value.decode(errors='replace')}")
+    return outs
+
+
+def w4a16_decode(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: Optional[torch.Tensor],
+                 bias: Optional[torch.Tensor], group_size: int, row_tiles: Optional[int] = None) -> torch.Tensor:
+    """One layer: ``x`` [M, K] times the int4 weight ``w`` [N, K/2] -> [M, N] in x's dtype."""
+    return w4a16_decode_group(x, [Layer(w, s, z, bias)], group_size, row_tiles)[0]

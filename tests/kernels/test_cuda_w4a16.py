@@ -1,0 +1,157 @@
+"""The CUDA w4a16 decode kernel (kernels/cuda/w4a16_decode.cu): on the GPU against the scheme's
+reference under hypothesis; on the CPU its argument checks, its build (nvcc, no GPU needed) and a
+model of the fragment mapping it relies on."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from qlinear_pass import schemes as S
+from qlinear_pass.kernels import cuda_build, cuda_w4a16 as CW
+from tests.helpers import kernel_case
+
+
+@st.composite
+def cases(draw, max_n=300, ks=(128, 256, 384, 4096)):
+    return dict(
+        m=draw(st.integers(1, 20)),
+        ns=draw(st.lists(st.integers(1, max_n), min_size=1, max_size=4)),
+        k=draw(st.sampled_from(ks)),
+        group_size=draw(st.sampled_from([32, 64, 128])),
+        zero_points=draw(st.booleans()),
+        dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])),
+        bias=draw(st.booleans()),
+        scale_dtype=draw(st.sampled_from([torch.float32, None])),  # None: the activation's dtype
+        row_tiles=draw(st.sampled_from([None, 1, 2])),
+    )
+
+
+def check(m, ns, k, group_size, zero_points, dtype, bias, scale_dtype, row_tiles, seed=0):
+    layers, refs, x = [], [], None
+    for i, n in enumerate(ns):
+        x_i, p, b, _, _ = kernel_case("w4a16", m, n, k, group_size=group_size, zero_points=zero_points, dtype=dtype,
+                                      bias=bias, seed=seed + i, device="cuda")
+        x = x_i if x is None else x
+        s = p[1].to(scale_dtype or dtype)
+        z = p[2] if len(p) > 2 else None
+        layers.append(CW.Layer(p[0], s, z, b))
+        refs.append(S.reference("w4a16", x, [p[0], s, z] if z is not None else [p[0], s], b))
+    ys = CW.w4a16_decode_group(x, layers, group_size, row_tiles=row_tiles)
+    for i, (y, ref) in enumerate(zip(ys, refs)):
+        assert y.shape == ref.shape and y.dtype == dtype
+        err = S.relative_error(y, ref)
+        assert err <= S.TOLERANCE[dtype], f"layer {i} of {ns} M={m} K={k} g{group_size}: relative error {err:.3g}"
+
+
+@pytest.mark.gpu
+@given(cases(), st.integers(0, 2**16))
+@example(dict(m=1, ns=[4096, 1024, 1024], k=4096, group_size=128, zero_points=False, dtype=torch.bfloat16, bias=False,
+              scale_dtype=None, row_tiles=None), 0)  # q/k/v at decode
+@example(dict(m=16, ns=[17], k=384, group_size=32, zero_points=True, dtype=torch.float16, bias=True,
+              scale_dtype=torch.float32, row_tiles=2), 1)  # ragged N, 2 token tiles, 32-row warps
+@example(dict(m=20, ns=[40], k=256, group_size=64, zero_points=True, dtype=torch.bfloat16, bias=True,
+              scale_dtype=None, row_tiles=1), 2)  # M past 16: more CTAs along M
+@example(dict(m=3, ns=[64, 48], k=14336, group_size=32, zero_points=True, dtype=torch.bfloat16, bias=False,
+              scale_dtype=None, row_tiles=2), 3)  # long K, many groups
+@example(dict(m=2, ns=[33, 16, 70], k=384, group_size=128, zero_points=True, dtype=torch.float16, bias=True,
+              scale_dtype=torch.bfloat16, row_tiles=1), 4)  # 3 groups a row: zero points padded
+def test_matches_reference_on_gpu(case, seed):
+    check(**case, seed=seed)
+
+
+@pytest.mark.gpu
+def test_strided_activation_and_weights_on_gpu():
+    x, p, b, _, ref = kernel_case("w4a16", 3, 64, 256, group_size=64, zero_points=True, bias=True, device="cuda")
+    wide = torch.zeros(3, 512 + 8, dtype=x.dtype, device="cuda")
+    wide[:, 8:264] = x  # rows 16-byte aligned, but the view starts 16 bytes in and is not contiguous
+    y = CW.w4a16_decode(wide[:, 8:264], p[0], p[1], p[2], b, 64)
+    assert S.relative_error(y, ref) <= S.TOLERANCE[x.dtype]
+
+
+def test_refuses_bad_arguments():
+    x = torch.zeros(1, 256, dtype=torch.bfloat16)
+    w = torch.zeros(8, 128, dtype=torch.uint8)
+    s = torch.ones(8, 2)
+    with pytest.raises(ValueError, match="runs on a CUDA GPU"):
+        CW.w4a16_decode(x, w, s, None, None, 128)
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        CW.w4a16_decode(x.float(), w, s, None, None, 128)
+    assert "groups of 32, 64 or a multiple of 128" in CW.check_group_size(256, 16)
+    assert "K divisible by 128" in CW.check_group_size(192, 64)
+    assert CW.check_group_size(4096, 128) == "" and CW.check_group_size(4096, 256) == ""
+
+
+def test_row_tiles_rule():
+    assert CW.row_tiles_for(1, 28672, 132) == 2  # gate/up together: 896 tiles of 32 rows
+    assert CW.row_tiles_for(1, 4096, 132) == 2  # o_proj: 128 tiles of 32 rows, about one per SM
+    assert CW.row_tiles_for(1, 1024, 132) == 1  # a lone k_proj: 64 tiles of 16 rows, 32 of 32 would idle SMs
+
+
+def test_abi_struct_sizes():
+    # the C structs: 5 pointers, 4 int64, 2 int32 a layer; the header pads to 8 bytes before them
+    assert torch.tensor(0).element_size() == 8
+    import ctypes
+
+    assert ctypes.sizeof(CW._Segment) == 80
+    assert ctypes.sizeof(CW._Params) == 8 + 8 + 5 * 4 + 4 + CW.MAX_SEGMENTS * 80
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(cuda_build.toolchain()[0] is None, reason="needs nvcc")
+def test_source_compiles_for_sm80_and_sm90():
+    times = cuda_build.compile_only(capability=(9, 0))
+    assert set(times) == set(cuda_build.LIBRARIES)
+    cuda_build.compile_only(capability=(8, 0))
+
+
+# --- the fragment mapping, modelled on the CPU --------------------------------------------------
+# What one warp computes for one 16-row tile and one chunk of 8 * VEC k, lane by lane, as the
+# kernel does it (its loads, nibble pairs and byte permutes), fed to mma.m16n8k16 as PTX defines
+# the fragments.  If the permutation of k in the weight and activation fragments disagreed, this
+# would not equal the plain product.
+
+
+def _mma_m16n8k16(a_frags, b_frags):
+    """PTX mma.m16n8k16 row.col: a_frags[lane] = 4 pairs (a0..a3), b_frags[lane] = 2 pairs -> C [16, 8]."""
+    a = np.zeros((16, 16))
+    b = np.zeros((16, 8))
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        (a0, a1, a2, a3), (b0, b1) = a_frags[lane], b_frags[lane]
+        a[g, 2 * t:2 * t + 2], a[g + 8, 2 * t:2 * t + 2] = a0, a1
+        a[g, 2 * t + 8:2 * t + 10], a[g + 8, 2 * t + 8:2 * t + 10] = a2, a3
+        b[2 * t:2 * t + 2, g], b[2 * t + 8:2 * t + 10, g] = b0, b1
+    return a @ b
+
+
+def _warp_chunk(q, x, vec):
+    """q: [16, 8 * vec] int4 values of a chunk (rows = channels), x: [8, 8 * vec] (tokens): the kernel's sum."""
+    packed = S.pack_int4(torch.from_numpy(q)).numpy()  # [16, 4 * vec] bytes, the public layout
+    c = np.zeros((16, 8))
+    for w in range(vec // 4):
+        a_frags, b_frags = [[None, None] for _ in range(32)], [[None, None] for _ in range(32)]
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            rows = []
+            for row in (g, g + 8):
+                word = int.from_bytes(packed[row, t * vec + 4 * w:t * vec + 4 * w + 4].tobytes(), "little")
+                # nibbles(word >> 4s): the pair (nibble s, nibble s + 4) = (k 8w' + s, k 8w' + s + 4)
+                rows.append([((word >> 4 * s) & 0xF, (word >> (4 * s + 16)) & 0xF) for s in range(4)])
+            xs = x[g, t * 2 * vec + 8 * w:t * 2 * vec + 8 * w + 8]  # one 16-byte load: x0..x7
+            pairs = [(xs[0], xs[4]), (xs[1], xs[5]), (xs[2], xs[6]), (xs[3], xs[7])]  # the byte permutes
+            for h in range(2):
+                a_frags[lane][h] = (rows[0][2 * h], rows[1][2 * h], rows[0][2 * h + 1], rows[1][2 * h + 1])
+                b_frags[lane][h] = (pairs[2 * h], pairs[2 * h + 1])
+        for h in range(2):
+            c += _mma_m16n8k16([a_frags[lane][h] for lane in range(32)], [b_frags[lane][h] for lane in range(32)])
+    return c
+
+
+@pytest.mark.parametrize("vec", [4, 8, 16])
+def test_fragment_mapping_is_a_permutation_of_k(vec):
+    rng = np.random.default_rng(vec)
+    q = rng.integers(0, 16, (16, 8 * vec)).astype(np.uint8)
+    x = rng.standard_normal((8, 8 * vec))
+    np.testing.assert_allclose(_warp_chunk(q, x, vec), q.astype(np.float64) @ x.T, rtol=1e-12, atol=1e-9)
