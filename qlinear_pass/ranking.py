@@ -133,10 +133,10 @@ SM90: tuple = (
         f"M=1: h200/decode ({_H200}) K=4096 N=14336 triton_weight_only 16.8 us vs bf16 30.6; the only GPU kernel."),
     Row("sm90", "w4a16", (1, 16), ("cuda_w4a16", "triton_weight_only", "torch_int4pack"),
         f"h200/decode/cuda_w4a16 ({_H200}), g128, us, cuda_w4a16 vs triton_weight_only (decode kernel) vs bf16 "
-        "F.linear: K=4096 N=14336 M=1 16.2 / 17.0 / 30.2, M=8 20.3 / 29.6 / 29.3, M=16 28.1 / 29.5 / 29.6; "
-        "K=14336 N=4096 M=1 14.7 / 17.8 / 31.3, M=8 21.7 / 41.5 / 31.9; gate/up together (N=28672) M=1 "
-        "28.9 / 30.3 / 55.4. End to end (h200/e2e, same run): decode b1 1.79x bf16 with it, 1.67x with "
-        "triton; b8 1.40x vs 0.94x."),
+        "F.linear: K=4096 N=14336 M=1 15.4 / 17.0 / 30.2, M=8 19.3 / 29.8 / 29.2, M=16 27.5 / 29.7 / 29.6; "
+        "K=14336 N=4096 M=1 14.8 / 17.8 / 31.3, M=8 21.1 / 41.9 / 31.9; gate/up together (N=28672) M=1 "
+        "28.1 / 30.2 / 55.7. End to end (h200/e2e, same run): decode b1 1.83x bf16 with it, 1.69x with "
+        "triton; b8 1.44x vs 1.02x."),
     Row("sm90", "w4a16", (128, 1024, None), ("triton_weight_only", "torch_int4pack"),
         f"h200/decode/prefill ({_H200}), g128, us, triton_weight_only (its GEMM at M=128, one dequantising "
         "pass + cuBLAS above) vs bf16 F.linear: K=4096 N=14336 M=128 66.0 vs 33.9, M=1024 188.9 vs 153.5, "

@@ -72,8 +72,8 @@ def _library(device: torch.device) -> ctypes.CDLL:
 def row_tiles_for(m: int, n_total: int, sms: int) -> int:
     """16-row tiles per warp: 2 (tiles of 32 channels, the per-chunk work shared by twice the weight
     bytes) where that still leaves about one tile per SM, else 1.  H200, g128, us with 16 / 32-row
-    tiles (benchmarks/results/h200/decode/cuda_w4a16): N = 14336 M = 1 21.8 / 16.2, M = 16 36.2 /
-    28.1; N = 4096 (K = 14336) M = 1 16.7 / 14.7; N = 1024 M = 1 4.5 / 5.8."""
+    tiles (benchmarks/results/h200/decode/cuda_w4a16): N = 14336 M = 1 21.1 / 15.4, M = 16 36.4 /
+    27.5; N = 4096 (K = 14336) M = 1 16.0 / 14.8; N = 1024 M = 1 4.6 / 5.9."""
     return 2 if n_total // 32 >= 0.9 * sms else 1
 
 
