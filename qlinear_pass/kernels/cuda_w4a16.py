@@ -56,7 +56,11 @@ def check_group_size(k: int, group_size: int) -> str:
 
 def _library(device: torch.device) -> ctypes.CDLL:
     cap = torch.cuda.get_device_capability(device)
-    lib = cuda_build.load("w4a16_decode", (int(cap[0]), int(cap[1])))
+    return prepare(cuda_build.load("w4a16_decode", (int(cap[0]), int(cap[1]))))
+
+
+def prepare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Check that a built library matches this module's structs and declare its functions (once)."""
     if not getattr(lib, "_qlp_ready", False):
         lib.qlp_w4a16_abi.restype = ctypes.c_int
         want = ctypes.sizeof(_Params) * 1000 + MAX_SEGMENTS * 10 + ABI_VERSION

@@ -42,7 +42,18 @@
 namespace qlp {
 
 constexpr int MAX_SEGMENTS = 3;
-constexpr int WARPS = 8;
+// Warps a CTA and cp.async ring slots a warp (with 16-row / 32-row tiles); defines only for
+// benchmarks/bench_cuda_ring.py, which times other values
+#ifndef QLP_WARPS
+#define QLP_WARPS 8
+#endif
+#ifndef QLP_SLOTS_R1
+#define QLP_SLOTS_R1 3
+#endif
+#ifndef QLP_SLOTS_R2
+#define QLP_SLOTS_R2 2
+#endif
+constexpr int WARPS = QLP_WARPS;
 constexpr int ABI_VERSION = 3;  // bumped whenever Params or Segment change
 
 struct Segment {
@@ -175,7 +186,7 @@ struct Layout {
   // chunk slots per warp, all but one in flight while one is read.  Fewer slots leave room for more
   // CTAs an SM, which hid latency better than a deeper ring (H200, M = 1: 3 / 2 slots 3-8% faster
   // than 4 / 3, 6 / 4 up to 20% slower)
-  static constexpr int STAGES = R == 1 ? 3 : 2;
+  static constexpr int STAGES = R == 1 ? QLP_SLOTS_R1 : QLP_SLOTS_R2;
   static constexpr int ROW_B = 80;            // a row's 64 bytes of a chunk + 16 (conflict-free reads)
   static constexpr int W_B = 16 * R * ROW_B;
   static constexpr int S_B = 16 * R * 16;

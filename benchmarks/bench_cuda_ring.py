@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""The CUDA w4a16 decode kernel (``qlinear_pass/kernels/cuda/w4a16_decode.cu``) built with other
+warps per CTA and ``cp.async`` ring depths, timed side by side: the measurement behind the
+``QLP_WARPS`` / ``QLP_SLOTS_R1`` / ``QLP_SLOTS_R2`` defaults.
+
+Each variant is compiled with this machine's nvcc (the flags of ``kernels/cuda_build.py`` plus the
+defines) and timed like ``bench_decode.py`` (CUDA graph replays over weight copies past L2), with the
+row tiling the kernel's rule picks; every variant is also checked against the scheme's reference.
+Writes ``bench_cuda_ring.json`` and ``bench_cuda_ring.log`` to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+for p in (REPO, REPO / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from bench_decode import L2_BYTES, graph_time  # noqa: E402
+from qlinear_pass import schemes as S  # noqa: E402
+from qlinear_pass.kernels import cuda_build as CB  # noqa: E402
+from qlinear_pass.kernels import cuda_w4a16 as CW  # noqa: E402
+
+#: name -> (warps a CTA, ring slots with 16-row tiles, with 32-row tiles)
+VARIANTS = {"w8s3s2": (8, 3, 2), "w8s4s3": (8, 4, 3), "w8s6s4": (8, 6, 4), "w4s4s3": (4, 4, 3), "w4s6s4": (4, 6, 4)}
+SHAPES = [(4096, 14336), (14336, 4096), (4096, 6144), (4096, 28672), (4096, 1024)]
+
+
+def build(name: str, warps: int, s1: int, s2: int, folder: Path) -> ctypes.CDLL:
+    path, why = CB.toolchain()
+    if path is None:
+        raise RuntimeError(why)
+    cap = torch.cuda.get_device_capability()
+    out = folder / f"lib_{name}.so"
+    cmd = [path, *CB.FLAGS, CB.arch_flag(cap), f"-DQLP_WARPS={warps}", f"-DQLP_SLOTS_R1={s1}", f"-DQLP_SLOTS_R2={s2}",
+           "-o", str(out), str(CB.SOURCE_DIR / CB.LIBRARIES["w4a16_decode"])]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"nvcc failed for {name}:\n{proc.stderr[-3000:]}")
+    return CW.prepare(ctypes.CDLL(str(out)))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cuda_ring"))
+    ap.add_argument("--ms", default="1,8,16")
+    ap.add_argument("--group-size", type=int, default=128)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_cuda_ring.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "bench_cuda_ring.log", "w")
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        log.write(line + "\n")
+        log.flush()
+
+    say(f"# wWsAsB: W warps a CTA, A ring slots with 16-row tiles, B with 32-row tiles; us per call, w4a16 "
+        f"g{args.group_size}, {torch.cuda.get_device_name()}")
+    with tempfile.TemporaryDirectory(prefix="qlp_ring_") as tmp:
+        t0 = time.monotonic()
+        libs = {name: build(name, *v, Path(tmp)) for name, v in VARIANTS.items()}
+        say(f"# built {len(libs)} variants in {time.monotonic() - t0:.0f} s")
+        result = {"device": torch.cuda.get_device_name(), "group_size": args.group_size, "variants": VARIANTS, "cases": []}
+        original = CW._library
+        try:
+            for k, n in SHAPES:
+                p = S.quantize_weight("w4a16", torch.randn(n, k, device="cuda") * 0.02, group_size=args.group_size)
+                wbytes = p["weight"].numel() + p["weight_scale"].numel() * 4
+                sets = [(p["weight"].clone(), p["weight_scale"].clone()) for _ in range(int(2 * L2_BYTES // wbytes) + 1)]
+                for m in (int(v) for v in args.ms.split(",")):
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    ref = S.reference("w4a16", x, [p["weight"], p["weight_scale"]], None)
+                    case = {"k": k, "n": n, "m": m, "us": {}, "rel_err": {}}
+                    for name, lib in libs.items():
+                        CW._library = lambda device, lib=lib: lib
+
+                        def call(ws):
+                            return CW.w4a16_decode(x, ws[0], ws[1], None, None, args.group_size)
+                        case["rel_err"][name] = S.relative_error(call(sets[0]), ref)
+                        case["us"][name] = graph_time([(lambda ws: (lambda: call(ws)))(ws) for ws in sets]) * 1e6
+                    result["cases"].append(case)
+                    say(f"K={k:5d} N={n:5d} M={m:2d}: " + " | ".join(
+                        f"{name} {us:5.1f}" + ("" if case["rel_err"][name] <= S.TOLERANCE[torch.bfloat16] else " WRONG")
+                        for name, us in case["us"].items()))
+                    (out / "bench_cuda_ring.json").write_text(json.dumps(result, indent=1))
+        finally:
+            CW._library = original
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
