@@ -184,8 +184,8 @@ template <int R, int TOK>
 struct Layout {
   static constexpr int MT = TOK > 8 ? 2 : 1;  // 8-token MMA tiles
   // chunk slots per warp, all but one in flight while one is read.  Fewer slots leave room for more
-  // CTAs an SM, which hid latency better than a deeper ring (H200, M = 1: 3 / 2 slots 3-8% faster
-  // than 4 / 3, 6 / 4 up to 20% slower)
+  // CTAs an SM, which hid latency better than a deeper ring (benchmarks/bench_cuda_ring.py, H200:
+  // M = 1, 3 / 2 slots up to 8% faster than 4 / 3; 6 / 4 up to 27% slower)
   static constexpr int STAGES = R == 1 ? QLP_SLOTS_R1 : QLP_SLOTS_R2;
   static constexpr int ROW_B = 80;            // a row's 64 bytes of a chunk + 16 (conflict-free reads)
   static constexpr int W_B = 16 * R * ROW_B;
