@@ -127,6 +127,9 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
             raise ValueError(f"layer {i}: zero points must be uint8 [{n}, {groups}], got {layer.z.dtype} {tuple(layer.z.shape)}")
         if layer.bias is not None and tuple(layer.bias.shape) != (n,):
             raise ValueError(f"layer {i}: bias of shape {tuple(layer.bias.shape)}, expected [{n}]")
+        elsewhere = [t.device for t in layer if t is not None and t.device != x.device]
+        if elsewhere:
+            raise ValueError(f"layer {i}: its tensors are on {elsewhere[0]}, the activation on {x.device}")
         # fp32 scales (what quantize() and the checkpoint loaders make); others are converted per call
         s = _aligned(layer.s.float(), 16, sub)
         bias = layer.bias.to(x.dtype) if layer.bias is not None else None

@@ -62,6 +62,13 @@ def test_matches_reference_on_gpu(case, seed):
 
 
 @pytest.mark.gpu
+def test_tensors_on_another_device_are_refused_on_gpu():
+    x, p, b, _, _ = kernel_case("w4a16", 1, 32, 256, group_size=64, device="cuda")
+    with pytest.raises(ValueError, match="layer 0: its tensors are on cpu"):
+        CW.w4a16_decode(x, p[0].cpu(), p[1], None, None, 64)
+
+
+@pytest.mark.gpu
 def test_strided_activation_and_weights_on_gpu():
     x, p, b, _, ref = kernel_case("w4a16", 3, 64, 256, group_size=64, zero_points=True, bias=True, device="cuda")
     wide = torch.zeros(3, 512 + 8, dtype=x.dtype, device="cuda")
