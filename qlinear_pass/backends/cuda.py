@@ -27,7 +27,7 @@ class CudaW4A16(Kernel):
 
     def is_supported(self, device: DeviceInfo):
         if device.type != "cuda":
-            return False, f"a CUDA kernel: needs a CUDA GPU, not {device.type}"
+            return False, f"our CUDA kernels need a CUDA GPU, this is {device.type}"
         if device.sm is not None and device.sm < 80:
             return False, f"bf16 mma.sync needs sm80+ (Ampere or newer), this is {device}"
         from ..kernels import cuda_build

@@ -31,7 +31,7 @@ def test_backend_name_is_known_and_serves_w4a16_only():
 def test_device_reasons(monkeypatch):
     k = CB.CudaW4A16()
     ok, why = k.is_supported(CPU)
-    assert not ok and "needs a CUDA GPU" in why
+    assert not ok and "need a CUDA GPU, this is cpu" in why
     ok, why = k.is_supported(T4)
     assert not ok and "sm80+" in why
     monkeypatch.setattr(cuda_build, "toolchain", lambda: (None, "nvcc was not found (install the CUDA toolkit, ...)"))
