@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import platform
 import statistics
@@ -188,6 +189,7 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def _cuda_kernel_available() -> bool:
     """Can this machine build and run the CUDA w4a16 kernel (kernels/cuda)?"""
     from qlinear_pass.backends.cuda import CudaW4A16

@@ -10,6 +10,7 @@ M <= 16: each CTA reads its weight rows once per 16 tokens.
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -55,7 +56,14 @@ def check_group_size(k: int, group_size: int) -> str:
 
 
 def _library(device: torch.device) -> ctypes.CDLL:
-    cap = torch.cuda.get_device_capability(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _library_for(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _library_for(index: int) -> ctypes.CDLL:
+    """The built library for GPU ``index`` (its architecture's), looked up once per GPU."""
+    cap = torch.cuda.get_device_capability(index)
     return prepare(cuda_build.load("w4a16_decode", (int(cap[0]), int(cap[1]))))
 
 

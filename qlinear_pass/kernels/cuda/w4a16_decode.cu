@@ -38,6 +38,7 @@
 #include <stdio.h>
 
 #include <algorithm>
+#include <atomic>
 
 namespace qlp {
 
@@ -406,16 +407,25 @@ cudaError_t launch(const Params& p, cudaStream_t stream) {
   constexpr int bytes = Layout<R, TOK>::BYTES;
   static_assert(bytes <= 227 * 1024, "more shared memory than a Hopper SM has");
   auto kernel = w4a16_kernel<T, VEC, TOK, R>;
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (e != cudaSuccess) return e;
-  int dev = 0, sms = 0, per_sm = 0;
+  // CTAs that run at once, per device: found (with the shared-memory limit raised) on the first
+  // launch there, read by every later one
+  constexpr int MAX_DEVICES = 64;
+  static std::atomic<int> known[MAX_DEVICES];
+  int dev = 0;
   cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, bytes);
-  if (e != cudaSuccess) return e;
-  if (per_sm < 1) return cudaErrorInvalidConfiguration;
+  int resident = dev < MAX_DEVICES ? known[dev].load(std::memory_order_relaxed) : 0;
+  if (resident == 0) {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (e != cudaSuccess) return e;
+    int sms = 0, per_sm = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, bytes);
+    if (e != cudaSuccess) return e;
+    if (per_sm < 1) return cudaErrorInvalidConfiguration;
+    resident = per_sm * sms;
+    if (dev < MAX_DEVICES) known[dev].store(resident, std::memory_order_relaxed);
+  }
   // persistent CTAs: as many as run at once, each with an equal share of the row tiles
-  const int resident = per_sm * sms;
   const int rounds = (p.total_tiles + resident - 1) / resident;
   dim3 grid((p.total_tiles + rounds - 1) / rounds, (p.m + TOK - 1) / TOK);
   kernel<<<grid, WARPS * 32, bytes, stream>>>(p);
