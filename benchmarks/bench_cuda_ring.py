@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """The CUDA w4a16 decode kernel (``qlinear_pass/kernels/cuda/w4a16_decode.cu``) built with other
-warps per CTA and ``cp.async`` ring depths, timed side by side: the measurement behind the
-``QLP_WARPS`` / ``QLP_SLOTS_R1`` / ``QLP_SLOTS_R2`` defaults.
+values of its tuning defines, timed side by side: the measurement behind the defaults of
+``QLP_WARPS`` / ``QLP_SLOTS_R1`` / ``QLP_SLOTS_R2`` (warps a CTA, ``cp.async`` ring depths),
+``QLP_X_PREFETCH`` (the activation loaded a chunk ahead for M > 1), ``QLP_MIN_CTAS`` (the
+register budget for M > 1) and ``QLP_MAX_TOK`` (tokens a CTA).
 
 Each variant is compiled with this machine's nvcc (the flags of ``kernels/cuda_build.py`` plus the
 defines) and timed like ``bench_decode.py`` (CUDA graph replays over weight copies past L2), with the
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -31,18 +34,33 @@ from qlinear_pass import schemes as S  # noqa: E402
 from qlinear_pass.kernels import cuda_build as CB  # noqa: E402
 from qlinear_pass.kernels import cuda_w4a16 as CW  # noqa: E402
 
-#: name -> (warps a CTA, ring slots with 16-row tiles, with 32-row tiles)
-VARIANTS = {"w8s3s2": (8, 3, 2), "w8s4s3": (8, 4, 3), "w8s6s4": (8, 6, 4), "w4s4s3": (4, 4, 3), "w4s6s4": (4, 6, 4)}
+#: sets of variants (--set): name -> the defines it is built with (the others keep the source's defaults)
+SETS = {
+    "ring": {
+        "w8s3s2": {"QLP_WARPS": 8, "QLP_SLOTS_R1": 3, "QLP_SLOTS_R2": 2},
+        "w8s4s3": {"QLP_WARPS": 8, "QLP_SLOTS_R1": 4, "QLP_SLOTS_R2": 3},
+        "w8s6s4": {"QLP_WARPS": 8, "QLP_SLOTS_R1": 6, "QLP_SLOTS_R2": 4},
+        "w4s4s3": {"QLP_WARPS": 4, "QLP_SLOTS_R1": 4, "QLP_SLOTS_R2": 3},
+        "w4s6s4": {"QLP_WARPS": 4, "QLP_SLOTS_R1": 6, "QLP_SLOTS_R2": 4},
+    },
+    "tokens": {
+        "t16pf1": {"QLP_MAX_TOK": 16, "QLP_X_PREFETCH": 1},
+        "t16pf0": {"QLP_MAX_TOK": 16, "QLP_X_PREFETCH": 0},
+        "t8pf1": {"QLP_MAX_TOK": 8, "QLP_X_PREFETCH": 1},
+        "t8pf0": {"QLP_MAX_TOK": 8, "QLP_X_PREFETCH": 0},
+        "t16min2": {"QLP_MAX_TOK": 16, "QLP_X_PREFETCH": 0, "QLP_MIN_CTAS": 2},
+    },
+}
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 6144), (4096, 28672), (4096, 1024)]
 
 
-def build(name: str, warps: int, s1: int, s2: int, folder: Path) -> ctypes.CDLL:
+def build(name: str, defines: dict, folder: Path) -> ctypes.CDLL:
     path, why = CB.toolchain()
     if path is None:
         raise RuntimeError(why)
     cap = torch.cuda.get_device_capability()
     out = folder / f"lib_{name}.so"
-    cmd = [path, *CB.FLAGS, CB.arch_flag(cap), f"-DQLP_WARPS={warps}", f"-DQLP_SLOTS_R1={s1}", f"-DQLP_SLOTS_R2={s2}",
+    cmd = [path, *CB.FLAGS, CB.arch_flag(cap), *(f"-D{k}={v}" for k, v in defines.items()),
            "-o", str(out), str(CB.SOURCE_DIR / CB.LIBRARIES["w4a16_decode"])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
@@ -55,6 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cuda_ring"))
     ap.add_argument("--ms", default="1,8,16")
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--set", choices=sorted(SETS), default="ring", help="which variants to build and time")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_cuda_ring.py needs a CUDA GPU", file=sys.stderr)
@@ -68,13 +87,16 @@ def main(argv=None) -> int:
         log.write(line + "\n")
         log.flush()
 
-    say(f"# wWsAsB: W warps a CTA, A ring slots with 16-row tiles, B with 32-row tiles; us per call, w4a16 "
-        f"g{args.group_size}, {torch.cuda.get_device_name()}")
+    variants = SETS[args.set]
+    say(f"# variants: " + "; ".join(f"{name} = {d}" for name, d in variants.items()))
+    say(f"# us per call, w4a16 g{args.group_size}, {torch.cuda.get_device_name()}")
     with tempfile.TemporaryDirectory(prefix="qlp_ring_") as tmp:
         t0 = time.monotonic()
-        libs = {name: build(name, *v, Path(tmp)) for name, v in VARIANTS.items()}
+        with ThreadPoolExecutor(max_workers=len(variants)) as pool:  # one nvcc each, side by side
+            built = {name: pool.submit(build, name, d, Path(tmp)) for name, d in variants.items()}
+            libs = {name: f.result() for name, f in built.items()}
         say(f"# built {len(libs)} variants in {time.monotonic() - t0:.0f} s")
-        result = {"device": torch.cuda.get_device_name(), "group_size": args.group_size, "variants": VARIANTS, "cases": []}
+        result = {"device": torch.cuda.get_device_name(), "group_size": args.group_size, "set": args.set, "variants": variants, "cases": []}
         original = CW._library
         try:
             for k, n in SHAPES:

@@ -124,8 +124,9 @@ def built() -> list[dict]:
     return out
 
 
-def compile_only(libraries=tuple(LIBRARIES), capability: tuple[int, int] = (9, 0)) -> dict:
-    """Compile every library for ``capability`` with nvcc, without a GPU; {library: seconds}."""
+def compile_only(libraries=tuple(LIBRARIES), capability: tuple[int, int] = (9, 0), keep: Optional[Path] = None) -> dict:
+    """Compile every library for ``capability`` with nvcc, without a GPU; {library: seconds}.
+    The shared libraries go to ``keep`` (as ``lib<library>.so``) when given, else are thrown away."""
     path, why = toolchain()
     if path is None:
         raise RuntimeError(why)
@@ -133,7 +134,7 @@ def compile_only(libraries=tuple(LIBRARIES), capability: tuple[int, int] = (9, 0
     with tempfile.TemporaryDirectory(prefix="qlp_cuda_check_") as tmp:
         for library in libraries:
             t0 = time.monotonic()
-            cmd = _command(path, library, capability, Path(tmp) / f"lib{library}.so")
+            cmd = _command(path, library, capability, Path(keep or tmp) / f"lib{library}.so")
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 raise RuntimeError(f"nvcc failed on {library}:\n$ {' '.join(cmd)}\n{(proc.stdout + proc.stderr)[-6000:]}")

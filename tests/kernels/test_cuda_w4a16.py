@@ -107,10 +107,42 @@ def test_abi_struct_sizes():
 
 @pytest.mark.slow
 @pytest.mark.skipif(cuda_build.toolchain()[0] is None, reason="needs nvcc")
-def test_source_compiles_for_sm80_and_sm90():
-    times = cuda_build.compile_only(capability=(9, 0))
+def test_source_compiles_for_sm80_and_sm90(tmp_path):
+    times = cuda_build.compile_only(capability=(9, 0), keep=tmp_path)
     assert set(times) == set(cuda_build.LIBRARIES)
     cuda_build.compile_only(capability=(8, 0))
+    # the library exports its two C functions and nothing GNU-unique: such a symbol (a static in a
+    # template with external linkage) is one per process, so two builds loaded at once (two GPU
+    # architectures, bench_cuda_ring.py's variants) would share the per-device launch cache
+    symbols = _dynamic_symbols(tmp_path / "libw4a16_decode.so")
+    assert not [name for name, bind in symbols if bind == STB_GNU_UNIQUE]
+    assert {"qlp_w4a16_abi", "qlp_w4a16_decode"} <= {name for name, bind in symbols if bind == STB_GLOBAL}
+
+
+STB_GLOBAL, STB_GNU_UNIQUE = 1, 10
+
+
+def _dynamic_symbols(path):
+    """(name, binding) of the defined symbols in an ELF64 little-endian file's .dynsym."""
+    import struct
+
+    data = path.read_bytes()
+    assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    out = []
+    for _name, kind, _flags, _addr, offset, size, link, _info, _align, entsize in sections:
+        if kind != 11:  # SHT_DYNSYM
+            continue
+        strtab = sections[link][4]
+        for j in range(size // entsize):
+            st_name, st_info, _other, st_shndx = struct.unpack_from("<IBBH", data, offset + j * entsize)
+            if st_shndx == 0:  # undefined: imported, not ours
+                continue
+            end = data.index(b"\0", strtab + st_name)
+            out.append((data[strtab + st_name:end].decode(), st_info >> 4))
+    return out
 
 
 # --- the fragment mapping, modelled on the CPU --------------------------------------------------

@@ -24,7 +24,8 @@
 // * CTAs are persistent (about as many as fit on the GPU at once): each walks its row tiles while
 //   its warps' rings run on from one tile into the next;
 // * at M = 1 the token's 128 values of a chunk travel in the ring beside its weights; for larger M
-//   each sub-chunk reads the activation from L2 (it is small, and shared by every CTA);
+//   each warp loads a chunk's activation from L2 (it is small, and shared by every CTA) into
+//   registers while it computes the chunk before;
 // * up to MAX_SEGMENTS layers that read the same activation (q/k/v, gate/up) share one launch: the
 //   row tiles of the layers are numbered one after another.
 //
@@ -54,6 +55,19 @@ constexpr int MAX_SEGMENTS = 3;
 #ifndef QLP_SLOTS_R2
 #define QLP_SLOTS_R2 2
 #endif
+// For more than one token: 1 loads a chunk's activation into registers one chunk ahead (its L2
+// latency hides behind the current chunk's MMAs), 0 loads it where it is used
+#ifndef QLP_X_PREFETCH
+#define QLP_X_PREFETCH 1
+#endif
+// For more than one token: CTAs an SM the register allocation must leave room for
+#ifndef QLP_MIN_CTAS
+#define QLP_MIN_CTAS 1
+#endif
+// Tokens a CTA takes at most (8 or 16); more tokens take more CTAs along y
+#ifndef QLP_MAX_TOK
+#define QLP_MAX_TOK 16
+#endif
 constexpr int WARPS = QLP_WARPS;
 constexpr int ABI_VERSION = 3;  // bumped whenever Params or Segment change
 
@@ -74,6 +88,10 @@ struct Params {
   int m, k, group, nseg, total_tiles;
   Segment seg[MAX_SEGMENTS];
 };
+
+// internal linkage for the code: the per-device cache in launch() would otherwise be one process-wide
+// (GNU unique) symbol, shared by every build of this file loaded at once
+namespace {
 
 template <typename T> struct Num;
 template <> struct Num<__nv_bfloat16> {
@@ -195,7 +213,10 @@ struct Layout {
   static constexpr int X_B = TOK == 1 ? 128 * 2 : 0;
   static constexpr int SLOT_B = W_B + S_B + Z_B + X_B;
   static constexpr int RING_B = WARPS * STAGES * SLOT_B;
-  static constexpr int RED_B = WARPS * 16 * R * 8 * MT * 4;
+  // a row of the reduction holds the tile's 8 MT tokens and one pad: an odd stride, so the threads
+  // that add up consecutive channels read 32 different banks
+  static constexpr int RED_ROW = 8 * MT + 1;
+  static constexpr int RED_B = WARPS * 16 * R * RED_ROW * 4;
   static constexpr int BYTES = RING_B + RED_B;
 };
 
@@ -203,7 +224,7 @@ struct Layout {
 // TOK: tokens per CTA (1: the activation travels with the weights in the ring; 8 or 16: read from
 // L2, larger M takes more CTAs along y); R: 16-row tiles per warp.
 template <typename T, int VEC, int TOK, int R>
-__global__ void __launch_bounds__(WARPS * 32) w4a16_kernel(const __grid_constant__ Params p) {
+__global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kernel(const __grid_constant__ Params p) {
   using L = Layout<R, TOK>;
   constexpr int MT = L::MT;
   constexpr int STAGES = L::STAGES;
@@ -221,7 +242,7 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_kernel(const __grid_constant
   const int ntiles = blockIdx.x < p.total_tiles ? (p.total_tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
 
   uint8_t* ring = smem + warp * STAGES * L::SLOT_B;
-  float (*red)[16 * R][8 * MT] = reinterpret_cast<float (*)[16 * R][8 * MT]>(smem + L::RING_B);
+  float (*red)[16 * R][L::RED_ROW] = reinterpret_cast<float (*)[16 * R][L::RED_ROW]>(smem + L::RING_B);
   const T* x_tok = static_cast<const T*>(p.x) + (long long)tok0 * p.x_stride;
 
   // what the next cp.async copies: chunk ci of the CTA's tile tj into slot ts; per-lane sources of
@@ -269,6 +290,26 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_kernel(const __grid_constant
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) issue();
 
+  // more than one token: the activation of chunk c, 16 bytes per (sub-chunk, 8-token tile, word) a
+  // lane, straight from global memory (L2: every CTA reads it); zeros past the last token
+  constexpr bool PREFETCH = TOK > 1 && QLP_X_PREFETCH;
+  uint4 xr[SUB][MT][WORDS], xc[SUB][MT][WORDS];  // the next chunk's, this chunk's
+  auto load_x = [&](uint4 (&dst)[SUB][MT][WORDS], int c) {
+#pragma unroll
+    for (int s = 0; s < SUB; ++s)
+#pragma unroll
+      for (int jj = 0; jj < MT; ++jj)
+#pragma unroll
+        for (int w = 0; w < WORDS; ++w) {
+          const int tk = 8 * jj + g;
+          dst[s][jj][w] = tk < tokens ? __ldg(reinterpret_cast<const uint4*>(x_tok + (long long)tk * p.x_stride + c * 128 + s * 8 * VEC + t * 2 * VEC + 8 * w))
+                                     : make_uint4(0, 0, 0, 0);
+        }
+  };
+  if constexpr (TOK > 1) {
+    if (PREFETCH && nch > 0 && ntiles > 0) load_x(xr, warp);
+  }
+
   int cs = 0;  // the slot computed next
   for (int j = 0; j < ntiles; ++j) {
     int tile = blockIdx.x + j * gridDim.x;
@@ -291,23 +332,36 @@ __global__ void __launch_bounds__(WARPS * 32) w4a16_kernel(const __grid_constant
       const float* sc = reinterpret_cast<const float*>(slot + L::W_B);
       const uint8_t* zc = slot + L::W_B + L::S_B;
       const int c = warp + i * WARPS;
+      if constexpr (TOK > 1) {
+        if constexpr (PREFETCH) {
+          // this chunk's activation arrived during the last one; the next one's (the next tile's
+          // first, after the last chunk) is requested before the MMAs start
+#pragma unroll
+          for (int s = 0; s < SUB; ++s)
+#pragma unroll
+            for (int jj = 0; jj < MT; ++jj)
+#pragma unroll
+              for (int w = 0; w < WORDS; ++w) xc[s][jj][w] = xr[s][jj][w];
+          if (i + 1 < nch) load_x(xr, c + WARPS);
+          else if (j + 1 < ntiles) load_x(xr, warp);
+        } else {
+          load_x(xc, c);
+        }
+      }
 #pragma unroll
       for (int s = 0; s < SUB; ++s) {
-        const int k0 = c * 128 + s * 8 * VEC;
         // the activation of this sub-chunk as B fragments, per word: (x0,x4) (x1,x5) (x2,x6) (x3,x7)
         uint32_t xb[MT][WORDS][4];
 #pragma unroll
         for (int jj = 0; jj < MT; ++jj)
 #pragma unroll
           for (int w = 0; w < WORDS; ++w) {
-            uint4 q = make_uint4(0, 0, 0, 0);
-            const int tk = 8 * jj + g;
-            if (tk < tokens) {
-              if constexpr (TOK == 1) {
-                q = *reinterpret_cast<const uint4*>(slot + L::W_B + L::S_B + L::Z_B + (s * 8 * VEC + t * 2 * VEC + 8 * w) * 2);
-              } else {
-                q = *reinterpret_cast<const uint4*>(x_tok + (long long)tk * p.x_stride + k0 + t * 2 * VEC + 8 * w);
-              }
+            uint4 q;
+            if constexpr (TOK == 1) {
+              q = g == 0 ? *reinterpret_cast<const uint4*>(slot + L::W_B + L::S_B + L::Z_B + (s * 8 * VEC + t * 2 * VEC + 8 * w) * 2)
+                         : make_uint4(0, 0, 0, 0);
+            } else {
+              q = xc[s][jj][w];
             }
             xb[jj][w][0] = prmt(q.x, q.z, 0x5410);
             xb[jj][w][1] = prmt(q.x, q.z, 0x7632);
@@ -425,9 +479,12 @@ cudaError_t launch(const Params& p, cudaStream_t stream) {
     resident = per_sm * sms;
     if (dev < MAX_DEVICES) known[dev].store(resident, std::memory_order_relaxed);
   }
-  // persistent CTAs: as many as run at once, each with an equal share of the row tiles
-  const int rounds = (p.total_tiles + resident - 1) / resident;
-  dim3 grid((p.total_tiles + rounds - 1) / rounds, (p.m + TOK - 1) / TOK);
+  // persistent CTAs: as many as run at once (over all token slices), each with an equal share of
+  // its slice's row tiles
+  const int slices = (p.m + TOK - 1) / TOK;
+  const int per_slice = std::max(1, resident / slices);
+  const int rounds = (p.total_tiles + per_slice - 1) / per_slice;
+  dim3 grid((p.total_tiles + rounds - 1) / rounds, slices);
   kernel<<<grid, WARPS * 32, bytes, stream>>>(p);
   return cudaGetLastError();
 }
@@ -440,7 +497,7 @@ cudaError_t dispatch_r(const Params& p, int row_tiles, cudaStream_t stream) {
 template <typename T, int VEC>
 cudaError_t dispatch_m(const Params& p, int row_tiles, cudaStream_t stream) {
   if (p.m == 1) return dispatch_r<T, VEC, 1>(p, row_tiles, stream);
-  return p.m <= 8 ? dispatch_r<T, VEC, 8>(p, row_tiles, stream) : dispatch_r<T, VEC, 16>(p, row_tiles, stream);
+  return p.m <= 8 || QLP_MAX_TOK == 8 ? dispatch_r<T, VEC, 8>(p, row_tiles, stream) : dispatch_r<T, VEC, 16>(p, row_tiles, stream);
 }
 
 template <typename T>
@@ -450,6 +507,7 @@ cudaError_t dispatch(const Params& p, int row_tiles, cudaStream_t stream) {
   return dispatch_m<T, 16>(p, row_tiles, stream);
 }
 
+}  // namespace
 }  // namespace qlp
 
 extern "C" {
