@@ -1,13 +1,13 @@
 """Building our own CUDA kernels (``kernels/cuda/*.cu``) on first use.
 
-Each source is a self-contained CUDA C++ file (no torch or CUTLASS headers) that exports plain C
-functions.  The first time a kernel runs on a machine its source is compiled by this machine's
+Each source is a CUDA C++ file (no torch or CUTLASS headers; ``common.cuh`` holds what they share)
+that exports plain C functions.  The first time a kernel runs on a machine its source is compiled by this machine's
 nvcc for this GPU's architecture into a shared library (seconds), which Python loads with
 ``ctypes``; launches go to the caller's CUDA stream, so CUDA graphs capture them.
 
 * Builds are cached under ``$QLINEAR_PASS_CACHE_DIR/cuda`` (default ``~/.cache/qlinear_pass/cuda``),
-  one folder per library and key; the key hashes the source, the flags, the architecture and
-  nvcc's version, so a change rebuilds and nothing stale is loaded.
+  one folder per library and key; the key hashes the source (and the shared ``*.cuh`` headers),
+  the flags, the architecture and nvcc's version, so a change rebuilds and nothing stale is loaded.
 * A file lock per build folder: a second process waits for the first one's build.
 * The build says so on stderr when it starts and ends (with the seconds, also in ``build.json``).
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from .cutlass_build import _heartbeat, _locked, _say, cache_root, nvcc
 
@@ -48,9 +49,9 @@ def arch_flag(capability: tuple[int, int]) -> str:
     return f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"
 
 
-def toolchain() -> tuple[Optional[str], str]:
-    """(nvcc's path, "") or (None, why not)."""
-    path, _, why = nvcc(MIN_NVCC, "qlinear_pass's CUDA kernels")
+def toolchain(minimum: tuple[int, int] = MIN_NVCC) -> tuple[Optional[str], str]:
+    """(nvcc's path, "") or (None, why not): an nvcc of version ``minimum`` or newer."""
+    path, _, why = nvcc(minimum, "qlinear_pass's CUDA kernels")
     return path, why
 
 
@@ -58,6 +59,8 @@ def build_key(library: str, capability: tuple[int, int]) -> str:
     _, version, _ = nvcc(MIN_NVCC, "qlinear_pass's CUDA kernels")
     h = hashlib.sha256()
     h.update((SOURCE_DIR / LIBRARIES[library]).read_bytes())
+    for header in sorted(SOURCE_DIR.glob("*.cuh")):  # what the sources include
+        h.update(header.name.encode() + header.read_bytes())
     h.update(repr((FLAGS, capability, version)).encode())
     return h.hexdigest()[:16]
 
@@ -91,6 +94,41 @@ def load(library: str, capability: tuple[int, int]) -> ctypes.CDLL:
         lib = ctypes.CDLL(str(so))
         _loaded[key] = lib
         return lib
+
+
+def library_for(library: str, device, prepare: Callable[[ctypes.CDLL], ctypes.CDLL]) -> ctypes.CDLL:
+    """``library`` built for the architecture of the CUDA ``device`` (a torch.device) and passed
+    through ``prepare`` (the caller's :func:`bind`): looked up once per GPU."""
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _library_for(library, index, prepare)
+
+
+@functools.lru_cache(maxsize=None)
+def _library_for(library: str, index: int, prepare) -> ctypes.CDLL:
+    import torch
+
+    cap = torch.cuda.get_device_capability(index)
+    return prepare(load(library, (int(cap[0]), int(cap[1]))))
+
+
+def bind(lib: ctypes.CDLL, prefix: str, params: type, max_segments: int, abi_version: int, argtypes: list) -> ctypes.CDLL:
+    """Check that a built library's ``qlp_<prefix>_abi()`` matches the caller's ctypes ``params``
+    struct (its size, ``max_segments`` and ``abi_version``) and declare ``qlp_<prefix>_decode(params*,
+    *argtypes, stream, err, err_len)``; once per library."""
+    if not getattr(lib, "_qlp_ready", False):
+        abi = getattr(lib, f"qlp_{prefix}_abi")
+        abi.restype = ctypes.c_int
+        want = ctypes.sizeof(params) * 1000 + max_segments * 10 + abi_version
+        if abi() != want:
+            raise RuntimeError(f"the built {prefix} decode library does not match this module (ABI {abi()} != {want}); "
+                               "its build cache is stale or from another version")
+        run = getattr(lib, f"qlp_{prefix}_decode")
+        run.restype = ctypes.c_int
+        run.argtypes = [ctypes.POINTER(params), *argtypes, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+        lib._qlp_ready = True
+    return lib
 
 
 def _build(path: str, library: str, capability: tuple[int, int], folder: Path, so: Path, what: str) -> None:

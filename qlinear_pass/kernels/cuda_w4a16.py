@@ -10,7 +10,6 @@ M <= 16: each CTA reads its weight rows once per 16 tokens.
 from __future__ import annotations
 
 import ctypes
-import functools
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -56,29 +55,12 @@ def check_group_size(k: int, group_size: int) -> str:
 
 
 def _library(device: torch.device) -> ctypes.CDLL:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _library_for(index)
-
-
-@functools.lru_cache(maxsize=None)
-def _library_for(index: int) -> ctypes.CDLL:
-    """The built library for GPU ``index`` (its architecture's), looked up once per GPU."""
-    cap = torch.cuda.get_device_capability(index)
-    return prepare(cuda_build.load("w4a16_decode", (int(cap[0]), int(cap[1]))))
+    return cuda_build.library_for("w4a16_decode", device, prepare)
 
 
 def prepare(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Check that a built library matches this module's structs and declare its functions (once)."""
-    if not getattr(lib, "_qlp_ready", False):
-        lib.qlp_w4a16_abi.restype = ctypes.c_int
-        want = ctypes.sizeof(_Params) * 1000 + MAX_SEGMENTS * 10 + ABI_VERSION
-        if lib.qlp_w4a16_abi() != want:
-            raise RuntimeError(f"the built w4a16 decode library does not match this module (ABI {lib.qlp_w4a16_abi()} != {want})")
-        lib.qlp_w4a16_decode.restype = ctypes.c_int
-        lib.qlp_w4a16_decode.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                                         ctypes.c_char_p, ctypes.c_int]
-        lib._qlp_ready = True
-    return lib
+    return cuda_build.bind(lib, "w4a16", _Params, MAX_SEGMENTS, ABI_VERSION, [ctypes.c_int, ctypes.c_int])
 
 
 def row_tiles_for(m: int, n_total: int, sms: int) -> int:
@@ -89,7 +71,7 @@ def row_tiles_for(m: int, n_total: int, sms: int) -> int:
     return 2 if n_total // 32 >= 0.9 * sms else 1
 
 
-def _aligned(t: torch.Tensor, align: int, row_multiple: int = 1) -> torch.Tensor:
+def aligned(t: torch.Tensor, align: int, row_multiple: int = 1) -> torch.Tensor:
     """``t`` (2-D) with unit stride along its rows, its start on an ``align``-byte boundary and a row
     stride that is a multiple of ``row_multiple`` elements; a copy where ``t`` is not."""
     if t.stride(-1) != 1 or t.data_ptr() % align or t.stride(0) % row_multiple:
@@ -139,14 +121,14 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
         if elsewhere:
             raise ValueError(f"layer {i}: its tensors are on {elsewhere[0]}, the activation on {x.device}")
         # fp32 scales (what quantize() and the checkpoint loaders make); others are converted per call
-        s = _aligned(layer.s.float(), 16, sub)
+        s = aligned(layer.s.float(), 16, sub)
         bias = layer.bias.to(x.dtype) if layer.bias is not None else None
-        prepared.append((_aligned(layer.w, 16, 16), s, _zero_points(layer.z) if layer.z is not None else None,
+        prepared.append((aligned(layer.w, 16, 16), s, _zero_points(layer.z) if layer.z is not None else None,
                          bias.contiguous() if bias is not None else None, n))
     outs = [torch.empty((m, n), device=x.device, dtype=x.dtype) for *_, n in prepared]
     if m == 0 or not prepared:
         return outs
-    x = _aligned(x, 16, 8)
+    x = aligned(x, 16, 8)
     lib = _library(x.device)
     n_total = sum(n for *_, n in prepared)
     if row_tiles is None:

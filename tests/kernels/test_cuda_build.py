@@ -30,6 +30,10 @@ def test_build_key_changes_with_source_arch_and_nvcc(monkeypatch, tmp_path):
     cu.write_text(cu.read_text() + "\n// changed\n")
     changed = CB.build_key("w4a16_decode", (9, 0))
     assert changed != key
+    header = src / "common.cuh"  # a shared header counts too
+    header.write_text(header.read_text() + "\n// changed\n")
+    assert CB.build_key("w4a16_decode", (9, 0)) not in (key, changed)
+    changed = CB.build_key("w4a16_decode", (9, 0))
     monkeypatch.setattr(CB, "nvcc", lambda *a: ("/x/nvcc", (13, 1), ""))
     assert CB.build_key("w4a16_decode", (9, 0)) not in (key, changed)
 
@@ -73,3 +77,26 @@ def test_main_rejects_a_bad_arch(capsys):
     with pytest.raises(SystemExit):
         CB.main(["--compile-only", "--arch", "hopper"])
     assert "--arch takes sm_XY" in capsys.readouterr().err
+
+
+def test_bind_checks_the_abi_and_declares_the_launch_once():
+    import ctypes
+
+    class Fn:
+        def __init__(self, value=0):
+            self.value = value
+
+        def __call__(self):
+            return self.value
+
+    class Params(ctypes.Structure):
+        _fields_ = [("x", ctypes.c_void_p), ("m", ctypes.c_int)]
+
+    lib = type("Lib", (), {})()
+    lib.qlp_demo_abi, lib.qlp_demo_decode = Fn(16 * 1000 + 3 * 10 + 2), Fn()
+    with pytest.raises(RuntimeError, match="ABI 16032 != 16031"):
+        CB.bind(lib, "demo", Params, 3, 1, [ctypes.c_int])
+    assert CB.bind(lib, "demo", Params, 3, 2, [ctypes.c_int]) is lib
+    assert lib.qlp_demo_decode.argtypes == [ctypes.POINTER(Params), ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+    lib.qlp_demo_abi.value = 0  # declared once: not asked again
+    assert CB.bind(lib, "demo", Params, 3, 2, [ctypes.c_int]) is lib

@@ -41,6 +41,7 @@
 #include <algorithm>
 #include <atomic>
 
+
 namespace qlp {
 
 constexpr int MAX_SEGMENTS = 3;
@@ -89,9 +90,10 @@ struct Params {
   Segment seg[MAX_SEGMENTS];
 };
 
-// internal linkage for the code: the per-device cache in launch() would otherwise be one process-wide
-// (GNU unique) symbol, shared by every build of this file loaded at once
+// internal linkage for the code (see common.cuh)
 namespace {
+
+#include "common.cuh"
 
 template <typename T> struct Num;
 template <> struct Num<__nv_bfloat16> {
@@ -151,12 +153,6 @@ __device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uin
   }
 }
 
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
 // VEC bytes (WORDS = VEC / 4 words) from shared memory
 template <int WORDS>
 __device__ __forceinline__ void read_words(uint32_t (&v)[WORDS], const uint8_t* p) {
@@ -168,30 +164,6 @@ __device__ __forceinline__ void read_words(uint32_t (&v)[WORDS], const uint8_t* 
     v[0] = q.x; v[1] = q.y;
   } else {
     v[0] = *reinterpret_cast<const uint32_t*>(p);
-  }
-}
-
-__device__ __forceinline__ Segment pick(const Params& p, int& tile) {
-  // a select per field, not a dynamically indexed copy of the parameter array in local memory
-  Segment s = p.seg[0];
-  if (p.nseg > 1 && tile >= p.seg[0].tiles) {
-    tile -= p.seg[0].tiles;
-    s = p.seg[1];
-    if (p.nseg > 2 && tile >= p.seg[1].tiles) {
-      tile -= p.seg[1].tiles;
-      s = p.seg[2];
-    }
-  }
-  return s;
-}
-
-template <int BYTES>
-__device__ __forceinline__ void cp_async(void* dst, const void* src) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  if constexpr (BYTES == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(d), "l"(src), "n"(BYTES) : "memory");
   }
 }
 
@@ -460,32 +432,10 @@ template <typename T, int VEC, int TOK, int R>
 cudaError_t launch(const Params& p, cudaStream_t stream) {
   constexpr int bytes = Layout<R, TOK>::BYTES;
   static_assert(bytes <= 227 * 1024, "more shared memory than a Hopper SM has");
-  auto kernel = w4a16_kernel<T, VEC, TOK, R>;
-  // CTAs that run at once, per device: found (with the shared-memory limit raised) on the first
-  // launch there, read by every later one
-  constexpr int MAX_DEVICES = 64;
-  static std::atomic<int> known[MAX_DEVICES];
-  int dev = 0;
-  cudaGetDevice(&dev);
-  int resident = dev < MAX_DEVICES ? known[dev].load(std::memory_order_relaxed) : 0;
-  if (resident == 0) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (e != cudaSuccess) return e;
-    int sms = 0, per_sm = 0;
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, bytes);
-    if (e != cudaSuccess) return e;
-    if (per_sm < 1) return cudaErrorInvalidConfiguration;
-    resident = per_sm * sms;
-    if (dev < MAX_DEVICES) known[dev].store(resident, std::memory_order_relaxed);
-  }
-  // persistent CTAs: as many as run at once (over all token slices), each with an equal share of
-  // its slice's row tiles
-  const int slices = (p.m + TOK - 1) / TOK;
-  const int per_slice = std::max(1, resident / slices);
-  const int rounds = (p.total_tiles + per_slice - 1) / per_slice;
-  dim3 grid((p.total_tiles + rounds - 1) / rounds, slices);
-  kernel<<<grid, WARPS * 32, bytes, stream>>>(p);
+  int resident = 0;
+  cudaError_t e = resident_ctas<w4a16_kernel<T, VEC, TOK, R>>(WARPS * 32, bytes, resident);
+  if (e != cudaSuccess) return e;
+  w4a16_kernel<T, VEC, TOK, R><<<persistent_grid(p.total_tiles, p.m, TOK, resident), WARPS * 32, bytes, stream>>>(p);
   return cudaGetLastError();
 }
 
