@@ -168,16 +168,25 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
             peers["triton GEMM"] = graph_time([(lambda ps: (lambda: triton_gemm(scheme, x, ps, g)))(ps) for ps in sets])
     except Exception as exc:
         out["triton_gemm_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-    if scheme == "w4a16" and _cuda_kernel_available():
-        from qlinear_pass.kernels import cuda_w4a16 as CW
+    cuda = _cuda_kernel(scheme)
+    if cuda is not None:
+        # our CUDA decode kernel, with 16- and 32-row tiles; W8A8 is given the quantized activation,
+        # as in a compiled model (where the quantization fuses into the kernel before)
+        from qlinear_pass.kernels import cuda_w4a16, cuda_w8a8
 
-        rule = CW.row_tiles_for(m, n, torch.cuda.get_device_properties(0).multi_processor_count)
+        if scheme == "w4a16":
+            def fn(ps, rt):
+                return cuda_w4a16.w4a16_decode(x, ps[0], ps[1], ps[2] if len(ps) > 2 else None, None, g, row_tiles=rt)
+        else:
+            xq_c, xs_c = S.quantize_activation(scheme, x)
+
+            def fn(ps, rt):
+                return cuda_w8a8.w8a8_decode(xq_c, xs_c, ps[0], ps[1], None, torch.bfloat16, row_tiles=rt)
         for rt in (1, 2):
-            def fn(ps, rt=rt):
-                return CW.w4a16_decode(x, ps[0], ps[1], ps[2] if len(ps) > 2 else None, None, g, row_tiles=rt)
-            out.setdefault("cuda_rel_err", {})[f"r{rt}"] = S.relative_error(fn(sets[0]), ref)
-            peers[f"cuda_w4a16 r{rt}"] = graph_time([(lambda ps: (lambda: fn(ps)))(ps) for ps in sets])
-        out["cuda_row_tiles"] = rule
+            out.setdefault("cuda_rel_err", {})[f"r{rt}"] = S.relative_error(fn(sets[0], rt), ref)
+            peers[f"{cuda} r{rt}"] = graph_time([(lambda ps, rt=rt: (lambda: fn(ps, rt)))(ps) for ps in sets])
+        out["cuda_kernel"] = cuda
+        out["cuda_row_tiles"] = cuda_w4a16.row_tiles_for(m, n, torch.cuda.get_device_properties(0).multi_processor_count)
     if scheme == "fp8_rowwise":
         xq, xs = S.quantize_activation(scheme, x)
         peers["_scaled_mm (x pre-quantized)"] = graph_time([
@@ -190,15 +199,20 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_kernel_available() -> bool:
-    """Can this machine build and run the CUDA w4a16 kernel (kernels/cuda)?"""
-    from qlinear_pass.backends.cuda import CudaW4A16
+def _cuda_kernel(scheme: str):
+    """The name of our CUDA decode kernel (kernels/cuda) for ``scheme`` if this machine can build and
+    run it, else None."""
+    from qlinear_pass import registry as R
     from qlinear_pass.spec import DeviceInfo
 
-    ok, why = CudaW4A16().is_supported(DeviceInfo.of("cuda"))
-    if not ok:
-        print(f"cuda_w4a16 not timed: {why}", flush=True)
-    return ok
+    device = DeviceInfo.of("cuda")
+    for kernel in R.candidates(scheme, device):
+        if kernel.backend == "cuda":
+            ok, why = kernel.is_supported(device)
+            if not ok:
+                print(f"{kernel.name} not timed: {why}", flush=True)
+            return kernel.name if ok else None
+    return None
 
 
 def bench_prefill(label, scheme, g, zp, k, n, m) -> dict:
@@ -302,7 +316,7 @@ def write_summary(result: dict, path: Path) -> None:
              f"Copy bandwidth {result['copy_bytes_per_s'] / 1e9:.0f} GB/s (read + write).  us per call; "
              "% = weight bytes / time / copy bandwidth.", "",
              "| format | K | N | M | chosen us | % copy | best us | best config | bf16 us | Triton GEMM us | x bf16 | x Triton GEMM "
-             "| cuda_w4a16 us (rule) | % copy | x bf16 |",
+             "| CUDA kernel us (rule) | % copy | x bf16 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["cases"]:
         d, b, p = c["default"] or {}, c["best"] or {}, c["peers_us"]
@@ -318,12 +332,13 @@ def write_summary(result: dict, path: Path) -> None:
 
 
 def _cuda_cells(case: dict, bf16_us: float, copy_bw: float) -> str:
-    """The CUDA w4a16 kernel's cells: its time with the row tiles its rule picks, % of copy, x bf16."""
+    """Our CUDA kernel's cells: its time with the row tiles its rule picks, % of copy, x bf16."""
     rt = case.get("cuda_row_tiles")
-    t = case["peers_us"].get(f"cuda_w4a16 r{rt}") if rt else None
+    name = case.get("cuda_kernel", "cuda_w4a16")
+    t = case["peers_us"].get(f"{name} r{rt}") if rt else None
     if t is None:
         return "  |  |  |"
-    return f" {t:.1f} (r{rt}) | {case['weight_bytes'] / (t * 1e-6) / copy_bw:.0%} | {bf16_us / t:.2f} |"
+    return f" {name} {t:.1f} (r{rt}) | {case['weight_bytes'] / (t * 1e-6) / copy_bw:.0%} | {bf16_us / t:.2f} |"
 
 
 if __name__ == "__main__":

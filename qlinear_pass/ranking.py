@@ -88,21 +88,25 @@ _H200 = "H200, torch 2.11"
 _FI_TENSOR = ("flashinfer_cublas_fp8", "flashinfer_cudnn_fp8", "flashinfer_cutlass_fp8")
 _FI_BLOCK_SM100 = ("flashinfer_cutlass_fp8_block", "flashinfer_trtllm_fp8_block")
 
+_W8A8 = (f"h100/decode/cuda_w8a8 ({_H100}), us, the activation given quantized, cuda_w8a8 vs our Triton decode kernel "
+         "(M=1) / Triton GEMM (M=8, 16) vs bf16 F.linear vs torch._scaled_mm, one run")
+
 SM90: tuple = (
-    Row("sm90", "fp8_rowwise", (1,), ("triton_w8a8", "cutlass_fp8", "torch_scaled_mm"),
-        f"h200/decode ({_H200}), K=4096 N=14336 M=1: triton_w8a8 (decode kernel, dyn) 20.5 us, "
-        "torch._scaled_mm with a pre-quantized activation 23.3, bf16 F.linear 30.6. "
-        f"h100/cutlass ({_H100}): cutlass_fp8 ahead of torch._scaled_mm only from M=16 up."),
-    Row("sm90", "fp8_rowwise", (16, 128, 1024, None), ("cutlass_fp8", "triton_w8a8", "torch_scaled_mm"),
+    Row("sm90", "fp8_rowwise", (1, 16), ("cuda_w8a8", "triton_w8a8", "cutlass_fp8", "torch_scaled_mm"),
+        f"{_W8A8}: K=4096 N=14336 M=1 22.7 / 26.4 / 42.0 / 26.7, M=8 23.1 / 31.2 / 43.1 / 27.6, M=16 27.0 / "
+        "32.0 / 42.3 / 26.4; K=14336 N=4096 M=1 23.5 / 31.8 / 44.8 / 48.6, M=16 24.7 / 34.4 / 45.4 / 45.1; "
+        "gate/up (N=28672) M=8 42.8 / 53.5 / 86.2 / 47.3. cutlass_fp8 (not installed there) measured "
+        "43.9 us at K=4096 N=28672 M=16 and 24.3 at K=14336 M=16 in another H100 run (h100/cutlass): about "
+        "even, and cuda_w8a8 runs q/k/v and gate/up as one launch, so it leads."),
+    Row("sm90", "fp8_rowwise", (128, 1024, None), ("cutlass_fp8", "triton_w8a8", "torch_scaled_mm"),
         f"h100/cutlass/summary.md ({_H100}), K=4096 N=28672, cutlass_fp8 vs torch._scaled_mm (static): "
-        "M=16 43.9 vs 48.2, M=128 48.1 vs 48.6, M=1024 170.9 vs 202.1, M=4096 748.3 (dyn) vs 767.3; "
-        "h100/cutlass/k14336 (K=14336 N=4096): M=16 24.3 vs 45.0, M=128 28.7 vs 36.6; "
+        "M=128 48.1 vs 48.6, M=1024 170.9 vs 202.1, M=4096 748.3 (dyn) vs 767.3; "
+        "h100/cutlass/k14336 (K=14336 N=4096): M=128 28.7 vs 36.6; "
         "our Triton GEMM 1.2-1.4x behind cutlass_fp8 at M >= 1024 on K=4096."),
-    Row("sm90", "fp8_tensor", (1,), ("triton_w8a8", "cutlass_fp8", "torch_scaled_mm") + _FI_TENSOR,
-        "the decode kernel of fp8_rowwise with one activation scale: h200/decode measured it for "
-        f"fp8_rowwise (20.5 us vs bf16 30.6, {_H200}); fp8_tensor M=1 not timed apart. "
-        f"FlashInfer's bmm_fp8: 0.97-1.22x torch._scaled_mm (h100/flashinfer, {_H100}), kept behind it."),
-    Row("sm90", "fp8_tensor", (16, 128, 1024, None), ("cutlass_fp8", "triton_w8a8", "torch_scaled_mm") + _FI_TENSOR,
+    Row("sm90", "fp8_tensor", (1, 16), ("cuda_w8a8", "triton_w8a8", "cutlass_fp8", "torch_scaled_mm") + _FI_TENSOR,
+        "cuda_w8a8 is fp8_rowwise's kernel with one activation and one weight scale (its fp8_rowwise "
+        "numbers: see that row); fp8_tensor not timed apart."),
+    Row("sm90", "fp8_tensor", (128, 1024, None), ("cutlass_fp8", "triton_w8a8", "torch_scaled_mm") + _FI_TENSOR,
         "cutlass_fp8 is fp8_rowwise's kernel with a scalar scale (its fp8_rowwise numbers: see that row). "
         f"h100/cutlass/summary.md ({_H100}), fp8_tensor K=4096 N=28672: flashinfer_cublas_fp8 167.6 at "
         "M=1024 and 680.7 at M=4096 vs torch._scaled_mm 179.0 / 772.9; not re-ranked here."),
@@ -120,12 +124,13 @@ SM90: tuple = (
         "M >= 1024 and 1.01-1.35x at M=128; against flashinfer_deepgemm 0.88-1.16x at M >= 1024 (three "
         "runs) and 0.75-0.95x at M <= 128 (K=4096 N=28672 M=128: deepgemm 49.4 us), so DeepGEMM first "
         "where FlashInfer is installed."),
-    Row("sm90", "int8_rowwise", ALL_M, ("cutlass_int8", "triton_w8a8", "torch_int_mm"),
-        f"M=1: h200/decode ({_H200}) K=4096 N=14336, triton_w8a8 (decode kernel) 35.0 us vs bf16 30.5 "
-        f"(1.15x bf16's time); h100/cutlass/bench_linear.json ({_H100}) cutlass_int8 (dyn) vs bf16: "
-        "K=4096 N=28672 47.8 vs 81.7 (0.58x), N=6144 16.0 vs 20.6, N=4096 14.6 vs 16.3; so cutlass_int8 "
-        "first at M=1 too. M >= 16: h100/cutlass/summary.md, cutlass_int8 vs torch._int_mm + epilogue "
-        "1.9-3.8x at M >= 1024, vs our Triton kernels 1.2-1.4x there and 0.83-1.15x at M <= 16."),
+    Row("sm90", "int8_rowwise", (1, 16), ("cuda_w8a8", "cutlass_int8", "triton_w8a8", "torch_int_mm"),
+        f"{_W8A8}: K=4096 N=14336 M=1 22.4 / 27.6 / 41.9, M=8 22.7 / 31.3 / 42.1, M=16 24.8 / 32.1 / 42.6; "
+        "K=14336 N=4096 M=16 24.2 / 36.2 / 45.4; gate/up (N=28672) M=1 41.1 / 50.1 / 81.6. "
+        f"cutlass_int8 (dyn) at K=4096 N=28672 M=1: 47.8 us in another H100 run (h100/cutlass/bench_linear.json)."),
+    Row("sm90", "int8_rowwise", (128, 1024, None), ("cutlass_int8", "triton_w8a8", "torch_int_mm"),
+        f"h100/cutlass/summary.md ({_H100}), cutlass_int8 vs torch._int_mm + epilogue 1.9-3.8x at "
+        "M >= 1024, vs our Triton kernels 1.2-1.4x there."),
     Row("sm90", "int8_weight_only", ALL_M, ("triton_weight_only", "torch_int8pack"),
         f"M=1: h200/decode ({_H200}) K=4096 N=14336 triton_weight_only 22.9 us vs bf16 30.6. "
         f"h100/summary.md ({_H100}): torch._weight_int8pack_mm on CUDA runs at about 1 TFLOP/s (a slow path)."),
@@ -193,7 +198,7 @@ CPU: tuple = (
 #: every row; :func:`order` reads it at each call (tests monkeypatch it)
 TABLE: tuple = SM90 + CUDA + CPU
 
-_GPU_ONLY = ("cuda_w4a16", "cutlass_fp8", "cutlass_int8", "cutlass_fp8_block", "flashinfer_deepgemm_fp8_block") + _FI_TENSOR + _FI_BLOCK_SM100
+_GPU_ONLY = ("cuda_w4a16", "cuda_w8a8", "cutlass_fp8", "cutlass_int8", "cutlass_fp8_block", "flashinfer_deepgemm_fp8_block") + _FI_TENSOR + _FI_BLOCK_SM100
 #: kernels ``auto`` never reaches on a device class (placed after ``emulation``): our Triton
 #: kernels run on a CPU only through the interpreter, for tests; the GPU libraries refuse it
 BEHIND_EMULATION: dict = {

@@ -153,16 +153,19 @@ def test_a_changed_row_changes_the_selection(monkeypatch):
         assert SEL.select(dataclasses.replace(s, m=None), qp.LinearBackendConfig(), CPU).kernel.name == first
 
 
-def test_sm90_keeps_cutlass_int8_first_at_every_m():
+def test_sm90_int8_rowwise_takes_the_cuda_kernel_up_to_m16_then_cutlass():
     for b in ranking.M_BUCKETS:
-        assert [k.name for k in SEL.candidates("int8_rowwise", H100, b)][:2] == ["cutlass_int8", "triton_w8a8"]
+        names = [k.name for k in SEL.candidates("int8_rowwise", H100, b)]
+        assert names[:2] == (["cuda_w8a8", "cutlass_int8"] if b in (1, 16) else ["cutlass_int8", "triton_w8a8"])
 
 
-def test_sm90_decode_bucket_tries_triton_first_except_int8_rowwise_and_w4a16():
+def test_sm90_decode_bucket_takes_our_cuda_kernels_for_w8a8_per_token_and_int4():
+    cuda_first = {"fp8_tensor": "cuda_w8a8", "fp8_rowwise": "cuda_w8a8", "int8_rowwise": "cuda_w8a8", "w4a16": "cuda_w4a16",
+                  "fp8_block": "triton_w8a8"}
     for scheme in SCHEMES:
-        first = SEL.candidates(scheme, H100, 1)[0].name
-        assert first == ("cutlass_int8" if scheme == "int8_rowwise" else "cuda_w4a16" if scheme == "w4a16" else
-                         "triton_w8a8" if scheme in ("fp8_tensor", "fp8_rowwise", "fp8_block") else "triton_weight_only")
+        for b in (1, 16):
+            first = SEL.candidates(scheme, H100, b)[0].name
+            assert first == cuda_first.get(scheme, "triton_weight_only") or (b == 16 and scheme == "fp8_block"), (scheme, b)
 
 
 def test_sm90_w4a16_takes_the_cuda_kernel_up_to_m16_then_triton():

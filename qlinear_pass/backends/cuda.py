@@ -7,6 +7,11 @@ this GPU the first time one runs (seconds; cached; see ``kernels/cuda_build.py``
   sibling layers that read the same activation (``run_group``: q/k/v, gate/up).  It computes
   any M, but reads its weight once per 16 tokens: ``auto`` takes it for M <= 16 only
   (``ranking.py``).
+* ``cuda_w8a8``: ``fp8_rowwise``, ``fp8_tensor`` (fp8 e4m3) and ``int8_rowwise`` at decode sizes:
+  the weight and the quantized activation go into the tensor cores as they are, no conversion
+  (``kernels/cuda/w8a8_decode.cu``); it takes the graph's quantized activation (per token or per
+  tensor), so the quantization fuses into the kernel that writes the activation.  Same launch
+  structure as ``cuda_w4a16``, same M <= 16 in ``auto``.
 """
 from __future__ import annotations
 
@@ -19,6 +24,21 @@ from ..spec import OK, DeviceInfo, LayerSpec
 ACTS = (torch.bfloat16, torch.float16)
 
 
+def _cuda_status(device: DeviceInfo, min_sm: int, what: str, nvcc_version: tuple = ()):
+    """Can our CUDA kernels run here: a GPU of sm ``min_sm`` or newer (for ``what``) and an nvcc
+    (``nvcc_version`` or newer) to build them?"""
+    if device.type != "cuda":
+        return False, f"our CUDA kernels need a CUDA GPU, this is {device.type}"
+    if device.sm is not None and device.sm < min_sm:
+        return False, f"{what} needs sm{min_sm}+, this is {device}"
+    from ..kernels import cuda_build
+
+    path, why = cuda_build.toolchain(nvcc_version or cuda_build.MIN_NVCC)
+    if path is None:
+        return False, f"it is built on first use with nvcc: {why}"
+    return OK
+
+
 @register_kernel
 class CudaW4A16(Kernel):
     name = "cuda_w4a16"
@@ -26,16 +46,7 @@ class CudaW4A16(Kernel):
     schemes = ("w4a16",)
 
     def is_supported(self, device: DeviceInfo):
-        if device.type != "cuda":
-            return False, f"our CUDA kernels need a CUDA GPU, this is {device.type}"
-        if device.sm is not None and device.sm < 80:
-            return False, f"bf16 mma.sync needs sm80+ (Ampere or newer), this is {device}"
-        from ..kernels import cuda_build
-
-        path, why = cuda_build.toolchain()
-        if path is None:
-            return False, f"it is built on first use with nvcc: {why}"
-        return OK
+        return _cuda_status(device, 80, "bf16 mma.sync (Ampere or newer)")
 
     def can_implement(self, spec: LayerSpec):
         from ..kernels.cuda_w4a16 import check_group_size
@@ -64,3 +75,53 @@ class CudaW4A16(Kernel):
 
         x = x if x.dim() == 2 else x.reshape(-1, specs[0].k)
         return w4a16_decode_group(x, [self._layer(p, b) for p, b in zip(params, biases)], specs[0].group_size)
+
+
+@register_kernel
+class CudaW8A8(Kernel):
+    name = "cuda_w8a8"
+    backend = "cuda"
+    schemes = ("fp8_rowwise", "fp8_tensor", "int8_rowwise")
+
+    def is_supported(self, device: DeviceInfo):
+        # fp8 e4m3 mma.sync: sm89 and PTX ISA 8.4 (CUDA 12.4); the kernel serves all three schemes
+        return _cuda_status(device, 89, "fp8 mma.sync (Ada / Hopper or newer; int8_rowwise alone would run on sm80, but "
+                            "the kernel serves all three)", (12, 4))
+
+    def can_implement(self, spec: LayerSpec):
+        from ..kernels.cuda_w8a8 import OUT_DTYPES, check_k
+
+        if spec.out_dtype not in OUT_DTYPES:
+            return False, f"writes bf16, fp16 or fp32, not {spec.out_dtype}"
+        if spec.act_input == "dynamic" and spec.act_dtype not in OUT_DTYPES:
+            return False, f"activation dtype {spec.act_dtype} is not bf16/fp16/fp32"
+        why = check_k(spec.k)
+        return (False, why) if why else OK
+
+    def takes_quantized_activation(self, spec):
+        """Yes: the kernel multiplies quantized bytes; the graph's quantization fuses into the kernel
+        that writes the activation (the norm before q/k/v, the SwiGLU before down_proj)."""
+        return True
+
+    @staticmethod
+    def _quantized(spec, x, params):
+        """(the quantized activation, its scale): the graph's, or (a layer run outside a compiled
+        graph's plan) quantized here as the scheme's reference does."""
+        from .. import schemes as S
+
+        x = x if x.dim() == 2 else x.reshape(-1, spec.k)
+        if spec.act_input == "static":
+            return x, params[-1]
+        return S.quantize_activation(spec.scheme, x)
+
+    def run(self, spec, x, params, bias):
+        from ..kernels.cuda_w8a8 import w8a8_decode
+
+        xq, sx = self._quantized(spec, x, params)
+        return w8a8_decode(xq, sx, params[0], params[1], bias, spec.out_dtype)
+
+    def run_group(self, specs, x, params, biases):
+        from ..kernels.cuda_w8a8 import Layer, w8a8_decode_group
+
+        xq, sx = self._quantized(specs[0], x, params[0])
+        return w8a8_decode_group(xq, sx, [Layer(p[0], p[1], b) for p, b in zip(params, biases)], specs[0].out_dtype)

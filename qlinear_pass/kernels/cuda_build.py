@@ -34,7 +34,7 @@ from .cutlass_build import _heartbeat, _locked, _say, cache_root, nvcc
 
 SOURCE_DIR = Path(__file__).with_name("cuda")
 #: library -> its source
-LIBRARIES = {"w4a16_decode": "w4a16_decode.cu"}
+LIBRARIES = {"w4a16_decode": "w4a16_decode.cu", "w8a8_decode": "w8a8_decode.cu"}
 #: mma.sync with bf16 operands, __grid_constant__: CUDA 11.7 or newer
 MIN_NVCC = (11, 7)
 FLAGS = ("-O3", "-std=c++17", "--shared", "-Xcompiler", "-fPIC", "-DNDEBUG")

@@ -21,11 +21,12 @@ def spec(**kw):
     return R.LayerSpec(**base)
 
 
-def test_backend_name_is_known_and_serves_w4a16_only():
+def test_backend_name_is_known_and_its_kernels_serve_their_schemes():
     assert "cuda" in qp.available_backends(CPU)
+    served = {"w4a16": ["cuda_w4a16"], "fp8_rowwise": ["cuda_w8a8"], "fp8_tensor": ["cuda_w8a8"], "int8_rowwise": ["cuda_w8a8"]}
     for scheme in S._SCHEMES:
         names = [k.name for k in R.candidates(scheme, H100) if k.backend == "cuda"]
-        assert names == (["cuda_w4a16"] if scheme == "w4a16" else [])
+        assert names == served.get(scheme, [])
 
 
 def test_device_reasons(monkeypatch):
@@ -34,10 +35,10 @@ def test_device_reasons(monkeypatch):
     assert not ok and "need a CUDA GPU, this is cpu" in why
     ok, why = k.is_supported(T4)
     assert not ok and "sm80+" in why
-    monkeypatch.setattr(cuda_build, "toolchain", lambda: (None, "nvcc was not found (install the CUDA toolkit, ...)"))
+    monkeypatch.setattr(cuda_build, "toolchain", lambda *a: (None, "nvcc was not found (install the CUDA toolkit, ...)"))
     ok, why = k.is_supported(H100)
     assert not ok and "built on first use with nvcc" in why and "nvcc was not found" in why
-    monkeypatch.setattr(cuda_build, "toolchain", lambda: ("/usr/local/cuda/bin/nvcc", ""))
+    monkeypatch.setattr(cuda_build, "toolchain", lambda *a: ("/usr/local/cuda/bin/nvcc", ""))
     assert k.is_supported(H100) == (True, "")
 
 
@@ -54,14 +55,14 @@ def test_layer_limits():
 
 
 def test_explicit_cuda_without_nvcc_is_an_error_naming_why(monkeypatch):
-    monkeypatch.setattr(cuda_build, "toolchain", lambda: (None, "nvcc was not found"))
+    monkeypatch.setattr(cuda_build, "toolchain", lambda *a: (None, "nvcc was not found"))
     with pytest.raises(qp.NoKernelError) as e:
         R.select(spec(), qp.LinearBackendConfig("cuda"), H100)
     msg = str(e.value)
     assert "cuda_w4a16" in msg and "nvcc was not found" in msg and "layers.0.self_attn.q_proj" in msg
     with pytest.raises(qp.NoKernelError) as e:
-        R.select(spec(scheme="fp8_rowwise", group_size=None, act_input="dynamic"), qp.LinearBackendConfig("cuda"), H100)
-    assert "no kernel for scheme 'fp8_rowwise'" in str(e.value)
+        R.select(spec(scheme="int8_weight_only", group_size=None), qp.LinearBackendConfig("cuda"), H100)
+    assert "no kernel for scheme 'int8_weight_only'" in str(e.value)
 
 
 def test_running_on_cpu_tensors_is_refused():
@@ -93,3 +94,73 @@ def test_gpu_compiled_siblings_run_in_one_call():
         assert ops.CALLS["cuda_w4a16"] > before
         assert S.relative_error(y, ref) < S.TOLERANCE[torch.bfloat16]
         torch._dynamo.reset()
+
+
+def w8a8_spec(**kw):
+    return spec(**{"scheme": "fp8_rowwise", "group_size": None, "act_input": "dynamic", **kw})
+
+
+def test_w8a8_device_reasons(monkeypatch):
+    k = CB.CudaW8A8()
+    ok, why = k.is_supported(CPU)
+    assert not ok and "need a CUDA GPU" in why
+    ok, why = k.is_supported(R.DeviceInfo("cuda", (8, 0), "fake A100"))
+    assert not ok and "sm89+" in why and "fp8 mma.sync" in why
+    asked = []
+    monkeypatch.setattr(cuda_build, "toolchain", lambda *a: asked.append(a) or (None, "nvcc 12.1 is older than 12.4"))
+    ok, why = k.is_supported(H100)
+    assert not ok and "nvcc 12.1 is older than 12.4" in why and asked == [((12, 4),)]
+    monkeypatch.setattr(cuda_build, "toolchain", lambda *a: ("/usr/local/cuda/bin/nvcc", ""))
+    assert k.is_supported(H100) == (True, "")
+
+
+def test_w8a8_layer_limits_and_the_quantized_activation():
+    k = CB.CudaW8A8()
+    assert k.can_implement(w8a8_spec()) == (True, "")
+    assert k.can_implement(w8a8_spec(act_input="static", act_dtype=torch.float8_e4m3fn, out_dtype=torch.float32))[0]
+    ok, why = k.can_implement(w8a8_spec(k=4160))
+    assert not ok and "chunks of 128" in why
+    ok, why = k.can_implement(w8a8_spec(out_dtype=torch.int32))
+    assert not ok and "writes bf16, fp16 or fp32" in why
+    assert k.takes_quantized_activation(w8a8_spec())
+
+
+def test_w8a8_quantizes_a_float_activation_itself():
+    """Outside a graph that quantizes (act_input "dynamic"), the kernel gets what the reference
+    quantization makes; with "static" it takes the activation and the last parameter as they are."""
+    k = CB.CudaW8A8()
+    x = torch.randn(2, 256)
+    xq, sx = k._quantized(w8a8_spec(k=256), x, [None, None])
+    ref_q, ref_s = S.quantize_activation("fp8_rowwise", x)
+    assert torch.equal(xq.float(), ref_q.float()) and torch.equal(sx, ref_s)
+    given = torch.ones(2, 1)
+    assert k._quantized(w8a8_spec(k=256, act_input="static"), ref_q, [None, None, given]) == (ref_q, given)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_w8a8_siblings_run_in_one_call():
+    """fp8_rowwise q/k/v: the graph quantizes the activation once and one cuda_w8a8 call runs all
+    three.  Against the Triton backend, given the same quantized activation by the same graph, it
+    may differ only by accumulation order and output rounding; against the eager modules also by
+    activation values that the graph's quantization rounds to the neighbouring fp8 level."""
+    from qlinear_pass.kernels import ops
+
+    from ..test_graph_pass import Siblings
+
+    ok, why = CB.CudaW8A8().is_supported(R.DeviceInfo.of("cuda"))
+    if not ok:
+        pytest.skip(why)
+    torch.manual_seed(0)
+    model = qp.quantize(Siblings(k=512, ns=(512, 128, 128)).to(torch.bfloat16), "fp8_rowwise").cuda()
+    for m in (1, 8):
+        x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+        before = ops.CALLS["cuda_w8a8"]
+        with torch.no_grad():
+            y = torch.compile(model, backend=qp.make(linear_backend="cuda"))(x)
+            torch._dynamo.reset()
+            y_triton = torch.compile(model, backend=qp.make(linear_backend="triton"))(x)
+            torch._dynamo.reset()
+            ref = model(x)
+        assert ops.CALLS["cuda_w8a8"] > before
+        assert S.relative_error(y, y_triton) < 5e-3
+        assert S.relative_error(y, ref) < 2 * S.TOLERANCE[torch.bfloat16]

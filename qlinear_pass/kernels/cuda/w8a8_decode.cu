@@ -1,0 +1,340 @@
+// W8A8 at decode sizes: y[m, n] = sx[m] * sw[n] * sum_k xq[m, k] * wq[n, k] (+ bias[n]), with fp8
+// e4m3 or int8 weights and activations ([N, K] and [M, K] bytes), the weight scale per channel or
+// per tensor, the activation scale per token or per tensor.  The activation arrives quantized:
+// in a compiled model the graph quantizes it inside the kernel that writes it (the norm, SwiGLU).
+//
+// Both operands are already tensor-core types, so the CUDA cores do no conversion at all:
+//
+// * mma.sync m16n8k32 (e4m3 -> f32, s8 -> s32): the weight is the 16-row A operand (rows = output
+//   channels), the activation the 8-column B operand (columns = tokens);
+// * a lane reads 16 bytes of k of two weight rows and the same 16 bytes of k of its token: two
+//   MMAs.  The k order inside an MMA is a permutation of the loaded k, the same for both operands,
+//   so the bytes go from shared memory into the MMA untouched;
+// * weights travel by cp.async into a ring of STAGES chunk slots per warp (a chunk: 128 k of the
+//   warp's 16 R rows); STAGES - 1 chunks stay in flight while the warp computes on one.  16-byte
+//   pieces of odd rows are stored swapped by 64 bytes, so the 8 lanes of a quarter warp read 8
+//   different bank quads;
+// * the warps of a CTA split K (chunk c goes to warp c % WARPS), add up through shared memory at
+//   the end of each row tile, and the scales and bias are applied once, in fp32, when the output
+//   is written in its dtype;
+// * CTAs are persistent; each warp loads its next chunk's activation (from L2, shared by every CTA)
+//   into registers while it computes the current one;
+// * up to MAX_SEGMENTS layers that read the same activation (q/k/v, gate/up) share one launch.
+//
+// Built with nvcc on first use (kernels/cuda_build.py) into a shared library that Python calls
+// through ctypes; the launch goes to the caller's stream, so CUDA graphs capture it.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include <algorithm>
+#include <atomic>
+
+namespace qlp {
+
+constexpr int MAX_SEGMENTS = 3;
+// Warps a CTA and cp.async ring slots a warp (16-row / 32-row tiles)
+#ifndef QLP_W8_WARPS
+#define QLP_W8_WARPS 8
+#endif
+#ifndef QLP_W8_SLOTS_R1
+#define QLP_W8_SLOTS_R1 3
+#endif
+#ifndef QLP_W8_SLOTS_R2
+#define QLP_W8_SLOTS_R2 2
+#endif
+constexpr int WARPS = QLP_W8_WARPS;
+constexpr int ABI_VERSION = 1;  // bumped whenever Params or Segment change
+
+struct Segment {
+  const uint8_t* w;     // [n, k] bytes, rows w_stride bytes apart (16-byte aligned)
+  const float* sw;      // fp32 weight scales: [n] (sw_stride 1) or one (sw_stride 0)
+  const void* bias;     // [n] in the output dtype, or null
+  void* out;            // [m, n] in the output dtype, rows out_stride elements apart
+  long long w_stride, sw_stride, out_stride;
+  int n;
+  int tiles;            // row tiles of this layer: ceil(n / rows per tile)
+};
+
+struct Params {
+  const uint8_t* x;     // [m, k] quantized activation, rows x_stride bytes apart (16-byte aligned)
+  const float* sx;      // fp32 activation scales: [m] (sx_stride 1) or one (sx_stride 0)
+  long long x_stride, sx_stride;
+  int m, k, nseg, total_tiles;
+  Segment seg[MAX_SEGMENTS];
+};
+
+// internal linkage for the code (see common.cuh)
+namespace {
+
+#include "common.cuh"
+
+enum Elem { E4M3 = 0, S8 = 1 };
+
+template <int ELEM> struct Acc { using type = float; };
+template <> struct Acc<S8> { using type = int; };
+
+template <int ELEM>
+__device__ __forceinline__ void mma(typename Acc<ELEM>::type (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                    uint32_t b0, uint32_t b1) {
+  if constexpr (ELEM == S8) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    __trap();  // fp8 MMAs need sm89+; the host refuses fp8 below that (qlp_w8a8_decode)
+#endif
+  }
+}
+
+template <typename O> struct Out;
+template <> struct Out<__nv_bfloat16> {
+  __device__ static float load(const void* p, int i) { return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]); }
+  __device__ static void store(void* p, long long i, float v) { static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); }
+};
+template <> struct Out<__half> {
+  __device__ static float load(const void* p, int i) { return __half2float(static_cast<const __half*>(p)[i]); }
+  __device__ static void store(void* p, long long i, float v) { static_cast<__half*>(p)[i] = __float2half_rn(v); }
+};
+template <> struct Out<float> {
+  __device__ static float load(const void* p, int i) { return static_cast<const float*>(p)[i]; }
+  __device__ static void store(void* p, long long i, float v) { static_cast<float*>(p)[i] = v; }
+};
+
+// 16-byte piece u (0-7) of row r of a chunk slot: odd rows have their two 64-byte halves swapped
+__device__ __forceinline__ int piece_at(int r, int u) { return r * 128 + ((u ^ ((r & 1) << 2)) << 4); }
+
+// The shared memory of one CTA: the warps' rings [WARPS][STAGES][16 R rows][128 bytes], then the
+// reduction [WARPS][16 R][8 MT + 1] (an odd row stride: the threads that add up consecutive
+// channels read 32 different banks)
+template <int R, int TOK>
+struct Layout {
+  static constexpr int MT = TOK > 8 ? 2 : 1;  // 8-token MMA tiles
+  static constexpr int STAGES = R == 1 ? QLP_W8_SLOTS_R1 : QLP_W8_SLOTS_R2;
+  static constexpr int SLOT_B = 16 * R * 128;
+  static constexpr int RING_B = WARPS * STAGES * SLOT_B;
+  static constexpr int RED_ROW = 8 * MT + 1;
+  static constexpr int BYTES = RING_B + WARPS * 16 * R * RED_ROW * 4;
+};
+
+// ELEM: E4M3 or S8; O: the output dtype; TOK: tokens per CTA (1, 8 or 16; larger M takes more CTAs
+// along y); R: 16-row tiles per warp.
+template <int ELEM, typename O, int TOK, int R>
+__global__ void __launch_bounds__(WARPS * 32) w8a8_kernel(const __grid_constant__ Params p) {
+  using L = Layout<R, TOK>;
+  using A = typename Acc<ELEM>::type;
+  constexpr int MT = L::MT;
+  constexpr int STAGES = L::STAGES;
+  extern __shared__ __align__(16) uint8_t smem[];
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int tok0 = blockIdx.y * TOK;
+  const int tokens = min(TOK, p.m - tok0);
+  const int nchunks = p.k / 128;
+  const int nch = warp < nchunks ? (nchunks - warp + WARPS - 1) / WARPS : 0;  // this warp's chunks of a tile
+  const int ntiles = blockIdx.x < p.total_tiles ? (p.total_tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+
+  uint8_t* ring = smem + warp * STAGES * L::SLOT_B;
+  A (*red)[16 * R][L::RED_ROW] = reinterpret_cast<A (*)[16 * R][L::RED_ROW]>(smem + L::RING_B);
+  const uint8_t* x_tok = p.x + (long long)tok0 * p.x_stride;
+
+  // what the next cp.async copies: chunk ci of the CTA's tile tj into slot ts; per-lane sources
+  int tj = 0, ci = 0, ts = 0;
+  const uint8_t* w_src[4 * R];
+  auto at_tile = [&](int j) {
+    int tile = blockIdx.x + j * gridDim.x;
+    const Segment sg = pick(p, tile);
+#pragma unroll
+    for (int q = 0; q < 4 * R; ++q) {  // 4 R pieces of 16 bytes a lane: row piece / 8, bytes 16 * (piece % 8)
+      const int piece = lane + 32 * q;
+      const int row = min(tile * 16 * R + (piece >> 3), sg.n - 1);
+      w_src[q] = sg.w + (long long)row * sg.w_stride + warp * 128 + (piece & 7) * 16;
+    }
+  };
+  auto issue = [&]() {
+    if (tj < ntiles) {
+      uint8_t* slot = ring + ts * L::SLOT_B;
+      const int step = ci * WARPS * 128;  // bytes past this warp's first chunk
+#pragma unroll
+      for (int q = 0; q < 4 * R; ++q) {
+        const int piece = lane + 32 * q;
+        cp_async<16>(slot + piece_at(piece >> 3, piece & 7), w_src[q] + step);
+      }
+      if (++ci == nch) {
+        ci = 0;
+        if (++tj < ntiles) at_tile(tj);
+      }
+    }
+    cp_commit();  // an empty group past the end keeps the count that cp_wait relies on
+    ts = ts + 1 == STAGES ? 0 : ts + 1;
+  };
+  if (nch == 0) tj = ntiles;  // a warp without chunks copies nothing, but meets the others at each tile's end
+  else if (ntiles > 0) at_tile(0);
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) issue();
+
+  // the activation of chunk c: 16 bytes per (half, 8-token tile) a lane; zeros past the last token
+  uint4 xr[2][MT], xc[2][MT];  // the next chunk's, this chunk's
+  auto load_x = [&](int c) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int jj = 0; jj < MT; ++jj) {
+        const int tk = 8 * jj + g;
+        xr[h][jj] = tk < tokens ? __ldg(reinterpret_cast<const uint4*>(x_tok + (long long)tk * p.x_stride + c * 128 + h * 64 + t * 16))
+                                : make_uint4(0, 0, 0, 0);
+      }
+  };
+  if (nch > 0 && ntiles > 0) load_x(warp);
+
+  int cs = 0;  // the slot computed next
+  for (int j = 0; j < ntiles; ++j) {
+    int tile = blockIdx.x + j * gridDim.x;
+    const Segment sg = pick(p, tile);
+    const int row0 = tile * 16 * R;
+    A acc[R][MT][4], acc2[R][MT][4];  // two accumulators: two independent chains of MMAs
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int jj = 0; jj < MT; ++jj)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[r][jj][e] = acc2[r][jj][e] = 0;
+
+    for (int i = 0; i < nch; ++i) {
+      issue();
+      const int c = warp + i * WARPS;
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int jj = 0; jj < MT; ++jj) xc[h][jj] = xr[h][jj];
+      if (i + 1 < nch) load_x(c + WARPS);
+      else if (j + 1 < ntiles) load_x(warp);
+      cp_wait<STAGES - 1>();
+      __syncwarp();
+      const uint8_t* slot = ring + cs * L::SLOT_B;
+      cs = cs + 1 == STAGES ? 0 : cs + 1;
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const uint4 lo = *reinterpret_cast<const uint4*>(slot + piece_at(16 * r + g, 4 * h + t));
+          const uint4 hi = *reinterpret_cast<const uint4*>(slot + piece_at(16 * r + g + 8, 4 * h + t));
+#pragma unroll
+          for (int jj = 0; jj < MT; ++jj) {
+            mma<ELEM>(acc[r][jj], lo.x, hi.x, lo.y, hi.y, xc[h][jj].x, xc[h][jj].y);
+            mma<ELEM>(acc2[r][jj], lo.z, hi.z, lo.w, hi.w, xc[h][jj].z, xc[h][jj].w);
+          }
+        }
+      __syncwarp();  // every lane is done with the slot before a later cp.async refills it
+    }
+
+    // the warps' partial sums of this tile meet in shared memory, while the rings already hold the
+    // next tile's first chunks
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int jj = 0; jj < MT; ++jj) {
+        red[warp][16 * r + g][8 * jj + 2 * t] = acc[r][jj][0] + acc2[r][jj][0];
+        red[warp][16 * r + g][8 * jj + 2 * t + 1] = acc[r][jj][1] + acc2[r][jj][1];
+        red[warp][16 * r + g + 8][8 * jj + 2 * t] = acc[r][jj][2] + acc2[r][jj][2];
+        red[warp][16 * r + g + 8][8 * jj + 2 * t + 1] = acc[r][jj][3] + acc2[r][jj][3];
+      }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < R * 16 * MT * 8; idx += WARPS * 32) {
+      const int rr = idx % (R * 16), tt = idx / (R * 16);  // consecutive threads: consecutive channels
+      const int row = row0 + rr;
+      if (row >= sg.n || tt >= tokens) continue;
+      A v = 0;
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) v += red[w][rr][tt];
+      float y = static_cast<float>(v) * sg.sw[row * sg.sw_stride] * p.sx[(tok0 + tt) * p.sx_stride];
+      if (sg.bias) y += Out<O>::load(sg.bias, row);
+      Out<O>::store(sg.out, (long long)(tok0 + tt) * sg.out_stride + row, y);
+    }
+    __syncthreads();  // the reduction space is free again
+  }
+  cp_wait<0>();
+}
+
+template <int ELEM, typename O, int TOK, int R>
+cudaError_t launch(const Params& p, cudaStream_t stream) {
+  constexpr int bytes = Layout<R, TOK>::BYTES;
+  static_assert(bytes <= 227 * 1024, "more shared memory than a Hopper SM has");
+  int resident = 0;
+  cudaError_t e = resident_ctas<w8a8_kernel<ELEM, O, TOK, R>>(WARPS * 32, bytes, resident);
+  if (e != cudaSuccess) return e;
+  w8a8_kernel<ELEM, O, TOK, R><<<persistent_grid(p.total_tiles, p.m, TOK, resident), WARPS * 32, bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <int ELEM, typename O, int TOK>
+cudaError_t dispatch_r(const Params& p, int row_tiles, cudaStream_t stream) {
+  return row_tiles == 1 ? launch<ELEM, O, TOK, 1>(p, stream) : launch<ELEM, O, TOK, 2>(p, stream);
+}
+
+template <int ELEM, typename O>
+cudaError_t dispatch_m(const Params& p, int row_tiles, cudaStream_t stream) {
+  if (p.m == 1) return dispatch_r<ELEM, O, 1>(p, row_tiles, stream);
+  return p.m <= 8 ? dispatch_r<ELEM, O, 8>(p, row_tiles, stream) : dispatch_r<ELEM, O, 16>(p, row_tiles, stream);
+}
+
+template <int ELEM>
+cudaError_t dispatch(const Params& p, int out_dtype, int row_tiles, cudaStream_t stream) {
+  if (out_dtype == 0) return dispatch_m<ELEM, __nv_bfloat16>(p, row_tiles, stream);
+  if (out_dtype == 1) return dispatch_m<ELEM, __half>(p, row_tiles, stream);
+  return dispatch_m<ELEM, float>(p, row_tiles, stream);
+}
+
+}  // namespace
+}  // namespace qlp
+
+extern "C" {
+
+// The version of Params / Segment this library was built with (the caller checks it matches its own).
+int qlp_w8a8_abi(void) { return (int)(sizeof(qlp::Params) * 1000 + qlp::MAX_SEGMENTS * 10 + qlp::ABI_VERSION); }
+
+// Launch on `stream`.  elem: 0 fp8 e4m3, 1 int8; out_dtype: 0 bf16, 1 fp16, 2 fp32; row_tiles: 1 or
+// 2 (16 or 32 channels a tile); the caller sets every segment's `tiles` for rows of 16 * row_tiles
+// and p->total_tiles to their sum.  Returns 0, or writes why not into err.
+int qlp_w8a8_decode(const qlp::Params* p, int elem, int out_dtype, int row_tiles, void* stream, char* err, int err_len) {
+  auto fail = [&](const char* what) {
+    snprintf(err, err_len, "%s", what);
+    return 1;
+  };
+  if (p->nseg < 1 || p->nseg > qlp::MAX_SEGMENTS) return fail("between 1 and MAX_SEGMENTS layers a launch");
+  if (p->k % 128 != 0) return fail("K must be a multiple of 128");
+  if (elem != 0 && elem != 1) return fail("elem must be 0 (fp8 e4m3) or 1 (int8)");
+  if (out_dtype < 0 || out_dtype > 2) return fail("out_dtype must be 0 (bf16), 1 (fp16) or 2 (fp32)");
+  if (row_tiles != 1 && row_tiles != 2) return fail("row_tiles must be 1 or 2");
+  int total = 0;
+  for (int i = 0; i < p->nseg; ++i) total += p->seg[i].tiles;
+  if (total != p->total_tiles) return fail("total_tiles is not the sum of the segments' tiles");
+  if (p->m <= 0 || total == 0) return 0;
+  if (elem == 0) {
+    int dev = 0, major = 0, minor = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    if (major * 10 + minor < 89) return fail("fp8 MMAs need sm89 or newer");
+  }
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  cudaError_t e = elem == 0 ? qlp::dispatch<qlp::E4M3>(*p, out_dtype, row_tiles, s) : qlp::dispatch<qlp::S8>(*p, out_dtype, row_tiles, s);
+  if (e != cudaSuccess) {
+    snprintf(err, err_len, "kernel launch failed: %s", cudaGetErrorString(e));
+    return 1;
+  }
+  return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,156 @@
+"""The CUDA W8A8 decode kernel (kernels/cuda/w8a8_decode.cu): on the GPU against the scheme's
+reference under hypothesis; on the CPU its argument checks, its ABI and a model of the fragment
+mapping it relies on (its nvcc build is checked with the other CUDA sources, in test_cuda_w4a16)."""
+
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from qlinear_pass import registry as R
+from qlinear_pass import schemes as S
+from qlinear_pass.backends.cuda import CudaW8A8
+from qlinear_pass.kernels import cuda_w8a8 as CW
+from tests.helpers import kernel_case
+
+SCHEMES = ("fp8_rowwise", "fp8_tensor", "int8_rowwise")
+
+
+@st.composite
+def cases(draw):
+    return dict(
+        scheme=draw(st.sampled_from(SCHEMES)),
+        m=draw(st.integers(1, 20)),
+        ns=draw(st.lists(st.integers(1, 300), min_size=1, max_size=4)),
+        k=draw(st.sampled_from([128, 256, 640, 4096])),
+        dtype=draw(st.sampled_from([torch.bfloat16, torch.float16, torch.float32])),
+        bias=draw(st.booleans()),
+        row_tiles=draw(st.sampled_from([None, 1, 2])),
+    )
+
+
+def check(scheme, m, ns, k, dtype, bias, row_tiles, seed=0):
+    layers, refs, xq, xs = [], [], None, None
+    for i, n in enumerate(ns):
+        # the same activation for every layer (seed fixed), each its own weight (seed + i)
+        xq_i, p, b, xs_i, _ = kernel_case(scheme, m, n, k, static=True, dtype=dtype, bias=bias, seed=seed, device="cuda")
+        _, p, b, _, _ = kernel_case(scheme, m, n, k, static=True, dtype=dtype, bias=bias, seed=seed + 1000 * i, device="cuda")
+        xq, xs = (xq_i, xs_i) if xq is None else (xq, xs)
+        layers.append(CW.Layer(p[0], p[1], b))
+        refs.append(S.reference(scheme, xq, p, b, input_scale=xs, out_dtype=dtype))
+    ys = CW.w8a8_decode_group(xq, xs, layers, dtype, row_tiles=row_tiles)
+    for i, (y, ref) in enumerate(zip(ys, refs)):
+        assert y.shape == ref.shape and y.dtype == dtype
+        err = S.relative_error(y, ref)
+        assert err <= S.TOLERANCE[dtype], f"{scheme} layer {i} of {ns} M={m} K={k}: relative error {err:.3g}"
+
+
+def _runs_here():
+    if not torch.cuda.is_available():
+        return False, "no GPU"
+    return CudaW8A8().is_supported(R.DeviceInfo.of("cuda"))
+
+
+@pytest.mark.gpu
+@given(cases(), st.integers(0, 2**16))
+@example(dict(scheme="fp8_rowwise", m=1, ns=[4096, 1024, 1024], k=4096, dtype=torch.bfloat16, bias=False, row_tiles=None), 0)  # q/k/v
+@example(dict(scheme="int8_rowwise", m=16, ns=[17], k=640, dtype=torch.float16, bias=True, row_tiles=2), 1)  # ragged N, 2 token tiles
+@example(dict(scheme="fp8_tensor", m=20, ns=[40], k=256, dtype=torch.float32, bias=True, row_tiles=1), 2)  # M past 16
+@example(dict(scheme="int8_rowwise", m=3, ns=[64, 48], k=14336, dtype=torch.bfloat16, bias=False, row_tiles=2), 3)  # long K
+def test_matches_reference_on_gpu(case, seed):
+    ok, why = _runs_here()
+    if not ok:
+        pytest.skip(why)
+    check(**case, seed=seed)
+
+
+@pytest.mark.gpu
+def test_strided_activation_on_gpu():
+    ok, why = _runs_here()
+    if not ok:
+        pytest.skip(why)
+    xq, p, b, xs, ref = kernel_case("fp8_rowwise", 3, 64, 256, static=True, device="cuda")
+    wide = torch.zeros(3, 512 + 16, dtype=xq.dtype, device="cuda")
+    wide[:, 16:272] = xq  # the view starts 16 bytes in and is not contiguous
+    y = CW.w8a8_decode(wide[:, 16:272], xs, p[0], p[1], b, torch.bfloat16)
+    assert S.relative_error(y, ref) <= S.TOLERANCE[torch.bfloat16]
+
+
+def test_refuses_bad_arguments():
+    xq = torch.zeros(1, 256, dtype=torch.float8_e4m3fn)
+    w = torch.zeros(8, 256, dtype=torch.float8_e4m3fn)
+    sw, sx = torch.ones(8), torch.ones(1, 1)
+    with pytest.raises(ValueError, match="runs on a CUDA GPU"):
+        CW.w8a8_decode(xq, sx, w, sw, None, torch.bfloat16)
+    with pytest.raises(ValueError, match="fp8 e4m3 or int8 activation"):
+        CW.w8a8_decode(xq.float(), sx, w, sw, None, torch.bfloat16)
+    with pytest.raises(ValueError, match="writes bf16, fp16 or fp32"):
+        CW.w8a8_decode(xq, sx, w, sw, None, torch.int8)
+    assert "chunks of 128" in CW.check_k(192) and CW.check_k(4096) == ""
+
+
+def test_scales_are_one_value_or_one_per_row():
+    assert CW._scale(torch.tensor(2.0), 5, "s")[1] == 0
+    s, stride = CW._scale(torch.ones(5, 1, dtype=torch.bfloat16), 5, "s")
+    assert stride == 1 and s.dtype == torch.float32 and s.shape == (5,)
+    with pytest.raises(ValueError, match="expected one value or 5"):
+        CW._scale(torch.ones(4), 5, "the weight scale")
+    with pytest.raises(ValueError, match="expected one value or 6"):
+        CW._scale(torch.ones(2, 3), 6, "the weight scale")
+
+
+def test_abi_struct_sizes():
+    # 4 pointers, 3 int64, 2 int32 a layer; 2 pointers, 2 int64, 4 int32 before them
+    assert ctypes.sizeof(CW._Segment) == 64
+    assert ctypes.sizeof(CW._Params) == 16 + 16 + 16 + CW.MAX_SEGMENTS * 64
+
+
+# --- the fragment mapping, modelled on the CPU --------------------------------------------------
+# mma.m16n8k32 with 8-bit operands as PTX defines its fragments: a lane (g = lane / 4, t = lane % 4)
+# holds A rows g and g + 8 at k 4t..4t+3 (a0, a1) and 16+4t..16+4t+3 (a2, a3), and B column g at
+# the same k (b0, b1).  The kernel hands it 16 loaded bytes of k as (a0..a3) = (lo.x, hi.x, lo.y,
+# hi.y) and (b0, b1) = (x.x, x.y), then (lo.z, hi.z, lo.w, hi.w) with (x.z, x.w).
+
+
+def _mma_m16n8k32(a_regs, b_regs):
+    """a_regs[lane] = 4 words of 4 values (a0..a3), b_regs[lane] = 2 words (b0, b1) -> C [16, 8]."""
+    a, b = np.zeros((16, 32)), np.zeros((32, 8))
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for j in range(4):
+            a[g, 4 * t + j], a[g + 8, 4 * t + j] = a_regs[lane][0][j], a_regs[lane][1][j]
+            a[g, 16 + 4 * t + j], a[g + 8, 16 + 4 * t + j] = a_regs[lane][2][j], a_regs[lane][3][j]
+            b[4 * t + j, g], b[16 + 4 * t + j, g] = b_regs[lane][0][j], b_regs[lane][1][j]
+    return a @ b
+
+
+def test_fragment_mapping_computes_the_product():
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (16, 64)).astype(float)  # 16 rows, one half-chunk of 64 k
+    x = rng.integers(-127, 128, (8, 64)).astype(float)  # 8 tokens
+    c = np.zeros((16, 8))
+    for mma in range(2):  # (x, y) words, then (z, w)
+        a_regs, b_regs = [], []
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            lo, hi, xs = w[g, 16 * t:16 * t + 16], w[g + 8, 16 * t:16 * t + 16], x[g, 16 * t:16 * t + 16]
+            word = lambda v, i: v[4 * i:4 * i + 4]  # noqa: E731  (word i of 16 loaded bytes)
+            a_regs.append([word(lo, 2 * mma), word(hi, 2 * mma), word(lo, 2 * mma + 1), word(hi, 2 * mma + 1)])
+            b_regs.append([word(xs, 2 * mma), word(xs, 2 * mma + 1)])
+        c += _mma_m16n8k32(a_regs, b_regs)
+    np.testing.assert_array_equal(c, w @ x.T)
+
+
+def test_swizzled_pieces_fill_the_slot_once_and_spread_over_banks():
+    def piece_at(r, u):  # the kernel's piece_at()
+        return r * 128 + ((u ^ ((r & 1) << 2)) << 4)
+
+    offsets = sorted(piece_at(r, u) for r in range(32) for u in range(8))
+    assert offsets == list(range(0, 32 * 128, 16))
+    for h in range(2):
+        for first in range(0, 32, 8):  # a quarter warp's 16-byte reads: 8 lanes, 8 distinct bank quads
+            quads = {(piece_at(lane // 4, 4 * h + lane % 4) // 16) % 8 for lane in range(first, first + 8)}
+            assert len(quads) == 8
