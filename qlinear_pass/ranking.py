@@ -92,20 +92,26 @@ _W8A8 = (f"h100/decode/cuda_w8a8 ({_H100}), us, the activation given quantized, 
          "(M=1) / Triton GEMM (M=8, 16) vs bf16 F.linear vs torch._scaled_mm, one run")
 
 SM90: tuple = (
-    Row("sm90", "fp8_rowwise", (1, 16), ("cuda_w8a8", "triton_w8a8", "cutlass_fp8", "torch_scaled_mm"),
+    Row("sm90", "fp8_rowwise", (1,), ("cuda_w8a8", "triton_w8a8", "cutlass_fp8", "torch_scaled_mm"),
         f"{_W8A8}: K=4096 N=14336 M=1 22.7 / 26.4 / 42.0 / 26.7, M=8 23.1 / 31.2 / 43.1 / 27.6, M=16 27.0 / "
         "32.0 / 42.3 / 26.4; K=14336 N=4096 M=1 23.5 / 31.8 / 44.8 / 48.6, M=16 24.7 / 34.4 / 45.4 / 45.1; "
         "gate/up (N=28672) M=8 42.8 / 53.5 / 86.2 / 47.3. cutlass_fp8 (not installed there) measured "
         "43.9 us at K=4096 N=28672 M=16 and 24.3 at K=14336 M=16 in another H100 run (h100/cutlass): about "
         "even, and cuda_w8a8 runs q/k/v and gate/up as one launch, so it leads."),
+    Row("sm90", "fp8_rowwise", (16,), ("cuda_w8a8", "cutlass_fp8", "triton_w8a8", "torch_scaled_mm"),
+        "cuda_w8a8: see the M=1 row (M=16 there). Without it, cutlass_fp8 before our Triton GEMM as before: "
+        f"h100/cutlass/summary.md ({_H100}) K=4096 N=28672 M=16 cutlass_fp8 43.9 us, our Triton GEMM 55.5 in "
+        "h100/decode/cuda_w8a8."),
     Row("sm90", "fp8_rowwise", (128, 1024, None), ("cutlass_fp8", "triton_w8a8", "torch_scaled_mm"),
         f"h100/cutlass/summary.md ({_H100}), K=4096 N=28672, cutlass_fp8 vs torch._scaled_mm (static): "
         "M=128 48.1 vs 48.6, M=1024 170.9 vs 202.1, M=4096 748.3 (dyn) vs 767.3; "
         "h100/cutlass/k14336 (K=14336 N=4096): M=128 28.7 vs 36.6; "
         "our Triton GEMM 1.2-1.4x behind cutlass_fp8 at M >= 1024 on K=4096."),
-    Row("sm90", "fp8_tensor", (1, 16), ("cuda_w8a8", "triton_w8a8", "cutlass_fp8", "torch_scaled_mm") + _FI_TENSOR,
+    Row("sm90", "fp8_tensor", (1,), ("cuda_w8a8", "triton_w8a8", "cutlass_fp8", "torch_scaled_mm") + _FI_TENSOR,
         "cuda_w8a8 is fp8_rowwise's kernel with one activation and one weight scale (its fp8_rowwise "
         "numbers: see that row); fp8_tensor not timed apart."),
+    Row("sm90", "fp8_tensor", (16,), ("cuda_w8a8", "cutlass_fp8", "triton_w8a8", "torch_scaled_mm") + _FI_TENSOR,
+        "as fp8_rowwise at M <= 16 (see those rows)."),
     Row("sm90", "fp8_tensor", (128, 1024, None), ("cutlass_fp8", "triton_w8a8", "torch_scaled_mm") + _FI_TENSOR,
         "cutlass_fp8 is fp8_rowwise's kernel with a scalar scale (its fp8_rowwise numbers: see that row). "
         f"h100/cutlass/summary.md ({_H100}), fp8_tensor K=4096 N=28672: flashinfer_cublas_fp8 167.6 at "

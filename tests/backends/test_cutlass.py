@@ -53,6 +53,9 @@ def toolchain_ok(monkeypatch):
 
     monkeypatch.setattr(ce, "CUDA_HOME", "/opt/cuda")
     monkeypatch.setattr(B, "ninja_available", lambda: True)
+    from qlinear_pass.kernels import cuda_build  # our own CUDA kernels' nvcc, too
+
+    monkeypatch.setattr(cuda_build, "toolchain", lambda *a: ("/opt/cuda/bin/nvcc", ""))
     return monkeypatch
 
 
@@ -153,11 +156,12 @@ def _auto_winners(scheme):
 
 
 def test_auto_on_hopper_ranks_cutlass_by_m(toolchain_ok):
-    """Where the benchmark put it (benchmarks/results/h100/cutlass; the sm90 rows of ranking.py)."""
-    cutlass_from_16 = {1: "triton_w8a8", 16: "cutlass_fp8", 128: "cutlass_fp8", 1024: "cutlass_fp8", None: "cutlass_fp8"}
-    assert _auto_winners("fp8_rowwise") == cutlass_from_16
-    assert _auto_winners("fp8_tensor") == cutlass_from_16
-    assert set(_auto_winners("int8_rowwise").values()) == {"cutlass_int8"}
+    """Where the benchmarks put it (benchmarks/results/h100/cutlass and h100/decode/cuda_w8a8; the
+    sm90 rows of ranking.py): our CUDA decode kernel up to M = 16, CUTLASS above."""
+    cutlass_from_128 = {1: "cuda_w8a8", 16: "cuda_w8a8", 128: "cutlass_fp8", 1024: "cutlass_fp8", None: "cutlass_fp8"}
+    assert _auto_winners("fp8_rowwise") == cutlass_from_128
+    assert _auto_winners("fp8_tensor") == cutlass_from_128
+    assert _auto_winners("int8_rowwise") == {**cutlass_from_128, 128: "cutlass_int8", 1024: "cutlass_int8", None: "cutlass_int8"}
     block = _auto_winners("fp8_block")
     assert block[1] == "triton_w8a8"
     from qlinear_pass.backends import flashinfer as FI
@@ -169,12 +173,18 @@ def test_auto_on_hopper_ranks_cutlass_by_m(toolchain_ok):
     assert [without[b] for b in R.M_BUCKETS] == ["triton_w8a8"] * 2 + ["cutlass_fp8_block"] * 3
 
 
-def test_auto_plan_runs_triton_at_m1_and_cutlass_above(toolchain_ok):
+def test_auto_plan_runs_the_cuda_decode_kernel_to_m16_and_cutlass_above(toolchain_ok):
     sel = R.select(spec("fp8_rowwise", m=None), qp.LinearBackendConfig(), H100)
-    assert sel.kernel_name == "triton_w8a8@1;cutlass_fp8"
+    assert sel.kernel_name == "cuda_w8a8@16;cutlass_fp8"
+    sel = R.select(spec("int8_rowwise", m=None), qp.LinearBackendConfig(), H100)
+    assert sel.kernel_name == "cuda_w8a8@16;cutlass_int8"
 
 
-def test_auto_with_a_dynamic_m_runs_cutlass_int8_at_every_m(toolchain_ok):
+def test_auto_without_our_nvcc_runs_triton_at_m1_and_cutlass_int8_at_every_m(toolchain_ok):
+    from qlinear_pass.kernels import cuda_build
+
+    toolchain_ok.setattr(cuda_build, "toolchain", lambda *a: (None, "nvcc was not found"))
+    assert R.select(spec("fp8_rowwise", m=None), qp.LinearBackendConfig(), H100).kernel_name == "triton_w8a8@1;cutlass_fp8"
     sel = R.select(spec("int8_rowwise", m=None), qp.LinearBackendConfig(), H100)
     assert sel.kernel.name == "cutlass_int8" and not sel.plan
 
