@@ -111,12 +111,14 @@ def test_source_compiles_for_sm80_and_sm90(tmp_path):
     times = cuda_build.compile_only(capability=(9, 0), keep=tmp_path)
     assert set(times) == set(cuda_build.LIBRARIES)
     cuda_build.compile_only(capability=(8, 0))
-    # the library exports its two C functions and nothing GNU-unique: such a symbol (a static in a
+    # each library exports its two C functions and nothing GNU-unique: such a symbol (a static in a
     # template with external linkage) is one per process, so two builds loaded at once (two GPU
     # architectures, bench_cuda_ring.py's variants) would share the per-device launch cache
-    symbols = _dynamic_symbols(tmp_path / "libw4a16_decode.so")
-    assert not [name for name, bind in symbols if bind == STB_GNU_UNIQUE]
-    assert {"qlp_w4a16_abi", "qlp_w4a16_decode"} <= {name for name, bind in symbols if bind == STB_GLOBAL}
+    for library in cuda_build.LIBRARIES:
+        symbols = _dynamic_symbols(tmp_path / f"lib{library}.so")
+        assert not [name for name, bind in symbols if bind == STB_GNU_UNIQUE], library
+        prefix = library.removesuffix("_decode")
+        assert {f"qlp_{prefix}_abi", f"qlp_{prefix}_decode"} <= {name for name, bind in symbols if bind == STB_GLOBAL}
 
 
 STB_GLOBAL, STB_GNU_UNIQUE = 1, 10
