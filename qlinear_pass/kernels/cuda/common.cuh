@@ -1,12 +1,27 @@
-// What the decode kernels in this folder share: cp.async, the segments of a launch (sibling layers
-// that read one activation), and the persistent grid (how many CTAs of a kernel run at once on
-// this GPU, found once per device).
+// What the decode kernels in this folder share: cp.async, reading and writing 16-bit / fp32 values,
+// the segments of a launch (sibling layers that read one activation), their checks, and the
+// persistent grid (how many CTAs of a kernel run at once on this GPU, found once per device).
 //
 // Include it inside an anonymous namespace, after <cuda_runtime.h>, <stdint.h>, <algorithm> and
-// <atomic>: the per-device cache in resident_ctas() then has internal linkage, one per shared
+// <atomic>: the per-device caches (per_device()) then have internal linkage, one per shared
 // library.  With external linkage it would be a process-wide (GNU unique) symbol shared by every
 // build of a file that is loaded at once.
 #pragma once
+
+// A value of type T in global memory, read and written as fp32 (bias in, output out)
+template <typename T> struct Io;
+template <> struct Io<__nv_bfloat16> {
+  __device__ static float load(const void* p, long long i) { return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]); }
+  __device__ static void store(void* p, long long i, float v) { static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); }
+};
+template <> struct Io<__half> {
+  __device__ static float load(const void* p, long long i) { return __half2float(static_cast<const __half*>(p)[i]); }
+  __device__ static void store(void* p, long long i, float v) { static_cast<__half*>(p)[i] = __float2half_rn(v); }
+};
+template <> struct Io<float> {
+  __device__ static float load(const void* p, long long i) { return static_cast<const float*>(p)[i]; }
+  __device__ static void store(void* p, long long i, float v) { static_cast<float*>(p)[i] = v; }
+};
 
 template <int BYTES>
 __device__ __forceinline__ void cp_async(void* dst, const void* src) {
@@ -40,27 +55,63 @@ __device__ __forceinline__ auto pick(const Params& p, int& tile) {
   return s;
 }
 
-// CTAs of KERNEL (THREADS threads, BYTES of dynamic shared memory) that run at once on the current
-// device: found on the first launch there (with the shared-memory limit raised), read by every
-// later one
-template <auto KERNEL>
-cudaError_t resident_ctas(int threads, int bytes, int& resident) {
-  constexpr int MAX_DEVICES = 64;
-  static std::atomic<int> known[MAX_DEVICES];
+constexpr int MAX_DEVICES = 64;
+
+// A value of the current device, kept in `known` (0: not found yet): found by find(device, value)
+// on the first call on a device, read by every later one
+template <typename Find>
+cudaError_t per_device(std::atomic<int> (&known)[MAX_DEVICES], int& value, Find find) {
   int dev = 0;
   cudaGetDevice(&dev);
-  resident = dev < MAX_DEVICES ? known[dev].load(std::memory_order_relaxed) : 0;
-  if (resident > 0) return cudaSuccess;
-  cudaError_t e = cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (e != cudaSuccess) return e;
-  int sms = 0, per_sm = 0;
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, KERNEL, threads, bytes);
-  if (e != cudaSuccess) return e;
-  if (per_sm < 1) return cudaErrorInvalidConfiguration;
-  resident = per_sm * sms;
-  if (dev < MAX_DEVICES) known[dev].store(resident, std::memory_order_relaxed);
-  return cudaSuccess;
+  value = dev < MAX_DEVICES ? known[dev].load(std::memory_order_relaxed) : 0;
+  if (value > 0) return cudaSuccess;
+  const cudaError_t e = find(dev, value);
+  if (e == cudaSuccess && dev < MAX_DEVICES) known[dev].store(value, std::memory_order_relaxed);
+  return e;
+}
+
+// CTAs of KERNEL (THREADS threads, BYTES of dynamic shared memory) that run at once on the current
+// device (the shared-memory limit raised on the first launch there)
+template <auto KERNEL>
+cudaError_t resident_ctas(int threads, int bytes, int& resident) {
+  static std::atomic<int> known[MAX_DEVICES];
+  return per_device(known, resident, [&](int dev, int& out) {
+    cudaError_t e = cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (e != cudaSuccess) return e;
+    int sms = 0, per_sm = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, KERNEL, threads, bytes);
+    if (e != cudaSuccess) return e;
+    if (per_sm < 1) return cudaErrorInvalidConfiguration;
+    out = per_sm * sms;
+    return cudaSuccess;
+  });
+}
+
+// The compute capability of the current device as 10 * major + minor
+inline int device_sm() {
+  static std::atomic<int> known[MAX_DEVICES];
+  int sm = 0;
+  per_device(known, sm, [](int dev, int& out) {
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    out = major * 10 + minor;
+    return cudaSuccess;
+  });
+  return sm;
+}
+
+// Why a launch's segments cannot run (null when they can): 1 to MAX_SEGMENTS layers, row tiles of
+// 16 or 32 rows, and total_tiles the sum of the segments' tiles
+template <int MAX_SEGMENTS, typename Params>
+const char* check_segments(const Params& p, int row_tiles) {
+  if (p.nseg < 1 || p.nseg > MAX_SEGMENTS) return "between 1 and MAX_SEGMENTS layers a launch";
+  if (row_tiles != 1 && row_tiles != 2) return "row_tiles must be 1 or 2";
+  int total = 0;
+  for (int i = 0; i < p.nseg; ++i) total += p.seg[i].tiles;
+  if (total != p.total_tiles) return "total_tiles is not the sum of the segments' tiles";
+  return nullptr;
 }
 
 // The persistent grid: y = slices of TOK tokens, x = as many CTAs a slice as run at once (all
@@ -70,4 +121,16 @@ inline dim3 persistent_grid(int total_tiles, int m, int tok, int resident) {
   const int per_slice = std::max(1, resident / slices);
   const int rounds = (total_tiles + per_slice - 1) / per_slice;
   return dim3((total_tiles + rounds - 1) / rounds, slices);
+}
+
+// Launch KERNEL (TOK tokens a CTA, THREADS threads, BYTES of dynamic shared memory) as a persistent
+// grid on `stream`
+template <auto KERNEL, int TOK, int THREADS, int BYTES, typename Params>
+cudaError_t launch_persistent(const Params& p, cudaStream_t stream) {
+  static_assert(BYTES <= 227 * 1024, "more shared memory than a Hopper SM has");
+  int resident = 0;
+  cudaError_t e = resident_ctas<KERNEL>(THREADS, BYTES, resident);
+  if (e != cudaSuccess) return e;
+  KERNEL<<<persistent_grid(p.total_tiles, p.m, TOK, resident), THREADS, BYTES, stream>>>(p);
+  return cudaGetLastError();
 }

@@ -101,24 +101,12 @@ template <> struct Num<__nv_bfloat16> {
   static constexpr uint32_t BASE = 0x4300u;
   static constexpr uint32_t ONES = 0x3F803F80u;   // bf16 1.0 twice
   static constexpr float BIAS = 128.f;
-  __device__ static float to_float(const void* p, long long i) {
-    return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-  }
-  __device__ static void store(void* p, long long i, float v) {
-    static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
-  }
 };
 template <> struct Num<__half> {
   static constexpr uint32_t MAGIC = 0x64006400u;  // fp16 1024.0 twice: 0x6400 | q == 1024 + q
   static constexpr uint32_t BASE = 0x6400u;
   static constexpr uint32_t ONES = 0x3C003C00u;   // fp16 1.0 twice
   static constexpr float BIAS = 1024.f;
-  __device__ static float to_float(const void* p, long long i) {
-    return __half2float(static_cast<const __half*>(p)[i]);
-  }
-  __device__ static void store(void* p, long long i, float v) {
-    static_cast<__half*>(p)[i] = __float2half_rn(v);
-  }
 };
 
 // (a & 0x000F000F) | MAGIC: the nibbles at bits 0-3 and 16-19 as two 16-bit floats BASE + q
@@ -420,8 +408,8 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_
       float v = 0.f;
 #pragma unroll
       for (int w = 0; w < WARPS; ++w) v += red[w][rr][tt];
-      if (sg.bias) v += Num<T>::to_float(sg.bias, row);
-      Num<T>::store(sg.out, (long long)(tok0 + tt) * sg.out_stride + row, v);
+      if (sg.bias) v += Io<T>::load(sg.bias, row);
+      Io<T>::store(sg.out, (long long)(tok0 + tt) * sg.out_stride + row, v);
     }
     __syncthreads();  // the reduction space is free again
   }
@@ -430,13 +418,7 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_
 
 template <typename T, int VEC, int TOK, int R>
 cudaError_t launch(const Params& p, cudaStream_t stream) {
-  constexpr int bytes = Layout<R, TOK>::BYTES;
-  static_assert(bytes <= 227 * 1024, "more shared memory than a Hopper SM has");
-  int resident = 0;
-  cudaError_t e = resident_ctas<w4a16_kernel<T, VEC, TOK, R>>(WARPS * 32, bytes, resident);
-  if (e != cudaSuccess) return e;
-  w4a16_kernel<T, VEC, TOK, R><<<persistent_grid(p.total_tiles, p.m, TOK, resident), WARPS * 32, bytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_persistent<w4a16_kernel<T, VEC, TOK, R>, TOK, WARPS * 32, Layout<R, TOK>::BYTES>(p, stream);
 }
 
 template <typename T, int VEC, int TOK>
@@ -473,14 +455,10 @@ int qlp_w4a16_decode(const qlp::Params* p, int dtype, int row_tiles, void* strea
     snprintf(err, err_len, "%s", what);
     return 1;
   };
-  if (p->nseg < 1 || p->nseg > qlp::MAX_SEGMENTS) return fail("between 1 and MAX_SEGMENTS layers a launch");
+  if (const char* why = qlp::check_segments<qlp::MAX_SEGMENTS>(*p, row_tiles)) return fail(why);
   if (p->group != 32 && p->group != 64 && p->group % 128 != 0) return fail("group size must be 32, 64 or a multiple of 128");
   if (p->k % 128 != 0 || p->k % p->group != 0) return fail("K must be a multiple of 128 and of the group size");
-  if (row_tiles != 1 && row_tiles != 2) return fail("row_tiles must be 1 or 2");
-  int total = 0;
-  for (int i = 0; i < p->nseg; ++i) total += p->seg[i].tiles;
-  if (total != p->total_tiles) return fail("total_tiles is not the sum of the segments' tiles");
-  if (p->m <= 0 || total == 0) return 0;
+  if (p->m <= 0 || p->total_tiles == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   cudaError_t e = dtype == 0 ? qlp::dispatch<__nv_bfloat16>(*p, row_tiles, s) : qlp::dispatch<__half>(*p, row_tiles, s);
   if (e != cudaSuccess) {

@@ -97,20 +97,6 @@ __device__ __forceinline__ void mma(typename Acc<ELEM>::type (&c)[4], uint32_t a
   }
 }
 
-template <typename O> struct Out;
-template <> struct Out<__nv_bfloat16> {
-  __device__ static float load(const void* p, int i) { return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]); }
-  __device__ static void store(void* p, long long i, float v) { static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); }
-};
-template <> struct Out<__half> {
-  __device__ static float load(const void* p, int i) { return __half2float(static_cast<const __half*>(p)[i]); }
-  __device__ static void store(void* p, long long i, float v) { static_cast<__half*>(p)[i] = __float2half_rn(v); }
-};
-template <> struct Out<float> {
-  __device__ static float load(const void* p, int i) { return static_cast<const float*>(p)[i]; }
-  __device__ static void store(void* p, long long i, float v) { static_cast<float*>(p)[i] = v; }
-};
-
 // 16-byte piece u (0-7) of row r of a chunk slot: odd rows have their two 64-byte halves swapped
 __device__ __forceinline__ int piece_at(int r, int u) { return r * 128 + ((u ^ ((r & 1) << 2)) << 4); }
 
@@ -259,8 +245,8 @@ __global__ void __launch_bounds__(WARPS * 32) w8a8_kernel(const __grid_constant_
 #pragma unroll
       for (int w = 0; w < WARPS; ++w) v += red[w][rr][tt];
       float y = static_cast<float>(v) * sg.sw[row * sg.sw_stride] * p.sx[(tok0 + tt) * p.sx_stride];
-      if (sg.bias) y += Out<O>::load(sg.bias, row);
-      Out<O>::store(sg.out, (long long)(tok0 + tt) * sg.out_stride + row, y);
+      if (sg.bias) y += Io<O>::load(sg.bias, row);
+      Io<O>::store(sg.out, (long long)(tok0 + tt) * sg.out_stride + row, y);
     }
     __syncthreads();  // the reduction space is free again
   }
@@ -269,13 +255,7 @@ __global__ void __launch_bounds__(WARPS * 32) w8a8_kernel(const __grid_constant_
 
 template <int ELEM, typename O, int TOK, int R>
 cudaError_t launch(const Params& p, cudaStream_t stream) {
-  constexpr int bytes = Layout<R, TOK>::BYTES;
-  static_assert(bytes <= 227 * 1024, "more shared memory than a Hopper SM has");
-  int resident = 0;
-  cudaError_t e = resident_ctas<w8a8_kernel<ELEM, O, TOK, R>>(WARPS * 32, bytes, resident);
-  if (e != cudaSuccess) return e;
-  w8a8_kernel<ELEM, O, TOK, R><<<persistent_grid(p.total_tiles, p.m, TOK, resident), WARPS * 32, bytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_persistent<w8a8_kernel<ELEM, O, TOK, R>, TOK, WARPS * 32, Layout<R, TOK>::BYTES>(p, stream);
 }
 
 template <int ELEM, typename O, int TOK>
@@ -312,22 +292,12 @@ int qlp_w8a8_decode(const qlp::Params* p, int elem, int out_dtype, int row_tiles
     snprintf(err, err_len, "%s", what);
     return 1;
   };
-  if (p->nseg < 1 || p->nseg > qlp::MAX_SEGMENTS) return fail("between 1 and MAX_SEGMENTS layers a launch");
+  if (const char* why = qlp::check_segments<qlp::MAX_SEGMENTS>(*p, row_tiles)) return fail(why);
   if (p->k % 128 != 0) return fail("K must be a multiple of 128");
   if (elem != 0 && elem != 1) return fail("elem must be 0 (fp8 e4m3) or 1 (int8)");
   if (out_dtype < 0 || out_dtype > 2) return fail("out_dtype must be 0 (bf16), 1 (fp16) or 2 (fp32)");
-  if (row_tiles != 1 && row_tiles != 2) return fail("row_tiles must be 1 or 2");
-  int total = 0;
-  for (int i = 0; i < p->nseg; ++i) total += p->seg[i].tiles;
-  if (total != p->total_tiles) return fail("total_tiles is not the sum of the segments' tiles");
-  if (p->m <= 0 || total == 0) return 0;
-  if (elem == 0) {
-    int dev = 0, major = 0, minor = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-    if (major * 10 + minor < 89) return fail("fp8 MMAs need sm89 or newer");
-  }
+  if (p->m <= 0 || p->total_tiles == 0) return 0;
+  if (elem == 0 && qlp::device_sm() < 89) return fail("fp8 MMAs need sm89 or newer");
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   cudaError_t e = elem == 0 ? qlp::dispatch<qlp::E4M3>(*p, out_dtype, row_tiles, s) : qlp::dispatch<qlp::S8>(*p, out_dtype, row_tiles, s);
   if (e != cudaSuccess) {
