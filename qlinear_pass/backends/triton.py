@@ -10,8 +10,9 @@ read the same activation (``run_group``: q/k/v, gate/up).  W8A8 layers with per-
 or per-tensor scales take the graph's own quantized activation
 (``takes_quantized_activation``); 1x128 groups are quantized inside the kernel.  Otherwise the GEMMs of ``kernels/triton_gemm.py``: a quantize kernel
 feeding the W8A8 GEMM (measured faster than quantizing inside the GEMM), and a
-weight-only GEMM dequantising in registers, or above M = 128 (``DEQUANT_ABOVE_M``)
-one dequantising pass over the weight and cuBLAS.
+weight-only GEMM dequantising in registers (for w4a16 up to M = 64 the weight-stationary
+one, ``WEIGHT_STATIONARY_MAX_M``), or above M = 128 (``DEQUANT_ABOVE_M``) one dequantising pass
+over the weight and cuBLAS.
 
 The path is chosen by M inside the op, so one compiled graph serves prefill
 and decode.  On a machine without a GPU the kernels run through Triton's
@@ -188,6 +189,8 @@ class TritonWeightOnly(_TritonKernel):
                                  w_scale=D.Weight.GROUP if g else D.Weight.CHANNEL, act=D.Act.FLOAT, group_size=g)
         if m > DEQUANT_ABOVE_M and spec.k % 128 == 0:
             return T.dequant_linear(x.contiguous(), w, s, z, bias, spec.out_dtype, kind=kind, group_size=g)
+        if kind == T.W_INT4 and m <= WEIGHT_STATIONARY_MAX_M and spec.k % 128 == 0:
+            return T.weight_only_gemm_t(x.contiguous(), w, s, z, bias, spec.out_dtype, kind=kind, group_size=g)
         return T.weight_only_gemm(x.contiguous(), w, s, z, bias, spec.out_dtype, kind=kind, group_size=g)
 
 
@@ -195,6 +198,13 @@ class TritonWeightOnly(_TritonKernel):
 #: GEMMs below on the H200 at M = 8 (benchmarks/results/h200/decode/summary.md, "x Triton GEMM"); at
 #: M == 1 the decode kernel runs every scheme
 DECODE_ABOVE_M1 = ("fp8_block",)
+
+
+#: w4a16 layers with 1 < M <= this take the weight-stationary GEMM (the weight as the MMA's row
+#: operand, the tokens as narrow columns): on the H200 at M = 16 / 32 / 64 it beat the GEMM below on
+#: all three Llama shapes (K=4096 N=14336: 24.6 / 26.6 / 38.5 us vs 32.2 / 36.6 / 41.0;
+#: benchmarks/results/h200/prefill)
+WEIGHT_STATIONARY_MAX_M = 64
 
 
 #: above this M a weight-only layer dequantises its weight once (one Triton pass) and runs cuBLAS:

@@ -64,8 +64,11 @@ def _autotune(configs, key, **kw):
 
 
 def _cfg(bm, bn, bk, warps, stages, split_k=1, group_m=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "GROUP_M": group_m},
-                         num_warps=warps, num_stages=stages)
+    """A launch configuration; ``split_k=None`` for kernels given SPLIT_K by their caller."""
+    tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}
+    if split_k is not None:
+        tiles["SPLIT_K"] = split_k
+    return triton.Config(tiles, num_warps=warps, num_stages=stages)
 
 
 # --- activation quantization ------------------------------------------------------
@@ -467,3 +470,177 @@ def dequant_linear(a, w, sw, zw, bias, out_dtype, *, kind: int, group_size: int 
     wd = dequantize(w, sw, zw, a.dtype, kind=kind, k=a.shape[1], group_size=group_size)
     y = torch.nn.functional.linear(a, wd, bias)
     return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
+# --- weight-only, weight-stationary: the weight is the MMA's row operand ------------------------
+
+
+@triton.jit
+def _int4_halves(p, DT: tl.constexpr):
+    """The low and high nibbles of the bytes ``p`` as ``DT`` values ``OFFSET + q`` (see _int4_offset):
+    on the GPU a bit trick, no integer-to-float conversion (bf16 0x4300 | q is 128 + q, fp16 0x6400 | q
+    is 1024 + q); under the interpreter plain fp32 ``q`` (OFFSET 0)."""
+    if _INTERP:
+        return (p & 0xF).to(tl.float32), (p >> 4).to(tl.float32)
+    else:
+        magic: tl.constexpr = 0x4300 if DT == tl.bfloat16 else 0x6400
+        lo = ((p & 0xF).to(tl.uint16) | magic).to(DT, bitcast=True)
+        hi = ((p >> 4).to(tl.uint16) | magic).to(DT, bitcast=True)
+        return lo, hi
+
+
+@triton.jit
+def _int4_offset(DT: tl.constexpr):
+    if _INTERP:
+        return 0.0
+    else:
+        return 128.0 if DT == tl.bfloat16 else 1024.0
+
+
+def _tcfg(bm, bn, bk, warps, stages):
+    return _cfg(bm, bn, bk, warps, stages, split_k=None)  # the wrapper picks the split (wt_split_k)
+
+
+_WT_CONFIGS = [
+    # M <= 64: one token tile (BLOCK_M = M rounded up to 16 / 32 / 64), narrow weight tiles, deep rings
+    _tcfg(16, 64, 256, 4, 4),
+    _tcfg(16, 128, 128, 4, 4),
+    _tcfg(16, 128, 256, 4, 3),
+    _tcfg(16, 64, 128, 4, 6),
+    # larger M: wide tiles on both sides
+    _tcfg(64, 128, 128, 4, 4),
+    _tcfg(128, 128, 64, 4, 4),
+    _tcfg(128, 128, 128, 8, 3),
+    _tcfg(256, 128, 64, 8, 3),
+    _tcfg(128, 256, 64, 8, 3),
+]
+WT_SMALL_M = 64
+
+
+def _wt_prune(configs, named_args, **kwargs):
+    m, k = named_args["M"], named_args["K"]
+    g = kwargs.get("GROUP_SIZE", named_args.get("GROUP_SIZE", 0))
+    if m <= WT_SMALL_M:
+        bm = max(16, triton.next_power_of_2(m))
+        chosen = [c for c in configs if c.kwargs["BLOCK_M"] == 16]
+        chosen = [triton.Config({**c.kwargs, "BLOCK_M": bm}, num_warps=c.num_warps, num_stages=c.num_stages) for c in chosen]
+    else:
+        chosen = [c for c in configs if c.kwargs["BLOCK_M"] >= 64 and (m > 128 or c.kwargs["BLOCK_M"] <= 128)]
+    chosen = [c for c in chosen if k % c.kwargs["BLOCK_K"] == 0 and (not g or c.kwargs["BLOCK_K"] % g == 0 or g % c.kwargs["BLOCK_K"] == 0)]
+    return chosen or configs[:1]
+
+
+@_autotune(_WT_CONFIGS, key=["M_BUCKET", "N", "K", "W_KIND", "GROUP_SIZE", "HAS_ZERO", "SPLIT_K"],
+           prune_configs_by={"early_config_prune": _wt_prune}, reset_to_zero=["C"])
+@triton.jit
+def _wo_t_kernel(
+    A, W, C, SW, ZW, BIAS, M, N, K, M_BUCKET,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_cn, stride_sn, stride_zn,
+    W_KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C^T tile [BLOCK_N, BLOCK_M] = W tile [BLOCK_N, BLOCK_K] @ A^T tile [BLOCK_K, BLOCK_M]: the dequantised
+    weight is the MMA's row operand, taken from registers (on Hopper wgmma reads its A operand from registers),
+    so the weight goes global -> shared (the pipelined ring) -> registers -> tensor core, and the activation
+    columns are as narrow as M (16 at decode sizes) instead of padding M to the MMA's 64 rows."""
+    pid_k = tl.program_id(1)
+    offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_ptrs = A + offs_m[None, :].to(tl.int64) * stride_am + offs_k[:, None] * stride_ak  # [BLOCK_K, BLOCK_M]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    k_tiles = K // BLOCK_K
+    DT: tl.constexpr = A.dtype.element_ty
+    if W_KIND == _W_INT4:  # packed int4: [N, K/2] bytes, even k in the low nibble; K % BLOCK_K == 0
+        HALF: tl.constexpr = BLOCK_K // 2
+        offs_kh = tl.arange(0, HALF)
+        w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_kh[None, :] * stride_wk
+        s_row = SW + offs_n.to(tl.int64) * stride_sn
+        z_row = ZW + offs_n.to(tl.int64) * stride_zn
+        OFF = _int4_offset(DT)
+        for kt in range(pid_k, k_tiles, SPLIT_K):
+            k0 = kt * BLOCK_K
+            at = tl.load(a_ptrs + k0 * stride_ak, mask=mask_m[None, :], other=0.0)
+            p = tl.load(w_ptrs + (k0 // 2) * stride_wk, mask=mask_n[:, None], other=0)
+            lo, hi = _int4_halves(p, DT)
+            q = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])
+            if BLOCK_K <= GROUP_SIZE:  # one group per tile: its scale and zero point are row vectors
+                s = tl.load(s_row + k0 // GROUP_SIZE, mask=mask_n, other=0.0)
+                if HAS_ZERO:
+                    z = tl.load(z_row + k0 // GROUP_SIZE, mask=mask_n, other=0).to(tl.float32) + OFF
+                else:
+                    z = tl.full([BLOCK_N], 8.0, tl.float32) + OFF
+                w = (q - z.to(q.dtype)[:, None]) * s.to(q.dtype)[:, None]
+            else:
+                GPT: tl.constexpr = BLOCK_K // GROUP_SIZE
+                gidx = k0 // GROUP_SIZE + tl.arange(0, GPT)
+                s = tl.load(s_row[:, None] + gidx[None, :], mask=mask_n[:, None], other=0.0)
+                if HAS_ZERO:
+                    z = tl.load(z_row[:, None] + gidx[None, :], mask=mask_n[:, None], other=0).to(tl.float32) + OFF
+                else:
+                    z = tl.full([BLOCK_N, GPT], 8.0, tl.float32) + OFF
+                w = tl.reshape((tl.reshape(q, [BLOCK_N, GPT, GROUP_SIZE]) - z.to(q.dtype)[:, :, None])
+                               * s.to(q.dtype)[:, :, None], [BLOCK_N, BLOCK_K])
+            acc = _dot_rows(w, at, acc)
+    else:  # int8 / fp8 per channel: exact cast to the activation dtype, the scale in the epilogue
+        w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk
+        for kt in range(pid_k, k_tiles, SPLIT_K):
+            k0 = kt * BLOCK_K
+            at = tl.load(a_ptrs + k0 * stride_ak, mask=mask_m[None, :], other=0.0)
+            w = tl.load(w_ptrs + k0 * stride_wk, mask=mask_n[:, None], other=0.0)
+            acc = _dot_rows(_to_dt(w, DT), at, acc)
+        acc = acc * tl.load(SW + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    _store_tile(C, tl.trans(acc), BIAS, offs_m, offs_n, M, N, stride_cm, stride_cn, pid_k, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _to_dt(w, DT: tl.constexpr):
+    if _INTERP:
+        return w.to(tl.float32)
+    else:
+        return w.to(DT)
+
+
+@triton.jit
+def _dot_rows(w, at, acc):
+    """acc += w @ at, both 16-bit on the GPU; in fp32 under the interpreter (see _INTERP)."""
+    if _INTERP:
+        return tl.dot(w.to(tl.float32), at.to(tl.float32), acc, out_dtype=tl.float32)
+    else:
+        return tl.dot(w, at, acc, out_dtype=tl.float32)
+
+
+def wt_split_k(m: int, n: int, k: int, sms: int, block_n: int = 64) -> int:
+    """How many K slices a small-M call splits into so every SM gets a weight tile: 1 above WT_SMALL_M."""
+    if m > WT_SMALL_M:
+        return 1
+    tiles = triton.cdiv(n, block_n)
+    split = 1
+    while tiles * split * 2 <= sms * 2 and k // (split * 2) >= 512:
+        split *= 2
+    return split
+
+
+def weight_only_gemm_t(a, w, sw, zw, bias, out_dtype, *, kind: int, group_size: int = 0, split_k: int | None = None):
+    """C = a @ dequant(w)^T + bias through ``_wo_t_kernel``.  a [M, K] bf16/fp16, K a multiple of 128."""
+    m, k = a.shape
+    n = w.shape[0]
+    if k % 128:
+        raise ValueError(f"the weight-stationary GEMM walks K in 128-wide tiles (K={k})")
+    if split_k is None:
+        sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 132
+        split_k = wt_split_k(m, n, k, sms)
+    c = (torch.zeros((m, n), device=a.device, dtype=torch.float32) if split_k > 1
+         else torch.empty((m, n), device=a.device, dtype=out_dtype))
+    if m == 0:
+        return c.to(out_dtype)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)  # noqa: E731
+    _wo_t_kernel[grid](
+        a, w, c, sw, zw if zw is not None else sw, bias if bias is not None else c, m, n, k, _m_bucket(m),
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1),
+        sw.stride(0), zw.stride(0) if zw is not None else 0,
+        W_KIND=kind, GROUP_SIZE=group_size, HAS_ZERO=zw is not None, HAS_BIAS=bias is not None, SPLIT_K=split_k,
+    )
+    return c if c.dtype == out_dtype else c.to(out_dtype)

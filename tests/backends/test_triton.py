@@ -58,7 +58,8 @@ def test_w8a8_paths(scheme, act_input, m):
 
 
 # M = 130: above DEQUANT_ABOVE_M the weight is dequantised once and the matmul is torch's
-@pytest.mark.parametrize("m", PATH_MS + [130])
+# M = 64: w4a16's last weight-stationary M (WEIGHT_STATIONARY_MAX_M)
+@pytest.mark.parametrize("m", PATH_MS + [64, 130])
 @pytest.mark.parametrize("scheme,group,zp", [("int8_weight_only", 64, False), ("fp8_weight_only", 64, False),
                                              ("w4a16", 32, False), ("w4a16", 64, True), ("w4a16", 128, True)])
 def test_weight_only_paths(scheme, group, zp, m):
@@ -165,3 +166,50 @@ def test_gpu_through_compile_with_inductor():
         for rows in (1, 16, 300):
             x = random_activation((rows, 4096)).cuda()
             assert S.relative_error(f(x), m(x)) < S.TOLERANCE[torch.bfloat16]
+
+
+@st.composite
+def weight_stationary_cases(draw):
+    scheme = draw(st.sampled_from(["w4a16", "int8_weight_only", "fp8_weight_only"]))
+    group = draw(st.sampled_from([32, 64, 128])) if scheme == "w4a16" else 0
+    return dict(scheme=scheme, group=group, zp=scheme == "w4a16" and draw(st.booleans()),
+                m=draw(st.integers(1, 80)), n=draw(st.integers(1, 20)) * 8, k=draw(st.integers(1, 4)) * 128,
+                split_k=draw(st.sampled_from([1, 2, 3])), dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])),
+                bias=draw(st.booleans()), seed=draw(st.integers(0, 99)))
+
+
+@given(case=weight_stationary_cases())
+@example(case=dict(scheme="w4a16", group=128, zp=False, m=1, n=8, k=128, split_k=1, dtype=torch.bfloat16, bias=False, seed=0))
+@example(case=dict(scheme="w4a16", group=32, zp=True, m=65, n=136, k=512, split_k=3, dtype=torch.float16, bias=True, seed=1))
+@example(case=dict(scheme="fp8_weight_only", group=0, zp=False, m=17, n=24, k=384, split_k=2, dtype=torch.bfloat16, bias=True, seed=2))
+def test_weight_stationary_gemm_against_reference(case):
+    """The weight-stationary GEMM (the weight as the MMA's row operand): any M (one token tile up to
+    64, several above), ragged N, K in 128-wide tiles (one or several groups a tile), split K."""
+    from qlinear_pass.kernels import triton_gemm as T
+
+    c = case
+    x, params, b, _, ref = kernel_case(c["scheme"], c["m"], c["n"], c["k"], group_size=c["group"] or 128,
+                                       zero_points=c["zp"], dtype=c["dtype"], bias=c["bias"], seed=c["seed"], device=DEVICE)
+    kind = {"w4a16": T.W_INT4, "int8_weight_only": T.W_INT8, "fp8_weight_only": T.W_FP8}[c["scheme"]]
+    y = T.weight_only_gemm_t(x, params[0], params[1], params[2] if len(params) > 2 else None, b, c["dtype"], kind=kind,
+                             group_size=c["group"], split_k=c["split_k"])
+    assert y.dtype == c["dtype"] and y.shape == ref.shape
+    assert S.relative_error(y, ref) <= S.TOLERANCE[c["dtype"]], c
+
+
+def test_weight_stationary_gemm_refuses_k_off_the_tile():
+    from qlinear_pass.kernels import triton_gemm as T
+
+    x = torch.zeros(2, 96, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="128-wide tiles"):
+        T.weight_only_gemm_t(x, torch.zeros(8, 48, dtype=torch.uint8), torch.ones(8, 3), None, None, torch.bfloat16,
+                             kind=T.W_INT4, group_size=32)
+
+
+def test_weight_stationary_split_fills_the_sms_at_small_m_only():
+    from qlinear_pass.kernels import triton_gemm as T
+
+    assert T.wt_split_k(16, 4096, 14336, 132) == 4  # 64 tiles of 64 rows: 4 K slices
+    assert T.wt_split_k(16, 14336, 4096, 132) == 1  # 224 tiles fill 132 SMs
+    assert T.wt_split_k(65, 4096, 14336, 132) == 1  # above one token tile: no split
+    assert T.wt_split_k(1, 4096, 512, 132) == 1     # K too short to split

@@ -37,18 +37,20 @@ def _jit(kernel):
         kernel = kernel.fn
     return kernel
 
-def compile_for_sm90(kernel, types: dict, constexprs: dict):
+def compile_for_sm90(kernel, types: dict, constexprs: dict, cfg=None):
+    """``kernel`` compiled for sm90; with ``cfg`` (a triton.Config), its tile sizes, warps and stages."""
     if INTERPRETED:
         pytest.skip("checked in a subprocess without the interpreter")
     fn = _jit(kernel)
+    options = {}
+    if cfg is not None:
+        constexprs = {**constexprs, **cfg.kwargs}
+        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     signature = {name: ("constexpr" if name in constexprs else types[name]) for name in fn.arg_names}
-    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=SM90)
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=SM90, options=options)
 
 def _ints(*names):
     return {n: "i32" for n in names}
-
-def _tile(cfg):
-    return {**cfg.kwargs, "num_warps": cfg.num_warps}
 
 W8A8_CASES = [  # (activation dtype, scale modes, int8?, config)
     ("fp8e4nv", T.A_TOKEN, T.W_CHANNEL, False, T._W8A8_CONFIGS[0]),
@@ -96,3 +98,21 @@ def test_dequant_kernel_compiles(kind, wdt, group, zero):
     k = compile_for_sm90(T._dequant_kernel, types, {"W_KIND": kind, "GROUP_SIZE": group, "HAS_ZERO": zero,
                                                     "BLOCK_N": 16, "BLOCK_K": 256})
     assert k.asm["cubin"]
+
+
+@pytest.mark.parametrize("kind,wdt,group,zero,cfg", [
+    (T.W_INT4, "u8", 128, False, T._WT_CONFIGS[1]),   # one group per K tile
+    (T.W_INT4, "u8", 32, True, T._WT_CONFIGS[0]),     # eight groups per K tile
+    (T.W_INT4, "u8", 128, True, T._WT_CONFIGS[7]),    # prefill tile, two warpgroups
+    (T.W_INT8, "i8", 0, False, T._WT_CONFIGS[5]),
+    (T.W_FP8, "fp8e4nv", 0, False, T._WT_CONFIGS[8]),
+])
+@pytest.mark.parametrize("act", ["bf16", "fp16"])
+def test_weight_stationary_kernel_compiles(kind, wdt, group, zero, cfg, act):
+    types = {"A": f"*{act}", "W": f"*{wdt}", "C": f"*{act}", "SW": "*fp32", "ZW": "*u8", "BIAS": f"*{act}",
+             **_ints("M", "N", "K", "M_BUCKET", "stride_am", "stride_ak", "stride_wn", "stride_wk", "stride_cm",
+                     "stride_cn", "stride_sn", "stride_zn")}
+    k = compile_for_sm90(T._wo_t_kernel, types, {"W_KIND": kind, "GROUP_SIZE": group, "HAS_ZERO": zero,
+                                                 "HAS_BIAS": True, "SPLIT_K": 1}, cfg)
+    assert k.asm["cubin"]
+    assert "wgmma" in k.asm["ptx"]  # Hopper tensor cores, the weight from registers
