@@ -39,6 +39,7 @@ from qlinear_pass.kernels import triton_decode as D  # noqa: E402
 
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 6144), (4096, 1024)]
 MS = [1, 8, 16]
+PREFILL_MS = [16, 32, 64, 128, 1024, 4096]
 #: (label, scheme, group size, zero points)
 FORMATS = [
     ("fp8_rowwise", "fp8_rowwise", 0, False),
@@ -216,8 +217,9 @@ def _cuda_kernel(scheme: str):
 
 
 def bench_prefill(label, scheme, g, zp, k, n, m) -> dict:
-    """Weight-only at prefill sizes: our Triton GEMM (dequantising every tile in its mainloop)
-    against one dequantising pass + cuBLAS, and bf16 F.linear; weights rotated as above."""
+    """Weight-only at M = 16 .. 4096: the weight-stationary tensor-core GEMM, the Triton GEMM that
+    dequantises every tile in its mainloop, one dequantising pass + cuBLAS, our CUDA decode kernel
+    (M <= 16) and bf16 F.linear; weights rotated as above."""
     from qlinear_pass.kernels import triton_gemm as T
 
     p = S.quantize_weight(scheme, torch.randn(n, k, device="cuda") * 0.02, group_size=g or 128, zero_points=zp)
@@ -227,21 +229,112 @@ def bench_prefill(label, scheme, g, zp, k, n, m) -> dict:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     kind = {torch.int8: T.W_INT8, torch.uint8: T.W_INT4}.get(p["weight"].dtype, T.W_FP8)
     ref = S.reference(scheme, x, params, None)
-    out = {"format": label, "k": k, "n": n, "m": m, "us": {}, "rel_err": {}}
+    out = {"format": label, "k": k, "n": n, "m": m, "weight_bytes": wbytes, "us": {}, "rel_err": {}}
+
+    def zero(ps):
+        return ps[2] if len(ps) > 2 else None
+
     paths = {
-        "triton GEMM": lambda ps: T.weight_only_gemm(x, ps[0], ps[1], ps[2] if len(ps) > 2 else None, None, torch.bfloat16,
+        "weight-stationary": lambda ps: T.weight_only_gemm_t(x, ps[0], ps[1], zero(ps), None, torch.bfloat16,
+                                                             kind=kind, group_size=g),
+        "triton GEMM": lambda ps: T.weight_only_gemm(x, ps[0], ps[1], zero(ps), None, torch.bfloat16,
                                                      kind=kind, group_size=g),
-        "dequant + cuBLAS": lambda ps: T.dequant_linear(x, ps[0], ps[1], ps[2] if len(ps) > 2 else None, None,
-                                                        torch.bfloat16, kind=kind, group_size=g),
+        "dequant + cuBLAS": lambda ps: T.dequant_linear(x, ps[0], ps[1], zero(ps), None, torch.bfloat16,
+                                                        kind=kind, group_size=g),
     }
+    if scheme == "w4a16" and m <= 16 and _cuda_kernel(scheme):
+        from qlinear_pass.kernels import cuda_w4a16
+
+        paths["cuda_w4a16"] = lambda ps: cuda_w4a16.w4a16_decode(x, ps[0], ps[1], zero(ps), None, g)
+    cutlass = _cutlass_w4a16(g, zp, k, n) if scheme == "w4a16" else None
+    if cutlass is not None:
+        kernel, spec = cutlass
+        for name in kernel.module().configs():
+            paths[f"cutlass_w4a16 {name}"] = (lambda name: lambda ps: kernel.run(spec, x, ps, None, config=name))(name)
+    reps = 20 if m >= 1024 else 100
     for name, fn in paths.items():
-        out["rel_err"][name] = S.relative_error(fn(sets[0]), ref)
-        out["us"][name] = graph_time([(lambda ps: (lambda: fn(ps)))(ps) for ps in sets], reps_target=20, replays=5) * 1e6
+        try:
+            out["rel_err"][name] = S.relative_error(fn(sets[0]), ref)
+            out["us"][name] = graph_time([(lambda ps: (lambda: fn(ps)))(ps) for ps in sets], reps_target=reps, replays=5) * 1e6
+        except Exception as exc:  # recorded, not fatal
+            out.setdefault("errors", {})[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    cut = {p_: t for p_, t in out["us"].items() if p_.startswith("cutlass_w4a16 ")}
+    if cut:
+        name = min(cut, key=cut.get)
+        out["us"]["cutlass_w4a16"] = cut[name]
+        out["cutlass_config"] = name.split(" ", 1)[1]
+        from qlinear_pass.backends.cutlass import tile_config
+
+        out["cutlass_tile_config"] = tile_config("w4a16", m, n, k)  # what the kernel runs by default
+    best = getattr(T._wo_t_kernel, "best_config", None)
+    out["weight_stationary_config"] = str(best) if best is not None else None
+    out["split_k"] = T.wt_split_k(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count)
     wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-    out["us"]["bf16 F.linear"] = graph_time([(lambda ww: (lambda: F.linear(x, ww)))(ww) for ww in wb], reps_target=20, replays=5) * 1e6
+    out["us"]["bf16 F.linear"] = graph_time([(lambda ww: (lambda: F.linear(x, ww)))(ww) for ww in wb], reps_target=reps, replays=5) * 1e6
     del sets, wb
     torch.cuda.empty_cache()
     return out
+
+
+PREFILL_PATHS = ("cutlass_w4a16", "weight-stationary", "triton GEMM", "dequant + cuBLAS", "cuda_w4a16")
+
+
+@functools.lru_cache(maxsize=None)
+def _cutlass_w4a16(g: int, zp: bool, k: int, n: int):
+    """(our CUTLASS w4a16 kernel, a layer spec) where it runs this layer on this machine, else None."""
+    from qlinear_pass import registry as R
+    from qlinear_pass.spec import DeviceInfo
+
+    kernel = R.get_kernel("cutlass_w4a16")
+    spec = R.LayerSpec("w4a16", n, k, torch.bfloat16, torch.bfloat16, group_size=g, zero_points=zp,
+                       act_input="none", device="cuda")
+    for ok, why in (kernel.is_supported(DeviceInfo.of("cuda")), kernel.can_implement(spec)):
+        if not ok:
+            print(f"cutlass_w4a16 not timed (g{g}): {why}", flush=True)
+            return None
+    return kernel, spec
+
+
+def plot_prefill(res: dict, path: Path) -> bool:
+    """One panel per (K, N): each path's speed relative to bf16 F.linear (bf16 time / path time) by M."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as exc:  # no matplotlib: the JSON and summary.md still hold every number
+        print(f"plot skipped: {exc}", flush=True)
+        return False
+    shapes = sorted({(c["format"], c["k"], c["n"]) for c in res["cases"]})
+    if not shapes:
+        return False
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.6 * len(shapes), 4.0), squeeze=False)
+    for ax, (fmt, k, n) in zip(axes[0], shapes):
+        cases = sorted((c for c in res["cases"] if (c["format"], c["k"], c["n"]) == (fmt, k, n)), key=lambda c: c["m"])
+        for name in PREFILL_PATHS:
+            pts = [(c["m"], c["us"]["bf16 F.linear"] / c["us"][name]) for c in cases if name in c["us"]]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.axhline(1.0, color="#777777", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M (tokens)")
+        ax.set_ylabel("x bf16 F.linear (higher is faster)")
+        ax.set_title(f"{fmt}, K={k} N={n}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Weight-only GEMMs, {res['device']}, torch {res['torch']}, Triton {res['triton']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def prefill_row(c: dict) -> str:
+    u = c["us"]
+    bf = u["bf16 F.linear"]
+    cells = " | ".join(f"{u[p]:.1f} ({bf / u[p]:.2f}x)" if p in u else "-" for p in PREFILL_PATHS)
+    return (f"| {c['format']} | {c['k']} | {c['n']} | {c['m']} | {bf:.1f} | {cells} | {c.get('cutlass_config', '-')} | "
+            f"{c['weight_stationary_config']} |")
 
 
 def main(argv=None) -> int:
@@ -253,7 +346,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default="", help="KxN,... (default: Llama-3-8B decode shapes)")
     ap.add_argument("--prefill", action="store_true",
-                    help="weight-only formats at prefill M (128..4096): Triton GEMM vs dequantise + cuBLAS vs bf16")
+                    help="weight-only formats at M = 16 .. 4096 (PREFILL_MS): every weight-only GEMM path vs bf16")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_decode.py needs a CUDA GPU", file=sys.stderr)
@@ -267,23 +360,21 @@ def main(argv=None) -> int:
 
     if args.prefill:
         res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "cases": []}
-        lines = [f"# Weight-only at prefill sizes, {res['device']}", "", "us per call (ratio: bf16 / path).", "",
-                 "| format | K | N | M | Triton GEMM | dequant + cuBLAS | bf16 | x bf16 (GEMM) | x bf16 (dequant) |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+        lines = [f"# Weight-only GEMMs at M = 16 .. 4096, {res['device']}", "",
+                 "us per call (x bf16 = bf16 time / path time), weights rotated past L2, one run.", "",
+                 "| format | K | N | M | bf16 | " + " | ".join(PREFILL_PATHS) + " | cutlass tiles | weight-stationary config |",
+                 "|---|---|---|---|---|" + "---|" * len(PREFILL_PATHS) + "---|---|"]
         for label, scheme, g, zp in FORMATS:
             if S.get_scheme(scheme).weight_only and (not want or label in want):
                 for k, n in (shapes if args.shapes else [(4096, 14336), (14336, 4096), (4096, 6144)]):
-                    for m in (ms if args.ms != ",".join(map(str, MS)) else [128, 1024, 2048, 4096]):
+                    for m in (ms if args.ms != ",".join(map(str, MS)) else PREFILL_MS):
                         c = bench_prefill(label, scheme, g, zp, k, n, m)
                         res["cases"].append(c)
-                        u = c["us"]
-                        row = (f"| {label} | {k} | {n} | {m} | {u['triton GEMM']:.1f} | {u['dequant + cuBLAS']:.1f} | "
-                               f"{u['bf16 F.linear']:.1f} | {u['bf16 F.linear'] / u['triton GEMM']:.2f} | "
-                               f"{u['bf16 F.linear'] / u['dequant + cuBLAS']:.2f} |")
-                        lines.append(row)
-                        print(row, flush=True)
+                        lines.append(prefill_row(c))
+                        print(lines[-1], c.get("errors", ""), flush=True)
                         (out_dir / "bench_prefill.json").write_text(json.dumps(res, indent=1))
         (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+        plot_prefill(res, out_dir / "bench_prefill.png")
         return 0
     copy_bw = copy_bandwidth()
 

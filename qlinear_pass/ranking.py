@@ -148,12 +148,17 @@ SM90: tuple = (
         "K=14336 N=4096 M=1 14.8 / 17.8 / 31.3, M=8 21.1 / 41.9 / 31.9; gate/up together (N=28672) M=1 "
         "28.1 / 30.2 / 55.7. End to end (h200/e2e, same run): decode b1 1.83x bf16 with it, 1.69x with "
         "triton; b8 1.44x vs 1.02x."),
-    Row("sm90", "w4a16", (128, 1024, None), ("triton_weight_only", "torch_int4pack"),
-        f"h200/decode/prefill ({_H200}), g128, us, triton_weight_only (its GEMM at M=128, one dequantising "
-        "pass + cuBLAS above) vs bf16 F.linear: K=4096 N=14336 M=128 66.0 vs 33.9, M=1024 188.9 vs 153.5, "
-        "M=4096 632.8 vs 701.0. cuda_w4a16 reads its weight once per 16 tokens: not measured here, left "
-        "unlisted (it follows the listed kernels). tinygemm (torch_int4pack) kept as the fallback for "
-        "shapes our kernels refuse."),
+    Row("sm90", "w4a16", (128, 1024, None), ("cutlass_w4a16", "triton_weight_only", "torch_int4pack"),
+        f"h200/prefill/cutlass_w4a16_* ({_H200}), g128, us, cutlass_w4a16 (its tile_config) vs triton_weight_only "
+        "(weight-stationary GEMM to M=64, GEMM to M=128, one dequantising pass + cuBLAS above) vs bf16 F.linear: "
+        "K=4096 N=14336 M=64 29.5 / 38.7 / 33.4, M=128 35.4 / 66.0 / 33.1, M=1024 179.1 / 188.9 / 152.8, "
+        "M=2048 329.6 / 343.2 / 307.5, M=4096 754.9 / 698.6 / 689.3; K=14336 N=4096 M=128 43.7 / 98.0 / 37.2, "
+        "M=2048 314.8 / 333.7 / 310.9, M=4096 674.8 / 631.4 / 690.2; K=4096 N=4096 M=2048 91.9 / 96.7 / 87.0; "
+        "K=4096 N=1024 (k/v) M=2048 31.7 / 27.5 / 23.6. cutlass_w4a16 wins at M=64-2048 but for k/v and "
+        "N=6144 at M=1024; dequantise + cuBLAS wins at M=4096 (4-9%). End to end (h200/e2e/w4a16_prefill*, "
+        "2048-token prefill) the Triton path's Python launches left the GPU idle: 97.8 ms wall for 48.1 ms "
+        "of device time, against 55.0 / 49.2 ms with cutlass_w4a16 (51.1 / 48.7 with its k/v tiles), bf16 "
+        "50.8 / 47.6. tinygemm (torch_int4pack) kept as the fallback for shapes our kernels refuse."),
 )
 
 #: other CUDA GPUs (Ampere, Ada, Blackwell): nothing measured yet; our kernels first (sm80+)
@@ -204,7 +209,8 @@ CPU: tuple = (
 #: every row; :func:`order` reads it at each call (tests monkeypatch it)
 TABLE: tuple = SM90 + CUDA + CPU
 
-_GPU_ONLY = ("cuda_w4a16", "cuda_w8a8", "cutlass_fp8", "cutlass_int8", "cutlass_fp8_block", "flashinfer_deepgemm_fp8_block") + _FI_TENSOR + _FI_BLOCK_SM100
+_GPU_ONLY = ("cuda_w4a16", "cuda_w8a8", "cutlass_fp8", "cutlass_int8", "cutlass_fp8_block", "cutlass_w4a16",
+             "flashinfer_deepgemm_fp8_block") + _FI_TENSOR + _FI_BLOCK_SM100
 #: kernels ``auto`` never reaches on a device class (placed after ``emulation``): our Triton
 #: kernels run on a CPU only through the interpreter, for tests; the GPU libraries refuse it
 BEHIND_EMULATION: dict = {

@@ -168,10 +168,24 @@ def test_sm90_decode_bucket_takes_our_cuda_kernels_for_w8a8_per_token_and_int4()
             assert first == cuda_first.get(scheme, "triton_weight_only") or (b == 16 and scheme == "fp8_block"), (scheme, b)
 
 
-def test_sm90_w4a16_takes_the_cuda_kernel_up_to_m16_then_triton():
+def test_sm90_w4a16_takes_the_cuda_kernel_up_to_m16_then_cutlass():
     for b in ranking.M_BUCKETS:
         names = [k.name for k in SEL.candidates("w4a16", H100, b)]
         if b is not None and b <= 16:
             assert names[:2] == ["cuda_w4a16", "triton_weight_only"]
+            assert "cutlass_w4a16" in names  # unlisted there: after the listed ones
         else:
-            assert names[0] == "triton_weight_only" and "cuda_w4a16" in names  # unlisted: after the listed ones
+            assert names[:2] == ["cutlass_w4a16", "triton_weight_only"] and "cuda_w4a16" in names
+
+
+def test_sm90_w4a16_without_cutlass_or_groups_of_32_falls_to_triton(monkeypatch):
+    """The plan a Hopper layer gets: the CUTLASS kernel where it can run, else Triton."""
+    import qlinear_pass as qp
+    from qlinear_pass.kernels import cuda_build, cutlass_build
+
+    monkeypatch.setattr(cuda_build, "toolchain", lambda *a: ("/opt/cuda/bin/nvcc", ""))
+    monkeypatch.setattr(cutlass_build, "toolchain_status", lambda: (True, ""))
+    for group, second in ((128, "cutlass_w4a16"), (32, "triton_weight_only")):
+        s = dataclasses.replace(spec("w4a16", m=None, device="cuda"), group_size=group)
+        sel = SEL.select(s, qp.LinearBackendConfig(), H100)
+        assert [k.name for _, k in sel.plan][:2] == ["cuda_w4a16", second], (group, sel.plan)

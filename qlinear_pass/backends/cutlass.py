@@ -8,6 +8,12 @@
 * ``cutlass_fp8_block``: ``fp8_block``; the scales of the 1x128 activation
   groups and the 128x128 weight blocks are applied in the mainloop, once per
   128-wide K block.
+* ``cutlass_w4a16``: ``w4a16`` with groups of 64 or more (the K tile); the
+  mixed-input mainloop loads the 4-bit weight with TMA and converts it in
+  registers, as wgmma's A operand, so the problem runs swapped (weight rows x
+  tokens) and prefill pays for 4-bit weights, not 16-bit ones.  It runs behind
+  the custom op (the activation stays 16-bit), for the M buckets ``ranking.py``
+  gives it.
 
 Each family is built with a few tile configurations (``*Configs`` in
 ``kernels/cutlass/qlp_gemm.cuh``); ``tile_config`` below picks one per call by
@@ -25,6 +31,7 @@ itself.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Optional
 
 import torch
@@ -62,6 +69,19 @@ def tile_config(family: str, m: int, n: int, k: int) -> str:
         return "64x128x128 c2x1 pingpong" if m <= 128 else "128x128x128 c2x1 pingpong"
     if family == "fp8_block":
         return "64x128x128 pingpong" if m <= 128 else "128x128x128 c2x1 cooperative"
+    if family == "w4a16":
+        # h200/prefill: every configuration at M = 16 .. 4096 on (K, N) = (4096, 14336), (14336, 4096),
+        # (4096, 6144), (4096, 1024): stream-K wins where few tiles leave SMs idle; above M = 128,
+        # 256 tokens a tile while that gives at least half of Hopper's 132 SMs a tile, 128 where 256 would
+        # not (k_proj / v_proj, N = 1024)
+        if m <= 64:
+            return "128x64x64 cooperative stream-K"
+        if m > 128:
+            if -(-n // 128) * -(-m // 256) >= 66:
+                return "128x256x64 cooperative"
+            if -(-n // 128) * -(-m // 128) >= 66:
+                return "128x128x64 cooperative"
+        return "128x128x64 cooperative stream-K"
     raise ValueError(f"unknown CUTLASS kernel family {family!r}")
 
 
@@ -164,3 +184,63 @@ class CutlassFp8Block(_CutlassKernel):
     def activation_scale(self, sa: torch.Tensor, m: int) -> torch.Tensor:
         # [M, K/128] -> MN-major [K/128, M rounded up to 4]: the mainloop loads a tile's column by TMA
         return mn_major_scales(sa.reshape(m, -1))
+
+
+@register_kernel
+class CutlassW4A16(_CutlassKernel):
+    """W4A16 through CUTLASS's sm90 mixed-input GEMM (see ``W4A16Gemm`` in qlp_gemm.cuh)."""
+
+    name = "cutlass_w4a16"
+    schemes = ("w4a16",)
+    family = "w4a16"
+    opaque = True  # runs behind the custom op: the activation is not quantized, nothing to fuse
+
+    def __init__(self) -> None:
+        #: id(scale) -> (weakref to it, versions, zero, scale MN-major, -zero * scale MN-major): the
+        #: kernel's view of a layer's groups, made on the layer's first call and dropped with its scale
+        self._groups: dict = {}
+
+    def can_implement(self, spec: LayerSpec):
+        g = spec.group_size or 0
+        if spec.act_dtype not in OUT_DTYPES:
+            return False, f"bf16 / fp16 activations only (the MMA's type), not {spec.act_dtype}"
+        if spec.out_dtype != spec.act_dtype:
+            return False, f"writes the activation's dtype ({spec.act_dtype}), not {spec.out_dtype}"
+        if g < 64 or g % 64 or spec.k % g:
+            return False, (f"the mixed-input mainloop needs groups of 64 or a multiple (its K tile) that divide K; "
+                           f"this layer has groups of {g} with K={spec.k}")
+        if spec.n % 8 or spec.k % 8:
+            return False, f"TMA moves 16-byte rows: N and K must be multiples of 8 (N={spec.n}, K={spec.k})"
+        return OK
+
+    def takes_quantized_activation(self, spec):
+        return False
+
+    def group_params(self, scale: torch.Tensor, zero: Optional[torch.Tensor], dtype: torch.dtype):
+        """(scale, -zero_point * scale), both [K / group, N] in ``dtype``: the layout the mainloop loads."""
+        versions = (scale._version, None if zero is None else zero._version, dtype)
+        hit = self._groups.get((id(scale), dtype))
+        if hit is not None and hit[0]() is scale and hit[1] == versions and hit[2] is zero:
+            return hit[3], hit[4]
+        s32 = scale.float()
+        z = zero.float() if zero is not None else torch.full_like(s32, 8.0)
+        s_t = s32.t().to(dtype).contiguous()
+        z_t = (-z * s32).t().to(dtype).contiguous()
+        if not (scale.is_cuda and torch.cuda.is_current_stream_capturing()):  # a graph's pool must not outlive it
+            key = (id(scale), dtype)
+            if key not in self._groups:
+                weakref.finalize(scale, self._groups.pop, key, None)
+            self._groups[key] = (weakref.ref(scale), versions, zero, s_t, z_t)
+        return s_t, z_t
+
+    def run(self, spec, x, params, bias, config: Optional[str] = None):
+        w, scale = params[0], params[1]
+        zero = params[2] if len(params) > 2 else None
+        x = x.reshape(-1, spec.k).contiguous()
+        m = x.shape[0]
+        s_t, z_t = self.group_params(scale, zero, x.dtype)
+        out = torch.empty((m, spec.n), device=x.device, dtype=x.dtype)
+        if bias is not None:
+            bias = bias.to(x.dtype).contiguous()
+        return self.module().gemm(x, w.contiguous(), s_t, z_t, spec.group_size, bias, out,
+                                  self.config_index(m, spec.n, spec.k, config))

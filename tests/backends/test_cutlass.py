@@ -14,11 +14,15 @@ from qlinear_pass import schemes as S
 from qlinear_pass.backends import cutlass as CU
 from qlinear_pass.kernels import cutlass_build as B
 
+# imported here, not inside a test: importing a test module inside a running @given trips
+# hypothesis's nested-@given check
+from .test_triton import run_direct
+
 H100 = R.DeviceInfo("cuda", (9, 0), "fake H100")
 B200 = R.DeviceInfo("cuda", (10, 0), "fake B200")
 CPU = R.DeviceInfo("cpu")
 KERNELS = {"fp8_tensor": "cutlass_fp8", "fp8_rowwise": "cutlass_fp8", "int8_rowwise": "cutlass_int8",
-           "fp8_block": "cutlass_fp8_block"}
+           "fp8_block": "cutlass_fp8_block"}  # the W8A8 families; w4a16 has its own tests below
 
 
 def spec(scheme="fp8_rowwise", **kw):
@@ -28,10 +32,10 @@ def spec(scheme="fp8_rowwise", **kw):
     return R.LayerSpec(**base)
 
 
-def test_one_kernel_per_family_covers_the_four_schemes():
-    for scheme, name in KERNELS.items():
+def test_one_kernel_per_family_covers_the_five_schemes():
+    for scheme, name in {**KERNELS, "w4a16": "cutlass_w4a16"}.items():
         assert [k.name for k in R.candidates(scheme, H100) if k.backend == "cutlass"] == [name]
-    for scheme in ("int8_weight_only", "fp8_weight_only", "w4a16"):
+    for scheme in ("int8_weight_only", "fp8_weight_only"):
         assert not [k for k in R.candidates(scheme, H100) if k.backend == "cutlass"]
 
 
@@ -132,8 +136,8 @@ def test_explicit_cutlass_without_hopper_is_an_error_naming_why():
     msg = str(e.value)
     assert "layers.0.mlp.down_proj" in msg and "cutlass_int8" in msg and "sm90a" in msg and "Fixes" in msg
     with pytest.raises(qp.NoKernelError) as e:
-        R.select(spec("w4a16", group_size=128), qp.LinearBackendConfig("cutlass"), H100)
-    assert "no kernel for scheme 'w4a16'" in str(e.value)
+        R.select(spec("int8_weight_only"), qp.LinearBackendConfig("cutlass"), H100)
+    assert "no kernel for scheme 'int8_weight_only'" in str(e.value)
 
 
 def test_compile_on_cpu_raises_before_running():
@@ -202,7 +206,8 @@ def cuh_configs() -> dict:
     """{family: [tile configuration names, by index]} as qlp_gemm.cuh lists them."""
     text = (B.SOURCE_DIR / "qlp_gemm.cuh").read_text()
     out = {}
-    for family, struct in (("fp8", "Fp8Configs"), ("int8", "Int8Configs"), ("fp8_block", "Fp8BlockConfigs")):
+    for family, struct in (("fp8", "Fp8Configs"), ("int8", "Int8Configs"), ("fp8_block", "Fp8BlockConfigs"),
+                           ("w4a16", "W4A16Configs")):
         body = text.split(f"struct {struct} {{", 1)[1].split("};\n\n", 1)[0] + "};"
         names = re.findall(r'static constexpr const char\* name = "([^"]+)";', body)
         listed = re.search(r"using List = ConfigList<([^>]*)>;", body).group(1)
@@ -241,7 +246,28 @@ class _FakeModule:
     def configs(self):
         return cuh_configs()[self.family]
 
-    def gemm(self, a, b, scale_a, scale_b, bias, out, config):
+    def gemm(self, *args, **kwargs):
+        return (self._w4a16 if self.family == "w4a16" else self._w8a8)(*args, **kwargs)
+
+    def _w4a16(self, x, w, scale, zero, group_size, bias, out, config):
+        m, k = x.shape
+        n = w.shape[0]
+        assert 0 <= config < len(self.configs())
+        assert x.is_contiguous() and w.is_contiguous() and w.dtype == torch.uint8 and w.shape == (n, k // 2)
+        # MN-major group scales and folded zero points in x's dtype: q * scale + zero
+        assert scale.dtype == zero.dtype == x.dtype and scale.shape == zero.shape == (k // group_size, n)
+        assert scale.is_contiguous() and zero.is_contiguous()
+        assert out.shape == (m, n) and out.dtype == x.dtype
+        q = torch.stack([w & 0xF, w >> 4], dim=-1).reshape(n, k).float()
+        wd = q * scale.float().t().repeat_interleave(group_size, 1) + zero.float().t().repeat_interleave(group_size, 1)
+        y = x.float() @ wd.to(x.dtype).float().t()
+        if bias is not None:
+            assert bias.dtype == out.dtype and bias.shape == (n,)
+            y = y + bias.float()
+        out.copy_(y)
+        return out
+
+    def _w8a8(self, a, b, scale_a, scale_b, bias, out, config):
         m, k = a.shape
         n = b.shape[0]
         assert 0 <= config < len(self.configs())
@@ -331,8 +357,6 @@ def _hopper_or_skip(name):
        bias=st.booleans(), seed=st.integers(0, 99))
 def test_gpu_against_reference(scheme, m, n8, k16, act_input, dtype, bias, seed):
     """M 1..4096, N any multiple of 8, K any multiple of 16 (of 128 for fp8_block)."""
-    from .test_triton import run_direct
-
     _hopper_or_skip(KERNELS[scheme])
     k = k16 * 128 if scheme == "fp8_block" else k16 * 16 * 7
     run_direct(scheme, m, n8 * 8 * 3, min(k, 8192), act_input=act_input, dtype=dtype, bias=bias, seed=seed,
@@ -344,8 +368,6 @@ def test_gpu_against_reference(scheme, m, n8, k16, act_input, dtype, bias, seed)
 def test_gpu_every_tile_configuration(scheme):
     """Every configuration the family builds, whichever M tile_config would give it: decode and
     prefill M (odd ones too), a long K with few output tiles and a small layer."""
-    from .test_triton import run_direct
-
     _hopper_or_skip(KERNELS[scheme])
     kernel = R.get_kernel(KERNELS[scheme])
     names = list(kernel.module().configs())
@@ -404,3 +426,108 @@ def test_gpu_binding_rejects_bad_input():
     with pytest.raises(RuntimeError, match=r"MN-major activation scales, \[K/128, M rounded up to a multiple of 4\] = \[2, 8\]"):
         block.gemm(a, b, torch.ones(5, 2, device="cuda"), sb, None, out, 0)  # row-major [M, K/128]
     assert block.gemm(a, b, torch.ones(2, 8, device="cuda"), sb, None, out, 0).abs().sum().item() == 0
+
+
+# --- w4a16 ---------------------------------------------------------------------------------------
+
+
+def w4a16_spec(**kw):
+    return spec("w4a16", **{"group_size": 128, "act_input": "none", **kw})
+
+
+def test_w4a16_limits_name_the_reason():
+    kernel = R.get_kernel("cutlass_w4a16")
+    assert kernel.can_implement(w4a16_spec()) == (True, "")
+    assert kernel.can_implement(w4a16_spec(group_size=64, zero_points=True))[0]
+    ok, why = kernel.can_implement(w4a16_spec(group_size=32))
+    assert not ok and "groups of 64" in why and "groups of 32" in why
+    ok, why = kernel.can_implement(w4a16_spec(act_dtype=torch.float32, out_dtype=torch.float32))
+    assert not ok and "bf16 / fp16" in why
+    ok, why = kernel.can_implement(w4a16_spec(out_dtype=torch.float32))
+    assert not ok and "writes the activation's dtype" in why
+    ok, why = kernel.can_implement(w4a16_spec(n=4100))
+    assert not ok and "multiples of 8" in why
+    assert not kernel.takes_quantized_activation(w4a16_spec()) and kernel.opaque and kernel.runs_behind_op
+
+
+@pytest.mark.parametrize("m,group,zp,dtype", [(1, 128, False, torch.bfloat16), (7, 64, True, torch.float16),
+                                              (130, 128, True, torch.bfloat16)])
+def test_w4a16_glue_against_reference_with_the_extension_emulated(monkeypatch, m, group, zp, dtype):
+    """Scales transposed to MN-major in the activation dtype, zero points folded into -zero * scale
+    (8 where the layer has none), the bias cast: what the extension is given computes the reference."""
+    from ..helpers import kernel_case
+
+    kernel = R.get_kernel("cutlass_w4a16")
+    monkeypatch.setattr(type(kernel), "module", lambda self: _FakeModule(self.family))
+    n, k = 136, 512
+    x, params, bias, _, ref = kernel_case("w4a16", m, n, k, group_size=group, zero_points=zp, dtype=dtype, seed=m)
+    s = R.LayerSpec("w4a16", n, k, dtype, dtype, has_bias=True, group_size=group, zero_points=zp, act_input="none")
+    y = kernel.run(s, x, params, bias.float())
+    assert y.dtype == dtype and S.relative_error(y, ref) < S.TOLERANCE[dtype]
+
+
+def test_w4a16_group_params_are_made_once_and_remade_when_the_weights_change(monkeypatch):
+    kernel = CU.CutlassW4A16()
+    p = S.quantize_weight("w4a16", torch.randn(64, 256) * 0.05, group_size=128, zero_points=True)
+    scale, zero = p["weight_scale"], p["weight_zero"]
+    s1, z1 = kernel.group_params(scale, zero, torch.bfloat16)
+    assert s1.shape == z1.shape == (2, 64) and s1.dtype == torch.bfloat16
+    assert torch.equal(s1.float(), scale.t().to(torch.bfloat16).float())
+    assert torch.equal(z1, (-zero.float() * scale).t().to(torch.bfloat16))
+    assert kernel.group_params(scale, zero, torch.bfloat16)[0] is s1  # cached
+    assert kernel.group_params(scale, zero, torch.float16)[0].dtype == torch.float16  # per dtype
+    scale.mul_(2)  # an in-place update (a checkpoint loaded into the layer) makes them again
+    s2, _ = kernel.group_params(scale, zero, torch.bfloat16)
+    assert torch.equal(s2.float(), scale.t().to(torch.bfloat16).float())
+    _, z_sym = kernel.group_params(scale, None, torch.bfloat16)  # no zero points: 8
+    assert torch.equal(z_sym, (-8 * scale).t().to(torch.bfloat16))
+    del scale, s1, s2, p
+    import gc
+
+    gc.collect()
+    assert len(kernel._groups) == 0  # kept no longer than the layer's scale
+
+
+@pytest.mark.gpu
+@given(m=st.integers(1, 4096), n8=st.integers(1, 64), kg=st.integers(1, 32), group=st.sampled_from([64, 128]),
+       zp=st.booleans(), dtype=st.sampled_from([torch.bfloat16, torch.float16]), bias=st.booleans(),
+       seed=st.integers(0, 99))
+def test_gpu_w4a16_against_reference(m, n8, kg, group, zp, dtype, bias, seed):
+    """M 1..4096, N any multiple of 8, K any multiple of the group (64 / 128), up to 8192."""
+    _hopper_or_skip("cutlass_w4a16")
+    k = min(kg * group, 8192 // group * group)
+    run_direct("w4a16", m, n8 * 8 * 3, k, act_input="none", group_size=group, zero_points=zp, dtype=dtype,
+               bias=bias, seed=seed, device="cuda", poison=True, kernel="cutlass_w4a16")
+
+
+@pytest.mark.gpu
+def test_gpu_w4a16_every_tile_configuration():
+    _hopper_or_skip("cutlass_w4a16")
+    kernel = R.get_kernel("cutlass_w4a16")
+    names = list(kernel.module().configs())
+    assert names == cuh_configs()["w4a16"]
+    for name in names:
+        for m, n, k in ((1, 4096, 4096), (37, 1536, 2048), (130, 2048, 14336), (1027, 1024, 4096), (4096, 384, 640)):
+            run_direct("w4a16", m, n, k, act_input="none", group_size=128 if k % 128 == 0 else 64,
+                       zero_points=m % 2 == 0, device="cuda", poison=True, kernel="cutlass_w4a16", seed=m,
+                       bias=m % 2 == 1, config=name)
+
+
+@pytest.mark.gpu
+def test_gpu_w4a16_binding_rejects_bad_input():
+    _hopper_or_skip("cutlass_w4a16")
+    mod = R.get_kernel("cutlass_w4a16").module()
+    x = torch.zeros(4, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.zeros(32, 128, device="cuda", dtype=torch.uint8)
+    s = torch.ones(2, 32, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(4, 32, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="two 4-bit values a byte"):
+        mod.gemm(x, w[:, :64].contiguous(), s, s, 128, None, out, 0)
+    with pytest.raises(RuntimeError, match="group size must be a multiple of 64"):
+        mod.gemm(x, w, s, s, 32, None, out, 0)
+    with pytest.raises(RuntimeError, match=r"scale and zero must be \[K / group_size, N\] = \[2, 32\]"):
+        mod.gemm(x, w, s.t().contiguous(), s, 128, None, out, 0)
+    with pytest.raises(RuntimeError, match="scale must be BFloat16"):
+        mod.gemm(x, w, s.float(), s, 128, None, out, 0)
+    with pytest.raises(RuntimeError, match="no tile configuration 99"):
+        mod.gemm(x, w, s, s, 128, None, out, 99)

@@ -1,6 +1,6 @@
 // PyTorch binding of one CUTLASS kernel family: checks the tensors, then calls the
 // C entry points of qlp_gemm.h on the current stream.  Built once per family with
-// -DQLP_FAMILY_FP8, -DQLP_FAMILY_INT8 or -DQLP_FAMILY_FP8_BLOCK.
+// -DQLP_FAMILY_FP8, -DQLP_FAMILY_INT8, -DQLP_FAMILY_FP8_BLOCK or -DQLP_FAMILY_W4A16.
 #include <torch/extension.h>
 
 #include <cuda_runtime.h>
@@ -63,8 +63,10 @@ constexpr bool kBlock = false;
 constexpr const char* kFamily = "fp8_block";
 const auto kOperand = at::kFloat8_e4m3fn;
 constexpr bool kBlock = true;
+#elif defined(QLP_FAMILY_W4A16)
+constexpr const char* kFamily = "w4a16";
 #else
-#error "define QLP_FAMILY_FP8, QLP_FAMILY_INT8 or QLP_FAMILY_FP8_BLOCK"
+#error "define QLP_FAMILY_FP8, QLP_FAMILY_INT8, QLP_FAMILY_FP8_BLOCK or QLP_FAMILY_W4A16"
 #endif
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -114,6 +116,88 @@ std::vector<std::string> configs() {
   return names;
 }
 
+#if QLP_TORCH_CUDA
+cudaStream_t current_stream(const torch::Tensor& like) {
+  return c10::cuda::getCurrentCUDAStream(like.get_device()).stream();
+}
+#endif
+
+// Runs configuration `config` of the family on `args`, with a workspace from PyTorch's allocator.
+void launch(qlp::GemmArgs& args, const torch::Tensor& like, bool half, int64_t config) {
+#if QLP_TORCH_CUDA
+  const c10::cuda::CUDAGuard guard(like.device());
+  cudaStream_t stream = current_stream(like);
+#else
+  QLP_CHECK(false, "qlinear_pass cutlass: this torch is built without CUDA");
+  cudaStream_t stream = nullptr;
+#endif
+  const int cfg = int(config);
+  const size_t ws_bytes = half ? qlp_workspace_f16(&args, cfg) : qlp_workspace_bf16(&args, cfg);
+  torch::Tensor ws;
+  if (ws_bytes) ws = torch::empty({int64_t(ws_bytes)}, like.options().dtype(at::kByte));
+  void* ws_ptr = ws_bytes ? ws.data_ptr() : nullptr;
+  const char* err = half ? qlp_run_f16(&args, cfg, ws_ptr, stream) : qlp_run_bf16(&args, cfg, ws_ptr, stream);
+  QLP_CHECK(err == nullptr, "qlinear_pass cutlass ", kFamily, " (GEMM ", args.m, " x ", args.n, " x ", args.k,
+            ", tiles ", qlp_config_name_bf16(cfg), "): ", err);
+  const cudaError_t launched = cudaGetLastError();
+  QLP_CHECK(launched == cudaSuccess, "qlinear_pass cutlass ", kFamily, ": ", cudaGetErrorString(launched));
+}
+
+const void* bias_pointer(const c10::optional<torch::Tensor>& bias, const torch::Tensor& out, int64_t n) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  QLP_CHECK(bias->scalar_type() == out.scalar_type() && bias->is_contiguous() && bias->numel() == n &&
+                bias->device() == out.device(),
+            "qlinear_pass cutlass ", kFamily, ": bias must be a contiguous [N] tensor of the output dtype");
+  return bias->data_ptr();
+}
+
+void check_config(int64_t config) {
+  QLP_CHECK(config >= 0 && config < config_count(), "qlinear_pass cutlass ", kFamily, ": no tile configuration ",
+            config, " (the family has ", config_count(), ")");
+}
+
+#if defined(QLP_FAMILY_W4A16)
+// out[M, N] = x[M, K] @ dequant(w)^T + bias[N]: w [N, K/2] bytes of unsigned 4-bit values (even k in
+// the low nibble), dequantised as q * scale + zero per (output channel, group of group_size along K);
+// scale and zero are MN-major [K / group_size, N] in x's dtype (zero = -zero_point * scale).
+torch::Tensor w4a16_gemm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
+                         const torch::Tensor& zero, int64_t group_size, const c10::optional<torch::Tensor>& bias,
+                         torch::Tensor out, int64_t config) {
+  QLP_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+            "qlinear_pass cutlass w4a16: x must be bfloat16 or float16, got ", x.scalar_type());
+  const auto dt = x.scalar_type();
+  check_matrix(x, "x", dt, x);
+  check_matrix(w, "w", at::kByte, x);
+  check_matrix(out, "out", dt, x);
+  check_matrix(scale, "scale", dt, x);
+  check_matrix(zero, "zero", dt, x);
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  QLP_CHECK(w.size(1) * 2 == k, "qlinear_pass cutlass w4a16: x is ", x.sizes(), " but w is ", w.sizes(),
+            " (two 4-bit values a byte along K)");
+  QLP_CHECK(out.size(0) == m && out.size(1) == n, "qlinear_pass cutlass w4a16: out is ", out.sizes(),
+            ", expected [", m, ", ", n, "]");
+  QLP_CHECK(group_size >= 64 && group_size % 64 == 0 && k % group_size == 0,
+            "qlinear_pass cutlass w4a16: the group size must be a multiple of 64 (the K tile) dividing K, got ",
+            group_size, " with K=", k);
+  QLP_CHECK(n % 8 == 0 && k % 8 == 0, "qlinear_pass cutlass w4a16: needs N % 8 == 0 and K % 8 == 0 (16-byte TMA "
+            "rows of the output and of x), got N=", n, " K=", k);
+  QLP_CHECK(scale.size(0) == k / group_size && scale.size(1) == n && zero.sizes() == scale.sizes(),
+            "qlinear_pass cutlass w4a16: scale and zero must be [K / group_size, N] = [", k / group_size, ", ", n,
+            "], got ", scale.sizes(), " and ", zero.sizes());
+  QLP_CHECK(m < (int64_t(1) << 31) && n < (int64_t(1) << 31) && k < (int64_t(1) << 31),
+            "qlinear_pass cutlass: sizes must fit in int32");
+  check_config(config);
+  const void* bias_ptr = bias_pointer(bias, out, n);
+  if (m == 0) return out;
+  // the swapped problem: the GEMM's rows are the weight's N, its columns the activation's M
+  qlp::GemmArgs args{w.data_ptr(), x.data_ptr(), out.data_ptr(), nullptr, nullptr, bias_ptr, int(n), int(m),
+                     int(k), false, false, 0, int(x.get_device()), sm_count(x.get_device()), scale.data_ptr(),
+                     zero.data_ptr(), int(group_size)};
+  launch(args, x, dt == at::kHalf, config);
+  return out;
+}
+
+#else
 // out[M, N] = the family's scaled product of a[M, K] and b[N, K], plus bias[N], with tile
 // configuration `config` (an index into configs()); returns out.
 torch::Tensor gemm(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& scale_a,
@@ -132,8 +216,7 @@ torch::Tensor gemm(const torch::Tensor& a, const torch::Tensor& b, const torch::
               ": needs K % 16 == 0 and N % 8 == 0, got N=", n, " K=", k);
   QLP_CHECK(m < (int64_t(1) << 31) && n < (int64_t(1) << 31) && k < (int64_t(1) << 31),
               "qlinear_pass cutlass: sizes must fit in int32");
-  QLP_CHECK(config >= 0 && config < config_count(), "qlinear_pass cutlass ", kFamily, ": no tile configuration ",
-              config, " (the family has ", config_count(), ")");
+  check_config(config);
   bool a_rows = false, b_cols = false;
   int64_t a_ld = 0;
   if (kBlock) {
@@ -154,46 +237,30 @@ torch::Tensor gemm(const torch::Tensor& a, const torch::Tensor& b, const torch::
     check_scale(scale_a, "scale_a", a_rows ? m : 1, a);
     check_scale(scale_b, "scale_b", b_cols ? n : 1, a);
   }
-  const void* bias_ptr = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    QLP_CHECK(bias->scalar_type() == out.scalar_type() && bias->is_contiguous() && bias->numel() == n &&
-                    bias->device() == a.device(),
-                "qlinear_pass cutlass ", kFamily, ": bias must be a contiguous [N] tensor of the output dtype");
-    bias_ptr = bias->data_ptr();
-  }
+  const void* bias_ptr = bias_pointer(bias, out, n);
   if (m == 0) return out;
-
-#if QLP_TORCH_CUDA
-  const c10::cuda::CUDAGuard guard(a.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.get_device()).stream();
-#else
-  QLP_CHECK(false, "qlinear_pass cutlass: this torch is built without CUDA");
-  cudaStream_t stream = nullptr;
-#endif
   qlp::GemmArgs args{a.data_ptr(), b.data_ptr(), out.data_ptr(), scale_a.data_ptr<float>(),
                      scale_b.data_ptr<float>(), bias_ptr, int(m), int(n), int(k), a_rows, b_cols,
                      int(a_ld), int(a.get_device()), sm_count(a.get_device())};
-  const bool half = out.scalar_type() == at::kHalf;
-  const int cfg = int(config);
-  const size_t ws_bytes = half ? qlp_workspace_f16(&args, cfg) : qlp_workspace_bf16(&args, cfg);
-  torch::Tensor ws;
-  if (ws_bytes) ws = torch::empty({int64_t(ws_bytes)}, a.options().dtype(at::kByte));
-  void* ws_ptr = ws_bytes ? ws.data_ptr() : nullptr;
-  const char* err = half ? qlp_run_f16(&args, cfg, ws_ptr, stream) : qlp_run_bf16(&args, cfg, ws_ptr, stream);
-  QLP_CHECK(err == nullptr, "qlinear_pass cutlass ", kFamily, " (M=", m, " N=", n, " K=", k, ", tiles ",
-              qlp_config_name_bf16(cfg), "): ", err);
-  const cudaError_t launch = cudaGetLastError();
-  QLP_CHECK(launch == cudaSuccess, "qlinear_pass cutlass ", kFamily, ": ", cudaGetErrorString(launch));
+  launch(args, a, out.scalar_type() == at::kHalf, config);
   return out;
 }
+
+#endif
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "qlinear_pass CUTLASS sm90a GEMMs (one kernel family)";
   module.attr("family") = kFamily;
+#if defined(QLP_FAMILY_W4A16)
+  module.def("gemm", &w4a16_gemm, "out = x @ dequant(w).T + bias (see qlp_gemm.cuh)", pybind11::arg("x"),
+             pybind11::arg("w"), pybind11::arg("scale"), pybind11::arg("zero"), pybind11::arg("group_size"),
+             pybind11::arg("bias"), pybind11::arg("out"), pybind11::arg("config"));
+#else
   module.def("gemm", &gemm, "out = scaled a @ b.T + bias (see qlp_gemm.cuh)", pybind11::arg("a"),
              pybind11::arg("b"), pybind11::arg("scale_a"), pybind11::arg("scale_b"), pybind11::arg("bias"),
              pybind11::arg("out"), pybind11::arg("config"));
+#endif
   module.def("configs", &configs, "the family's tile configurations, by index");
 }

@@ -1,5 +1,5 @@
 // The C interface between the CUTLASS translation units and the PyTorch binding.
-// Every kernel family (fp8, int8, fp8_block) is built as its own extension from
+// Every kernel family (fp8, int8, fp8_block, w4a16) is built as its own extension from
 // bindings.cpp and <family>_bf16.cu / <family>_f16.cu, which define these symbols.
 // A family holds several tile configurations (qlp_gemm.cuh lists them); the caller
 // names the one to run by its index, and Python picks it by M, N and K
@@ -25,6 +25,11 @@ struct GemmArgs {
   int scale_a_ld;       // fp8_block: M rounded up to a multiple of 4 (TMA rows are 16-byte aligned)
   int device;
   int sm_count;
+  // w4a16 (the weight is `a`, [N, K/2] bytes of unsigned 4-bit values, even k in the low nibble; the
+  // activation is `b`, [M, K]; m / n are the GEMM's rows / columns: the weight's N, the activation's M):
+  const void* group_scale;  // [K / group_size, N] in the activation dtype (MN-major)
+  const void* group_zero;   // [K / group_size, N]: -zero_point * scale, in the activation dtype
+  int group_size;
 };
 
 }  // namespace qlp

@@ -1,0 +1,4 @@
+// The w4a16 family with f16 activations and output (see qlp_gemm.cuh).
+#include "qlp_gemm.cuh"
+
+QLP_DEFINE_FAMILY(qlp::W4A16Configs, cutlass::half_t, f16)
