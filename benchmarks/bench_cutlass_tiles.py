@@ -7,7 +7,7 @@ Every family of the ``cutlass`` backend is built with a few tile configurations
 configuration of every family on Llama-3-8B's shapes, with the activation already
 quantized, next to the fastest other kernel of the scheme (FlashInfer's DeepGEMM for
 ``fp8_block``, ``torch._scaled_mm`` for ``fp8_rowwise``, our Triton GEMM for
-``int8_rowwise``), and marks the configuration ``tile_config`` picks.  (The w4a16 family's
+``int8_rowwise``), and marks the configuration ``tile_config`` picks.  (The weight-only families'
 configurations are timed by ``bench_decode.py --prefill``, beside our other weight-only paths.)  Timing as in ``bench_linear.py`` (CUDA-graph median, weight copies past L2).
 
 Writes ``bench_cutlass_tiles.json`` and ``summary.md`` to --out.  Needs a Hopper GPU

@@ -246,11 +246,11 @@ def bench_prefill(label, scheme, g, zp, k, n, m) -> dict:
         from qlinear_pass.kernels import cuda_w4a16
 
         paths["cuda_w4a16"] = lambda ps: cuda_w4a16.w4a16_decode(x, ps[0], ps[1], zero(ps), None, g)
-    cutlass = _cutlass_w4a16(g, zp, k, n) if scheme == "w4a16" else None
+    cutlass = _cutlass_weight_only(scheme, g, zp, k, n)
     if cutlass is not None:
         kernel, spec = cutlass
         for name in kernel.module().configs():
-            paths[f"cutlass_w4a16 {name}"] = (lambda name: lambda ps: kernel.run(spec, x, ps, None, config=name))(name)
+            paths[f"{kernel.name} {name}"] = (lambda name: lambda ps: kernel.run(spec, x, ps, None, config=name))(name)
     reps = 20 if m >= 1024 else 100
     for name, fn in paths.items():
         try:
@@ -258,14 +258,14 @@ def bench_prefill(label, scheme, g, zp, k, n, m) -> dict:
             out["us"][name] = graph_time([(lambda ps: (lambda: fn(ps)))(ps) for ps in sets], reps_target=reps, replays=5) * 1e6
         except Exception as exc:  # recorded, not fatal
             out.setdefault("errors", {})[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
-    cut = {p_: t for p_, t in out["us"].items() if p_.startswith("cutlass_w4a16 ")}
+    cut = {p_: t for p_, t in out["us"].items() if cutlass and p_.startswith(cutlass[0].name + " ")}
     if cut:
         name = min(cut, key=cut.get)
-        out["us"]["cutlass_w4a16"] = cut[name]
+        out["us"][cutlass[0].name] = cut[name]  # the fastest configuration
         out["cutlass_config"] = name.split(" ", 1)[1]
         from qlinear_pass.backends.cutlass import tile_config
 
-        out["cutlass_tile_config"] = tile_config("w4a16", m, n, k)  # what the kernel runs by default
+        out["cutlass_tile_config"] = tile_config(cutlass[0].family, m, n, k)  # what the kernel runs by default
     best = getattr(T._wo_t_kernel, "best_config", None)
     out["weight_stationary_config"] = str(best) if best is not None else None
     out["split_k"] = T.wt_split_k(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count)
@@ -276,21 +276,24 @@ def bench_prefill(label, scheme, g, zp, k, n, m) -> dict:
     return out
 
 
-PREFILL_PATHS = ("cutlass_w4a16", "weight-stationary", "triton GEMM", "dequant + cuBLAS", "cuda_w4a16")
+#: our CUTLASS weight-only kernel of each scheme (each configuration timed, the fastest reported)
+CUTLASS_WEIGHT_ONLY = {"w4a16": "cutlass_w4a16", "int8_weight_only": "cutlass_int8_weight_only",
+                       "fp8_weight_only": "cutlass_fp8_weight_only"}
+PREFILL_PATHS = (*CUTLASS_WEIGHT_ONLY.values(), "weight-stationary", "triton GEMM", "dequant + cuBLAS", "cuda_w4a16")
 
 
 @functools.lru_cache(maxsize=None)
-def _cutlass_w4a16(g: int, zp: bool, k: int, n: int):
-    """(our CUTLASS w4a16 kernel, a layer spec) where it runs this layer on this machine, else None."""
+def _cutlass_weight_only(scheme: str, g: int, zp: bool, k: int, n: int):
+    """(our CUTLASS kernel of a weight-only scheme, a layer spec) where it runs this layer here, else None."""
     from qlinear_pass import registry as R
     from qlinear_pass.spec import DeviceInfo
 
-    kernel = R.get_kernel("cutlass_w4a16")
-    spec = R.LayerSpec("w4a16", n, k, torch.bfloat16, torch.bfloat16, group_size=g, zero_points=zp,
+    kernel = R.get_kernel(CUTLASS_WEIGHT_ONLY[scheme])
+    spec = R.LayerSpec(scheme, n, k, torch.bfloat16, torch.bfloat16, group_size=g or None, zero_points=zp,
                        act_input="none", device="cuda")
     for ok, why in (kernel.is_supported(DeviceInfo.of("cuda")), kernel.can_implement(spec)):
         if not ok:
-            print(f"cutlass_w4a16 not timed (g{g}): {why}", flush=True)
+            print(f"{kernel.name} not timed: {why}", flush=True)
             return None
     return kernel, spec
 

@@ -88,6 +88,8 @@ _H200 = "H200, torch 2.11"
 _FI_TENSOR = ("flashinfer_cublas_fp8", "flashinfer_cudnn_fp8", "flashinfer_cutlass_fp8")
 _FI_BLOCK_SM100 = ("flashinfer_cutlass_fp8_block", "flashinfer_trtllm_fp8_block")
 
+_WO8 = (f"h200/prefill/cutlass_wo8/bench.log ({_H200}), M=2048, us, our CUTLASS kernel (128x256x64 tiles) vs "
+        "triton_weight_only (one dequantising pass + cuBLAS) vs bf16 F.linear, one run")
 _W8A8 = (f"h100/decode/cuda_w8a8 ({_H100}), us, the activation given quantized, cuda_w8a8 vs our Triton decode kernel "
          "(M=1) / Triton GEMM (M=8, 16) vs bf16 F.linear vs torch._scaled_mm, one run")
 
@@ -137,11 +139,19 @@ SM90: tuple = (
     Row("sm90", "int8_rowwise", (128, 1024, None), ("cutlass_int8", "triton_w8a8", "torch_int_mm"),
         f"h100/cutlass/summary.md ({_H100}), cutlass_int8 vs torch._int_mm + epilogue 1.9-3.8x at "
         "M >= 1024, vs our Triton kernels 1.2-1.4x there."),
-    Row("sm90", "int8_weight_only", ALL_M, ("triton_weight_only", "torch_int8pack"),
+    Row("sm90", "int8_weight_only", (1, 16, 128), ("triton_weight_only", "cutlass_int8_weight_only", "torch_int8pack"),
         f"M=1: h200/decode ({_H200}) K=4096 N=14336 triton_weight_only 22.9 us vs bf16 30.6. "
-        f"h100/summary.md ({_H100}): torch._weight_int8pack_mm on CUDA runs at about 1 TFLOP/s (a slow path)."),
-    Row("sm90", "fp8_weight_only", ALL_M, ("triton_weight_only",),
-        f"M=1: h200/decode ({_H200}) K=4096 N=14336 triton_weight_only 16.8 us vs bf16 30.6; the only GPU kernel."),
+        f"h100/summary.md ({_H100}): torch._weight_int8pack_mm on CUDA runs at about 1 TFLOP/s (a slow path). "
+        "cutlass_int8_weight_only not timed at M <= 128: after Triton."),
+    Row("sm90", "int8_weight_only", (1024, None), ("cutlass_int8_weight_only", "triton_weight_only", "torch_int8pack"),
+        f"{_WO8}: int8, K=4096 N=14336 337.4 / 345.1 / 315.6, K=14336 N=4096 306.8 / 342.7 / 331.3. End to end "
+        "(h200/e2e/int8_weight_only_prefill, same call): 2048-token prefill 48.71 ms with cutlass, 53.23 with "
+        "Triton (auto then), bf16 48.72."),
+    Row("sm90", "fp8_weight_only", (1, 16, 128), ("triton_weight_only", "cutlass_fp8_weight_only"),
+        f"M=1: h200/decode ({_H200}) K=4096 N=14336 triton_weight_only 16.8 us vs bf16 30.6. "
+        "cutlass_fp8_weight_only not timed at M <= 128: after Triton."),
+    Row("sm90", "fp8_weight_only", (1024, None), ("cutlass_fp8_weight_only", "triton_weight_only"),
+        f"{_WO8}: fp8, K=4096 N=14336 314.6 / 346.2 / 332.3, K=14336 N=4096 328.9 / 342.8 / 329.0."),
     Row("sm90", "w4a16", (1, 16), ("cuda_w4a16", "triton_weight_only", "torch_int4pack"),
         f"h200/decode/cuda_w4a16 ({_H200}), g128, us, cuda_w4a16 vs triton_weight_only (decode kernel) vs bf16 "
         "F.linear: K=4096 N=14336 M=1 15.4 / 17.0 / 30.2, M=8 19.3 / 29.8 / 29.2, M=16 27.5 / 29.7 / 29.6; "
@@ -210,6 +220,7 @@ CPU: tuple = (
 TABLE: tuple = SM90 + CUDA + CPU
 
 _GPU_ONLY = ("cuda_w4a16", "cuda_w8a8", "cutlass_fp8", "cutlass_int8", "cutlass_fp8_block", "cutlass_w4a16",
+             "cutlass_int8_weight_only", "cutlass_fp8_weight_only",
              "flashinfer_deepgemm_fp8_block") + _FI_TENSOR + _FI_BLOCK_SM100
 #: kernels ``auto`` never reaches on a device class (placed after ``emulation``): our Triton
 #: kernels run on a CPU only through the interpreter, for tests; the GPU libraries refuse it

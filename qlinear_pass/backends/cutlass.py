@@ -14,6 +14,9 @@
   tokens) and prefill pays for 4-bit weights, not 16-bit ones.  It runs behind
   the custom op (the activation stays 16-bit), for the M buckets ``ranking.py``
   gives it.
+* ``cutlass_int8_weight_only`` / ``cutlass_fp8_weight_only``: the same mainloop
+  for 8-bit weights, converted exactly to the activation's dtype, the per-channel
+  scale applied in the epilogue.
 
 Each family is built with a few tile configurations (``*Configs`` in
 ``kernels/cutlass/qlp_gemm.cuh``); ``tile_config`` below picks one per call by
@@ -69,7 +72,7 @@ def tile_config(family: str, m: int, n: int, k: int) -> str:
         return "64x128x128 c2x1 pingpong" if m <= 128 else "128x128x128 c2x1 pingpong"
     if family == "fp8_block":
         return "64x128x128 pingpong" if m <= 128 else "128x128x128 c2x1 cooperative"
-    if family == "w4a16":
+    if family in ("w4a16", "int8_wo", "fp8_wo"):
         # h200/prefill: every configuration at M = 16 .. 4096 on (K, N) = (4096, 14336), (14336, 4096),
         # (4096, 6144), (4096, 1024): stream-K wins where few tiles leave SMs idle; above M = 128,
         # 256 tokens a tile while that gives at least half of Hopper's 132 SMs a tile, 128 where 256 would
@@ -186,14 +189,43 @@ class CutlassFp8Block(_CutlassKernel):
         return mn_major_scales(sa.reshape(m, -1))
 
 
+class _CutlassWeightOnly(_CutlassKernel):
+    """A weight-only family: it runs behind the custom op on the 16-bit activation (nothing to
+    quantize, so nothing for Inductor to fuse) and writes the activation's dtype."""
+
+    opaque = True
+    #: K must be a multiple of this (16-byte TMA rows of the weight)
+    k_multiple = 16
+
+    def can_implement(self, spec: LayerSpec):
+        if spec.act_dtype not in OUT_DTYPES:
+            return False, f"bf16 / fp16 activations only (the MMA's type), not {spec.act_dtype}"
+        if spec.out_dtype != spec.act_dtype:
+            return False, f"writes the activation's dtype ({spec.act_dtype}), not {spec.out_dtype}"
+        if spec.n % 8 or spec.k % self.k_multiple:
+            return False, (f"TMA moves 16-byte rows: N must be a multiple of 8 and K of {self.k_multiple} "
+                           f"(N={spec.n}, K={spec.k})")
+        return OK
+
+    def takes_quantized_activation(self, spec):
+        return False
+
+    @staticmethod
+    def _io(spec, x, bias):
+        """The 2-D contiguous activation, the output to fill and the bias in the activation's dtype."""
+        x = x.reshape(-1, spec.k).contiguous()
+        out = torch.empty((x.shape[0], spec.n), device=x.device, dtype=x.dtype)
+        return x, out, None if bias is None else bias.to(x.dtype).contiguous()
+
+
 @register_kernel
-class CutlassW4A16(_CutlassKernel):
+class CutlassW4A16(_CutlassWeightOnly):
     """W4A16 through CUTLASS's sm90 mixed-input GEMM (see ``W4A16Gemm`` in qlp_gemm.cuh)."""
 
     name = "cutlass_w4a16"
     schemes = ("w4a16",)
     family = "w4a16"
-    opaque = True  # runs behind the custom op: the activation is not quantized, nothing to fuse
+    k_multiple = 8
 
     def __init__(self) -> None:
         #: id(scale) -> (weakref to it, versions, zero, scale MN-major, -zero * scale MN-major): the
@@ -202,19 +234,10 @@ class CutlassW4A16(_CutlassKernel):
 
     def can_implement(self, spec: LayerSpec):
         g = spec.group_size or 0
-        if spec.act_dtype not in OUT_DTYPES:
-            return False, f"bf16 / fp16 activations only (the MMA's type), not {spec.act_dtype}"
-        if spec.out_dtype != spec.act_dtype:
-            return False, f"writes the activation's dtype ({spec.act_dtype}), not {spec.out_dtype}"
         if g < 64 or g % 64 or spec.k % g:
             return False, (f"the mixed-input mainloop needs groups of 64 or a multiple (its K tile) that divide K; "
                            f"this layer has groups of {g} with K={spec.k}")
-        if spec.n % 8 or spec.k % 8:
-            return False, f"TMA moves 16-byte rows: N and K must be multiples of 8 (N={spec.n}, K={spec.k})"
-        return OK
-
-    def takes_quantized_activation(self, spec):
-        return False
+        return super().can_implement(spec)
 
     def group_params(self, scale: torch.Tensor, zero: Optional[torch.Tensor], dtype: torch.dtype):
         """(scale, -zero_point * scale), both [K / group, N] in ``dtype``: the layout the mainloop loads."""
@@ -236,11 +259,31 @@ class CutlassW4A16(_CutlassKernel):
     def run(self, spec, x, params, bias, config: Optional[str] = None):
         w, scale = params[0], params[1]
         zero = params[2] if len(params) > 2 else None
-        x = x.reshape(-1, spec.k).contiguous()
-        m = x.shape[0]
+        x, out, bias = self._io(spec, x, bias)
         s_t, z_t = self.group_params(scale, zero, x.dtype)
-        out = torch.empty((m, spec.n), device=x.device, dtype=x.dtype)
-        if bias is not None:
-            bias = bias.to(x.dtype).contiguous()
         return self.module().gemm(x, w.contiguous(), s_t, z_t, spec.group_size, bias, out,
-                                  self.config_index(m, spec.n, spec.k, config))
+                                  self.config_index(x.shape[0], spec.n, spec.k, config))
+
+
+class _CutlassWeightOnly8(_CutlassWeightOnly):
+    """int8 / fp8 weight-only through the mixed-input GEMM (``W8A16Gemm`` in qlp_gemm.cuh)."""
+
+    def run(self, spec, x, params, bias, config: Optional[str] = None):
+        w, scale = params[0], params[1]
+        x, out, bias = self._io(spec, x, bias)
+        return self.module().gemm(x, w.contiguous(), scale.float().reshape(-1).contiguous(), bias, out,
+                                  self.config_index(x.shape[0], spec.n, spec.k, config))
+
+
+@register_kernel
+class CutlassInt8WeightOnly(_CutlassWeightOnly8):
+    name = "cutlass_int8_weight_only"
+    schemes = ("int8_weight_only",)
+    family = "int8_wo"
+
+
+@register_kernel
+class CutlassFp8WeightOnly(_CutlassWeightOnly8):
+    name = "cutlass_fp8_weight_only"
+    schemes = ("fp8_weight_only",)
+    family = "fp8_wo"

@@ -7,7 +7,7 @@ wheel (or of a checkout named by ``QLINEAR_PASS_CUTLASS_DIR``).
 
 * A family is one extension module: ``bindings.cpp`` plus one ``.cu`` per
   output dtype (``fp8``: fp8_tensor and fp8_rowwise; ``int8``: int8_rowwise;
-  ``fp8_block``; ``w4a16``: the 4-bit weight-only GEMM).  Only the families a model uses are built.
+  ``fp8_block``; ``w4a16``, ``int8_wo``, ``fp8_wo``: the weight-only GEMMs).  Only the families a model uses are built.
 * Builds are cached under ``$QLINEAR_PASS_CACHE_DIR/cutlass`` (default
   ``~/.cache/qlinear_pass/cutlass``), one folder per family and key; the key
   hashes the sources, the flags, the CUTLASS headers' version, nvcc's version
@@ -50,6 +50,8 @@ FAMILIES = {
     "int8": ("int8_bf16.cu", "int8_f16.cu"),
     "fp8_block": ("fp8_block_bf16.cu", "fp8_block_f16.cu"),
     "w4a16": ("w4a16_bf16.cu", "w4a16_f16.cu"),
+    "int8_wo": ("int8_wo_bf16.cu", "int8_wo_f16.cu"),
+    "fp8_wo": ("fp8_wo_bf16.cu", "fp8_wo_f16.cu"),
 }
 HEADERS = ("qlp_gemm.h", "qlp_gemm.cuh", "bindings.cpp")
 #: sm90a kernels with CUTLASS 3.x/4.x collectives need CUDA 12.3 or newer

@@ -32,11 +32,13 @@ def spec(scheme="fp8_rowwise", **kw):
     return R.LayerSpec(**base)
 
 
-def test_one_kernel_per_family_covers_the_five_schemes():
-    for scheme, name in {**KERNELS, "w4a16": "cutlass_w4a16"}.items():
+WEIGHT_ONLY = {"w4a16": "cutlass_w4a16", "int8_weight_only": "cutlass_int8_weight_only",
+               "fp8_weight_only": "cutlass_fp8_weight_only"}
+
+
+def test_one_kernel_per_family_covers_every_scheme():
+    for scheme, name in {**KERNELS, **WEIGHT_ONLY}.items():
         assert [k.name for k in R.candidates(scheme, H100) if k.backend == "cutlass"] == [name]
-    for scheme in ("int8_weight_only", "fp8_weight_only"):
-        assert not [k for k in R.candidates(scheme, H100) if k.backend == "cutlass"]
 
 
 def test_device_reasons():
@@ -136,8 +138,8 @@ def test_explicit_cutlass_without_hopper_is_an_error_naming_why():
     msg = str(e.value)
     assert "layers.0.mlp.down_proj" in msg and "cutlass_int8" in msg and "sm90a" in msg and "Fixes" in msg
     with pytest.raises(qp.NoKernelError) as e:
-        R.select(spec("int8_weight_only"), qp.LinearBackendConfig("cutlass"), H100)
-    assert "no kernel for scheme 'int8_weight_only'" in str(e.value)
+        R.select(spec("w4a16", group_size=32, act_input="none"), qp.LinearBackendConfig("cutlass"), H100)
+    assert "cutlass_w4a16" in str(e.value)  # named, with why it cannot run
 
 
 def test_compile_on_cpu_raises_before_running():
@@ -207,7 +209,7 @@ def cuh_configs() -> dict:
     text = (B.SOURCE_DIR / "qlp_gemm.cuh").read_text()
     out = {}
     for family, struct in (("fp8", "Fp8Configs"), ("int8", "Int8Configs"), ("fp8_block", "Fp8BlockConfigs"),
-                           ("w4a16", "W4A16Configs")):
+                           ("w4a16", "W4A16Configs"), ("int8_wo", "W8A16Configs"), ("fp8_wo", "W8A16Configs")):
         body = text.split(f"struct {struct} {{", 1)[1].split("};\n\n", 1)[0] + "};"
         names = re.findall(r'static constexpr const char\* name = "([^"]+)";', body)
         listed = re.search(r"using List = ConfigList<([^>]*)>;", body).group(1)
@@ -247,7 +249,22 @@ class _FakeModule:
         return cuh_configs()[self.family]
 
     def gemm(self, *args, **kwargs):
-        return (self._w4a16 if self.family == "w4a16" else self._w8a8)(*args, **kwargs)
+        run = {"w4a16": self._w4a16, "int8_wo": self._wo8, "fp8_wo": self._wo8}.get(self.family, self._w8a8)
+        return run(*args, **kwargs)
+
+    def _wo8(self, x, w, scale, bias, out, config):
+        m, k = x.shape
+        n = w.shape[0]
+        assert 0 <= config < len(self.configs())
+        assert w.dtype == {"int8_wo": torch.int8, "fp8_wo": torch.float8_e4m3fn}[self.family] and w.shape == (n, k)
+        assert x.is_contiguous() and w.is_contiguous() and scale.dtype == torch.float32 and scale.shape == (n,)
+        assert out.shape == (m, n) and out.dtype == x.dtype
+        y = (x.float() @ w.float().t()) * scale
+        if bias is not None:
+            assert bias.dtype == out.dtype and bias.shape == (n,)
+            y = y + bias.float()
+        out.copy_(y)
+        return out
 
     def _w4a16(self, x, w, scale, zero, group_size, bias, out, config):
         m, k = x.shape
@@ -446,7 +463,7 @@ def test_w4a16_limits_name_the_reason():
     ok, why = kernel.can_implement(w4a16_spec(out_dtype=torch.float32))
     assert not ok and "writes the activation's dtype" in why
     ok, why = kernel.can_implement(w4a16_spec(n=4100))
-    assert not ok and "multiples of 8" in why
+    assert not ok and "a multiple of 8" in why
     assert not kernel.takes_quantized_activation(w4a16_spec()) and kernel.opaque and kernel.runs_behind_op
 
 
@@ -531,3 +548,73 @@ def test_gpu_w4a16_binding_rejects_bad_input():
         mod.gemm(x, w, s.float(), s, 128, None, out, 0)
     with pytest.raises(RuntimeError, match="no tile configuration 99"):
         mod.gemm(x, w, s, s, 128, None, out, 99)
+
+
+# --- int8 / fp8 weight-only ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "fp8_weight_only"])
+def test_weight_only_8bit_limits_name_the_reason(scheme):
+    kernel = R.get_kernel(WEIGHT_ONLY[scheme])
+    assert kernel.can_implement(spec(scheme, act_input="none")) == (True, "")
+    ok, why = kernel.can_implement(spec(scheme, act_input="none", k=4104))
+    assert not ok and "K of 16" in why
+    ok, why = kernel.can_implement(spec(scheme, act_input="none", act_dtype=torch.float32, out_dtype=torch.float32))
+    assert not ok and "bf16 / fp16" in why
+    assert kernel.opaque and not kernel.takes_quantized_activation(spec(scheme, act_input="none"))
+
+
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "fp8_weight_only"])
+@pytest.mark.parametrize("m,dtype", [(1, torch.bfloat16), (33, torch.float16), (130, torch.bfloat16)])
+def test_weight_only_8bit_glue_against_reference_with_the_extension_emulated(monkeypatch, scheme, m, dtype):
+    from ..helpers import kernel_case
+
+    kernel = R.get_kernel(WEIGHT_ONLY[scheme])
+    monkeypatch.setattr(type(kernel), "module", lambda self: _FakeModule(self.family))
+    n, k = 136, 384
+    x, params, bias, _, ref = kernel_case(scheme, m, n, k, dtype=dtype, seed=m)
+    s = R.LayerSpec(scheme, n, k, dtype, dtype, has_bias=True, act_input="none")
+    y = kernel.run(s, x, params, bias.float())
+    assert y.dtype == dtype and S.relative_error(y, ref) < S.TOLERANCE[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "fp8_weight_only"])
+@given(m=st.integers(1, 4096), n8=st.integers(1, 64), k16=st.integers(1, 48),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16]), bias=st.booleans(), seed=st.integers(0, 99))
+def test_gpu_weight_only_8bit_against_reference(scheme, m, n8, k16, dtype, bias, seed):
+    """M 1..4096, N any multiple of 8, K any multiple of 16."""
+    _hopper_or_skip(WEIGHT_ONLY[scheme])
+    run_direct(scheme, m, n8 * 8 * 3, min(k16 * 16 * 7, 8192), act_input="none", dtype=dtype, bias=bias, seed=seed,
+               device="cuda", poison=True, kernel=WEIGHT_ONLY[scheme])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "fp8_weight_only"])
+def test_gpu_weight_only_8bit_every_tile_configuration(scheme):
+    _hopper_or_skip(WEIGHT_ONLY[scheme])
+    kernel = R.get_kernel(WEIGHT_ONLY[scheme])
+    names = list(kernel.module().configs())
+    assert names == cuh_configs()[kernel.family]
+    for name in names:
+        for m, n, k in ((1, 4096, 4096), (37, 1536, 2048), (130, 2048, 14336), (1027, 1024, 4096), (4096, 384, 640)):
+            run_direct(scheme, m, n, k, act_input="none", device="cuda", poison=True, kernel=WEIGHT_ONLY[scheme],
+                       seed=m, bias=m % 2 == 1, config=name)
+
+
+@pytest.mark.gpu
+def test_gpu_weight_only_8bit_binding_rejects_bad_input():
+    _hopper_or_skip("cutlass_int8_weight_only")
+    mod = R.get_kernel("cutlass_int8_weight_only").module()
+    x = torch.zeros(4, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.zeros(32, 256, device="cuda", dtype=torch.int8)
+    s = torch.ones(32, device="cuda")
+    out = torch.empty(4, 32, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="w must be Char"):
+        mod.gemm(x, w.float(), s, None, out, 0)
+    with pytest.raises(RuntimeError, match="scale has 16 values, expected 32"):
+        mod.gemm(x, w, s[:16].contiguous(), None, out, 0)
+    with pytest.raises(RuntimeError, match="x is \\[4, 256\\] but w is \\[32, 128\\]"):
+        mod.gemm(x, w[:, :128].contiguous(), s, None, out, 0)
+    with pytest.raises(RuntimeError, match="no tile configuration 99"):
+        mod.gemm(x, w, s, None, out, 99)

@@ -1,6 +1,7 @@
 // PyTorch binding of one CUTLASS kernel family: checks the tensors, then calls the
 // C entry points of qlp_gemm.h on the current stream.  Built once per family with
-// -DQLP_FAMILY_FP8, -DQLP_FAMILY_INT8, -DQLP_FAMILY_FP8_BLOCK or -DQLP_FAMILY_W4A16.
+// -DQLP_FAMILY_FP8, -DQLP_FAMILY_INT8, -DQLP_FAMILY_FP8_BLOCK, -DQLP_FAMILY_W4A16,
+// -DQLP_FAMILY_INT8_WO or -DQLP_FAMILY_FP8_WO.
 #include <torch/extension.h>
 
 #include <cuda_runtime.h>
@@ -65,8 +66,17 @@ const auto kOperand = at::kFloat8_e4m3fn;
 constexpr bool kBlock = true;
 #elif defined(QLP_FAMILY_W4A16)
 constexpr const char* kFamily = "w4a16";
+#elif defined(QLP_FAMILY_INT8_WO)
+constexpr const char* kFamily = "int8_wo";
+const auto kWeight = at::kChar;
+#elif defined(QLP_FAMILY_FP8_WO)
+constexpr const char* kFamily = "fp8_wo";
+const auto kWeight = at::kFloat8_e4m3fn;
 #else
-#error "define QLP_FAMILY_FP8, QLP_FAMILY_INT8, QLP_FAMILY_FP8_BLOCK or QLP_FAMILY_W4A16"
+#error "define QLP_FAMILY_FP8, QLP_FAMILY_INT8, QLP_FAMILY_FP8_BLOCK, QLP_FAMILY_W4A16, QLP_FAMILY_INT8_WO or QLP_FAMILY_FP8_WO"
+#endif
+#if defined(QLP_FAMILY_INT8_WO) || defined(QLP_FAMILY_FP8_WO)
+#define QLP_WEIGHT_ONLY_8BIT 1
 #endif
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -156,7 +166,36 @@ void check_config(int64_t config) {
             config, " (the family has ", config_count(), ")");
 }
 
-#if defined(QLP_FAMILY_W4A16)
+#if defined(QLP_WEIGHT_ONLY_8BIT)
+// out[M, N] = (x[M, K] @ w[N, K]^T) * scale[N] + bias[N]: w int8 or fp8 e4m3, scale float32 per channel.
+torch::Tensor wo8_gemm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
+                       const c10::optional<torch::Tensor>& bias, torch::Tensor out, int64_t config) {
+  QLP_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, "qlinear_pass cutlass ", kFamily,
+            ": x must be bfloat16 or float16, got ", x.scalar_type());
+  const auto dt = x.scalar_type();
+  check_matrix(x, "x", dt, x);
+  check_matrix(w, "w", kWeight, x);
+  check_matrix(out, "out", dt, x);
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  QLP_CHECK(w.size(1) == k, "qlinear_pass cutlass ", kFamily, ": x is ", x.sizes(), " but w is ", w.sizes());
+  QLP_CHECK(out.size(0) == m && out.size(1) == n, "qlinear_pass cutlass ", kFamily, ": out is ", out.sizes(),
+            ", expected [", m, ", ", n, "]");
+  QLP_CHECK(n % 8 == 0 && k % 16 == 0, "qlinear_pass cutlass ", kFamily, ": needs N % 8 == 0 and K % 16 == 0 "
+            "(16-byte TMA rows of the output and of w), got N=", n, " K=", k);
+  check_scale(scale, "scale", n, x);
+  QLP_CHECK(m < (int64_t(1) << 31) && n < (int64_t(1) << 31) && k < (int64_t(1) << 31),
+            "qlinear_pass cutlass: sizes must fit in int32");
+  check_config(config);
+  const void* bias_ptr = bias_pointer(bias, out, n);
+  if (m == 0) return out;
+  // the swapped problem: the GEMM's rows are the weight's N, its columns the activation's M
+  qlp::GemmArgs args{w.data_ptr(), x.data_ptr(), out.data_ptr(), scale.data_ptr<float>(), nullptr, bias_ptr,
+                     int(n), int(m), int(k), true, false, 0, int(x.get_device()), sm_count(x.get_device())};
+  launch(args, x, dt == at::kHalf, config);
+  return out;
+}
+
+#elif defined(QLP_FAMILY_W4A16)
 // out[M, N] = x[M, K] @ dequant(w)^T + bias[N]: w [N, K/2] bytes of unsigned 4-bit values (even k in
 // the low nibble), dequantised as q * scale + zero per (output channel, group of group_size along K);
 // scale and zero are MN-major [K / group_size, N] in x's dtype (zero = -zero_point * scale).
@@ -253,7 +292,11 @@ torch::Tensor gemm(const torch::Tensor& a, const torch::Tensor& b, const torch::
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "qlinear_pass CUTLASS sm90a GEMMs (one kernel family)";
   module.attr("family") = kFamily;
-#if defined(QLP_FAMILY_W4A16)
+#if defined(QLP_WEIGHT_ONLY_8BIT)
+  module.def("gemm", &wo8_gemm, "out = (x @ w.T) * scale + bias (see qlp_gemm.cuh)", pybind11::arg("x"),
+             pybind11::arg("w"), pybind11::arg("scale"), pybind11::arg("bias"), pybind11::arg("out"),
+             pybind11::arg("config"));
+#elif defined(QLP_FAMILY_W4A16)
   module.def("gemm", &w4a16_gemm, "out = x @ dequant(w).T + bias (see qlp_gemm.cuh)", pybind11::arg("x"),
              pybind11::arg("w"), pybind11::arg("scale"), pybind11::arg("zero"), pybind11::arg("group_size"),
              pybind11::arg("bias"), pybind11::arg("out"), pybind11::arg("config"));

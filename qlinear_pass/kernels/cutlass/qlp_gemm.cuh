@@ -1,6 +1,7 @@
 // Scaled GEMMs for Hopper (sm90a) built from CUTLASS 3.x collectives.
 //
 //   w4a16:       D[M, N] = A[M, K] @ dequant(W)[N, K]^T + bias[N], group-wise 4-bit W (W4A16Gemm)
+//   int8_wo / fp8_wo: D[M, N] = (A[M, K] @ W[N, K]^T) * scale[N] + bias[N], 8-bit W (W8A16Gemm)
 //
 //   fp8 / int8:  D[M, N] = sa * sb * (A[M, K] @ B[N, K]^T) + bias[N]
 //   fp8_block:   D[M, N] = sum_kb sa[m, kb] * sb[n / 128, kb] * (A @ B^T)[kb] + bias[N]
@@ -212,6 +213,42 @@ struct W4A16Gemm {
   }
 };
 
+// W8A16 (int8_weight_only, fp8_weight_only): D^T[N, M] = scale[N] * (W[N, K] @ X[M, K]^T) + bias[N],
+// swapped as W4A16; the mainloop converts the 8-bit weight to the activation's dtype, which holds
+// every int8 and e4m3 value exactly, and the epilogue applies the per-channel scale in fp32.
+template <class TileShape, class ElementD>
+using ChannelScaleBiasEpilogue = fusion::Sm90EVT<
+    fusion::Sm90Compute<cutlass::homogeneous_multiply_add, ElementD, float, kRound>,
+    fusion::Sm90ColBroadcast<0, TileShape, float, float, Stride<_1, _0, _0>>, fusion::Sm90AccFetch,
+    fusion::Sm90ColBroadcast<0, TileShape, ElementD, float, Stride<_1, _0, _0>>>;
+
+template <class ElementW, class ElementD, class TileShape, class ClusterShape, class KernelSchedule,
+          class EpilogueSchedule, class Scheduler = cutlass::gemm::PersistentScheduler>
+struct W8A16Gemm {
+  using ElementX = ElementD;
+  using Epilogue = ChannelScaleBiasEpilogue<TileShape, ElementD>;
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::ColumnMajor, kAlignD,
+      ElementD, cutlass::layout::ColumnMajor, kAlignD, EpilogueSchedule, Epilogue>::CollectiveOp;
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementW, cutlass::layout::RowMajor, kAlignAB, ElementX,
+      cutlass::layout::ColumnMajor, kAlignD, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      KernelSchedule>::CollectiveOp;
+  using Run = Adapter<CollectiveMainloop, CollectiveEpilogue, Scheduler>;
+  using Gemm = typename Run::Gemm;
+  static typename Gemm::Arguments arguments(GemmArgs const& g) {
+    typename CollectiveMainloop::Arguments mainloop{static_cast<ElementW const*>(g.a), row_major(g.k),
+                                                    static_cast<ElementX const*>(g.b), row_major(g.k)};
+    typename CollectiveEpilogue::Arguments epilogue{
+        {{g.scale_a, 1.0f, {_1{}, _0{}, _0{}}}, {}, {static_cast<ElementD const*>(g.bias), ElementD(0), {_1{}, _0{}, _0{}}}, {}},
+        nullptr, col_major(g.m), static_cast<ElementD*>(g.d), col_major(g.m)};
+    return Run::arguments(g, mainloop, epilogue);
+  }
+};
+
 template <class T>
 struct Tag {
   using type = T;
@@ -325,6 +362,37 @@ struct W4A16Configs {
   // measured 2-8% slower than C2 at M = 1024 / 2048: h200/prefill/cutlass_w4a16_cluster)
   using List = ConfigList<C0, C1, C2, C3, C4>;
 };
+
+// The 8-bit weight-only families: W4A16's tiles (the same swapped problem; K 64 is 64 bytes of weight).
+template <class ElementW>
+struct W8A16Configs {
+  template <class ElementD>
+  struct Of {
+    struct C0 : W8A16Gemm<ElementW, ElementD, Shape<_128, _64, _64>, Shape<_1, _1, _1>,
+                          KernelTmaWarpSpecializedCooperative, TmaWarpSpecializedCooperative,
+                          cutlass::gemm::StreamKScheduler> {
+      static constexpr const char* name = "128x64x64 cooperative stream-K";
+    };
+    struct C1 : W8A16Gemm<ElementW, ElementD, Shape<_128, _128, _64>, Shape<_1, _1, _1>,
+                          KernelTmaWarpSpecializedCooperative, TmaWarpSpecializedCooperative,
+                          cutlass::gemm::StreamKScheduler> {
+      static constexpr const char* name = "128x128x64 cooperative stream-K";
+    };
+    struct C2 : W8A16Gemm<ElementW, ElementD, Shape<_128, _128, _64>, Shape<_1, _1, _1>,
+                          KernelTmaWarpSpecializedCooperative, TmaWarpSpecializedCooperative> {
+      static constexpr const char* name = "128x128x64 cooperative";
+    };
+    struct C3 : W8A16Gemm<ElementW, ElementD, Shape<_128, _256, _64>, Shape<_1, _1, _1>,
+                          KernelTmaWarpSpecializedCooperative, TmaWarpSpecializedCooperative> {
+      static constexpr const char* name = "128x256x64 cooperative";
+    };
+    using List = ConfigList<C0, C1, C2, C3>;
+  };
+};
+template <class ElementD>
+using Int8WeightOnlyConfigs = typename W8A16Configs<int8_t>::template Of<ElementD>;
+template <class ElementD>
+using Fp8WeightOnlyConfigs = typename W8A16Configs<cutlass::float_e4m3_t>::template Of<ElementD>;
 
 // --- running one configuration ---------------------------------------------------------------
 
