@@ -217,9 +217,10 @@ def _cuda_kernel(scheme: str):
 
 
 def bench_prefill(label, scheme, g, zp, k, n, m) -> dict:
-    """Weight-only at M = 16 .. 4096: the weight-stationary tensor-core GEMM, the Triton GEMM that
-    dequantises every tile in its mainloop, one dequantising pass + cuBLAS, our CUDA decode kernel
-    (M <= 16) and bf16 F.linear; weights rotated as above."""
+    """Weight-only at M = 16 .. 4096: our CUTLASS kernel of the scheme in every tile configuration, the
+    weight-stationary tensor-core GEMM, the Triton GEMM that dequantises every tile in its mainloop, one
+    dequantising pass + cuBLAS, our CUDA decode kernel (w4a16, M <= 16) and bf16 F.linear; weights
+    rotated as above."""
     from qlinear_pass.kernels import triton_gemm as T
 
     p = S.quantize_weight(scheme, torch.randn(n, k, device="cuda") * 0.02, group_size=g or 128, zero_points=zp)
@@ -364,7 +365,8 @@ def main(argv=None) -> int:
     if args.prefill:
         res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "cases": []}
         lines = [f"# Weight-only GEMMs at M = 16 .. 4096, {res['device']}", "",
-                 "us per call (x bf16 = bf16 time / path time), weights rotated past L2, one run.", "",
+                 "us per call (x bf16 = bf16 time / path time), weights rotated past L2, one run; the CUTLASS columns "
+                 "are the fastest tile configuration (named in 'cutlass tiles'; every one is in the JSON).", "",
                  "| format | K | N | M | bf16 | " + " | ".join(PREFILL_PATHS) + " | cutlass tiles | weight-stationary config |",
                  "|---|---|---|---|---|" + "---|" * len(PREFILL_PATHS) + "---|---|"]
         for label, scheme, g, zp in FORMATS:
