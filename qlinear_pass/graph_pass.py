@@ -191,6 +191,9 @@ def rewrite(graph: fx.Graph, cfg: C.LinearBackendConfig, record: CompileRecord, 
         decision = Decision(m.spec, sel.backend, sel.describe(), sel.rejected, sel.fallback, sel.note)
         record.decisions.append(decision)
         chosen.append((m, sel, decision))
+    # every kernel chosen does its once-per-process work (a build) now, at compile time
+    for kernel in {k.name: k for _, sel, _ in chosen for k in ([k for _, k in sel.plan] or [sel.kernel]) if k}.values():
+        kernel.prepare()
     for group in sibling_groups(graph, chosen):
         if len(group) == 1:
             _replace(graph, group[0][0], group[0][1])

@@ -59,6 +59,11 @@ class Kernel:
     ) -> torch.Tensor:
         raise NotImplementedError
 
+    def prepare(self) -> None:
+        """Work done once per process before the kernel's first call, while ``torch.compile`` runs:
+        the pass calls it for every kernel it chose (each kernel of a per-M plan too), so a build on
+        first use happens at compile time, where its progress lines belong, not inside a forward."""
+
     def takes_quantized_activation(self, spec: LayerSpec) -> bool:
         """Should this dynamic-activation layer get the graph's own quantized activation and its
         scale (``run`` then sees ``spec.act_input == "static"``, the scale the last parameter)

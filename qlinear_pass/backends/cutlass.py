@@ -130,10 +130,12 @@ class _CutlassKernel(Kernel):
     def takes_quantized_activation(self, spec):
         return True  # the GEMMs take a quantized activation only
 
+    def prepare(self) -> None:
+        self.module()  # build now, while torch.compile runs, not on the first forward
+
     def emit(self, emit, m):
         from ..emit import quantized_inputs
 
-        self.module()  # build now, while torch.compile runs, not on the first forward
         q, sa, params, bias = quantized_inputs(emit, m)
         spec = dataclasses.replace(m.spec, act_input="static", act_dtype=q.meta["val"].dtype)
         return emit(torch.ops.qlinear_pass.linear.default, q, [*params, sa], bias, self.name, spec.to_json())

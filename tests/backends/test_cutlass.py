@@ -618,3 +618,28 @@ def test_gpu_weight_only_8bit_binding_rejects_bad_input():
         mod.gemm(x, w[:, :128].contiguous(), s, None, out, 0)
     with pytest.raises(RuntimeError, match="no tile configuration 99"):
         mod.gemm(x, w, s, None, out, 99)
+
+
+def test_the_pass_builds_a_weight_only_family_at_compile_time_not_in_the_first_forward(toolchain_ok):
+    """prepare(): the family is loaded (built on a machine that has not built it) while the pass
+    runs, before the op's first call, also when the kernel only appears in a per-M plan."""
+    from ..helpers import linear_model, random_activation
+
+    events = []
+    kernel = R.get_kernel("cutlass_w4a16")
+    toolchain_ok.setattr(R.DeviceInfo, "of", classmethod(lambda cls, d=None: H100))
+    toolchain_ok.setattr(type(kernel), "module", lambda self: events.append("module") or _FakeModule(self.family))
+    orig = CU.CutlassW4A16.run
+
+    def spy(self, *args, **kwargs):
+        events.append("run")
+        return orig(self, *args, **kwargs)
+
+    toolchain_ok.setattr(CU.CutlassW4A16, "run", spy)
+    m = linear_model(256, 64, "w4a16", bias=True, group_size=128)
+    x = random_activation((40, 256))
+    with torch.no_grad():
+        y = torch.compile(m, backend=qp.make(linear_backend="cutlass", inductor=False))(x)
+    assert events[:2] == ["module", "run"], events
+    ref = S.reference("w4a16", x, m[0].params, m[0].bias)
+    assert S.relative_error(y, ref) < S.TOLERANCE[torch.bfloat16]
