@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .triton_gemm import _INTERP, _fp8_round, _round_half_even, _to_fp8, interpreting
+from .triton_gemm import _INTERP, _fp8_round, _round_half_even, _sm_count, _to_fp8, interpreting
 
 #: the most activation rows the decode kernel serves
 MAX_M = 16
@@ -626,15 +626,3 @@ def _locks(device: torch.device, n_tiles: int) -> torch.Tensor:
     if locks is None:
         locks = _LOCKS[key] = torch.zeros(_LOCK_SLOTS, device=device, dtype=torch.int32)
     return locks
-
-
-_SMS: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SMS:
-        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SMS[idx]

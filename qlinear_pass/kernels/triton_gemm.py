@@ -49,6 +49,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_SMS: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    """The SM count of a CUDA device (read once per device); 132 elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
 def _autotune(configs, key, **kw):
     """``triton.autotune`` with results cached on disk where Triton supports it;
     under the interpreter only the first config (tuning there measures nothing)."""
@@ -630,8 +643,7 @@ def weight_only_gemm_t(a, w, sw, zw, bias, out_dtype, *, kind: int, group_size: 
     if k % 128:
         raise ValueError(f"the weight-stationary GEMM walks K in 128-wide tiles (K={k})")
     if split_k is None:
-        sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 132
-        split_k = wt_split_k(m, n, k, sms)
+        split_k = wt_split_k(m, n, k, _sm_count(a.device))
     c = (torch.zeros((m, n), device=a.device, dtype=torch.float32) if split_k > 1
          else torch.empty((m, n), device=a.device, dtype=out_dtype))
     if m == 0:
