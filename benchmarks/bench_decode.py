@@ -178,6 +178,9 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
         if scheme == "w4a16":
             def fn(ps, rt):
                 return cuda_w4a16.w4a16_decode(x, ps[0], ps[1], ps[2] if len(ps) > 2 else None, None, g, row_tiles=rt)
+        elif sch.weight_only:
+            def fn(ps, rt):
+                return cuda_w8a8.w8a16_decode(x, ps[0], ps[1], None, row_tiles=rt)
         else:
             xq_c, xs_c = S.quantize_activation(scheme, x)
 

@@ -12,6 +12,9 @@ this GPU the first time one runs (seconds; cached; see ``kernels/cuda_build.py``
   (``kernels/cuda/w8a8_decode.cu``); it takes the graph's quantized activation (per token or per
   tensor), so the quantization fuses into the kernel that writes the activation.  Same launch
   structure as ``cuda_w4a16``, same M <= 16 in ``auto``.
+* ``cuda_w8a16``: ``int8_weight_only`` and ``fp8_weight_only`` at decode sizes: the same kernel with
+  a bf16 / fp16 activation; the 8-bit weights become 16-bit values in registers (exactly) and the
+  16-bit tensor-core MMA multiplies them, the per-channel scale applied once to the sum.
 """
 from __future__ import annotations
 
@@ -39,6 +42,16 @@ def _cuda_status(device: DeviceInfo, min_sm: int, what: str, nvcc_version: tuple
     return OK
 
 
+def _weight_only_limits(spec: LayerSpec, why_not: str):
+    """The weight-only kernels' limits: a bf16 / fp16 activation (a tensor-core operand) that is also
+    the output's dtype, and the kernel's own reason ``why_not`` ("" when the shape is fine)."""
+    if spec.act_dtype not in ACTS:
+        return False, f"bf16 / fp16 activations only (tensor-core operands), not {spec.act_dtype}"
+    if spec.out_dtype != spec.act_dtype:
+        return False, f"writes the activation's dtype ({spec.act_dtype}), not {spec.out_dtype}"
+    return (False, why_not) if why_not else OK
+
+
 @register_kernel
 class CudaW4A16(Kernel):
     name = "cuda_w4a16"
@@ -51,12 +64,7 @@ class CudaW4A16(Kernel):
     def can_implement(self, spec: LayerSpec):
         from ..kernels.cuda_w4a16 import check_group_size
 
-        if spec.act_dtype not in ACTS:
-            return False, f"bf16 / fp16 activations only (tensor-core operands), not {spec.act_dtype}"
-        if spec.out_dtype != spec.act_dtype:
-            return False, f"writes the activation's dtype ({spec.act_dtype}), not {spec.out_dtype}"
-        why = check_group_size(spec.k, spec.group_size or 0)
-        return (False, why) if why else OK
+        return _weight_only_limits(spec, check_group_size(spec.k, spec.group_size or 0))
 
     @staticmethod
     def _layer(params, bias):
@@ -125,3 +133,32 @@ class CudaW8A8(Kernel):
 
         xq, sx = self._quantized(specs[0], x, params[0])
         return w8a8_decode_group(xq, sx, [Layer(p[0], p[1], b) for p, b in zip(params, biases)], specs[0].out_dtype)
+
+
+@register_kernel
+class CudaW8A16(Kernel):
+    name = "cuda_w8a16"
+    backend = "cuda"
+    schemes = ("int8_weight_only", "fp8_weight_only")
+
+    def is_supported(self, device: DeviceInfo):
+        # bf16 mma.sync and fma.rn.bf16x2: sm80; e4m3 -> f16 converts in hardware from sm89, in a few
+        # instructions before (cuda_fp8.h)
+        return _cuda_status(device, 80, "bf16 mma.sync (Ampere or newer)")
+
+    def can_implement(self, spec: LayerSpec):
+        from ..kernels.cuda_w8a8 import check_k
+
+        return _weight_only_limits(spec, check_k(spec.k))
+
+    def run(self, spec, x, params, bias):
+        from ..kernels.cuda_w8a8 import w8a16_decode
+
+        x = x if x.dim() == 2 else x.reshape(-1, spec.k)
+        return w8a16_decode(x, params[0], params[1], bias)
+
+    def run_group(self, specs, x, params, biases):
+        from ..kernels.cuda_w8a8 import Layer, w8a16_decode_group
+
+        x = x if x.dim() == 2 else x.reshape(-1, specs[0].k)
+        return w8a16_decode_group(x, [Layer(p[0], p[1], b) for p, b in zip(params, biases)])

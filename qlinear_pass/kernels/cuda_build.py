@@ -113,10 +113,12 @@ def _library_for(library: str, index: int, prepare) -> ctypes.CDLL:
     return prepare(load(library, (int(cap[0]), int(cap[1]))))
 
 
-def bind(lib: ctypes.CDLL, prefix: str, params: type, max_segments: int, abi_version: int, argtypes: list) -> ctypes.CDLL:
+def bind(lib: ctypes.CDLL, prefix: str, params: type, max_segments: int, abi_version: int, argtypes: list,
+         also: tuple = ()) -> ctypes.CDLL:
     """Check that a built library's ``qlp_<prefix>_abi()`` matches the caller's ctypes ``params``
     struct (its size, ``max_segments`` and ``abi_version``) and declare ``qlp_<prefix>_decode(params*,
-    *argtypes, stream, err, err_len)``; once per library."""
+    *argtypes, stream, err, err_len)``, and ``qlp_<name>_decode`` alike for each name in ``also``;
+    once per library."""
     if not getattr(lib, "_qlp_ready", False):
         abi = getattr(lib, f"qlp_{prefix}_abi")
         abi.restype = ctypes.c_int
@@ -124,9 +126,10 @@ def bind(lib: ctypes.CDLL, prefix: str, params: type, max_segments: int, abi_ver
         if abi() != want:
             raise RuntimeError(f"the built {prefix} decode library does not match this module (ABI {abi()} != {want}); "
                                "its build cache is stale or from another version")
-        run = getattr(lib, f"qlp_{prefix}_decode")
-        run.restype = ctypes.c_int
-        run.argtypes = [ctypes.POINTER(params), *argtypes, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+        for name in (prefix, *also):
+            run = getattr(lib, f"qlp_{name}_decode")
+            run.restype = ctypes.c_int
+            run.argtypes = [ctypes.POINTER(params), *argtypes, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
         lib._qlp_ready = True
     return lib
 

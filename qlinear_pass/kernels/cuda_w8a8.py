@@ -1,12 +1,16 @@
-"""Calling the W8A8 decode kernel (``kernels/cuda/w8a8_decode.cu``) from Python.
+"""Calling the 8-bit-weight decode kernel (``kernels/cuda/w8a8_decode.cu``) from Python.
 
 ``w8a8_decode_group(xq, sx, layers, out_dtype)`` runs one or more layers that read the same
 quantized activation (a transformer's q/k/v, gate/up) in as few launches as the kernel's segments
 allow; ``w8a8_decode`` is the one-layer form.  Weights and activation are fp8 e4m3 or int8 (both
 the same), [N, K] and [M, K]; the weight scale is one per channel or one per tensor, the
-activation scale one per token or one per tensor (fp32; others are converted per call).  Any M is
-computed (more CTAs along M), but the kernel is made for M <= 16: each CTA reads its weight rows
-once per 16 tokens.
+activation scale one per token or one per tensor (fp32; others are converted per call).
+
+``w8a16_decode_group(x, layers)`` / ``w8a16_decode``: the weight-only form, the same weights and
+weight scales with a bf16 / fp16 activation [M, K], which is also the output's dtype.
+
+Any M is computed (more CTAs along M), but the kernel is made for M <= 16: each CTA reads its
+weight rows once per 16 tokens.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ MAX_SEGMENTS = 3
 ABI_VERSION = 1
 ELEMS = {torch.float8_e4m3fn: 0, torch.int8: 1}
 OUT_DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+#: the weight-only form's activations (and outputs)
+ACT_DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 
 
 class Layer(NamedTuple):
@@ -48,7 +54,7 @@ class _Params(ctypes.Structure):
 
 def check_k(k: int) -> str:
     """Why the kernel cannot run this K ("" when it can)."""
-    return "" if k % 128 == 0 else f"the W8A8 decode kernel walks K in chunks of 128 (K={k})"
+    return "" if k % 128 == 0 else f"the 8-bit-weight decode kernel walks K in chunks of 128 (K={k})"
 
 
 def _library(device: torch.device) -> ctypes.CDLL:
@@ -57,7 +63,8 @@ def _library(device: torch.device) -> ctypes.CDLL:
 
 def prepare(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Check that a built library matches this module's structs and declare its functions (once)."""
-    return cuda_build.bind(lib, "w8a8", _Params, MAX_SEGMENTS, ABI_VERSION, [ctypes.c_int, ctypes.c_int, ctypes.c_int])
+    return cuda_build.bind(lib, "w8a8", _Params, MAX_SEGMENTS, ABI_VERSION, [ctypes.c_int, ctypes.c_int, ctypes.c_int],
+                           also=("w8a16",))
 
 
 def _scale(s: torch.Tensor, count: int, what: str) -> tuple[torch.Tensor, int]:
@@ -69,51 +76,47 @@ def _scale(s: torch.Tensor, count: int, what: str) -> tuple[torch.Tensor, int]:
     return s.reshape(count).float().contiguous(), 1
 
 
-def w8a8_decode_group(xq: torch.Tensor, sx: torch.Tensor, layers: Sequence[Layer], out_dtype: torch.dtype,
-                      row_tiles: Optional[int] = None) -> list[torch.Tensor]:
-    """``xq`` [M, K] (fp8 e4m3 or int8) with scales ``sx`` times each layer's weight -> [M, N_i] each, in ``out_dtype``."""
-    if xq.dim() != 2:
-        raise ValueError(f"the activation must be 2-D [M, K], got shape {tuple(xq.shape)}")
-    if xq.dtype not in ELEMS:
-        raise ValueError(f"the W8A8 decode kernel takes an fp8 e4m3 or int8 activation, not {xq.dtype}")
-    if out_dtype not in OUT_DTYPES:
-        raise ValueError(f"the W8A8 decode kernel writes bf16, fp16 or fp32, not {out_dtype}")
-    if xq.device.type != "cuda":
-        raise ValueError(f"the W8A8 decode kernel runs on a CUDA GPU, not {xq.device}")
-    m, k = xq.shape
-    why = check_k(k)
-    if why:
-        raise ValueError(why)
-    sx, sx_stride = _scale(sx, m, "the activation scale")
+def _layers(x: torch.Tensor, layers: Sequence[Layer], weight_dtype: torch.dtype, out_dtype: torch.dtype) -> list:
+    """Each layer checked against the activation ``x`` [M, K] and made ready for the kernel:
+    (weight, fp32 scale, its stride, bias in ``out_dtype`` or None, N)."""
+    k = x.shape[1]
     prepared = []
     for i, layer in enumerate(layers):
         n = layer.w.shape[0]
-        if layer.w.dtype != xq.dtype or tuple(layer.w.shape) != (n, k):
-            raise ValueError(f"layer {i}: the weight must be {xq.dtype} [N, K] = [{n}, {k}] like the activation, got "
+        if layer.w.dtype != weight_dtype or tuple(layer.w.shape) != (n, k):
+            raise ValueError(f"layer {i}: the weight must be {weight_dtype} [N, K] = [{n}, {k}], got "
                              f"{layer.w.dtype} {tuple(layer.w.shape)}")
         if layer.bias is not None and tuple(layer.bias.shape) != (n,):
             raise ValueError(f"layer {i}: bias of shape {tuple(layer.bias.shape)}, expected [{n}]")
-        elsewhere = [t.device for t in (*layer, sx) if t is not None and t.device != xq.device]
+        elsewhere = [t.device for t in layer if t is not None and t.device != x.device]
         if elsewhere:
-            raise ValueError(f"layer {i}: its tensors are on {elsewhere[0]}, the activation on {xq.device}")
+            raise ValueError(f"layer {i}: its tensors are on {elsewhere[0]}, the activation on {x.device}")
         sw, sw_stride = _scale(layer.sw, n, f"layer {i}: the weight scale")
         bias = layer.bias.to(out_dtype).contiguous() if layer.bias is not None else None
         prepared.append((aligned(layer.w, 16, 16), sw, sw_stride, bias, n))
-    outs = [torch.empty((m, n), device=xq.device, dtype=out_dtype) for *_, n in prepared]
+    return prepared
+
+
+def _launch(entry: str, x: torch.Tensor, sx: Optional[torch.Tensor], sx_stride: int, prepared: list,
+            elem: int, dtype_code: int, out_dtype: torch.dtype, row_tiles: Optional[int]) -> list[torch.Tensor]:
+    """Run ``qlp_<entry>_decode`` over the prepared layers, MAX_SEGMENTS a launch: their outputs."""
+    m, k = x.shape
+    outs = [torch.empty((m, n), device=x.device, dtype=out_dtype) for *_, n in prepared]
     if m == 0 or not prepared:
         return outs
-    xq = aligned(xq, 16, 16)
-    lib = _library(xq.device)
+    lib = _library(x.device)
     if row_tiles is None:
-        row_tiles = row_tiles_for(m, sum(n for *_, n in prepared), torch.cuda.get_device_properties(xq.device).multi_processor_count)
+        row_tiles = row_tiles_for(m, sum(n for *_, n in prepared), torch.cuda.get_device_properties(x.device).multi_processor_count)
     rows = 16 * row_tiles
     err = ctypes.create_string_buffer(256)
-    stream = torch.cuda.current_stream(xq.device).cuda_stream
-    with torch.cuda.device(xq.device):
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    run = getattr(lib, f"qlp_{entry}_decode")
+    with torch.cuda.device(x.device):
         for first in range(0, len(prepared), MAX_SEGMENTS):
             batch = range(first, min(first + MAX_SEGMENTS, len(prepared)))
             p = _Params()
-            p.x, p.sx, p.x_stride, p.sx_stride = xq.data_ptr(), sx.data_ptr(), xq.stride(0), sx_stride
+            p.x, p.x_stride = x.data_ptr(), x.stride(0)
+            p.sx, p.sx_stride = (sx.data_ptr(), sx_stride) if sx is not None else (None, 0)
             p.m, p.k, p.nseg = m, k, len(batch)
             for j, i in enumerate(batch):
                 w, sw, sw_stride, bias, n = prepared[i]
@@ -123,12 +126,61 @@ def w8a8_decode_group(xq: torch.Tensor, sx: torch.Tensor, layers: Sequence[Layer
                 seg.w_stride, seg.sw_stride, seg.out_stride = w.stride(0), sw_stride, outs[i].stride(0)
                 seg.n, seg.tiles = n, -(-n // rows)
             p.total_tiles = sum(p.seg[j].tiles for j in range(len(batch)))
-            if lib.qlp_w8a8_decode(ctypes.byref(p), ELEMS[xq.dtype], OUT_DTYPES[out_dtype], row_tiles, stream, err, len(err)):
-                raise RuntimeError(f"the W8A8 decode kernel failed: {err.value.decode(errors='replace')}")
+            if run(ctypes.byref(p), elem, dtype_code, row_tiles, stream, err, len(err)):
+                raise RuntimeError(f"the {entry.upper()} decode kernel failed: {err.value.decode(errors='replace')}")
     return outs
+
+
+def _check_activation(x: torch.Tensor, what: str) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"the activation must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if x.device.type != "cuda":
+        raise ValueError(f"the {what} decode kernel runs on a CUDA GPU, not {x.device}")
+    why = check_k(x.shape[1])
+    if why:
+        raise ValueError(why)
+
+
+def w8a8_decode_group(xq: torch.Tensor, sx: torch.Tensor, layers: Sequence[Layer], out_dtype: torch.dtype,
+                      row_tiles: Optional[int] = None) -> list[torch.Tensor]:
+    """``xq`` [M, K] (fp8 e4m3 or int8) with scales ``sx`` times each layer's weight -> [M, N_i] each, in ``out_dtype``."""
+    if xq.dim() == 2 and xq.dtype not in ELEMS:
+        raise ValueError(f"the W8A8 decode kernel takes an fp8 e4m3 or int8 activation, not {xq.dtype}")
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"the W8A8 decode kernel writes bf16, fp16 or fp32, not {out_dtype}")
+    _check_activation(xq, "W8A8")
+    sx, sx_stride = _scale(sx, xq.shape[0], "the activation scale")
+    if sx.device != xq.device:
+        raise ValueError(f"the activation scale is on {sx.device}, the activation on {xq.device}")
+    prepared = _layers(xq, layers, xq.dtype, out_dtype)
+    return _launch("w8a8", aligned(xq, 16, 16), sx, sx_stride, prepared, ELEMS[xq.dtype], OUT_DTYPES[out_dtype],
+                   out_dtype, row_tiles)
 
 
 def w8a8_decode(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: Optional[torch.Tensor],
                 out_dtype: torch.dtype, row_tiles: Optional[int] = None) -> torch.Tensor:
     """One layer: ``xq`` [M, K] times the weight ``w`` [N, K] -> [M, N] in ``out_dtype``."""
     return w8a8_decode_group(xq, sx, [Layer(w, sw, bias)], out_dtype, row_tiles)[0]
+
+
+def w8a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], row_tiles: Optional[int] = None) -> list[torch.Tensor]:
+    """The weight-only form: ``x`` [M, K] (bf16 / fp16) times each layer's 8-bit weight (all fp8 e4m3
+    or all int8) and its scale -> [M, N_i] each, in ``x``'s dtype."""
+    if x.dim() == 2 and x.dtype not in ACT_DTYPES:
+        raise ValueError(f"the W8A16 decode kernel takes a bf16 or fp16 activation, not {x.dtype}")
+    _check_activation(x, "W8A16")
+    if not layers:
+        return []
+    weight_dtype = layers[0].w.dtype
+    if weight_dtype not in ELEMS:
+        raise ValueError(f"the W8A16 decode kernel takes fp8 e4m3 or int8 weights, not {weight_dtype}")
+    prepared = _layers(x, layers, weight_dtype, x.dtype)
+    # 16-byte pieces of 16-bit values: rows a multiple of 8 elements apart
+    return _launch("w8a16", aligned(x, 16, 8), None, 0, prepared, ELEMS[weight_dtype], ACT_DTYPES[x.dtype], x.dtype,
+                   row_tiles)
+
+
+def w8a16_decode(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: Optional[torch.Tensor],
+                 row_tiles: Optional[int] = None) -> torch.Tensor:
+    """One weight-only layer: ``x`` [M, K] times the weight ``w`` [N, K] -> [M, N] in ``x``'s dtype."""
+    return w8a16_decode_group(x, [Layer(w, sw, bias)], row_tiles)[0]

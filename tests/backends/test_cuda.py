@@ -23,7 +23,8 @@ def spec(**kw):
 
 def test_backend_name_is_known_and_its_kernels_serve_their_schemes():
     assert "cuda" in qp.available_backends(CPU)
-    served = {"w4a16": ["cuda_w4a16"], "fp8_rowwise": ["cuda_w8a8"], "fp8_tensor": ["cuda_w8a8"], "int8_rowwise": ["cuda_w8a8"]}
+    served = {"w4a16": ["cuda_w4a16"], "fp8_rowwise": ["cuda_w8a8"], "fp8_tensor": ["cuda_w8a8"], "int8_rowwise": ["cuda_w8a8"],
+              "int8_weight_only": ["cuda_w8a16"], "fp8_weight_only": ["cuda_w8a16"]}
     for scheme in S._SCHEMES:
         names = [k.name for k in R.candidates(scheme, H100) if k.backend == "cuda"]
         assert names == served.get(scheme, [])
@@ -62,7 +63,10 @@ def test_explicit_cuda_without_nvcc_is_an_error_naming_why(monkeypatch):
     assert "cuda_w4a16" in msg and "nvcc was not found" in msg and "layers.0.self_attn.q_proj" in msg
     with pytest.raises(qp.NoKernelError) as e:
         R.select(spec(scheme="int8_weight_only", group_size=None), qp.LinearBackendConfig("cuda"), H100)
-    assert "no kernel for scheme 'int8_weight_only'" in str(e.value)
+    assert "cuda_w8a16" in str(e.value) and "nvcc was not found" in str(e.value)
+    with pytest.raises(qp.NoKernelError) as e:
+        R.select(spec(scheme="fp8_block", group_size=None), qp.LinearBackendConfig("cuda"), H100)
+    assert "no kernel for scheme 'fp8_block'" in str(e.value)
 
 
 def test_running_on_cpu_tensors_is_refused():
@@ -164,3 +168,51 @@ def test_gpu_compiled_w8a8_siblings_run_in_one_call():
         assert ops.CALLS["cuda_w8a8"] > before
         assert S.relative_error(y, y_triton) < 5e-3
         assert S.relative_error(y, ref) < 2 * S.TOLERANCE[torch.bfloat16]
+
+
+def w8a16_spec(**kw):
+    return spec(**{"scheme": "int8_weight_only", "group_size": None, **kw})
+
+
+def test_w8a16_device_and_layer_limits(monkeypatch):
+    k = CB.CudaW8A16()
+    ok, why = k.is_supported(CPU)
+    assert not ok and "need a CUDA GPU" in why
+    ok, why = k.is_supported(T4)
+    assert not ok and "sm80+" in why
+    monkeypatch.setattr(cuda_build, "toolchain", lambda *a: ("/usr/local/cuda/bin/nvcc", ""))
+    assert k.is_supported(R.DeviceInfo("cuda", (8, 0), "fake A100")) == (True, "")
+    assert k.can_implement(w8a16_spec()) == (True, "")
+    assert k.can_implement(w8a16_spec(scheme="fp8_weight_only", act_dtype=torch.float16, out_dtype=torch.float16))[0]
+    ok, why = k.can_implement(w8a16_spec(act_dtype=torch.float32, out_dtype=torch.float32))
+    assert not ok and "bf16 / fp16 activations" in why
+    ok, why = k.can_implement(w8a16_spec(out_dtype=torch.float32))
+    assert not ok and "writes the activation's dtype" in why
+    ok, why = k.can_implement(w8a16_spec(k=4160))
+    assert not ok and "chunks of 128" in why
+    assert not k.takes_quantized_activation(w8a16_spec())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "fp8_weight_only"])
+def test_gpu_compiled_w8a16_layers_run_on_the_kernel(scheme):
+    """A compiled int8 / fp8 weight-only model runs its layers (q/k/v as a group) on cuda_w8a16 at
+    M = 1 and 8 and matches the eager modules."""
+    from qlinear_pass.kernels import ops
+
+    from ..test_graph_pass import Siblings
+
+    ok, why = CB.CudaW8A16().is_supported(R.DeviceInfo.of("cuda"))
+    if not ok:
+        pytest.skip(why)
+    torch.manual_seed(0)
+    model = qp.quantize(Siblings(k=512, ns=(512, 128, 128)).to(torch.bfloat16), scheme).cuda()
+    for m in (1, 8):
+        x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+        before = ops.CALLS["cuda_w8a16"]
+        with torch.no_grad():
+            y = torch.compile(model, backend=qp.make(linear_backend="cuda"))(x)
+            ref = model(x)
+        assert ops.CALLS["cuda_w8a16"] > before
+        assert S.relative_error(y, ref) < S.TOLERANCE[torch.bfloat16]
+        torch._dynamo.reset()

@@ -154,3 +154,184 @@ def test_swizzled_pieces_fill_the_slot_once_and_spread_over_banks():
         for first in range(0, 32, 8):  # a quarter warp's 16-byte reads: 8 lanes, 8 distinct bank quads
             quads = {(piece_at(lane // 4, 4 * h + lane % 4) // 16) % 8 for lane in range(first, first + 8)}
             assert len(quads) == 8
+
+
+# --- the weight-only form (W8A16) -------------------------------------------------------------
+
+WO_SCHEMES = ("int8_weight_only", "fp8_weight_only")
+
+
+@st.composite
+def wo_cases(draw):
+    return dict(
+        scheme=draw(st.sampled_from(WO_SCHEMES)),
+        m=draw(st.integers(1, 20)),
+        ns=draw(st.lists(st.integers(1, 300), min_size=1, max_size=4)),
+        k=draw(st.sampled_from([128, 256, 640, 4096])),
+        dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])),
+        bias=draw(st.booleans()),
+        row_tiles=draw(st.sampled_from([None, 1, 2])),
+    )
+
+
+def check_wo(scheme, m, ns, k, dtype, bias, row_tiles, seed=0):
+    layers, refs, x = [], [], None
+    for i, n in enumerate(ns):
+        x_i, p, b, _, _ = kernel_case(scheme, m, n, k, dtype=dtype, bias=bias, seed=seed, device="cuda")
+        _, p, b, _, _ = kernel_case(scheme, m, n, k, dtype=dtype, bias=bias, seed=seed + 1000 * i, device="cuda")
+        x = x_i if x is None else x
+        layers.append(CW.Layer(p[0], p[1], b))
+        refs.append(S.reference(scheme, x, p, b))
+    ys = CW.w8a16_decode_group(x, layers, row_tiles=row_tiles)
+    for i, (y, ref) in enumerate(zip(ys, refs)):
+        assert y.shape == ref.shape and y.dtype == dtype
+        err = S.relative_error(y, ref)
+        assert err <= S.TOLERANCE[dtype], f"{scheme} layer {i} of {ns} M={m} K={k} {dtype}: relative error {err:.3g}"
+
+
+@pytest.mark.gpu
+@given(wo_cases(), st.integers(0, 2**16))
+@example(dict(scheme="int8_weight_only", m=1, ns=[4096, 1024, 1024], k=4096, dtype=torch.bfloat16, bias=False, row_tiles=None), 0)
+@example(dict(scheme="fp8_weight_only", m=16, ns=[17], k=640, dtype=torch.float16, bias=True, row_tiles=2), 1)
+@example(dict(scheme="fp8_weight_only", m=20, ns=[40], k=256, dtype=torch.bfloat16, bias=True, row_tiles=1), 2)
+@example(dict(scheme="int8_weight_only", m=3, ns=[64, 48], k=14336, dtype=torch.float16, bias=False, row_tiles=2), 3)
+def test_weight_only_matches_reference_on_gpu(case, seed):
+    ok, why = _runs_here()
+    if not ok:
+        pytest.skip(why)
+    check_wo(**case, seed=seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", WO_SCHEMES)
+def test_weight_only_converts_every_weight_value_exactly_on_gpu(scheme):
+    """Every int8 / fp8 code times a one-hot activation: the output is the code's value, exactly
+    (scale 1): the in-register conversion loses nothing, e4m3 subnormals included."""
+    ok, why = _runs_here()
+    if not ok:
+        pytest.skip(why)
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    if scheme == "fp8_weight_only":
+        codes = codes[(codes & 0x7F) != 0x7F]  # not the two NaN codes
+    w8 = codes.view(torch.int8 if scheme == "int8_weight_only" else torch.float8_e4m3fn)
+    n = w8.numel()
+    w = w8.reshape(n, 1).expand(n, 128).contiguous().cuda()
+    want = w8.float()
+    for dtype in (torch.bfloat16, torch.float16):
+        for pos in (0, 5, 127):
+            x = torch.zeros(1, 128, dtype=dtype, device="cuda")
+            x[0, pos] = 1
+            y = CW.w8a16_decode(x, w, torch.ones(n, device="cuda"), None)
+            exact = want.to(dtype).float()  # the value rounded once, to the output's dtype
+            assert torch.equal(y.float().cpu()[0], exact), (dtype, pos)
+
+
+@pytest.mark.gpu
+def test_weight_only_strided_activation_on_gpu():
+    ok, why = _runs_here()
+    if not ok:
+        pytest.skip(why)
+    x, p, b, _, ref = kernel_case("int8_weight_only", 3, 64, 256, device="cuda")
+    wide = torch.zeros(3, 512 + 8, dtype=x.dtype, device="cuda")
+    wide[:, 8:264] = x  # starts 16 bytes in, rows 520 elements apart
+    y = CW.w8a16_decode(wide[:, 8:264], p[0], p[1], b)
+    assert S.relative_error(y, ref) <= S.TOLERANCE[torch.bfloat16]
+
+
+def test_weight_only_refuses_bad_arguments():
+    x = torch.zeros(1, 256, dtype=torch.bfloat16)
+    w = torch.zeros(8, 256, dtype=torch.int8)
+    sw = torch.ones(8)
+    with pytest.raises(ValueError, match="runs on a CUDA GPU"):
+        CW.w8a16_decode(x, w, sw, None)
+    with pytest.raises(ValueError, match="bf16 or fp16 activation"):
+        CW.w8a16_decode(x.float(), w, sw, None)
+    with pytest.raises(ValueError, match="must be 2-D"):
+        CW.w8a16_decode(x[0], w, sw, None)
+
+
+# The in-register conversions of the W8A16 form (widen() in the kernel), modelled bit for bit:
+# prmt(a, b, sel) picks output byte i from the eight bytes of (b:a) by the i-th nibble of sel.
+
+def _prmt(a: int, b: int, sel: int) -> int:
+    pool = (a & 0xFFFFFFFF) | ((b & 0xFFFFFFFF) << 32)
+    return sum(((pool >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+
+
+def _halves(word: int, dtype) -> list:
+    """A 32-bit word as two 16-bit floats (low half first)."""
+    return np.array([word & 0xFFFF, word >> 16], dtype=np.uint16).view(np.float16).astype(float).tolist() \
+        if dtype == "f16" else [float(np.array([(h & 0xFFFF) << 16], dtype=np.uint32).view(np.float32)[0])
+                                for h in (word & 0xFFFF, word >> 16)]
+
+
+def _widen(w: int, elem: str, act: str) -> list:
+    """The kernel's widen(): four bytes of one word as four values of the activation's type."""
+    out = []
+    if elem == "s8" and act == "f16":
+        u = w ^ 0x80808080
+        for sel in (0x4140, 0x4342):
+            out += [v - 1152.0 for v in _halves(_prmt(u, 0x64646464, sel), "f16")]
+    elif elem == "s8":
+        u = w ^ 0x80808080
+        f = [np.array([_prmt(u, 0x4B000000, 0x7440 + j)], dtype=np.uint32).view(np.float32)[0] - np.float32(8388736.0)
+             for j in range(4)]
+        bits = [int(np.array([v], dtype=np.float32).view(np.uint32)[0]) for v in f]
+        for lo, hi in ((0, 1), (2, 3)):
+            out += _halves(_prmt(bits[lo], bits[hi], 0x7632), "bf16")
+    else:  # e4m3 -> bf16
+        for sel in (0x4140, 0x4342):
+            t = (_prmt(w, 0, sel) << 4) & 0xFFFFFFFF
+            v = ((t & 0x08000800) * 15 + t) & 0xFFFFFFFF
+            out += [h * 2.0 ** 120 for h in _halves(v, "bf16")]
+    return out
+
+
+@pytest.mark.parametrize("elem,act", [("s8", "f16"), ("s8", "bf16"), ("e4m3", "bf16")])
+def test_widen_is_exact_for_every_byte(elem, act):
+    codes = np.arange(256, dtype=np.uint8)
+    if elem == "s8":
+        want = codes.view(np.int8).astype(float)
+    else:
+        want = torch.from_numpy(codes.copy()).view(torch.float8_e4m3fn).float().numpy().astype(float)
+    for first in range(0, 256, 4):
+        word = int(codes[first:first + 4].view("<u4")[0])
+        got = _widen(word, elem, act)
+        for i in range(4):
+            c = first + i
+            if elem == "e4m3" and (c & 0x7F) == 0x7F:
+                continue  # NaN: never a quantized weight
+            assert got[i] == want[c], (elem, act, hex(c), got[i], want[c])
+
+
+def _mma_m16n8k16(a_regs, b_regs):
+    """mma.m16n8k16 with 16-bit operands as PTX defines its fragments: a lane (g, t) holds A rows g
+    and g + 8 at k 2t, 2t+1 (a0, a1) and 2t+8, 2t+9 (a2, a3), and B column g at k 2t, 2t+1 (b0)
+    and 2t+8, 2t+9 (b1); each register a pair of values."""
+    a, b = np.zeros((16, 16)), np.zeros((16, 8))
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        (a0, a1, a2, a3), (b0, b1) = a_regs[lane], b_regs[lane]
+        a[g, 2 * t:2 * t + 2], a[g + 8, 2 * t:2 * t + 2] = a0, a1
+        a[g, 2 * t + 8:2 * t + 10], a[g + 8, 2 * t + 8:2 * t + 10] = a2, a3
+        b[2 * t:2 * t + 2, g], b[2 * t + 8:2 * t + 10, g] = b0, b1
+    return a @ b
+
+
+def test_weight_only_fragment_mapping_computes_the_product():
+    """A lane's 16 bytes of rows g and g + 8 (k 16t..16t+15 of a half chunk) make four MMAs: word q
+    (k 4q..4q+3) widened into (a0, a2) for row g and (a1, a3) for row g + 8, with its token's values
+    4q..4q+3 of the same k as (b0, b1)."""
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (16, 64)).astype(float)
+    x = rng.integers(-127, 128, (8, 64)).astype(float)
+    c = np.zeros((16, 8))
+    for q in range(4):
+        a_regs, b_regs = [], []
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            lo, hi, xs = w[g, 16 * t:16 * t + 16], w[g + 8, 16 * t:16 * t + 16], x[g, 16 * t:16 * t + 16]
+            a_regs.append((lo[4 * q:4 * q + 2], hi[4 * q:4 * q + 2], lo[4 * q + 2:4 * q + 4], hi[4 * q + 2:4 * q + 4]))
+            b_regs.append((xs[4 * q:4 * q + 2], xs[4 * q + 2:4 * q + 4]))
+        c += _mma_m16n8k16(a_regs, b_regs)
+    np.testing.assert_array_equal(c, w @ x.T)

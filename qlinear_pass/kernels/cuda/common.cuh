@@ -1,11 +1,12 @@
-// What the decode kernels in this folder share: cp.async, reading and writing 16-bit / fp32 values,
-// the segments of a launch (sibling layers that read one activation), their checks, and the
-// persistent grid (how many CTAs of a kernel run at once on this GPU, found once per device).
+// What the decode kernels in this folder share: the 16-bit MMA, a byte permute, cp.async, reading
+// and writing 16-bit / fp32 values, the segments of a launch (sibling layers that read one
+// activation), their checks, and the persistent grid (how many CTAs of a kernel run at once on
+// this GPU, found once per device).
 //
-// Include it inside an anonymous namespace, after <cuda_runtime.h>, <stdint.h>, <algorithm> and
-// <atomic>: the per-device caches (per_device()) then have internal linkage, one per shared
-// library.  With external linkage it would be a process-wide (GNU unique) symbol shared by every
-// build of a file that is loaded at once.
+// Include it inside an anonymous namespace, after <cuda_bf16.h>, <cuda_fp16.h>, <cuda_runtime.h>,
+// <stdint.h>, <algorithm>, <atomic> and <type_traits>: the per-device caches (per_device()) then
+// have internal linkage, one per shared library.  With external linkage it would be a process-wide
+// (GNU unique) symbol shared by every build of a file that is loaded at once.
 #pragma once
 
 // A value of type T in global memory, read and written as fp32 (bias in, output out)
@@ -22,6 +23,32 @@ template <> struct Io<float> {
   __device__ static float load(const void* p, long long i) { return static_cast<const float*>(p)[i]; }
   __device__ static void store(void* p, long long i, float v) { static_cast<float*>(p)[i] = v; }
 };
+
+// mma.sync m16n8k16 with 16-bit operands (bf16 or fp16, as T), fp32 accumulators: c += A B
+template <typename T>
+__device__ __forceinline__ void mma16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                      uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    static_assert(std::is_same<T, __half>::value, "bf16 or fp16 operands");
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
 
 template <int BYTES>
 __device__ __forceinline__ void cp_async(void* dst, const void* src) {

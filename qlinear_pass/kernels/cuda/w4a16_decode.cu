@@ -40,6 +40,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 
 
 namespace qlp {
@@ -115,30 +116,6 @@ __device__ __forceinline__ uint32_t nibbles(uint32_t a) {
   uint32_t d;
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "n"(0x000F000Fu), "n"(MAGIC));
   return d;
-}
-
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t d;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-  return d;
-}
-
-template <typename T>
-__device__ __forceinline__ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                    uint32_t b0, uint32_t b1) {
-  if constexpr (Num<T>::BASE == 0x4300u) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
 }
 
 // VEC bytes (WORDS = VEC / 4 words) from shared memory
@@ -338,8 +315,8 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_
           for (int e = 0; e < 4; ++e) xsum[jj][e] = 0.f;
 #pragma unroll
           for (int w = 0; w < WORDS; ++w) {
-            mma<T>(xsum[jj], Num<T>::ONES, Num<T>::ONES, Num<T>::ONES, Num<T>::ONES, xb[jj][w][0], xb[jj][w][1]);
-            mma<T>(xsum2, Num<T>::ONES, Num<T>::ONES, Num<T>::ONES, Num<T>::ONES, xb[jj][w][2], xb[jj][w][3]);
+            mma16<T>(xsum[jj], Num<T>::ONES, Num<T>::ONES, Num<T>::ONES, Num<T>::ONES, xb[jj][w][0], xb[jj][w][1]);
+            mma16<T>(xsum2, Num<T>::ONES, Num<T>::ONES, Num<T>::ONES, Num<T>::ONES, xb[jj][w][2], xb[jj][w][3]);
           }
 #pragma unroll
           for (int e = 0; e < 4; ++e) xsum[jj][e] += xsum2[e];
@@ -369,8 +346,8 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_
             }
 #pragma unroll
             for (int jj = 0; jj < MT; ++jj) {
-              mma<T>(part[jj], a[0][0], a[1][0], a[0][1], a[1][1], xb[jj][w][0], xb[jj][w][1]);
-              mma<T>(part2[jj], a[0][2], a[1][2], a[0][3], a[1][3], xb[jj][w][2], xb[jj][w][3]);
+              mma16<T>(part[jj], a[0][0], a[1][0], a[0][1], a[1][1], xb[jj][w][0], xb[jj][w][1]);
+              mma16<T>(part2[jj], a[0][2], a[1][2], a[0][3], a[1][3], xb[jj][w][2], xb[jj][w][3]);
             }
           }
 #pragma unroll

@@ -1,15 +1,23 @@
-// W8A8 at decode sizes: y[m, n] = sx[m] * sw[n] * sum_k xq[m, k] * wq[n, k] (+ bias[n]), with fp8
-// e4m3 or int8 weights and activations ([N, K] and [M, K] bytes), the weight scale per channel or
-// per tensor, the activation scale per token or per tensor.  The activation arrives quantized:
-// in a compiled model the graph quantizes it inside the kernel that writes it (the norm, SwiGLU).
+// 8-bit weights at decode sizes, fp8 e4m3 or int8 ([N, K] bytes) with a scale per channel or per
+// tensor, in two forms:
 //
-// Both operands are already tensor-core types, so the CUDA cores do no conversion at all:
+// * W8A8: y[m, n] = sx[m] * sw[n] * sum_k xq[m, k] * wq[n, k] (+ bias[n]), the activation quantized
+//   in the weight's format (the scale per token or per tensor).  The activation arrives quantized:
+//   in a compiled model the graph quantizes it inside the kernel that writes it (the norm, SwiGLU).
+//   Both operands are tensor-core types, so the CUDA cores do no conversion at all: mma.sync
+//   m16n8k32 (e4m3 -> f32, s8 -> s32), a lane's 16 loaded bytes of k of two weight rows and the
+//   same 16 bytes of k of its token make two MMAs;
+// * W8A16 (weight-only): y[m, n] = sw[n] * sum_k x[m, k] * wq[n, k] (+ bias[n]), the activation
+//   bf16 or fp16.  A lane's 16 weight bytes of a row become 16-bit values of the activation's type
+//   in registers (exactly: int8 through the exponent of 2**23 or an fp16 1024, e4m3 by moving its
+//   bits under a bf16 exponent or by the hardware's e4m3 -> f16 conversion) and make four mma.sync
+//   m16n8k16 with its token's 16 values of the same k.
 //
-// * mma.sync m16n8k32 (e4m3 -> f32, s8 -> s32): the weight is the 16-row A operand (rows = output
-//   channels), the activation the 8-column B operand (columns = tokens);
-// * a lane reads 16 bytes of k of two weight rows and the same 16 bytes of k of its token: two
-//   MMAs.  The k order inside an MMA is a permutation of the loaded k, the same for both operands,
-//   so the bytes go from shared memory into the MMA untouched;
+// Common to both:
+//
+// * the weight is the 16-row A operand (rows = output channels), the activation the 8-column B
+//   operand (columns = tokens).  The k order inside an MMA is a permutation of the loaded k, the
+//   same for both operands, so no byte of the activation is moved;
 // * weights travel by cp.async into a ring of STAGES chunk slots per warp (a chunk: 128 k of the
 //   warp's 16 R rows); STAGES - 1 chunks stay in flight while the warp computes on one.  16-byte
 //   pieces of odd rows are stored swapped by 64 bytes, so the 8 lanes of a quarter warp read 8
@@ -26,12 +34,14 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 #include <stdio.h>
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 
 namespace qlp {
 
@@ -60,8 +70,9 @@ struct Segment {
 };
 
 struct Params {
-  const uint8_t* x;     // [m, k] quantized activation, rows x_stride bytes apart (16-byte aligned)
-  const float* sx;      // fp32 activation scales: [m] (sx_stride 1) or one (sx_stride 0)
+  const void* x;        // [m, k] activation (W8A8: quantized bytes; W8A16: bf16 / fp16), rows x_stride
+                        // elements apart (16-byte aligned)
+  const float* sx;      // W8A8: fp32 activation scales, [m] (sx_stride 1) or one (sx_stride 0); W8A16: null
   long long x_stride, sx_stride;
   int m, k, nseg, total_tiles;
   Segment seg[MAX_SEGMENTS];
@@ -97,6 +108,51 @@ __device__ __forceinline__ void mma(typename Acc<ELEM>::type (&c)[4], uint32_t a
   }
 }
 
+// W8A16: four 8-bit weights (one word, k = 4i..4i+3 of the lane's bytes) as two pairs of X values,
+// (k0, k1) and (k2, k3), exactly.
+template <int ELEM, typename X>
+__device__ __forceinline__ void widen(uint32_t w, uint32_t (&out)[2]) {
+  if constexpr (ELEM == S8 && std::is_same<X, __half>::value) {
+    // the biased byte q + 128 under fp16's 1024 (0x6400 | b == 1024 + b), then minus 1152
+    const uint32_t u = w ^ 0x80808080u;
+    const __half2 off = __halves2half2(__ushort_as_half(0x6480), __ushort_as_half(0x6480));  // 1152
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const uint32_t h = prmt(u, 0x64646464u, i == 0 ? 0x4140u : 0x4342u);
+      const __half2 v = __hsub2(*reinterpret_cast<const __half2*>(&h), off);
+      out[i] = *reinterpret_cast<const uint32_t*>(&v);
+    }
+  } else if constexpr (ELEM == S8) {
+    // bf16 has 8 bits of precision, too few for a biased byte under one exponent: each byte goes
+    // under the fp32 exponent of 2**23 (0x4B0000bb == 2**23 + b), loses its bias in fp32, and the
+    // pair's upper halves (exact: |q| <= 128 has no more than 8 significant bits) make the bf16x2
+    const uint32_t u = w ^ 0x80808080u;
+    float f[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) f[j] = __uint_as_float(prmt(u, 0x4B000000u, 0x7440u + j)) - 8388736.f;  // 2**23 + 128
+    out[0] = prmt(__float_as_uint(f[0]), __float_as_uint(f[1]), 0x7632u);
+    out[1] = prmt(__float_as_uint(f[2]), __float_as_uint(f[3]), 0x7632u);
+  } else if constexpr (std::is_same<X, __half>::value) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w >> (16 * i)), __NV_E4M3);
+      out[i] = static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+    }
+  } else {
+    // e4m3 -> bf16: the byte shifted left by 4 puts its exponent and mantissa where a bf16's low
+    // exponent bits and high mantissa bits are, and its sign at bit 11, which one multiply-add moves
+    // to bit 15 (+ 15 * 0x0800 == + 0x8000 - 0x0800).  That bf16 is the value times 2**-120 (the
+    // exponent biases 127 and 7; subnormals too), and a bf16 multiply by 2**120 is exact.
+    const uint32_t scale = 0x7B807B80u, neg_zero = 0x80008000u;  // bf16 2**120 twice, -0 twice
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const uint32_t t = prmt(w, 0u, i == 0 ? 0x4140u : 0x4342u) << 4;  // bytes 2i, 2i + 1 at bits 4-11, 20-27
+      const uint32_t v = (t & 0x08000800u) * 15u + t;
+      asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(out[i]) : "r"(v), "r"(scale), "r"(neg_zero));
+    }
+  }
+}
+
 // 16-byte piece u (0-7) of row r of a chunk slot: odd rows have their two 64-byte halves swapped
 __device__ __forceinline__ int piece_at(int r, int u) { return r * 128 + ((u ^ ((r & 1) << 2)) << 4); }
 
@@ -113,12 +169,15 @@ struct Layout {
   static constexpr int BYTES = RING_B + WARPS * 16 * R * RED_ROW * 4;
 };
 
-// ELEM: E4M3 or S8; O: the output dtype; TOK: tokens per CTA (1, 8 or 16; larger M takes more CTAs
-// along y); R: 16-row tiles per warp.
-template <int ELEM, typename O, int TOK, int R>
-__global__ void __launch_bounds__(WARPS * 32) w8a8_kernel(const __grid_constant__ Params p) {
+// ELEM: E4M3 or S8, the weight; X: the activation, uint8_t for W8A8 (quantized in ELEM's format) or
+// __nv_bfloat16 / __half for W8A16; O: the output dtype; TOK: tokens per CTA (1, 8 or 16; larger M
+// takes more CTAs along y); R: 16-row tiles per warp.
+template <int ELEM, typename X, typename O, int TOK, int R>
+__global__ void __launch_bounds__(WARPS * 32) w8_kernel(const __grid_constant__ Params p) {
   using L = Layout<R, TOK>;
-  using A = typename Acc<ELEM>::type;
+  constexpr bool WO = !std::is_same<X, uint8_t>::value;  // W8A16
+  using A = typename std::conditional<WO, float, typename Acc<ELEM>::type>::type;
+  constexpr int XV = WO ? 2 : 1;  // 16-byte pieces of activation a lane reads per (half chunk, token)
   constexpr int MT = L::MT;
   constexpr int STAGES = L::STAGES;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -133,7 +192,7 @@ __global__ void __launch_bounds__(WARPS * 32) w8a8_kernel(const __grid_constant_
 
   uint8_t* ring = smem + warp * STAGES * L::SLOT_B;
   A (*red)[16 * R][L::RED_ROW] = reinterpret_cast<A (*)[16 * R][L::RED_ROW]>(smem + L::RING_B);
-  const uint8_t* x_tok = p.x + (long long)tok0 * p.x_stride;
+  const X* x_tok = static_cast<const X*>(p.x) + (long long)tok0 * p.x_stride;
 
   // what the next cp.async copies: chunk ci of the CTA's tile tj into slot ts; per-lane sources
   int tj = 0, ci = 0, ts = 0;
@@ -170,16 +229,18 @@ __global__ void __launch_bounds__(WARPS * 32) w8a8_kernel(const __grid_constant_
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) issue();
 
-  // the activation of chunk c: 16 bytes per (half, 8-token tile) a lane; zeros past the last token
-  uint4 xr[2][MT], xc[2][MT];  // the next chunk's, this chunk's
+  // the activation of chunk c: the 16 k of (half h, lane t) of its token, 16 * XV bytes per (half,
+  // 8-token tile) a lane; zeros past the last token
+  uint4 xr[2][MT][XV], xc[2][MT][XV];  // the next chunk's, this chunk's
   auto load_x = [&](int c) {
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
       for (int jj = 0; jj < MT; ++jj) {
         const int tk = 8 * jj + g;
-        xr[h][jj] = tk < tokens ? __ldg(reinterpret_cast<const uint4*>(x_tok + (long long)tk * p.x_stride + c * 128 + h * 64 + t * 16))
-                                : make_uint4(0, 0, 0, 0);
+        const uint4* src = reinterpret_cast<const uint4*>(x_tok + (long long)tk * p.x_stride + c * 128 + h * 64 + t * 16);
+#pragma unroll
+        for (int v = 0; v < XV; ++v) xr[h][jj][v] = tk < tokens ? __ldg(src + v) : make_uint4(0, 0, 0, 0);
       }
   };
   if (nch > 0 && ntiles > 0) load_x(warp);
@@ -203,7 +264,9 @@ __global__ void __launch_bounds__(WARPS * 32) w8a8_kernel(const __grid_constant_
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
-        for (int jj = 0; jj < MT; ++jj) xc[h][jj] = xr[h][jj];
+        for (int jj = 0; jj < MT; ++jj)
+#pragma unroll
+          for (int v = 0; v < XV; ++v) xc[h][jj][v] = xr[h][jj][v];
       if (i + 1 < nch) load_x(c + WARPS);
       else if (j + 1 < ntiles) load_x(warp);
       cp_wait<STAGES - 1>();
@@ -216,10 +279,26 @@ __global__ void __launch_bounds__(WARPS * 32) w8a8_kernel(const __grid_constant_
         for (int r = 0; r < R; ++r) {
           const uint4 lo = *reinterpret_cast<const uint4*>(slot + piece_at(16 * r + g, 4 * h + t));
           const uint4 hi = *reinterpret_cast<const uint4*>(slot + piece_at(16 * r + g + 8, 4 * h + t));
+          if constexpr (WO) {
+            // word q of the 16 bytes (k 4q..4q+3) of rows g and g + 8 with the token's values 4q..4q+3
+            const uint32_t wl[4] = {lo.x, lo.y, lo.z, lo.w}, wh[4] = {hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
-          for (int jj = 0; jj < MT; ++jj) {
-            mma<ELEM>(acc[r][jj], lo.x, hi.x, lo.y, hi.y, xc[h][jj].x, xc[h][jj].y);
-            mma<ELEM>(acc2[r][jj], lo.z, hi.z, lo.w, hi.w, xc[h][jj].z, xc[h][jj].w);
+            for (int q = 0; q < 4; ++q) {
+              uint32_t al[2], ah[2];
+              widen<ELEM, X>(wl[q], al);
+              widen<ELEM, X>(wh[q], ah);
+#pragma unroll
+              for (int jj = 0; jj < MT; ++jj) {
+                const uint4& xv = xc[h][jj][q >> 1];
+                mma16<X>(q & 1 ? acc2[r][jj] : acc[r][jj], al[0], ah[0], al[1], ah[1], q & 1 ? xv.z : xv.x, q & 1 ? xv.w : xv.y);
+              }
+            }
+          } else {
+#pragma unroll
+            for (int jj = 0; jj < MT; ++jj) {
+              mma<ELEM>(acc[r][jj], lo.x, hi.x, lo.y, hi.y, xc[h][jj][0].x, xc[h][jj][0].y);
+              mma<ELEM>(acc2[r][jj], lo.z, hi.z, lo.w, hi.w, xc[h][jj][0].z, xc[h][jj][0].w);
+            }
           }
         }
       __syncwarp();  // every lane is done with the slot before a later cp.async refills it
@@ -244,7 +323,8 @@ __global__ void __launch_bounds__(WARPS * 32) w8a8_kernel(const __grid_constant_
       A v = 0;
 #pragma unroll
       for (int w = 0; w < WARPS; ++w) v += red[w][rr][tt];
-      float y = static_cast<float>(v) * sg.sw[row * sg.sw_stride] * p.sx[(tok0 + tt) * p.sx_stride];
+      float y = static_cast<float>(v) * sg.sw[row * sg.sw_stride];
+      if constexpr (!WO) y *= p.sx[(tok0 + tt) * p.sx_stride];
       if (sg.bias) y += Io<O>::load(sg.bias, row);
       Io<O>::store(sg.out, (long long)(tok0 + tt) * sg.out_stride + row, y);
     }
@@ -253,27 +333,33 @@ __global__ void __launch_bounds__(WARPS * 32) w8a8_kernel(const __grid_constant_
   cp_wait<0>();
 }
 
-template <int ELEM, typename O, int TOK, int R>
+template <int ELEM, typename X, typename O, int TOK, int R>
 cudaError_t launch(const Params& p, cudaStream_t stream) {
-  return launch_persistent<w8a8_kernel<ELEM, O, TOK, R>, TOK, WARPS * 32, Layout<R, TOK>::BYTES>(p, stream);
+  return launch_persistent<w8_kernel<ELEM, X, O, TOK, R>, TOK, WARPS * 32, Layout<R, TOK>::BYTES>(p, stream);
 }
 
-template <int ELEM, typename O, int TOK>
+template <int ELEM, typename X, typename O, int TOK>
 cudaError_t dispatch_r(const Params& p, int row_tiles, cudaStream_t stream) {
-  return row_tiles == 1 ? launch<ELEM, O, TOK, 1>(p, stream) : launch<ELEM, O, TOK, 2>(p, stream);
+  return row_tiles == 1 ? launch<ELEM, X, O, TOK, 1>(p, stream) : launch<ELEM, X, O, TOK, 2>(p, stream);
 }
 
-template <int ELEM, typename O>
+template <int ELEM, typename X, typename O>
 cudaError_t dispatch_m(const Params& p, int row_tiles, cudaStream_t stream) {
-  if (p.m == 1) return dispatch_r<ELEM, O, 1>(p, row_tiles, stream);
-  return p.m <= 8 ? dispatch_r<ELEM, O, 8>(p, row_tiles, stream) : dispatch_r<ELEM, O, 16>(p, row_tiles, stream);
+  if (p.m == 1) return dispatch_r<ELEM, X, O, 1>(p, row_tiles, stream);
+  return p.m <= 8 ? dispatch_r<ELEM, X, O, 8>(p, row_tiles, stream) : dispatch_r<ELEM, X, O, 16>(p, row_tiles, stream);
 }
 
 template <int ELEM>
-cudaError_t dispatch(const Params& p, int out_dtype, int row_tiles, cudaStream_t stream) {
-  if (out_dtype == 0) return dispatch_m<ELEM, __nv_bfloat16>(p, row_tiles, stream);
-  if (out_dtype == 1) return dispatch_m<ELEM, __half>(p, row_tiles, stream);
-  return dispatch_m<ELEM, float>(p, row_tiles, stream);
+cudaError_t dispatch_w8a8(const Params& p, int out_dtype, int row_tiles, cudaStream_t stream) {
+  if (out_dtype == 0) return dispatch_m<ELEM, uint8_t, __nv_bfloat16>(p, row_tiles, stream);
+  if (out_dtype == 1) return dispatch_m<ELEM, uint8_t, __half>(p, row_tiles, stream);
+  return dispatch_m<ELEM, uint8_t, float>(p, row_tiles, stream);
+}
+
+template <int ELEM>
+cudaError_t dispatch_w8a16(const Params& p, int act_dtype, int row_tiles, cudaStream_t stream) {
+  return act_dtype == 0 ? dispatch_m<ELEM, __nv_bfloat16, __nv_bfloat16>(p, row_tiles, stream)
+                        : dispatch_m<ELEM, __half, __half>(p, row_tiles, stream);
 }
 
 }  // namespace
@@ -284,27 +370,47 @@ extern "C" {
 // The version of Params / Segment this library was built with (the caller checks it matches its own).
 int qlp_w8a8_abi(void) { return (int)(sizeof(qlp::Params) * 1000 + qlp::MAX_SEGMENTS * 10 + qlp::ABI_VERSION); }
 
-// Launch on `stream`.  elem: 0 fp8 e4m3, 1 int8; out_dtype: 0 bf16, 1 fp16, 2 fp32; row_tiles: 1 or
-// 2 (16 or 32 channels a tile); the caller sets every segment's `tiles` for rows of 16 * row_tiles
-// and p->total_tiles to their sum.  Returns 0, or writes why not into err.
+static int qlp_fail(char* err, int err_len, const char* what) {
+  snprintf(err, err_len, "%s", what);
+  return 1;
+}
+
+static int qlp_launched(cudaError_t e, char* err, int err_len) {
+  if (e == cudaSuccess) return 0;
+  snprintf(err, err_len, "kernel launch failed: %s", cudaGetErrorString(e));
+  return 1;
+}
+
+// Why the parts both forms share cannot run (null when they can)
+static const char* qlp_check(const qlp::Params* p, int elem, int row_tiles) {
+  if (const char* why = qlp::check_segments<qlp::MAX_SEGMENTS>(*p, row_tiles)) return why;
+  if (p->k % 128 != 0) return "K must be a multiple of 128";
+  if (elem != 0 && elem != 1) return "elem must be 0 (fp8 e4m3) or 1 (int8)";
+  return nullptr;
+}
+
+// W8A8, launched on `stream`.  elem: 0 fp8 e4m3, 1 int8; out_dtype: 0 bf16, 1 fp16, 2 fp32;
+// row_tiles: 1 or 2 (16 or 32 channels a tile); the caller sets every segment's `tiles` for rows of
+// 16 * row_tiles and p->total_tiles to their sum.  Returns 0, or writes why not into err.
 int qlp_w8a8_decode(const qlp::Params* p, int elem, int out_dtype, int row_tiles, void* stream, char* err, int err_len) {
-  auto fail = [&](const char* what) {
-    snprintf(err, err_len, "%s", what);
-    return 1;
-  };
-  if (const char* why = qlp::check_segments<qlp::MAX_SEGMENTS>(*p, row_tiles)) return fail(why);
-  if (p->k % 128 != 0) return fail("K must be a multiple of 128");
-  if (elem != 0 && elem != 1) return fail("elem must be 0 (fp8 e4m3) or 1 (int8)");
-  if (out_dtype < 0 || out_dtype > 2) return fail("out_dtype must be 0 (bf16), 1 (fp16) or 2 (fp32)");
+  if (const char* why = qlp_check(p, elem, row_tiles)) return qlp_fail(err, err_len, why);
+  if (out_dtype < 0 || out_dtype > 2) return qlp_fail(err, err_len, "out_dtype must be 0 (bf16), 1 (fp16) or 2 (fp32)");
   if (p->m <= 0 || p->total_tiles == 0) return 0;
-  if (elem == 0 && qlp::device_sm() < 89) return fail("fp8 MMAs need sm89 or newer");
+  if (elem == 0 && qlp::device_sm() < 89) return qlp_fail(err, err_len, "fp8 MMAs need sm89 or newer");
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  cudaError_t e = elem == 0 ? qlp::dispatch<qlp::E4M3>(*p, out_dtype, row_tiles, s) : qlp::dispatch<qlp::S8>(*p, out_dtype, row_tiles, s);
-  if (e != cudaSuccess) {
-    snprintf(err, err_len, "kernel launch failed: %s", cudaGetErrorString(e));
-    return 1;
-  }
-  return 0;
+  return qlp_launched(elem == 0 ? qlp::dispatch_w8a8<qlp::E4M3>(*p, out_dtype, row_tiles, s)
+                                : qlp::dispatch_w8a8<qlp::S8>(*p, out_dtype, row_tiles, s), err, err_len);
+}
+
+// W8A16 (weight-only), launched on `stream`: as qlp_w8a8_decode, with a 16-bit activation that is
+// also the output's dtype (act_dtype: 0 bf16, 1 fp16) and no activation scale.
+int qlp_w8a16_decode(const qlp::Params* p, int elem, int act_dtype, int row_tiles, void* stream, char* err, int err_len) {
+  if (const char* why = qlp_check(p, elem, row_tiles)) return qlp_fail(err, err_len, why);
+  if (act_dtype != 0 && act_dtype != 1) return qlp_fail(err, err_len, "act_dtype must be 0 (bf16) or 1 (fp16)");
+  if (p->m <= 0 || p->total_tiles == 0) return 0;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return qlp_launched(elem == 0 ? qlp::dispatch_w8a16<qlp::E4M3>(*p, act_dtype, row_tiles, s)
+                                : qlp::dispatch_w8a16<qlp::S8>(*p, act_dtype, row_tiles, s), err, err_len);
 }
 
 }  // extern "C"
