@@ -90,6 +90,10 @@ _FI_BLOCK_SM100 = ("flashinfer_cutlass_fp8_block", "flashinfer_trtllm_fp8_block"
 
 _WO8 = (f"h200/prefill/cutlass_wo8/bench.log ({_H200}), M=2048, us, our CUTLASS kernel (128x256x64 tiles) vs "
         "triton_weight_only (one dequantising pass + cuBLAS) vs bf16 F.linear, one run")
+_W8A16 = (f"h200/decode/cuda_w8a16 ({_H200}), us, one run: cuda_w8a16 (its row tiles) vs triton_weight_only (the decode "
+          "kernel at M=1, the GEMM above) vs bf16 F.linear")
+_WO8_128 = (f"h200/prefill/cutlass_wo8_m128_4096 ({_H200}), us, one run: our CUTLASS kernel (fastest tiles) vs the "
+            "Triton GEMM vs bf16 F.linear")
 _W8A8 = (f"h100/decode/cuda_w8a8 ({_H100}), us, the activation given quantized, cuda_w8a8 vs our Triton decode kernel "
          "(M=1) / Triton GEMM (M=8, 16) vs bf16 F.linear vs torch._scaled_mm, one run")
 
@@ -139,19 +143,39 @@ SM90: tuple = (
     Row("sm90", "int8_rowwise", (128, 1024, None), ("cutlass_int8", "triton_w8a8", "torch_int_mm"),
         f"h100/cutlass/summary.md ({_H100}), cutlass_int8 vs torch._int_mm + epilogue 1.9-3.8x at "
         "M >= 1024, vs our Triton kernels 1.2-1.4x there."),
-    Row("sm90", "int8_weight_only", (1, 16, 128), ("triton_weight_only", "cutlass_int8_weight_only", "torch_int8pack"),
-        f"M=1: h200/decode ({_H200}) K=4096 N=14336 triton_weight_only 22.9 us vs bf16 30.6. "
-        f"h100/summary.md ({_H100}): torch._weight_int8pack_mm on CUDA runs at about 1 TFLOP/s (a slow path). "
-        "cutlass_int8_weight_only not timed at M <= 128: after Triton."),
+    Row("sm90", "int8_weight_only", (1,), ("triton_weight_only", "cuda_w8a16", "cutlass_int8_weight_only", "torch_int8pack"),
+        f"{_W8A16}: int8, M=1 K=4096 N=14336 17.3 / 18.8 / 30.6, K=14336 N=4096 19.9 / 18.1 / 31.2, K=4096 "
+        "N=6144 10.8 / 10.7 / 15.4, gate/up (N=28672) 32.3 / 35.0 / 55.1: Triton's FMA kernel leads where K=4096. "
+        f"h100/summary.md ({_H100}): torch._weight_int8pack_mm on CUDA runs at about 1 TFLOP/s (a slow path)."),
+    Row("sm90", "int8_weight_only", (16,), ("cuda_w8a16", "triton_weight_only", "cutlass_int8_weight_only", "torch_int8pack"),
+        f"{_W8A16}: int8, M=8 K=4096 N=14336 19.3 / 27.5 / 29.5, K=14336 N=4096 18.8 / 21.0 / 31.9, N=6144 10.8 / "
+        "12.4 / 15.6, N=1024 5.7 / 7.5 / 7.9, gate/up 35.8 / 44.5 / 55.2; M=16 26.8 / 27.2, 20.4 / 21.3, 14.2 / "
+        "12.5, 6.2 / 7.6, 45.3 / 44.0 (even at 16, 1.1-1.4x at 8)."),
+    Row("sm90", "int8_weight_only", (128,), ("cutlass_int8_weight_only", "triton_weight_only", "torch_int8pack", "cuda_w8a16"),
+        f"{_WO8_128}: int8, M=128 K=4096 N=14336 29.9 / 46.0 / 32.8, K=14336 N=4096 37.9 / 79.7 / 37.0, K=4096 "
+        "N=6144 24.7 / 35.9 / 16.6. cuda_w8a16 reads the weight once per 16 tokens: last."),
     Row("sm90", "int8_weight_only", (1024, None), ("cutlass_int8_weight_only", "triton_weight_only", "torch_int8pack"),
         f"{_WO8}: int8, K=4096 N=14336 337.4 / 345.1 / 315.6, K=14336 N=4096 306.8 / 342.7 / 331.3. End to end "
         "(h200/e2e/int8_weight_only_prefill, same call): 2048-token prefill 48.71 ms with cutlass, 53.23 with "
-        "Triton (auto then), bf16 48.72."),
-    Row("sm90", "fp8_weight_only", (1, 16, 128), ("triton_weight_only", "cutlass_fp8_weight_only"),
-        f"M=1: h200/decode ({_H200}) K=4096 N=14336 triton_weight_only 16.8 us vs bf16 30.6. "
-        "cutlass_fp8_weight_only not timed at M <= 128: after Triton."),
+        "Triton (auto then), bf16 48.72. "
+        f"{_WO8_128} (dequantise + cuBLAS in Triton's column): M=1024 187.1 / 195.9 / 153.0, 160.1 / 191.1 / 159.2, "
+        "82.8 / 85.6 / 68.2 (N=6144); M=4096 754.1 / 739.3 / 725.0, 720.0 / 698.0 / 702.5, 307.0 / 284.4 / 299.1: "
+        "dequantise + cuBLAS 2-8% ahead at M=4096, 10% behind at 2048; cutlass kept first for the bucket."),
+    Row("sm90", "fp8_weight_only", (1,), ("triton_weight_only", "cuda_w8a16", "cutlass_fp8_weight_only"),
+        f"{_W8A16}: fp8, M=1 K=4096 N=14336 16.0 / 18.1 / 30.2, K=14336 N=4096 18.4 / 18.2 / 31.6, N=6144 10.1 / "
+        "10.3 / 15.5, gate/up 30.3 / 33.3 / 54.6."),
+    Row("sm90", "fp8_weight_only", (16,), ("cuda_w8a16", "triton_weight_only", "cutlass_fp8_weight_only"),
+        f"{_W8A16}: fp8, M=8 K=4096 N=14336 18.5 / 24.0 / 29.7, K=14336 N=4096 18.5 / 21.1 / 31.9, N=6144 10.4 / "
+        "12.3 / 15.4, N=1024 5.6 / 7.6 / 7.9, gate/up 34.0 / 45.0 / 55.7; M=16 25.7 / 24.0, 20.2 / 21.2, 13.6 / "
+        "12.4, 6.1 / 7.7, 43.0 / 44.1."),
+    Row("sm90", "fp8_weight_only", (128,), ("cutlass_fp8_weight_only", "triton_weight_only", "cuda_w8a16"),
+        f"{_WO8_128}: fp8, M=128 K=4096 N=14336 27.8 / 46.3 / 32.6, K=14336 N=4096 36.7 / 80.8 / 37.0, N=6144 "
+        "23.6 / 34.6 / 16.3."),
     Row("sm90", "fp8_weight_only", (1024, None), ("cutlass_fp8_weight_only", "triton_weight_only"),
-        f"{_WO8}: fp8, K=4096 N=14336 314.6 / 346.2 / 332.3, K=14336 N=4096 328.9 / 342.8 / 329.0."),
+        f"{_WO8}: fp8, K=4096 N=14336 314.6 / 346.2 / 332.3, K=14336 N=4096 328.9 / 342.8 / 329.0. "
+        f"{_WO8_128} (dequantise + cuBLAS in Triton's column): M=1024 181.4 / 193.8 / 151.3, 160.1 / 192.6 / 156.7, "
+        "77.2 / 85.6 / 67.9; M=4096 749.5 / 705.9 / 736.0, 723.2 / 651.4 / 712.3, 298.5 / 280.8 / 301.1: "
+        "dequantise + cuBLAS 6-11% ahead at M=4096, 9% behind at 2048; cutlass kept first for the bucket."),
     Row("sm90", "w4a16", (1, 16), ("cuda_w4a16", "triton_weight_only", "torch_int4pack"),
         f"h200/decode/cuda_w4a16 ({_H200}), g128, us, cuda_w4a16 vs triton_weight_only (decode kernel) vs bf16 "
         "F.linear: K=4096 N=14336 M=1 15.4 / 17.0 / 30.2, M=8 19.3 / 29.8 / 29.2, M=16 27.5 / 29.7 / 29.6; "
@@ -219,7 +243,7 @@ CPU: tuple = (
 #: every row; :func:`order` reads it at each call (tests monkeypatch it)
 TABLE: tuple = SM90 + CUDA + CPU
 
-_GPU_ONLY = ("cuda_w4a16", "cuda_w8a8", "cutlass_fp8", "cutlass_int8", "cutlass_fp8_block", "cutlass_w4a16",
+_GPU_ONLY = ("cuda_w4a16", "cuda_w8a8", "cuda_w8a16", "cutlass_fp8", "cutlass_int8", "cutlass_fp8_block", "cutlass_w4a16",
              "cutlass_int8_weight_only", "cutlass_fp8_weight_only",
              "flashinfer_deepgemm_fp8_block") + _FI_TENSOR + _FI_BLOCK_SM100
 #: kernels ``auto`` never reaches on a device class (placed after ``emulation``): our Triton

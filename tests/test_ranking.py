@@ -159,13 +159,26 @@ def test_sm90_int8_rowwise_takes_the_cuda_kernel_up_to_m16_then_cutlass():
         assert names[:2] == (["cuda_w8a8", "cutlass_int8"] if b in (1, 16) else ["cutlass_int8", "triton_w8a8"])
 
 
-def test_sm90_decode_bucket_takes_our_cuda_kernels_for_w8a8_per_token_and_int4():
-    cuda_first = {"fp8_tensor": "cuda_w8a8", "fp8_rowwise": "cuda_w8a8", "int8_rowwise": "cuda_w8a8", "w4a16": "cuda_w4a16",
-                  "fp8_block": "triton_w8a8"}
+def test_sm90_decode_buckets_take_our_cuda_kernels_where_they_measured_faster():
+    """M = 1: our CUDA kernels but for fp8_block and the 8-bit weight-only schemes (Triton's FMA decode
+    kernel); M = 2..16: every scheme's CUDA kernel but fp8_block's."""
+    cuda = {"fp8_tensor": "cuda_w8a8", "fp8_rowwise": "cuda_w8a8", "int8_rowwise": "cuda_w8a8", "w4a16": "cuda_w4a16",
+            "int8_weight_only": "cuda_w8a16", "fp8_weight_only": "cuda_w8a16"}
     for scheme in SCHEMES:
-        for b in (1, 16):
-            first = SEL.candidates(scheme, H100, b)[0].name
-            assert first == cuda_first.get(scheme, "triton_weight_only") or (b == 16 and scheme == "fp8_block"), (scheme, b)
+        m1 = SEL.candidates(scheme, H100, 1)[0].name
+        m16 = SEL.candidates(scheme, H100, 16)[0].name
+        if scheme == "fp8_block":
+            assert m1 == "triton_w8a8"
+            continue
+        assert m16 == cuda[scheme], scheme
+        assert m1 == ("triton_weight_only" if scheme.endswith("_weight_only") else cuda[scheme]), scheme
+
+
+def test_sm90_8bit_weight_only_takes_cutlass_from_m128():
+    for scheme, name in (("int8_weight_only", "cutlass_int8_weight_only"), ("fp8_weight_only", "cutlass_fp8_weight_only")):
+        for b in (128, 1024, None):
+            names = [k.name for k in SEL.candidates(scheme, H100, b)]
+            assert names[:2] == [name, "triton_weight_only"] and names.index("cuda_w8a16") > 1
 
 
 def test_sm90_w4a16_takes_the_cuda_kernel_up_to_m16_then_cutlass():
