@@ -171,8 +171,9 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
         out["triton_gemm_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     cuda = _cuda_kernel(scheme)
     if cuda is not None:
-        # our CUDA decode kernel, with 16- and 32-row tiles; W8A8 is given the quantized activation,
-        # as in a compiled model (where the quantization fuses into the kernel before)
+        # our CUDA decode kernel, with 16- and 32-row tiles; W8A8 with per-token / per-tensor scales is
+        # given the quantized activation, as in a compiled model (where the quantization fuses into
+        # the kernel before); fp8_block quantizes it in the kernel
         from qlinear_pass.kernels import cuda_w4a16, cuda_w8a8
 
         if scheme == "w4a16":
@@ -181,6 +182,9 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
         elif sch.weight_only:
             def fn(ps, rt):
                 return cuda_w8a8.w8a16_decode(x, ps[0], ps[1], None, row_tiles=rt)
+        elif scheme == "fp8_block":  # the kernel quantizes the activation itself
+            def fn(ps, rt):
+                return cuda_w8a8.fp8_block_decode(x, ps[0], ps[1], None, row_tiles=rt)
         else:
             xq_c, xs_c = S.quantize_activation(scheme, x)
 

@@ -94,6 +94,8 @@ _W8A16 = (f"h200/decode/cuda_w8a16 ({_H200}), us, one run: cuda_w8a16 (its row t
           "kernel at M=1, the GEMM above) vs bf16 F.linear")
 _WO8_128 = (f"h200/prefill/cutlass_wo8_m128_4096 ({_H200}), us, one run: our CUTLASS kernel (fastest tiles) vs the "
             "Triton GEMM vs bf16 F.linear")
+_BLOCK = (f"h100/decode/cuda_w8a8_fp8_block ({_H100}), us, one run, the kernels quantizing the activation "
+          "themselves: cuda_w8a8 (its row tiles) vs triton_w8a8 vs bf16 F.linear")
 _W8A8 = (f"h100/decode/cuda_w8a8 ({_H100}), us, the activation given quantized, cuda_w8a8 vs our Triton decode kernel "
          "(M=1) / Triton GEMM (M=8, 16) vs bf16 F.linear vs torch._scaled_mm, one run")
 
@@ -122,15 +124,20 @@ SM90: tuple = (
         "cutlass_fp8 is fp8_rowwise's kernel with a scalar scale (its fp8_rowwise numbers: see that row). "
         f"h100/cutlass/summary.md ({_H100}), fp8_tensor K=4096 N=28672: flashinfer_cublas_fp8 167.6 at "
         "M=1024 and 680.7 at M=4096 vs torch._scaled_mm 179.0 / 772.9; not re-ranked here."),
-    Row("sm90", "fp8_block", (1,), ("triton_w8a8", "cutlass_fp8_block", "flashinfer_deepgemm_fp8_block") + _FI_BLOCK_SM100,
-        f"h200/decode ({_H200}), K=4096 N=14336 M=1: triton_w8a8 (decode kernel, dyn) 17.8 us vs bf16 30.6. "
+    Row("sm90", "fp8_block", (1,), ("triton_w8a8", "cuda_w8a8", "cutlass_fp8_block", "flashinfer_deepgemm_fp8_block") + _FI_BLOCK_SM100,
+        f"{_BLOCK}: M=1 K=4096 N=14336 22.1 / 22.7 / 41.6, K=14336 N=4096 24.5 / 23.5 / 44.5, N=6144 12.4 / "
+        "11.6 / 20.9, N=1024 5.7 / 5.9 / 8.5, gate/up 41.2 / 41.4 / 81.6: even, Triton kept first. "
         f"h100/summary.md ({_H100}): flashinfer_deepgemm with a dynamic activation 0.27-0.71x our Triton "
         "kernel at M=1 (it needs the activation quantized apart); cutlass_fp8_block behind Triton at "
         "M <= 16 in 3 of 4 shapes (0.78-1.05x, h100/cutlass/fp8_block)."),
-    Row("sm90", "fp8_block", (16,), ("flashinfer_deepgemm_fp8_block", "triton_w8a8", "cutlass_fp8_block") + _FI_BLOCK_SM100,
-        f"h100/flashinfer ({_H100}): flashinfer_deepgemm 0.98-1.16x our Triton block-scaled kernel at "
-        "M=16 (K=4096 N=28672: 44.4 us static); h100/cutlass/fp8_block: cutlass_fp8_block 0.78-1.05x "
-        "Triton at M <= 16."),
+    Row("sm90", "fp8_block", (16,), ("cuda_w8a8", "flashinfer_deepgemm_fp8_block", "triton_w8a8", "cutlass_fp8_block") + _FI_BLOCK_SM100,
+        f"{_BLOCK} (Triton: its decode kernel / its GEMM): M=8 K=4096 N=14336 23.2 / 33.3 / 48.2 / 41.7, K=14336 "
+        "N=4096 24.1 / 47.1 / 92.7 / 44.9, N=6144 11.7 / 25.2 / 28.6 / 20.9, N=1024 5.8 / 10.7 / 20.7 / 8.6, "
+        "gate/up 42.5 / 57.5 / 70.5 / 82.1; M=16 31.8 / 33.6 / 48.8 / 42.3, 26.5 / 48.6 / 93.4 / 45.5. "
+        "End to end (h100/e2e/fp8_block_decode, same card): batch-8 decode 1.59x bf16 with it, 1.13x with "
+        f"Triton. h100/flashinfer ({_H100}): flashinfer_deepgemm 0.98-1.16x our Triton block-scaled kernel "
+        "at M=16 (K=4096 N=28672: 44.4 us static), so after cuda_w8a8; h100/cutlass/fp8_block: "
+        "cutlass_fp8_block 0.78-1.05x Triton at M <= 16."),
     Row("sm90", "fp8_block", (128, 1024, None), ("flashinfer_deepgemm_fp8_block", "cutlass_fp8_block", "triton_w8a8") + _FI_BLOCK_SM100,
         f"h100/cutlass/fp8_block/summary.md ({_H100}): cutlass_fp8_block 1.6-1.75x our Triton GEMM at "
         "M >= 1024 and 1.01-1.35x at M=128; against flashinfer_deepgemm 0.88-1.16x at M >= 1024 (three "

@@ -11,7 +11,9 @@ this GPU the first time one runs (seconds; cached; see ``kernels/cuda_build.py``
   the weight and the quantized activation go into the tensor cores as they are, no conversion
   (``kernels/cuda/w8a8_decode.cu``); it takes the graph's quantized activation (per token or per
   tensor), so the quantization fuses into the kernel that writes the activation.  Same launch
-  structure as ``cuda_w4a16``, same M <= 16 in ``auto``.
+  structure as ``cuda_w4a16``, same M <= 16 in ``auto``.  ``fp8_block`` too, with a bf16 / fp16
+  activation that the kernel quantizes per 1x128 group itself (a group is one chunk of its K
+  loop), both scales applied to each chunk's sums.
 * ``cuda_w8a16``: ``int8_weight_only`` and ``fp8_weight_only`` at decode sizes: the same kernel with
   a bf16 / fp16 activation; the 8-bit weights become 16-bit values in registers (exactly) and the
   16-bit tensor-core MMA multiplies them, the per-channel scale applied once to the sum.
@@ -89,7 +91,7 @@ class CudaW4A16(Kernel):
 class CudaW8A8(Kernel):
     name = "cuda_w8a8"
     backend = "cuda"
-    schemes = ("fp8_rowwise", "fp8_tensor", "int8_rowwise")
+    schemes = ("fp8_rowwise", "fp8_tensor", "int8_rowwise", "fp8_block")
 
     def is_supported(self, device: DeviceInfo):
         # fp8 e4m3 mma.sync: sm89 and PTX ISA 8.4 (CUDA 12.4); the kernel serves all three schemes
@@ -99,6 +101,11 @@ class CudaW8A8(Kernel):
     def can_implement(self, spec: LayerSpec):
         from ..kernels.cuda_w8a8 import OUT_DTYPES, check_k
 
+        if spec.scheme == "fp8_block":
+            if spec.act_input != "dynamic":
+                return False, ("fp8_block: the kernel quantizes the activation per 1x128 group itself; a "
+                               "pre-quantized activation is not taken")
+            return _weight_only_limits(spec, check_k(spec.k))
         if spec.out_dtype not in OUT_DTYPES:
             return False, f"writes bf16, fp16 or fp32, not {spec.out_dtype}"
         if spec.act_input == "dynamic" and spec.act_dtype not in OUT_DTYPES:
@@ -107,9 +114,11 @@ class CudaW8A8(Kernel):
         return (False, why) if why else OK
 
     def takes_quantized_activation(self, spec):
-        """Yes: the kernel multiplies quantized bytes; the graph's quantization fuses into the kernel
-        that writes the activation (the norm before q/k/v, the SwiGLU before down_proj)."""
-        return True
+        """Per-token and per-tensor scales: yes, the kernel multiplies quantized bytes; the graph's
+        quantization fuses into the kernel that writes the activation (the norm before q/k/v, the
+        SwiGLU before down_proj).  fp8_block: no, the kernel quantizes each 1x128 group in the chunk
+        it reads (one pass over the activation fewer)."""
+        return spec.scheme != "fp8_block"
 
     @staticmethod
     def _quantized(spec, x, params):
@@ -123,14 +132,19 @@ class CudaW8A8(Kernel):
         return S.quantize_activation(spec.scheme, x)
 
     def run(self, spec, x, params, bias):
-        from ..kernels.cuda_w8a8 import w8a8_decode
+        from ..kernels.cuda_w8a8 import fp8_block_decode, w8a8_decode
 
+        if spec.scheme == "fp8_block":
+            return fp8_block_decode(x if x.dim() == 2 else x.reshape(-1, spec.k), params[0], params[1], bias)
         xq, sx = self._quantized(spec, x, params)
         return w8a8_decode(xq, sx, params[0], params[1], bias, spec.out_dtype)
 
     def run_group(self, specs, x, params, biases):
-        from ..kernels.cuda_w8a8 import Layer, w8a8_decode_group
+        from ..kernels.cuda_w8a8 import Layer, fp8_block_decode_group, w8a8_decode_group
 
+        if specs[0].scheme == "fp8_block":
+            x = x if x.dim() == 2 else x.reshape(-1, specs[0].k)
+            return fp8_block_decode_group(x, [Layer(p[0], p[1], b) for p, b in zip(params, biases)])
         xq, sx = self._quantized(specs[0], x, params[0])
         return w8a8_decode_group(xq, sx, [Layer(p[0], p[1], b) for p, b in zip(params, biases)], specs[0].out_dtype)
 

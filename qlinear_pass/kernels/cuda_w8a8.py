@@ -9,6 +9,10 @@ activation scale one per token or one per tensor (fp32; others are converted per
 ``w8a16_decode_group(x, layers)`` / ``w8a16_decode``: the weight-only form, the same weights and
 weight scales with a bf16 / fp16 activation [M, K], which is also the output's dtype.
 
+``fp8_block_decode_group(x, layers)`` / ``fp8_block_decode``: ``fp8_block``, e4m3 weights with a
+scale per 128x128 block ([ceil(N/128), K/128]) and a bf16 / fp16 activation that the kernel
+quantizes to e4m3 per 1x128 group as the scheme does; the output in the activation's dtype.
+
 Any M is computed (more CTAs along M), but the kernel is made for M <= 16: each CTA reads its
 weight rows once per 16 tokens.
 """
@@ -33,7 +37,8 @@ ACT_DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 
 
 class Layer(NamedTuple):
-    """One layer: weight [N, K] (fp8 e4m3 or int8), its scale ([N], [N, 1] or one value), bias [N] or None."""
+    """One layer: weight [N, K] (fp8 e4m3 or int8), its scale ([N], [N, 1] or one value; fp8_block:
+    [ceil(N/128), K/128]), bias [N] or None."""
 
     w: torch.Tensor
     sw: torch.Tensor
@@ -64,7 +69,7 @@ def _library(device: torch.device) -> ctypes.CDLL:
 def prepare(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Check that a built library matches this module's structs and declare its functions (once)."""
     return cuda_build.bind(lib, "w8a8", _Params, MAX_SEGMENTS, ABI_VERSION, [ctypes.c_int, ctypes.c_int, ctypes.c_int],
-                           also=("w8a16",))
+                           also=("w8a16", "fp8_block"))
 
 
 def _scale(s: torch.Tensor, count: int, what: str) -> tuple[torch.Tensor, int]:
@@ -76,9 +81,22 @@ def _scale(s: torch.Tensor, count: int, what: str) -> tuple[torch.Tensor, int]:
     return s.reshape(count).float().contiguous(), 1
 
 
-def _layers(x: torch.Tensor, layers: Sequence[Layer], weight_dtype: torch.dtype, out_dtype: torch.dtype) -> list:
+def _block_scale(s: torch.Tensor, n: int, k: int, what: str) -> tuple[torch.Tensor, int]:
+    """A 128x128-block weight scale [ceil(N/128), K/128] as fp32 rows of unit stride."""
+    want = (-(-n // 128), k // 128)
+    if tuple(s.shape) != want:
+        raise ValueError(f"{what} of shape {tuple(s.shape)}: expected [ceil(N/128), K/128] = {list(want)}")
+    s = s.float()
+    if s.stride(-1) != 1:
+        s = s.contiguous()
+    return s, s.stride(0)
+
+
+def _layers(x: torch.Tensor, layers: Sequence[Layer], weight_dtype: torch.dtype, out_dtype: torch.dtype,
+            block: bool = False) -> list:
     """Each layer checked against the activation ``x`` [M, K] and made ready for the kernel:
-    (weight, fp32 scale, its stride, bias in ``out_dtype`` or None, N)."""
+    (weight, fp32 scale, its stride, bias in ``out_dtype`` or None, N); ``block``: the scale is per
+    128x128 block."""
     k = x.shape[1]
     prepared = []
     for i, layer in enumerate(layers):
@@ -91,7 +109,8 @@ def _layers(x: torch.Tensor, layers: Sequence[Layer], weight_dtype: torch.dtype,
         elsewhere = [t.device for t in layer if t is not None and t.device != x.device]
         if elsewhere:
             raise ValueError(f"layer {i}: its tensors are on {elsewhere[0]}, the activation on {x.device}")
-        sw, sw_stride = _scale(layer.sw, n, f"layer {i}: the weight scale")
+        what = f"layer {i}: the weight scale"
+        sw, sw_stride = _block_scale(layer.sw, n, k, what) if block else _scale(layer.sw, n, what)
         bias = layer.bias.to(out_dtype).contiguous() if layer.bias is not None else None
         prepared.append((aligned(layer.w, 16, 16), sw, sw_stride, bias, n))
     return prepared
@@ -127,7 +146,7 @@ def _launch(entry: str, x: torch.Tensor, sx: Optional[torch.Tensor], sx_stride: 
                 seg.n, seg.tiles = n, -(-n // rows)
             p.total_tiles = sum(p.seg[j].tiles for j in range(len(batch)))
             if run(ctypes.byref(p), elem, dtype_code, row_tiles, stream, err, len(err)):
-                raise RuntimeError(f"the {entry.upper()} decode kernel failed: {err.value.decode(errors='replace')}")
+                raise RuntimeError(f"the {entry} decode kernel failed: {err.value.decode(errors='replace')}")
     return outs
 
 
@@ -184,3 +203,20 @@ def w8a16_decode(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: Optio
                  row_tiles: Optional[int] = None) -> torch.Tensor:
     """One weight-only layer: ``x`` [M, K] times the weight ``w`` [N, K] -> [M, N] in ``x``'s dtype."""
     return w8a16_decode_group(x, [Layer(w, sw, bias)], row_tiles)[0]
+
+
+def fp8_block_decode_group(x: torch.Tensor, layers: Sequence[Layer], row_tiles: Optional[int] = None) -> list[torch.Tensor]:
+    """``fp8_block``: ``x`` [M, K] (bf16 / fp16; quantized inside the kernel per 1x128 group) times each
+    layer's e4m3 weight with its 128x128-block scale -> [M, N_i] each, in ``x``'s dtype."""
+    if x.dim() == 2 and x.dtype not in ACT_DTYPES:
+        raise ValueError(f"the fp8_block decode kernel takes a bf16 or fp16 activation, not {x.dtype}")
+    _check_activation(x, "fp8_block")
+    prepared = _layers(x, layers, torch.float8_e4m3fn, x.dtype, block=True)
+    return _launch("fp8_block", aligned(x, 16, 8), None, 0, prepared, ELEMS[torch.float8_e4m3fn], ACT_DTYPES[x.dtype],
+                   x.dtype, row_tiles)
+
+
+def fp8_block_decode(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: Optional[torch.Tensor],
+                     row_tiles: Optional[int] = None) -> torch.Tensor:
+    """One ``fp8_block`` layer: ``x`` [M, K] times ``w`` [N, K] -> [M, N] in ``x``'s dtype."""
+    return fp8_block_decode_group(x, [Layer(w, sw, bias)], row_tiles)[0]

@@ -159,12 +159,14 @@ def test_swizzled_pieces_fill_the_slot_once_and_spread_over_banks():
 # --- the weight-only form (W8A16) -------------------------------------------------------------
 
 WO_SCHEMES = ("int8_weight_only", "fp8_weight_only")
+#: the forms that take a 16-bit activation: weight-only, and fp8_block (quantized in the kernel)
+SIXTEEN_BIT = (*WO_SCHEMES, "fp8_block")
 
 
 @st.composite
-def wo_cases(draw):
+def sixteen_bit_cases(draw):
     return dict(
-        scheme=draw(st.sampled_from(WO_SCHEMES)),
+        scheme=draw(st.sampled_from(SIXTEEN_BIT)),
         m=draw(st.integers(1, 20)),
         ns=draw(st.lists(st.integers(1, 300), min_size=1, max_size=4)),
         k=draw(st.sampled_from([128, 256, 640, 4096])),
@@ -174,15 +176,18 @@ def wo_cases(draw):
     )
 
 
-def check_wo(scheme, m, ns, k, dtype, bias, row_tiles, seed=0):
+def check_16bit(scheme, m, ns, k, dtype, bias, row_tiles, seed=0):
+    """Against the scheme's reference (fp8_block's quantizes the activation as the kernel does; a value
+    at a rounding tie may land on the other e4m3 level: the kernel multiplies by 1 / scale)."""
     layers, refs, x = [], [], None
     for i, n in enumerate(ns):
         x_i, p, b, _, _ = kernel_case(scheme, m, n, k, dtype=dtype, bias=bias, seed=seed, device="cuda")
         _, p, b, _, _ = kernel_case(scheme, m, n, k, dtype=dtype, bias=bias, seed=seed + 1000 * i, device="cuda")
         x = x_i if x is None else x
         layers.append(CW.Layer(p[0], p[1], b))
-        refs.append(S.reference(scheme, x, p, b))
-    ys = CW.w8a16_decode_group(x, layers, row_tiles=row_tiles)
+        refs.append(S.reference(scheme, x, p, b, out_dtype=dtype))
+    run = CW.fp8_block_decode_group if scheme == "fp8_block" else CW.w8a16_decode_group
+    ys = run(x, layers, row_tiles=row_tiles)
     for i, (y, ref) in enumerate(zip(ys, refs)):
         assert y.shape == ref.shape and y.dtype == dtype
         err = S.relative_error(y, ref)
@@ -190,16 +195,19 @@ def check_wo(scheme, m, ns, k, dtype, bias, row_tiles, seed=0):
 
 
 @pytest.mark.gpu
-@given(wo_cases(), st.integers(0, 2**16))
+@given(sixteen_bit_cases(), st.integers(0, 2**16))
 @example(dict(scheme="int8_weight_only", m=1, ns=[4096, 1024, 1024], k=4096, dtype=torch.bfloat16, bias=False, row_tiles=None), 0)
 @example(dict(scheme="fp8_weight_only", m=16, ns=[17], k=640, dtype=torch.float16, bias=True, row_tiles=2), 1)
 @example(dict(scheme="fp8_weight_only", m=20, ns=[40], k=256, dtype=torch.bfloat16, bias=True, row_tiles=1), 2)
 @example(dict(scheme="int8_weight_only", m=3, ns=[64, 48], k=14336, dtype=torch.float16, bias=False, row_tiles=2), 3)
-def test_weight_only_matches_reference_on_gpu(case, seed):
+@example(dict(scheme="fp8_block", m=1, ns=[4096, 1024, 1024], k=4096, dtype=torch.bfloat16, bias=False, row_tiles=None), 4)
+@example(dict(scheme="fp8_block", m=16, ns=[200], k=640, dtype=torch.float16, bias=True, row_tiles=2), 5)  # two weight blocks
+@example(dict(scheme="fp8_block", m=20, ns=[300, 129], k=256, dtype=torch.bfloat16, bias=True, row_tiles=1), 6)  # M past 16
+def test_16bit_activation_forms_match_reference_on_gpu(case, seed):
     ok, why = _runs_here()
     if not ok:
         pytest.skip(why)
-    check_wo(**case, seed=seed)
+    check_16bit(**case, seed=seed)
 
 
 @pytest.mark.gpu
@@ -236,6 +244,51 @@ def test_weight_only_strided_activation_on_gpu():
     wide[:, 8:264] = x  # starts 16 bytes in, rows 520 elements apart
     y = CW.w8a16_decode(wide[:, 8:264], p[0], p[1], b)
     assert S.relative_error(y, ref) <= S.TOLERANCE[torch.bfloat16]
+
+
+# --- fp8_block: the activation quantized in the kernel per 1x128 group ---------------------------
+
+@pytest.mark.gpu
+def test_fp8_block_group_scales_stay_in_their_group_on_gpu():
+    """Token 0's first two groups differ in magnitude by 2**40 and token 1 has an all-zero group.
+    Output rows 0-127 read only group 1, rows 128-255 only group 0, so each half shows whether its
+    group was quantized with its own scale (a scale shared across groups flushes group 1 to zero;
+    the zero group must give zeros, not NaN)."""
+    ok, why = _runs_here()
+    if not ok:
+        pytest.skip(why)
+    w = torch.randn(256, 512) * 0.05
+    w[:128, :128] = 0
+    w[:128, 256:] = 0
+    w[128:, 128:] = 0
+    p = S.quantize_weight("fp8_block", w)
+    p = [p["weight"].cuda(), p["weight_scale"].cuda()]
+    x = torch.randn(2, 512)
+    x[0, :128] *= 2.0 ** 20
+    x[0, 128:256] *= 2.0 ** -20
+    x[1, 256:384] = 0
+    x = x.to(torch.bfloat16).cuda()
+    y = CW.fp8_block_decode(x, p[0], p[1], None)
+    ref = S.reference("fp8_block", x, p, None, out_dtype=torch.bfloat16)
+    assert torch.isfinite(y).all()
+    for rows in (slice(0, 128), slice(128, 256)):
+        assert S.relative_error(y[0, rows], ref[0, rows]) <= S.TOLERANCE[torch.bfloat16], rows
+    assert S.relative_error(y[1], ref[1]) <= S.TOLERANCE[torch.bfloat16]
+
+
+def test_fp8_block_refuses_bad_arguments():
+    x = torch.zeros(1, 256, dtype=torch.bfloat16)
+    w = torch.zeros(200, 256, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="bf16 or fp16 activation"):
+        CW.fp8_block_decode(x.float(), w, torch.ones(2, 2), None)
+    with pytest.raises(ValueError, match="runs on a CUDA GPU"):
+        CW.fp8_block_decode(x, w, torch.ones(2, 2), None)
+    s, stride = CW._block_scale(torch.ones(2, 2, dtype=torch.bfloat16), 200, 256, "s")
+    assert s.dtype == torch.float32 and stride == 2
+    s, stride = CW._block_scale(torch.ones(2, 6)[:, ::3], 200, 256, "s")  # a strided view: copied
+    assert s.stride() == (2, 1) and stride == 2
+    with pytest.raises(ValueError, match=r"expected \[ceil\(N/128\), K/128\] = \[2, 2\]"):
+        CW._block_scale(torch.ones(1, 2), 200, 256, "the weight scale")
 
 
 def test_weight_only_refuses_bad_arguments():

@@ -61,7 +61,8 @@ constexpr int ABI_VERSION = 1;  // bumped whenever Params or Segment change
 
 struct Segment {
   const uint8_t* w;     // [n, k] bytes, rows w_stride bytes apart (16-byte aligned)
-  const float* sw;      // fp32 weight scales: [n] (sw_stride 1) or one (sw_stride 0)
+  const float* sw;      // fp32 weight scales: [n] (sw_stride 1) or one (sw_stride 0); fp8_block:
+                        // [ceil(n / 128), k / 128], rows sw_stride apart
   const void* bias;     // [n] in the output dtype, or null
   void* out;            // [m, n] in the output dtype, rows out_stride elements apart
   long long w_stride, sw_stride, out_stride;
@@ -84,6 +85,10 @@ namespace {
 #include "common.cuh"
 
 enum Elem { E4M3 = 0, S8 = 1 };
+// W8A8: the activation arrives quantized, one scale per token or per tensor; W8A16: weight-only, a
+// 16-bit activation; BLOCK (fp8_block): a 16-bit activation quantized here to e4m3 per 1x128 group,
+// the weight scaled per 128x128 block, both scales applied per chunk (a chunk is one group)
+enum Mode { W8A8 = 0, W8A16 = 1, BLOCK = 2 };
 
 template <int ELEM> struct Acc { using type = float; };
 template <> struct Acc<S8> { using type = int; };
@@ -153,6 +158,49 @@ __device__ __forceinline__ void widen(uint32_t w, uint32_t (&out)[2]) {
   }
 }
 
+// BLOCK: one token's 1x128 group, 32 values a lane in the 4 lanes of a quad (16 a half chunk, two
+// 16-byte pieces each) -> the same k as e4m3 bytes (one 16-byte piece a half) and the group's scale
+// amax / 448 (the scheme's quantize_activation: the amax floored at 1e-12, values saturated)
+template <typename X>
+__device__ __forceinline__ float quantize_group(const uint4 (&x)[2][2], uint4 (&q)[2]) {
+  float f[2][16];
+  float amax = 0.f;
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int v = 0; v < 2; ++v) {
+      const uint32_t w[4] = {x[h][v].x, x[h][v].y, x[h][v].z, x[h][v].w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        float2 pair;
+        if constexpr (std::is_same<X, __nv_bfloat16>::value) {
+          pair = make_float2(__uint_as_float(w[i] << 16), __uint_as_float(w[i] & 0xFFFF0000u));
+        } else {
+          pair = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+        }
+        f[h][8 * v + 2 * i] = pair.x;
+        f[h][8 * v + 2 * i + 1] = pair.y;
+        amax = fmaxf(amax, fmaxf(fabsf(pair.x), fabsf(pair.y)));
+      }
+    }
+  amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 1));
+  amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 2));
+  const float scale = fmaxf(amax, 1e-12f) / 448.f;
+  const float inv = __frcp_rn(scale);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    uint32_t b[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const __nv_fp8x2_storage_t lo = __nv_cvt_float2_to_fp8x2(make_float2(f[h][4 * i] * inv, f[h][4 * i + 1] * inv), __NV_SATFINITE, __NV_E4M3);
+      const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(make_float2(f[h][4 * i + 2] * inv, f[h][4 * i + 3] * inv), __NV_SATFINITE, __NV_E4M3);
+      b[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+    }
+    q[h] = make_uint4(b[0], b[1], b[2], b[3]);
+  }
+  return scale;
+}
+
 // 16-byte piece u (0-7) of row r of a chunk slot: odd rows have their two 64-byte halves swapped
 __device__ __forceinline__ int piece_at(int r, int u) { return r * 128 + ((u ^ ((r & 1) << 2)) << 4); }
 
@@ -169,15 +217,16 @@ struct Layout {
   static constexpr int BYTES = RING_B + WARPS * 16 * R * RED_ROW * 4;
 };
 
-// ELEM: E4M3 or S8, the weight; X: the activation, uint8_t for W8A8 (quantized in ELEM's format) or
-// __nv_bfloat16 / __half for W8A16; O: the output dtype; TOK: tokens per CTA (1, 8 or 16; larger M
-// takes more CTAs along y); R: 16-row tiles per warp.
-template <int ELEM, typename X, typename O, int TOK, int R>
+// MODE: W8A8, W8A16 or BLOCK; ELEM: E4M3 or S8, the weight; X: the activation, uint8_t for W8A8
+// (quantized in ELEM's format) or __nv_bfloat16 / __half; O: the output dtype; TOK: tokens per CTA
+// (1, 8 or 16; larger M takes more CTAs along y); R: 16-row tiles per warp.
+template <int MODE, int ELEM, typename X, typename O, int TOK, int R>
 __global__ void __launch_bounds__(WARPS * 32) w8_kernel(const __grid_constant__ Params p) {
   using L = Layout<R, TOK>;
-  constexpr bool WO = !std::is_same<X, uint8_t>::value;  // W8A16
-  using A = typename std::conditional<WO, float, typename Acc<ELEM>::type>::type;
-  constexpr int XV = WO ? 2 : 1;  // 16-byte pieces of activation a lane reads per (half chunk, token)
+  static_assert((MODE == W8A8) == std::is_same<X, uint8_t>::value, "W8A8 takes bytes, the others 16-bit values");
+  static_assert(MODE != BLOCK || ELEM == E4M3, "fp8_block is e4m3");
+  using A = typename std::conditional<MODE == W8A8, typename Acc<ELEM>::type, float>::type;
+  constexpr int XV = MODE == W8A8 ? 1 : 2;  // 16-byte pieces of activation a lane reads per (half chunk, token)
   constexpr int MT = L::MT;
   constexpr int STAGES = L::STAGES;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -273,34 +322,76 @@ __global__ void __launch_bounds__(WARPS * 32) w8_kernel(const __grid_constant__ 
       __syncwarp();
       const uint8_t* slot = ring + cs * L::SLOT_B;
       cs = cs + 1 == STAGES ? 0 : cs + 1;
+      // the chunk's MMAs, into (c1, c2): two independent chains
+      auto mmas = [&](A (&c1)[R][MT][4], A (&c2)[R][MT][4], const uint4 (&xq)[2][MT]) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
+        for (int h = 0; h < 2; ++h)
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const uint4 lo = *reinterpret_cast<const uint4*>(slot + piece_at(16 * r + g, 4 * h + t));
-          const uint4 hi = *reinterpret_cast<const uint4*>(slot + piece_at(16 * r + g + 8, 4 * h + t));
-          if constexpr (WO) {
-            // word q of the 16 bytes (k 4q..4q+3) of rows g and g + 8 with the token's values 4q..4q+3
-            const uint32_t wl[4] = {lo.x, lo.y, lo.z, lo.w}, wh[4] = {hi.x, hi.y, hi.z, hi.w};
+          for (int r = 0; r < R; ++r) {
+            const uint4 lo = *reinterpret_cast<const uint4*>(slot + piece_at(16 * r + g, 4 * h + t));
+            const uint4 hi = *reinterpret_cast<const uint4*>(slot + piece_at(16 * r + g + 8, 4 * h + t));
+            if constexpr (MODE == W8A16) {
+              // word q of the 16 bytes (k 4q..4q+3) of rows g and g + 8 with the token's values 4q..4q+3
+              const uint32_t wl[4] = {lo.x, lo.y, lo.z, lo.w}, wh[4] = {hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-              uint32_t al[2], ah[2];
-              widen<ELEM, X>(wl[q], al);
-              widen<ELEM, X>(wh[q], ah);
+              for (int q = 0; q < 4; ++q) {
+                uint32_t al[2], ah[2];
+                widen<ELEM, X>(wl[q], al);
+                widen<ELEM, X>(wh[q], ah);
+#pragma unroll
+                for (int jj = 0; jj < MT; ++jj) {
+                  const uint4& xv = xc[h][jj][q >> 1];
+                  mma16<X>(q & 1 ? c2[r][jj] : c1[r][jj], al[0], ah[0], al[1], ah[1], q & 1 ? xv.z : xv.x, q & 1 ? xv.w : xv.y);
+                }
+              }
+            } else {
 #pragma unroll
               for (int jj = 0; jj < MT; ++jj) {
-                const uint4& xv = xc[h][jj][q >> 1];
-                mma16<X>(q & 1 ? acc2[r][jj] : acc[r][jj], al[0], ah[0], al[1], ah[1], q & 1 ? xv.z : xv.x, q & 1 ? xv.w : xv.y);
+                mma<ELEM>(c1[r][jj], lo.x, hi.x, lo.y, hi.y, xq[h][jj].x, xq[h][jj].y);
+                mma<ELEM>(c2[r][jj], lo.z, hi.z, lo.w, hi.w, xq[h][jj].z, xq[h][jj].w);
               }
             }
-          } else {
-#pragma unroll
-            for (int jj = 0; jj < MT; ++jj) {
-              mma<ELEM>(acc[r][jj], lo.x, hi.x, lo.y, hi.y, xc[h][jj][0].x, xc[h][jj][0].y);
-              mma<ELEM>(acc2[r][jj], lo.z, hi.z, lo.w, hi.w, xc[h][jj][0].z, xc[h][jj][0].w);
-            }
           }
+      };
+      if constexpr (MODE == BLOCK) {
+        // the group's e4m3 bytes and scale per token; the chunk's sums scaled by the scales of their
+        // token (column 2t / 2t + 1 of the fragment, quantized by the quad of lanes 8t / 8t + 4)
+        // and of the tile's 128-row weight block
+        uint4 xq[2][MT];
+        float sx_col[MT][2];
+#pragma unroll
+        for (int jj = 0; jj < MT; ++jj) {
+          const uint4 xg[2][2] = {{xc[0][jj][0], xc[0][jj][1]}, {xc[1][jj][0], xc[1][jj][1]}};
+          uint4 qg[2];
+          const float sx = quantize_group<X>(xg, qg);
+          xq[0][jj] = qg[0];
+          xq[1][jj] = qg[1];
+          sx_col[jj][0] = __shfl_sync(0xFFFFFFFFu, sx, 8 * t);
+          sx_col[jj][1] = __shfl_sync(0xFFFFFFFFu, sx, 8 * t + 4);
         }
+        A part[R][MT][4], part2[R][MT][4];
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int jj = 0; jj < MT; ++jj)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) part[r][jj][e] = part2[r][jj][e] = 0.f;
+        mmas(part, part2, xq);
+        const float sw = __ldg(sg.sw + (long long)(row0 >> 7) * sg.sw_stride + c);
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int jj = 0; jj < MT; ++jj)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[r][jj][e] = fmaf(part[r][jj][e] + part2[r][jj][e], sx_col[jj][e & 1] * sw, acc[r][jj][e]);
+      } else {
+        uint4 xq[2][MT];  // W8A8: the quantized bytes as loaded (unused by W8A16)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int jj = 0; jj < MT; ++jj) xq[h][jj] = xc[h][jj][0];
+        mmas(acc, acc2, xq);
+      }
       __syncwarp();  // every lane is done with the slot before a later cp.async refills it
     }
 
@@ -323,8 +414,9 @@ __global__ void __launch_bounds__(WARPS * 32) w8_kernel(const __grid_constant__ 
       A v = 0;
 #pragma unroll
       for (int w = 0; w < WARPS; ++w) v += red[w][rr][tt];
-      float y = static_cast<float>(v) * sg.sw[row * sg.sw_stride];
-      if constexpr (!WO) y *= p.sx[(tok0 + tt) * p.sx_stride];
+      float y = static_cast<float>(v);
+      if constexpr (MODE != BLOCK) y *= sg.sw[row * sg.sw_stride];  // BLOCK: scaled per chunk
+      if constexpr (MODE == W8A8) y *= p.sx[(tok0 + tt) * p.sx_stride];
       if (sg.bias) y += Io<O>::load(sg.bias, row);
       Io<O>::store(sg.out, (long long)(tok0 + tt) * sg.out_stride + row, y);
     }
@@ -333,33 +425,34 @@ __global__ void __launch_bounds__(WARPS * 32) w8_kernel(const __grid_constant__ 
   cp_wait<0>();
 }
 
-template <int ELEM, typename X, typename O, int TOK, int R>
+template <int MODE, int ELEM, typename X, typename O, int TOK, int R>
 cudaError_t launch(const Params& p, cudaStream_t stream) {
-  return launch_persistent<w8_kernel<ELEM, X, O, TOK, R>, TOK, WARPS * 32, Layout<R, TOK>::BYTES>(p, stream);
+  return launch_persistent<w8_kernel<MODE, ELEM, X, O, TOK, R>, TOK, WARPS * 32, Layout<R, TOK>::BYTES>(p, stream);
 }
 
-template <int ELEM, typename X, typename O, int TOK>
+template <int MODE, int ELEM, typename X, typename O, int TOK>
 cudaError_t dispatch_r(const Params& p, int row_tiles, cudaStream_t stream) {
-  return row_tiles == 1 ? launch<ELEM, X, O, TOK, 1>(p, stream) : launch<ELEM, X, O, TOK, 2>(p, stream);
+  return row_tiles == 1 ? launch<MODE, ELEM, X, O, TOK, 1>(p, stream) : launch<MODE, ELEM, X, O, TOK, 2>(p, stream);
 }
 
-template <int ELEM, typename X, typename O>
+template <int MODE, int ELEM, typename X, typename O>
 cudaError_t dispatch_m(const Params& p, int row_tiles, cudaStream_t stream) {
-  if (p.m == 1) return dispatch_r<ELEM, X, O, 1>(p, row_tiles, stream);
-  return p.m <= 8 ? dispatch_r<ELEM, X, O, 8>(p, row_tiles, stream) : dispatch_r<ELEM, X, O, 16>(p, row_tiles, stream);
+  if (p.m == 1) return dispatch_r<MODE, ELEM, X, O, 1>(p, row_tiles, stream);
+  return p.m <= 8 ? dispatch_r<MODE, ELEM, X, O, 8>(p, row_tiles, stream) : dispatch_r<MODE, ELEM, X, O, 16>(p, row_tiles, stream);
 }
 
 template <int ELEM>
 cudaError_t dispatch_w8a8(const Params& p, int out_dtype, int row_tiles, cudaStream_t stream) {
-  if (out_dtype == 0) return dispatch_m<ELEM, uint8_t, __nv_bfloat16>(p, row_tiles, stream);
-  if (out_dtype == 1) return dispatch_m<ELEM, uint8_t, __half>(p, row_tiles, stream);
-  return dispatch_m<ELEM, uint8_t, float>(p, row_tiles, stream);
+  if (out_dtype == 0) return dispatch_m<W8A8, ELEM, uint8_t, __nv_bfloat16>(p, row_tiles, stream);
+  if (out_dtype == 1) return dispatch_m<W8A8, ELEM, uint8_t, __half>(p, row_tiles, stream);
+  return dispatch_m<W8A8, ELEM, uint8_t, float>(p, row_tiles, stream);
 }
 
-template <int ELEM>
-cudaError_t dispatch_w8a16(const Params& p, int act_dtype, int row_tiles, cudaStream_t stream) {
-  return act_dtype == 0 ? dispatch_m<ELEM, __nv_bfloat16, __nv_bfloat16>(p, row_tiles, stream)
-                        : dispatch_m<ELEM, __half, __half>(p, row_tiles, stream);
+// W8A16 and BLOCK: the output in the activation's dtype
+template <int MODE, int ELEM>
+cudaError_t dispatch_16(const Params& p, int act_dtype, int row_tiles, cudaStream_t stream) {
+  return act_dtype == 0 ? dispatch_m<MODE, ELEM, __nv_bfloat16, __nv_bfloat16>(p, row_tiles, stream)
+                        : dispatch_m<MODE, ELEM, __half, __half>(p, row_tiles, stream);
 }
 
 }  // namespace
@@ -409,8 +502,21 @@ int qlp_w8a16_decode(const qlp::Params* p, int elem, int act_dtype, int row_tile
   if (act_dtype != 0 && act_dtype != 1) return qlp_fail(err, err_len, "act_dtype must be 0 (bf16) or 1 (fp16)");
   if (p->m <= 0 || p->total_tiles == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return qlp_launched(elem == 0 ? qlp::dispatch_w8a16<qlp::E4M3>(*p, act_dtype, row_tiles, s)
-                                : qlp::dispatch_w8a16<qlp::S8>(*p, act_dtype, row_tiles, s), err, err_len);
+  return qlp_launched(elem == 0 ? qlp::dispatch_16<qlp::W8A16, qlp::E4M3>(*p, act_dtype, row_tiles, s)
+                                : qlp::dispatch_16<qlp::W8A16, qlp::S8>(*p, act_dtype, row_tiles, s), err, err_len);
+}
+
+// fp8_block, launched on `stream`: as qlp_w8a16_decode with e4m3 weights (elem 0) scaled per
+// 128x128 block (each segment's sw: [ceil(n / 128), k / 128], rows sw_stride apart); the 16-bit
+// activation is quantized to e4m3 per 1x128 group inside the kernel.
+int qlp_fp8_block_decode(const qlp::Params* p, int elem, int act_dtype, int row_tiles, void* stream, char* err, int err_len) {
+  if (const char* why = qlp_check(p, elem, row_tiles)) return qlp_fail(err, err_len, why);
+  if (elem != 0) return qlp_fail(err, err_len, "fp8_block weights are fp8 e4m3 (elem 0)");
+  if (act_dtype != 0 && act_dtype != 1) return qlp_fail(err, err_len, "act_dtype must be 0 (bf16) or 1 (fp16)");
+  if (p->m <= 0 || p->total_tiles == 0) return 0;
+  if (qlp::device_sm() < 89) return qlp_fail(err, err_len, "fp8 MMAs need sm89 or newer");
+  return qlp_launched(qlp::dispatch_16<qlp::BLOCK, qlp::E4M3>(*p, act_dtype, row_tiles, static_cast<cudaStream_t>(stream)),
+                      err, err_len);
 }
 
 }  // extern "C"
