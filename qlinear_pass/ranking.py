@@ -133,7 +133,10 @@ SM90: tuple = (
     Row("sm90", "fp8_block", (16,), ("cuda_w8a8", "flashinfer_deepgemm_fp8_block", "triton_w8a8", "cutlass_fp8_block") + _FI_BLOCK_SM100,
         f"{_BLOCK} (Triton: its decode kernel / its GEMM): M=8 K=4096 N=14336 23.2 / 33.3 / 48.2 / 41.7, K=14336 "
         "N=4096 24.1 / 47.1 / 92.7 / 44.9, N=6144 11.7 / 25.2 / 28.6 / 20.9, N=1024 5.8 / 10.7 / 20.7 / 8.6, "
-        "gate/up 42.5 / 57.5 / 70.5 / 82.1; M=16 31.8 / 33.6 / 48.8 / 42.3, 26.5 / 48.6 / 93.4 / 45.5. "
+        "gate/up 42.5 / 57.5 / 70.5 / 82.1; M=16 31.8 / 33.6 / 48.8 / 42.3, 26.5 / 48.6 / 93.4 / 45.5. With the "
+        "quantization rounding as the reference (h100/decode/cuda_w8a8_fp8_block/exact_rounding, a later call): "
+        "M=8 23.4 / 33.5, 24.3 / 47.0, 11.9 / 25.1; M=16 34.1 / 33.9, 28.2 / 48.2, 17.7 / 25.7 (even at 16 on "
+        "K=4096 N=14336). "
         "End to end (h100/e2e/fp8_block_decode, same card): batch-8 decode 1.59x bf16 with it, 1.13x with "
         f"Triton. h100/flashinfer ({_H100}): flashinfer_deepgemm 0.98-1.16x our Triton block-scaled kernel "
         "at M=16 (K=4096 N=28672: 44.4 us static), so after cuda_w8a8; h100/cutlass/fp8_block: "

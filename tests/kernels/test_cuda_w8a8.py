@@ -276,6 +276,27 @@ def test_fp8_block_group_scales_stay_in_their_group_on_gpu():
     assert S.relative_error(y[1], ref[1]) <= S.TOLERANCE[torch.bfloat16]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,seed", [(torch.bfloat16, 3), (torch.float16, 5)])
+def test_fp8_block_puts_every_value_on_the_reference_level_on_gpu(dtype, seed):
+    """An identity weight (one 128x128 block per 128 channels, exact in e4m3) makes the output the
+    dequantized activation itself: every one of 10240 values must land on the reference's e4m3 level.
+    Many 16-bit values over amax / 448 fall exactly between two levels, so the kernel must round
+    x / scale as the reference's division does and compute the scale as torch does on a GPU."""
+    ok, why = _runs_here()
+    if not ok:
+        pytest.skip(why)
+    m, k = 16, 640
+    x, _, _, _, _ = kernel_case("fp8_block", m, 128, k, dtype=dtype, bias=False, seed=seed, device="cuda")
+    w = torch.eye(k, device="cuda")
+    p = S.quantize_weight("fp8_block", w)
+    y = CW.fp8_block_decode(x, p["weight"], p["weight_scale"], None).float()
+    xq, sx = S.quantize_activation("fp8_block", x)
+    want = (xq.float().reshape(m, -1, 128) * sx[..., None]).reshape(m, k)
+    off = ((y - want).abs() > 0.02 * want.abs()).sum().item()  # one level apart is 6-12%
+    assert off == 0, f"{off} of {y.numel()} values on another e4m3 level than the reference's"
+
+
 def test_fp8_block_refuses_bad_arguments():
     x = torch.zeros(1, 256, dtype=torch.bfloat16)
     w = torch.zeros(200, 256, dtype=torch.float8_e4m3fn)

@@ -185,15 +185,25 @@ __device__ __forceinline__ float quantize_group(const uint4 (&x)[2][2], uint4 (&
     }
   amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 1));
   amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 2));
-  const float scale = fmaxf(amax, 1e-12f) / 448.f;
+  // amax / 448 as torch computes it on a GPU (times the rounded reciprocal of the scalar), so the
+  // scale, and every value's level, is the reference's to the bit
+  const float scale = fmaxf(amax, 1e-12f) * (1.f / 448.f);
   const float inv = __frcp_rn(scale);
+  // x / scale rounded as an IEEE division rounds it (the reference divides): x * (1 / scale), then
+  // one FMA for the remainder and one to correct.  x * (1 / scale) alone is off by an ulp often
+  // enough to matter: 16-bit activations over a scale of amax / 448 land exactly between two e4m3
+  // levels about once in a thousand values, and an ulp then picks the other level
+  auto div = [&](float v) {
+    const float q = v * inv;
+    return fmaf(fmaf(-q, scale, v), inv, q);
+  };
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     uint32_t b[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const __nv_fp8x2_storage_t lo = __nv_cvt_float2_to_fp8x2(make_float2(f[h][4 * i] * inv, f[h][4 * i + 1] * inv), __NV_SATFINITE, __NV_E4M3);
-      const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(make_float2(f[h][4 * i + 2] * inv, f[h][4 * i + 3] * inv), __NV_SATFINITE, __NV_E4M3);
+      const __nv_fp8x2_storage_t lo = __nv_cvt_float2_to_fp8x2(make_float2(div(f[h][4 * i]), div(f[h][4 * i + 1])), __NV_SATFINITE, __NV_E4M3);
+      const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(make_float2(div(f[h][4 * i + 2]), div(f[h][4 * i + 3])), __NV_SATFINITE, __NV_E4M3);
       b[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
     }
     q[h] = make_uint4(b[0], b[1], b[2], b[3]);
