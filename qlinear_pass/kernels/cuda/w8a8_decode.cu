@@ -1,5 +1,5 @@
 // 8-bit weights at decode sizes, fp8 e4m3 or int8 ([N, K] bytes) with a scale per channel or per
-// tensor, in two forms:
+// tensor, in three forms:
 //
 // * W8A8: y[m, n] = sx[m] * sw[n] * sum_k xq[m, k] * wq[n, k] (+ bias[n]), the activation quantized
 //   in the weight's format (the scale per token or per tensor).  The activation arrives quantized:
@@ -11,9 +11,14 @@
 //   bf16 or fp16.  A lane's 16 weight bytes of a row become 16-bit values of the activation's type
 //   in registers (exactly: int8 through the exponent of 2**23 or an fp16 1024, e4m3 by moving its
 //   bits under a bf16 exponent or by the hardware's e4m3 -> f16 conversion) and make four mma.sync
-//   m16n8k16 with its token's 16 values of the same k.
+//   m16n8k16 with its token's 16 values of the same k;
+// * fp8_block (BLOCK): e4m3 weights scaled per 128x128 block and a bf16 / fp16 activation that the
+//   kernel quantizes to e4m3 per 1x128 group (a group is one chunk below: the 4 lanes of a quad that
+//   read a token's chunk find its amax with two shuffles, and round x / scale exactly as the
+//   reference does); then W8A8's MMAs, and each chunk's sums scaled by its group's and its weight
+//   block's scale.
 //
-// Common to both:
+// Common to all three:
 //
 // * the weight is the 16-row A operand (rows = output channels), the activation the 8-column B
 //   operand (columns = tokens).  The k order inside an MMA is a permutation of the loaded k, the
@@ -23,8 +28,8 @@
 //   pieces of odd rows are stored swapped by 64 bytes, so the 8 lanes of a quarter warp read 8
 //   different bank quads;
 // * the warps of a CTA split K (chunk c goes to warp c % WARPS), add up through shared memory at
-//   the end of each row tile, and the scales and bias are applied once, in fp32, when the output
-//   is written in its dtype;
+//   the end of each row tile, and the scales (but fp8_block's) and bias are applied once, in fp32,
+//   when the output is written in its dtype;
 // * CTAs are persistent; each warp loads its next chunk's activation (from L2, shared by every CTA)
 //   into registers while it computes the current one;
 // * up to MAX_SEGMENTS layers that read the same activation (q/k/v, gate/up) share one launch.
@@ -71,9 +76,9 @@ struct Segment {
 };
 
 struct Params {
-  const void* x;        // [m, k] activation (W8A8: quantized bytes; W8A16: bf16 / fp16), rows x_stride
+  const void* x;        // [m, k] activation (W8A8: quantized bytes; else bf16 / fp16), rows x_stride
                         // elements apart (16-byte aligned)
-  const float* sx;      // W8A8: fp32 activation scales, [m] (sx_stride 1) or one (sx_stride 0); W8A16: null
+  const float* sx;      // W8A8: fp32 activation scales, [m] (sx_stride 1) or one (sx_stride 0); else null
   long long x_stride, sx_stride;
   int m, k, nseg, total_tiles;
   Segment seg[MAX_SEGMENTS];
