@@ -44,9 +44,10 @@ def _cuda_status(device: DeviceInfo, min_sm: int, what: str, nvcc_version: tuple
     return OK
 
 
-def _weight_only_limits(spec: LayerSpec, why_not: str):
-    """The weight-only kernels' limits: a bf16 / fp16 activation (a tensor-core operand) that is also
-    the output's dtype, and the kernel's own reason ``why_not`` ("" when the shape is fine)."""
+def _act16_limits(spec: LayerSpec, why_not: str):
+    """The limits of the kernels that take a 16-bit activation (weight-only, and cuda_w8a8's
+    fp8_block): bf16 / fp16 (a tensor-core operand, or what the kernel quantizes) that is also the
+    output's dtype, and the kernel's own reason ``why_not`` ("" when the shape is fine)."""
     if spec.act_dtype not in ACTS:
         return False, f"bf16 / fp16 activations only (tensor-core operands), not {spec.act_dtype}"
     if spec.out_dtype != spec.act_dtype:
@@ -66,7 +67,7 @@ class CudaW4A16(Kernel):
     def can_implement(self, spec: LayerSpec):
         from ..kernels.cuda_w4a16 import check_group_size
 
-        return _weight_only_limits(spec, check_group_size(spec.k, spec.group_size or 0))
+        return _act16_limits(spec, check_group_size(spec.k, spec.group_size or 0))
 
     @staticmethod
     def _layer(params, bias):
@@ -105,7 +106,7 @@ class CudaW8A8(Kernel):
             if spec.act_input != "dynamic":
                 return False, ("fp8_block: the kernel quantizes the activation per 1x128 group itself; a "
                                "pre-quantized activation is not taken")
-            return _weight_only_limits(spec, check_k(spec.k))
+            return _act16_limits(spec, check_k(spec.k))
         if spec.out_dtype not in OUT_DTYPES:
             return False, f"writes bf16, fp16 or fp32, not {spec.out_dtype}"
         if spec.act_input == "dynamic" and spec.act_dtype not in OUT_DTYPES:
@@ -163,7 +164,7 @@ class CudaW8A16(Kernel):
     def can_implement(self, spec: LayerSpec):
         from ..kernels.cuda_w8a8 import check_k
 
-        return _weight_only_limits(spec, check_k(spec.k))
+        return _act16_limits(spec, check_k(spec.k))
 
     def run(self, spec, x, params, bias):
         from ..kernels.cuda_w8a8 import w8a16_decode
