@@ -21,7 +21,9 @@ and measures:
 * accuracy on a 2-layer model of the same shapes: logits SQNR against the float32 model with
   the original weights, for the compiled model and for the eager reference modules;
 * the kernels each quantized linear launches (torch.profiler over decode steps run outside
-  the CUDA graph) and the step's top device kernels.
+  the CUDA graph) and the step's top device kernels, and where the prefill's device time goes.
+  These profiles run after every timed phase: a profiler session leaves CUPTI hooked into the
+  process, and the host's kernel launches stay slower after it.
 
 ``--compile layer`` (default) compiles the decoder layer's forward function once (Dynamo
 inlines the modules, so all layers share one graph) and captures the step in a
@@ -757,7 +759,7 @@ class VariantRun:
 
     # -- decode --------------------------------------------------------------------------
 
-    def decode(self, batch: int, profile: bool) -> None:
+    def decode(self, batch: int) -> None:
         s, model = self.settings, self.model
         phase = f"decode_b{batch}"
         set_cache(model, batch, ACT_DTYPE, static_address=s.compile_mode == "model" and s.cuda)
@@ -823,16 +825,6 @@ class VariantRun:
         if not check["ok"]:
             self.log(f"{phase}: WARNING: logits look broken: {check}")
         self.save()
-
-        if profile:
-            try:
-                self.profile(run)
-            except Exception as exc:
-                self.result["errors"]["profile"] = _short(exc)
-                self.result["kernels"] = {"measured": False, "reason": f"the profile failed: {self.result['errors']['profile']}"}
-                self.log(f"profile: ERROR {self.result['errors']['profile']}")
-                _recover(s)
-                self.save()
         del graph
         _free()
 
@@ -854,8 +846,19 @@ class VariantRun:
 
     # -- kernels per linear ----------------------------------------------------------------
 
-    def profile(self, run: Decode) -> None:
+    def profile_decode(self, batch: int) -> None:
+        """Kernels per linear and where a decode step's device time goes (decode steps run outside
+        the CUDA graph, under torch.profiler).  Runs after every timed phase (see child_main)."""
+        try:
+            self._profile_decode(batch)
+        except Exception as exc:
+            self.result["kernels"] = {"measured": False, "reason": f"the profile failed: {_short(exc)}"}
+            raise
+
+    def _profile_decode(self, batch: int) -> None:
         s = self.settings
+        set_cache(self.model, batch, ACT_DTYPE, static_address=s.compile_mode == "model" and s.cuda)
+        run = Decode(self, batch)
         if not s.cuda:
             self.result["kernels"] = {"measured": False, "reason": "no kernel counts without a CUDA device"}
             return
@@ -903,13 +906,16 @@ class VariantRun:
             self._phase_compile("prefill", time.perf_counter() - t, graphs_before)
             self.log(f"prefill: first call (compile) {self.compile_s['prefill']:.1f}s, {self.graphs['prefill']} new graph(s)")
             self.prefill_fn(model, tokens)
-            times = []
+            _sync(s.device)
+            times, host = [], []
             for _ in range(s.prefill_runs):
                 if s.cuda:
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    t = time.perf_counter()
                     start.record()
                     self.prefill_fn(model, tokens)
                     end.record()
+                    host.append(time.perf_counter() - t)  # until the last launch is queued
                     end.synchronize()
                     times.append(start.elapsed_time(end) / 1e3)
                 else:
@@ -926,18 +932,30 @@ class VariantRun:
             "tok_s": s.prefill_tokens / med,
             "timing": "CUDA events" if s.cuda else "wall clock",
         }
-        self.log(f"prefill {s.prefill_tokens} tokens: {med * 1e3:.2f} ms ({s.prefill_tokens / med:.0f} tok/s)")
-        if s.cuda and s.compile_mode == "layer":
-            # where the prefill's device time goes, and its slowest kernels (one profiled call)
-            from torch.profiler import ProfilerActivity, profile
+        if host:
+            # the host's time to queue the call: near the event time, the GPU waited on the host
+            self.result["prefill"]["host_enqueue_ms"] = statistics.median(host) * 1e3
+        self.log(f"prefill {s.prefill_tokens} tokens: {med * 1e3:.2f} ms ({s.prefill_tokens / med:.0f} tok/s)"
+                 + (f", host enqueue {statistics.median(host) * 1e3:.2f} ms" if host else ""))
+        self.save()
 
-            with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
-                self.prefill_fn(model, tokens)
-                torch.cuda.synchronize()
-            k = kernel_breakdown(prof.events(), 1, exclude_dims=(model.shape.vocab,), linears_per_step=layer_linears(model))
-            self.result["prefill"]["kernels"] = {key: k.get(key) for key in (
-                "linears", "linear_calls_per_step", "kernels_per_linear", "us_per_linear", "device_us_per_step",
-                "split_us_per_step", "by_kernels", "top_kernels")}
+    def profile_prefill(self) -> None:
+        """Where the prefill's device time goes, and its slowest kernels (one profiled call)."""
+        s, model = self.settings, self.model
+        if not (s.cuda and s.compile_mode == "layer" and self.result.get("prefill")):
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        set_cache(model, 1, ACT_DTYPE)
+        gen = _generator(s.device, s.seed + 31)
+        tokens = torch.randint(model.shape.vocab, (1, s.prefill_tokens), device=s.device, generator=gen)
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            self.prefill_fn(model, tokens)
+            torch.cuda.synchronize()
+        k = kernel_breakdown(prof.events(), 1, exclude_dims=(model.shape.vocab,), linears_per_step=layer_linears(model))
+        self.result["prefill"]["kernels"] = {key: k.get(key) for key in (
+            "linears", "linear_calls_per_step", "kernels_per_linear", "us_per_linear", "device_us_per_step",
+            "split_us_per_step", "by_kernels", "top_kernels")}
         self.save()
 
     # -- memory ----------------------------------------------------------------------------
@@ -1231,6 +1249,36 @@ def _op_shape(e) -> str:
 # --- the variant process ---------------------------------------------------------------------
 
 
+def built_variant(variant: str, layers: str) -> VariantRun:
+    """One variant built and compiled as a ``--quick`` run builds it (Inductor's caches off), for the
+    tools that look inside one of its phases (``prefill_host.py``, ``compile_profile.py``)."""
+    settings = settings_from(parse_args(["--quick", "--layers", layers, "--variants", variant]))
+    disable_compile_caches()
+    ctx = VariantRun(Variant.parse(variant), settings, {"errors": {}}, lambda: None)
+    ctx.build()
+    return ctx
+
+
+def phases(ctx: VariantRun) -> list:
+    """A variant's phases in order: ``(name, function, whether the variant stops when it fails)``.
+
+    Every timed phase comes before the first profiler session: one leaves CUPTI hooked into the
+    process, and the host's kernel launches stay slower after it (a prefill that queues about a
+    thousand kernels took up to 2x longer after the decode profile than before it, H200)."""
+    first, *others = ctx.settings.batches
+    return [
+        ("build", ctx.build, True),
+        (f"decode_b{first}", lambda: ctx.decode(first), True),
+        ("prefill", ctx.prefill, False),
+        *[(f"decode_b{b}", (lambda b=b: ctx.decode(b)), False) for b in others],
+        ("profile", lambda: ctx.profile_decode(first), False),
+        ("profile_prefill", ctx.profile_prefill, False),
+        ("memory", ctx.memory, False),
+        ("drop_model", ctx.drop_model, False),
+        ("accuracy", ctx.accuracy, False),
+    ]
+
+
 def child_main(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     variant = Variant.parse(args.variant)
@@ -1256,18 +1304,7 @@ def child_main(args: argparse.Namespace) -> int:
 
     ctx = VariantRun(variant, settings, result, save)
     ctx.log(f"{settings.device}, compile={settings.compile_mode}, shape {dataclasses.asdict(settings.shape)}")
-    first, *others = settings.batches
-    # (name, function, whether the variant stops when it fails)
-    phases: list = [
-        ("build", ctx.build, True),
-        (f"decode_b{first}", lambda: ctx.decode(first, profile=True), True),
-        ("prefill", ctx.prefill, False),
-        *[(f"decode_b{b}", (lambda b=b: ctx.decode(b, profile=False)), False) for b in others],
-        ("memory", ctx.memory, False),
-        ("drop_model", ctx.drop_model, False),
-        ("accuracy", ctx.accuracy, False),
-    ]
-    for name, fn, essential in phases:
+    for name, fn, essential in phases(ctx):
         result["phase"] = name
         save()
         try:
@@ -1516,11 +1553,14 @@ def summary(doc: dict) -> str:
         top = "; ".join(f"{_short_name(t['kernel'], 40)} {t['us_per_step'] / 1e3:.2f}" for t in pk["top_kernels"][:3])
         prefill_rows.append("| " + " | ".join(
             [r.get("label") or r["variant"]] + [_fmt(sp.get(key) / 1e3 if sp.get(key) is not None else None, 2) for key in SPLIT_KEYS]
-            + [_fmt(pk["device_us_per_step"] / 1e3, 2), top]) + " |")
+            + [_fmt(pk["device_us_per_step"] / 1e3, 2), _fmt(_get(r, "prefill", "ms"), 2),
+               _fmt(_get(r, "prefill", "host_enqueue_ms"), 2), top]) + " |")
     if prefill_rows:
-        lines += ["", "Where the prefill's device time goes (one profiled call, ms; the three kernels that take most, ms):", "",
-                  "| variant | linears | attention | lm_head | other | device total | top kernels |",
-                  "|---|---:|---:|---:|---:|---:|---|"] + prefill_rows
+        lines += ["", "Where the prefill's device time goes (one profiled call, ms; timed: the prefill's median time; "
+                  "host: the host's time to queue one call, near the timed one when the GPU waits on the host; "
+                  "the three kernels that take most, ms):", "",
+                  "| variant | linears | attention | lm_head | other | device total | timed | host | top kernels |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"] + prefill_rows
     errors = [(r["variant"], ph, msg) for r in doc["variants"] for ph, msg in (r.get("errors") or {}).items()]
     if errors:
         lines += ["", "Errors:", ""]

@@ -3,7 +3,10 @@ cProfile of one call (the host path behind the kernels).
 
 ``python benchmarks/prefill_host.py fp8_block/auto [--layers 32]``: builds the variant as
 ``bench_e2e.py`` does (same model, same compile), compiles only the prefill (a static M), warms it up
-three times, then prints three timed calls and the profile.  CUDA only.
+three times, then prints three timed calls and the profile.  ``--decode-first timed|profiled`` runs
+the batch-1 decode phase of ``bench_e2e.py`` before (and its profiler session too), to time the
+prefill in the state those leave.
+CUDA only.
 """
 import argparse
 import cProfile
@@ -24,16 +27,19 @@ def main(argv=None) -> int:
     ap.add_argument("variant", help="a bench_e2e.py variant, e.g. fp8_block/auto")
     ap.add_argument("--layers", default="32")
     ap.add_argument("--rows", type=int, default=22, help="profile rows to print")
+    ap.add_argument("--decode-first", choices=("timed", "profiled"), default=None,
+                    help="first run bench_e2e.py's batch-1 decode phase (compile, CUDA graph, timing), and with "
+                    "'profiled' its decode profile too (a torch.profiler session), to time the prefill after them")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("prefill_host.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    eargs = E.parse_args(["--quick", "--layers", args.layers, "--variants", args.variant])
-    settings = E.settings_from(eargs)
-    E.disable_compile_caches()
-    ctx = E.VariantRun(E.Variant.parse(args.variant), settings, {"errors": {}}, lambda: None)
-    ctx.build()
-    model = ctx.model
+    ctx = E.built_variant(args.variant, args.layers)
+    settings, model = ctx.settings, ctx.model
+    if args.decode_first:
+        ctx.decode(1)
+        if args.decode_first == "profiled":
+            ctx.profile_decode(1)
     E.set_cache(model, 1, E.ACT_DTYPE)
     tokens = torch.randint(model.shape.vocab, (1, settings.prefill_tokens), device="cuda")
     with torch.no_grad():

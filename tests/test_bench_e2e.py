@@ -359,6 +359,18 @@ def test_cpu_small_run_writes_results(tmp_path):
     assert "| int8_weight_only/auto |" in table and "SQNR" in table
 
 
+@pytest.mark.parametrize("batches", [[1], [1, 8], [1, 4, 8]])
+def test_every_timed_phase_runs_before_the_first_profiler_session(batches):
+    settings = dataclasses.replace(_settings(), batches=batches)
+    ctx = E2E.VariantRun(E2E.Variant.parse("bf16"), settings, {"errors": {}}, lambda: None)
+    names = [name for name, _, _ in E2E.phases(ctx)]
+    timed = ["prefill"] + [f"decode_b{b}" for b in batches]
+    profiled = ["profile", "profile_prefill"]
+    assert set(timed + profiled) <= set(names)
+    assert max(names.index(n) for n in timed) < min(names.index(n) for n in profiled)
+    assert names[0] == "build" and names[1] == f"decode_b{batches[0]}"
+
+
 def _doc(settings, variants):
     return {"machine": "cpu", "torch": torch.__version__, "triton": None, "settings": settings, "variants": variants}
 
