@@ -493,3 +493,43 @@ def test_tinygemm_int4_is_listed_with_why():
     with torch.no_grad():
         torch.testing.assert_close(y, m(x))
         assert "tinygemm" in str(qp.explain(m, x))
+
+
+def _region_devices(monkeypatch, model, x):
+    """The devices the pass's numeric region checks ran on while compiling ``model``."""
+    from qlinear_pass.patterns import regions
+
+    seen = []
+    real = regions._evaluate
+
+    def spy(inner, env, outputs, device):
+        seen.append(torch.device(device))
+        return real(inner, env, outputs, device)
+
+    monkeypatch.setattr(regions, "_evaluate", spy)
+    monkeypatch.setattr(regions, "_VERIFY_CACHE", {})
+    y, recs = compile_and_run(model, x)
+    return seen, y, recs
+
+
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "w4a16"])
+def test_region_checks_run_on_the_cpu_for_a_cpu_model(monkeypatch, scheme):
+    m = linear_model(256, 64, scheme)
+    seen, _, recs = _region_devices(monkeypatch, m, random_activation((2, 256)))
+    assert seen and all(d.type == "cpu" for d in seen)
+    assert [d.spec.scheme for r in recs for d in r.decisions] == [scheme]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "w4a16", "fp8_rowwise"])
+def test_region_checks_run_on_the_gpu_that_holds_the_weights(monkeypatch, scheme):
+    """On a GPU the checks draw and dequantise their random weights there (milliseconds, where the
+    CPU took over a second per compile of an 8B model), and still match the layer."""
+    m = linear_model(256, 64, scheme).cuda()
+    x = random_activation((2, 256)).cuda()
+    seen, y, recs = _region_devices(monkeypatch, m, x)
+    assert seen and all(d.type == "cuda" for d in seen)
+    assert [d.spec.scheme for r in recs for d in r.decisions] == [scheme]
+    with torch.no_grad():
+        want = m(x)
+    assert S.relative_error(y, want) < S.TOLERANCE[torch.bfloat16]
