@@ -55,9 +55,6 @@ def toolchain_ok(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(B, "nvcc", lambda: ("/opt/cuda/bin/nvcc", (13, 0), ""))
     monkeypatch.setattr(B, "cutlass_include", lambda: ("/opt/cutlass/include", ""))
-    import torch.utils.cpp_extension as ce
-
-    monkeypatch.setattr(ce, "CUDA_HOME", "/opt/cuda")
     monkeypatch.setattr(B, "ninja_available", lambda: True)
     from qlinear_pass.kernels import cuda_build  # our own CUDA kernels' nvcc, too
 
@@ -95,9 +92,7 @@ def test_nvcc_version_is_read_and_checked(monkeypatch, tmp_path):
         nvcc = home / "bin" / "nvcc"
         nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.1'\n")
         nvcc.chmod(0o755)
-        import torch.utils.cpp_extension as ce
-
-        monkeypatch.setattr(ce, "CUDA_HOME", str(home))
+        monkeypatch.setenv("CUDA_HOME", str(home))  # looked up first, as torch.utils.cpp_extension does
         B.nvcc.cache_clear()
         path, version, why = B.nvcc()
         assert version == tuple(map(int, release.split(".")))
