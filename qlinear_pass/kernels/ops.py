@@ -61,7 +61,16 @@ def handle(kernel: str, spec: str, cls: type = Handle) -> Handle:
     return h
 
 
-@torch.library.custom_op("qlinear_pass::linear", mutates_args=())
+# The ops are defined with torch.library's low-level API, their Python functions registered as the
+# CompositeExplicitAutograd kernels, so a call goes from the dispatcher straight to them: a prefill
+# makes hundreds of calls without CUDA graphs, and ``torch.library.custom_op``'s wrappers (autograd
+# redispatch, alias checks) cost several microseconds of host time each.  Their outputs never alias
+# their inputs; they have no autograd formula (the pass rewrites inference graphs only).
+_LIB = torch.library.Library("qlinear_pass", "FRAGMENT")
+_LIB.define("linear(Tensor x, Tensor?[] params, Tensor? bias, str kernel, str spec) -> Tensor")
+_LIB.define("linear_group(Tensor x, Tensor?[] params, Tensor?[] biases, str kernel, str specs) -> Tensor[]")
+
+
 def linear(
     x: torch.Tensor,
     params: list[Optional[torch.Tensor]],
@@ -69,6 +78,7 @@ def linear(
     kernel: str,
     spec: str,
 ) -> torch.Tensor:
+    """``qlinear_pass::linear``: the layer ``spec`` (JSON) on the kernel or per-M plan ``kernel``."""
     h = handle(kernel, spec)
     name, k = h.pick(x)
     s = h.spec
@@ -79,7 +89,10 @@ def linear(
     return out
 
 
-@linear.register_fake
+_LIB.impl("linear", linear, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("qlinear_pass::linear", lib=_LIB)
 def _(x, params, bias, kernel, spec):
     s = handle(kernel, spec).spec
     return x.new_empty((*x.shape[:-1], s.n), dtype=s.out_dtype)
@@ -96,7 +109,6 @@ class GroupHandle(Handle):
         self.specs = tuple(LayerSpec.from_json(t) for t in texts)
 
 
-@torch.library.custom_op("qlinear_pass::linear_group", mutates_args=())
 def linear_group(
     x: torch.Tensor,
     params: list[Optional[torch.Tensor]],
@@ -120,7 +132,10 @@ def linear_group(
     return list(outs)
 
 
-@linear_group.register_fake
+_LIB.impl("linear_group", linear_group, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("qlinear_pass::linear_group", lib=_LIB)
 def _(x, params, biases, kernel, specs):
     return [x.new_empty((*x.shape[:-1], s.n), dtype=s.out_dtype) for s in handle(kernel, specs, GroupHandle).specs]
 
@@ -150,10 +165,16 @@ def mn_major_scales(scale: torch.Tensor) -> torch.Tensor:
     tensor, M4 = M rounded up to a multiple of 4 (16-byte rows, as TMA loads them), the pad zero.
 
     The block-scaled GEMMs on Hopper (ours in CUTLASS, FlashInfer's) read a tile's scales as one
-    contiguous column; ``out[:, :M].t()`` is the ``[M, G]`` view of the same values.
+    contiguous column; ``out[:, :M].t()`` is the ``[M, G]`` view of the same values.  A ``scale``
+    that already is such a view (strides ``(1, M4)`` over a float32 ``[G, M4]`` buffer, which
+    ``emit.mn_major_scale_view`` has the compiled graph write) is returned as that buffer, uncopied:
+    a prefill calls this hundreds of times, and the copy cost host time on every call.
     """
     m, groups = scale.shape
     m4 = -(-m // 4) * 4
+    if (scale.dtype == torch.float32 and scale.stride() == (1, m4) and scale.storage_offset() == 0
+            and scale.untyped_storage().nbytes() >= groups * m4 * 4):
+        return scale.as_strided((groups, m4), (m4, 1))
     out = torch.empty((groups, m4), device=scale.device, dtype=torch.float32)
     out[:, :m] = scale.t()
     if m4 != m:
