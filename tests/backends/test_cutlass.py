@@ -52,12 +52,13 @@ def test_device_reasons():
 @pytest.fixture
 def toolchain_ok(monkeypatch):
     """A machine where everything the build needs is present (each test then takes one thing away)."""
+    # imported first: it binds cutlass_build's nvcc by name, and must not bind the stand-in below
+    from qlinear_pass.kernels import cuda_build  # our own CUDA kernels' nvcc, too
+
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(B, "nvcc", lambda: ("/opt/cuda/bin/nvcc", (13, 0), ""))
     monkeypatch.setattr(B, "cutlass_include", lambda: ("/opt/cutlass/include", ""))
     monkeypatch.setattr(B, "ninja_available", lambda: True)
-    from qlinear_pass.kernels import cuda_build  # our own CUDA kernels' nvcc, too
-
     monkeypatch.setattr(cuda_build, "toolchain", lambda *a: ("/opt/cuda/bin/nvcc", ""))
     return monkeypatch
 
@@ -412,6 +413,34 @@ def test_gpu_compiled_model_with_inductor():
         assert ops.CALLS[name] == before + 1
         assert S.relative_error(y, ref) < S.TOLERANCE[torch.bfloat16], scheme
         torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [8, 37])
+def test_gpu_fp8_block_graph_writes_the_scales_mn_major(monkeypatch, tokens):
+    """With M fixed, the compiled graph writes the activation scales in the layout the GEMM loads,
+    and the op hands that buffer on without a copy (M = 37: the padded rows too)."""
+    from ..helpers import linear_model, random_activation
+
+    _hopper_or_skip("cutlass_fp8_block")
+    real = CU.mn_major_scales
+    shared = []
+
+    def spy(scale):
+        out = real(scale)
+        shared.append(out.untyped_storage().data_ptr() == scale.untyped_storage().data_ptr())
+        return out
+
+    monkeypatch.setattr(CU, "mn_major_scales", spy)
+    m = linear_model(1024, 512, "fp8_block", bias=True).cuda()
+    x = random_activation((tokens, 1024)).cuda()
+    with torch.no_grad():
+        with qp.linear_backend("cutlass"):
+            y = torch.compile(m, backend=qp.make(), dynamic=False)(x)
+        ref = S.reference("fp8_block", x, m[0].params, m[0].bias)
+    torch._dynamo.reset()
+    assert shared == [True]
+    assert S.relative_error(y, ref) < S.TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.gpu
