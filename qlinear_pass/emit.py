@@ -105,4 +105,23 @@ def quantized_inputs(emit: Emitter, m: "Match") -> tuple[fx.Node, fx.Node, list,
     return q, scale, params, bias
 
 
-__all__ = ["Emitter", "canonical_inputs", "canonical_params", "quantized_inputs", "val"]
+def mn_major_scale_view(emit: Emitter, scale: fx.Node, m: int, groups: int) -> fx.Node:
+    """Per-group activation scales ``[M, G]`` (M fixed in the graph), written by the graph into a
+    float32 ``[G, M4]`` buffer (M4 = M rounded up to 4, the pad zero) and handed on as the ``[M, G]``
+    view of it (strides ``(1, M4)``): the same values for any kernel, and for the block-scaled
+    GEMMs the MN-major layout they load, which ``kernels.ops.mn_major_scales`` then takes without a
+    copy.  Inductor writes the buffer in a kernel of its own, or fused into the quantization."""
+    s = emit(aten.reshape.default, scale, [m, groups])
+    if val(s).dtype != torch.float32:
+        s = emit(aten._to_copy.default, s, dtype=torch.float32)
+    t = emit(aten.permute.default, s, [1, 0])
+    pad = -m % 4
+    if pad:
+        t = emit(aten.constant_pad_nd.default, t, [0, pad], 0.0)
+    t = emit(aten.clone.default, t, memory_format=torch.contiguous_format)
+    if pad:
+        t = emit(aten.slice.Tensor, t, 1, 0, m)
+    return emit(aten.permute.default, t, [1, 0])
+
+
+__all__ = ["Emitter", "canonical_inputs", "canonical_params", "mn_major_scale_view", "quantized_inputs", "val"]

@@ -20,6 +20,21 @@ def test_mn_major_scales_memory(m, groups, seed, dtype):
         assert torch.count_nonzero(flat[g * m4 + m:(g + 1) * m4]) == 0
 
 
+@given(m=st.integers(1, 41), groups=st.integers(1, 5), seed=st.integers(0, 100))
+def test_mn_major_scales_takes_an_mn_major_view_without_a_copy(m, groups, seed):
+    """The [M, G] view of a float32 [G, M4] buffer (strides (1, M4)) comes back as that buffer."""
+    m4 = -(-m // 4) * 4
+    buf = torch.zeros(groups, m4)
+    buf[:, :m] = torch.rand(groups, m, generator=torch.Generator().manual_seed(seed))
+    view = buf[:, :m].t()
+    out = ops.mn_major_scales(view)
+    assert out.data_ptr() == buf.data_ptr() and out.shape == (groups, m4) and out.is_contiguous()
+    assert torch.equal(out, buf)
+    # the same values in any other memory are copied into the layout
+    copied = ops.mn_major_scales(view.clone(memory_format=torch.contiguous_format))
+    assert copied.data_ptr() != buf.data_ptr() and torch.equal(copied, buf)
+
+
 def test_the_op_resolves_its_strings_once(monkeypatch):
     """The hot path: the kernel name and spec JSON become a handle on the first call only."""
     import torch
