@@ -147,12 +147,10 @@ class _CutlassKernel(Kernel):
 
     def activation_scale(self, sa: torch.Tensor, m: int) -> torch.Tensor:
         """The activation scale as the family's kernels read it."""
-        sa = sa if sa.dtype == torch.float32 else sa.float()
-        return _contiguous(sa if sa.dim() == 1 else sa.reshape(-1))
+        return sa.float().reshape(-1).contiguous()
 
     def run(self, spec, x, params, bias, config: Optional[str] = None):
-        # a prefill calls this hundreds of times without CUDA graphs: no tensor op that is not needed
-        x = x if x.dim() == 2 else x.reshape(-1, spec.k)
+        x = x.reshape(-1, spec.k)
         if spec.act_input == "static":
             w, sw, sa = params
             xq = x
@@ -162,15 +160,10 @@ class _CutlassKernel(Kernel):
         m = xq.shape[0]
         out = torch.empty((m, spec.n), device=xq.device, dtype=spec.out_dtype)
         if bias is not None:
-            bias = _contiguous(bias if bias.dtype == spec.out_dtype else bias.to(spec.out_dtype))
-        sw = sw if sw.dtype == torch.float32 else sw.float()
-        return self.module().gemm(_contiguous(xq), _contiguous(w), self.activation_scale(sa, m),
-                                  _contiguous(sw if sw.dim() == 1 else sw.reshape(-1)), bias, out,
+            bias = bias.to(spec.out_dtype).contiguous()
+        return self.module().gemm(xq.contiguous(), w.contiguous(), self.activation_scale(sa, m),
+                                  sw.float().reshape(-1).contiguous(), bias, out,
                                   self.config_index(m, spec.n, spec.k, config))
-
-
-def _contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_contiguous() else t.contiguous()
 
 
 @register_kernel
@@ -201,7 +194,7 @@ class CutlassFp8Block(_CutlassKernel):
     def activation_scale(self, sa: torch.Tensor, m: int) -> torch.Tensor:
         # [M, K/128] -> MN-major [K/128, M rounded up to 4]: the mainloop loads a tile's column by TMA
         # (no copy when emit_activation_scale had the graph write it so)
-        return mn_major_scales(sa if sa.dim() == 2 and sa.shape[0] == m else sa.reshape(m, -1))
+        return mn_major_scales(sa.reshape(m, -1))
 
     def emit_activation_scale(self, emit, sa, q, spec):
         """With M fixed in the graph, the graph writes the scales MN-major (Inductor fuses or

@@ -138,9 +138,9 @@ def _signature(inner: list[fx.Node], leaves: list[fx.Node], extra: tuple) -> tup
     return body, leafsig, extra
 
 
-def _random_weight_leaves(leaves, wt: _Weight) -> dict:
-    """The region's inputs: random weights, scales and zero points (seeded), symbols bound."""
-    gen = torch.Generator(_device(leaves)).manual_seed(1234)
+def _random_weight_leaves(leaves, wt: _Weight, device: torch.device) -> dict:
+    """The region's inputs: random weights, scales and zero points (seeded, on ``device``), symbols bound."""
+    gen = torch.Generator(device).manual_seed(1234)
     env: dict = {}
     _bind_symbols(leaves, env)
     for leaf in leaves:
@@ -165,9 +165,10 @@ def _verify_weight_region(wd: fx.Node, inner, leaves, wt: _Weight, scheme: str) 
     key = _signature(inner, leaves, (scheme, "w"))
     hit = _VERIFY_CACHE.get(key)
     if hit is None:
-        env = _random_weight_leaves(leaves, wt)
+        device = _device(leaves)
+        env = _random_weight_leaves(leaves, wt, device)
         try:
-            (got,) = _evaluate(inner, env, [wd], _device(leaves))
+            (got,) = _evaluate(inner, env, [wd], device)
         except Exception as exc:  # an op we cannot run here: treat as no match
             hit = f"could not evaluate the weight's dequantise ops ({type(exc).__name__}: {exc})"
         else:
@@ -265,9 +266,10 @@ def _verify_weight_operand(b: fx.Node, wt: _Weight, scheme: str, out_scale: "fx.
     key = _signature(inner, leaves, (scheme, "kn", roots))
     hit = _VERIFY_CACHE.get(key)
     if hit is None:
-        env = _random_weight_leaves(leaves, wt)
+        device = _device(leaves)
+        env = _random_weight_leaves(leaves, wt, device)
         try:
-            got = _evaluate(inner, env, outs, _device(leaves))
+            got = _evaluate(inner, env, outs, device)
         except Exception as exc:  # an op we cannot run here: treat as no match
             hit = f"could not evaluate the weight's dequantise ops ({type(exc).__name__}: {exc})"
         else:
