@@ -3,9 +3,7 @@
 values of its tuning defines, timed side by side: the measurement behind the defaults of
 ``QLP_WARPS`` / ``QLP_SLOTS_R1`` / ``QLP_SLOTS_R2`` (warps a CTA, ``cp.async`` ring depths),
 ``QLP_X_PREFETCH`` (the activation loaded a chunk ahead for M > 1), ``QLP_MIN_CTAS`` (the
-register budget for M > 1) and ``QLP_MAX_TOK`` (tokens a CTA); ``--set clusters`` times the
-launch options instead (``row_tiles``, and ``cluster``: CTAs that split K), the measurement behind
-``cuda_w4a16.cluster_for``.
+register budget for M > 1) and ``QLP_MAX_TOK`` (tokens a CTA).
 
 Each variant is compiled with this machine's nvcc (the flags of ``kernels/cuda_build.py`` plus the
 defines) and timed like ``bench_decode.py`` (CUDA graph replays over weight copies past L2), with the
@@ -36,8 +34,7 @@ from qlinear_pass import schemes as S  # noqa: E402
 from qlinear_pass.kernels import cuda_build as CB  # noqa: E402
 from qlinear_pass.kernels import cuda_w4a16 as CW  # noqa: E402
 
-#: sets of variants (--set): name -> the defines it is built with (the others keep the source's
-#: defaults) and the launch options ``row_tiles`` / ``cluster`` (the rules' choice where absent)
+#: sets of variants (--set): name -> the defines it is built with (the others keep the source's defaults)
 SETS = {
     "ring": {
         "w8s3s2": {"QLP_WARPS": 8, "QLP_SLOTS_R1": 3, "QLP_SLOTS_R2": 2},
@@ -53,20 +50,7 @@ SETS = {
         "t8pf0": {"QLP_MAX_TOK": 8, "QLP_X_PREFETCH": 0},
         "t16min2": {"QLP_MAX_TOK": 16, "QLP_X_PREFETCH": 0, "QLP_MIN_CTAS": 2},
     },
-    "clusters": {
-        "c1": {"cluster": 1},
-        "c2": {"cluster": 2},
-        "c4": {"cluster": 4},
-        "r1c1": {"row_tiles": 1, "cluster": 1},
-        "r1c2": {"row_tiles": 1, "cluster": 2},
-        "r1c4": {"row_tiles": 1, "cluster": 4},
-    },
 }
-LAUNCH_OPTIONS = ("row_tiles", "cluster")
-
-
-def defines_of(variant: dict) -> dict:
-    return {k: v for k, v in variant.items() if k not in LAUNCH_OPTIONS}
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 6144), (4096, 28672), (4096, 1024)]
 
 
@@ -108,13 +92,10 @@ def main(argv=None) -> int:
     say(f"# us per call, w4a16 g{args.group_size}, {torch.cuda.get_device_name()}")
     with tempfile.TemporaryDirectory(prefix="qlp_ring_") as tmp:
         t0 = time.monotonic()
-        # one nvcc per distinct set of defines, side by side
-        distinct = {repr(sorted(defines_of(d).items())): defines_of(d) for d in variants.values()}
-        with ThreadPoolExecutor(max_workers=len(distinct)) as pool:
-            built = {key: pool.submit(build, f"v{i}", d, Path(tmp)) for i, (key, d) in enumerate(distinct.items())}
-            by_key = {key: f.result() for key, f in built.items()}
-        libs = {name: by_key[repr(sorted(defines_of(d).items()))] for name, d in variants.items()}
-        say(f"# built {len(by_key)} libraries for {len(libs)} variants in {time.monotonic() - t0:.0f} s")
+        with ThreadPoolExecutor(max_workers=len(variants)) as pool:  # one nvcc each, side by side
+            built = {name: pool.submit(build, name, d, Path(tmp)) for name, d in variants.items()}
+            libs = {name: f.result() for name, f in built.items()}
+        say(f"# built {len(libs)} variants in {time.monotonic() - t0:.0f} s")
         result = {"device": torch.cuda.get_device_name(), "group_size": args.group_size, "set": args.set, "variants": variants, "cases": []}
         original = CW._library
         try:
@@ -128,10 +109,9 @@ def main(argv=None) -> int:
                     case = {"k": k, "n": n, "m": m, "us": {}, "rel_err": {}}
                     for name, lib in libs.items():
                         CW._library = lambda device, lib=lib: lib
-                        options = {k: v for k, v in variants[name].items() if k in LAUNCH_OPTIONS}
 
-                        def call(ws, options=options):
-                            return CW.w4a16_decode(x, ws[0], ws[1], None, None, args.group_size, **options)
+                        def call(ws):
+                            return CW.w4a16_decode(x, ws[0], ws[1], None, None, args.group_size)
                         case["rel_err"][name] = S.relative_error(call(sets[0]), ref)
                         case["us"][name] = graph_time([(lambda ws: (lambda: call(ws)))(ws) for ws in sets]) * 1e6
                     result["cases"].append(case)

@@ -19,7 +19,7 @@ from . import cuda_build
 #: the layers one launch serves (the kernel's MAX_SEGMENTS)
 MAX_SEGMENTS = 3
 #: the kernel's ABI_VERSION (Params and Segment as declared below)
-ABI_VERSION = 4
+ABI_VERSION = 3
 DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 
 
@@ -60,7 +60,7 @@ def _library(device: torch.device) -> ctypes.CDLL:
 
 def prepare(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Check that a built library matches this module's structs and declare its functions (once)."""
-    return cuda_build.bind(lib, "w4a16", _Params, MAX_SEGMENTS, ABI_VERSION, [ctypes.c_int, ctypes.c_int, ctypes.c_int])
+    return cuda_build.bind(lib, "w4a16", _Params, MAX_SEGMENTS, ABI_VERSION, [ctypes.c_int, ctypes.c_int])
 
 
 def row_tiles_for(m: int, n_total: int, sms: int) -> int:
@@ -69,22 +69,6 @@ def row_tiles_for(m: int, n_total: int, sms: int) -> int:
     tiles (benchmarks/results/h200/decode/cuda_w4a16): N = 14336 M = 1 21.1 / 15.4, M = 16 36.4 /
     27.5; N = 4096 (K = 14336) M = 1 16.0 / 14.8; N = 1024 M = 1 4.6 / 5.9."""
     return 2 if n_total // 32 >= 0.9 * sms else 1
-
-
-#: CTAs a thread-block cluster may have (they split K and add up through distributed shared memory)
-CLUSTERS = (1, 2, 4)
-
-
-def cluster_for(m: int, n_total: int, row_tiles: int, sms: int, capability: tuple[int, int]) -> int:
-    """CTAs a cluster (1, 2 or 4; 1 before sm_90): enough to give about two CTAs an SM work where
-    the layers have few row tiles (PLACEHOLDER until measured)."""
-    if capability < (9, 0):
-        return 1
-    tiles = -(-n_total // (16 * row_tiles))
-    for c in (1, 2):
-        if tiles * c >= 2 * sms:
-            return c
-    return 4
 
 
 def aligned(t: torch.Tensor, align: int, row_multiple: int = 1) -> torch.Tensor:
@@ -107,13 +91,8 @@ def _zero_points(z: torch.Tensor) -> torch.Tensor:
 
 
 def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int,
-                       row_tiles: Optional[int] = None, cluster: Optional[int] = None) -> list[torch.Tensor]:
-    """``x`` [M, K] (bf16 or fp16) times each layer's int4 weight -> one [M, N_i] output each, in x's
-    dtype.  ``row_tiles`` (1 or 2) and ``cluster`` (1, 2 or 4) default to the rules above."""
-    if row_tiles not in (None, 1, 2):
-        raise ValueError(f"row_tiles must be 1 or 2, not {row_tiles}")
-    if cluster not in (None, *CLUSTERS):
-        raise ValueError(f"cluster must be one of {CLUSTERS}, not {cluster}")
+                       row_tiles: Optional[int] = None) -> list[torch.Tensor]:
+    """``x`` [M, K] (bf16 or fp16) times each layer's int4 weight -> one [M, N_i] output each, in x's dtype."""
     if x.dim() != 2:
         raise ValueError(f"the activation must be 2-D [M, K], got shape {tuple(x.shape)}")
     if x.dtype not in DTYPES:
@@ -152,11 +131,8 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
     x = aligned(x, 16, 8)
     lib = _library(x.device)
     n_total = sum(n for *_, n in prepared)
-    props = torch.cuda.get_device_properties(x.device)
     if row_tiles is None:
-        row_tiles = row_tiles_for(m, n_total, props.multi_processor_count)
-    if cluster is None:
-        cluster = cluster_for(m, n_total, row_tiles, props.multi_processor_count, (props.major, props.minor))
+        row_tiles = row_tiles_for(m, n_total, torch.cuda.get_device_properties(x.device).multi_processor_count)
     rows = 16 * row_tiles
     err = ctypes.create_string_buffer(256)
     stream = torch.cuda.current_stream(x.device).cuda_stream
@@ -176,13 +152,12 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
                 seg.z_stride = z.stride(0) if z is not None else 0
                 seg.n, seg.tiles = n, -(-n // rows)
             p.total_tiles = sum(p.seg[j].tiles for j in range(len(batch)))
-            if lib.qlp_w4a16_decode(ctypes.byref(p), DTYPES[x.dtype], row_tiles, cluster, stream, err, len(err)):
+            if lib.qlp_w4a16_decode(ctypes.byref(p), DTYPES[x.dtype], row_tiles, stream, err, len(err)):
                 raise RuntimeError(f"the int4 decode kernel failed: {err.value.decode(errors='replace')}")
     return outs
 
 
 def w4a16_decode(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: Optional[torch.Tensor],
-                 bias: Optional[torch.Tensor], group_size: int, row_tiles: Optional[int] = None,
-                 cluster: Optional[int] = None) -> torch.Tensor:
+                 bias: Optional[torch.Tensor], group_size: int, row_tiles: Optional[int] = None) -> torch.Tensor:
     """One layer: ``x`` [M, K] times the int4 weight ``w`` [N, K/2] -> [M, N] in x's dtype."""
-    return w4a16_decode_group(x, [Layer(w, s, z, bias)], group_size, row_tiles, cluster)[0]
+    return w4a16_decode_group(x, [Layer(w, s, z, bias)], group_size, row_tiles)[0]

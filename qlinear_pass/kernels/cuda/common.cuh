@@ -3,7 +3,7 @@
 // activation), their checks, and the persistent grid (how many CTAs of a kernel run at once on
 // this GPU, found once per device).
 //
-// Include it inside an anonymous namespace, after <cooperative_groups.h>, <cuda_bf16.h>, <cuda_fp16.h>, <cuda_runtime.h>,
+// Include it inside an anonymous namespace, after <cuda_bf16.h>, <cuda_fp16.h>, <cuda_runtime.h>,
 // <stdint.h>, <algorithm>, <atomic> and <type_traits>: the per-device caches (per_device()) then
 // have internal linkage, one per shared library.  With external linkage it would be a process-wide
 // (GNU unique) symbol shared by every build of a file that is loaded at once.
@@ -160,87 +160,4 @@ cudaError_t launch_persistent(const Params& p, cudaStream_t stream) {
   if (e != cudaSuccess) return e;
   KERNEL<<<persistent_grid(p.total_tiles, p.m, TOK, resident), THREADS, BYTES, stream>>>(p);
   return cudaGetLastError();
-}
-
-// The thread-block cluster of the calling CTA (sm_90 and later; elsewhere every CTA is its own):
-// its size, this CTA's rank in it, a barrier over all its threads, and where another CTA of it
-// keeps the shared-memory object at `p`
-__device__ __forceinline__ int cluster_ctas() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  return (int)cooperative_groups::this_cluster().num_blocks();
-#else
-  return 1;
-#endif
-}
-__device__ __forceinline__ int cluster_rank() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  return (int)cooperative_groups::this_cluster().block_rank();
-#else
-  return 0;
-#endif
-}
-__device__ __forceinline__ void cluster_sync() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  cooperative_groups::this_cluster().sync();
-#else
-  __syncthreads();
-#endif
-}
-template <typename T>
-__device__ __forceinline__ T* cluster_peer(T* p, int rank) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  return cooperative_groups::this_cluster().map_shared_rank(p, rank);
-#else
-  return p;
-#endif
-}
-
-// Clusters of `cluster` CTAs of KERNEL that run at once on the current device
-template <auto KERNEL>
-cudaError_t resident_clusters(int threads, int bytes, int cluster, int& resident) {
-  static std::atomic<int> known[2][MAX_DEVICES];  // clusters of 2, of 4
-  return per_device(known[cluster == 2 ? 0 : 1], resident, [&](int, int& out) {
-    cudaError_t e = cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (e != cudaSuccess) return e;
-    cudaLaunchConfig_t cfg = {};
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = cluster;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.gridDim = dim3(cluster);
-    cfg.blockDim = dim3(threads);
-    cfg.dynamicSmemBytes = bytes;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    e = cudaOccupancyMaxActiveClusters(&out, KERNEL, &cfg);
-    if (e != cudaSuccess) return e;
-    return out < 1 ? cudaErrorInvalidConfiguration : cudaSuccess;
-  });
-}
-
-// Launch KERNEL as launch_persistent does, in clusters of `cluster` CTAs along x (1: no cluster),
-// as many clusters as run at once, each with an equal share of the row tiles
-template <auto KERNEL, int TOK, int THREADS, int BYTES, typename Params>
-cudaError_t launch_clustered(const Params& p, int cluster, cudaStream_t stream) {
-  if (cluster == 1) return launch_persistent<KERNEL, TOK, THREADS, BYTES>(p, stream);
-  int clusters = 0;
-  cudaError_t e = resident_clusters<KERNEL>(THREADS, BYTES, cluster, clusters);
-  if (e != cudaSuccess) return e;
-  dim3 grid = persistent_grid(p.total_tiles, p.m, TOK, clusters);
-  grid.x *= cluster;
-  cudaLaunchConfig_t cfg = {};
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cluster;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(THREADS);
-  cfg.dynamicSmemBytes = BYTES;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  e = cudaLaunchKernelEx(&cfg, KERNEL, p);
-  return e != cudaSuccess ? e : cudaGetLastError();
 }

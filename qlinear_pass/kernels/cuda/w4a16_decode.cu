@@ -23,10 +23,6 @@
 //   the end of each row tile: no workspace, no atomics; the output is written once, in its dtype;
 // * CTAs are persistent (about as many as fit on the GPU at once): each walks its row tiles while
 //   its warps' rings run on from one tile into the next;
-// * where a layer has too few row tiles to give every CTA slot work (N = 4096 has 128 tiles of 32
-//   rows for 132 SMs), the CTAs of a thread-block cluster (1, 2 or 4) split K between them as the
-//   warps of one CTA do, and the cluster adds up its CTAs' partial sums through distributed shared
-//   memory at the end of each tile: more bytes in flight, still no workspace and no atomics;
 // * at M = 1 the token's 128 values of a chunk travel in the ring beside its weights; for larger M
 //   each warp loads a chunk's activation from L2 (it is small, and shared by every CTA) into
 //   registers while it computes the chunk before;
@@ -38,7 +34,6 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -76,7 +71,7 @@ constexpr int MAX_SEGMENTS = 3;
 #define QLP_MAX_TOK 16
 #endif
 constexpr int WARPS = QLP_WARPS;
-constexpr int ABI_VERSION = 4;  // bumped whenever Params or Segment change
+constexpr int ABI_VERSION = 3;  // bumped whenever Params or Segment change
 
 struct Segment {
   const uint8_t* w;     // [n, k/2] packed int4, rows w_stride bytes apart
@@ -179,15 +174,9 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_
   const int g = lane >> 2, t = lane & 3;
   const int tok0 = blockIdx.y * TOK;
   const int tokens = min(TOK, p.m - tok0);
-  // the cluster (CL CTAs along x) shares its row tiles; its WARPS * CL warps split K: chunk c of a
-  // tile goes to warp gw = c % (WARPS * CL), the warp `warp` of the cluster's CTA `crank`
-  const int CL = cluster_ctas();
-  const int crank = CL > 1 ? cluster_rank() : 0;
-  const int gw = crank * WARPS + warp, GW = WARPS * CL;
-  const int cid = blockIdx.x / CL, nclusters = gridDim.x / CL;
   const int nchunks = p.k / 128;
-  const int nch = gw < nchunks ? (nchunks - gw + GW - 1) / GW : 0;  // this warp's chunks of a tile
-  const int ntiles = cid < p.total_tiles ? (p.total_tiles - cid + nclusters - 1) / nclusters : 0;
+  const int nch = warp < nchunks ? (nchunks - warp + WARPS - 1) / WARPS : 0;  // this warp's chunks of a tile
+  const int ntiles = blockIdx.x < p.total_tiles ? (p.total_tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
 
   uint8_t* ring = smem + warp * STAGES * L::SLOT_B;
   float (*red)[16 * R][L::RED_ROW] = reinterpret_cast<float (*)[16 * R][L::RED_ROW]>(smem + L::RING_B);
@@ -200,30 +189,30 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_
   const float* s_src = nullptr;
   const uint8_t* z_src = nullptr;
   auto at_tile = [&](int j) {
-    int tile = cid + j * nclusters;
+    int tile = blockIdx.x + j * gridDim.x;
     const Segment sg = pick(p, tile);
 #pragma unroll
     for (int q = 0; q < 2 * R; ++q) {  // 2 R pieces of 16 bytes a lane: row piece / 4, bytes 16 * (piece % 4)
       const int piece = lane + 32 * q;
       const int row = min(tile * 16 * R + (piece >> 2), sg.n - 1);
-      w_src[q] = sg.w + (long long)row * sg.w_stride + gw * 64 + (piece & 3) * 16;
+      w_src[q] = sg.w + (long long)row * sg.w_stride + warp * 64 + (piece & 3) * 16;
     }
     const int row = min(tile * 16 * R + (lane & (16 * R - 1)), sg.n - 1);
-    s_src = sg.s + (long long)row * sg.s_stride + gw * SUB;
+    s_src = sg.s + (long long)row * sg.s_stride + warp * SUB;
     z_src = sg.z ? sg.z + (long long)row * sg.z_stride : nullptr;
   };
   auto issue = [&]() {
     if (tj < ntiles) {
       uint8_t* slot = ring + ts * L::SLOT_B;
-      const int step = ci * GW;  // chunks past this warp's first one
+      const int step = ci * WARPS;  // chunks past this warp's first one
 #pragma unroll
       for (int q = 0; q < 2 * R; ++q) cp_async<16>(slot + ((lane + 32 * q) >> 2) * L::ROW_B + (lane & 3) * 16, w_src[q] + step * 64);
       if (lane < 16 * R) {  // the row's SUB scales, and the 4-byte word holding its SUB zero points
         cp_async<4 * SUB>(slot + L::W_B + lane * 16, s_src + step * SUB);
-        if (z_src) cp_async<4>(slot + L::W_B + L::S_B + lane * 4, z_src + (((gw + step) * SUB) & ~3));
+        if (z_src) cp_async<4>(slot + L::W_B + L::S_B + lane * 4, z_src + (((warp + step) * SUB) & ~3));
       }
       if constexpr (TOK == 1) {  // the token's 128 values of this chunk
-        if (lane < 16) cp_async<16>(slot + L::W_B + L::S_B + L::Z_B + lane * 16, x_tok + (gw + step) * 128 + lane * 8);
+        if (lane < 16) cp_async<16>(slot + L::W_B + L::S_B + L::Z_B + lane * 16, x_tok + (warp + step) * 128 + lane * 8);
       }
       if (++ci == nch) {
         ci = 0;
@@ -255,12 +244,12 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_
         }
   };
   if constexpr (TOK > 1) {
-    if (PREFETCH && nch > 0 && ntiles > 0) load_x(xr, gw);
+    if (PREFETCH && nch > 0 && ntiles > 0) load_x(xr, warp);
   }
 
   int cs = 0;  // the slot computed next
   for (int j = 0; j < ntiles; ++j) {
-    int tile = cid + j * nclusters;
+    int tile = blockIdx.x + j * gridDim.x;
     const Segment sg = pick(p, tile);
     const int row0 = tile * 16 * R;
     float acc[R][MT][4];
@@ -279,7 +268,7 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_
       cs = cs + 1 == STAGES ? 0 : cs + 1;
       const float* sc = reinterpret_cast<const float*>(slot + L::W_B);
       const uint8_t* zc = slot + L::W_B + L::S_B;
-      const int c = gw + i * GW;
+      const int c = warp + i * WARPS;
       if constexpr (TOK > 1) {
         if constexpr (PREFETCH) {
           // this chunk's activation arrived during the last one; the next one's (the next tile's
@@ -290,8 +279,8 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_
             for (int jj = 0; jj < MT; ++jj)
 #pragma unroll
               for (int w = 0; w < WORDS; ++w) xc[s][jj][w] = xr[s][jj][w];
-          if (i + 1 < nch) load_x(xr, c + GW);
-          else if (j + 1 < ntiles) load_x(xr, gw);
+          if (i + 1 < nch) load_x(xr, c + WARPS);
+          else if (j + 1 < ntiles) load_x(xr, warp);
         } else {
           load_x(xc, c);
         }
@@ -377,8 +366,8 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_
       __syncwarp();  // every lane is done with the slot before a later cp.async refills it
     }
 
-    // the warps' partial sums of this tile (each warp had its own share of K) meet in shared memory
-    // (the cluster's CTAs read each other's), while the rings already hold the next tile's first chunks
+    // the warps' partial sums of this tile (each warp had its own share of K) meet in shared memory,
+    // while the rings already hold the next tile's first chunks
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -388,50 +377,43 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_
         red[warp][16 * r + g + 8][8 * jj + 2 * t] = acc[r][jj][2];
         red[warp][16 * r + g + 8][8 * jj + 2 * t + 1] = acc[r][jj][3];
       }
-    if (CL > 1) cluster_sync();
-    else __syncthreads();
-    // each CTA of the cluster writes its share of the tile's outputs
-    for (int idx = crank * WARPS * 32 + threadIdx.x; idx < R * 16 * MT * 8; idx += GW * 32) {
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < R * 16 * MT * 8; idx += WARPS * 32) {
       const int rr = idx % (R * 16), tt = idx / (R * 16);  // consecutive threads: consecutive channels
       const int row = row0 + rr;
       if (row >= sg.n || tt >= tokens) continue;
       float v = 0.f;
-      for (int r = 0; r < CL; ++r) {
-        float (*rd)[16 * R][L::RED_ROW] = CL > 1 ? cluster_peer(red, r) : red;
 #pragma unroll
-        for (int w = 0; w < WARPS; ++w) v += rd[w][rr][tt];
-      }
+      for (int w = 0; w < WARPS; ++w) v += red[w][rr][tt];
       if (sg.bias) v += Io<T>::load(sg.bias, row);
       Io<T>::store(sg.out, (long long)(tok0 + tt) * sg.out_stride + row, v);
     }
-    if (CL > 1) cluster_sync();  // the reduction space is free again, in every CTA
-    else __syncthreads();
+    __syncthreads();  // the reduction space is free again
   }
   cp_wait<0>();
 }
 
 template <typename T, int VEC, int TOK, int R>
-cudaError_t launch(const Params& p, int cluster, cudaStream_t stream) {
-  return launch_clustered<w4a16_kernel<T, VEC, TOK, R>, TOK, WARPS * 32, Layout<R, TOK>::BYTES>(p, cluster, stream);
+cudaError_t launch(const Params& p, cudaStream_t stream) {
+  return launch_persistent<w4a16_kernel<T, VEC, TOK, R>, TOK, WARPS * 32, Layout<R, TOK>::BYTES>(p, stream);
 }
 
 template <typename T, int VEC, int TOK>
-cudaError_t dispatch_r(const Params& p, int row_tiles, int cluster, cudaStream_t stream) {
-  return row_tiles == 1 ? launch<T, VEC, TOK, 1>(p, cluster, stream) : launch<T, VEC, TOK, 2>(p, cluster, stream);
+cudaError_t dispatch_r(const Params& p, int row_tiles, cudaStream_t stream) {
+  return row_tiles == 1 ? launch<T, VEC, TOK, 1>(p, stream) : launch<T, VEC, TOK, 2>(p, stream);
 }
 
 template <typename T, int VEC>
-cudaError_t dispatch_m(const Params& p, int row_tiles, int cluster, cudaStream_t stream) {
-  if (p.m == 1) return dispatch_r<T, VEC, 1>(p, row_tiles, cluster, stream);
-  return p.m <= 8 || QLP_MAX_TOK == 8 ? dispatch_r<T, VEC, 8>(p, row_tiles, cluster, stream)
-                                      : dispatch_r<T, VEC, 16>(p, row_tiles, cluster, stream);
+cudaError_t dispatch_m(const Params& p, int row_tiles, cudaStream_t stream) {
+  if (p.m == 1) return dispatch_r<T, VEC, 1>(p, row_tiles, stream);
+  return p.m <= 8 || QLP_MAX_TOK == 8 ? dispatch_r<T, VEC, 8>(p, row_tiles, stream) : dispatch_r<T, VEC, 16>(p, row_tiles, stream);
 }
 
 template <typename T>
-cudaError_t dispatch(const Params& p, int row_tiles, int cluster, cudaStream_t stream) {
-  if (p.group == 32) return dispatch_m<T, 4>(p, row_tiles, cluster, stream);
-  if (p.group == 64) return dispatch_m<T, 8>(p, row_tiles, cluster, stream);
-  return dispatch_m<T, 16>(p, row_tiles, cluster, stream);
+cudaError_t dispatch(const Params& p, int row_tiles, cudaStream_t stream) {
+  if (p.group == 32) return dispatch_m<T, 4>(p, row_tiles, stream);
+  if (p.group == 64) return dispatch_m<T, 8>(p, row_tiles, stream);
+  return dispatch_m<T, 16>(p, row_tiles, stream);
 }
 
 }  // namespace
@@ -444,9 +426,8 @@ int qlp_w4a16_abi(void) { return (int)(sizeof(qlp::Params) * 1000 + qlp::MAX_SEG
 
 // Launch on `stream`.  dtype: 0 bf16, 1 fp16.  row_tiles: 1 or 2 (16 or 32 channels a tile); the
 // caller sets every segment's `tiles` for rows of 16 * row_tiles and p->total_tiles to their sum.
-// cluster: 1, 2 or 4 CTAs that split K (2 and 4 on sm_90 and later).  Returns 0, or writes why not
-// into err.
-int qlp_w4a16_decode(const qlp::Params* p, int dtype, int row_tiles, int cluster, void* stream, char* err, int err_len) {
+// Returns 0, or writes why not into err.
+int qlp_w4a16_decode(const qlp::Params* p, int dtype, int row_tiles, void* stream, char* err, int err_len) {
   auto fail = [&](const char* what) {
     snprintf(err, err_len, "%s", what);
     return 1;
@@ -454,12 +435,9 @@ int qlp_w4a16_decode(const qlp::Params* p, int dtype, int row_tiles, int cluster
   if (const char* why = qlp::check_segments<qlp::MAX_SEGMENTS>(*p, row_tiles)) return fail(why);
   if (p->group != 32 && p->group != 64 && p->group % 128 != 0) return fail("group size must be 32, 64 or a multiple of 128");
   if (p->k % 128 != 0 || p->k % p->group != 0) return fail("K must be a multiple of 128 and of the group size");
-  if (cluster != 1 && cluster != 2 && cluster != 4) return fail("cluster must be 1, 2 or 4 CTAs");
-  if (cluster > 1 && qlp::device_sm() < 90) return fail("clusters of CTAs need sm_90 or later");
   if (p->m <= 0 || p->total_tiles == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  cudaError_t e = dtype == 0 ? qlp::dispatch<__nv_bfloat16>(*p, row_tiles, cluster, s)
-                             : qlp::dispatch<__half>(*p, row_tiles, cluster, s);
+  cudaError_t e = dtype == 0 ? qlp::dispatch<__nv_bfloat16>(*p, row_tiles, s) : qlp::dispatch<__half>(*p, row_tiles, s);
   if (e != cudaSuccess) {
     snprintf(err, err_len, "kernel launch failed: %s", cudaGetErrorString(e));
     return 1;
