@@ -3,7 +3,8 @@
 values of its tuning defines, timed side by side: the measurement behind the defaults of
 ``QLP_WARPS`` / ``QLP_SLOTS_R1`` / ``QLP_SLOTS_R2`` (warps a CTA, ``cp.async`` ring depths),
 ``QLP_X_PREFETCH`` (the activation loaded a chunk ahead for M > 1), ``QLP_MIN_CTAS`` (the
-register budget for M > 1) and ``QLP_MAX_TOK`` (tokens a CTA).
+register budget for M > 1), ``QLP_MAX_TOK`` (tokens a CTA) and ``QLP_L2_FETCH`` (the DRAM block
+L2 fetches for a weight copy).
 
 Each variant is compiled with this machine's nvcc (the flags of ``kernels/cuda_build.py`` plus the
 defines) and timed like ``bench_decode.py`` (CUDA graph replays over weight copies past L2), with the
@@ -49,6 +50,11 @@ SETS = {
         "t8pf1": {"QLP_MAX_TOK": 8, "QLP_X_PREFETCH": 1},
         "t8pf0": {"QLP_MAX_TOK": 8, "QLP_X_PREFETCH": 0},
         "t16min2": {"QLP_MAX_TOK": 16, "QLP_X_PREFETCH": 0, "QLP_MIN_CTAS": 2},
+    },
+    "l2": {
+        "l2f0": {"QLP_L2_FETCH": 0},
+        "l2f128": {"QLP_L2_FETCH": 128},
+        "l2f256": {"QLP_L2_FETCH": 256},
     },
 }
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 6144), (4096, 28672), (4096, 1024)]

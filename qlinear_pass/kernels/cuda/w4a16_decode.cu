@@ -67,6 +67,12 @@ constexpr int MAX_SEGMENTS = 3;
 #define QLP_MIN_CTAS 1
 #endif
 // Tokens a CTA takes at most (8 or 16); more tokens take more CTAs along y
+// Bytes of DRAM each weight copy asks L2 to fetch (0, 128, 256): a chunk reads 64 bytes of a row,
+// and the rest of its 128-byte line belongs to the next chunk, another warp's.  128 was 0-3%
+// faster than 0 at M = 1 and even above (bench_cuda_ring.py --set l2, H100)
+#ifndef QLP_L2_FETCH
+#define QLP_L2_FETCH 128
+#endif
 #ifndef QLP_MAX_TOK
 #define QLP_MAX_TOK 16
 #endif
@@ -206,7 +212,7 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_
       uint8_t* slot = ring + ts * L::SLOT_B;
       const int step = ci * WARPS;  // chunks past this warp's first one
 #pragma unroll
-      for (int q = 0; q < 2 * R; ++q) cp_async<16>(slot + ((lane + 32 * q) >> 2) * L::ROW_B + (lane & 3) * 16, w_src[q] + step * 64);
+      for (int q = 0; q < 2 * R; ++q) cp_async16_l2<QLP_L2_FETCH>(slot + ((lane + 32 * q) >> 2) * L::ROW_B + (lane & 3) * 16, w_src[q] + step * 64);
       if (lane < 16 * R) {  // the row's SUB scales, and the 4-byte word holding its SUB zero points
         cp_async<4 * SUB>(slot + L::W_B + lane * 16, s_src + step * SUB);
         if (z_src) cp_async<4>(slot + L::W_B + L::S_B + lane * 4, z_src + (((warp + step) * SUB) & ~3));
