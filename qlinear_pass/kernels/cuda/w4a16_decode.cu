@@ -66,13 +66,13 @@ constexpr int MAX_SEGMENTS = 3;
 #ifndef QLP_MIN_CTAS
 #define QLP_MIN_CTAS 1
 #endif
-// Tokens a CTA takes at most (8 or 16); more tokens take more CTAs along y
 // Bytes of DRAM each weight copy asks L2 to fetch (0, 128, 256): a chunk reads 64 bytes of a row,
 // and the rest of its 128-byte line belongs to the next chunk, another warp's.  128 was 0-3%
-// faster than 0 at M = 1 and even above (bench_cuda_ring.py --set l2, H100)
+// faster than 0 at M = 1 and the same above (bench_cuda_ring.py --set l2, H100)
 #ifndef QLP_L2_FETCH
 #define QLP_L2_FETCH 128
 #endif
+// Tokens a CTA takes at most (8 or 16); more tokens take more CTAs along y
 #ifndef QLP_MAX_TOK
 #define QLP_MAX_TOK 16
 #endif
