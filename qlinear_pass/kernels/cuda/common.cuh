@@ -64,14 +64,15 @@ __device__ __forceinline__ void cp_async(void* dst, const void* src) {
 // 256; 0: no hint, the 32-byte sectors the copies touch)
 template <int HINT>
 __device__ __forceinline__ void cp_async16_l2(void* dst, const void* src) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  if constexpr (HINT == 256) {
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
-  } else if constexpr (HINT == 128) {
-    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+  static_assert(HINT == 0 || HINT == 128 || HINT == 256, "an L2 fetch of 0, 128 or 256 bytes");
+  if constexpr (HINT == 0) {
+    cp_async<16>(dst, src);
   } else {
-    static_assert(HINT == 0, "an L2 fetch of 0, 128 or 256 bytes");
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+    const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+    if constexpr (HINT == 256)
+      asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+    else
+      asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
   }
 }
 
