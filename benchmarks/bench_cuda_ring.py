@@ -34,6 +34,7 @@ from bench_decode import L2_BYTES, graph_time  # noqa: E402
 from qlinear_pass import schemes as S  # noqa: E402
 from qlinear_pass.kernels import cuda_build as CB  # noqa: E402
 from qlinear_pass.kernels import cuda_w4a16 as CW  # noqa: E402
+from qlinear_pass.kernels import int4_layout  # noqa: E402
 
 #: sets of variants (--set): name -> the defines it is built with (the others keep the source's defaults)
 SETS = {
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
                         CW._library = lambda device, lib=lib: lib
 
                         def call(ws):
-                            return CW.w4a16_decode(x, ws[0], ws[1], None, None, args.group_size)
+                            return CW.w4a16_decode(x, int4_layout.mma16_of(ws[0]), ws[1], None, None, args.group_size)
                         case["rel_err"][name] = S.relative_error(call(sets[0]), ref)
                         case["us"][name] = graph_time([(lambda ws: (lambda: call(ws)))(ws) for ws in sets]) * 1e6
                     result["cases"].append(case)

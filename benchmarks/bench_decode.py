@@ -174,11 +174,11 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
         # our CUDA decode kernel, with 16- and 32-row tiles; W8A8 with per-token / per-tensor scales is
         # given the quantized activation, as in a compiled model (where the quantization fuses into
         # the kernel before); fp8_block quantizes it in the kernel
-        from qlinear_pass.kernels import cuda_w4a16, cuda_w8a8
+        from qlinear_pass.kernels import cuda_w4a16, cuda_w8a8, int4_layout
 
         if scheme == "w4a16":
             def fn(ps, rt):
-                return cuda_w4a16.w4a16_decode(x, ps[0], ps[1], ps[2] if len(ps) > 2 else None, None, g, row_tiles=rt)
+                return cuda_w4a16.w4a16_decode(x, int4_layout.mma16_of(ps[0]), ps[1], ps[2] if len(ps) > 2 else None, None, g, row_tiles=rt)
         elif sch.weight_only:
             def fn(ps, rt):
                 return cuda_w8a8.w8a16_decode(x, ps[0], ps[1], None, row_tiles=rt)
@@ -251,9 +251,9 @@ def bench_prefill(label, scheme, g, zp, k, n, m) -> dict:
                                                         kind=kind, group_size=g),
     }
     if scheme == "w4a16" and m <= 16 and _cuda_kernel(scheme):
-        from qlinear_pass.kernels import cuda_w4a16
+        from qlinear_pass.kernels import cuda_w4a16, int4_layout
 
-        paths["cuda_w4a16"] = lambda ps: cuda_w4a16.w4a16_decode(x, ps[0], ps[1], zero(ps), None, g)
+        paths["cuda_w4a16"] = lambda ps: cuda_w4a16.w4a16_decode(x, int4_layout.mma16_of(ps[0]), ps[1], zero(ps), None, g)
     cutlass = _cutlass_weight_only(scheme, g, zp, k, n)
     if cutlass is not None:
         kernel, spec = cutlass

@@ -66,14 +66,16 @@ class CudaW4A16(Kernel):
 
     def can_implement(self, spec: LayerSpec):
         from ..kernels.cuda_w4a16 import check_group_size
+        from ..kernels.int4_layout import check_shape
 
-        return _act16_limits(spec, check_group_size(spec.k, spec.group_size or 0))
+        return _act16_limits(spec, check_group_size(spec.k, spec.group_size or 0) or check_shape(spec.n, spec.k))
 
     @staticmethod
     def _layer(params, bias):
         from ..kernels.cuda_w4a16 import Layer
+        from ..kernels.int4_layout import mma16_of
 
-        return Layer(params[0], params[1], params[2] if len(params) > 2 else None, bias)
+        return Layer(mma16_of(params[0]), params[1], params[2] if len(params) > 2 else None, bias)
 
     def run(self, spec, x, params, bias):
         from ..kernels.cuda_w4a16 import w4a16_decode_group

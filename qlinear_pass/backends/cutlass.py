@@ -251,10 +251,15 @@ class CutlassW4A16(_CutlassWeightOnly):
         self._groups: dict = {}
 
     def can_implement(self, spec: LayerSpec):
+        from ..kernels.int4_layout import check_shape
+
         g = spec.group_size or 0
         if g < 64 or g % 64 or spec.k % g:
             return False, (f"the mixed-input mainloop needs groups of 64 or a multiple (its K tile) that divide K; "
                            f"this layer has groups of {g} with K={spec.k}")
+        why = check_shape(spec.n, spec.k)
+        if why:
+            return False, why
         return super().can_implement(spec)
 
     def group_params(self, scale: torch.Tensor, zero: Optional[torch.Tensor], dtype: torch.dtype):
@@ -275,11 +280,13 @@ class CutlassW4A16(_CutlassWeightOnly):
         return s_t, z_t
 
     def run(self, spec, x, params, bias, config: Optional[str] = None):
+        from ..kernels.int4_layout import mma16_of
+
         w, scale = params[0], params[1]
         zero = params[2] if len(params) > 2 else None
         x, out, bias = self._io(spec, x, bias)
         s_t, z_t = self.group_params(scale, zero, x.dtype)
-        return self.module().gemm(x, w.contiguous(), s_t, z_t, spec.group_size, bias, out,
+        return self.module().gemm(x, mma16_of(w), s_t, z_t, spec.group_size, bias, out,
                                   self.config_index(x.shape[0], spec.n, spec.k, config))
 
 

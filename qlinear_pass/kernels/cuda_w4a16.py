@@ -2,9 +2,10 @@
 
 ``w4a16_decode_group(x, layers, group_size)`` runs one or more w4a16 layers that read the same
 activation (a transformer's q/k/v, gate/up) in as few launches as the kernel's segments allow;
-``w4a16_decode`` is the one-layer form.  Weights stay in the public layout ([N, K/2] bytes, low
-nibble = even k); scales in fp32 (others are converted per call); zero points as uint8, or none
-(symmetric, zero point 8).  Any M is computed (more CTAs along M), but the kernel is made for
+``w4a16_decode`` is the one-layer form.  Weights in the MMA-fragment layout of
+:mod:`.int4_layout` ([N/16, K/16, 128] bytes, ``int4_layout.to_mma16`` of the public layout);
+scales in fp32 (others are converted per call); zero points as uint8, or none (symmetric, zero
+point 8).  Any M is computed (more CTAs along M), but the kernel is made for
 M <= 16: each CTA reads its weight rows once per 16 tokens.
 """
 from __future__ import annotations
@@ -14,17 +15,18 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from . import cuda_build
+from . import cuda_build, int4_layout
 
 #: the layers one launch serves (the kernel's MAX_SEGMENTS)
 MAX_SEGMENTS = 3
 #: the kernel's ABI_VERSION (Params and Segment as declared below)
-ABI_VERSION = 3
+ABI_VERSION = 5
 DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 
 
 class Layer(NamedTuple):
-    """One layer: packed weight [N, K/2] uint8, scales [N, K/G], zero points [N, K/G] uint8 or None, bias [N] or None."""
+    """One layer: weight [N/16, K/16, 128] uint8 (MMA-fragment layout), scales [N, K/G], zero points [N, K/G]
+    uint8 or None, bias [N] or None."""
 
     w: torch.Tensor
     s: torch.Tensor
@@ -107,10 +109,12 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
     sub = 128 // min(group_size, 128)  # groups in a 128-wide chunk: the scales copied together
     prepared = []
     for i, layer in enumerate(layers):
-        n = layer.w.shape[0]
-        if layer.w.dtype != torch.uint8 or tuple(layer.w.shape) != (n, k // 2):
-            raise ValueError(f"layer {i}: the weight must be uint8 [N, K/2] = [{n}, {k // 2}], got "
-                             f"{layer.w.dtype} {tuple(layer.w.shape)}")
+        try:
+            n, wk = int4_layout.shape_of(layer.w)
+        except ValueError as e:
+            raise ValueError(f"layer {i}: {e}") from None
+        if wk != k:
+            raise ValueError(f"layer {i}: the weight has K={wk}, the activation K={k}")
         if tuple(layer.s.shape) != (n, groups):
             raise ValueError(f"layer {i}: scales of shape {tuple(layer.s.shape)}, expected [{n}, {groups}]")
         if layer.z is not None and (layer.z.dtype != torch.uint8 or tuple(layer.z.shape) != (n, groups)):
@@ -123,7 +127,9 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
         # fp32 scales (what quantize() and the checkpoint loaders make); others are converted per call
         s = aligned(layer.s.float(), 16, sub)
         bias = layer.bias.to(x.dtype) if layer.bias is not None else None
-        prepared.append((aligned(layer.w, 16, 16), s, _zero_points(layer.z) if layer.z is not None else None,
+        w = layer.w if layer.w.stride()[1:] == (128, 1) and layer.w.data_ptr() % 16 == 0 and layer.w.stride(0) % 16 == 0 \
+            else layer.w.contiguous().clone()
+        prepared.append((w, s, _zero_points(layer.z) if layer.z is not None else None,
                          bias.contiguous() if bias is not None else None, n))
     outs = [torch.empty((m, n), device=x.device, dtype=x.dtype) for *_, n in prepared]
     if m == 0 or not prepared:
@@ -159,5 +165,6 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
 
 def w4a16_decode(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: Optional[torch.Tensor],
                  bias: Optional[torch.Tensor], group_size: int, row_tiles: Optional[int] = None) -> torch.Tensor:
-    """One layer: ``x`` [M, K] times the int4 weight ``w`` [N, K/2] -> [M, N] in x's dtype."""
+    """One layer: ``x`` [M, K] times the int4 weight ``w`` ([N/16, K/16, 128], MMA-fragment layout) ->
+    [M, N] in x's dtype."""
     return w4a16_decode_group(x, [Layer(w, s, z, bias)], group_size, row_tiles)[0]

@@ -263,10 +263,13 @@ class _FakeModule:
         return out
 
     def _w4a16(self, x, w, scale, zero, group_size, bias, out, config):
+        from qlinear_pass.kernels import int4_layout
+
         m, k = x.shape
-        n = w.shape[0]
+        n = 16 * w.shape[0]
         assert 0 <= config < len(self.configs())
-        assert x.is_contiguous() and w.is_contiguous() and w.dtype == torch.uint8 and w.shape == (n, k // 2)
+        assert x.is_contiguous() and w.is_contiguous() and int4_layout.shape_of(w) == (n, k)  # MMA-fragment layout
+        w = int4_layout.from_mma16(w)
         # MN-major group scales and folded zero points in x's dtype: q * scale + zero
         assert scale.dtype == zero.dtype == x.dtype and scale.shape == zero.shape == (k // group_size, n)
         assert scale.is_contiguous() and zero.is_contiguous()
@@ -486,8 +489,8 @@ def test_w4a16_limits_name_the_reason():
     assert not ok and "bf16 / fp16" in why
     ok, why = kernel.can_implement(w4a16_spec(out_dtype=torch.float32))
     assert not ok and "writes the activation's dtype" in why
-    ok, why = kernel.can_implement(w4a16_spec(n=4100))
-    assert not ok and "a multiple of 8" in why
+    ok, why = kernel.can_implement(w4a16_spec(n=4104))
+    assert not ok and "N and K divisible by 16" in why
     assert not kernel.takes_quantized_activation(w4a16_spec()) and kernel.opaque and kernel.runs_behind_op
 
 
@@ -500,7 +503,7 @@ def test_w4a16_glue_against_reference_with_the_extension_emulated(monkeypatch, m
 
     kernel = R.get_kernel("cutlass_w4a16")
     monkeypatch.setattr(type(kernel), "module", lambda self: _FakeModule(self.family))
-    n, k = 136, 512
+    n, k = 144, 512
     x, params, bias, _, ref = kernel_case("w4a16", m, n, k, group_size=group, zero_points=zp, dtype=dtype, seed=m)
     s = R.LayerSpec("w4a16", n, k, dtype, dtype, has_bias=True, group_size=group, zero_points=zp, act_input="none")
     y = kernel.run(s, x, params, bias.float())
@@ -534,10 +537,10 @@ def test_w4a16_group_params_are_made_once_and_remade_when_the_weights_change(mon
        zp=st.booleans(), dtype=st.sampled_from([torch.bfloat16, torch.float16]), bias=st.booleans(),
        seed=st.integers(0, 99))
 def test_gpu_w4a16_against_reference(m, n8, kg, group, zp, dtype, bias, seed):
-    """M 1..4096, N any multiple of 8, K any multiple of the group (64 / 128), up to 8192."""
+    """M 1..4096, N any multiple of 16, K any multiple of the group (64 / 128), up to 8192."""
     _hopper_or_skip("cutlass_w4a16")
     k = min(kg * group, 8192 // group * group)
-    run_direct("w4a16", m, n8 * 8 * 3, k, act_input="none", group_size=group, zero_points=zp, dtype=dtype,
+    run_direct("w4a16", m, n8 * 16 * 3, k, act_input="none", group_size=group, zero_points=zp, dtype=dtype,
                bias=bias, seed=seed, device="cuda", poison=True, kernel="cutlass_w4a16")
 
 
@@ -559,11 +562,13 @@ def test_gpu_w4a16_binding_rejects_bad_input():
     _hopper_or_skip("cutlass_w4a16")
     mod = R.get_kernel("cutlass_w4a16").module()
     x = torch.zeros(4, 256, device="cuda", dtype=torch.bfloat16)
-    w = torch.zeros(32, 128, device="cuda", dtype=torch.uint8)
+    w = torch.zeros(2, 16, 128, device="cuda", dtype=torch.uint8)  # [N/16, K/16, 128]: N 32, K 256
     s = torch.ones(2, 32, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(4, 32, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="two 4-bit values a byte"):
-        mod.gemm(x, w[:, :64].contiguous(), s, s, 128, None, out, 0)
+    with pytest.raises(RuntimeError, match="atoms of 16 rows x 16 k"):
+        mod.gemm(x, w[:, :8].contiguous(), s, s, 128, None, out, 0)
+    with pytest.raises(RuntimeError, match=r"uint8 \[N/16, K/16, 128\]"):
+        mod.gemm(x, torch.zeros(32, 128, device="cuda", dtype=torch.uint8), s, s, 128, None, out, 0)  # public layout
     with pytest.raises(RuntimeError, match="group size must be a multiple of 64"):
         mod.gemm(x, w, s, s, 32, None, out, 0)
     with pytest.raises(RuntimeError, match=r"scale and zero must be \[K / group_size, N\] = \[2, 32\]"):

@@ -9,7 +9,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from qlinear_pass import schemes as S
-from qlinear_pass.kernels import cuda_build, cuda_w4a16 as CW
+from qlinear_pass.kernels import cuda_build, int4_layout, cuda_w4a16 as CW
 from tests.helpers import kernel_case
 
 
@@ -17,7 +17,7 @@ from tests.helpers import kernel_case
 def cases(draw, max_n=300, ks=(128, 256, 384, 4096)):
     return dict(
         m=draw(st.integers(1, 20)),
-        ns=draw(st.lists(st.integers(1, max_n), min_size=1, max_size=4)),
+        ns=draw(st.lists(st.integers(1, max_n // 16).map(lambda b: 16 * b), min_size=1, max_size=4)),
         k=draw(st.sampled_from(ks)),
         group_size=draw(st.sampled_from([32, 64, 128])),
         zero_points=draw(st.booleans()),
@@ -36,7 +36,7 @@ def check(m, ns, k, group_size, zero_points, dtype, bias, scale_dtype, row_tiles
         x = x_i if x is None else x
         s = p[1].to(scale_dtype or dtype)
         z = p[2] if len(p) > 2 else None
-        layers.append(CW.Layer(p[0], s, z, b))
+        layers.append(CW.Layer(int4_layout.to_mma16(p[0]), s, z, b))
         refs.append(S.reference("w4a16", x, [p[0], s, z] if z is not None else [p[0], s], b))
     ys = CW.w4a16_decode_group(x, layers, group_size, row_tiles=row_tiles)
     for i, (y, ref) in enumerate(zip(ys, refs)):
@@ -49,13 +49,13 @@ def check(m, ns, k, group_size, zero_points, dtype, bias, scale_dtype, row_tiles
 @given(cases(), st.integers(0, 2**16))
 @example(dict(m=1, ns=[4096, 1024, 1024], k=4096, group_size=128, zero_points=False, dtype=torch.bfloat16, bias=False,
               scale_dtype=None, row_tiles=None), 0)  # q/k/v at decode
-@example(dict(m=16, ns=[17], k=384, group_size=32, zero_points=True, dtype=torch.float16, bias=True,
-              scale_dtype=torch.float32, row_tiles=2), 1)  # ragged N, 2 token tiles, 32-row warps
-@example(dict(m=20, ns=[40], k=256, group_size=64, zero_points=True, dtype=torch.bfloat16, bias=True,
+@example(dict(m=16, ns=[48], k=384, group_size=32, zero_points=True, dtype=torch.float16, bias=True,
+              scale_dtype=torch.float32, row_tiles=2), 1)  # a 32-row tile past N, 2 token tiles
+@example(dict(m=20, ns=[32], k=256, group_size=64, zero_points=True, dtype=torch.bfloat16, bias=True,
               scale_dtype=None, row_tiles=1), 2)  # M past 16: more CTAs along M
 @example(dict(m=3, ns=[64, 48], k=14336, group_size=32, zero_points=True, dtype=torch.bfloat16, bias=False,
               scale_dtype=None, row_tiles=2), 3)  # long K, many groups
-@example(dict(m=2, ns=[33, 16, 70], k=384, group_size=128, zero_points=True, dtype=torch.float16, bias=True,
+@example(dict(m=2, ns=[32, 16, 80], k=384, group_size=128, zero_points=True, dtype=torch.float16, bias=True,
               scale_dtype=torch.bfloat16, row_tiles=1), 4)  # 3 groups a row: zero points padded
 def test_matches_reference_on_gpu(case, seed):
     check(**case, seed=seed)
@@ -65,7 +65,9 @@ def test_matches_reference_on_gpu(case, seed):
 def test_tensors_on_another_device_are_refused_on_gpu():
     x, p, b, _, _ = kernel_case("w4a16", 1, 32, 256, group_size=64, device="cuda")
     with pytest.raises(ValueError, match="layer 0: its tensors are on cpu"):
-        CW.w4a16_decode(x, p[0].cpu(), p[1], None, None, 64)
+        CW.w4a16_decode(x, int4_layout.to_mma16(p[0]).cpu(), p[1], None, None, 64)
+    with pytest.raises(ValueError, match=r"layer 0: an int4 weight in the MMA-fragment layout is uint8 \[N/16"):
+        CW.w4a16_decode(x, p[0], p[1], None, None, 64)  # the public layout
 
 
 @pytest.mark.gpu
@@ -73,7 +75,10 @@ def test_strided_activation_and_weights_on_gpu():
     x, p, b, _, ref = kernel_case("w4a16", 3, 64, 256, group_size=64, zero_points=True, bias=True, device="cuda")
     wide = torch.zeros(3, 512 + 8, dtype=x.dtype, device="cuda")
     wide[:, 8:264] = x  # rows 16-byte aligned, but the view starts 16 bytes in and is not contiguous
-    y = CW.w4a16_decode(wide[:, 8:264], p[0], p[1], p[2], b, 64)
+    w = int4_layout.to_mma16(p[0])  # [4, 16, 128]; a view of a wider buffer: blocks 20 atoms apart
+    wider = torch.zeros(w.shape[0], w.shape[1] + 4, 128, dtype=torch.uint8, device="cuda")
+    wider[:, 2:-2] = w
+    y = CW.w4a16_decode(wide[:, 8:264], wider[:, 2:-2], p[1], p[2], b, 64)
     assert S.relative_error(y, ref) <= S.TOLERANCE[x.dtype]
 
 
@@ -148,10 +153,10 @@ def _dynamic_symbols(path):
 
 
 # --- the fragment mapping, modelled on the CPU --------------------------------------------------
-# What one warp computes for one 16-row tile and one chunk of 8 * VEC k, lane by lane, as the
-# kernel does it (its loads, nibble pairs and byte permutes), fed to mma.m16n8k16 as PTX defines
-# the fragments.  If the permutation of k in the weight and activation fragments disagreed, this
-# would not equal the plain product.
+# What one warp computes for one 16-row block and one sub-chunk of AS atoms, lane by lane, as the
+# kernel does it (word L of each atom of the MMA-fragment layout, its nibble pairs, the
+# activation pairs at 2t and 2t + 8), fed to mma.m16n8k16 as PTX defines the fragments.  If the
+# layout and the kernel's reads disagreed, this would not equal the plain product.
 
 
 def _mma_m16n8k16(a_frags, b_frags):
@@ -167,32 +172,27 @@ def _mma_m16n8k16(a_frags, b_frags):
     return a @ b
 
 
-def _warp_chunk(q, x, vec):
-    """q: [16, 8 * vec] int4 values of a chunk (rows = channels), x: [8, 8 * vec] (tokens): the kernel's sum."""
-    packed = S.pack_int4(torch.from_numpy(q)).numpy()  # [16, 4 * vec] bytes, the public layout
+def _warp_sub_chunk(q, x, atoms):
+    """q: [16, 16 * atoms] int4 values (rows = channels), x: [8, 16 * atoms] (tokens): the kernel's sum."""
+    block = int4_layout.to_mma16(S.pack_int4(torch.from_numpy(q))).numpy()[0]  # [atoms, 128] bytes
     c = np.zeros((16, 8))
-    for w in range(vec // 4):
-        a_frags, b_frags = [[None, None] for _ in range(32)], [[None, None] for _ in range(32)]
+    for a in range(atoms):
+        a_frags, b_frags = [], []
         for lane in range(32):
             g, t = lane // 4, lane % 4
-            rows = []
-            for row in (g, g + 8):
-                word = int.from_bytes(packed[row, t * vec + 4 * w:t * vec + 4 * w + 4].tobytes(), "little")
-                # nibbles(word >> 4s): the pair (nibble s, nibble s + 4) = (k 8w' + s, k 8w' + s + 4)
-                rows.append([((word >> 4 * s) & 0xF, (word >> (4 * s + 16)) & 0xF) for s in range(4)])
-            xs = x[g, t * 2 * vec + 8 * w:t * 2 * vec + 8 * w + 8]  # one 16-byte load: x0..x7
-            pairs = [(xs[0], xs[4]), (xs[1], xs[5]), (xs[2], xs[6]), (xs[3], xs[7])]  # the byte permutes
-            for h in range(2):
-                a_frags[lane][h] = (rows[0][2 * h], rows[1][2 * h], rows[0][2 * h + 1], rows[1][2 * h + 1])
-                b_frags[lane][h] = (pairs[2 * h], pairs[2 * h + 1])
-        for h in range(2):
-            c += _mma_m16n8k16([a_frags[lane][h] for lane in range(32)], [b_frags[lane][h] for lane in range(32)])
+            word = int.from_bytes(block[a, 4 * lane:4 * lane + 4].tobytes(), "little")
+            # nibbles(word >> 4i): the pair in bits 0-3 and 16-19, fragment register i
+            a_frags.append([((word >> 4 * i) & 0xF, (word >> (4 * i + 16)) & 0xF) for i in range(4)])
+            k0 = 16 * a + 2 * t
+            b_frags.append(((x[g, k0], x[g, k0 + 1]), (x[g, k0 + 8], x[g, k0 + 9])))
+        c += _mma_m16n8k16(a_frags, b_frags)
     return c
 
 
 @pytest.mark.parametrize("vec", [4, 8, 16])
-def test_fragment_mapping_is_a_permutation_of_k(vec):
+def test_fragment_mapping_reads_the_weight_layout(vec):
     rng = np.random.default_rng(vec)
-    q = rng.integers(0, 16, (16, 8 * vec)).astype(np.uint8)
-    x = rng.standard_normal((8, 8 * vec))
-    np.testing.assert_allclose(_warp_chunk(q, x, vec), q.astype(np.float64) @ x.T, rtol=1e-12, atol=1e-9)
+    atoms = vec // 2
+    q = rng.integers(0, 16, (16, 16 * atoms)).astype(np.uint8)
+    x = rng.standard_normal((8, 16 * atoms))
+    np.testing.assert_allclose(_warp_sub_chunk(q, x, atoms), q.astype(np.float64) @ x.T, rtol=1e-12, atol=1e-9)

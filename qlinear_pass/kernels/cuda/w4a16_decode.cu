@@ -1,5 +1,7 @@
 // w4a16 at decode sizes: y[m, n] = sum_k x[m, k] * (q[n, k] - z[n, k/G]) * s[n, k/G] (+ bias[n]),
-// int4 weights in their public layout ([N, K/2] bytes, low nibble = even k), 16-bit activations.
+// int4 weights in the MMA-fragment layout of kernels/int4_layout.py (atoms of 16 rows x 16 k, a
+// lane's A fragment in one 32-bit word; the atoms of a 16-row block follow each other along K),
+// 16-bit activations.
 //
 // A decode step reads every weight byte once, so the kernel is judged by bytes per second; with
 // 4-bit weights the arithmetic per byte doubles and an fp32 FMA loop is bound by instructions, not
@@ -10,15 +12,13 @@
 // * weights travel by cp.async into a ring of STAGES chunk slots per warp (a chunk: 128 k of the
 //   warp's 16 R rows, with their scales and zero points): STAGES - 1 chunks stay in flight while the
 //   warp computes on one, so HBM sees a steady stream and registers hold only the chunk in use;
-// * a thread reads VEC bytes (2 * VEC values of k) of two weight rows per MMA pair; the 4 threads of
-//   a quad cover 8 * VEC contiguous k, a sub-chunk, which never straddles a quantization group
+// * a sub-chunk is 8 * VEC k (AS = VEC / 2 atoms) and never straddles a quantization group
 //   (8 * VEC <= G), so its MMAs accumulate into a fresh fragment scaled once, in fp32, by the group
 //   scale of its row;
-// * a 32-bit word (8 nibbles, k = 8i..8i+7) becomes four bf16x2 / f16x2 registers with one LOP3
-//   each (the nibble under the exponent of 128 / 1024: (q >> 4s) & 0x000F000F | magic), holding
-//   the pairs (k_s, k_{s+4}) as BIAS + q; the MMAs multiply these, and BIAS + z times the activation's
-//   sum over the group (one more MMA, with an all-ones A, per pair) comes off in fp32.  The MMA's k order is a permutation of the loaded k (a sum does not care), and the activation is
-//   read in the same permutation: two byte permutes per pair of registers;
+// * a lane's word of an atom becomes its four A registers with one LOP3 each (the nibble pair under
+//   the exponent of 128 / 1024: (word >> 4i) & 0x000F000F | magic), holding BIAS + q; the MMAs
+//   multiply these, and BIAS + z times the activation's sum over the group (one more MMA, with an
+//   all-ones A, per atom) comes off in fp32.  The activation enters in its natural k order;
 // * the warps of a CTA split K (chunk c goes to warp c % WARPS) and add up through shared memory at
 //   the end of each row tile: no workspace, no atomics; the output is written once, in its dtype;
 // * CTAs are persistent (about as many as fit on the GPU at once): each walks its row tiles while
@@ -77,10 +77,10 @@ constexpr int MAX_SEGMENTS = 3;
 #define QLP_MAX_TOK 16
 #endif
 constexpr int WARPS = QLP_WARPS;
-constexpr int ABI_VERSION = 3;  // bumped whenever Params or Segment change
+constexpr int ABI_VERSION = 5;  // bumped whenever Params or Segment change
 
 struct Segment {
-  const uint8_t* w;     // [n, k/2] packed int4, rows w_stride bytes apart
+  const uint8_t* w;     // [n/16][k/16][128] int4 in the MMA-fragment layout, 16-row blocks w_stride bytes apart
   const float* s;       // [n, k/G] fp32 scales, rows s_stride elements apart (16-byte aligned)
   const uint8_t* z;     // [n, k/G] zero points 0..15, rows z_stride apart (4-byte aligned); null: symmetric
   const void* bias;     // [n] in the activation dtype, or null
@@ -124,22 +124,8 @@ __device__ __forceinline__ uint32_t nibbles(uint32_t a) {
   return d;
 }
 
-// VEC bytes (WORDS = VEC / 4 words) from shared memory
-template <int WORDS>
-__device__ __forceinline__ void read_words(uint32_t (&v)[WORDS], const uint8_t* p) {
-  if constexpr (WORDS == 4) {
-    const uint4 q = *reinterpret_cast<const uint4*>(p);
-    v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
-  } else if constexpr (WORDS == 2) {
-    const uint2 q = *reinterpret_cast<const uint2*>(p);
-    v[0] = q.x; v[1] = q.y;
-  } else {
-    v[0] = *reinterpret_cast<const uint32_t*>(p);
-  }
-}
-
 // The shared memory of one CTA:
-//   the warps' rings   [WARPS][STAGES] slots, each: [16 R rows][ROW_B] weight bytes, [16 R][16]
+//   the warps' rings   [WARPS][STAGES] slots, each: [R blocks][8 atoms][128] weight bytes, [16 R][16]
 //                      scale bytes, [16 R][4] zero-point bytes and, for one token, its 128 values
 //   the reduction      [WARPS][16 R][8 MT] fp32
 template <int R, int TOK>
@@ -149,8 +135,9 @@ struct Layout {
   // CTAs an SM, which hid latency better than a deeper ring (benchmarks/bench_cuda_ring.py, H200:
   // M = 1, 3 / 2 slots up to 8% faster than 4 / 3; 6 / 4 up to 27% slower)
   static constexpr int STAGES = R == 1 ? QLP_SLOTS_R1 : QLP_SLOTS_R2;
-  static constexpr int ROW_B = 80;            // a row's 64 bytes of a chunk + 16 (conflict-free reads)
-  static constexpr int W_B = 16 * R * ROW_B;
+  static constexpr int BLOCK_B = 8 * 128;     // a 16-row block's 8 atoms of a chunk (lanes read
+                                              // consecutive words: no bank conflicts, no padding)
+  static constexpr int W_B = R * BLOCK_B;
   static constexpr int S_B = 16 * R * 16;
   static constexpr int Z_B = 16 * R * 4;
   static constexpr int X_B = TOK == 1 ? 128 * 2 : 0;
@@ -163,7 +150,7 @@ struct Layout {
   static constexpr int BYTES = RING_B + RED_B;
 };
 
-// T: the activation dtype; VEC: weight bytes a thread reads per row for one MMA pair (4, 8, 16);
+// T: the activation dtype; VEC: a sub-chunk (one scale each) is 8 * VEC k, VEC / 2 atoms (4, 8, 16);
 // TOK: tokens per CTA (1: the activation travels with the weights in the ring; 8 or 16: read from
 // L2, larger M takes more CTAs along y); R: 16-row tiles per warp.
 template <typename T, int VEC, int TOK, int R>
@@ -171,8 +158,8 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_
   using L = Layout<R, TOK>;
   constexpr int MT = L::MT;
   constexpr int STAGES = L::STAGES;
-  constexpr int WORDS = VEC / 4;
   constexpr int SUB = 16 / VEC;  // sub-chunks (one group each) in a chunk of 128 k
+  constexpr int AS = VEC / 2;    // atoms (16 k) in a sub-chunk
   constexpr uint32_t MAGIC = Num<T>::MAGIC;
   extern __shared__ __align__(16) uint8_t smem[];
 
@@ -198,10 +185,10 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_
     int tile = blockIdx.x + j * gridDim.x;
     const Segment sg = pick(p, tile);
 #pragma unroll
-    for (int q = 0; q < 2 * R; ++q) {  // 2 R pieces of 16 bytes a lane: row piece / 4, bytes 16 * (piece % 4)
+    for (int q = 0; q < 2 * R; ++q) {  // 2 R pieces of 16 bytes a lane: block piece / 64, bytes 16 * (piece % 64)
       const int piece = lane + 32 * q;
-      const int row = min(tile * 16 * R + (piece >> 2), sg.n - 1);
-      w_src[q] = sg.w + (long long)row * sg.w_stride + warp * 64 + (piece & 3) * 16;
+      const int block = min(tile * R + (piece >> 6), sg.n / 16 - 1);
+      w_src[q] = sg.w + (long long)block * sg.w_stride + warp * L::BLOCK_B + (piece & 63) * 16;
     }
     const int row = min(tile * 16 * R + (lane & (16 * R - 1)), sg.n - 1);
     s_src = sg.s + (long long)row * sg.s_stride + warp * SUB;
@@ -212,7 +199,7 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_
       uint8_t* slot = ring + ts * L::SLOT_B;
       const int step = ci * WARPS;  // chunks past this warp's first one
 #pragma unroll
-      for (int q = 0; q < 2 * R; ++q) cp_async16_l2<QLP_L2_FETCH>(slot + ((lane + 32 * q) >> 2) * L::ROW_B + (lane & 3) * 16, w_src[q] + step * 64);
+      for (int q = 0; q < 2 * R; ++q) cp_async16_l2<QLP_L2_FETCH>(slot + (lane + 32 * q) * 16, w_src[q] + (long long)step * L::BLOCK_B);
       if (lane < 16 * R) {  // the row's SUB scales, and the 4-byte word holding its SUB zero points
         cp_async<4 * SUB>(slot + L::W_B + lane * 16, s_src + step * SUB);
         if (z_src) cp_async<4>(slot + L::W_B + L::S_B + lane * 4, z_src + (((warp + step) * SUB) & ~3));
@@ -233,21 +220,25 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) issue();
 
-  // more than one token: the activation of chunk c, 16 bytes per (sub-chunk, 8-token tile, word) a
-  // lane, straight from global memory (L2: every CTA reads it); zeros past the last token
+  // more than one token: the activation of chunk c as B fragments, two 4-byte pairs per (sub-chunk,
+  // 8-token tile, atom) a lane, straight from global memory (L2: every CTA reads it); zeros past
+  // the last token
   constexpr bool PREFETCH = TOK > 1 && QLP_X_PREFETCH;
-  uint4 xr[SUB][MT][WORDS], xc[SUB][MT][WORDS];  // the next chunk's, this chunk's
-  auto load_x = [&](uint4 (&dst)[SUB][MT][WORDS], int c) {
+  uint32_t xr[SUB][MT][AS][2], xc[SUB][MT][AS][2];  // the next chunk's, this chunk's
+  auto load_x = [&](uint32_t (&dst)[SUB][MT][AS][2], int c) {
 #pragma unroll
     for (int s = 0; s < SUB; ++s)
 #pragma unroll
       for (int jj = 0; jj < MT; ++jj)
 #pragma unroll
-        for (int w = 0; w < WORDS; ++w) {
-          const int tk = 8 * jj + g;
-          dst[s][jj][w] = tk < tokens ? __ldg(reinterpret_cast<const uint4*>(x_tok + (long long)tk * p.x_stride + c * 128 + s * 8 * VEC + t * 2 * VEC + 8 * w))
-                                     : make_uint4(0, 0, 0, 0);
-        }
+        for (int a = 0; a < AS; ++a)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int tk = 8 * jj + g;
+            dst[s][jj][a][h] = tk < tokens ? __ldg(reinterpret_cast<const uint32_t*>(
+                                                 x_tok + (long long)tk * p.x_stride + c * 128 + (s * AS + a) * 16 + 8 * h + 2 * t))
+                                           : 0u;
+          }
   };
   if constexpr (TOK > 1) {
     if (PREFETCH && nch > 0 && ntiles > 0) load_x(xr, warp);
@@ -284,7 +275,7 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_
 #pragma unroll
             for (int jj = 0; jj < MT; ++jj)
 #pragma unroll
-              for (int w = 0; w < WORDS; ++w) xc[s][jj][w] = xr[s][jj][w];
+              for (int a = 0; a < AS; ++a) xc[s][jj][a][0] = xr[s][jj][a][0], xc[s][jj][a][1] = xr[s][jj][a][1];
           if (i + 1 < nch) load_x(xr, c + WARPS);
           else if (j + 1 < ntiles) load_x(xr, warp);
         } else {
@@ -293,24 +284,21 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_
       }
 #pragma unroll
       for (int s = 0; s < SUB; ++s) {
-        // the activation of this sub-chunk as B fragments, per word: (x0,x4) (x1,x5) (x2,x6) (x3,x7)
-        uint32_t xb[MT][WORDS][4];
+        // the activation of this sub-chunk as B fragments, per atom: (x[2t], x[2t+1]), (x[2t+8], x[2t+9])
+        uint32_t xb[MT][AS][2];
 #pragma unroll
         for (int jj = 0; jj < MT; ++jj)
 #pragma unroll
-          for (int w = 0; w < WORDS; ++w) {
-            uint4 q;
-            if constexpr (TOK == 1) {
-              q = g == 0 ? *reinterpret_cast<const uint4*>(slot + L::W_B + L::S_B + L::Z_B + (s * 8 * VEC + t * 2 * VEC + 8 * w) * 2)
-                         : make_uint4(0, 0, 0, 0);
-            } else {
-              q = xc[s][jj][w];
+          for (int a = 0; a < AS; ++a)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              if constexpr (TOK == 1) {
+                xb[jj][a][h] = g == 0 ? *reinterpret_cast<const uint32_t*>(slot + L::W_B + L::S_B + L::Z_B + ((s * AS + a) * 16 + 8 * h + 2 * t) * 2)
+                                      : 0u;
+              } else {
+                xb[jj][a][h] = xc[s][jj][a][h];
+              }
             }
-            xb[jj][w][0] = prmt(q.x, q.z, 0x5410);
-            xb[jj][w][1] = prmt(q.x, q.z, 0x7632);
-            xb[jj][w][2] = prmt(q.y, q.w, 0x5410);
-            xb[jj][w][3] = prmt(q.y, q.w, 0x7632);
-          }
         // the sum of the sub-chunk's activation per token (an MMA with an all-ones A): the weights enter
         // the MMAs as BIAS + q, and BIAS + z times this sum comes off afterwards
         float xsum[MT][4];
@@ -320,10 +308,8 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_
 #pragma unroll
           for (int e = 0; e < 4; ++e) xsum[jj][e] = 0.f;
 #pragma unroll
-          for (int w = 0; w < WORDS; ++w) {
-            mma16<T>(xsum[jj], Num<T>::ONES, Num<T>::ONES, Num<T>::ONES, Num<T>::ONES, xb[jj][w][0], xb[jj][w][1]);
-            mma16<T>(xsum2, Num<T>::ONES, Num<T>::ONES, Num<T>::ONES, Num<T>::ONES, xb[jj][w][2], xb[jj][w][3]);
-          }
+          for (int a = 0; a < AS; ++a)
+            mma16<T>(a % 2 ? xsum2 : xsum[jj], Num<T>::ONES, Num<T>::ONES, Num<T>::ONES, Num<T>::ONES, xb[jj][a][0], xb[jj][a][1]);
 #pragma unroll
           for (int e = 0; e < 4; ++e) xsum[jj][e] += xsum2[e];
         }
@@ -334,27 +320,22 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_
           const float s_lo = sc[rl * 4 + s], s_hi = sc[(rl + 8) * 4 + s];
           const float zb_lo = Num<T>::BIAS + (sg.z ? zc[rl * 4 + zi] : 8.f);
           const float zb_hi = Num<T>::BIAS + (sg.z ? zc[(rl + 8) * 4 + zi] : 8.f);
-          uint32_t lo[WORDS], hi[WORDS];
-          read_words<WORDS>(lo, slot + rl * L::ROW_B + s * 4 * VEC + t * VEC);
-          read_words<WORDS>(hi, slot + (rl + 8) * L::ROW_B + s * 4 * VEC + t * VEC);
+          // the lane's word of each of the sub-chunk's atoms in this 16-row block
+          const uint32_t* words = reinterpret_cast<const uint32_t*>(slot + r * L::BLOCK_B + s * AS * 128) + lane;
           float part[MT][4], part2[MT][4];  // two accumulators: two independent chains of MMAs
 #pragma unroll
           for (int jj = 0; jj < MT; ++jj)
 #pragma unroll
             for (int e = 0; e < 4; ++e) part[jj][e] = part2[jj][e] = 0.f;
 #pragma unroll
-          for (int w = 0; w < WORDS; ++w) {
-            uint32_t a[2][4];  // [row g / g + 8][pair q]: BIAS + (k_q, k_{q+4})
+          for (int a = 0; a < AS; ++a) {
+            const uint32_t word = words[a * 32];
+            uint32_t f[4];  // the A fragment registers: BIAS + q at (g, 2t..), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-              a[0][q] = nibbles<MAGIC>(lo[w] >> (4 * q));
-              a[1][q] = nibbles<MAGIC>(hi[w] >> (4 * q));
-            }
+            for (int q = 0; q < 4; ++q) f[q] = nibbles<MAGIC>(word >> (4 * q));
 #pragma unroll
-            for (int jj = 0; jj < MT; ++jj) {
-              mma16<T>(part[jj], a[0][0], a[1][0], a[0][1], a[1][1], xb[jj][w][0], xb[jj][w][1]);
-              mma16<T>(part2[jj], a[0][2], a[1][2], a[0][3], a[1][3], xb[jj][w][2], xb[jj][w][3]);
-            }
+            for (int jj = 0; jj < MT; ++jj)
+              mma16<T>(a % 2 ? part2[jj] : part[jj], f[0], f[1], f[2], f[3], xb[jj][a][0], xb[jj][a][1]);
           }
 #pragma unroll
           for (int jj = 0; jj < MT; ++jj)
@@ -441,6 +422,8 @@ int qlp_w4a16_decode(const qlp::Params* p, int dtype, int row_tiles, void* strea
   if (const char* why = qlp::check_segments<qlp::MAX_SEGMENTS>(*p, row_tiles)) return fail(why);
   if (p->group != 32 && p->group != 64 && p->group % 128 != 0) return fail("group size must be 32, 64 or a multiple of 128");
   if (p->k % 128 != 0 || p->k % p->group != 0) return fail("K must be a multiple of 128 and of the group size");
+  for (int i = 0; i < p->nseg; ++i)
+    if (p->seg[i].n % 16 != 0) return fail("every layer's N must be a multiple of 16 (whole atoms of the weight layout)");
   if (p->m <= 0 || p->total_tiles == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   cudaError_t e = dtype == 0 ? qlp::dispatch<__nv_bfloat16>(*p, row_tiles, s) : qlp::dispatch<__half>(*p, row_tiles, s);

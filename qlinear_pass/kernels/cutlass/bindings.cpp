@@ -196,8 +196,9 @@ torch::Tensor wo8_gemm(const torch::Tensor& x, const torch::Tensor& w, const tor
 }
 
 #elif defined(QLP_FAMILY_W4A16)
-// out[M, N] = x[M, K] @ dequant(w)^T + bias[N]: w [N, K/2] bytes of unsigned 4-bit values (even k in
-// the low nibble), dequantised as q * scale + zero per (output channel, group of group_size along K);
+// out[M, N] = x[M, K] @ dequant(w)^T + bias[N]: w [N/16, K/16, 128] bytes of unsigned 4-bit values in
+// the MMA-fragment layout (kernels/int4_layout.py, Mma16Layout in qlp_gemm.cuh), dequantised as
+// q * scale + zero per (output channel, group of group_size along K);
 // scale and zero are MN-major [K / group_size, N] in x's dtype (zero = -zero_point * scale).
 torch::Tensor w4a16_gemm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                          const torch::Tensor& zero, int64_t group_size, const c10::optional<torch::Tensor>& bias,
@@ -206,13 +207,17 @@ torch::Tensor w4a16_gemm(const torch::Tensor& x, const torch::Tensor& w, const t
             "qlinear_pass cutlass w4a16: x must be bfloat16 or float16, got ", x.scalar_type());
   const auto dt = x.scalar_type();
   check_matrix(x, "x", dt, x);
-  check_matrix(w, "w", at::kByte, x);
+  QLP_CHECK(w.is_cuda() && w.device() == x.device() && w.scalar_type() == at::kByte && w.dim() == 3 &&
+                w.size(2) == 128 && w.is_contiguous() && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
+            "qlinear_pass cutlass w4a16: w must be a contiguous uint8 [N/16, K/16, 128] CUDA tensor (the "
+            "MMA-fragment layout) on x's device, starting on a 16-byte boundary; got ", w.scalar_type(), " ",
+            w.sizes(), " on ", w.device());
   check_matrix(out, "out", dt, x);
   check_matrix(scale, "scale", dt, x);
   check_matrix(zero, "zero", dt, x);
-  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
-  QLP_CHECK(w.size(1) * 2 == k, "qlinear_pass cutlass w4a16: x is ", x.sizes(), " but w is ", w.sizes(),
-            " (two 4-bit values a byte along K)");
+  const int64_t m = x.size(0), k = x.size(1), n = 16 * w.size(0);
+  QLP_CHECK(16 * w.size(1) == k, "qlinear_pass cutlass w4a16: x is ", x.sizes(), " but w is ", w.sizes(),
+            " (atoms of 16 rows x 16 k)");
   QLP_CHECK(out.size(0) == m && out.size(1) == n, "qlinear_pass cutlass w4a16: out is ", out.sizes(),
             ", expected [", m, ", ", n, "]");
   QLP_CHECK(group_size >= 64 && group_size % 64 == 0 && k % group_size == 0,

@@ -179,6 +179,19 @@ using ChannelBiasEpilogue = fusion::Sm90EVT<
 // [N, M] column-major is the output [M, N] row-major.
 inline auto col_major(int rows) { return make_stride(_1{}, int64_t(rows), int64_t(0)); }
 
+// The 4-bit weight [N, K] in the MMA-fragment layout (kernels/int4_layout.py), in 4-bit elements:
+// atoms of 16 rows x 16 k, a lane's eight A-fragment values in one 32-bit word in the order
+// [v0 v2 v4 v6 v1 v3 v5 v7]; row (g, hi) strides (32, 1) and k (e, t, kh) strides (4, 8, 2) in
+// an atom; atoms 256 apart along K and 256 * K/16 along N.  Each thread's fragment then leaves
+// shared memory in one 32-bit load, and the int4 -> 16-bit conversion takes its fast path.
+using Mma16Layout = Layout<Shape<Shape<Shape<_8, _2>, int>, Shape<Shape<_2, _4, _2>, int>, int>,
+                           Stride<Stride<Stride<_32, _1>, int64_t>, Stride<Stride<_4, _8, _2>, _256>, int64_t>>;
+inline Mma16Layout mma16_layout(int rows, int k) {
+  return Mma16Layout(make_shape(make_shape(make_shape(_8{}, _2{}), rows / 16), make_shape(make_shape(_2{}, _4{}, _2{}), k / 16), 1),
+                     make_stride(make_stride(make_stride(_32{}, _1{}), int64_t(256) * (k / 16)),
+                                 make_stride(make_stride(_4{}, _8{}, _2{}), _256{}), int64_t(rows) * k));
+}
+
 template <class ElementD, class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule,
           class Scheduler = cutlass::gemm::PersistentScheduler>
 struct W4A16Gemm {
@@ -192,7 +205,7 @@ struct W4A16Gemm {
       ElementD, cutlass::layout::ColumnMajor, kAlignD, EpilogueSchedule, Epilogue>::CollectiveOp;
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cute::tuple<ElementW, ElementX, ElementX>,
-      cutlass::layout::RowMajor, kAlignW, ElementX, cutlass::layout::ColumnMajor, kAlignD, float, TileShape,
+      Mma16Layout, kAlignW, ElementX, cutlass::layout::ColumnMajor, kAlignD, float, TileShape,
       ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
@@ -202,7 +215,7 @@ struct W4A16Gemm {
   static typename Gemm::Arguments arguments(GemmArgs const& g) {
     const int scale_k = g.k / g.group_size;
     typename CollectiveMainloop::Arguments mainloop{
-        static_cast<ElementW const*>(g.a), row_major(g.k), static_cast<ElementX const*>(g.b), row_major(g.k),
+        static_cast<ElementW const*>(g.a), mma16_layout(g.m, g.k), static_cast<ElementX const*>(g.b), row_major(g.k),
         static_cast<ElementX const*>(g.group_scale),
         make_stride(_1{}, int64_t(g.m), int64_t(g.m) * scale_k), g.group_size,
         static_cast<ElementX const*>(g.group_zero)};
