@@ -968,7 +968,11 @@ class VariantRun:
                 "peak_build_bytes": self.result.pop("peak_build_bytes", None),
                 "note": "peak allocated while decoding and prefilling (after the model was built)",
             }
-            self.log(f"peak GPU memory {peak / 1e9:.2f} GB")
+            from qlinear_pass.kernels import int4_layout
+
+            copies = int4_layout.copied_bytes()  # the w4a16 kernels' weight copies, beside the modules' weights
+            self.result["memory"]["kernel_copy_bytes"] = copies
+            self.log(f"peak GPU memory {peak / 1e9:.2f} GB; kernels' weight copies {copies / 1e9:.2f} GB")
         else:
             self.result["memory"] = {"peak_bytes": None, "note": "not measured without a CUDA device"}
         self.save()

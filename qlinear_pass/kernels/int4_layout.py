@@ -103,3 +103,8 @@ def mma16_of(weight: torch.Tensor) -> torch.Tensor:
             weakref.finalize(weight, _copies.pop, key, None)
         _copies[key] = (weakref.ref(weight), weight._version, packed)
     return packed
+
+
+def copied_bytes() -> int:
+    """Bytes of the MMA-fragment copies alive now (what the layers hold beside their public weights)."""
+    return sum(packed.numel() for ref, _, packed in list(_copies.values()) if ref() is not None)

@@ -69,8 +69,10 @@ def test_the_copy_is_made_once_remade_when_the_weight_changes_and_dropped_with_i
 
     q = torch.randint(0, 16, (32, 64), dtype=torch.uint8)
     w = S.pack_int4(q)
+    before = L.copied_bytes()
     first = L.mma16_of(w)
     assert L.mma16_of(w) is first and torch.equal(L.from_mma16(first), w)
+    assert L.copied_bytes() == before + w.numel()
     w[0, 0] ^= 0xFF  # an in-place update (a checkpoint loaded into the layer)
     second = L.mma16_of(w)
     assert second is not first and torch.equal(L.from_mma16(second), w)
