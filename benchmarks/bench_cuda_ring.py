@@ -2,8 +2,7 @@
 """The CUDA w4a16 decode kernel (``qlinear_pass/kernels/cuda/w4a16_decode.cu``) built with other
 values of its tuning defines, timed side by side: the measurement behind the defaults of
 ``QLP_WARPS`` / ``QLP_SLOTS_R1`` / ``QLP_SLOTS_R2`` (warps a CTA, ``cp.async`` ring depths),
-``QLP_X_PREFETCH`` (the activation loaded a chunk ahead for M > 1), ``QLP_MIN_CTAS`` (the
-register budget for M > 1), ``QLP_MAX_TOK`` (tokens a CTA) and ``QLP_L2_FETCH`` (the DRAM block
+``QLP_MIN_CTAS`` (the register budget for M > 1), ``QLP_MAX_TOK`` (tokens a CTA) and ``QLP_L2_FETCH`` (the DRAM block
 L2 fetches for a weight copy).
 
 Each variant is compiled with this machine's nvcc (the flags of ``kernels/cuda_build.py`` plus the
@@ -46,11 +45,9 @@ SETS = {
         "w4s6s4": {"QLP_WARPS": 4, "QLP_SLOTS_R1": 6, "QLP_SLOTS_R2": 4},
     },
     "tokens": {
-        "t16pf1": {"QLP_MAX_TOK": 16, "QLP_X_PREFETCH": 1},
-        "t16pf0": {"QLP_MAX_TOK": 16, "QLP_X_PREFETCH": 0},
-        "t8pf1": {"QLP_MAX_TOK": 8, "QLP_X_PREFETCH": 1},
-        "t8pf0": {"QLP_MAX_TOK": 8, "QLP_X_PREFETCH": 0},
-        "t16min2": {"QLP_MAX_TOK": 16, "QLP_X_PREFETCH": 0, "QLP_MIN_CTAS": 2},
+        "t16": {"QLP_MAX_TOK": 16},
+        "t8": {"QLP_MAX_TOK": 8},
+        "t16min2": {"QLP_MAX_TOK": 16, "QLP_MIN_CTAS": 2},
     },
     "l2": {
         "l2f0": {"QLP_L2_FETCH": 0},

@@ -23,9 +23,9 @@
 //   the end of each row tile: no workspace, no atomics; the output is written once, in its dtype;
 // * CTAs are persistent (about as many as fit on the GPU at once): each walks its row tiles while
 //   its warps' rings run on from one tile into the next;
-// * at M = 1 the token's 128 values of a chunk travel in the ring beside its weights; for larger M
-//   each warp loads a chunk's activation from L2 (it is small, and shared by every CTA) into
-//   registers while it computes the chunk before;
+// * the activation's 128 values of a chunk (each of the CTA's tokens) travel in the ring beside its
+//   weights (from L2: it is small, and every CTA reads it); for more than one token, ldmatrix turns
+//   them into the MMAs' B fragments, four 8 x 8 tiles an instruction;
 // * up to MAX_SEGMENTS layers that read the same activation (q/k/v, gate/up) share one launch: the
 //   row tiles of the layers are numbered one after another.
 //
@@ -56,11 +56,6 @@ constexpr int MAX_SEGMENTS = 3;
 #endif
 #ifndef QLP_SLOTS_R2
 #define QLP_SLOTS_R2 2
-#endif
-// For more than one token: 1 loads a chunk's activation into registers one chunk ahead (its L2
-// latency hides behind the current chunk's MMAs), 0 loads it where it is used
-#ifndef QLP_X_PREFETCH
-#define QLP_X_PREFETCH 1
 #endif
 // For more than one token: CTAs an SM the register allocation must leave room for
 #ifndef QLP_MIN_CTAS
@@ -124,9 +119,17 @@ __device__ __forceinline__ uint32_t nibbles(uint32_t a) {
   return d;
 }
 
+// Four 8 x 8 tiles of 16-bit values from shared memory: lane i gives the 16-byte row i % 8 of tile
+// i / 8, and lane 4 g + t receives (row g, columns 2 t, 2 t + 1) of tile j in d_j
+__device__ __forceinline__ void ldsm_x4(uint32_t& d0, uint32_t& d1, uint32_t& d2, uint32_t& d3, const void* row) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(d0), "=r"(d1), "=r"(d2), "=r"(d3) : "r"(a) : "memory");
+}
+
 // The shared memory of one CTA:
 //   the warps' rings   [WARPS][STAGES] slots, each: [R blocks][8 atoms][128] weight bytes, [16 R][16]
-//                      scale bytes, [16 R][4] zero-point bytes and, for one token, its 128 values
+//                      scale bytes, [16 R][4] zero-point bytes and [TOK][X_ROW] activation bytes
 //   the reduction      [WARPS][16 R][8 MT] fp32
 template <int R, int TOK>
 struct Layout {
@@ -140,7 +143,10 @@ struct Layout {
   static constexpr int W_B = R * BLOCK_B;
   static constexpr int S_B = 16 * R * 16;
   static constexpr int Z_B = 16 * R * 4;
-  static constexpr int X_B = TOK == 1 ? 128 * 2 : 0;
+  // a token's 128 values of a chunk, and 16 bytes of padding for more than one: the rows of an
+  // 8 x 8 ldmatrix tile then start 4 banks apart, and its 8 rows of 16 bytes cover all 32 banks
+  static constexpr int X_ROW = TOK == 1 ? 128 * 2 : 128 * 2 + 16;
+  static constexpr int X_B = TOK * X_ROW;
   static constexpr int SLOT_B = W_B + S_B + Z_B + X_B;
   static constexpr int RING_B = WARPS * STAGES * SLOT_B;
   // a row of the reduction holds the tile's 8 MT tokens and one pad: an odd stride, so the threads
@@ -204,8 +210,14 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_
         cp_async<4 * SUB>(slot + L::W_B + lane * 16, s_src + step * SUB);
         if (z_src) cp_async<4>(slot + L::W_B + L::S_B + lane * 4, z_src + (((warp + step) * SUB) & ~3));
       }
-      if constexpr (TOK == 1) {  // the token's 128 values of this chunk
-        if (lane < 16) cp_async<16>(slot + L::W_B + L::S_B + L::Z_B + lane * 16, x_tok + (warp + step) * 128 + lane * 8);
+      // each token's 128 values of this chunk, 16 pieces of 16 bytes a token; the rows past the
+      // last token repeat it (their outputs are not written)
+#pragma unroll
+      for (int q = 0; q < (TOK * 16 + 31) / 32; ++q) {
+        const int piece = lane + 32 * q, tk = piece >> 4;
+        if (piece < TOK * 16)
+          cp_async<16>(slot + L::W_B + L::S_B + L::Z_B + tk * L::X_ROW + (piece & 15) * 16,
+                       x_tok + (long long)min(tk, tokens - 1) * p.x_stride + (warp + step) * 128 + (piece & 15) * 8);
       }
       if (++ci == nch) {
         ci = 0;
@@ -219,30 +231,6 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_
   else if (ntiles > 0) at_tile(0);
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) issue();
-
-  // more than one token: the activation of chunk c as B fragments, two 4-byte pairs per (sub-chunk,
-  // 8-token tile, atom) a lane, straight from global memory (L2: every CTA reads it); zeros past
-  // the last token
-  constexpr bool PREFETCH = TOK > 1 && QLP_X_PREFETCH;
-  uint32_t xr[SUB][MT][AS][2], xc[SUB][MT][AS][2];  // the next chunk's, this chunk's
-  auto load_x = [&](uint32_t (&dst)[SUB][MT][AS][2], int c) {
-#pragma unroll
-    for (int s = 0; s < SUB; ++s)
-#pragma unroll
-      for (int jj = 0; jj < MT; ++jj)
-#pragma unroll
-        for (int a = 0; a < AS; ++a)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int tk = 8 * jj + g;
-            dst[s][jj][a][h] = tk < tokens ? __ldg(reinterpret_cast<const uint32_t*>(
-                                                 x_tok + (long long)tk * p.x_stride + c * 128 + (s * AS + a) * 16 + 8 * h + 2 * t))
-                                           : 0u;
-          }
-  };
-  if constexpr (TOK > 1) {
-    if (PREFETCH && nch > 0 && ntiles > 0) load_x(xr, warp);
-  }
 
   int cs = 0;  // the slot computed next
   for (int j = 0; j < ntiles; ++j) {
@@ -266,39 +254,27 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_
       const float* sc = reinterpret_cast<const float*>(slot + L::W_B);
       const uint8_t* zc = slot + L::W_B + L::S_B;
       const int c = warp + i * WARPS;
-      if constexpr (TOK > 1) {
-        if constexpr (PREFETCH) {
-          // this chunk's activation arrived during the last one; the next one's (the next tile's
-          // first, after the last chunk) is requested before the MMAs start
-#pragma unroll
-          for (int s = 0; s < SUB; ++s)
-#pragma unroll
-            for (int jj = 0; jj < MT; ++jj)
-#pragma unroll
-              for (int a = 0; a < AS; ++a) xc[s][jj][a][0] = xr[s][jj][a][0], xc[s][jj][a][1] = xr[s][jj][a][1];
-          if (i + 1 < nch) load_x(xr, c + WARPS);
-          else if (j + 1 < ntiles) load_x(xr, warp);
-        } else {
-          load_x(xc, c);
-        }
-      }
 #pragma unroll
       for (int s = 0; s < SUB; ++s) {
         // the activation of this sub-chunk as B fragments, per atom: (x[2t], x[2t+1]), (x[2t+8], x[2t+9])
+        // of token g of the 8-token tile
+        const uint8_t* xs = slot + L::W_B + L::S_B + L::Z_B;
         uint32_t xb[MT][AS][2];
 #pragma unroll
         for (int jj = 0; jj < MT; ++jj)
 #pragma unroll
-          for (int a = 0; a < AS; ++a)
+          for (int a = 0; a < AS; a += 2) {
+            if constexpr (TOK == 1) {
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              if constexpr (TOK == 1) {
-                xb[jj][a][h] = g == 0 ? *reinterpret_cast<const uint32_t*>(slot + L::W_B + L::S_B + L::Z_B + ((s * AS + a) * 16 + 8 * h + 2 * t) * 2)
-                                      : 0u;
-              } else {
-                xb[jj][a][h] = xc[s][jj][a][h];
-              }
+              for (int h = 0; h < 4; ++h)
+                xb[jj][a + h / 2][h % 2] = g == 0 ? *reinterpret_cast<const uint32_t*>(xs + ((s * AS + a + h / 2) * 16 + 8 * (h % 2) + 2 * t) * 2) : 0u;
+            } else {
+              // four 8 x 8 tiles (atoms a, a + 1; k halves 0, 1): lane i gives row i % 8 of tile i / 8
+              const int tile8 = lane >> 3;
+              ldsm_x4(xb[jj][a][0], xb[jj][a][1], xb[jj][a + 1][0], xb[jj][a + 1][1],
+                      xs + (8 * jj + (lane & 7)) * L::X_ROW + ((s * AS + a + (tile8 >> 1)) * 16 + 8 * (tile8 & 1)) * 2);
             }
+          }
         // the sum of the sub-chunk's activation per token (an MMA with an all-ones A): the weights enter
         // the MMAs as BIAS + q, and BIAS + z times this sum comes off afterwards
         float xsum[MT][4];
