@@ -226,6 +226,19 @@ def test_tile_config_names_configurations_the_sources_build():
         CU.tile_config("fp4", 1, 8, 16)
 
 
+@pytest.mark.parametrize("m, n, want", [
+    (1024, 14336, "128x256x64 cooperative stream-K"),  # 448 tiles: the 4th wave 39% full
+    (1024, 6144, "128x256x64 cooperative stream-K"),   # 192 tiles: the 2nd wave 45% full
+    (1024, 4096, "128x256x64 cooperative"),            # 128 tiles: one wave, 97% full
+    (4096, 14336, "128x256x64 cooperative"),
+    (4096, 4096, "128x256x64 cooperative"),
+])
+def test_w4a16_prefill_takes_stream_k_where_the_last_wave_is_short(m, n, want):
+    assert CU.tile_config("w4a16", m, n, 4096) == want
+    # the 8-bit weight-only families build no 256-token stream-K tile
+    assert CU.tile_config("int8_wo", m, n, 4096) == "128x256x64 cooperative"
+
+
 def test_a_configuration_the_build_lacks_is_named(monkeypatch):
     kernel = R.get_kernel("cutlass_int8")
     monkeypatch.setattr(type(kernel), "module", lambda self: _FakeModule(self.family))

@@ -371,9 +371,13 @@ struct W4A16Configs {
                         TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler> {
     static constexpr const char* name = "128x128x64 cooperative stream-K";
   };
+  struct C5 : W4A16Gemm<ElementD, Shape<_128, _256, _64>, Shape<_1, _1, _1>, KernelTmaWarpSpecializedCooperative,
+                        TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler> {
+    static constexpr const char* name = "128x256x64 cooperative stream-K";
+  };
   // (two CTAs along the weight rows sharing the activation tile by TMA multicast, 128x256x64 c2x1,
   // measured 2-8% slower than C2 at M = 1024 / 2048: h200/prefill/cutlass_w4a16_cluster)
-  using List = ConfigList<C0, C1, C2, C3, C4>;
+  using List = ConfigList<C0, C1, C2, C3, C4, C5>;
 };
 
 // The 8-bit weight-only families: W4A16's tiles (the same swapped problem; K 64 is 64 bytes of weight).
