@@ -187,22 +187,22 @@ SM90: tuple = (
         "77.2 / 85.6 / 67.9; M=4096 749.5 / 705.9 / 736.0, 723.2 / 651.4 / 712.3, 298.5 / 280.8 / 301.1: "
         "dequantise + cuBLAS 6-11% ahead at M=4096, 9% behind at 2048; cutlass kept first for the bucket."),
     Row("sm90", "w4a16", (1, 16), ("cuda_w4a16", "triton_weight_only", "torch_int4pack"),
-        f"h200/decode/cuda_w4a16 ({_H200}), g128, us, cuda_w4a16 vs triton_weight_only (decode kernel) vs bf16 "
-        "F.linear: K=4096 N=14336 M=1 15.4 / 17.0 / 30.2, M=8 19.3 / 29.8 / 29.2, M=16 27.5 / 29.7 / 29.6; "
-        "K=14336 N=4096 M=1 14.8 / 17.8 / 31.3, M=8 21.1 / 41.9 / 31.9; gate/up together (N=28672) M=1 "
-        "28.1 / 30.2 / 55.7. End to end (h200/e2e, same run): decode b1 1.83x bf16 with it, 1.69x with "
-        "triton; b8 1.44x vs 1.02x."),
+        f"h200/decode/cuda_w4a16/mma16 ({_H200}), g128, us, cuda_w4a16 vs triton_weight_only (its best decode "
+        "configuration) vs bf16 F.linear: K=4096 N=14336 M=1 14.3 / 17.2 / 29.9, M=8 17.4 / 29.8 / 29.4, M=16 "
+        "24.9 / 29.7 / 29.9; K=14336 N=4096 M=1 13.1 / 17.9 / 31.4, M=8 15.8 / 41.7 / 32.0, M=16 22.9 / 41.6 / "
+        "32.3. End to end (h200/e2e/mma16_all): decode b1 1.94x bf16, b8 1.64x; with triton in an earlier "
+        "run (h200/e2e) 1.69x and 1.02x."),
     Row("sm90", "w4a16", (128, 1024, None), ("cutlass_w4a16", "triton_weight_only", "torch_int4pack"),
-        f"h200/prefill/cutlass_w4a16_* ({_H200}), g128, us, cutlass_w4a16 (its tile_config) vs triton_weight_only "
-        "(weight-stationary GEMM to M=64, GEMM to M=128, one dequantising pass + cuBLAS above) vs bf16 F.linear: "
-        "K=4096 N=14336 M=64 29.5 / 38.7 / 33.4, M=128 35.4 / 66.0 / 33.1, M=1024 179.1 / 188.9 / 152.8, "
-        "M=2048 329.6 / 343.2 / 307.5, M=4096 754.9 / 698.6 / 689.3; K=14336 N=4096 M=128 43.7 / 98.0 / 37.2, "
-        "M=2048 314.8 / 333.7 / 310.9, M=4096 674.8 / 631.4 / 690.2; K=4096 N=4096 M=2048 91.9 / 96.7 / 87.0; "
-        "K=4096 N=1024 (k/v) M=2048 31.7 / 27.5 / 23.6. cutlass_w4a16 wins at M=64-2048 but for k/v and "
-        "N=6144 at M=1024; dequantise + cuBLAS wins at M=4096 (4-9%). End to end (h200/e2e/w4a16_prefill*, "
-        "2048-token prefill) the Triton path's Python launches left the GPU idle: 97.8 ms wall for 48.1 ms "
-        "of device time, against 55.0 / 49.2 ms with cutlass_w4a16 (51.1 / 48.7 with its k/v tiles), bf16 "
-        "50.8 / 47.6. tinygemm (torch_int4pack) kept as the fallback for shapes our kernels refuse."),
+        f"h200/prefill/cutlass_w4a16_mma16 ({_H200}), g128, us, cutlass_w4a16 in the MMA-fragment layout (its "
+        "fastest tile) vs triton_weight_only (the GEMM at M=128, one dequantising pass + cuBLAS above) vs bf16 "
+        "F.linear: K=4096 N=14336 M=128 26.7 / 65.3 / 32.8, M=1024 160.7 / 190.9 / 155.2, M=4096 704.2 / 714.7 / "
+        "724.2; K=14336 N=4096 M=128 36.3 / 97.2 / 37.1, M=1024 145.1 / 183.6 / 153.5, M=4096 660.4 / 671.4 / "
+        "720.4; K=4096 N=6144 M=128 23.3 / 40.0 / 16.8, M=1024 74.7 / 83.2 / 68.9, M=4096 266.0 / 273.2 / 297.3: "
+        "cutlass_w4a16 first in every cell. Before that layout (h200/prefill/cutlass_w4a16_tiles and _kv) "
+        "dequantise + cuBLAS won at M=4096 by 4-9%. End to end the Triton path's Python launches left the GPU "
+        "idle (h200/e2e/w4a16_prefill: 97.8 ms wall for 48.1 ms of device time, against 55.0 / 49.2 ms with "
+        "cutlass_w4a16, bf16 50.8 / 47.6); with the MMA-fragment layout (h200/e2e/mma16_all) 48.7 ms against "
+        "bf16's 49.8. tinygemm (torch_int4pack) kept as the fallback for shapes our kernels refuse."),
 )
 
 #: other CUDA GPUs (Ampere, Ada, Blackwell): nothing measured yet; our kernels first (sm80+)
