@@ -77,17 +77,21 @@ def tile_config(family: str, m: int, n: int, k: int) -> str:
         # h200/prefill: every configuration at M = 16 .. 4096 on (K, N) = (4096, 14336), (14336, 4096),
         # (4096, 6144), (4096, 1024): stream-K wins where few tiles leave SMs idle; above M = 128,
         # 256 tokens a tile while that gives at least half of Hopper's 132 SMs a tile, 128 where 256 would
-        # not (k_proj / v_proj, N = 1024)
+        # not (k_proj / v_proj, N = 1024).  h200/prefill/cutlass_wo_tiles (every family, M = 128 / 1024
+        # / 4096 on the first three shapes): where the 256-token tiles leave the last wave under 90% full,
+        # stream-K was 8-13% faster than the plain schedule (M = 1024 on the K = 4096 shapes), and where
+        # the waves are full the plain schedule was as fast or up to 18% faster; at M = 128 on (4096,
+        # 6144), whose 48 tiles of 128 x 128 fill a third of the GPU, 64-row pingpong tiles were 15-18%
+        # faster than stream-K, which kept the lead where K is long ((14336, 4096): 32 tiles)
         if m <= 64:
             return "128x64x64 cooperative stream-K"
+        if m <= 128 and k <= 8192 and 40 <= -(-n // 128) * -(-m // 128) < 66:  # (fewer tiles: not measured)
+            return "64x128x64 pingpong"
         if m > 128:
             tiles = -(-n // 128) * -(-m // 256)
             if tiles >= 66:
-                # w4a16 in the MMA-fragment layout (h200/prefill/cutlass_w4a16_mma16): where the 256-token
-                # tiles leave the last wave under 90% full, stream-K splits their K and was 2-5% faster
-                # (M = 1024 on (4096, 14336) and (4096, 6144)); full waves keep the plain schedule
                 waves = tiles / 132
-                if family == "w4a16" and waves / math.ceil(waves) < 0.9:
+                if waves / math.ceil(waves) < 0.9:
                     return "128x256x64 cooperative stream-K"
                 return "128x256x64 cooperative"
             if -(-n // 128) * -(-m // 128) >= 66:

@@ -226,17 +226,21 @@ def test_tile_config_names_configurations_the_sources_build():
         CU.tile_config("fp4", 1, 8, 16)
 
 
-@pytest.mark.parametrize("m, n, want", [
-    (1024, 14336, "128x256x64 cooperative stream-K"),  # 448 tiles: the 4th wave 39% full
-    (1024, 6144, "128x256x64 cooperative stream-K"),   # 192 tiles: the 2nd wave 45% full
-    (1024, 4096, "128x256x64 cooperative"),            # 128 tiles: one wave, 97% full
-    (4096, 14336, "128x256x64 cooperative"),
-    (4096, 4096, "128x256x64 cooperative"),
+@pytest.mark.parametrize("family", ["w4a16", "int8_wo", "fp8_wo"])
+@pytest.mark.parametrize("m, n, k, want", [
+    (1024, 14336, 4096, "128x256x64 cooperative stream-K"),  # 448 tiles: the 4th wave 39% full
+    (1024, 6144, 4096, "128x256x64 cooperative stream-K"),   # 192 tiles: the 2nd wave 45% full
+    (1024, 4096, 14336, "128x256x64 cooperative"),           # 128 tiles: one wave, 97% full
+    (4096, 14336, 4096, "128x256x64 cooperative"),
+    (4096, 4096, 14336, "128x256x64 cooperative"),
+    (128, 6144, 4096, "64x128x64 pingpong"),                 # 48 tiles of 128 x 128
+    (128, 4096, 14336, "128x128x64 cooperative stream-K"),   # 32 tiles, but a long K to split
+    (128, 14336, 4096, "128x128x64 cooperative stream-K"),   # 112 tiles
+    (64, 6144, 4096, "128x64x64 cooperative stream-K"),
+    (128, 1024, 4096, "128x128x64 cooperative stream-K"),    # 8 tiles: pingpong's rule not measured there
 ])
-def test_w4a16_prefill_takes_stream_k_where_the_last_wave_is_short(m, n, want):
-    assert CU.tile_config("w4a16", m, n, 4096) == want
-    # the 8-bit weight-only families build no 256-token stream-K tile
-    assert CU.tile_config("int8_wo", m, n, 4096) == "128x256x64 cooperative"
+def test_weight_only_prefill_tiles_follow_the_waves(family, m, n, k, want):
+    assert CU.tile_config(family, m, n, k) == want
 
 
 def test_a_configuration_the_build_lacks_is_named(monkeypatch):

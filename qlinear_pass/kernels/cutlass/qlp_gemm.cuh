@@ -375,9 +375,13 @@ struct W4A16Configs {
                         TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler> {
     static constexpr const char* name = "128x256x64 cooperative stream-K";
   };
+  struct C6 : W4A16Gemm<ElementD, Shape<_64, _128, _64>, Shape<_1, _1, _1>, KernelTmaWarpSpecializedPingpong,
+                        TmaWarpSpecialized> {
+    static constexpr const char* name = "64x128x64 pingpong";
+  };
   // (two CTAs along the weight rows sharing the activation tile by TMA multicast, 128x256x64 c2x1,
   // measured 2-8% slower than C2 at M = 1024 / 2048: h200/prefill/cutlass_w4a16_cluster)
-  using List = ConfigList<C0, C1, C2, C3, C4, C5>;
+  using List = ConfigList<C0, C1, C2, C3, C4, C5, C6>;
 };
 
 // The 8-bit weight-only families: W4A16's tiles (the same swapped problem; K 64 is 64 bytes of weight).
@@ -403,7 +407,16 @@ struct W8A16Configs {
                           KernelTmaWarpSpecializedCooperative, TmaWarpSpecializedCooperative> {
       static constexpr const char* name = "128x256x64 cooperative";
     };
-    using List = ConfigList<C0, C1, C2, C3>;
+    struct C4 : W8A16Gemm<ElementW, ElementD, Shape<_128, _256, _64>, Shape<_1, _1, _1>,
+                          KernelTmaWarpSpecializedCooperative, TmaWarpSpecializedCooperative,
+                          cutlass::gemm::StreamKScheduler> {
+      static constexpr const char* name = "128x256x64 cooperative stream-K";
+    };
+    struct C5 : W8A16Gemm<ElementW, ElementD, Shape<_64, _128, _64>, Shape<_1, _1, _1>,
+                          KernelTmaWarpSpecializedPingpong, TmaWarpSpecialized> {
+      static constexpr const char* name = "64x128x64 pingpong";
+    };
+    using List = ConfigList<C0, C1, C2, C3, C4, C5>;
   };
 };
 template <class ElementD>
