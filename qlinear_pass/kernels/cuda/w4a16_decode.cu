@@ -157,8 +157,7 @@ struct Layout {
 };
 
 // T: the activation dtype; VEC: a sub-chunk (one scale each) is 8 * VEC k, VEC / 2 atoms (4, 8, 16);
-// TOK: tokens per CTA (1: the activation travels with the weights in the ring; 8 or 16: read from
-// L2, larger M takes more CTAs along y); R: 16-row tiles per warp.
+// TOK: tokens per CTA (1, 8 or 16; larger M takes more CTAs along y); R: 16-row tiles per warp.
 template <typename T, int VEC, int TOK, int R>
 __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kernel(const __grid_constant__ Params p) {
   using L = Layout<R, TOK>;
