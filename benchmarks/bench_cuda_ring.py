@@ -2,7 +2,7 @@
 """The CUDA w4a16 decode kernel (``qlinear_pass/kernels/cuda/w4a16_decode.cu``) built with other
 values of its tuning defines, timed side by side: the measurement behind the defaults of
 ``QLP_WARPS`` / ``QLP_SLOTS_R1`` / ``QLP_SLOTS_R2`` (warps a CTA, ``cp.async`` ring depths),
-``QLP_MIN_CTAS`` (the register budget for M > 1), ``QLP_MAX_TOK`` (tokens a CTA) and ``QLP_L2_FETCH`` (the DRAM block
+``QLP_MIN_CTAS_M1`` / ``QLP_MIN_CTAS`` (the register budget for M = 1 / M > 1), ``QLP_MAX_TOK`` (tokens a CTA) and ``QLP_L2_FETCH`` (the DRAM block
 L2 fetches for a weight copy).
 
 Each variant is compiled with this machine's nvcc (the flags of ``kernels/cuda_build.py`` plus the
@@ -48,6 +48,14 @@ SETS = {
         "t16": {"QLP_MAX_TOK": 16},
         "t8": {"QLP_MAX_TOK": 8},
         "t16min2": {"QLP_MAX_TOK": 16, "QLP_MIN_CTAS": 2},
+    },
+    "occupancy": {
+        "base": {},
+        "m3": {"QLP_MIN_CTAS_M1": 3},
+        "m4": {"QLP_MIN_CTAS_M1": 4},
+        "s3s3": {"QLP_SLOTS_R2": 3},
+        "w4s4s3": {"QLP_WARPS": 4, "QLP_SLOTS_R1": 4, "QLP_SLOTS_R2": 3},
+        "w4s6s4": {"QLP_WARPS": 4, "QLP_SLOTS_R1": 6, "QLP_SLOTS_R2": 4},
     },
     "l2": {
         "l2f0": {"QLP_L2_FETCH": 0},

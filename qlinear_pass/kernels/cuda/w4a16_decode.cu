@@ -57,7 +57,10 @@ constexpr int MAX_SEGMENTS = 3;
 #ifndef QLP_SLOTS_R2
 #define QLP_SLOTS_R2 2
 #endif
-// For more than one token: CTAs an SM the register allocation must leave room for
+// CTAs an SM the register allocation must leave room for, for one token and for more
+#ifndef QLP_MIN_CTAS_M1
+#define QLP_MIN_CTAS_M1 1
+#endif
 #ifndef QLP_MIN_CTAS
 #define QLP_MIN_CTAS 1
 #endif
@@ -159,7 +162,7 @@ struct Layout {
 // T: the activation dtype; VEC: a sub-chunk (one scale each) is 8 * VEC k, VEC / 2 atoms (4, 8, 16);
 // TOK: tokens per CTA (1, 8 or 16; larger M takes more CTAs along y); R: 16-row tiles per warp.
 template <typename T, int VEC, int TOK, int R>
-__global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kernel(const __grid_constant__ Params p) {
+__global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : QLP_MIN_CTAS_M1) w4a16_kernel(const __grid_constant__ Params p) {
   using L = Layout<R, TOK>;
   constexpr int MT = L::MT;
   constexpr int STAGES = L::STAGES;
