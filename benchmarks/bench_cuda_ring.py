@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """The CUDA w4a16 decode kernel (``qlinear_pass/kernels/cuda/w4a16_decode.cu``) built with other
-values of its tuning defines, timed side by side: the measurement behind the defaults of
-``QLP_WARPS`` / ``QLP_SLOTS_R1`` / ``QLP_SLOTS_R2`` (warps a CTA, ``cp.async`` ring depths),
-``QLP_MIN_CTAS_M1`` / ``QLP_MIN_CTAS`` (the register budget for M = 1 / M > 1), ``QLP_MAX_TOK`` (tokens a CTA) and ``QLP_L2_FETCH`` (the DRAM block
+values of its tuning defines (or called with other warps a CTA), timed side by side: the measurement
+behind ``cuda_w4a16.warps_for`` and the defaults of ``QLP_SLOTS_R1`` / ``QLP_SLOTS_R2`` / ``QLP_SLOTS4_R1`` /
+``QLP_SLOTS4_R2`` (``cp.async`` ring depths with 8 / 4 warps),
+``QLP_MIN_CTAS`` (the register budget for M > 1), ``QLP_MAX_TOK`` (tokens a CTA) and ``QLP_L2_FETCH`` (the DRAM block
 L2 fetches for a weight copy).
 
 Each variant is compiled with this machine's nvcc (the flags of ``kernels/cuda_build.py`` plus the
@@ -35,27 +36,26 @@ from qlinear_pass.kernels import cuda_build as CB  # noqa: E402
 from qlinear_pass.kernels import cuda_w4a16 as CW  # noqa: E402
 from qlinear_pass.kernels import int4_layout  # noqa: E402
 
-#: sets of variants (--set): name -> the defines it is built with (the others keep the source's defaults)
+#: sets of variants (--set): name -> the defines it is built with (QLP_*; the others keep the source's
+#: defaults) and the arguments of its calls (``warps``: a CTA's, 8 or 4, the latter at M = 1 only; by
+#: default the kernel's rule)
 SETS = {
     "ring": {
-        "w8s3s2": {"QLP_WARPS": 8, "QLP_SLOTS_R1": 3, "QLP_SLOTS_R2": 2},
-        "w8s4s3": {"QLP_WARPS": 8, "QLP_SLOTS_R1": 4, "QLP_SLOTS_R2": 3},
-        "w8s6s4": {"QLP_WARPS": 8, "QLP_SLOTS_R1": 6, "QLP_SLOTS_R2": 4},
-        "w4s4s3": {"QLP_WARPS": 4, "QLP_SLOTS_R1": 4, "QLP_SLOTS_R2": 3},
-        "w4s6s4": {"QLP_WARPS": 4, "QLP_SLOTS_R1": 6, "QLP_SLOTS_R2": 4},
+        "s3s2": {"QLP_SLOTS_R2": 2},
+        "s3s3": {},
+        "s4s4": {"QLP_SLOTS_R1": 4, "QLP_SLOTS_R2": 4},
+        "w4s4s3": {"warps": 4},
+        "w4s6s4": {"warps": 4, "QLP_SLOTS4_R1": 6, "QLP_SLOTS4_R2": 4},
+    },
+    "warps": {
+        "w8": {"warps": 8},
+        "w4": {"warps": 4},
+        "rule": {},
     },
     "tokens": {
         "t16": {"QLP_MAX_TOK": 16},
         "t8": {"QLP_MAX_TOK": 8},
         "t16min2": {"QLP_MAX_TOK": 16, "QLP_MIN_CTAS": 2},
-    },
-    "occupancy": {
-        "base": {},
-        "m3": {"QLP_MIN_CTAS_M1": 3},
-        "m4": {"QLP_MIN_CTAS_M1": 4},
-        "s3s3": {"QLP_SLOTS_R2": 3},
-        "w4s4s3": {"QLP_WARPS": 4, "QLP_SLOTS_R1": 4, "QLP_SLOTS_R2": 3},
-        "w4s6s4": {"QLP_WARPS": 4, "QLP_SLOTS_R1": 6, "QLP_SLOTS_R2": 4},
     },
     "l2": {
         "l2f0": {"QLP_L2_FETCH": 0},
@@ -105,7 +105,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="qlp_ring_") as tmp:
         t0 = time.monotonic()
         with ThreadPoolExecutor(max_workers=len(variants)) as pool:  # one nvcc each, side by side
-            built = {name: pool.submit(build, name, d, Path(tmp)) for name, d in variants.items()}
+            built = {name: pool.submit(build, name, {k: v for k, v in d.items() if k.startswith("QLP_")}, Path(tmp))
+                     for name, d in variants.items()}
             libs = {name: f.result() for name, f in built.items()}
         say(f"# built {len(libs)} variants in {time.monotonic() - t0:.0f} s")
         result = {"device": torch.cuda.get_device_name(), "group_size": args.group_size, "set": args.set, "variants": variants, "cases": []}
@@ -121,9 +122,13 @@ def main(argv=None) -> int:
                     case = {"k": k, "n": n, "m": m, "us": {}, "rel_err": {}}
                     for name, lib in libs.items():
                         CW._library = lambda device, lib=lib: lib
+                        warps = variants[name].get("warps")
+                        if warps == 4 and m != 1:
+                            continue  # 4 warps a CTA serve one token only
 
                         def call(ws):
-                            return CW.w4a16_decode(x, int4_layout.mma16_of(ws[0]), ws[1], None, None, args.group_size)
+                            return CW.w4a16_decode(x, int4_layout.mma16_of(ws[0]), ws[1], None, None, args.group_size,
+                                                   warps=warps)
                         case["rel_err"][name] = S.relative_error(call(sets[0]), ref)
                         case["us"][name] = graph_time([(lambda ws: (lambda: call(ws)))(ws) for ws in sets]) * 1e6
                     result["cases"].append(case)

@@ -20,7 +20,7 @@ from . import cuda_build, int4_layout
 #: the layers one launch serves (the kernel's MAX_SEGMENTS)
 MAX_SEGMENTS = 3
 #: the kernel's ABI_VERSION (Params and Segment as declared below)
-ABI_VERSION = 5
+ABI_VERSION = 6
 DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 
 
@@ -62,7 +62,7 @@ def _library(device: torch.device) -> ctypes.CDLL:
 
 def prepare(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Check that a built library matches this module's structs and declare its functions (once)."""
-    return cuda_build.bind(lib, "w4a16", _Params, MAX_SEGMENTS, ABI_VERSION, [ctypes.c_int, ctypes.c_int])
+    return cuda_build.bind(lib, "w4a16", _Params, MAX_SEGMENTS, ABI_VERSION, [ctypes.c_int, ctypes.c_int, ctypes.c_int])
 
 
 def row_tiles_for(m: int, n_total: int, sms: int) -> int:
@@ -71,6 +71,15 @@ def row_tiles_for(m: int, n_total: int, sms: int) -> int:
     tiles (benchmarks/results/h200/decode/cuda_w4a16): N = 14336 M = 1 21.1 / 15.4, M = 16 36.4 /
     27.5; N = 4096 (K = 14336) M = 1 16.0 / 14.8; N = 1024 M = 1 4.6 / 5.9."""
     return 2 if n_total // 32 >= 0.9 * sms else 1
+
+
+def warps_for(m: int, tiles: int, sms: int) -> int:
+    """Warps a CTA: 4 for one token where the row tiles are at least two per SM (each warp then
+    walks twice the chunks of a tile between the CTA's reductions, and twice the CTAs share an SM),
+    else 8.  H200, g128, M = 1, us with 8 / 4 warps (benchmarks/results/h200/decode/cuda_w4a16/
+    occupancy): N = 28672 25.1 / 22.8, N = 14336 14.0 / 12.9 (896 and 448 tiles of 32 rows); N = 6144
+    8.4 / 8.3 (192); K = 14336, N = 4096 12.7 / 14.1 (128); N = 1024 4.1 / 4.4 (64 tiles of 16 rows)."""
+    return 4 if m == 1 and tiles >= 2 * sms else 8
 
 
 def aligned(t: torch.Tensor, align: int, row_multiple: int = 1) -> torch.Tensor:
@@ -93,10 +102,14 @@ def _zero_points(z: torch.Tensor) -> torch.Tensor:
 
 
 def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int,
-                       row_tiles: Optional[int] = None) -> list[torch.Tensor]:
-    """``x`` [M, K] (bf16 or fp16) times each layer's int4 weight -> one [M, N_i] output each, in x's dtype."""
+                       row_tiles: Optional[int] = None, warps: Optional[int] = None) -> list[torch.Tensor]:
+    """``x`` [M, K] (bf16 or fp16) times each layer's int4 weight -> one [M, N_i] output each, in x's dtype.
+    ``row_tiles`` (1 or 2) and ``warps`` (8, or 4 at M = 1) default to :func:`row_tiles_for` and
+    :func:`warps_for`."""
     if x.dim() != 2:
         raise ValueError(f"the activation must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if warps is not None and warps not in (4, 8) or warps == 4 and x.shape[0] != 1:
+        raise ValueError(f"warps a CTA: 8, or 4 for one token (M = 1); got {warps} at M = {x.shape[0]}")
     if x.dtype not in DTYPES:
         raise ValueError(f"the int4 decode kernel takes bf16 or fp16 activations, not {x.dtype}")
     if x.device.type != "cuda":
@@ -137,8 +150,9 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
     x = aligned(x, 16, 8)
     lib = _library(x.device)
     n_total = sum(n for *_, n in prepared)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     if row_tiles is None:
-        row_tiles = row_tiles_for(m, n_total, torch.cuda.get_device_properties(x.device).multi_processor_count)
+        row_tiles = row_tiles_for(m, n_total, sms)
     rows = 16 * row_tiles
     err = ctypes.create_string_buffer(256)
     stream = torch.cuda.current_stream(x.device).cuda_stream
@@ -158,13 +172,15 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
                 seg.z_stride = z.stride(0) if z is not None else 0
                 seg.n, seg.tiles = n, -(-n // rows)
             p.total_tiles = sum(p.seg[j].tiles for j in range(len(batch)))
-            if lib.qlp_w4a16_decode(ctypes.byref(p), DTYPES[x.dtype], row_tiles, stream, err, len(err)):
+            w = warps if warps is not None else warps_for(m, p.total_tiles, sms)
+            if lib.qlp_w4a16_decode(ctypes.byref(p), DTYPES[x.dtype], row_tiles, w, stream, err, len(err)):
                 raise RuntimeError(f"the int4 decode kernel failed: {err.value.decode(errors='replace')}")
     return outs
 
 
 def w4a16_decode(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: Optional[torch.Tensor],
-                 bias: Optional[torch.Tensor], group_size: int, row_tiles: Optional[int] = None) -> torch.Tensor:
+                 bias: Optional[torch.Tensor], group_size: int, row_tiles: Optional[int] = None,
+                 warps: Optional[int] = None) -> torch.Tensor:
     """One layer: ``x`` [M, K] times the int4 weight ``w`` ([N/16, K/16, 128], MMA-fragment layout) ->
     [M, N] in x's dtype."""
-    return w4a16_decode_group(x, [Layer(w, s, z, bias)], group_size, row_tiles)[0]
+    return w4a16_decode_group(x, [Layer(w, s, z, bias)], group_size, row_tiles, warps)[0]

@@ -15,8 +15,9 @@ from tests.helpers import kernel_case
 
 @st.composite
 def cases(draw, max_n=300, ks=(128, 256, 384, 4096)):
+    m = draw(st.integers(1, 20))
     return dict(
-        m=draw(st.integers(1, 20)),
+        m=m,
         ns=draw(st.lists(st.integers(1, max_n // 16).map(lambda b: 16 * b), min_size=1, max_size=4)),
         k=draw(st.sampled_from(ks)),
         group_size=draw(st.sampled_from([32, 64, 128])),
@@ -25,10 +26,11 @@ def cases(draw, max_n=300, ks=(128, 256, 384, 4096)):
         bias=draw(st.booleans()),
         scale_dtype=draw(st.sampled_from([torch.float32, None])),  # None: the activation's dtype
         row_tiles=draw(st.sampled_from([None, 1, 2])),
+        warps=draw(st.sampled_from([None, 8, 4] if m == 1 else [None, 8])),  # 4 warps a CTA at M = 1 only
     )
 
 
-def check(m, ns, k, group_size, zero_points, dtype, bias, scale_dtype, row_tiles, seed=0):
+def check(m, ns, k, group_size, zero_points, dtype, bias, scale_dtype, row_tiles, warps=None, seed=0):
     layers, refs, x = [], [], None
     for i, n in enumerate(ns):
         x_i, p, b, _, _ = kernel_case("w4a16", m, n, k, group_size=group_size, zero_points=zero_points, dtype=dtype,
@@ -38,7 +40,7 @@ def check(m, ns, k, group_size, zero_points, dtype, bias, scale_dtype, row_tiles
         z = p[2] if len(p) > 2 else None
         layers.append(CW.Layer(int4_layout.to_mma16(p[0]), s, z, b))
         refs.append(S.reference("w4a16", x, [p[0], s, z] if z is not None else [p[0], s], b))
-    ys = CW.w4a16_decode_group(x, layers, group_size, row_tiles=row_tiles)
+    ys = CW.w4a16_decode_group(x, layers, group_size, row_tiles=row_tiles, warps=warps)
     for i, (y, ref) in enumerate(zip(ys, refs)):
         assert y.shape == ref.shape and y.dtype == dtype
         err = S.relative_error(y, ref)
@@ -57,6 +59,10 @@ def check(m, ns, k, group_size, zero_points, dtype, bias, scale_dtype, row_tiles
               scale_dtype=None, row_tiles=2), 3)  # long K, many groups
 @example(dict(m=2, ns=[32, 16, 80], k=384, group_size=128, zero_points=True, dtype=torch.float16, bias=True,
               scale_dtype=torch.bfloat16, row_tiles=1), 4)  # 3 groups a row: zero points padded
+@example(dict(m=1, ns=[4096, 4096, 1024], k=4096, group_size=128, zero_points=False, dtype=torch.bfloat16,
+              bias=False, scale_dtype=None, row_tiles=None, warps=None), 5)  # 288 tiles: the rule's 4 warps
+@example(dict(m=1, ns=[64, 48], k=14336, group_size=32, zero_points=True, dtype=torch.float16, bias=True,
+              scale_dtype=None, row_tiles=1, warps=4), 6)  # 4 warps: 28 chunks each a tile, several groups
 def test_matches_reference_on_gpu(case, seed):
     check(**case, seed=seed)
 
@@ -93,6 +99,20 @@ def test_refuses_bad_arguments():
     assert "groups of 32, 64 or a multiple of 128" in CW.check_group_size(256, 16)
     assert "K divisible by 128" in CW.check_group_size(192, 64)
     assert CW.check_group_size(4096, 128) == "" and CW.check_group_size(4096, 256) == ""
+
+
+def test_warps_rule_and_its_limits():
+    assert CW.warps_for(1, 896, 132) == 4  # gate/up together at M = 1: 896 tiles of 32 rows
+    assert CW.warps_for(1, 448, 132) == 4  # N = 14336
+    assert CW.warps_for(1, 192, 132) == 8  # q/k/v (N = 6144): under two tiles an SM
+    assert CW.warps_for(1, 128, 132) == 8  # down_proj (N = 4096): one tile an SM
+    assert CW.warps_for(8, 896, 132) == 8  # more tokens: 8 warps always
+    x = torch.zeros(2, 256, dtype=torch.bfloat16)
+    w = torch.zeros(2, 16, 128, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="4 for one token"):
+        CW.w4a16_decode(x, w, torch.ones(32, 2), None, None, 128, warps=4)
+    with pytest.raises(ValueError, match="got 6"):
+        CW.w4a16_decode(x[:1], w, torch.ones(32, 2), None, None, 128, warps=6)
 
 
 def test_row_tiles_rule():

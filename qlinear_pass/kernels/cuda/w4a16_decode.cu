@@ -19,7 +19,7 @@
 //   the exponent of 128 / 1024: (word >> 4i) & 0x000F000F | magic), holding BIAS + q; the MMAs
 //   multiply these, and BIAS + z times the activation's sum over the group (one more MMA, with an
 //   all-ones A, per atom) comes off in fp32.  The activation enters in its natural k order;
-// * the warps of a CTA split K (chunk c goes to warp c % WARPS) and add up through shared memory at
+// * the W warps of a CTA split K (chunk c goes to warp c % W) and add up through shared memory at
 //   the end of each row tile: no workspace, no atomics; the output is written once, in its dtype;
 // * CTAs are persistent (about as many as fit on the GPU at once): each walks its row tiles while
 //   its warps' rings run on from one tile into the next;
@@ -46,21 +46,23 @@
 namespace qlp {
 
 constexpr int MAX_SEGMENTS = 3;
-// Warps a CTA and cp.async ring slots a warp (with 16-row / 32-row tiles); defines only for
-// benchmarks/bench_cuda_ring.py, which times other values
-#ifndef QLP_WARPS
-#define QLP_WARPS 8
-#endif
+// cp.async ring slots a warp, with 16-row / 32-row tiles, for CTAs of 8 warps and of 4 (the caller
+// picks the warps per launch); defines only for benchmarks/bench_cuda_ring.py, which times other values
 #ifndef QLP_SLOTS_R1
 #define QLP_SLOTS_R1 3
 #endif
 #ifndef QLP_SLOTS_R2
-#define QLP_SLOTS_R2 2
+#define QLP_SLOTS_R2 3
 #endif
-// CTAs an SM the register allocation must leave room for, for one token and for more
-#ifndef QLP_MIN_CTAS_M1
-#define QLP_MIN_CTAS_M1 1
+#ifndef QLP_SLOTS4_R1
+#define QLP_SLOTS4_R1 4
 #endif
+#ifndef QLP_SLOTS4_R2
+#define QLP_SLOTS4_R2 3
+#endif
+// For more than one token: CTAs an SM the register allocation must leave room for (at M = 1 the
+// compiler's choice, 2 CTAs of 8 warps, was 2-11% faster than room for 3 or 4: bench_cuda_ring.py
+// --set occupancy, H200)
 #ifndef QLP_MIN_CTAS
 #define QLP_MIN_CTAS 1
 #endif
@@ -74,8 +76,7 @@ constexpr int MAX_SEGMENTS = 3;
 #ifndef QLP_MAX_TOK
 #define QLP_MAX_TOK 16
 #endif
-constexpr int WARPS = QLP_WARPS;
-constexpr int ABI_VERSION = 5;  // bumped whenever Params or Segment change
+constexpr int ABI_VERSION = 6;  // bumped whenever Params or Segment change
 
 struct Segment {
   const uint8_t* w;     // [n/16][k/16][128] int4 in the MMA-fragment layout, 16-row blocks w_stride bytes apart
@@ -131,16 +132,16 @@ __device__ __forceinline__ void ldsm_x4(uint32_t& d0, uint32_t& d1, uint32_t& d2
 }
 
 // The shared memory of one CTA:
-//   the warps' rings   [WARPS][STAGES] slots, each: [R blocks][8 atoms][128] weight bytes, [16 R][16]
+//   the warps' rings   [W][STAGES] slots, each: [R blocks][8 atoms][128] weight bytes, [16 R][16]
 //                      scale bytes, [16 R][4] zero-point bytes and [TOK][X_ROW] activation bytes
-//   the reduction      [WARPS][16 R][8 MT] fp32
-template <int R, int TOK>
+//   the reduction      [W][16 R][8 MT] fp32
+template <int R, int TOK, int W>
 struct Layout {
   static constexpr int MT = TOK > 8 ? 2 : 1;  // 8-token MMA tiles
-  // chunk slots per warp, all but one in flight while one is read.  Fewer slots leave room for more
-  // CTAs an SM, which hid latency better than a deeper ring (benchmarks/bench_cuda_ring.py, H200:
-  // M = 1, 3 / 2 slots up to 8% faster than 4 / 3; 6 / 4 up to 27% slower)
-  static constexpr int STAGES = R == 1 ? QLP_SLOTS_R1 : QLP_SLOTS_R2;
+  // chunk slots per warp, all but one in flight while one is read (benchmarks/bench_cuda_ring.py,
+  // H200, 8 warps: 3 slots with 32-row tiles 1-7% faster than 2 at M = 8 and 16, the same at M = 1;
+  // with 4 warps 4 / 3 slots up to 12% faster than 6 / 4)
+  static constexpr int STAGES = W == 4 ? (R == 1 ? QLP_SLOTS4_R1 : QLP_SLOTS4_R2) : (R == 1 ? QLP_SLOTS_R1 : QLP_SLOTS_R2);
   static constexpr int BLOCK_B = 8 * 128;     // a 16-row block's 8 atoms of a chunk (lanes read
                                               // consecutive words: no bank conflicts, no padding)
   static constexpr int W_B = R * BLOCK_B;
@@ -151,19 +152,19 @@ struct Layout {
   static constexpr int X_ROW = TOK == 1 ? 128 * 2 : 128 * 2 + 16;
   static constexpr int X_B = TOK * X_ROW;
   static constexpr int SLOT_B = W_B + S_B + Z_B + X_B;
-  static constexpr int RING_B = WARPS * STAGES * SLOT_B;
+  static constexpr int RING_B = W * STAGES * SLOT_B;
   // a row of the reduction holds the tile's 8 MT tokens and one pad: an odd stride, so the threads
   // that add up consecutive channels read 32 different banks
   static constexpr int RED_ROW = 8 * MT + 1;
-  static constexpr int RED_B = WARPS * 16 * R * RED_ROW * 4;
+  static constexpr int RED_B = W * 16 * R * RED_ROW * 4;
   static constexpr int BYTES = RING_B + RED_B;
 };
 
 // T: the activation dtype; VEC: a sub-chunk (one scale each) is 8 * VEC k, VEC / 2 atoms (4, 8, 16);
 // TOK: tokens per CTA (1, 8 or 16; larger M takes more CTAs along y); R: 16-row tiles per warp.
-template <typename T, int VEC, int TOK, int R>
-__global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : QLP_MIN_CTAS_M1) w4a16_kernel(const __grid_constant__ Params p) {
-  using L = Layout<R, TOK>;
+template <typename T, int VEC, int TOK, int R, int W>
+__global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kernel(const __grid_constant__ Params p) {
+  using L = Layout<R, TOK, W>;
   constexpr int MT = L::MT;
   constexpr int STAGES = L::STAGES;
   constexpr int SUB = 16 / VEC;  // sub-chunks (one group each) in a chunk of 128 k
@@ -176,7 +177,7 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : QLP_MIN_C
   const int tok0 = blockIdx.y * TOK;
   const int tokens = min(TOK, p.m - tok0);
   const int nchunks = p.k / 128;
-  const int nch = warp < nchunks ? (nchunks - warp + WARPS - 1) / WARPS : 0;  // this warp's chunks of a tile
+  const int nch = warp < nchunks ? (nchunks - warp + W - 1) / W : 0;  // this warp's chunks of a tile
   const int ntiles = blockIdx.x < p.total_tiles ? (p.total_tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
 
   uint8_t* ring = smem + warp * STAGES * L::SLOT_B;
@@ -205,7 +206,7 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : QLP_MIN_C
   auto issue = [&]() {
     if (tj < ntiles) {
       uint8_t* slot = ring + ts * L::SLOT_B;
-      const int step = ci * WARPS;  // chunks past this warp's first one
+      const int step = ci * W;  // chunks past this warp's first one
 #pragma unroll
       for (int q = 0; q < 2 * R; ++q) cp_async16_l2<QLP_L2_FETCH>(slot + (lane + 32 * q) * 16, w_src[q] + (long long)step * L::BLOCK_B);
       if (lane < 16 * R) {  // the row's SUB scales, and the 4-byte word holding its SUB zero points
@@ -255,7 +256,7 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : QLP_MIN_C
       cs = cs + 1 == STAGES ? 0 : cs + 1;
       const float* sc = reinterpret_cast<const float*>(slot + L::W_B);
       const uint8_t* zc = slot + L::W_B + L::S_B;
-      const int c = warp + i * WARPS;
+      const int c = warp + i * W;
 #pragma unroll
       for (int s = 0; s < SUB; ++s) {
         // the activation of this sub-chunk as B fragments, per atom: (x[2t], x[2t+1]), (x[2t+8], x[2t+9])
@@ -343,13 +344,13 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : QLP_MIN_C
         red[warp][16 * r + g + 8][8 * jj + 2 * t + 1] = acc[r][jj][3];
       }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < R * 16 * MT * 8; idx += WARPS * 32) {
+    for (int idx = threadIdx.x; idx < R * 16 * MT * 8; idx += W * 32) {
       const int rr = idx % (R * 16), tt = idx / (R * 16);  // consecutive threads: consecutive channels
       const int row = row0 + rr;
       if (row >= sg.n || tt >= tokens) continue;
       float v = 0.f;
 #pragma unroll
-      for (int w = 0; w < WARPS; ++w) v += red[w][rr][tt];
+      for (int w = 0; w < W; ++w) v += red[w][rr][tt];
       if (sg.bias) v += Io<T>::load(sg.bias, row);
       Io<T>::store(sg.out, (long long)(tok0 + tt) * sg.out_stride + row, v);
     }
@@ -358,27 +359,37 @@ __global__ void __launch_bounds__(WARPS * 32, TOK > 1 ? QLP_MIN_CTAS : QLP_MIN_C
   cp_wait<0>();
 }
 
-template <typename T, int VEC, int TOK, int R>
+template <typename T, int VEC, int TOK, int R, int W>
 cudaError_t launch(const Params& p, cudaStream_t stream) {
-  return launch_persistent<w4a16_kernel<T, VEC, TOK, R>, TOK, WARPS * 32, Layout<R, TOK>::BYTES>(p, stream);
+  return launch_persistent<w4a16_kernel<T, VEC, TOK, R, W>, TOK, W * 32, Layout<R, TOK, W>::BYTES>(p, stream);
+}
+
+// 4 warps a CTA for one token only (the caller's rule, cuda_w4a16.warps_for); 8 for any M
+template <typename T, int VEC, int TOK, int R>
+cudaError_t dispatch_w(const Params& p, int warps, cudaStream_t stream) {
+  if constexpr (TOK == 1) {
+    if (warps == 4) return launch<T, VEC, TOK, R, 4>(p, stream);
+  }
+  return launch<T, VEC, TOK, R, 8>(p, stream);
 }
 
 template <typename T, int VEC, int TOK>
-cudaError_t dispatch_r(const Params& p, int row_tiles, cudaStream_t stream) {
-  return row_tiles == 1 ? launch<T, VEC, TOK, 1>(p, stream) : launch<T, VEC, TOK, 2>(p, stream);
+cudaError_t dispatch_r(const Params& p, int row_tiles, int warps, cudaStream_t stream) {
+  return row_tiles == 1 ? dispatch_w<T, VEC, TOK, 1>(p, warps, stream) : dispatch_w<T, VEC, TOK, 2>(p, warps, stream);
 }
 
 template <typename T, int VEC>
-cudaError_t dispatch_m(const Params& p, int row_tiles, cudaStream_t stream) {
-  if (p.m == 1) return dispatch_r<T, VEC, 1>(p, row_tiles, stream);
-  return p.m <= 8 || QLP_MAX_TOK == 8 ? dispatch_r<T, VEC, 8>(p, row_tiles, stream) : dispatch_r<T, VEC, 16>(p, row_tiles, stream);
+cudaError_t dispatch_m(const Params& p, int row_tiles, int warps, cudaStream_t stream) {
+  if (p.m == 1) return dispatch_r<T, VEC, 1>(p, row_tiles, warps, stream);
+  return p.m <= 8 || QLP_MAX_TOK == 8 ? dispatch_r<T, VEC, 8>(p, row_tiles, warps, stream)
+                                      : dispatch_r<T, VEC, 16>(p, row_tiles, warps, stream);
 }
 
 template <typename T>
-cudaError_t dispatch(const Params& p, int row_tiles, cudaStream_t stream) {
-  if (p.group == 32) return dispatch_m<T, 4>(p, row_tiles, stream);
-  if (p.group == 64) return dispatch_m<T, 8>(p, row_tiles, stream);
-  return dispatch_m<T, 16>(p, row_tiles, stream);
+cudaError_t dispatch(const Params& p, int row_tiles, int warps, cudaStream_t stream) {
+  if (p.group == 32) return dispatch_m<T, 4>(p, row_tiles, warps, stream);
+  if (p.group == 64) return dispatch_m<T, 8>(p, row_tiles, warps, stream);
+  return dispatch_m<T, 16>(p, row_tiles, warps, stream);
 }
 
 }  // namespace
@@ -391,8 +402,8 @@ int qlp_w4a16_abi(void) { return (int)(sizeof(qlp::Params) * 1000 + qlp::MAX_SEG
 
 // Launch on `stream`.  dtype: 0 bf16, 1 fp16.  row_tiles: 1 or 2 (16 or 32 channels a tile); the
 // caller sets every segment's `tiles` for rows of 16 * row_tiles and p->total_tiles to their sum.
-// Returns 0, or writes why not into err.
-int qlp_w4a16_decode(const qlp::Params* p, int dtype, int row_tiles, void* stream, char* err, int err_len) {
+// warps: a CTA's, 8, or 4 for one token (M = 1).  Returns 0, or writes why not into err.
+int qlp_w4a16_decode(const qlp::Params* p, int dtype, int row_tiles, int warps, void* stream, char* err, int err_len) {
   auto fail = [&](const char* what) {
     snprintf(err, err_len, "%s", what);
     return 1;
@@ -402,9 +413,10 @@ int qlp_w4a16_decode(const qlp::Params* p, int dtype, int row_tiles, void* strea
   if (p->k % 128 != 0 || p->k % p->group != 0) return fail("K must be a multiple of 128 and of the group size");
   for (int i = 0; i < p->nseg; ++i)
     if (p->seg[i].n % 16 != 0) return fail("every layer's N must be a multiple of 16 (whole atoms of the weight layout)");
+  if (warps != 8 && !(warps == 4 && p->m == 1)) return fail("warps must be 8, or 4 for one token (M = 1)");
   if (p->m <= 0 || p->total_tiles == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  cudaError_t e = dtype == 0 ? qlp::dispatch<__nv_bfloat16>(*p, row_tiles, s) : qlp::dispatch<__half>(*p, row_tiles, s);
+  cudaError_t e = dtype == 0 ? qlp::dispatch<__nv_bfloat16>(*p, row_tiles, warps, s) : qlp::dispatch<__half>(*p, row_tiles, warps, s);
   if (e != cudaSuccess) {
     snprintf(err, err_len, "kernel launch failed: %s", cudaGetErrorString(e));
     return 1;
