@@ -29,7 +29,7 @@ from .cuda_w4a16 import aligned, row_tiles_for
 #: the layers one launch serves (the kernel's MAX_SEGMENTS)
 MAX_SEGMENTS = 3
 #: the kernel's ABI_VERSION (Params and Segment as declared below)
-ABI_VERSION = 1
+ABI_VERSION = 2
 ELEMS = {torch.float8_e4m3fn: 0, torch.int8: 1}
 OUT_DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 #: the weight-only form's activations (and outputs)
@@ -68,8 +68,17 @@ def _library(device: torch.device) -> ctypes.CDLL:
 
 def prepare(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Check that a built library matches this module's structs and declare its functions (once)."""
-    return cuda_build.bind(lib, "w8a8", _Params, MAX_SEGMENTS, ABI_VERSION, [ctypes.c_int, ctypes.c_int, ctypes.c_int],
+    return cuda_build.bind(lib, "w8a8", _Params, MAX_SEGMENTS, ABI_VERSION, [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int],
                            also=("w8a16", "fp8_block"))
+
+
+def warps_for(m: int, tiles: int, sms: int) -> int:
+    """Warps a CTA: 4 for up to 8 tokens where the row tiles are at least two per SM, else 8 (as
+    ``cuda_w4a16.warps_for``).  H200, int8 weight-only, us with 8 / 4 warps at M = 1 and at M = 8
+    (benchmarks/results/h200/decode/cuda_warps; fp8 weight-only, fp8_rowwise and fp8_block alike):
+    N = 28672 35.3 / 32.7 and 35.7 / 33.3, N = 14336 19.1 / 17.9 and 19.3 / 18.3 (896 and 448 tiles of
+    32 rows); N = 6144 10.7 / 10.8 (192); K = 14336, N = 4096 18.4 / 25.3 (128); N = 1024 5.4 / 7.4."""
+    return 4 if m <= 8 and tiles >= 2 * sms else 8
 
 
 def _scale(s: torch.Tensor, count: int, what: str) -> tuple[torch.Tensor, int]:
@@ -117,15 +126,20 @@ def _layers(x: torch.Tensor, layers: Sequence[Layer], weight_dtype: torch.dtype,
 
 
 def _launch(entry: str, x: torch.Tensor, sx: Optional[torch.Tensor], sx_stride: int, prepared: list,
-            elem: int, dtype_code: int, out_dtype: torch.dtype, row_tiles: Optional[int]) -> list[torch.Tensor]:
-    """Run ``qlp_<entry>_decode`` over the prepared layers, MAX_SEGMENTS a launch: their outputs."""
+            elem: int, dtype_code: int, out_dtype: torch.dtype, row_tiles: Optional[int],
+            warps: Optional[int]) -> list[torch.Tensor]:
+    """Run ``qlp_<entry>_decode`` over the prepared layers, MAX_SEGMENTS a launch: their outputs.
+    ``row_tiles`` and ``warps`` default to ``row_tiles_for`` and :func:`warps_for`."""
     m, k = x.shape
+    if warps is not None and warps not in (4, 8) or warps == 4 and m > 8:
+        raise ValueError(f"warps a CTA: 8, or 4 for up to 8 tokens (M <= 8); got {warps} at M = {m}")
     outs = [torch.empty((m, n), device=x.device, dtype=out_dtype) for *_, n in prepared]
     if m == 0 or not prepared:
         return outs
     lib = _library(x.device)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     if row_tiles is None:
-        row_tiles = row_tiles_for(m, sum(n for *_, n in prepared), torch.cuda.get_device_properties(x.device).multi_processor_count)
+        row_tiles = row_tiles_for(m, sum(n for *_, n in prepared), sms)
     rows = 16 * row_tiles
     err = ctypes.create_string_buffer(256)
     stream = torch.cuda.current_stream(x.device).cuda_stream
@@ -145,7 +159,8 @@ def _launch(entry: str, x: torch.Tensor, sx: Optional[torch.Tensor], sx_stride: 
                 seg.w_stride, seg.sw_stride, seg.out_stride = w.stride(0), sw_stride, outs[i].stride(0)
                 seg.n, seg.tiles = n, -(-n // rows)
             p.total_tiles = sum(p.seg[j].tiles for j in range(len(batch)))
-            if run(ctypes.byref(p), elem, dtype_code, row_tiles, stream, err, len(err)):
+            w = warps if warps is not None else warps_for(m, p.total_tiles, sms)
+            if run(ctypes.byref(p), elem, dtype_code, row_tiles, w, stream, err, len(err)):
                 raise RuntimeError(f"the {entry} decode kernel failed: {err.value.decode(errors='replace')}")
     return outs
 
@@ -161,7 +176,7 @@ def _check_activation(x: torch.Tensor, what: str) -> None:
 
 
 def w8a8_decode_group(xq: torch.Tensor, sx: torch.Tensor, layers: Sequence[Layer], out_dtype: torch.dtype,
-                      row_tiles: Optional[int] = None) -> list[torch.Tensor]:
+                      row_tiles: Optional[int] = None, warps: Optional[int] = None) -> list[torch.Tensor]:
     """``xq`` [M, K] (fp8 e4m3 or int8) with scales ``sx`` times each layer's weight -> [M, N_i] each, in ``out_dtype``."""
     if xq.dim() == 2 and xq.dtype not in ELEMS:
         raise ValueError(f"the W8A8 decode kernel takes an fp8 e4m3 or int8 activation, not {xq.dtype}")
@@ -173,16 +188,17 @@ def w8a8_decode_group(xq: torch.Tensor, sx: torch.Tensor, layers: Sequence[Layer
         raise ValueError(f"the activation scale is on {sx.device}, the activation on {xq.device}")
     prepared = _layers(xq, layers, xq.dtype, out_dtype)
     return _launch("w8a8", aligned(xq, 16, 16), sx, sx_stride, prepared, ELEMS[xq.dtype], OUT_DTYPES[out_dtype],
-                   out_dtype, row_tiles)
+                   out_dtype, row_tiles, warps)
 
 
 def w8a8_decode(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: Optional[torch.Tensor],
-                out_dtype: torch.dtype, row_tiles: Optional[int] = None) -> torch.Tensor:
+                out_dtype: torch.dtype, row_tiles: Optional[int] = None, warps: Optional[int] = None) -> torch.Tensor:
     """One layer: ``xq`` [M, K] times the weight ``w`` [N, K] -> [M, N] in ``out_dtype``."""
-    return w8a8_decode_group(xq, sx, [Layer(w, sw, bias)], out_dtype, row_tiles)[0]
+    return w8a8_decode_group(xq, sx, [Layer(w, sw, bias)], out_dtype, row_tiles, warps)[0]
 
 
-def w8a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], row_tiles: Optional[int] = None) -> list[torch.Tensor]:
+def w8a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], row_tiles: Optional[int] = None,
+                       warps: Optional[int] = None) -> list[torch.Tensor]:
     """The weight-only form: ``x`` [M, K] (bf16 / fp16) times each layer's 8-bit weight (all fp8 e4m3
     or all int8) and its scale -> [M, N_i] each, in ``x``'s dtype."""
     if x.dim() == 2 and x.dtype not in ACT_DTYPES:
@@ -196,16 +212,17 @@ def w8a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], row_tiles: Opti
     prepared = _layers(x, layers, weight_dtype, x.dtype)
     # 16-byte pieces of 16-bit values: rows a multiple of 8 elements apart
     return _launch("w8a16", aligned(x, 16, 8), None, 0, prepared, ELEMS[weight_dtype], ACT_DTYPES[x.dtype], x.dtype,
-                   row_tiles)
+                   row_tiles, warps)
 
 
 def w8a16_decode(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: Optional[torch.Tensor],
-                 row_tiles: Optional[int] = None) -> torch.Tensor:
+                 row_tiles: Optional[int] = None, warps: Optional[int] = None) -> torch.Tensor:
     """One weight-only layer: ``x`` [M, K] times the weight ``w`` [N, K] -> [M, N] in ``x``'s dtype."""
-    return w8a16_decode_group(x, [Layer(w, sw, bias)], row_tiles)[0]
+    return w8a16_decode_group(x, [Layer(w, sw, bias)], row_tiles, warps)[0]
 
 
-def fp8_block_decode_group(x: torch.Tensor, layers: Sequence[Layer], row_tiles: Optional[int] = None) -> list[torch.Tensor]:
+def fp8_block_decode_group(x: torch.Tensor, layers: Sequence[Layer], row_tiles: Optional[int] = None,
+                           warps: Optional[int] = None) -> list[torch.Tensor]:
     """``fp8_block``: ``x`` [M, K] (bf16 / fp16; quantized inside the kernel per 1x128 group) times each
     layer's e4m3 weight with its 128x128-block scale -> [M, N_i] each, in ``x``'s dtype."""
     if x.dim() == 2 and x.dtype not in ACT_DTYPES:
@@ -213,10 +230,10 @@ def fp8_block_decode_group(x: torch.Tensor, layers: Sequence[Layer], row_tiles: 
     _check_activation(x, "fp8_block")
     prepared = _layers(x, layers, torch.float8_e4m3fn, x.dtype, block=True)
     return _launch("fp8_block", aligned(x, 16, 8), None, 0, prepared, ELEMS[torch.float8_e4m3fn], ACT_DTYPES[x.dtype],
-                   x.dtype, row_tiles)
+                   x.dtype, row_tiles, warps)
 
 
 def fp8_block_decode(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: Optional[torch.Tensor],
-                     row_tiles: Optional[int] = None) -> torch.Tensor:
+                     row_tiles: Optional[int] = None, warps: Optional[int] = None) -> torch.Tensor:
     """One ``fp8_block`` layer: ``x`` [M, K] times ``w`` [N, K] -> [M, N] in ``x``'s dtype."""
-    return fp8_block_decode_group(x, [Layer(w, sw, bias)], row_tiles)[0]
+    return fp8_block_decode_group(x, [Layer(w, sw, bias)], row_tiles, warps)[0]

@@ -21,18 +21,20 @@ SCHEMES = ("fp8_rowwise", "fp8_tensor", "int8_rowwise")
 
 @st.composite
 def cases(draw):
+    m = draw(st.integers(1, 20))
     return dict(
         scheme=draw(st.sampled_from(SCHEMES)),
-        m=draw(st.integers(1, 20)),
+        m=m,
         ns=draw(st.lists(st.integers(1, 300), min_size=1, max_size=4)),
         k=draw(st.sampled_from([128, 256, 640, 4096])),
         dtype=draw(st.sampled_from([torch.bfloat16, torch.float16, torch.float32])),
         bias=draw(st.booleans()),
         row_tiles=draw(st.sampled_from([None, 1, 2])),
+        warps=draw(st.sampled_from([None, 8, 4] if m <= 8 else [None, 8])),  # 4 warps a CTA up to M = 8
     )
 
 
-def check(scheme, m, ns, k, dtype, bias, row_tiles, seed=0):
+def check(scheme, m, ns, k, dtype, bias, row_tiles, warps=None, seed=0):
     layers, refs, xq, xs = [], [], None, None
     for i, n in enumerate(ns):
         # the same activation for every layer (seed fixed), each its own weight (seed + i)
@@ -41,7 +43,7 @@ def check(scheme, m, ns, k, dtype, bias, row_tiles, seed=0):
         xq, xs = (xq_i, xs_i) if xq is None else (xq, xs)
         layers.append(CW.Layer(p[0], p[1], b))
         refs.append(S.reference(scheme, xq, p, b, input_scale=xs, out_dtype=dtype))
-    ys = CW.w8a8_decode_group(xq, xs, layers, dtype, row_tiles=row_tiles)
+    ys = CW.w8a8_decode_group(xq, xs, layers, dtype, row_tiles=row_tiles, warps=warps)
     for i, (y, ref) in enumerate(zip(ys, refs)):
         assert y.shape == ref.shape and y.dtype == dtype
         err = S.relative_error(y, ref)
@@ -60,6 +62,7 @@ def _runs_here():
 @example(dict(scheme="int8_rowwise", m=16, ns=[17], k=640, dtype=torch.float16, bias=True, row_tiles=2), 1)  # ragged N, 2 token tiles
 @example(dict(scheme="fp8_tensor", m=20, ns=[40], k=256, dtype=torch.float32, bias=True, row_tiles=1), 2)  # M past 16
 @example(dict(scheme="int8_rowwise", m=3, ns=[64, 48], k=14336, dtype=torch.bfloat16, bias=False, row_tiles=2), 3)  # long K
+@example(dict(scheme="fp8_rowwise", m=8, ns=[100, 33], k=14336, dtype=torch.float16, bias=True, row_tiles=1, warps=4), 4)  # 4 warps
 def test_matches_reference_on_gpu(case, seed):
     ok, why = _runs_here()
     if not ok:
@@ -100,6 +103,12 @@ def test_scales_are_one_value_or_one_per_row():
         CW._scale(torch.ones(4), 5, "the weight scale")
     with pytest.raises(ValueError, match="expected one value or 6"):
         CW._scale(torch.ones(2, 3), 6, "the weight scale")
+
+
+def test_warps_rule():
+    assert CW.warps_for(1, 896, 132) == 4 and CW.warps_for(8, 896, 132) == 4  # gate/up together
+    assert CW.warps_for(1, 192, 132) == 8  # q/k/v: under two tiles an SM
+    assert CW.warps_for(16, 896, 132) == 8  # 16 tokens: 8 warps always
 
 
 def test_abi_struct_sizes():
@@ -165,18 +174,20 @@ SIXTEEN_BIT = (*WO_SCHEMES, "fp8_block")
 
 @st.composite
 def sixteen_bit_cases(draw):
+    m = draw(st.integers(1, 20))
     return dict(
         scheme=draw(st.sampled_from(SIXTEEN_BIT)),
-        m=draw(st.integers(1, 20)),
+        m=m,
         ns=draw(st.lists(st.integers(1, 300), min_size=1, max_size=4)),
         k=draw(st.sampled_from([128, 256, 640, 4096])),
         dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])),
         bias=draw(st.booleans()),
         row_tiles=draw(st.sampled_from([None, 1, 2])),
+        warps=draw(st.sampled_from([None, 8, 4] if m <= 8 else [None, 8])),  # 4 warps a CTA up to M = 8
     )
 
 
-def check_16bit(scheme, m, ns, k, dtype, bias, row_tiles, seed=0):
+def check_16bit(scheme, m, ns, k, dtype, bias, row_tiles, warps=None, seed=0):
     """Against the scheme's reference (fp8_block's quantizes the activation as the kernel does; a value
     at a rounding tie may land on the other e4m3 level: the kernel multiplies by 1 / scale)."""
     layers, refs, x = [], [], None
@@ -187,7 +198,7 @@ def check_16bit(scheme, m, ns, k, dtype, bias, row_tiles, seed=0):
         layers.append(CW.Layer(p[0], p[1], b))
         refs.append(S.reference(scheme, x, p, b, out_dtype=dtype))
     run = CW.fp8_block_decode_group if scheme == "fp8_block" else CW.w8a16_decode_group
-    ys = run(x, layers, row_tiles=row_tiles)
+    ys = run(x, layers, row_tiles=row_tiles, warps=warps)
     for i, (y, ref) in enumerate(zip(ys, refs)):
         assert y.shape == ref.shape and y.dtype == dtype
         err = S.relative_error(y, ref)
@@ -203,6 +214,9 @@ def check_16bit(scheme, m, ns, k, dtype, bias, row_tiles, seed=0):
 @example(dict(scheme="fp8_block", m=1, ns=[4096, 1024, 1024], k=4096, dtype=torch.bfloat16, bias=False, row_tiles=None), 4)
 @example(dict(scheme="fp8_block", m=16, ns=[200], k=640, dtype=torch.float16, bias=True, row_tiles=2), 5)  # two weight blocks
 @example(dict(scheme="fp8_block", m=20, ns=[300, 129], k=256, dtype=torch.bfloat16, bias=True, row_tiles=1), 6)  # M past 16
+@example(dict(scheme="int8_weight_only", m=1, ns=[14336, 14336], k=4096, dtype=torch.bfloat16, bias=False, row_tiles=None,
+              warps=None), 7)  # gate/up: the rule's 4 warps
+@example(dict(scheme="fp8_block", m=5, ns=[300], k=640, dtype=torch.float16, bias=True, row_tiles=2, warps=4), 8)  # 4 warps
 def test_16bit_activation_forms_match_reference_on_gpu(case, seed):
     ok, why = _runs_here()
     if not ok:

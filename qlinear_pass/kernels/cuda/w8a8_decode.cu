@@ -27,7 +27,7 @@
 //   warp's 16 R rows); STAGES - 1 chunks stay in flight while the warp computes on one.  16-byte
 //   pieces of odd rows are stored swapped by 64 bytes, so the 8 lanes of a quarter warp read 8
 //   different bank quads;
-// * the warps of a CTA split K (chunk c goes to warp c % WARPS), add up through shared memory at
+// * the W warps of a CTA split K (chunk c goes to warp c % W), add up through shared memory at
 //   the end of each row tile, and the scales (but fp8_block's) and bias are applied once, in fp32,
 //   when the output is written in its dtype;
 // * CTAs are persistent; each warp loads its next chunk's activation (from L2, shared by every CTA)
@@ -51,18 +51,15 @@
 namespace qlp {
 
 constexpr int MAX_SEGMENTS = 3;
-// Warps a CTA and cp.async ring slots a warp (16-row / 32-row tiles)
-#ifndef QLP_W8_WARPS
-#define QLP_W8_WARPS 8
-#endif
+// cp.async ring slots a warp (16-row / 32-row tiles), for CTAs of 8 warps and of 4 (the caller picks
+// the warps per launch)
 #ifndef QLP_W8_SLOTS_R1
 #define QLP_W8_SLOTS_R1 3
 #endif
 #ifndef QLP_W8_SLOTS_R2
 #define QLP_W8_SLOTS_R2 2
 #endif
-constexpr int WARPS = QLP_W8_WARPS;
-constexpr int ABI_VERSION = 1;  // bumped whenever Params or Segment change
+constexpr int ABI_VERSION = 2;  // bumped whenever Params or Segment change
 
 struct Segment {
   const uint8_t* w;     // [n, k] bytes, rows w_stride bytes apart (16-byte aligned)
@@ -219,25 +216,25 @@ __device__ __forceinline__ float quantize_group(const uint4 (&x)[2][2], uint4 (&
 // 16-byte piece u (0-7) of row r of a chunk slot: odd rows have their two 64-byte halves swapped
 __device__ __forceinline__ int piece_at(int r, int u) { return r * 128 + ((u ^ ((r & 1) << 2)) << 4); }
 
-// The shared memory of one CTA: the warps' rings [WARPS][STAGES][16 R rows][128 bytes], then the
-// reduction [WARPS][16 R][8 MT + 1] (an odd row stride: the threads that add up consecutive
+// The shared memory of one CTA: the warps' rings [W][STAGES][16 R rows][128 bytes], then the
+// reduction [W][16 R][8 MT + 1] (an odd row stride: the threads that add up consecutive
 // channels read 32 different banks)
-template <int R, int TOK>
+template <int R, int TOK, int W>
 struct Layout {
   static constexpr int MT = TOK > 8 ? 2 : 1;  // 8-token MMA tiles
   static constexpr int STAGES = R == 1 ? QLP_W8_SLOTS_R1 : QLP_W8_SLOTS_R2;
   static constexpr int SLOT_B = 16 * R * 128;
-  static constexpr int RING_B = WARPS * STAGES * SLOT_B;
+  static constexpr int RING_B = W * STAGES * SLOT_B;
   static constexpr int RED_ROW = 8 * MT + 1;
-  static constexpr int BYTES = RING_B + WARPS * 16 * R * RED_ROW * 4;
+  static constexpr int BYTES = RING_B + W * 16 * R * RED_ROW * 4;
 };
 
 // MODE: W8A8, W8A16 or BLOCK; ELEM: E4M3 or S8, the weight; X: the activation, uint8_t for W8A8
 // (quantized in ELEM's format) or __nv_bfloat16 / __half; O: the output dtype; TOK: tokens per CTA
-// (1, 8 or 16; larger M takes more CTAs along y); R: 16-row tiles per warp.
-template <int MODE, int ELEM, typename X, typename O, int TOK, int R>
-__global__ void __launch_bounds__(WARPS * 32) w8_kernel(const __grid_constant__ Params p) {
-  using L = Layout<R, TOK>;
+// (1, 8 or 16; larger M takes more CTAs along y); R: 16-row tiles per warp; W: warps a CTA.
+template <int MODE, int ELEM, typename X, typename O, int TOK, int R, int W>
+__global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Params p) {
+  using L = Layout<R, TOK, W>;
   static_assert((MODE == W8A8) == std::is_same<X, uint8_t>::value, "W8A8 takes bytes, the others 16-bit values");
   static_assert(MODE != BLOCK || ELEM == E4M3, "fp8_block is e4m3");
   using A = typename std::conditional<MODE == W8A8, typename Acc<ELEM>::type, float>::type;
@@ -251,7 +248,7 @@ __global__ void __launch_bounds__(WARPS * 32) w8_kernel(const __grid_constant__ 
   const int tok0 = blockIdx.y * TOK;
   const int tokens = min(TOK, p.m - tok0);
   const int nchunks = p.k / 128;
-  const int nch = warp < nchunks ? (nchunks - warp + WARPS - 1) / WARPS : 0;  // this warp's chunks of a tile
+  const int nch = warp < nchunks ? (nchunks - warp + W - 1) / W : 0;  // this warp's chunks of a tile
   const int ntiles = blockIdx.x < p.total_tiles ? (p.total_tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
 
   uint8_t* ring = smem + warp * STAGES * L::SLOT_B;
@@ -274,7 +271,7 @@ __global__ void __launch_bounds__(WARPS * 32) w8_kernel(const __grid_constant__ 
   auto issue = [&]() {
     if (tj < ntiles) {
       uint8_t* slot = ring + ts * L::SLOT_B;
-      const int step = ci * WARPS * 128;  // bytes past this warp's first chunk
+      const int step = ci * W * 128;  // bytes past this warp's first chunk
 #pragma unroll
       for (int q = 0; q < 4 * R; ++q) {
         const int piece = lane + 32 * q;
@@ -324,14 +321,14 @@ __global__ void __launch_bounds__(WARPS * 32) w8_kernel(const __grid_constant__ 
 
     for (int i = 0; i < nch; ++i) {
       issue();
-      const int c = warp + i * WARPS;
+      const int c = warp + i * W;
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
         for (int jj = 0; jj < MT; ++jj)
 #pragma unroll
           for (int v = 0; v < XV; ++v) xc[h][jj][v] = xr[h][jj][v];
-      if (i + 1 < nch) load_x(c + WARPS);
+      if (i + 1 < nch) load_x(c + W);
       else if (j + 1 < ntiles) load_x(warp);
       cp_wait<STAGES - 1>();
       __syncwarp();
@@ -422,13 +419,13 @@ __global__ void __launch_bounds__(WARPS * 32) w8_kernel(const __grid_constant__ 
         red[warp][16 * r + g + 8][8 * jj + 2 * t + 1] = acc[r][jj][3] + acc2[r][jj][3];
       }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < R * 16 * MT * 8; idx += WARPS * 32) {
+    for (int idx = threadIdx.x; idx < R * 16 * MT * 8; idx += W * 32) {
       const int rr = idx % (R * 16), tt = idx / (R * 16);  // consecutive threads: consecutive channels
       const int row = row0 + rr;
       if (row >= sg.n || tt >= tokens) continue;
       A v = 0;
 #pragma unroll
-      for (int w = 0; w < WARPS; ++w) v += red[w][rr][tt];
+      for (int w = 0; w < W; ++w) v += red[w][rr][tt];
       float y = static_cast<float>(v);
       if constexpr (MODE != BLOCK) y *= sg.sw[row * sg.sw_stride];  // BLOCK: scaled per chunk
       if constexpr (MODE == W8A8) y *= p.sx[(tok0 + tt) * p.sx_stride];
@@ -440,34 +437,45 @@ __global__ void __launch_bounds__(WARPS * 32) w8_kernel(const __grid_constant__ 
   cp_wait<0>();
 }
 
-template <int MODE, int ELEM, typename X, typename O, int TOK, int R>
+template <int MODE, int ELEM, typename X, typename O, int TOK, int R, int W>
 cudaError_t launch(const Params& p, cudaStream_t stream) {
-  return launch_persistent<w8_kernel<MODE, ELEM, X, O, TOK, R>, TOK, WARPS * 32, Layout<R, TOK>::BYTES>(p, stream);
+  return launch_persistent<w8_kernel<MODE, ELEM, X, O, TOK, R, W>, TOK, W * 32, Layout<R, TOK, W>::BYTES>(p, stream);
+}
+
+// 4 warps a CTA for up to 8 tokens (the caller's rule, cuda_w8a8.warps_for); 8 for any M
+template <int MODE, int ELEM, typename X, typename O, int TOK, int R>
+cudaError_t dispatch_w(const Params& p, int warps, cudaStream_t stream) {
+  if constexpr (TOK <= 8) {
+    if (warps == 4) return launch<MODE, ELEM, X, O, TOK, R, 4>(p, stream);
+  }
+  return launch<MODE, ELEM, X, O, TOK, R, 8>(p, stream);
 }
 
 template <int MODE, int ELEM, typename X, typename O, int TOK>
-cudaError_t dispatch_r(const Params& p, int row_tiles, cudaStream_t stream) {
-  return row_tiles == 1 ? launch<MODE, ELEM, X, O, TOK, 1>(p, stream) : launch<MODE, ELEM, X, O, TOK, 2>(p, stream);
+cudaError_t dispatch_r(const Params& p, int row_tiles, int warps, cudaStream_t stream) {
+  return row_tiles == 1 ? dispatch_w<MODE, ELEM, X, O, TOK, 1>(p, warps, stream)
+                        : dispatch_w<MODE, ELEM, X, O, TOK, 2>(p, warps, stream);
 }
 
 template <int MODE, int ELEM, typename X, typename O>
-cudaError_t dispatch_m(const Params& p, int row_tiles, cudaStream_t stream) {
-  if (p.m == 1) return dispatch_r<MODE, ELEM, X, O, 1>(p, row_tiles, stream);
-  return p.m <= 8 ? dispatch_r<MODE, ELEM, X, O, 8>(p, row_tiles, stream) : dispatch_r<MODE, ELEM, X, O, 16>(p, row_tiles, stream);
+cudaError_t dispatch_m(const Params& p, int row_tiles, int warps, cudaStream_t stream) {
+  if (p.m == 1) return dispatch_r<MODE, ELEM, X, O, 1>(p, row_tiles, warps, stream);
+  return p.m <= 8 ? dispatch_r<MODE, ELEM, X, O, 8>(p, row_tiles, warps, stream)
+                  : dispatch_r<MODE, ELEM, X, O, 16>(p, row_tiles, warps, stream);
 }
 
 template <int ELEM>
-cudaError_t dispatch_w8a8(const Params& p, int out_dtype, int row_tiles, cudaStream_t stream) {
-  if (out_dtype == 0) return dispatch_m<W8A8, ELEM, uint8_t, __nv_bfloat16>(p, row_tiles, stream);
-  if (out_dtype == 1) return dispatch_m<W8A8, ELEM, uint8_t, __half>(p, row_tiles, stream);
-  return dispatch_m<W8A8, ELEM, uint8_t, float>(p, row_tiles, stream);
+cudaError_t dispatch_w8a8(const Params& p, int out_dtype, int row_tiles, int warps, cudaStream_t stream) {
+  if (out_dtype == 0) return dispatch_m<W8A8, ELEM, uint8_t, __nv_bfloat16>(p, row_tiles, warps, stream);
+  if (out_dtype == 1) return dispatch_m<W8A8, ELEM, uint8_t, __half>(p, row_tiles, warps, stream);
+  return dispatch_m<W8A8, ELEM, uint8_t, float>(p, row_tiles, warps, stream);
 }
 
 // W8A16 and BLOCK: the output in the activation's dtype
 template <int MODE, int ELEM>
-cudaError_t dispatch_16(const Params& p, int act_dtype, int row_tiles, cudaStream_t stream) {
-  return act_dtype == 0 ? dispatch_m<MODE, ELEM, __nv_bfloat16, __nv_bfloat16>(p, row_tiles, stream)
-                        : dispatch_m<MODE, ELEM, __half, __half>(p, row_tiles, stream);
+cudaError_t dispatch_16(const Params& p, int act_dtype, int row_tiles, int warps, cudaStream_t stream) {
+  return act_dtype == 0 ? dispatch_m<MODE, ELEM, __nv_bfloat16, __nv_bfloat16>(p, row_tiles, warps, stream)
+                        : dispatch_m<MODE, ELEM, __half, __half>(p, row_tiles, warps, stream);
 }
 
 }  // namespace
@@ -490,8 +498,9 @@ static int qlp_launched(cudaError_t e, char* err, int err_len) {
 }
 
 // Why the parts both forms share cannot run (null when they can)
-static const char* qlp_check(const qlp::Params* p, int elem, int row_tiles) {
+static const char* qlp_check(const qlp::Params* p, int elem, int row_tiles, int warps) {
   if (const char* why = qlp::check_segments<qlp::MAX_SEGMENTS>(*p, row_tiles)) return why;
+  if (warps != 8 && !(warps == 4 && p->m <= 8)) return "warps must be 8, or 4 for up to 8 tokens (M <= 8)";
   if (p->k % 128 != 0) return "K must be a multiple of 128";
   if (elem != 0 && elem != 1) return "elem must be 0 (fp8 e4m3) or 1 (int8)";
   return nullptr;
@@ -499,38 +508,42 @@ static const char* qlp_check(const qlp::Params* p, int elem, int row_tiles) {
 
 // W8A8, launched on `stream`.  elem: 0 fp8 e4m3, 1 int8; out_dtype: 0 bf16, 1 fp16, 2 fp32;
 // row_tiles: 1 or 2 (16 or 32 channels a tile); the caller sets every segment's `tiles` for rows of
-// 16 * row_tiles and p->total_tiles to their sum.  Returns 0, or writes why not into err.
-int qlp_w8a8_decode(const qlp::Params* p, int elem, int out_dtype, int row_tiles, void* stream, char* err, int err_len) {
-  if (const char* why = qlp_check(p, elem, row_tiles)) return qlp_fail(err, err_len, why);
+// 16 * row_tiles and p->total_tiles to their sum.  warps: a CTA's, 8, or 4 for up to 8 tokens.
+// Returns 0, or writes why not into err.
+int qlp_w8a8_decode(const qlp::Params* p, int elem, int out_dtype, int row_tiles, int warps, void* stream, char* err,
+                    int err_len) {
+  if (const char* why = qlp_check(p, elem, row_tiles, warps)) return qlp_fail(err, err_len, why);
   if (out_dtype < 0 || out_dtype > 2) return qlp_fail(err, err_len, "out_dtype must be 0 (bf16), 1 (fp16) or 2 (fp32)");
   if (p->m <= 0 || p->total_tiles == 0) return 0;
   if (elem == 0 && qlp::device_sm() < 89) return qlp_fail(err, err_len, "fp8 MMAs need sm89 or newer");
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return qlp_launched(elem == 0 ? qlp::dispatch_w8a8<qlp::E4M3>(*p, out_dtype, row_tiles, s)
-                                : qlp::dispatch_w8a8<qlp::S8>(*p, out_dtype, row_tiles, s), err, err_len);
+  return qlp_launched(elem == 0 ? qlp::dispatch_w8a8<qlp::E4M3>(*p, out_dtype, row_tiles, warps, s)
+                                : qlp::dispatch_w8a8<qlp::S8>(*p, out_dtype, row_tiles, warps, s), err, err_len);
 }
 
 // W8A16 (weight-only), launched on `stream`: as qlp_w8a8_decode, with a 16-bit activation that is
 // also the output's dtype (act_dtype: 0 bf16, 1 fp16) and no activation scale.
-int qlp_w8a16_decode(const qlp::Params* p, int elem, int act_dtype, int row_tiles, void* stream, char* err, int err_len) {
-  if (const char* why = qlp_check(p, elem, row_tiles)) return qlp_fail(err, err_len, why);
+int qlp_w8a16_decode(const qlp::Params* p, int elem, int act_dtype, int row_tiles, int warps, void* stream, char* err,
+                     int err_len) {
+  if (const char* why = qlp_check(p, elem, row_tiles, warps)) return qlp_fail(err, err_len, why);
   if (act_dtype != 0 && act_dtype != 1) return qlp_fail(err, err_len, "act_dtype must be 0 (bf16) or 1 (fp16)");
   if (p->m <= 0 || p->total_tiles == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return qlp_launched(elem == 0 ? qlp::dispatch_16<qlp::W8A16, qlp::E4M3>(*p, act_dtype, row_tiles, s)
-                                : qlp::dispatch_16<qlp::W8A16, qlp::S8>(*p, act_dtype, row_tiles, s), err, err_len);
+  return qlp_launched(elem == 0 ? qlp::dispatch_16<qlp::W8A16, qlp::E4M3>(*p, act_dtype, row_tiles, warps, s)
+                                : qlp::dispatch_16<qlp::W8A16, qlp::S8>(*p, act_dtype, row_tiles, warps, s), err, err_len);
 }
 
 // fp8_block, launched on `stream`: as qlp_w8a16_decode with e4m3 weights (elem 0) scaled per
 // 128x128 block (each segment's sw: [ceil(n / 128), k / 128], rows sw_stride apart); the 16-bit
 // activation is quantized to e4m3 per 1x128 group inside the kernel.
-int qlp_fp8_block_decode(const qlp::Params* p, int elem, int act_dtype, int row_tiles, void* stream, char* err, int err_len) {
-  if (const char* why = qlp_check(p, elem, row_tiles)) return qlp_fail(err, err_len, why);
+int qlp_fp8_block_decode(const qlp::Params* p, int elem, int act_dtype, int row_tiles, int warps, void* stream, char* err,
+                         int err_len) {
+  if (const char* why = qlp_check(p, elem, row_tiles, warps)) return qlp_fail(err, err_len, why);
   if (elem != 0) return qlp_fail(err, err_len, "fp8_block weights are fp8 e4m3 (elem 0)");
   if (act_dtype != 0 && act_dtype != 1) return qlp_fail(err, err_len, "act_dtype must be 0 (bf16) or 1 (fp16)");
   if (p->m <= 0 || p->total_tiles == 0) return 0;
   if (qlp::device_sm() < 89) return qlp_fail(err, err_len, "fp8 MMAs need sm89 or newer");
-  return qlp_launched(qlp::dispatch_16<qlp::BLOCK, qlp::E4M3>(*p, act_dtype, row_tiles, static_cast<cudaStream_t>(stream)),
+  return qlp_launched(qlp::dispatch_16<qlp::BLOCK, qlp::E4M3>(*p, act_dtype, row_tiles, warps, static_cast<cudaStream_t>(stream)),
                       err, err_len);
 }
 
