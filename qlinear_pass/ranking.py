@@ -153,9 +153,11 @@ SM90: tuple = (
     Row("sm90", "int8_rowwise", (128, 1024, None), ("cutlass_int8", "triton_w8a8", "torch_int_mm"),
         f"h100/cutlass/summary.md ({_H100}), cutlass_int8 vs torch._int_mm + epilogue 1.9-3.8x at "
         "M >= 1024, vs our Triton kernels 1.2-1.4x there."),
-    Row("sm90", "int8_weight_only", (1,), ("triton_weight_only", "cuda_w8a16", "cutlass_int8_weight_only", "torch_int8pack"),
-        f"{_W8A16}: int8, M=1 K=4096 N=14336 17.3 / 18.8 / 30.6, K=14336 N=4096 19.9 / 18.1 / 31.2, K=4096 "
-        "N=6144 10.8 / 10.7 / 15.4, gate/up (N=28672) 32.3 / 35.0 / 55.1: Triton's FMA kernel leads where K=4096. "
+    Row("sm90", "int8_weight_only", (1,), ("cuda_w8a16", "triton_weight_only", "cutlass_int8_weight_only", "torch_int8pack"),
+        f"h200/e2e/w8a16_m1_cuda_vs_triton ({_H200}, one run): decode b1 295.8 tok/s with cuda, 290.7 with triton "
+        "(1.63x / 1.60x bf16), b8 1967.9 / 1445.9. h200/decode/cuda_warps (cuda_w8a16 with 4 warps a CTA on many "
+        "row tiles), us, M=1: K=4096 N=14336 18.0, K=14336 N=4096 18.3, N=6144 10.8, gate/up (N=28672) 32.7; "
+        f"{_W8A16} (8 warps then, beside Triton): 17.3 / 18.8, 19.9 / 18.1, 10.8 / 10.7, 32.3 / 35.0. "
         f"h100/summary.md ({_H100}): torch._weight_int8pack_mm on CUDA runs at about 1 TFLOP/s (a slow path)."),
     Row("sm90", "int8_weight_only", (16,), ("cuda_w8a16", "triton_weight_only", "cutlass_int8_weight_only", "torch_int8pack"),
         f"{_W8A16}: int8, M=8 K=4096 N=14336 19.3 / 27.5 / 29.5, K=14336 N=4096 18.8 / 21.0 / 31.9, N=6144 10.8 / "
@@ -171,9 +173,11 @@ SM90: tuple = (
         f"{_WO8_128} (dequantise + cuBLAS in Triton's column): M=1024 187.1 / 195.9 / 153.0, 160.1 / 191.1 / 159.2, "
         "82.8 / 85.6 / 68.2 (N=6144); M=4096 754.1 / 739.3 / 725.0, 720.0 / 698.0 / 702.5, 307.0 / 284.4 / 299.1: "
         "dequantise + cuBLAS 2-8% ahead at M=4096, 10% behind at 2048; cutlass kept first for the bucket."),
-    Row("sm90", "fp8_weight_only", (1,), ("triton_weight_only", "cuda_w8a16", "cutlass_fp8_weight_only"),
-        f"{_W8A16}: fp8, M=1 K=4096 N=14336 16.0 / 18.1 / 30.2, K=14336 N=4096 18.4 / 18.2 / 31.6, N=6144 10.1 / "
-        "10.3 / 15.5, gate/up 30.3 / 33.3 / 54.6."),
+    Row("sm90", "fp8_weight_only", (1,), ("cuda_w8a16", "triton_weight_only", "cutlass_fp8_weight_only"),
+        f"h200/e2e/w8a16_m1_cuda_vs_triton ({_H200}, one run): decode b1 302.7 tok/s with cuda, 301.8 with triton "
+        "(1.66x bf16 both), b8 1997.7 / 1566.1: one decode kernel for M <= 16. h200/decode/cuda_warps, us, M=1: "
+        f"K=4096 N=14336 17.1, K=14336 N=4096 18.7, N=6144 10.3, gate/up 31.2; {_W8A16} (8 warps then, beside "
+        "Triton): 16.0 / 18.1, 18.4 / 18.2, 10.1 / 10.3, 30.3 / 33.3."),
     Row("sm90", "fp8_weight_only", (16,), ("cuda_w8a16", "triton_weight_only", "cutlass_fp8_weight_only"),
         f"{_W8A16}: fp8, M=8 K=4096 N=14336 18.5 / 24.0 / 29.7, K=14336 N=4096 18.5 / 21.1 / 31.9, N=6144 10.4 / "
         "12.3 / 15.4, N=1024 5.6 / 7.6 / 7.9, gate/up 34.0 / 45.0 / 55.7; M=16 25.7 / 24.0, 20.2 / 21.2, 13.6 / "
@@ -190,7 +194,8 @@ SM90: tuple = (
         f"h200/decode/cuda_w4a16/mma16 ({_H200}), g128, us, cuda_w4a16 vs triton_weight_only (its best decode "
         "configuration) vs bf16 F.linear: K=4096 N=14336 M=1 14.3 / 17.2 / 29.9, M=8 17.4 / 29.8 / 29.4, M=16 "
         "24.9 / 29.7 / 29.9; K=14336 N=4096 M=1 13.1 / 17.9 / 31.4, M=8 15.8 / 41.7 / 32.0, M=16 22.9 / 41.6 / "
-        "32.3. End to end (h200/e2e/mma16_all): decode b1 1.94x bf16, b8 1.64x; with triton in an earlier "
+        "32.3; with 4 warps a CTA on many row tiles (h200/decode/cuda_warps) K=4096 N=14336 M=1 13.0, gate/up "
+        "(N=28672) 22.8. End to end (h200/e2e/warps_w8): decode b1 2.01x bf16, b8 1.67x; with triton in an earlier "
         "run (h200/e2e) 1.69x and 1.02x."),
     Row("sm90", "w4a16", (128, 1024, None), ("cutlass_w4a16", "triton_weight_only", "torch_int4pack"),
         f"h200/prefill/cutlass_w4a16_mma16 ({_H200}), g128, us, cutlass_w4a16 in the MMA-fragment layout (its "
