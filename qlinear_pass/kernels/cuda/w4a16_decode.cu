@@ -138,9 +138,10 @@ __device__ __forceinline__ void ldsm_x4(uint32_t& d0, uint32_t& d1, uint32_t& d2
 template <int R, int TOK, int W>
 struct Layout {
   static constexpr int MT = TOK > 8 ? 2 : 1;  // 8-token MMA tiles
-  // chunk slots per warp, all but one in flight while one is read (benchmarks/bench_cuda_ring.py,
-  // H200, 8 warps: 3 slots with 32-row tiles 1-7% faster than 2 at M = 8 and 16, the same at M = 1;
-  // with 4 warps 4 / 3 slots up to 12% faster than 6 / 4)
+  // chunk slots per warp, all but one in flight while one is read (benchmarks/bench_cuda_ring.py --set
+  // occupancy, H200: with 8 warps 3 slots for 32-row tiles up to 7% faster than 2 at M = 8 and 16, at
+  // most 2% slower, within 2% at M = 1; with 4 warps 4 / 3 slots 2-4% faster than 6 / 4 on the layers
+  // that take 4 warps)
   static constexpr int STAGES = W == 4 ? (R == 1 ? QLP_SLOTS4_R1 : QLP_SLOTS4_R2) : (R == 1 ? QLP_SLOTS_R1 : QLP_SLOTS_R2);
   static constexpr int BLOCK_B = 8 * 128;     // a 16-row block's 8 atoms of a chunk (lanes read
                                               // consecutive words: no bank conflicts, no padding)
