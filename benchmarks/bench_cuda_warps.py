@@ -32,8 +32,9 @@ SCHEMES = ("w4a16", "int8_weight_only", "fp8_weight_only", "fp8_rowwise", "fp8_b
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 6144), (4096, 28672), (4096, 4096), (4096, 1024)]
 
 
-def kernel_call(scheme: str, x: torch.Tensor, params: dict, warps):
-    """(the kernel's inputs made once, a function of one weight copy that runs the kernel)."""
+def kernel_call(scheme: str, x: torch.Tensor, warps):
+    """A function of one weight copy (weight, scale) that runs the scheme's decode kernel on ``x``
+    (fp8_rowwise: quantized here, once)."""
     if scheme == "w4a16":
         return lambda w, s: CW.w4a16_decode(x, w, s, None, None, 128, warps=warps)
     if scheme == "fp8_rowwise":
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
                     limit = 1 if scheme == "w4a16" else 8
                     if warps == 4 and m > limit:
                         continue
-                    call = kernel_call(scheme, x, p, warps)
+                    call = kernel_call(scheme, x, warps)
                     case["rel_err"][name] = S.relative_error(call(*copies[0]), ref)
                     case["us"][name] = graph_time([(lambda ws: (lambda: call(*ws)))(ws) for ws in copies]) * 1e6
                 result["cases"].append(case)

@@ -141,7 +141,7 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
         s = aligned(layer.s.float(), 16, sub)
         bias = layer.bias.to(x.dtype) if layer.bias is not None else None
         w = layer.w if layer.w.stride()[1:] == (128, 1) and layer.w.data_ptr() % 16 == 0 and layer.w.stride(0) % 16 == 0 \
-            else layer.w.contiguous().clone()
+            else layer.w.clone(memory_format=torch.contiguous_format)
         prepared.append((w, s, _zero_points(layer.z) if layer.z is not None else None,
                          bias.contiguous() if bias is not None else None, n))
     outs = [torch.empty((m, n), device=x.device, dtype=x.dtype) for *_, n in prepared]
