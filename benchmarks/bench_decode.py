@@ -194,7 +194,8 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
             out.setdefault("cuda_rel_err", {})[f"r{rt}"] = S.relative_error(fn(sets[0], rt), ref)
             peers[f"{cuda} r{rt}"] = graph_time([(lambda ps, rt=rt: (lambda: fn(ps, rt)))(ps) for ps in sets])
         out["cuda_kernel"] = cuda
-        out["cuda_row_tiles"] = cuda_w4a16.row_tiles_for(m, n, torch.cuda.get_device_properties(0).multi_processor_count)
+        rule = cuda_w4a16.w4a16_row_tiles if scheme == "w4a16" else cuda_w4a16.row_tiles_for
+        out["cuda_row_tiles"] = rule(m, n, torch.cuda.get_device_properties(0).multi_processor_count)
     if scheme == "fp8_rowwise":
         xq, xs = S.quantize_activation(scheme, x)
         peers["_scaled_mm (x pre-quantized)"] = graph_time([

@@ -73,6 +73,20 @@ def row_tiles_for(m: int, n_total: int, sms: int) -> int:
     return 2 if n_total // 32 >= 0.9 * sms else 1
 
 
+def w4a16_row_tiles(m: int, n_total: int, sms: int) -> int:
+    """:func:`row_tiles_for`, but at M = 1 16-row tiles also where 32-row tiles would fill under 80% of
+    the SMs' last round (``n_total / 32`` tiles over ``sms``): q/k/v together (N = 6144, 192 tiles
+    of 32 rows on 132 SMs) take 384 tiles of 16.  H200, g128, M = 1, us with 16 / 32-row tiles
+    (benchmarks/results/h200/decode/cuda_w4a16/rows): N = 6144 7.2 / 7.4, with zero points 7.6 / 8.0,
+    g32 with zero points 9.4 / 10.1; N = 14336 (448 tiles, 85% full) 14.1 / 12.0."""
+    rows = row_tiles_for(m, n_total, sms)
+    if m == 1 and rows == 2:
+        tiles = n_total // 32
+        if tiles / (-(-tiles // sms) * sms) < 0.8:
+            return 1
+    return rows
+
+
 def warps_for(m: int, tiles: int, sms: int) -> int:
     """Warps a CTA: 4 for one token where the row tiles are at least two per SM (each warp then
     walks twice the chunks of a tile between the CTA's reductions, and twice the CTAs share an SM),
@@ -104,10 +118,12 @@ def _zero_points(z: torch.Tensor) -> torch.Tensor:
 def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int,
                        row_tiles: Optional[int] = None, warps: Optional[int] = None) -> list[torch.Tensor]:
     """``x`` [M, K] (bf16 or fp16) times each layer's int4 weight -> one [M, N_i] output each, in x's dtype.
-    ``row_tiles`` (1 or 2) and ``warps`` (8, or 4 at M = 1) default to :func:`row_tiles_for` and
+    ``row_tiles`` (1 or 2) and ``warps`` (8, or 4 at M = 1) default to :func:`w4a16_row_tiles` and
     :func:`warps_for`."""
     if x.dim() != 2:
         raise ValueError(f"the activation must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if len({layer.z is None for layer in layers}) > 1:
+        raise ValueError("the layers of one call must all have zero points or all have none")
     if warps is not None and warps not in (4, 8) or warps == 4 and x.shape[0] != 1:
         raise ValueError(f"warps a CTA: 8, or 4 for one token (M = 1); got {warps} at M = {x.shape[0]}")
     if x.dtype not in DTYPES:
@@ -152,7 +168,7 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
     n_total = sum(n for *_, n in prepared)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     if row_tiles is None:
-        row_tiles = row_tiles_for(m, n_total, sms)
+        row_tiles = w4a16_row_tiles(m, n_total, sms)
     rows = 16 * row_tiles
     err = ctypes.create_string_buffer(256)
     stream = torch.cuda.current_stream(x.device).cuda_stream

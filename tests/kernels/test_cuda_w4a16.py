@@ -96,6 +96,9 @@ def test_refuses_bad_arguments():
         CW.w4a16_decode(x, w, s, None, None, 128)
     with pytest.raises(ValueError, match="bf16 or fp16"):
         CW.w4a16_decode(x.float(), w, s, None, None, 128)
+    z = torch.zeros(8, 2, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="all have zero points or all have none"):
+        CW.w4a16_decode_group(x, [CW.Layer(w, s, z, None), CW.Layer(w, s, None, None)], 128)
     assert "groups of 32, 64 or a multiple of 128" in CW.check_group_size(256, 16)
     assert "K divisible by 128" in CW.check_group_size(192, 64)
     assert CW.check_group_size(4096, 128) == "" and CW.check_group_size(4096, 256) == ""
@@ -119,6 +122,11 @@ def test_row_tiles_rule():
     assert CW.row_tiles_for(1, 28672, 132) == 2  # gate/up together: 896 tiles of 32 rows
     assert CW.row_tiles_for(1, 4096, 132) == 2  # o_proj: 128 tiles of 32 rows, about one per SM
     assert CW.row_tiles_for(1, 1024, 132) == 1  # a lone k_proj: 64 tiles of 16 rows, 32 of 32 would idle SMs
+    assert CW.w4a16_row_tiles(1, 6144, 132) == 1  # q/k/v at M = 1: 192 tiles of 32 rows fill 73% of 2 rounds
+    assert CW.w4a16_row_tiles(8, 6144, 132) == 2  # more tokens: 32 rows
+    assert CW.w4a16_row_tiles(1, 14336, 132) == 2  # 448 tiles: 85% of 4 rounds
+    assert CW.w4a16_row_tiles(1, 28672, 132) == 2 and CW.w4a16_row_tiles(1, 4096, 132) == 2
+    assert CW.w4a16_row_tiles(1, 1024, 132) == 1
 
 
 def test_abi_struct_sizes():

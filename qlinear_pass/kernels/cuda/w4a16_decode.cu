@@ -15,17 +15,20 @@
 // * a sub-chunk is 8 * VEC k (AS = VEC / 2 atoms) and never straddles a quantization group
 //   (8 * VEC <= G), so its MMAs accumulate into a fresh fragment scaled once, in fp32, by the group
 //   scale of its row;
-// * a lane's word of an atom becomes its four A registers with one LOP3 each (the nibble pair under
-//   the exponent of 128 / 1024: (word >> 4i) & 0x000F000F | magic), holding BIAS + q; the MMAs
-//   multiply these, and BIAS + z times the activation's sum over the group (one more MMA, with an
-//   all-ones A, per atom) comes off in fp32.  The activation enters in its natural k order;
+// * an atom is an 8 x 8 tile of 16-byte rows with lane i's word at byte 4 i, so one ldmatrix hands
+//   each lane its words of four atoms; a lane's word becomes its four A registers with one LOP3 each
+//   (the nibble pair under the exponent of 128 / 1024: (word >> 4i) & 0x000F000F | magic), holding
+//   BIAS + q; the MMAs multiply these, and BIAS + z times the activation's sum over the group (one
+//   more MMA, with an all-ones A, per atom) comes off in fp32 (z is 8 in kernels built for layers
+//   without zero points).  The activation enters in its natural k order;
 // * the W warps of a CTA split K (chunk c goes to warp c % W) and add up through shared memory at
 //   the end of each row tile: no workspace, no atomics; the output is written once, in its dtype;
 // * CTAs are persistent (about as many as fit on the GPU at once): each walks its row tiles while
 //   its warps' rings run on from one tile into the next;
 // * the activation's 128 values of a chunk (each of the CTA's tokens) travel in the ring beside its
-//   weights (from L2: it is small, and every CTA reads it); for more than one token, ldmatrix turns
-//   them into the MMAs' B fragments, four 8 x 8 tiles an instruction;
+//   weights (from L2: it is small, and every CTA reads it); ldmatrix turns them into the MMAs' B
+//   fragments, four 8 x 8 tiles an instruction (one token fills all 8 columns; only the first is
+//   written out);
 // * up to MAX_SEGMENTS layers that read the same activation (q/k/v, gate/up) share one launch: the
 //   row tiles of the layers are numbered one after another.
 //
@@ -131,6 +134,12 @@ __device__ __forceinline__ void ldsm_x4(uint32_t& d0, uint32_t& d1, uint32_t& d2
                : "=r"(d0), "=r"(d1), "=r"(d2), "=r"(d3) : "r"(a) : "memory");
 }
 
+// Two 8 x 8 tiles: lanes 0-15 give the rows (lane i row i % 8 of tile i / 8), d_j as in ldsm_x4
+__device__ __forceinline__ void ldsm_x2(uint32_t& d0, uint32_t& d1, const void* row) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];" : "=r"(d0), "=r"(d1) : "r"(a) : "memory");
+}
+
 // The shared memory of one CTA:
 //   the warps' rings   [W][STAGES] slots, each: [R blocks][8 atoms][128] weight bytes, [16 R][16]
 //                      scale bytes, [16 R][4] zero-point bytes and [TOK][X_ROW] activation bytes
@@ -162,8 +171,9 @@ struct Layout {
 };
 
 // T: the activation dtype; VEC: a sub-chunk (one scale each) is 8 * VEC k, VEC / 2 atoms (4, 8, 16);
-// TOK: tokens per CTA (1, 8 or 16; larger M takes more CTAs along y); R: 16-row tiles per warp.
-template <typename T, int VEC, int TOK, int R, int W>
+// TOK: tokens per CTA (1, 8 or 16; larger M takes more CTAs along y); R: 16-row tiles per warp;
+// W: warps a CTA; ZP: the layers have zero points (else every z is 8).
+template <typename T, int VEC, int TOK, int R, int W, bool ZP>
 __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kernel(const __grid_constant__ Params p) {
   using L = Layout<R, TOK, W>;
   constexpr int MT = L::MT;
@@ -188,40 +198,46 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
   // what the next cp.async copies: chunk ci of the CTA's tile tj into slot ts; per-lane sources of
   // that tile, set when the copies move to a new tile
   int tj = 0, ci = 0, ts = 0;
-  const uint8_t* w_src[2 * R];
+  const uint8_t* w_src[R];  // the lane's first 16 bytes of each 16-row block (its second: 512 on)
   const float* s_src = nullptr;
   const uint8_t* z_src = nullptr;
   auto at_tile = [&](int j) {
     int tile = blockIdx.x + j * gridDim.x;
     const Segment sg = pick(p, tile);
 #pragma unroll
-    for (int q = 0; q < 2 * R; ++q) {  // 2 R pieces of 16 bytes a lane: block piece / 64, bytes 16 * (piece % 64)
-      const int piece = lane + 32 * q;
-      const int block = min(tile * R + (piece >> 6), sg.n / 16 - 1);
-      w_src[q] = sg.w + (long long)block * sg.w_stride + warp * L::BLOCK_B + (piece & 63) * 16;
+    for (int b = 0; b < R; ++b) {
+      const int block = min(tile * R + b, sg.n / 16 - 1);
+      w_src[b] = sg.w + (long long)block * sg.w_stride + warp * L::BLOCK_B + lane * 16;
     }
     const int row = min(tile * 16 * R + (lane & (16 * R - 1)), sg.n - 1);
     s_src = sg.s + (long long)row * sg.s_stride + warp * SUB;
-    z_src = sg.z ? sg.z + (long long)row * sg.z_stride : nullptr;
+    if constexpr (ZP) z_src = sg.z + (long long)row * sg.z_stride;
   };
   auto issue = [&]() {
     if (tj < ntiles) {
       uint8_t* slot = ring + ts * L::SLOT_B;
       const int step = ci * W;  // chunks past this warp's first one
+      // a block's 1024 bytes of the chunk in 64 pieces of 16: the lane's pieces lane and lane + 32
 #pragma unroll
-      for (int q = 0; q < 2 * R; ++q) cp_async16_l2<QLP_L2_FETCH>(slot + (lane + 32 * q) * 16, w_src[q] + (long long)step * L::BLOCK_B);
+      for (int b = 0; b < R; ++b)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          cp_async16_l2<QLP_L2_FETCH>(slot + b * L::BLOCK_B + (lane + 32 * h) * 16, w_src[b] + step * L::BLOCK_B + 512 * h);
       if (lane < 16 * R) {  // the row's SUB scales, and the 4-byte word holding its SUB zero points
         cp_async<4 * SUB>(slot + L::W_B + lane * 16, s_src + step * SUB);
-        if (z_src) cp_async<4>(slot + L::W_B + L::S_B + lane * 4, z_src + (((warp + step) * SUB) & ~3));
+        if constexpr (ZP) cp_async<4>(slot + L::W_B + L::S_B + lane * 4, z_src + (((warp + step) * SUB) & ~3));
       }
       // each token's 128 values of this chunk, 16 pieces of 16 bytes a token; the rows past the
       // last token repeat it (their outputs are not written)
+      if constexpr (TOK == 1) {
+        if (lane < 16) cp_async<16>(slot + L::W_B + L::S_B + L::Z_B + lane * 16, x_tok + (warp + step) * 128 + lane * 8);
+      } else {
 #pragma unroll
-      for (int q = 0; q < (TOK * 16 + 31) / 32; ++q) {
-        const int piece = lane + 32 * q, tk = piece >> 4;
-        if (piece < TOK * 16)
+        for (int q = 0; q < TOK / 2; ++q) {
+          const int piece = lane + 32 * q, tk = piece >> 4;
           cp_async<16>(slot + L::W_B + L::S_B + L::Z_B + tk * L::X_ROW + (piece & 15) * 16,
                        x_tok + (long long)min(tk, tokens - 1) * p.x_stride + (warp + step) * 128 + (piece & 15) * 8);
+        }
       }
       if (++ci == nch) {
         ci = 0;
@@ -268,16 +284,12 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
         for (int jj = 0; jj < MT; ++jj)
 #pragma unroll
           for (int a = 0; a < AS; a += 2) {
-            if constexpr (TOK == 1) {
-#pragma unroll
-              for (int h = 0; h < 4; ++h)
-                xb[jj][a + h / 2][h % 2] = g == 0 ? *reinterpret_cast<const uint32_t*>(xs + ((s * AS + a + h / 2) * 16 + 8 * (h % 2) + 2 * t) * 2) : 0u;
-            } else {
-              // four 8 x 8 tiles (atoms a, a + 1; k halves 0, 1): lane i gives row i % 8 of tile i / 8
-              const int tile8 = lane >> 3;
-              ldsm_x4(xb[jj][a][0], xb[jj][a][1], xb[jj][a + 1][0], xb[jj][a + 1][1],
-                      xs + (8 * jj + (lane & 7)) * L::X_ROW + ((s * AS + a + (tile8 >> 1)) * 16 + 8 * (tile8 & 1)) * 2);
-            }
+            // four 8 x 8 tiles (atoms a, a + 1; k halves 0, 1): lane i gives row i % 8 of tile i / 8.
+            // With one token every row is that token: the MMAs' other 7 columns repeat column 0 and
+            // are never written out
+            const int tile8 = lane >> 3, row = TOK == 1 ? 0 : 8 * jj + (lane & 7);
+            ldsm_x4(xb[jj][a][0], xb[jj][a][1], xb[jj][a + 1][0], xb[jj][a + 1][1],
+                    xs + row * L::X_ROW + ((s * AS + a + (tile8 >> 1)) * 16 + 8 * (tile8 & 1)) * 2);
           }
         // the sum of the sub-chunk's activation per token (an MMA with an all-ones A): the weights enter
         // the MMAs as BIAS + q, and BIAS + z times this sum comes off afterwards
@@ -298,10 +310,18 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
         for (int r = 0; r < R; ++r) {
           const int rl = 16 * r + g;
           const float s_lo = sc[rl * 4 + s], s_hi = sc[(rl + 8) * 4 + s];
-          const float zb_lo = Num<T>::BIAS + (sg.z ? zc[rl * 4 + zi] : 8.f);
-          const float zb_hi = Num<T>::BIAS + (sg.z ? zc[(rl + 8) * 4 + zi] : 8.f);
-          // the lane's word of each of the sub-chunk's atoms in this 16-row block
-          const uint32_t* words = reinterpret_cast<const uint32_t*>(slot + r * L::BLOCK_B + s * AS * 128) + lane;
+          const float zb_lo = Num<T>::BIAS + (ZP ? zc[rl * 4 + zi] : 8.f);
+          const float zb_hi = Num<T>::BIAS + (ZP ? zc[(rl + 8) * 4 + zi] : 8.f);
+          // the lane's word of each of the sub-chunk's atoms in this 16-row block: an atom is an 8 x 8
+          // tile of 16-byte rows whose lane i word is at byte 4 i, so ldmatrix hands each lane its
+          // words of four atoms (two where a sub-chunk has two)
+          uint32_t words[AS];
+          const uint8_t* blk = slot + r * L::BLOCK_B + s * AS * 128 + (lane >> 3) * 128 + (lane & 7) * 16;
+#pragma unroll
+          for (int a = 0; a < AS; a += 4) {
+            if constexpr (AS >= 4) ldsm_x4(words[a], words[a + 1], words[a + 2], words[a + 3], blk + a * 128);
+            else ldsm_x2(words[a], words[a + 1], blk);
+          }
           float part[MT][4], part2[MT][4];  // two accumulators: two independent chains of MMAs
 #pragma unroll
           for (int jj = 0; jj < MT; ++jj)
@@ -309,7 +329,7 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
             for (int e = 0; e < 4; ++e) part[jj][e] = part2[jj][e] = 0.f;
 #pragma unroll
           for (int a = 0; a < AS; ++a) {
-            const uint32_t word = words[a * 32];
+            const uint32_t word = words[a];
             uint32_t f[4];  // the A fragment registers: BIAS + q at (g, 2t..), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)
 #pragma unroll
             for (int q = 0; q < 4; ++q) f[q] = nibbles<MAGIC>(word >> (4 * q));
@@ -362,7 +382,8 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
 
 template <typename T, int VEC, int TOK, int R, int W>
 cudaError_t launch(const Params& p, cudaStream_t stream) {
-  return launch_persistent<w4a16_kernel<T, VEC, TOK, R, W>, TOK, W * 32, Layout<R, TOK, W>::BYTES>(p, stream);
+  if (p.seg[0].z) return launch_persistent<w4a16_kernel<T, VEC, TOK, R, W, true>, TOK, W * 32, Layout<R, TOK, W>::BYTES>(p, stream);
+  return launch_persistent<w4a16_kernel<T, VEC, TOK, R, W, false>, TOK, W * 32, Layout<R, TOK, W>::BYTES>(p, stream);
 }
 
 // 4 warps a CTA for one token only (the caller's rule, cuda_w4a16.warps_for); 8 for any M
@@ -412,8 +433,10 @@ int qlp_w4a16_decode(const qlp::Params* p, int dtype, int row_tiles, int warps, 
   if (const char* why = qlp::check_segments<qlp::MAX_SEGMENTS>(*p, row_tiles)) return fail(why);
   if (p->group != 32 && p->group != 64 && p->group % 128 != 0) return fail("group size must be 32, 64 or a multiple of 128");
   if (p->k % 128 != 0 || p->k % p->group != 0) return fail("K must be a multiple of 128 and of the group size");
-  for (int i = 0; i < p->nseg; ++i)
+  for (int i = 0; i < p->nseg; ++i) {
     if (p->seg[i].n % 16 != 0) return fail("every layer's N must be a multiple of 16 (whole atoms of the weight layout)");
+    if (!p->seg[i].z != !p->seg[0].z) return fail("the layers of a launch must all have zero points or all have none");
+  }
   if (warps != 8 && !(warps == 4 && p->m == 1)) return fail("warps must be 8, or 4 for one token (M = 1)");
   if (p->m <= 0 || p->total_tiles == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
