@@ -4,7 +4,9 @@ values of its tuning defines (or called with other warps a CTA), timed side by s
 behind ``cuda_w4a16.warps_for`` and the defaults of ``QLP_SLOTS_R1`` / ``QLP_SLOTS_R2`` / ``QLP_SLOTS4_R1`` /
 ``QLP_SLOTS4_R2`` (``cp.async`` ring depths with 8 / 4 warps),
 ``QLP_MIN_CTAS`` (the register budget for M > 1), ``QLP_MAX_TOK`` (tokens a CTA) and ``QLP_L2_FETCH`` (the DRAM block
-L2 fetches for a weight copy).
+L2 fetches for a weight copy), and of ``cuda_w4a16.w4a16_row_tiles`` (the ``rows`` set).  ``--against FILE`` times
+another version of the kernel's source beside them (e.g. ``git show REV:qlinear_pass/kernels/cuda/w4a16_decode.cu``),
+built with its own defaults and the same call arguments as ``rule``.
 
 Each variant is compiled with this machine's nvcc (the flags of ``kernels/cuda_build.py`` plus the
 defines) and timed like ``bench_decode.py`` (CUDA graph replays over weight copies past L2), with the
@@ -22,6 +24,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -37,8 +40,8 @@ from qlinear_pass.kernels import cuda_w4a16 as CW  # noqa: E402
 from qlinear_pass.kernels import int4_layout  # noqa: E402
 
 #: sets of variants (--set): name -> the defines it is built with (QLP_*; the others keep the source's
-#: defaults) and the arguments of its calls (``warps``: a CTA's, 8 or 4, the latter at M = 1 only; by
-#: default the kernel's rule)
+#: defaults) and the arguments of its calls (``warps``: a CTA's, 8 or 4, the latter at M = 1 only;
+#: ``row_tiles``: 1 or 2; by default the kernel's rules)
 SETS = {
     "ring": {
         "s3s2": {"QLP_SLOTS_R2": 2},
@@ -57,6 +60,11 @@ SETS = {
         "t8": {"QLP_MAX_TOK": 8},
         "t16min2": {"QLP_MAX_TOK": 16, "QLP_MIN_CTAS": 2},
     },
+    "rows": {
+        "rule": {},
+        "r1": {"row_tiles": 1},
+        "r2": {"row_tiles": 2},
+    },
     "l2": {
         "l2f0": {"QLP_L2_FETCH": 0},
         "l2f128": {"QLP_L2_FETCH": 128},
@@ -66,14 +74,15 @@ SETS = {
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 6144), (4096, 28672), (4096, 1024)]
 
 
-def build(name: str, defines: dict, folder: Path) -> ctypes.CDLL:
+def build(name: str, defines: dict, folder: Path, source: Optional[Path] = None) -> ctypes.CDLL:
     path, why = CB.toolchain()
     if path is None:
         raise RuntimeError(why)
     cap = torch.cuda.get_device_capability()
     out = folder / f"lib_{name}.so"
-    cmd = [path, *CB.FLAGS, CB.arch_flag(cap), *(f"-D{k}={v}" for k, v in defines.items()),
-           "-o", str(out), str(CB.SOURCE_DIR / CB.LIBRARIES["w4a16_decode"])]
+    # another version of the source finds this one's headers (common.cuh) through -I
+    cmd = [path, *CB.FLAGS, CB.arch_flag(cap), f"-I{CB.SOURCE_DIR}", *(f"-D{k}={v}" for k, v in defines.items()),
+           "-o", str(out), str(source or CB.SOURCE_DIR / CB.LIBRARIES["w4a16_decode"])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"nvcc failed for {name}:\n{proc.stderr[-3000:]}")
@@ -86,6 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", default="1,8,16")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--set", choices=sorted(SETS), default="ring", help="which variants to build and time")
+    ap.add_argument("--against", type=Path, default=None,
+                    help="another w4a16_decode.cu, timed beside the variants as 'against'")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_cuda_ring.py needs a CUDA GPU", file=sys.stderr)
@@ -99,17 +110,24 @@ def main(argv=None) -> int:
         log.write(line + "\n")
         log.flush()
 
-    variants = SETS[args.set]
+    variants = dict(SETS[args.set])
+    if args.against is not None:
+        if not args.against.is_file():
+            print(f"--against: no file {args.against}", file=sys.stderr)
+            return 2
+        variants["against"] = {}
     say(f"# variants: " + "; ".join(f"{name} = {d}" for name, d in variants.items()))
     say(f"# us per call, w4a16 g{args.group_size}, {torch.cuda.get_device_name()}")
     with tempfile.TemporaryDirectory(prefix="qlp_ring_") as tmp:
         t0 = time.monotonic()
         with ThreadPoolExecutor(max_workers=len(variants)) as pool:  # one nvcc each, side by side
-            built = {name: pool.submit(build, name, {k: v for k, v in d.items() if k.startswith("QLP_")}, Path(tmp))
+            built = {name: pool.submit(build, name, {k: v for k, v in d.items() if k.startswith("QLP_")}, Path(tmp),
+                                       args.against if name == "against" else None)
                      for name, d in variants.items()}
             libs = {name: f.result() for name, f in built.items()}
         say(f"# built {len(libs)} variants in {time.monotonic() - t0:.0f} s")
-        result = {"device": torch.cuda.get_device_name(), "group_size": args.group_size, "set": args.set, "variants": variants, "cases": []}
+        result = {"device": torch.cuda.get_device_name(), "group_size": args.group_size, "set": args.set, "variants": variants,
+                  "against": str(args.against) if args.against else None, "cases": []}
         original = CW._library
         try:
             for k, n in SHAPES:
@@ -122,13 +140,13 @@ def main(argv=None) -> int:
                     case = {"k": k, "n": n, "m": m, "us": {}, "rel_err": {}}
                     for name, lib in libs.items():
                         CW._library = lambda device, lib=lib: lib
-                        warps = variants[name].get("warps")
+                        warps, row_tiles = variants[name].get("warps"), variants[name].get("row_tiles")
                         if warps == 4 and m != 1:
                             continue  # 4 warps a CTA serve one token only
 
                         def call(ws):
                             return CW.w4a16_decode(x, int4_layout.mma16_of(ws[0]), ws[1], None, None, args.group_size,
-                                                   warps=warps)
+                                                   row_tiles=row_tiles, warps=warps)
                         case["rel_err"][name] = S.relative_error(call(sets[0]), ref)
                         case["us"][name] = graph_time([(lambda ws: (lambda: call(ws)))(ws) for ws in sets]) * 1e6
                     result["cases"].append(case)
