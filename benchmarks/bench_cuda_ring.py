@@ -46,7 +46,7 @@ SETS = {
     "ring": {
         "s3s2": {"QLP_SLOTS_R2": 2},
         "s3s3": {},
-        "s4s4": {"QLP_SLOTS_R1": 4, "QLP_SLOTS_R2": 4},
+        "s4s3": {"QLP_SLOTS_R1": 4},  # 4 slots for 32-row tiles do not fit 16 tokens' shared memory
         "w4s4s3": {"warps": 4},
         "w4s6s4": {"warps": 4, "QLP_SLOTS4_R1": 6, "QLP_SLOTS4_R2": 4},
     },
