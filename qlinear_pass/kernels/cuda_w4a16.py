@@ -77,8 +77,8 @@ def w4a16_row_tiles(m: int, n_total: int, sms: int) -> int:
     """:func:`row_tiles_for`, but at M = 1 16-row tiles also where 32-row tiles would fill under 80% of
     the SMs' last round (``n_total / 32`` tiles over ``sms``): q/k/v together (N = 6144, 192 tiles
     of 32 rows on 132 SMs) take 384 tiles of 16.  H200, g128, M = 1, us with 16 / 32-row tiles
-    (benchmarks/results/h200/decode/cuda_w4a16/rows): N = 6144 7.2 / 7.4, with zero points 7.6 / 8.0,
-    g32 with zero points 9.4 / 10.1; N = 14336 (448 tiles, 85% full) 14.1 / 12.0."""
+    (benchmarks/results/h200/decode/cuda_w4a16/rows): N = 6144 7.3 / 7.5; N = 14336 (448 tiles, 85%
+    full) 14.2 / 12.1; N = 4096 (K = 14336, 128 tiles) 11.8 / 11.0."""
     rows = row_tiles_for(m, n_total, sms)
     if m == 1 and rows == 2:
         tiles = n_total // 32
