@@ -58,3 +58,27 @@ def compile_and_run(model, x, backend=None, *, inductor=False, dynamic=None):
         f = torch.compile(model, backend=qp.make(backend, inductor=inductor), dynamic=dynamic)
         y = f(x)
     return y, recs
+
+
+def late_copy(src: torch.Tensor, dst: torch.Tensor, spin: int = 100_000) -> None:
+    """``dst.copy_(src)`` (same shape, contiguous) by one Triton kernel that first lets a kernel
+    launched after it with programmatic dependent launch start (``gdc_launch_dependents``), then
+    spins for ``spin`` dependent steps before it writes: such a kernel that read ``dst`` before
+    waiting for this one would read its old values.  GPU (sm90+) only."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _late_copy(src_ptr, dst_ptr, n, spin, BLOCK: tl.constexpr):
+        tl.extra.cuda.gdc_launch_dependents()
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        v = tl.load(src_ptr + offs, mask=mask)
+        acc = tl.zeros([BLOCK], tl.float32) + 1.0
+        for _ in range(spin):
+            acc = acc * 0.999999 + 0.000001
+        tl.store(dst_ptr + offs, tl.where(acc == 12345.0, tl.zeros_like(v), v), mask=mask)
+
+    a, b = src.contiguous().view(torch.uint8).reshape(-1), dst.view(torch.uint8).reshape(-1)
+    assert dst.is_contiguous() and a.numel() == b.numel()
+    _late_copy[(triton.cdiv(a.numel(), 1024),)](a, b, a.numel(), spin, BLOCK=1024)

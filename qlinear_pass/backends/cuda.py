@@ -70,24 +70,19 @@ class CudaW4A16(Kernel):
 
         return _act16_limits(spec, check_group_size(spec.k, spec.group_size or 0) or check_shape(spec.n, spec.k))
 
-    @staticmethod
-    def _layer(params, bias):
-        from ..kernels.cuda_w4a16 import Layer
-        from ..kernels.int4_layout import mma16_of
-
-        return Layer(mma16_of(params[0]), params[1], params[2] if len(params) > 2 else None, bias)
-
     def run(self, spec, x, params, bias):
-        from ..kernels.cuda_w4a16 import w4a16_decode_group
-
-        x = x if x.dim() == 2 else x.reshape(-1, spec.k)
-        return w4a16_decode_group(x, [self._layer(params, bias)], spec.group_size)[0]
+        return self.run_group([spec], x, [params], [bias])[0]
 
     def run_group(self, specs, x, params, biases):
-        from ..kernels.cuda_w4a16 import w4a16_decode_group
+        from ..kernels.cuda_w4a16 import Layer, w4a16_decode_group
+        from ..kernels.int4_layout import has_mma16, mma16_of
 
         x = x if x.dim() == 2 else x.reshape(-1, specs[0].k)
-        return w4a16_decode_group(x, [self._layer(p, b) for p, b in zip(params, biases)], specs[0].group_size)
+        # a weight's MMA-fragment copy made in this call was written by the kernel just ahead of the
+        # launch: no programmatic dependent launch then (the kernel would read it early)
+        ready = all(has_mma16(p[0]) for p in params)
+        layers = [Layer(mma16_of(p[0]), p[1], p[2] if len(p) > 2 else None, b) for p, b in zip(params, biases)]
+        return w4a16_decode_group(x, layers, specs[0].group_size, pdl=None if ready else False)
 
 
 @register_kernel

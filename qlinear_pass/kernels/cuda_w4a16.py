@@ -7,6 +7,10 @@ activation (a transformer's q/k/v, gate/up) in as few launches as the kernel's s
 scales in fp32 (others are converted per call); zero points as uint8, or none (symmetric, zero
 point 8).  Any M is computed (more CTAs along M), but the kernel is made for
 M <= 16: each CTA reads its weight rows once per 16 tokens.
+
+Launches captured into a CUDA graph with Inductor's programmatic dependent launch on use it too where
+the GPU has it (sm90+): the kernel's CTAs start while the kernel before them finishes and load their
+first weights, and read the activation only once that kernel is done (:func:`pdl_for`).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from . import cuda_build, int4_layout
 #: the layers one launch serves (the kernel's MAX_SEGMENTS)
 MAX_SEGMENTS = 3
 #: the kernel's ABI_VERSION (Params and Segment as declared below)
-ABI_VERSION = 6
+ABI_VERSION = 7
 DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 
 
@@ -44,7 +48,7 @@ class _Segment(ctypes.Structure):
 class _Params(ctypes.Structure):
     _fields_ = [("x", ctypes.c_void_p), ("x_stride", ctypes.c_longlong), ("m", ctypes.c_int), ("k", ctypes.c_int),
                 ("group", ctypes.c_int), ("nseg", ctypes.c_int), ("total_tiles", ctypes.c_int),
-                ("seg", _Segment * MAX_SEGMENTS)]
+                ("pdl", ctypes.c_int), ("seg", _Segment * MAX_SEGMENTS)]
 
 
 def check_group_size(k: int, group_size: int) -> str:
@@ -62,7 +66,7 @@ def _library(device: torch.device) -> ctypes.CDLL:
 
 def prepare(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Check that a built library matches this module's structs and declare its functions (once)."""
-    return cuda_build.bind(lib, "w4a16", _Params, MAX_SEGMENTS, ABI_VERSION, [ctypes.c_int, ctypes.c_int, ctypes.c_int])
+    return cuda_build.bind(lib, "w4a16", _Params, MAX_SEGMENTS, ABI_VERSION, [ctypes.c_int] * 4)
 
 
 def row_tiles_for(m: int, n_total: int, sms: int) -> int:
@@ -96,6 +100,27 @@ def warps_for(m: int, tiles: int, sms: int) -> int:
     return 4 if m == 1 and tiles >= 2 * sms else 8
 
 
+def pdl_for(pdl: Optional[bool], device: torch.device, converted: bool) -> bool:
+    """Launch with programmatic dependent launch?  The kernel then reads the layers' weights before
+    the kernel ahead of it in the stream has finished, so never where this call has just written them
+    (``converted``: a scale made fp32, a weight or zero points copied); else ``pdl`` where given
+    (``False`` for a caller that writes the weights with a kernel right before).  By default while a
+    CUDA graph is captured with Inductor's own programmatic dependent launch on
+    (``torch._inductor.config.triton.enable_pdl``, ``TORCHINDUCTOR_ENABLE_PDL=1``): its kernels let
+    the next one start early, and ours then load weights while the norm or SwiGLU before them
+    finishes.  Behind kernels that do not (Inductor's default), the early start gains nothing, and the
+    first chunks' activation waits for more weight copies (2-10% slower at M = 1, H200)."""
+    if converted:
+        return False
+    if pdl is not None:
+        return pdl
+    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        return False
+    import torch._inductor.config as inductor_config
+
+    return bool(getattr(inductor_config.triton, "enable_pdl", False))
+
+
 def aligned(t: torch.Tensor, align: int, row_multiple: int = 1) -> torch.Tensor:
     """``t`` (2-D) with unit stride along its rows, its start on an ``align``-byte boundary and a row
     stride that is a multiple of ``row_multiple`` elements; a copy where ``t`` is not."""
@@ -116,10 +141,11 @@ def _zero_points(z: torch.Tensor) -> torch.Tensor:
 
 
 def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int,
-                       row_tiles: Optional[int] = None, warps: Optional[int] = None) -> list[torch.Tensor]:
+                       row_tiles: Optional[int] = None, warps: Optional[int] = None,
+                       pdl: Optional[bool] = None) -> list[torch.Tensor]:
     """``x`` [M, K] (bf16 or fp16) times each layer's int4 weight -> one [M, N_i] output each, in x's dtype.
     ``row_tiles`` (1 or 2) and ``warps`` (8, or 4 at M = 1) default to :func:`w4a16_row_tiles` and
-    :func:`warps_for`."""
+    :func:`warps_for`; ``pdl`` (programmatic dependent launch) to :func:`pdl_for`'s rule."""
     if x.dim() != 2:
         raise ValueError(f"the activation must be 2-D [M, K], got shape {tuple(x.shape)}")
     if len({layer.z is None for layer in layers}) > 1:
@@ -137,6 +163,7 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
     groups = k // group_size
     sub = 128 // min(group_size, 128)  # groups in a 128-wide chunk: the scales copied together
     prepared = []
+    converted = False  # a tensor the kernel reads early was written by this call
     for i, layer in enumerate(layers):
         try:
             n, wk = int4_layout.shape_of(layer.w)
@@ -158,8 +185,9 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
         bias = layer.bias.to(x.dtype) if layer.bias is not None else None
         w = layer.w if layer.w.stride()[1:] == (128, 1) and layer.w.data_ptr() % 16 == 0 and layer.w.stride(0) % 16 == 0 \
             else layer.w.clone(memory_format=torch.contiguous_format)
-        prepared.append((w, s, _zero_points(layer.z) if layer.z is not None else None,
-                         bias.contiguous() if bias is not None else None, n))
+        z = _zero_points(layer.z) if layer.z is not None else None
+        converted = converted or w is not layer.w or s is not layer.s or (z is not None and z is not layer.z)
+        prepared.append((w, s, z, bias.contiguous() if bias is not None else None, n))
     outs = [torch.empty((m, n), device=x.device, dtype=x.dtype) for *_, n in prepared]
     if m == 0 or not prepared:
         return outs
@@ -173,6 +201,7 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
     err = ctypes.create_string_buffer(256)
     stream = torch.cuda.current_stream(x.device).cuda_stream
     batches = [list(range(i, min(i + MAX_SEGMENTS, len(prepared)))) for i in range(0, len(prepared), MAX_SEGMENTS)]
+    early = int(pdl_for(pdl, x.device, converted))
     with torch.cuda.device(x.device):
         for batch in batches:
             p = _Params()
@@ -189,14 +218,14 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
                 seg.n, seg.tiles = n, -(-n // rows)
             p.total_tiles = sum(p.seg[j].tiles for j in range(len(batch)))
             w = warps if warps is not None else warps_for(m, p.total_tiles, sms)
-            if lib.qlp_w4a16_decode(ctypes.byref(p), DTYPES[x.dtype], row_tiles, w, stream, err, len(err)):
+            if lib.qlp_w4a16_decode(ctypes.byref(p), DTYPES[x.dtype], row_tiles, w, early, stream, err, len(err)):
                 raise RuntimeError(f"the int4 decode kernel failed: {err.value.decode(errors='replace')}")
     return outs
 
 
 def w4a16_decode(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: Optional[torch.Tensor],
                  bias: Optional[torch.Tensor], group_size: int, row_tiles: Optional[int] = None,
-                 warps: Optional[int] = None) -> torch.Tensor:
+                 warps: Optional[int] = None, pdl: Optional[bool] = None) -> torch.Tensor:
     """One layer: ``x`` [M, K] times the int4 weight ``w`` ([N/16, K/16, 128], MMA-fragment layout) ->
     [M, N] in x's dtype."""
-    return w4a16_decode_group(x, [Layer(w, s, z, bias)], group_size, row_tiles, warps)[0]
+    return w4a16_decode_group(x, [Layer(w, s, z, bias)], group_size, row_tiles, warps, pdl)[0]

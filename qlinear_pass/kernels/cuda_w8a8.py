@@ -14,7 +14,9 @@ scale per 128x128 block ([ceil(N/128), K/128]) and a bf16 / fp16 activation that
 quantizes to e4m3 per 1x128 group as the scheme does; the output in the activation's dtype.
 
 Any M is computed (more CTAs along M), but the kernel is made for M <= 16: each CTA reads its
-weight rows once per 16 tokens.
+weight rows once per 16 tokens.  Programmatic dependent launch as in :mod:`.cuda_w4a16`
+(``pdl``, :func:`.cuda_w4a16.pdl_for`): the kernel copies its first chunks' weights before the kernel
+ahead of it has finished.
 """
 from __future__ import annotations
 
@@ -24,12 +26,12 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from . import cuda_build
-from .cuda_w4a16 import aligned, row_tiles_for
+from .cuda_w4a16 import aligned, pdl_for, row_tiles_for
 
 #: the layers one launch serves (the kernel's MAX_SEGMENTS)
 MAX_SEGMENTS = 3
 #: the kernel's ABI_VERSION (Params and Segment as declared below)
-ABI_VERSION = 2
+ABI_VERSION = 3
 ELEMS = {torch.float8_e4m3fn: 0, torch.int8: 1}
 OUT_DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 #: the weight-only form's activations (and outputs)
@@ -68,7 +70,7 @@ def _library(device: torch.device) -> ctypes.CDLL:
 
 def prepare(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Check that a built library matches this module's structs and declare its functions (once)."""
-    return cuda_build.bind(lib, "w8a8", _Params, MAX_SEGMENTS, ABI_VERSION, [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int],
+    return cuda_build.bind(lib, "w8a8", _Params, MAX_SEGMENTS, ABI_VERSION, [ctypes.c_int] * 5,
                            also=("w8a16", "fp8_block"))
 
 
@@ -102,10 +104,10 @@ def _block_scale(s: torch.Tensor, n: int, k: int, what: str) -> tuple[torch.Tens
 
 
 def _layers(x: torch.Tensor, layers: Sequence[Layer], weight_dtype: torch.dtype, out_dtype: torch.dtype,
-            block: bool = False) -> list:
+            block: bool = False) -> tuple[list, bool]:
     """Each layer checked against the activation ``x`` [M, K] and made ready for the kernel:
     (weight, fp32 scale, its stride, bias in ``out_dtype`` or None, N); ``block``: the scale is per
-    128x128 block."""
+    128x128 block.  Also whether a weight was copied here (no early weight reads then)."""
     k = x.shape[1]
     prepared = []
     for i, layer in enumerate(layers):
@@ -122,14 +124,16 @@ def _layers(x: torch.Tensor, layers: Sequence[Layer], weight_dtype: torch.dtype,
         sw, sw_stride = _block_scale(layer.sw, n, k, what) if block else _scale(layer.sw, n, what)
         bias = layer.bias.to(out_dtype).contiguous() if layer.bias is not None else None
         prepared.append((aligned(layer.w, 16, 16), sw, sw_stride, bias, n))
-    return prepared
+    return prepared, any(p[0] is not layer.w for p, layer in zip(prepared, layers))
 
 
-def _launch(entry: str, x: torch.Tensor, sx: Optional[torch.Tensor], sx_stride: int, prepared: list,
+def _launch(entry: str, x: torch.Tensor, sx: Optional[torch.Tensor], sx_stride: int, layers: tuple[list, bool],
             elem: int, dtype_code: int, out_dtype: torch.dtype, row_tiles: Optional[int],
-            warps: Optional[int]) -> list[torch.Tensor]:
-    """Run ``qlp_<entry>_decode`` over the prepared layers, MAX_SEGMENTS a launch: their outputs.
-    ``row_tiles`` and ``warps`` default to ``row_tiles_for`` and :func:`warps_for`."""
+            warps: Optional[int], pdl: Optional[bool]) -> list[torch.Tensor]:
+    """Run ``qlp_<entry>_decode`` over the prepared layers (what :func:`_layers` returns), MAX_SEGMENTS
+    a launch: their outputs.  ``row_tiles``, ``warps`` and ``pdl`` default to ``row_tiles_for``,
+    :func:`warps_for` and ``pdl_for``'s rule."""
+    prepared, converted = layers
     m, k = x.shape
     if warps is not None and warps not in (4, 8) or warps == 4 and m > 8:
         raise ValueError(f"warps a CTA: 8, or 4 for up to 8 tokens (M <= 8); got {warps} at M = {m}")
@@ -144,6 +148,7 @@ def _launch(entry: str, x: torch.Tensor, sx: Optional[torch.Tensor], sx_stride: 
     err = ctypes.create_string_buffer(256)
     stream = torch.cuda.current_stream(x.device).cuda_stream
     run = getattr(lib, f"qlp_{entry}_decode")
+    early = int(pdl_for(pdl, x.device, converted))
     with torch.cuda.device(x.device):
         for first in range(0, len(prepared), MAX_SEGMENTS):
             batch = range(first, min(first + MAX_SEGMENTS, len(prepared)))
@@ -160,7 +165,7 @@ def _launch(entry: str, x: torch.Tensor, sx: Optional[torch.Tensor], sx_stride: 
                 seg.n, seg.tiles = n, -(-n // rows)
             p.total_tiles = sum(p.seg[j].tiles for j in range(len(batch)))
             w = warps if warps is not None else warps_for(m, p.total_tiles, sms)
-            if run(ctypes.byref(p), elem, dtype_code, row_tiles, w, stream, err, len(err)):
+            if run(ctypes.byref(p), elem, dtype_code, row_tiles, w, early, stream, err, len(err)):
                 raise RuntimeError(f"the {entry} decode kernel failed: {err.value.decode(errors='replace')}")
     return outs
 
@@ -176,7 +181,8 @@ def _check_activation(x: torch.Tensor, what: str) -> None:
 
 
 def w8a8_decode_group(xq: torch.Tensor, sx: torch.Tensor, layers: Sequence[Layer], out_dtype: torch.dtype,
-                      row_tiles: Optional[int] = None, warps: Optional[int] = None) -> list[torch.Tensor]:
+                      row_tiles: Optional[int] = None, warps: Optional[int] = None,
+                      pdl: Optional[bool] = None) -> list[torch.Tensor]:
     """``xq`` [M, K] (fp8 e4m3 or int8) with scales ``sx`` times each layer's weight -> [M, N_i] each, in ``out_dtype``."""
     if xq.dim() == 2 and xq.dtype not in ELEMS:
         raise ValueError(f"the W8A8 decode kernel takes an fp8 e4m3 or int8 activation, not {xq.dtype}")
@@ -186,19 +192,20 @@ def w8a8_decode_group(xq: torch.Tensor, sx: torch.Tensor, layers: Sequence[Layer
     sx, sx_stride = _scale(sx, xq.shape[0], "the activation scale")
     if sx.device != xq.device:
         raise ValueError(f"the activation scale is on {sx.device}, the activation on {xq.device}")
-    prepared = _layers(xq, layers, xq.dtype, out_dtype)
-    return _launch("w8a8", aligned(xq, 16, 16), sx, sx_stride, prepared, ELEMS[xq.dtype], OUT_DTYPES[out_dtype],
-                   out_dtype, row_tiles, warps)
+    ready = _layers(xq, layers, xq.dtype, out_dtype)
+    return _launch("w8a8", aligned(xq, 16, 16), sx, sx_stride, ready, ELEMS[xq.dtype], OUT_DTYPES[out_dtype],
+                   out_dtype, row_tiles, warps, pdl)
 
 
 def w8a8_decode(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: Optional[torch.Tensor],
-                out_dtype: torch.dtype, row_tiles: Optional[int] = None, warps: Optional[int] = None) -> torch.Tensor:
+                out_dtype: torch.dtype, row_tiles: Optional[int] = None, warps: Optional[int] = None,
+                pdl: Optional[bool] = None) -> torch.Tensor:
     """One layer: ``xq`` [M, K] times the weight ``w`` [N, K] -> [M, N] in ``out_dtype``."""
-    return w8a8_decode_group(xq, sx, [Layer(w, sw, bias)], out_dtype, row_tiles, warps)[0]
+    return w8a8_decode_group(xq, sx, [Layer(w, sw, bias)], out_dtype, row_tiles, warps, pdl)[0]
 
 
 def w8a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], row_tiles: Optional[int] = None,
-                       warps: Optional[int] = None) -> list[torch.Tensor]:
+                       warps: Optional[int] = None, pdl: Optional[bool] = None) -> list[torch.Tensor]:
     """The weight-only form: ``x`` [M, K] (bf16 / fp16) times each layer's 8-bit weight (all fp8 e4m3
     or all int8) and its scale -> [M, N_i] each, in ``x``'s dtype."""
     if x.dim() == 2 and x.dtype not in ACT_DTYPES:
@@ -209,31 +216,31 @@ def w8a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], row_tiles: Opti
     weight_dtype = layers[0].w.dtype
     if weight_dtype not in ELEMS:
         raise ValueError(f"the W8A16 decode kernel takes fp8 e4m3 or int8 weights, not {weight_dtype}")
-    prepared = _layers(x, layers, weight_dtype, x.dtype)
+    ready = _layers(x, layers, weight_dtype, x.dtype)
     # 16-byte pieces of 16-bit values: rows a multiple of 8 elements apart
-    return _launch("w8a16", aligned(x, 16, 8), None, 0, prepared, ELEMS[weight_dtype], ACT_DTYPES[x.dtype], x.dtype,
-                   row_tiles, warps)
+    return _launch("w8a16", aligned(x, 16, 8), None, 0, ready, ELEMS[weight_dtype], ACT_DTYPES[x.dtype], x.dtype,
+                   row_tiles, warps, pdl)
 
 
 def w8a16_decode(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: Optional[torch.Tensor],
-                 row_tiles: Optional[int] = None, warps: Optional[int] = None) -> torch.Tensor:
+                 row_tiles: Optional[int] = None, warps: Optional[int] = None, pdl: Optional[bool] = None) -> torch.Tensor:
     """One weight-only layer: ``x`` [M, K] times the weight ``w`` [N, K] -> [M, N] in ``x``'s dtype."""
-    return w8a16_decode_group(x, [Layer(w, sw, bias)], row_tiles, warps)[0]
+    return w8a16_decode_group(x, [Layer(w, sw, bias)], row_tiles, warps, pdl)[0]
 
 
 def fp8_block_decode_group(x: torch.Tensor, layers: Sequence[Layer], row_tiles: Optional[int] = None,
-                           warps: Optional[int] = None) -> list[torch.Tensor]:
+                           warps: Optional[int] = None, pdl: Optional[bool] = None) -> list[torch.Tensor]:
     """``fp8_block``: ``x`` [M, K] (bf16 / fp16; quantized inside the kernel per 1x128 group) times each
     layer's e4m3 weight with its 128x128-block scale -> [M, N_i] each, in ``x``'s dtype."""
     if x.dim() == 2 and x.dtype not in ACT_DTYPES:
         raise ValueError(f"the fp8_block decode kernel takes a bf16 or fp16 activation, not {x.dtype}")
     _check_activation(x, "fp8_block")
-    prepared = _layers(x, layers, torch.float8_e4m3fn, x.dtype, block=True)
-    return _launch("fp8_block", aligned(x, 16, 8), None, 0, prepared, ELEMS[torch.float8_e4m3fn], ACT_DTYPES[x.dtype],
-                   x.dtype, row_tiles, warps)
+    ready = _layers(x, layers, torch.float8_e4m3fn, x.dtype, block=True)
+    return _launch("fp8_block", aligned(x, 16, 8), None, 0, ready, ELEMS[torch.float8_e4m3fn], ACT_DTYPES[x.dtype],
+                   x.dtype, row_tiles, warps, pdl)
 
 
 def fp8_block_decode(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: Optional[torch.Tensor],
-                     row_tiles: Optional[int] = None, warps: Optional[int] = None) -> torch.Tensor:
+                     row_tiles: Optional[int] = None, warps: Optional[int] = None, pdl: Optional[bool] = None) -> torch.Tensor:
     """One ``fp8_block`` layer: ``x`` [M, K] times ``w`` [N, K] -> [M, N] in ``x``'s dtype."""
-    return fp8_block_decode_group(x, [Layer(w, sw, bias)], row_tiles, warps)[0]
+    return fp8_block_decode_group(x, [Layer(w, sw, bias)], row_tiles, warps, pdl)[0]

@@ -105,6 +105,13 @@ def mma16_of(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
+def has_mma16(weight: torch.Tensor) -> bool:
+    """Whether :func:`mma16_of` has the weight's MMA-fragment copy already (made in an earlier call, not
+    by a kernel just ahead of the next launch)."""
+    hit = _copies.get(id(weight))
+    return hit is not None and hit[0]() is weight and hit[1] == weight._version
+
+
 def copied_bytes() -> int:
     """Bytes of the MMA-fragment copies alive now (what the layers hold beside their public weights)."""
     return sum(packed.numel() for ref, _, packed in list(_copies.values()) if ref() is not None)

@@ -71,6 +71,26 @@ def test_explicit_cuda_without_nvcc_is_an_error_naming_why(monkeypatch):
     assert "quantizes the activation per 1x128 group itself" in str(e.value)
 
 
+def test_w4a16_launches_early_only_on_a_weight_copy_made_before(monkeypatch):
+    """The MMA-fragment copy made in this call is written by the kernel just ahead of the launch: no
+    programmatic dependent launch then (pdl=False); from the next call on, the kernel's rule (None)."""
+    from qlinear_pass.kernels import cuda_w4a16, int4_layout
+
+    seen = []
+    monkeypatch.setattr(cuda_w4a16, "w4a16_decode_group", lambda x, layers, g, pdl=None: seen.append(pdl) or [None] * len(layers))
+    p = S.quantize_weight("w4a16", torch.randn(32, 256), group_size=128)
+    params = [p["weight"], p["weight_scale"]]
+    x = torch.zeros(1, 256, dtype=torch.bfloat16)
+    k = CB.CudaW4A16()
+    assert not int4_layout.has_mma16(params[0])
+    k.run(spec(n=32, k=256), x, params, None)
+    assert int4_layout.has_mma16(params[0])
+    k.run_group([spec(n=32, k=256)] * 2, x, [params, params], [None, None])
+    params[0].add_(0)  # a new version of the weight: its copy is made again
+    k.run(spec(n=32, k=256), x, params, None)
+    assert seen == [False, None, False]
+
+
 def test_running_on_cpu_tensors_is_refused():
     k = CB.CudaW4A16()
     p = S.quantize_weight("w4a16", torch.randn(32, 256), group_size=128)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from qlinear_pass import schemes as S
 from qlinear_pass.kernels import cuda_build, int4_layout, cuda_w4a16 as CW
-from tests.helpers import kernel_case
+from tests.helpers import kernel_case, late_copy
 
 
 @st.composite
@@ -88,6 +88,71 @@ def test_strided_activation_and_weights_on_gpu():
     assert S.relative_error(y, ref) <= S.TOLERANCE[x.dtype]
 
 
+def _sm90():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,ns,zero_points", [(1, 4096, [6144], False), (1, 4096, [14336, 14336], True),
+                                                (16, 14336, [4096], False), (5, 384, [48, 32], True)])
+def test_dependent_launch_reads_the_activation_after_the_kernel_before_on_gpu(m, k, ns, zero_points):
+    """The kernel before writes the activation late, after letting a dependent launch start
+    (tests.helpers.late_copy): launched with programmatic dependent launch (eagerly and captured into
+    a CUDA graph), every output is of the new activation."""
+    if not _sm90():
+        pytest.skip("programmatic dependent launch needs sm90+")
+    layers, public = [], []
+    for i, n in enumerate(ns):
+        _, p, b, _, _ = kernel_case("w4a16", m, n, k, group_size=128, zero_points=zero_points, seed=10 + i, device="cuda")
+        layers.append(CW.Layer(int4_layout.to_mma16(p[0]), p[1], p[2] if zero_points else None, b))
+        public.append((p, b))
+    xs = [kernel_case("w4a16", m, 16, k, seed=50 + j, device="cuda")[0] for j in range(3)]
+    refs = [[S.reference("w4a16", x, p, b) for p, b in public] for x in xs]
+    buf = xs[-1].clone()  # holds another activation until each copy lands
+
+    def check_all(outs):
+        for j, (ys, want) in enumerate(zip(outs, refs)):
+            for i, (y, ref) in enumerate(zip(ys, want)):
+                err = S.relative_error(y, ref)
+                assert err <= S.TOLERANCE[y.dtype], f"activation {j}, layer {i}: relative error {err:.3g}"
+
+    eager = []
+    for x in xs:
+        late_copy(x, buf)
+        eager.append(CW.w4a16_decode_group(buf, layers, 128, pdl=True))
+    check_all(eager)
+    torch.cuda.synchronize()
+    CW.w4a16_decode_group(buf, layers, 128)  # built and loaded before the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = []
+        for x in xs:
+            late_copy(x, buf)
+            captured.append(CW.w4a16_decode_group(buf, layers, 128, pdl=True))
+    buf.copy_(xs[-1])
+    g.replay()
+    torch.cuda.synchronize()
+    check_all(captured)
+
+
+def test_dependent_launch_rule(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert CW.pdl_for(None, cpu, False) is False  # no GPU: a plain launch
+    assert CW.pdl_for(True, cpu, False) is True and CW.pdl_for(False, cpu, False) is False
+    assert CW.pdl_for(True, cpu, True) is False  # a tensor written by this call: never early
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(inductor_config.triton, "enable_pdl", True)
+    assert CW.pdl_for(None, gpu, False) is False  # eager: a plain launch
+    capturing[0] = True
+    assert CW.pdl_for(None, gpu, False) is True  # captured, behind Inductor kernels that start us early
+    assert CW.pdl_for(None, gpu, True) is False
+    monkeypatch.setattr(inductor_config.triton, "enable_pdl", False)
+    assert CW.pdl_for(None, gpu, False) is False  # Inductor's default: nothing to gain
+
+
 def test_refuses_bad_arguments():
     x = torch.zeros(1, 256, dtype=torch.bfloat16)
     w = torch.zeros(8, 128, dtype=torch.uint8)
@@ -130,12 +195,12 @@ def test_row_tiles_rule():
 
 
 def test_abi_struct_sizes():
-    # the C structs: 5 pointers, 4 int64, 2 int32 a layer; the header pads to 8 bytes before them
+    # the C structs: 5 pointers, 4 int64, 2 int32 a layer; the header's 6 int32 end on an 8-byte boundary
     assert torch.tensor(0).element_size() == 8
     import ctypes
 
     assert ctypes.sizeof(CW._Segment) == 80
-    assert ctypes.sizeof(CW._Params) == 8 + 8 + 5 * 4 + 4 + CW.MAX_SEGMENTS * 80
+    assert ctypes.sizeof(CW._Params) == 8 + 8 + 6 * 4 + CW.MAX_SEGMENTS * 80
 
 
 @pytest.mark.slow

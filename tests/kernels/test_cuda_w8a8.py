@@ -14,7 +14,7 @@ from qlinear_pass import registry as R
 from qlinear_pass import schemes as S
 from qlinear_pass.backends.cuda import CudaW8A8
 from qlinear_pass.kernels import cuda_w8a8 as CW
-from tests.helpers import kernel_case
+from tests.helpers import kernel_case, late_copy
 
 SCHEMES = ("fp8_rowwise", "fp8_tensor", "int8_rowwise")
 
@@ -258,6 +258,62 @@ def test_weight_only_strided_activation_on_gpu():
     wide[:, 8:264] = x  # starts 16 bytes in, rows 520 elements apart
     y = CW.w8a16_decode(wide[:, 8:264], p[0], p[1], b)
     assert S.relative_error(y, ref) <= S.TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme,m,k,ns", [("fp8_rowwise", 1, 4096, [6144]), ("int8_weight_only", 1, 4096, [14336, 14336]),
+                                           ("fp8_block", 16, 14336, [4096]), ("int8_rowwise", 5, 640, [48, 32])])
+def test_dependent_launch_reads_the_activation_after_the_kernel_before_on_gpu(scheme, m, k, ns):
+    """As in test_cuda_w4a16: the kernel before writes the activation (and its scale) late, after
+    letting a dependent launch start; with programmatic dependent launch, eager and captured, every
+    output is of the new activation."""
+    ok, why = _runs_here()
+    if not ok or torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip(why if not ok else "programmatic dependent launch needs sm90+")
+    static = scheme in SCHEMES
+    layers, public = [], []
+    for i, n in enumerate(ns):
+        _, p, b, _, _ = kernel_case(scheme, m, n, k, static=static, seed=10 + i, device="cuda")
+        layers.append(CW.Layer(p[0], p[1], b))
+        public.append((p, b))
+    cases_ = [kernel_case(scheme, m, 16, k, static=static, seed=50 + j, device="cuda") for j in range(3)]
+    acts = [(c[0], c[3]) for c in cases_]  # (activation, its scale or None)
+    refs = [[S.reference(scheme, x, p, b, input_scale=sx, out_dtype=torch.bfloat16) for p, b in public] for x, sx in acts]
+    buf, sbuf = acts[-1][0].clone(), acts[-1][1].clone() if static else None
+
+    def run():
+        if static:
+            return CW.w8a8_decode_group(buf, sbuf, layers, torch.bfloat16, pdl=True)
+        fn = CW.fp8_block_decode_group if scheme == "fp8_block" else CW.w8a16_decode_group
+        return fn(buf, layers, pdl=True)
+
+    def produce(x, sx):
+        if static:
+            sbuf.copy_(sx)  # the scale before, the activation written late by the kernel just ahead
+        late_copy(x, buf)
+
+    def check_all(outs):
+        for j, (ys, want) in enumerate(zip(outs, refs)):
+            for i, (y, ref) in enumerate(zip(ys, want)):
+                err = S.relative_error(y, ref)
+                assert err <= S.TOLERANCE[torch.bfloat16], f"activation {j}, layer {i}: relative error {err:.3g}"
+
+    eager = []
+    for x, sx in acts:
+        produce(x, sx)
+        eager.append(run())
+    check_all(eager)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = []
+        for x, sx in acts:
+            produce(x, sx)
+            captured.append(run())
+    buf.copy_(acts[-1][0])
+    g.replay()
+    torch.cuda.synchronize()
+    check_all(captured)
 
 
 # --- fp8_block: the activation quantized in the kernel per 1x128 group ---------------------------

@@ -1,7 +1,7 @@
 // What the decode kernels in this folder share: the 16-bit MMA, a byte permute, cp.async, reading
-// and writing 16-bit / fp32 values, the segments of a launch (sibling layers that read one
-// activation), their checks, and the persistent grid (how many CTAs of a kernel run at once on
-// this GPU, found once per device).
+// and writing 16-bit / fp32 values, programmatic dependent launch, the segments of a launch (sibling
+// layers that read one activation), their checks, and the persistent grid (how many CTAs of a
+// kernel run at once on this GPU, found once per device).
 //
 // Include it inside an anonymous namespace, after <cuda_bf16.h>, <cuda_fp16.h>, <cuda_runtime.h>,
 // <stdint.h>, <algorithm>, <atomic> and <type_traits>: the per-device caches (per_device()) then
@@ -80,6 +80,22 @@ __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_grou
 template <int N>
 __device__ __forceinline__ void cp_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// Programmatic dependent launch (sm90+).  A kernel launched with it (launch_persistent's `pdl`) may
+// start while the kernel before it in the stream is still finishing: it may read only what was
+// written before that kernel began (the layers' weights) until grid_dependency_wait() returns, which
+// it does once the kernel before has completed and its writes are visible (at once in a launch
+// without it).  launch_dependents(): a kernel launched after this one with it may start now.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }
 
 // The layer (segment) that row tile `tile` of a launch belongs to, with `tile` made relative to it:
@@ -167,13 +183,23 @@ inline dim3 persistent_grid(int total_tiles, int m, int tok, int resident) {
 }
 
 // Launch KERNEL (TOK tokens a CTA, THREADS threads, BYTES of dynamic shared memory) as a persistent
-// grid on `stream`
+// grid on `stream`; `pdl`: with programmatic dependent launch where the GPU has it (sm90+), so the
+// kernel's CTAs start, and copy weights, while the kernel before them finishes
 template <auto KERNEL, int TOK, int THREADS, int BYTES, typename Params>
-cudaError_t launch_persistent(const Params& p, cudaStream_t stream) {
+cudaError_t launch_persistent(const Params& p, bool pdl, cudaStream_t stream) {
   static_assert(BYTES <= 227 * 1024, "more shared memory than a Hopper SM has");
   int resident = 0;
   cudaError_t e = resident_ctas<KERNEL>(THREADS, BYTES, resident);
   if (e != cudaSuccess) return e;
-  KERNEL<<<persistent_grid(p.total_tiles, p.m, TOK, resident), THREADS, BYTES, stream>>>(p);
-  return cudaGetLastError();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = persistent_grid(p.total_tiles, p.m, TOK, resident);
+  cfg.blockDim = dim3(THREADS);
+  cfg.dynamicSmemBytes = BYTES;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl && device_sm() >= 90 ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, KERNEL, p);
 }

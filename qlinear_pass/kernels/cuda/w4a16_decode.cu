@@ -30,7 +30,9 @@
 //   fragments, four 8 x 8 tiles an instruction (one token fills all 8 columns; only the first is
 //   written out);
 // * up to MAX_SEGMENTS layers that read the same activation (q/k/v, gate/up) share one launch: the
-//   row tiles of the layers are numbered one after another.
+//   row tiles of the layers are numbered one after another;
+// * launched with programmatic dependent launch (`pdl`), the CTAs start while the kernel before
+//   finishes and copy their first chunks' weights; the activation only after grid_dependency_wait().
 //
 // Built with nvcc on first use (kernels/cuda_build.py) into a shared library that Python calls
 // through ctypes; the launch goes to the caller's stream, so CUDA graphs capture it.
@@ -79,7 +81,7 @@ constexpr int MAX_SEGMENTS = 3;
 #ifndef QLP_MAX_TOK
 #define QLP_MAX_TOK 16
 #endif
-constexpr int ABI_VERSION = 6;  // bumped whenever Params or Segment change
+constexpr int ABI_VERSION = 7;  // bumped whenever Params, Segment or the entry point's arguments change
 
 struct Segment {
   const uint8_t* w;     // [n/16][k/16][128] int4 in the MMA-fragment layout, 16-row blocks w_stride bytes apart
@@ -96,6 +98,7 @@ struct Params {
   const void* x;        // [m, k] activation, rows x_stride elements apart (16-byte aligned)
   long long x_stride;
   int m, k, group, nseg, total_tiles;
+  int pdl;              // launched with programmatic dependent launch (set by qlp_w4a16_decode from its argument)
   Segment seg[MAX_SEGMENTS];
 };
 
@@ -107,18 +110,16 @@ namespace {
 template <typename T> struct Num;
 template <> struct Num<__nv_bfloat16> {
   static constexpr uint32_t MAGIC = 0x43004300u;  // bf16 128.0 twice: 0x4300 | q == 128 + q
-  static constexpr uint32_t BASE = 0x4300u;
   static constexpr uint32_t ONES = 0x3F803F80u;   // bf16 1.0 twice
   static constexpr float BIAS = 128.f;
 };
 template <> struct Num<__half> {
   static constexpr uint32_t MAGIC = 0x64006400u;  // fp16 1024.0 twice: 0x6400 | q == 1024 + q
-  static constexpr uint32_t BASE = 0x6400u;
   static constexpr uint32_t ONES = 0x3C003C00u;   // fp16 1.0 twice
   static constexpr float BIAS = 1024.f;
 };
 
-// (a & 0x000F000F) | MAGIC: the nibbles at bits 0-3 and 16-19 as two 16-bit floats BASE + q
+// (a & 0x000F000F) | MAGIC: the nibbles at bits 0-3 and 16-19 as two 16-bit floats BIAS + q
 template <uint32_t MAGIC>
 __device__ __forceinline__ uint32_t nibbles(uint32_t a) {
   uint32_t d;
@@ -213,7 +214,21 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
     s_src = sg.s + (long long)row * sg.s_stride + warp * SUB;
     if constexpr (ZP) z_src = sg.z + (long long)row * sg.z_stride;
   };
-  auto issue = [&]() {
+  // a token's 128 values of a chunk, 16 pieces of 16 bytes a token: the lane's piece q (of XP) of the
+  // chunk `step` chunks past the warp's first, where it goes in a slot, and whether the lane has it
+  // (the rows past the last token repeat it; their outputs are not written)
+  constexpr int XP = TOK == 1 ? 1 : TOK / 2;
+  auto x_src = [&](const int step, const int q) {
+    const int piece = lane + 32 * q, tk = TOK == 1 ? 0 : piece >> 4;
+    return x_tok + (long long)min(tk, tokens - 1) * p.x_stride + (warp + step) * 128 + (piece & 15) * 8;
+  };
+  auto x_dst = [&](uint8_t* slot, const int q) {
+    const int piece = lane + 32 * q;
+    return slot + L::W_B + L::S_B + L::Z_B + (TOK == 1 ? 0 : (piece >> 4) * L::X_ROW) + (piece & 15) * 16;
+  };
+  const bool x_lane = TOK > 1 || lane < 16;
+  // the next chunk's weights, scales and zero points, and (act) its activation, as one group of copies
+  auto issue = [&](const bool act) {
     if (tj < ntiles) {
       uint8_t* slot = ring + ts * L::SLOT_B;
       const int step = ci * W;  // chunks past this warp's first one
@@ -227,17 +242,9 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
         cp_async<4 * SUB>(slot + L::W_B + lane * 16, s_src + step * SUB);
         if constexpr (ZP) cp_async<4>(slot + L::W_B + L::S_B + lane * 4, z_src + (((warp + step) * SUB) & ~3));
       }
-      // each token's 128 values of this chunk, 16 pieces of 16 bytes a token; the rows past the
-      // last token repeat it (their outputs are not written)
-      if constexpr (TOK == 1) {
-        if (lane < 16) cp_async<16>(slot + L::W_B + L::S_B + L::Z_B + lane * 16, x_tok + (warp + step) * 128 + lane * 8);
-      } else {
+      if (act && x_lane) {
 #pragma unroll
-        for (int q = 0; q < TOK / 2; ++q) {
-          const int piece = lane + 32 * q, tk = piece >> 4;
-          cp_async<16>(slot + L::W_B + L::S_B + L::Z_B + tk * L::X_ROW + (piece & 15) * 16,
-                       x_tok + (long long)min(tk, tokens - 1) * p.x_stride + (warp + step) * 128 + (piece & 15) * 8);
-        }
+        for (int q = 0; q < XP; ++q) cp_async<16>(x_dst(slot, q), x_src(step, q));
       }
       if (++ci == nch) {
         ci = 0;
@@ -249,8 +256,41 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
   };
   if (nch == 0) tj = ntiles;  // a warp without chunks copies nothing, but meets the others at each tile's end
   else if (ntiles > 0) at_tile(0);
+  // the first STAGES - 1 slots.  In a programmatic dependent launch, their weights (which no kernel
+  // before this one writes) before grid_dependency_wait(), so they load while the kernel that writes
+  // the activation finishes, and their activation after it, by plain loads (all issued, then
+  // stored): a cp.async group committed now would complete only after every weight copy before it.
+  // Else each slot's weights and activation as one group (the first chunk waits for its own copies
+  // only: 2-10% faster at M = 1 than the two passes, H200)
+  const int tj0 = tj;
+  if (!p.pdl) {
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) issue();
+    for (int s = 0; s < STAGES - 1; ++s) issue(true);
+  } else {
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) issue(false);
+    grid_dependency_wait();
+    uint4 xv[STAGES - 1][XP];
+    int c = 0, j = tj0;
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (j < ntiles && x_lane) {
+#pragma unroll
+        for (int q = 0; q < XP; ++q) xv[s][q] = *reinterpret_cast<const uint4*>(x_src(c * W, q));
+      }
+      if (++c == nch) c = 0, ++j;
+    }
+    c = 0, j = tj0;
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (j < ntiles && x_lane) {
+#pragma unroll
+        for (int q = 0; q < XP; ++q) *reinterpret_cast<uint4*>(x_dst(ring + s * L::SLOT_B, q)) = xv[s][q];
+      }
+      if (++c == nch) c = 0, ++j;
+    }
+  }
+  launch_dependents();
 
   int cs = 0;  // the slot computed next
   for (int j = 0; j < ntiles; ++j) {
@@ -266,7 +306,7 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
         for (int e = 0; e < 4; ++e) acc[r][jj][e] = 0.f;
 
     for (int i = 0; i < nch; ++i) {
-      issue();
+      issue(true);
       cp_wait<STAGES - 1>();
       __syncwarp();
       const uint8_t* slot = ring + cs * L::SLOT_B;
@@ -381,37 +421,37 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
 }
 
 template <typename T, int VEC, int TOK, int R, int W>
-cudaError_t launch(const Params& p, cudaStream_t stream) {
-  if (p.seg[0].z) return launch_persistent<w4a16_kernel<T, VEC, TOK, R, W, true>, TOK, W * 32, Layout<R, TOK, W>::BYTES>(p, stream);
-  return launch_persistent<w4a16_kernel<T, VEC, TOK, R, W, false>, TOK, W * 32, Layout<R, TOK, W>::BYTES>(p, stream);
+cudaError_t launch(const Params& p, bool pdl, cudaStream_t stream) {
+  if (p.seg[0].z) return launch_persistent<w4a16_kernel<T, VEC, TOK, R, W, true>, TOK, W * 32, Layout<R, TOK, W>::BYTES>(p, pdl, stream);
+  return launch_persistent<w4a16_kernel<T, VEC, TOK, R, W, false>, TOK, W * 32, Layout<R, TOK, W>::BYTES>(p, pdl, stream);
 }
 
 // 4 warps a CTA for one token only (the caller's rule, cuda_w4a16.warps_for); 8 for any M
 template <typename T, int VEC, int TOK, int R>
-cudaError_t dispatch_w(const Params& p, int warps, cudaStream_t stream) {
+cudaError_t dispatch_w(const Params& p, int warps, bool pdl, cudaStream_t stream) {
   if constexpr (TOK == 1) {
-    if (warps == 4) return launch<T, VEC, TOK, R, 4>(p, stream);
+    if (warps == 4) return launch<T, VEC, TOK, R, 4>(p, pdl, stream);
   }
-  return launch<T, VEC, TOK, R, 8>(p, stream);
+  return launch<T, VEC, TOK, R, 8>(p, pdl, stream);
 }
 
 template <typename T, int VEC, int TOK>
-cudaError_t dispatch_r(const Params& p, int row_tiles, int warps, cudaStream_t stream) {
-  return row_tiles == 1 ? dispatch_w<T, VEC, TOK, 1>(p, warps, stream) : dispatch_w<T, VEC, TOK, 2>(p, warps, stream);
+cudaError_t dispatch_r(const Params& p, int row_tiles, int warps, bool pdl, cudaStream_t stream) {
+  return row_tiles == 1 ? dispatch_w<T, VEC, TOK, 1>(p, warps, pdl, stream) : dispatch_w<T, VEC, TOK, 2>(p, warps, pdl, stream);
 }
 
 template <typename T, int VEC>
-cudaError_t dispatch_m(const Params& p, int row_tiles, int warps, cudaStream_t stream) {
-  if (p.m == 1) return dispatch_r<T, VEC, 1>(p, row_tiles, warps, stream);
-  return p.m <= 8 || QLP_MAX_TOK == 8 ? dispatch_r<T, VEC, 8>(p, row_tiles, warps, stream)
-                                      : dispatch_r<T, VEC, 16>(p, row_tiles, warps, stream);
+cudaError_t dispatch_m(const Params& p, int row_tiles, int warps, bool pdl, cudaStream_t stream) {
+  if (p.m == 1) return dispatch_r<T, VEC, 1>(p, row_tiles, warps, pdl, stream);
+  return p.m <= 8 || QLP_MAX_TOK == 8 ? dispatch_r<T, VEC, 8>(p, row_tiles, warps, pdl, stream)
+                                      : dispatch_r<T, VEC, 16>(p, row_tiles, warps, pdl, stream);
 }
 
 template <typename T>
-cudaError_t dispatch(const Params& p, int row_tiles, int warps, cudaStream_t stream) {
-  if (p.group == 32) return dispatch_m<T, 4>(p, row_tiles, warps, stream);
-  if (p.group == 64) return dispatch_m<T, 8>(p, row_tiles, warps, stream);
-  return dispatch_m<T, 16>(p, row_tiles, warps, stream);
+cudaError_t dispatch(const Params& p, int row_tiles, int warps, bool pdl, cudaStream_t stream) {
+  if (p.group == 32) return dispatch_m<T, 4>(p, row_tiles, warps, pdl, stream);
+  if (p.group == 64) return dispatch_m<T, 8>(p, row_tiles, warps, pdl, stream);
+  return dispatch_m<T, 16>(p, row_tiles, warps, pdl, stream);
 }
 
 }  // namespace
@@ -424,8 +464,11 @@ int qlp_w4a16_abi(void) { return (int)(sizeof(qlp::Params) * 1000 + qlp::MAX_SEG
 
 // Launch on `stream`.  dtype: 0 bf16, 1 fp16.  row_tiles: 1 or 2 (16 or 32 channels a tile); the
 // caller sets every segment's `tiles` for rows of 16 * row_tiles and p->total_tiles to their sum.
-// warps: a CTA's, 8, or 4 for one token (M = 1).  Returns 0, or writes why not into err.
-int qlp_w4a16_decode(const qlp::Params* p, int dtype, int row_tiles, int warps, void* stream, char* err, int err_len) {
+// warps: a CTA's, 8, or 4 for one token (M = 1).  pdl: 1 to launch with programmatic dependent launch
+// (sm90+; the caller vouches that the kernel before it in the stream wrote none of the layers'
+// weights, scales or zero points), 0 not.  Returns 0, or writes why not into err.
+int qlp_w4a16_decode(const qlp::Params* p, int dtype, int row_tiles, int warps, int pdl, void* stream, char* err,
+                     int err_len) {
   auto fail = [&](const char* what) {
     snprintf(err, err_len, "%s", what);
     return 1;
@@ -440,7 +483,10 @@ int qlp_w4a16_decode(const qlp::Params* p, int dtype, int row_tiles, int warps, 
   if (warps != 8 && !(warps == 4 && p->m == 1)) return fail("warps must be 8, or 4 for one token (M = 1)");
   if (p->m <= 0 || p->total_tiles == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  cudaError_t e = dtype == 0 ? qlp::dispatch<__nv_bfloat16>(*p, row_tiles, warps, s) : qlp::dispatch<__half>(*p, row_tiles, warps, s);
+  qlp::Params q = *p;
+  q.pdl = pdl != 0 && qlp::device_sm() >= 90;  // where the launch attribute is set (launch_persistent)
+  cudaError_t e = dtype == 0 ? qlp::dispatch<__nv_bfloat16>(q, row_tiles, warps, q.pdl, s)
+                              : qlp::dispatch<__half>(q, row_tiles, warps, q.pdl, s);
   if (e != cudaSuccess) {
     snprintf(err, err_len, "kernel launch failed: %s", cudaGetErrorString(e));
     return 1;

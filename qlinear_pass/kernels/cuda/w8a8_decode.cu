@@ -32,7 +32,9 @@
 //   when the output is written in its dtype;
 // * CTAs are persistent; each warp loads its next chunk's activation (from L2, shared by every CTA)
 //   into registers while it computes the current one;
-// * up to MAX_SEGMENTS layers that read the same activation (q/k/v, gate/up) share one launch.
+// * up to MAX_SEGMENTS layers that read the same activation (q/k/v, gate/up) share one launch;
+// * launched with programmatic dependent launch (`pdl`), the CTAs start while the kernel before
+//   finishes and copy their first chunks' weights; the activation only after grid_dependency_wait().
 //
 // Built with nvcc on first use (kernels/cuda_build.py) into a shared library that Python calls
 // through ctypes; the launch goes to the caller's stream, so CUDA graphs capture it.
@@ -59,7 +61,7 @@ constexpr int MAX_SEGMENTS = 3;
 #ifndef QLP_W8_SLOTS_R2
 #define QLP_W8_SLOTS_R2 2
 #endif
-constexpr int ABI_VERSION = 2;  // bumped whenever Params or Segment change
+constexpr int ABI_VERSION = 3;  // bumped whenever Params, Segment or the entry points' arguments change
 
 struct Segment {
   const uint8_t* w;     // [n, k] bytes, rows w_stride bytes apart (16-byte aligned)
@@ -289,6 +291,10 @@ __global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Para
   else if (ntiles > 0) at_tile(0);
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) issue();
+  // the copies above read weights only, which no kernel before this one writes: in a programmatic
+  // dependent launch they load while the kernel that writes the activation finishes
+  grid_dependency_wait();
+  launch_dependents();
 
   // the activation of chunk c: the 16 k of (half h, lane t) of its token, 16 * XV bytes per (half,
   // 8-token tile) a lane; zeros past the last token
@@ -438,44 +444,44 @@ __global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Para
 }
 
 template <int MODE, int ELEM, typename X, typename O, int TOK, int R, int W>
-cudaError_t launch(const Params& p, cudaStream_t stream) {
-  return launch_persistent<w8_kernel<MODE, ELEM, X, O, TOK, R, W>, TOK, W * 32, Layout<R, TOK, W>::BYTES>(p, stream);
+cudaError_t launch(const Params& p, bool pdl, cudaStream_t stream) {
+  return launch_persistent<w8_kernel<MODE, ELEM, X, O, TOK, R, W>, TOK, W * 32, Layout<R, TOK, W>::BYTES>(p, pdl, stream);
 }
 
 // 4 warps a CTA for up to 8 tokens (the caller's rule, cuda_w8a8.warps_for); 8 for any M
 template <int MODE, int ELEM, typename X, typename O, int TOK, int R>
-cudaError_t dispatch_w(const Params& p, int warps, cudaStream_t stream) {
+cudaError_t dispatch_w(const Params& p, int warps, bool pdl, cudaStream_t stream) {
   if constexpr (TOK <= 8) {
-    if (warps == 4) return launch<MODE, ELEM, X, O, TOK, R, 4>(p, stream);
+    if (warps == 4) return launch<MODE, ELEM, X, O, TOK, R, 4>(p, pdl, stream);
   }
-  return launch<MODE, ELEM, X, O, TOK, R, 8>(p, stream);
+  return launch<MODE, ELEM, X, O, TOK, R, 8>(p, pdl, stream);
 }
 
 template <int MODE, int ELEM, typename X, typename O, int TOK>
-cudaError_t dispatch_r(const Params& p, int row_tiles, int warps, cudaStream_t stream) {
-  return row_tiles == 1 ? dispatch_w<MODE, ELEM, X, O, TOK, 1>(p, warps, stream)
-                        : dispatch_w<MODE, ELEM, X, O, TOK, 2>(p, warps, stream);
+cudaError_t dispatch_r(const Params& p, int row_tiles, int warps, bool pdl, cudaStream_t stream) {
+  return row_tiles == 1 ? dispatch_w<MODE, ELEM, X, O, TOK, 1>(p, warps, pdl, stream)
+                        : dispatch_w<MODE, ELEM, X, O, TOK, 2>(p, warps, pdl, stream);
 }
 
 template <int MODE, int ELEM, typename X, typename O>
-cudaError_t dispatch_m(const Params& p, int row_tiles, int warps, cudaStream_t stream) {
-  if (p.m == 1) return dispatch_r<MODE, ELEM, X, O, 1>(p, row_tiles, warps, stream);
-  return p.m <= 8 ? dispatch_r<MODE, ELEM, X, O, 8>(p, row_tiles, warps, stream)
-                  : dispatch_r<MODE, ELEM, X, O, 16>(p, row_tiles, warps, stream);
+cudaError_t dispatch_m(const Params& p, int row_tiles, int warps, bool pdl, cudaStream_t stream) {
+  if (p.m == 1) return dispatch_r<MODE, ELEM, X, O, 1>(p, row_tiles, warps, pdl, stream);
+  return p.m <= 8 ? dispatch_r<MODE, ELEM, X, O, 8>(p, row_tiles, warps, pdl, stream)
+                  : dispatch_r<MODE, ELEM, X, O, 16>(p, row_tiles, warps, pdl, stream);
 }
 
 template <int ELEM>
-cudaError_t dispatch_w8a8(const Params& p, int out_dtype, int row_tiles, int warps, cudaStream_t stream) {
-  if (out_dtype == 0) return dispatch_m<W8A8, ELEM, uint8_t, __nv_bfloat16>(p, row_tiles, warps, stream);
-  if (out_dtype == 1) return dispatch_m<W8A8, ELEM, uint8_t, __half>(p, row_tiles, warps, stream);
-  return dispatch_m<W8A8, ELEM, uint8_t, float>(p, row_tiles, warps, stream);
+cudaError_t dispatch_w8a8(const Params& p, int out_dtype, int row_tiles, int warps, bool pdl, cudaStream_t stream) {
+  if (out_dtype == 0) return dispatch_m<W8A8, ELEM, uint8_t, __nv_bfloat16>(p, row_tiles, warps, pdl, stream);
+  if (out_dtype == 1) return dispatch_m<W8A8, ELEM, uint8_t, __half>(p, row_tiles, warps, pdl, stream);
+  return dispatch_m<W8A8, ELEM, uint8_t, float>(p, row_tiles, warps, pdl, stream);
 }
 
 // W8A16 and BLOCK: the output in the activation's dtype
 template <int MODE, int ELEM>
-cudaError_t dispatch_16(const Params& p, int act_dtype, int row_tiles, int warps, cudaStream_t stream) {
-  return act_dtype == 0 ? dispatch_m<MODE, ELEM, __nv_bfloat16, __nv_bfloat16>(p, row_tiles, warps, stream)
-                        : dispatch_m<MODE, ELEM, __half, __half>(p, row_tiles, warps, stream);
+cudaError_t dispatch_16(const Params& p, int act_dtype, int row_tiles, int warps, bool pdl, cudaStream_t stream) {
+  return act_dtype == 0 ? dispatch_m<MODE, ELEM, __nv_bfloat16, __nv_bfloat16>(p, row_tiles, warps, pdl, stream)
+                        : dispatch_m<MODE, ELEM, __half, __half>(p, row_tiles, warps, pdl, stream);
 }
 
 }  // namespace
@@ -509,41 +515,43 @@ static const char* qlp_check(const qlp::Params* p, int elem, int row_tiles, int 
 // W8A8, launched on `stream`.  elem: 0 fp8 e4m3, 1 int8; out_dtype: 0 bf16, 1 fp16, 2 fp32;
 // row_tiles: 1 or 2 (16 or 32 channels a tile); the caller sets every segment's `tiles` for rows of
 // 16 * row_tiles and p->total_tiles to their sum.  warps: a CTA's, 8, or 4 for up to 8 tokens.
-// Returns 0, or writes why not into err.
-int qlp_w8a8_decode(const qlp::Params* p, int elem, int out_dtype, int row_tiles, int warps, void* stream, char* err,
-                    int err_len) {
+// pdl: 1 to launch with programmatic dependent launch (sm90+; the caller vouches that the kernel
+// before it in the stream wrote none of the layers' weights), 0 not.  Returns 0, or writes why not
+// into err.
+int qlp_w8a8_decode(const qlp::Params* p, int elem, int out_dtype, int row_tiles, int warps, int pdl, void* stream,
+                    char* err, int err_len) {
   if (const char* why = qlp_check(p, elem, row_tiles, warps)) return qlp_fail(err, err_len, why);
   if (out_dtype < 0 || out_dtype > 2) return qlp_fail(err, err_len, "out_dtype must be 0 (bf16), 1 (fp16) or 2 (fp32)");
   if (p->m <= 0 || p->total_tiles == 0) return 0;
   if (elem == 0 && qlp::device_sm() < 89) return qlp_fail(err, err_len, "fp8 MMAs need sm89 or newer");
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return qlp_launched(elem == 0 ? qlp::dispatch_w8a8<qlp::E4M3>(*p, out_dtype, row_tiles, warps, s)
-                                : qlp::dispatch_w8a8<qlp::S8>(*p, out_dtype, row_tiles, warps, s), err, err_len);
+  return qlp_launched(elem == 0 ? qlp::dispatch_w8a8<qlp::E4M3>(*p, out_dtype, row_tiles, warps, pdl != 0, s)
+                                : qlp::dispatch_w8a8<qlp::S8>(*p, out_dtype, row_tiles, warps, pdl != 0, s), err, err_len);
 }
 
 // W8A16 (weight-only), launched on `stream`: as qlp_w8a8_decode, with a 16-bit activation that is
 // also the output's dtype (act_dtype: 0 bf16, 1 fp16) and no activation scale.
-int qlp_w8a16_decode(const qlp::Params* p, int elem, int act_dtype, int row_tiles, int warps, void* stream, char* err,
-                     int err_len) {
+int qlp_w8a16_decode(const qlp::Params* p, int elem, int act_dtype, int row_tiles, int warps, int pdl, void* stream,
+                     char* err, int err_len) {
   if (const char* why = qlp_check(p, elem, row_tiles, warps)) return qlp_fail(err, err_len, why);
   if (act_dtype != 0 && act_dtype != 1) return qlp_fail(err, err_len, "act_dtype must be 0 (bf16) or 1 (fp16)");
   if (p->m <= 0 || p->total_tiles == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return qlp_launched(elem == 0 ? qlp::dispatch_16<qlp::W8A16, qlp::E4M3>(*p, act_dtype, row_tiles, warps, s)
-                                : qlp::dispatch_16<qlp::W8A16, qlp::S8>(*p, act_dtype, row_tiles, warps, s), err, err_len);
+  return qlp_launched(elem == 0 ? qlp::dispatch_16<qlp::W8A16, qlp::E4M3>(*p, act_dtype, row_tiles, warps, pdl != 0, s)
+                                : qlp::dispatch_16<qlp::W8A16, qlp::S8>(*p, act_dtype, row_tiles, warps, pdl != 0, s), err, err_len);
 }
 
 // fp8_block, launched on `stream`: as qlp_w8a16_decode with e4m3 weights (elem 0) scaled per
 // 128x128 block (each segment's sw: [ceil(n / 128), k / 128], rows sw_stride apart); the 16-bit
 // activation is quantized to e4m3 per 1x128 group inside the kernel.
-int qlp_fp8_block_decode(const qlp::Params* p, int elem, int act_dtype, int row_tiles, int warps, void* stream, char* err,
-                         int err_len) {
+int qlp_fp8_block_decode(const qlp::Params* p, int elem, int act_dtype, int row_tiles, int warps, int pdl, void* stream,
+                         char* err, int err_len) {
   if (const char* why = qlp_check(p, elem, row_tiles, warps)) return qlp_fail(err, err_len, why);
   if (elem != 0) return qlp_fail(err, err_len, "fp8_block weights are fp8 e4m3 (elem 0)");
   if (act_dtype != 0 && act_dtype != 1) return qlp_fail(err, err_len, "act_dtype must be 0 (bf16) or 1 (fp16)");
   if (p->m <= 0 || p->total_tiles == 0) return 0;
   if (qlp::device_sm() < 89) return qlp_fail(err, err_len, "fp8 MMAs need sm89 or newer");
-  return qlp_launched(qlp::dispatch_16<qlp::BLOCK, qlp::E4M3>(*p, act_dtype, row_tiles, warps, static_cast<cudaStream_t>(stream)),
+  return qlp_launched(qlp::dispatch_16<qlp::BLOCK, qlp::E4M3>(*p, act_dtype, row_tiles, warps, pdl != 0, static_cast<cudaStream_t>(stream)),
                       err, err_len);
 }
 
