@@ -4,7 +4,9 @@ values of its tuning defines (or called with other warps a CTA), timed side by s
 behind ``cuda_w4a16.warps_for`` and the defaults of ``QLP_SLOTS_R1`` / ``QLP_SLOTS_R2`` / ``QLP_SLOTS4_R1`` /
 ``QLP_SLOTS4_R2`` (``cp.async`` ring depths with 8 / 4 warps),
 ``QLP_MIN_CTAS`` (the register budget for M > 1), ``QLP_MAX_TOK`` (tokens a CTA) and ``QLP_L2_FETCH`` (the DRAM block
-L2 fetches for a weight copy), and of ``cuda_w4a16.w4a16_row_tiles`` (the ``rows`` set).  ``--against FILE`` times
+L2 fetches for a weight copy), of ``cuda_w4a16.w4a16_row_tiles`` (the ``rows`` set) and of programmatic
+dependent launch (the ``pdl`` set; ``--producer`` puts a copy kernel that writes the activation before each
+call, as a model's norm or SwiGLU kernel does).  ``--against FILE`` times
 another version of the kernel's source beside them (e.g. ``git show REV:qlinear_pass/kernels/cuda/w4a16_decode.cu``),
 built with its own defaults and the same call arguments as ``rule``.
 
@@ -41,7 +43,7 @@ from qlinear_pass.kernels import int4_layout  # noqa: E402
 
 #: sets of variants (--set): name -> the defines it is built with (QLP_*; the others keep the source's
 #: defaults) and the arguments of its calls (``warps``: a CTA's, 8 or 4, the latter at M = 1 only;
-#: ``row_tiles``: 1 or 2; by default the kernel's rules)
+#: ``row_tiles``: 1 or 2; ``pdl``: programmatic dependent launch; by default the kernel's rules)
 SETS = {
     "ring": {
         "s3s2": {"QLP_SLOTS_R2": 2},
@@ -64,6 +66,10 @@ SETS = {
         "rule": {},
         "r1": {"row_tiles": 1},
         "r2": {"row_tiles": 2},
+    },
+    "pdl": {
+        "plain": {"pdl": False},
+        "pdl": {"pdl": True},
     },
     "l2": {
         "l2f0": {"QLP_L2_FETCH": 0},
@@ -96,7 +102,9 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--set", choices=sorted(SETS), default="ring", help="which variants to build and time")
     ap.add_argument("--against", type=Path, default=None,
-                    help="another w4a16_decode.cu, timed beside the variants as 'against'")
+                    help="another w4a16_decode.cu (of this ABI), timed beside the variants as 'against'")
+    ap.add_argument("--producer", action="store_true",
+                    help="a copy kernel writes the activation before each call (timed with it)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_cuda_ring.py needs a CUDA GPU", file=sys.stderr)
@@ -117,7 +125,8 @@ def main(argv=None) -> int:
             return 2
         variants["against"] = {}
     say(f"# variants: " + "; ".join(f"{name} = {d}" for name, d in variants.items()))
-    say(f"# us per call, w4a16 g{args.group_size}, {torch.cuda.get_device_name()}")
+    say(f"# us per call, w4a16 g{args.group_size}, {torch.cuda.get_device_name()}"
+        + (", each after a copy kernel that writes its activation" if args.producer else ""))
     with tempfile.TemporaryDirectory(prefix="qlp_ring_") as tmp:
         t0 = time.monotonic()
         with ThreadPoolExecutor(max_workers=len(variants)) as pool:  # one nvcc each, side by side
@@ -127,7 +136,7 @@ def main(argv=None) -> int:
             libs = {name: f.result() for name, f in built.items()}
         say(f"# built {len(libs)} variants in {time.monotonic() - t0:.0f} s")
         result = {"device": torch.cuda.get_device_name(), "group_size": args.group_size, "set": args.set, "variants": variants,
-                  "against": str(args.against) if args.against else None, "cases": []}
+                  "against": str(args.against) if args.against else None, "producer": args.producer, "cases": []}
         original = CW._library
         try:
             for k, n in SHAPES:
@@ -136,17 +145,20 @@ def main(argv=None) -> int:
                 sets = [(p["weight"].clone(), p["weight_scale"].clone()) for _ in range(int(2 * L2_BYTES // wbytes) + 1)]
                 for m in (int(v) for v in args.ms.split(",")):
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    src = x.clone()
                     ref = S.reference("w4a16", x, [p["weight"], p["weight_scale"]], None)
                     case = {"k": k, "n": n, "m": m, "us": {}, "rel_err": {}}
                     for name, lib in libs.items():
                         CW._library = lambda device, lib=lib: lib
-                        warps, row_tiles = variants[name].get("warps"), variants[name].get("row_tiles")
+                        warps, row_tiles, pdl = (variants[name].get(a) for a in ("warps", "row_tiles", "pdl"))
                         if warps == 4 and m != 1:
                             continue  # 4 warps a CTA serve one token only
 
                         def call(ws):
+                            if args.producer:
+                                x.copy_(src)
                             return CW.w4a16_decode(x, int4_layout.mma16_of(ws[0]), ws[1], None, None, args.group_size,
-                                                   row_tiles=row_tiles, warps=warps)
+                                                   row_tiles=row_tiles, warps=warps, pdl=pdl)
                         case["rel_err"][name] = S.relative_error(call(sets[0]), ref)
                         case["us"][name] = graph_time([(lambda ws: (lambda: call(ws)))(ws) for ws in sets]) * 1e6
                     result["cases"].append(case)

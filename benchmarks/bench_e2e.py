@@ -31,6 +31,9 @@ inlines the modules, so all layers share one graph) and captures the step in a
 graphs.  Writes ``bench_e2e.json`` (after every variant), ``bench_e2e.png`` and
 ``summary.md`` to --out (default ``benchmarks/results/<card>/e2e``).  ``--device cpu``
 runs small shapes (``--small``) without CUDA graphs or kernel counts, anywhere.
+``--inductor-pdl`` (or ``TORCHINDUCTOR_ENABLE_PDL=1``) compiles every variant, bf16 too, with
+Inductor's programmatic dependent launch: its kernels let the next kernel start early, and our
+decode kernels then load weights while the kernel before them finishes (``cuda_w4a16.pdl_for``).
 """
 from __future__ import annotations
 
@@ -133,6 +136,7 @@ class Settings:
     shape: ModelShape
     small: bool
     inductor: bool
+    inductor_pdl: bool  # Inductor's programmatic dependent launch (triton.enable_pdl), every variant
     batches: tuple
     decode_steps: int
     decode_runs: int
@@ -198,6 +202,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         shape=shape,
         small=small,
         inductor=args.inductor,
+        inductor_pdl=args.inductor_pdl or os.environ.get("TORCHINDUCTOR_ENABLE_PDL") == "1",
         batches=tuple(args.batch_sizes),
         decode_steps=steps,
         decode_runs=runs,
@@ -1287,6 +1292,10 @@ def child_main(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     variant = Variant.parse(args.variant)
     disable_compile_caches()
+    if settings.inductor_pdl:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.triton.enable_pdl = True
     torch.manual_seed(settings.seed)
     result: dict = {
         "variant": variant.name,
@@ -1475,7 +1484,8 @@ def summary(doc: dict) -> str:
     b1, b8 = (b[0], b[1]) if len(b) > 1 else (b[0], None)
     lines = [
         f"{doc['machine']}; torch {doc['torch']}, triton {doc['triton']}; --compile {s['compile_mode']}"
-        f"{'' if s['inductor'] else ' (no Inductor)'}; {shape['layers']} layers, hidden {shape['hidden']}, "
+        f"{'' if s['inductor'] else ' (no Inductor)'}{'; Inductor PDL on' if s.get('inductor_pdl') else ''}; "
+        f"{shape['layers']} layers, hidden {shape['hidden']}, "
         f"vocab {shape['vocab']}; decode {s['decode_steps']} steps x {s['decode_runs']} runs from position "
         f"{s['prefill_tokens']}; prefill {s['prefill_tokens']} tokens; "
         f"SQNR on {s['acc_layers']} layers x {s['acc_tokens']} tokens vs float32.",
@@ -1625,7 +1635,7 @@ def plot(doc: dict, path: Path) -> bool:
 
 
 #: settings that must agree for --resume to keep an earlier run's variants
-_RESUME_KEYS = ("device", "compile_mode", "shape", "small", "inductor", "batches", "decode_steps", "decode_runs",
+_RESUME_KEYS = ("device", "compile_mode", "shape", "small", "inductor", "inductor_pdl", "batches", "decode_steps", "decode_runs",
                 "warmup_steps", "prefill_tokens", "prefill_runs", "max_seq", "acc_layers", "acc_tokens", "group_size", "seed")
 
 
@@ -1733,6 +1743,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="fewer steps and runs")
     p.add_argument("--no-inductor", dest="inductor", action="store_false",
                    help="compile without Inductor code generation (make(..., inductor=False); bf16: aot_eager): CPU smoke tests")
+    p.add_argument("--inductor-pdl", action="store_true",
+                   help="every variant, bf16 too, compiled with Inductor's programmatic dependent launch "
+                   "(torch._inductor.config.triton.enable_pdl; also on with TORCHINDUCTOR_ENABLE_PDL=1)")
     p.add_argument("--variant-timeout", type=float, default=600.0, help="seconds one variant may take (default: %(default)s)")
     p.add_argument("--deadline", type=float, default=None, help="seconds after which no variant starts or runs on")
     p.add_argument("--resume", action="store_true",

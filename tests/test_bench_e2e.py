@@ -405,3 +405,14 @@ def test_summary_lists_errors_and_kernels():
     assert "- w4a16/auto (build): NoKernelError: none" in table
     assert "7 linears per step" in table and "gemv_bf16" in table
     assert "| bf16 | 0.07 | 0.01 | 0.01 | 0.01 | 0.10 |" in table
+
+
+def test_inductor_pdl_is_a_setting_of_every_variant_and_named_in_the_summary(monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_ENABLE_PDL", raising=False)
+    off = _settings()
+    assert not off.inductor_pdl and "Inductor PDL" not in E2E.summary(_doc(off.as_json(), []))
+    on = E2E.settings_from(E2E.parse_args(["--device", "cpu", "--small", "--inductor-pdl"]))
+    assert on.inductor_pdl and "inductor_pdl" in E2E._RESUME_KEYS
+    assert "; Inductor PDL on;" in E2E.summary(_doc(on.as_json(), []))
+    monkeypatch.setenv("TORCHINDUCTOR_ENABLE_PDL", "1")
+    assert _settings().inductor_pdl  # the environment's setting, recorded
