@@ -82,3 +82,11 @@ def late_copy(src: torch.Tensor, dst: torch.Tensor, spin: int = 100_000) -> None
     a, b = src.contiguous().view(torch.uint8).reshape(-1), dst.view(torch.uint8).reshape(-1)
     assert dst.is_contiguous() and a.numel() == b.numel()
     _late_copy[(triton.cdiv(a.numel(), 1024),)](a, b, a.numel(), spin, BLOCK=1024)
+
+
+def assert_each_matches(outs, refs) -> None:
+    """``outs[j][i]`` (activation j, layer i) against ``refs[j][i]``, each within its dtype's tolerance."""
+    for j, (ys, want) in enumerate(zip(outs, refs)):
+        for i, (y, ref) in enumerate(zip(ys, want)):
+            err = S.relative_error(y, ref)
+            assert err <= S.TOLERANCE[y.dtype], f"activation {j}, layer {i}: relative error {err:.3g}"

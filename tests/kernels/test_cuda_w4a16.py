@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from qlinear_pass import schemes as S
 from qlinear_pass.kernels import cuda_build, int4_layout, cuda_w4a16 as CW
-from tests.helpers import kernel_case, late_copy
+from tests.helpers import assert_each_matches, kernel_case, late_copy
 
 
 @st.composite
@@ -110,17 +110,11 @@ def test_dependent_launch_reads_the_activation_after_the_kernel_before_on_gpu(m,
     refs = [[S.reference("w4a16", x, p, b) for p, b in public] for x in xs]
     buf = xs[-1].clone()  # holds another activation until each copy lands
 
-    def check_all(outs):
-        for j, (ys, want) in enumerate(zip(outs, refs)):
-            for i, (y, ref) in enumerate(zip(ys, want)):
-                err = S.relative_error(y, ref)
-                assert err <= S.TOLERANCE[y.dtype], f"activation {j}, layer {i}: relative error {err:.3g}"
-
     eager = []
     for x in xs:
         late_copy(x, buf)
         eager.append(CW.w4a16_decode_group(buf, layers, 128, pdl=True))
-    check_all(eager)
+    assert_each_matches(eager, refs)
     torch.cuda.synchronize()
     CW.w4a16_decode_group(buf, layers, 128)  # built and loaded before the capture
     g = torch.cuda.CUDAGraph()
@@ -132,7 +126,7 @@ def test_dependent_launch_reads_the_activation_after_the_kernel_before_on_gpu(m,
     buf.copy_(xs[-1])
     g.replay()
     torch.cuda.synchronize()
-    check_all(captured)
+    assert_each_matches(captured, refs)
 
 
 def test_dependent_launch_rule(monkeypatch):

@@ -14,7 +14,7 @@ from qlinear_pass import registry as R
 from qlinear_pass import schemes as S
 from qlinear_pass.backends.cuda import CudaW8A8
 from qlinear_pass.kernels import cuda_w8a8 as CW
-from tests.helpers import kernel_case, late_copy
+from tests.helpers import assert_each_matches, kernel_case, late_copy
 
 SCHEMES = ("fp8_rowwise", "fp8_tensor", "int8_rowwise")
 
@@ -292,17 +292,11 @@ def test_dependent_launch_reads_the_activation_after_the_kernel_before_on_gpu(sc
             sbuf.copy_(sx)  # the scale before, the activation written late by the kernel just ahead
         late_copy(x, buf)
 
-    def check_all(outs):
-        for j, (ys, want) in enumerate(zip(outs, refs)):
-            for i, (y, ref) in enumerate(zip(ys, want)):
-                err = S.relative_error(y, ref)
-                assert err <= S.TOLERANCE[torch.bfloat16], f"activation {j}, layer {i}: relative error {err:.3g}"
-
     eager = []
     for x, sx in acts:
         produce(x, sx)
         eager.append(run())
-    check_all(eager)
+    assert_each_matches(eager, refs)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
@@ -313,7 +307,7 @@ def test_dependent_launch_reads_the_activation_after_the_kernel_before_on_gpu(sc
     buf.copy_(acts[-1][0])
     g.replay()
     torch.cuda.synchronize()
-    check_all(captured)
+    assert_each_matches(captured, refs)
 
 
 # --- fp8_block: the activation quantized in the kernel per 1x128 group ---------------------------
