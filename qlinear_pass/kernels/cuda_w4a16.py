@@ -109,7 +109,8 @@ def pdl_for(pdl: Optional[bool], device: torch.device, converted: bool) -> bool:
     (``torch._inductor.config.triton.enable_pdl``, ``TORCHINDUCTOR_ENABLE_PDL=1``): its kernels let
     the next one start early, and ours then load weights while the norm or SwiGLU before them
     finishes.  Behind kernels that do not (Inductor's default), the early start gains nothing, and the
-    first chunks' activation waits for more weight copies (2-10% slower at M = 1, H200)."""
+    kernel's prologue for it (the first slots' activation by plain loads after the wait) measured
+    2-10% slower at M = 1 than the plain one (H200, benchmarks/results/h200/decode/cuda_w4a16/pdl)."""
     if converted:
         return False
     if pdl is not None:
