@@ -182,24 +182,34 @@ inline dim3 persistent_grid(int total_tiles, int m, int tok, int resident) {
   return dim3((total_tiles + rounds - 1) / rounds, slices);
 }
 
+// Whether a launch can be a programmatic dependent launch here: a GPU of sm90+ and a CUDA 11.8+ build
+inline bool pdl_launches() { return CUDART_VERSION >= 11080 && device_sm() >= 90; }
+
 // Launch KERNEL (TOK tokens a CTA, THREADS threads, BYTES of dynamic shared memory) as a persistent
-// grid on `stream`; `pdl`: with programmatic dependent launch where the GPU has it (sm90+), so the
-// kernel's CTAs start, and copy weights, while the kernel before them finishes
+// grid on `stream`; `pdl`: with programmatic dependent launch where pdl_launches(), so the kernel's
+// CTAs start, and copy weights, while the kernel before them finishes
 template <auto KERNEL, int TOK, int THREADS, int BYTES, typename Params>
 cudaError_t launch_persistent(const Params& p, bool pdl, cudaStream_t stream) {
   static_assert(BYTES <= 227 * 1024, "more shared memory than a Hopper SM has");
   int resident = 0;
   cudaError_t e = resident_ctas<KERNEL>(THREADS, BYTES, resident);
   if (e != cudaSuccess) return e;
+  const dim3 grid = persistent_grid(p.total_tiles, p.m, TOK, resident);
+#if CUDART_VERSION >= 11080
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = persistent_grid(p.total_tiles, p.m, TOK, resident);
+  cfg.gridDim = grid;
   cfg.blockDim = dim3(THREADS);
   cfg.dynamicSmemBytes = BYTES;
   cfg.stream = stream;
   cfg.attrs = attr;
-  cfg.numAttrs = pdl && device_sm() >= 90 ? 1 : 0;
+  cfg.numAttrs = pdl && pdl_launches() ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, KERNEL, p);
+#else
+  (void)pdl;
+  KERNEL<<<grid, THREADS, BYTES, stream>>>(p);
+  return cudaGetLastError();
+#endif
 }

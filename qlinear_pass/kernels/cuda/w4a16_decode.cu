@@ -484,7 +484,7 @@ int qlp_w4a16_decode(const qlp::Params* p, int dtype, int row_tiles, int warps, 
   if (p->m <= 0 || p->total_tiles == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   qlp::Params q = *p;
-  q.pdl = pdl != 0 && qlp::device_sm() >= 90;  // where the launch attribute is set (launch_persistent)
+  q.pdl = pdl != 0 && qlp::pdl_launches();  // where launch_persistent sets the launch attribute
   cudaError_t e = dtype == 0 ? qlp::dispatch<__nv_bfloat16>(q, row_tiles, warps, q.pdl, s)
                               : qlp::dispatch<__half>(q, row_tiles, warps, q.pdl, s);
   if (e != cudaSuccess) {
