@@ -35,7 +35,7 @@ for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from bench_decode import L2_BYTES, graph_time  # noqa: E402
+from bench_decode import L2_BYTES, graph_time, tee  # noqa: E402
 from qlinear_pass import schemes as S  # noqa: E402
 from qlinear_pass.kernels import cuda_build as CB  # noqa: E402
 from qlinear_pass.kernels import cuda_w4a16 as CW  # noqa: E402
@@ -111,12 +111,7 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "bench_cuda_ring.log", "w")
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        log.write(line + "\n")
-        log.flush()
+    say = tee(out / "bench_cuda_ring.log")
 
     variants = dict(SETS[args.set])
     if args.against is not None:

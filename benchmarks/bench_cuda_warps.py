@@ -22,7 +22,7 @@ for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from bench_decode import L2_BYTES, graph_time  # noqa: E402
+from bench_decode import L2_BYTES, graph_time, tee  # noqa: E402
 from qlinear_pass import schemes as S  # noqa: E402
 from qlinear_pass.kernels import cuda_w4a16 as CW  # noqa: E402
 from qlinear_pass.kernels import cuda_w8a8 as C8  # noqa: E402
@@ -70,12 +70,7 @@ def main(argv=None) -> int:
         ap.error(f"unknown scheme {', '.join(unknown)} (known: {', '.join(SCHEMES)})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "bench_cuda_warps.log", "w")
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        log.write(line + "\n")
-        log.flush()
+    say = tee(out / "bench_cuda_warps.log")
 
     say(f"# us per call, {torch.cuda.get_device_name()}; w8 / w4: 8 / 4 warps a CTA, rule: the kernel's rule "
         "(-: 4 warps do not serve this M); w4a16 g128, the 8-bit schemes per channel (fp8_block per 128x128 block)")

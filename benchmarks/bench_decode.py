@@ -54,6 +54,18 @@ FORMATS = [
 L2_BYTES = 50e6
 
 
+def tee(path: Path):
+    """A ``say(line)`` that prints ``line`` and appends it to the log file ``path`` (flushed each line)."""
+    log = open(path, "w")
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        log.write(line + "\n")
+        log.flush()
+
+    return say
+
+
 def graph_time(calls, reps_target: int = 200, replays: int = 7) -> float:
     """Median seconds per call: one CUDA graph of many calls cycling over ``calls``."""
     side = torch.cuda.Stream()
