@@ -88,6 +88,16 @@ def test_strided_activation_and_weights_on_gpu():
     assert S.relative_error(y, ref) <= S.TOLERANCE[x.dtype]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("zero_points", [False, True])
+def test_one_token_past_the_shared_memory_on_gpu(zero_points):
+    """One token's kernel holds the activation row in shared memory; a row longer than the device's
+    shared memory runs on the 8-token kernel instead, with the same result."""
+    optin = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", 227 * 1024)
+    k = (optin // 2 // 128 + 1) * 128  # the row alone is past what a CTA may have
+    check(1, [32, 16], k, 128, zero_points, torch.bfloat16, bias=True, scale_dtype=None, row_tiles=None)
+
+
 def _sm90():
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
 
@@ -143,6 +153,8 @@ def test_dependent_launch_rule(monkeypatch):
     capturing[0] = True
     assert CW.pdl_for(None, gpu, False) is True  # captured, behind Inductor kernels that start us early
     assert CW.pdl_for(None, gpu, True) is False
+    assert CW.pdl_for(None, gpu, False, one_token=True) is False  # the one-token kernel: plain by default
+    assert CW.pdl_for(True, gpu, False, one_token=True) is True
     monkeypatch.setattr(inductor_config.triton, "enable_pdl", False)
     assert CW.pdl_for(None, gpu, False) is False  # Inductor's default: nothing to gain
 

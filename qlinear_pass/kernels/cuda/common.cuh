@@ -129,22 +129,51 @@ cudaError_t per_device(std::atomic<int> (&known)[MAX_DEVICES], int& value, Find 
   return e;
 }
 
+// The most dynamic shared memory a CTA may opt in to on the current device
+inline int device_smem_optin() {
+  static std::atomic<int> known[MAX_DEVICES];
+  int bytes = 0;
+  per_device(known, bytes, [](int dev, int& out) {
+    return cudaDeviceGetAttribute(&out, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  });
+  return bytes;
+}
+
 // CTAs of KERNEL (THREADS threads, BYTES of dynamic shared memory) that run at once on the current
-// device (the shared-memory limit raised on the first launch there)
+// device.  The kernel's shared-memory limit is raised to the device's most on its first launch
+// there; a kernel whose shared memory grows with its arguments (K) has a few sizes in a model, and
+// the CTAs of each of the last 8 are kept, as (BYTES << 16) | CTAs
 template <auto KERNEL>
 cudaError_t resident_ctas(int threads, int bytes, int& resident) {
-  static std::atomic<int> known[MAX_DEVICES];
-  return per_device(known, resident, [&](int dev, int& out) {
-    cudaError_t e = cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (e != cudaSuccess) return e;
-    int sms = 0, per_sm = 0;
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, KERNEL, threads, bytes);
-    if (e != cudaSuccess) return e;
-    if (per_sm < 1) return cudaErrorInvalidConfiguration;
-    out = per_sm * sms;
-    return cudaSuccess;
+  static std::atomic<int> raised[MAX_DEVICES];
+  static std::atomic<long long> known[MAX_DEVICES][8];
+  int ok = 0;
+  cudaError_t e = per_device(raised, ok, [](int, int& out) {
+    const cudaError_t e = cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, device_smem_optin());
+    out = 1;
+    return e;
   });
+  if (e != cudaSuccess) return e;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const long long key = static_cast<long long>(bytes) << 16;
+  if (dev < MAX_DEVICES) {
+    for (auto& slot : known[dev]) {
+      const long long v = slot.load(std::memory_order_relaxed);
+      if ((v & ~0xFFFFLL) == key && (v & 0xFFFF) != 0) {
+        resident = static_cast<int>(v & 0xFFFF);
+        return cudaSuccess;
+      }
+    }
+  }
+  int sms = 0, per_sm = 0;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, KERNEL, threads, bytes);
+  if (e != cudaSuccess) return e;
+  if (per_sm < 1) return cudaErrorInvalidConfiguration;
+  resident = std::min(per_sm * sms, 0xFFFF);
+  if (dev < MAX_DEVICES) known[dev][(bytes / 16) % 8].store(key | resident, std::memory_order_relaxed);
+  return cudaSuccess;
 }
 
 // The compute capability of the current device as 10 * major + minor
@@ -185,14 +214,14 @@ inline dim3 persistent_grid(int total_tiles, int m, int tok, int resident) {
 // Whether a launch can be a programmatic dependent launch here: a GPU of sm90+ and a CUDA 11.8+ build
 inline bool pdl_launches() { return CUDART_VERSION >= 11080 && device_sm() >= 90; }
 
-// Launch KERNEL (TOK tokens a CTA, THREADS threads, BYTES of dynamic shared memory) as a persistent
-// grid on `stream`; `pdl`: with programmatic dependent launch where pdl_launches(), so the kernel's
-// CTAs start, and copy weights, while the kernel before them finishes
-template <auto KERNEL, int TOK, int THREADS, int BYTES, typename Params>
-cudaError_t launch_persistent(const Params& p, bool pdl, cudaStream_t stream) {
-  static_assert(BYTES <= 227 * 1024, "more shared memory than a Hopper SM has");
+// Launch KERNEL (TOK tokens a CTA, THREADS threads, `bytes` of dynamic shared memory) as a
+// persistent grid on `stream`; `pdl`: with programmatic dependent launch where pdl_launches(), so
+// the kernel's CTAs start, and copy weights, while the kernel before them finishes
+template <auto KERNEL, int TOK, int THREADS, typename Params>
+cudaError_t launch_persistent(const Params& p, int bytes, bool pdl, cudaStream_t stream) {
+  if (bytes > device_smem_optin()) return cudaErrorInvalidConfiguration;
   int resident = 0;
-  cudaError_t e = resident_ctas<KERNEL>(THREADS, BYTES, resident);
+  cudaError_t e = resident_ctas<KERNEL>(THREADS, bytes, resident);
   if (e != cudaSuccess) return e;
   const dim3 grid = persistent_grid(p.total_tiles, p.m, TOK, resident);
 #if CUDART_VERSION >= 11080
@@ -202,14 +231,14 @@ cudaError_t launch_persistent(const Params& p, bool pdl, cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(THREADS);
-  cfg.dynamicSmemBytes = BYTES;
+  cfg.dynamicSmemBytes = bytes;
   cfg.stream = stream;
   cfg.attrs = attr;
   cfg.numAttrs = pdl && pdl_launches() ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, KERNEL, p);
 #else
   (void)pdl;
-  KERNEL<<<grid, THREADS, BYTES, stream>>>(p);
+  KERNEL<<<grid, THREADS, bytes, stream>>>(p);
   return cudaGetLastError();
 #endif
 }

@@ -25,10 +25,12 @@
 //   the end of each row tile: no workspace, no atomics; the output is written once, in its dtype;
 // * CTAs are persistent (about as many as fit on the GPU at once): each walks its row tiles while
 //   its warps' rings run on from one tile into the next;
-// * the activation's 128 values of a chunk (each of the CTA's tokens) travel in the ring beside its
-//   weights (from L2: it is small, and every CTA reads it); ldmatrix turns them into the MMAs' B
-//   fragments, four 8 x 8 tiles an instruction (one token fills all 8 columns; only the first is
-//   written out);
+// * with more than one token, the activation's 128 values of a chunk (each of the CTA's tokens)
+//   travel in the ring beside its weights (from L2: it is small, and every CTA reads it); one
+//   token's whole row is loaded into shared memory once a CTA, with its sum over each sub-chunk, so
+//   its chunks need no copies and no MMAs for the sums.  ldmatrix turns the activation into the
+//   MMAs' B fragments, four 8 x 8 tiles an instruction (one token fills all 8 columns; only the first
+//   is written out);
 // * up to MAX_SEGMENTS layers that read the same activation (q/k/v, gate/up) share one launch: the
 //   row tiles of the layers are numbered one after another;
 // * launched with programmatic dependent launch (`pdl`), the CTAs start while the kernel before
@@ -142,11 +144,16 @@ __device__ __forceinline__ void ldsm_x2(uint32_t& d0, uint32_t& d1, const void* 
 }
 
 // The shared memory of one CTA:
-//   the warps' rings   [W][STAGES] slots, each: [R blocks][8 atoms][128] weight bytes, [16 R][16]
-//                      scale bytes, [16 R][4] zero-point bytes and [TOK][X_ROW] activation bytes
+//   the warps' rings   [W][STAGES] slots, each: [R blocks][8 atoms][128] weight bytes, [16 R][SUB]
+//                      fp32 scales, [16 R][4] zero-point bytes and [TOK][X_ROW] activation bytes
+//                      (none for one token)
 //   the reduction      [W][16 R][8 MT] fp32
-template <int R, int TOK, int W>
+//   one token only     its activation row, each warp's chunks in a region of its own, [W][ceil(K /
+//                      128 / W)][128], then their sums over each sub-chunk [W][ceil(K / 128 / W)][SUB]
+//                      fp32 (extra(K) bytes past BYTES)
+template <int VEC, int R, int TOK, int W>
 struct Layout {
+  static constexpr int SUB = 16 / VEC;        // sub-chunks (quantization groups) in a chunk
   static constexpr int MT = TOK > 8 ? 2 : 1;  // 8-token MMA tiles
   // chunk slots per warp, all but one in flight while one is read (benchmarks/bench_cuda_ring.py --set
   // occupancy, H200: with 8 warps 3 slots for 32-row tiles up to 7% faster than 2 at M = 8 and 16, at
@@ -156,12 +163,13 @@ struct Layout {
   static constexpr int BLOCK_B = 8 * 128;     // a 16-row block's 8 atoms of a chunk (lanes read
                                               // consecutive words: no bank conflicts, no padding)
   static constexpr int W_B = R * BLOCK_B;
-  static constexpr int S_B = 16 * R * 16;
+  static constexpr int S_B = 16 * R * 4 * SUB;
   static constexpr int Z_B = 16 * R * 4;
-  // a token's 128 values of a chunk, and 16 bytes of padding for more than one: the rows of an
-  // 8 x 8 ldmatrix tile then start 4 banks apart, and its 8 rows of 16 bytes cover all 32 banks
-  static constexpr int X_ROW = TOK == 1 ? 128 * 2 : 128 * 2 + 16;
-  static constexpr int X_B = TOK * X_ROW;
+  // a token's 128 values of a chunk, and 16 bytes of padding: the rows of an 8 x 8 ldmatrix tile
+  // then start 4 banks apart, and its 8 rows of 16 bytes cover all 32 banks.  One token's chunks are
+  // read from its whole row instead (extra())
+  static constexpr int X_ROW = 128 * 2 + 16;
+  static constexpr int X_B = TOK == 1 ? 0 : TOK * X_ROW;
   static constexpr int SLOT_B = W_B + S_B + Z_B + X_B;
   static constexpr int RING_B = W * STAGES * SLOT_B;
   // a row of the reduction holds the tile's 8 MT tokens and one pad: an odd stride, so the threads
@@ -169,14 +177,32 @@ struct Layout {
   static constexpr int RED_ROW = 8 * MT + 1;
   static constexpr int RED_B = W * 16 * R * RED_ROW * 4;
   static constexpr int BYTES = RING_B + RED_B;
+  // the dynamic shared memory past BYTES for an activation of K values: one token's row as each warp's
+  // chunks (up to ceil(K / 128 / W) a warp), then their sums
+  static constexpr int extra(int k) { return TOK == 1 ? W * ((k / 128 + W - 1) / W) * (256 + 4 * SUB) : 0; }
 };
+
+// The sum of eight 16-bit values (T) packed in 16 bytes, in fp32
+template <typename T>
+__device__ __forceinline__ float sum8(const uint4 v) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 f;
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[i]));
+    else f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+    s += f.x + f.y;
+  }
+  return s;
+}
 
 // T: the activation dtype; VEC: a sub-chunk (one scale each) is 8 * VEC k, VEC / 2 atoms (4, 8, 16);
 // TOK: tokens per CTA (1, 8 or 16; larger M takes more CTAs along y); R: 16-row tiles per warp;
 // W: warps a CTA; ZP: the layers have zero points (else every z is 8).
 template <typename T, int VEC, int TOK, int R, int W, bool ZP>
 __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kernel(const __grid_constant__ Params p) {
-  using L = Layout<R, TOK, W>;
+  using L = Layout<VEC, R, TOK, W>;
   constexpr int MT = L::MT;
   constexpr int STAGES = L::STAGES;
   constexpr int SUB = 16 / VEC;  // sub-chunks (one group each) in a chunk of 128 k
@@ -214,19 +240,18 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
     s_src = sg.s + (long long)row * sg.s_stride + warp * SUB;
     if constexpr (ZP) z_src = sg.z + (long long)row * sg.z_stride;
   };
-  // a token's 128 values of a chunk, 16 pieces of 16 bytes a token: the lane's piece q (of XP) of the
-  // chunk `step` chunks past the warp's first, where it goes in a slot, and whether the lane has it
+  // more than one token: a token's 128 values of a chunk, 16 pieces of 16 bytes a token: the lane's
+  // piece q (of XP) of the chunk `step` chunks past the warp's first, and where it goes in a slot
   // (the rows past the last token repeat it; their outputs are not written)
-  constexpr int XP = TOK == 1 ? 1 : TOK / 2;
+  constexpr int XP = TOK > 1 ? TOK / 2 : 1;
   auto x_src = [&](const int step, const int q) {
-    const int piece = lane + 32 * q, tk = TOK == 1 ? 0 : piece >> 4;
+    const int piece = lane + 32 * q, tk = piece >> 4;
     return x_tok + (long long)min(tk, tokens - 1) * p.x_stride + (warp + step) * 128 + (piece & 15) * 8;
   };
   auto x_dst = [&](uint8_t* slot, const int q) {
     const int piece = lane + 32 * q;
-    return slot + L::W_B + L::S_B + L::Z_B + (TOK == 1 ? 0 : (piece >> 4) * L::X_ROW) + (piece & 15) * 16;
+    return slot + L::W_B + L::S_B + L::Z_B + (piece >> 4) * L::X_ROW + (piece & 15) * 16;
   };
-  const bool x_lane = TOK > 1 || lane < 16;
   // the next chunk's weights, scales and zero points, and (act) its activation, as one group of copies
   auto issue = [&](const bool act) {
     if (tj < ntiles) {
@@ -239,10 +264,10 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
         for (int h = 0; h < 2; ++h)
           cp_async16_l2<QLP_L2_FETCH>(slot + b * L::BLOCK_B + (lane + 32 * h) * 16, w_src[b] + step * L::BLOCK_B + 512 * h);
       if (lane < 16 * R) {  // the row's SUB scales, and the 4-byte word holding its SUB zero points
-        cp_async<4 * SUB>(slot + L::W_B + lane * 16, s_src + step * SUB);
+        cp_async<4 * SUB>(slot + L::W_B + lane * 4 * SUB, s_src + step * SUB);
         if constexpr (ZP) cp_async<4>(slot + L::W_B + L::S_B + lane * 4, z_src + (((warp + step) * SUB) & ~3));
       }
-      if (act && x_lane) {
+      if (TOK > 1 && act) {
 #pragma unroll
         for (int q = 0; q < XP; ++q) cp_async<16>(x_dst(slot, q), x_src(step, q));
       }
@@ -256,14 +281,67 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
   };
   if (nch == 0) tj = ntiles;  // a warp without chunks copies nothing, but meets the others at each tile's end
   else if (ntiles > 0) at_tile(0);
-  // the first STAGES - 1 slots.  In a programmatic dependent launch, their weights (which no kernel
-  // before this one writes) before grid_dependency_wait(), so they load while the kernel that writes
-  // the activation finishes, and their activation after it, by plain loads (all issued, then
+  // One token: each warp's share of the activation row (its chunks, K / W values) by plain loads
+  // into its region of shared memory, once for all the CTA's tiles, with their sums over each
+  // sub-chunk (what the MMAs' BIAS + z takes off) from the same registers; and the first STAGES - 1
+  // slots' weights (which no kernel before this one writes).  In a programmatic dependent launch the
+  // weights go first, the activation after grid_dependency_wait(); else the activation's first loads
+  // go first.  No CTA barrier: a warp reads only its own chunks.
+  // More tokens: the first STAGES - 1 slots.  In a programmatic dependent launch, their weights
+  // before grid_dependency_wait(), and their activation after it, by plain loads (all issued, then
   // stored): a cp.async group committed now would complete only after every weight copy before it.
   // Else each slot's weights and activation as one group (the first chunk waits for its own copies
   // only: 2-10% faster at M = 1 than the two passes, H200)
+  const int max_nch = (nchunks + W - 1) / W;  // one token: the warp's region of the row and of its sums
+  const uint8_t* x_row = smem + L::BYTES + warp * max_nch * 256;
+  const float* x_sums = reinterpret_cast<const float*>(smem + L::BYTES + W * max_nch * 256) + warp * max_nch * SUB;
   const int tj0 = tj;
-  if (!p.pdl) {
+  if constexpr (TOK == 1) {
+    // the warp's chunks c = warp + i W of the activation row, chunk i at 256 i of its region: 16 pieces of
+    // 16 bytes a chunk, piece j of the region on lane j % 32; a sub-chunk is VEC pieces, on VEC lanes
+    const uint4* src = reinterpret_cast<const uint4*>(x_tok);
+    uint4* dst = reinterpret_cast<uint4*>(const_cast<uint8_t*>(x_row));
+    float* sums = const_cast<float*>(x_sums);
+    const int pieces = nch * 16;
+    constexpr int U = 8;  // pieces a lane loads at once (16 chunks a warp: K up to 8192 with 4 warps, 16384 with 8)
+    uint4 v[U];
+    auto load = [&](const int base) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int j = base + 32 * u + lane;
+        if (j < pieces) v[u] = src[(warp + (j >> 4) * W) * 16 + (j & 15)];
+      }
+    };
+    auto store = [&](const int base) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int j = base + 32 * u + lane;
+        if (base + 32 * u < pieces) {  // the same for the warp's lanes
+          float sum = 0.f;
+          if (j < pieces) {
+            dst[j] = v[u];
+            sum = sum8<T>(v[u]);
+          }
+#pragma unroll
+          for (int o = 1; o < VEC; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+          if (j < pieces && lane % VEC == 0) sums[j / VEC] = sum;
+        }
+      }
+    };
+    // the first loads ahead of the weight copies where the activation may be read at once (a plain
+    // launch): a version that loaded the row after them was 0.1-0.8 us slower a call at M = 1 (H200,
+    // benchmarks/results/h200/decode/cuda_w4a16/x_row)
+    if (!p.pdl) load(0);
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) issue(false);
+    grid_dependency_wait();
+    if (p.pdl) load(0);
+    for (int base = 0; base < pieces; base += 32 * U) {
+      if (base != 0) load(base);
+      store(base);
+    }
+    __syncwarp();
+  } else if (!p.pdl) {
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) issue(true);
   } else {
@@ -274,7 +352,7 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
     int c = 0, j = tj0;
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-      if (j < ntiles && x_lane) {
+      if (j < ntiles) {
 #pragma unroll
         for (int q = 0; q < XP; ++q) xv[s][q] = *reinterpret_cast<const uint4*>(x_src(c * W, q));
       }
@@ -283,7 +361,7 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
     c = 0, j = tj0;
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-      if (j < ntiles && x_lane) {
+      if (j < ntiles) {
 #pragma unroll
         for (int q = 0; q < XP; ++q) *reinterpret_cast<uint4*>(x_dst(ring + s * L::SLOT_B, q)) = xv[s][q];
       }
@@ -318,7 +396,7 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
       for (int s = 0; s < SUB; ++s) {
         // the activation of this sub-chunk as B fragments, per atom: (x[2t], x[2t+1]), (x[2t+8], x[2t+9])
         // of token g of the 8-token tile
-        const uint8_t* xs = slot + L::W_B + L::S_B + L::Z_B;
+        const uint8_t* xs = TOK == 1 ? x_row + i * 256 : slot + L::W_B + L::S_B + L::Z_B;
         uint32_t xb[MT][AS][2];
 #pragma unroll
         for (int jj = 0; jj < MT; ++jj)
@@ -331,9 +409,15 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
             ldsm_x4(xb[jj][a][0], xb[jj][a][1], xb[jj][a + 1][0], xb[jj][a + 1][1],
                     xs + row * L::X_ROW + ((s * AS + a + (tile8 >> 1)) * 16 + 8 * (tile8 & 1)) * 2);
           }
-        // the sum of the sub-chunk's activation per token (an MMA with an all-ones A): the weights enter
-        // the MMAs as BIAS + q, and BIAS + z times this sum comes off afterwards
+        // the sum of the sub-chunk's activation per token: the weights enter the MMAs as BIAS + q, and
+        // BIAS + z times this sum comes off afterwards.  One token's from the prologue; more tokens'
+        // by an MMA with an all-ones A
         float xsum[MT][4];
+        if constexpr (TOK == 1) {
+          const float v = x_sums[i * SUB + s];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) xsum[0][e] = v;
+        } else {
 #pragma unroll
         for (int jj = 0; jj < MT; ++jj) {
           float xsum2[4] = {0.f, 0.f, 0.f, 0.f};
@@ -345,11 +429,12 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
 #pragma unroll
           for (int e = 0; e < 4; ++e) xsum[jj][e] += xsum2[e];
         }
+        }
         const int zi = ((c * SUB) & 3) + s;  // this group's byte in the copied word of zero points
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           const int rl = 16 * r + g;
-          const float s_lo = sc[rl * 4 + s], s_hi = sc[(rl + 8) * 4 + s];
+          const float s_lo = sc[rl * SUB + s], s_hi = sc[(rl + 8) * SUB + s];
           const float zb_lo = Num<T>::BIAS + (ZP ? zc[rl * 4 + zi] : 8.f);
           const float zb_hi = Num<T>::BIAS + (ZP ? zc[(rl + 8) * 4 + zi] : 8.f);
           // the lane's word of each of the sub-chunk's atoms in this 16-row block: an atom is an 8 x 8
@@ -420,10 +505,17 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
   cp_wait<0>();
 }
 
+// One token's kernel holds the whole activation row in shared memory; where K makes that more than
+// the device has, the 8-token kernel runs it
 template <typename T, int VEC, int TOK, int R, int W>
 cudaError_t launch(const Params& p, bool pdl, cudaStream_t stream) {
-  if (p.seg[0].z) return launch_persistent<w4a16_kernel<T, VEC, TOK, R, W, true>, TOK, W * 32, Layout<R, TOK, W>::BYTES>(p, pdl, stream);
-  return launch_persistent<w4a16_kernel<T, VEC, TOK, R, W, false>, TOK, W * 32, Layout<R, TOK, W>::BYTES>(p, pdl, stream);
+  using L = Layout<VEC, R, TOK, W>;
+  const int bytes = L::BYTES + L::extra(p.k);
+  if constexpr (TOK == 1) {
+    if (bytes > device_smem_optin()) return launch<T, VEC, 8, R, 8>(p, pdl, stream);
+  }
+  if (p.seg[0].z) return launch_persistent<w4a16_kernel<T, VEC, TOK, R, W, true>, TOK, W * 32>(p, bytes, pdl, stream);
+  return launch_persistent<w4a16_kernel<T, VEC, TOK, R, W, false>, TOK, W * 32>(p, bytes, pdl, stream);
 }
 
 // 4 warps a CTA for one token only (the caller's rule, cuda_w4a16.warps_for); 8 for any M

@@ -445,7 +445,7 @@ __global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Para
 
 template <int MODE, int ELEM, typename X, typename O, int TOK, int R, int W>
 cudaError_t launch(const Params& p, bool pdl, cudaStream_t stream) {
-  return launch_persistent<w8_kernel<MODE, ELEM, X, O, TOK, R, W>, TOK, W * 32, Layout<R, TOK, W>::BYTES>(p, pdl, stream);
+  return launch_persistent<w8_kernel<MODE, ELEM, X, O, TOK, R, W>, TOK, W * 32>(p, Layout<R, TOK, W>::BYTES, pdl, stream);
 }
 
 // 4 warps a CTA for up to 8 tokens (the caller's rule, cuda_w8a8.warps_for); 8 for any M
