@@ -33,7 +33,8 @@ graphs.  Writes ``bench_e2e.json`` (after every variant), ``bench_e2e.png`` and
 runs small shapes (``--small``) without CUDA graphs or kernel counts, anywhere.
 ``--inductor-pdl`` (or ``TORCHINDUCTOR_ENABLE_PDL=1``) compiles every variant, bf16 too, with
 Inductor's programmatic dependent launch: its kernels let the next kernel start early, and our
-decode kernels then load weights while the kernel before them finishes (``cuda_w4a16.pdl_for``).
+decode kernels then load weights while the kernel before them finishes (``cuda_w4a16.pdl_for``
+says which).
 """
 from __future__ import annotations
 

@@ -8,9 +8,10 @@ scales in fp32 (others are converted per call); zero points as uint8, or none (s
 point 8).  Any M is computed (more CTAs along M), but the kernel is made for
 M <= 16: each CTA reads its weight rows once per 16 tokens.
 
-Launches captured into a CUDA graph with Inductor's programmatic dependent launch on use it too where
-the GPU has it (sm90+): the kernel's CTAs start while the kernel before them finishes and load their
-first weights, and read the activation only once that kernel is done (:func:`pdl_for`).
+Launches above M = 1 captured into a CUDA graph with Inductor's programmatic dependent launch on
+use it too where the GPU has it (sm90+): the kernel's CTAs start while the kernel before them
+finishes and load their first weights, and read the activation only once that kernel is done
+(:func:`pdl_for`).
 """
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def warps_for(m: int, tiles: int, sms: int) -> int:
     return 4 if m == 1 and tiles >= 2 * sms else 8
 
 
-def pdl_for(pdl: Optional[bool], device: torch.device, converted: bool) -> bool:
+def pdl_for(pdl: Optional[bool], device: torch.device, converted: bool, one_token: bool = False) -> bool:
     """Launch with programmatic dependent launch?  The kernel then reads the layers' weights before
     the kernel ahead of it in the stream has finished, so never where this call has just written them
     (``converted``: a scale made fp32, a weight or zero points copied); else ``pdl`` where given
@@ -110,12 +111,16 @@ def pdl_for(pdl: Optional[bool], device: torch.device, converted: bool) -> bool:
     the next one start early, and ours then load weights while the norm or SwiGLU before them
     finishes.  Behind kernels that do not (Inductor's default), the early start gains nothing, and the
     kernel's prologue for it (the first slots' activation by plain loads after the wait) measured
-    2-10% slower at M = 1 than the plain one (H200, benchmarks/results/h200/decode/cuda_w4a16/pdl)."""
+    2-10% slower at M = 1 than the plain one (H200, benchmarks/results/h200/decode/cuda_w4a16/pdl).
+    Never by default for ``one_token`` (the w4a16 kernel at M = 1, which loads each warp's share of
+    the activation row once): with it, a Llama-3-8B-shaped model decoded at batch 1 slower
+    behind Inductor's programmatic dependent launch than with neither (2.11x against 2.22x bf16,
+    benchmarks/results/h200/e2e/x_row)."""
     if converted:
         return False
     if pdl is not None:
         return pdl
-    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+    if one_token or device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
         return False
     import torch._inductor.config as inductor_config
 
@@ -202,7 +207,7 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
     err = ctypes.create_string_buffer(256)
     stream = torch.cuda.current_stream(x.device).cuda_stream
     batches = [list(range(i, min(i + MAX_SEGMENTS, len(prepared)))) for i in range(0, len(prepared), MAX_SEGMENTS)]
-    early = int(pdl_for(pdl, x.device, converted))
+    early = int(pdl_for(pdl, x.device, converted, one_token=m == 1))
     with torch.cuda.device(x.device):
         for batch in batches:
             p = _Params()
