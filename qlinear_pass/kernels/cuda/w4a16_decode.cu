@@ -26,9 +26,9 @@
 // * CTAs are persistent (about as many as fit on the GPU at once): each walks its row tiles while
 //   its warps' rings run on from one tile into the next;
 // * with more than one token, the activation's 128 values of a chunk (each of the CTA's tokens)
-//   travel in the ring beside its weights (from L2: it is small, and every CTA reads it); one
-//   token's whole row is loaded into shared memory once a CTA, with its sum over each sub-chunk, so
-//   its chunks need no copies and no MMAs for the sums.  ldmatrix turns the activation into the
+//   travel in the ring beside its weights (from L2: it is small, and every CTA reads it); with one,
+//   each warp loads its chunks of the row into shared memory once, with their sums over each
+//   sub-chunk, so its chunks need no copies and no MMAs for the sums.  ldmatrix turns the activation into the
 //   MMAs' B fragments, four 8 x 8 tiles an instruction (one token fills all 8 columns; only the first
 //   is written out);
 // * up to MAX_SEGMENTS layers that read the same activation (q/k/v, gate/up) share one launch: the
