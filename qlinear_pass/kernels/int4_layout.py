@@ -93,23 +93,28 @@ def mma16_of(weight: torch.Tensor) -> torch.Tensor:
     """The MMA-fragment copy of a public ``[N, K/2]`` weight, made once and kept while the weight lives
     unchanged (not kept when first asked for inside a CUDA graph capture, whose pool must not
     outlive the graph)."""
-    key = id(weight)
-    hit = _copies.get(key)
-    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
-        return hit[2]
+    packed = _kept(weight)
+    if packed is not None:
+        return packed
     packed = to_mma16(weight)
     if not (weight.is_cuda and torch.cuda.is_current_stream_capturing()):
-        if hit is None:
+        key = id(weight)
+        if key not in _copies:
             weakref.finalize(weight, _copies.pop, key, None)
         _copies[key] = (weakref.ref(weight), weight._version, packed)
     return packed
 
 
+def _kept(weight: torch.Tensor):
+    """The MMA-fragment copy kept for this weight as it is now, or None."""
+    hit = _copies.get(id(weight))
+    return hit[2] if hit is not None and hit[0]() is weight and hit[1] == weight._version else None
+
+
 def has_mma16(weight: torch.Tensor) -> bool:
     """Whether :func:`mma16_of` has the weight's MMA-fragment copy already (made in an earlier call, not
     by a kernel just ahead of the next launch)."""
-    hit = _copies.get(id(weight))
-    return hit is not None and hit[0]() is weight and hit[1] == weight._version
+    return _kept(weight) is not None
 
 
 def copied_bytes() -> int:

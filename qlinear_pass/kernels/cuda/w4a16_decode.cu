@@ -293,15 +293,14 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
   // Else each slot's weights and activation as one group (the first chunk waits for its own copies
   // only: 2-10% faster at M = 1 than the two passes, H200)
   const int max_nch = (nchunks + W - 1) / W;  // one token: the warp's region of the row and of its sums
-  const uint8_t* x_row = smem + L::BYTES + warp * max_nch * 256;
-  const float* x_sums = reinterpret_cast<const float*>(smem + L::BYTES + W * max_nch * 256) + warp * max_nch * SUB;
+  uint8_t* x_row = smem + L::BYTES + warp * max_nch * 256;
+  float* x_sums = reinterpret_cast<float*>(smem + L::BYTES + W * max_nch * 256) + warp * max_nch * SUB;
   const int tj0 = tj;
   if constexpr (TOK == 1) {
     // the warp's chunks c = warp + i W of the activation row, chunk i at 256 i of its region: 16 pieces of
     // 16 bytes a chunk, piece j of the region on lane j % 32; a sub-chunk is VEC pieces, on VEC lanes
     const uint4* src = reinterpret_cast<const uint4*>(x_tok);
-    uint4* dst = reinterpret_cast<uint4*>(const_cast<uint8_t*>(x_row));
-    float* sums = const_cast<float*>(x_sums);
+    uint4* dst = reinterpret_cast<uint4*>(x_row);
     const int pieces = nch * 16;
     constexpr int U = 8;  // pieces a lane loads at once (16 chunks a warp: K up to 8192 with 4 warps, 16384 with 8)
     uint4 v[U];
@@ -324,7 +323,7 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
           }
 #pragma unroll
           for (int o = 1; o < VEC; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-          if (j < pieces && lane % VEC == 0) sums[j / VEC] = sum;
+          if (j < pieces && lane % VEC == 0) x_sums[j / VEC] = sum;
         }
       }
     };
