@@ -3,6 +3,7 @@
 values of its tuning defines (or called with other warps a CTA), timed side by side: the measurement
 behind ``cuda_w4a16.warps_for`` and the defaults of ``QLP_SLOTS_R1`` / ``QLP_SLOTS_R2`` / ``QLP_SLOTS4_R1`` /
 ``QLP_SLOTS4_R2`` (``cp.async`` ring depths with 8 / 4 warps),
+``QLP_SLOTS_XR8`` / ``QLP_SLOTS_XR16`` (the ring depths where 8 / 16 tokens' activation rows stay in shared memory),
 ``QLP_MIN_CTAS`` (the register budget for M > 1), ``QLP_MAX_TOK`` (tokens a CTA) and ``QLP_L2_FETCH`` (the DRAM block
 L2 fetches for a weight copy), of ``cuda_w4a16.w4a16_row_tiles`` (the ``rows`` set) and of programmatic
 dependent launch (the ``pdl`` set; ``--producer`` puts a copy kernel that writes the activation before each
@@ -71,13 +72,19 @@ SETS = {
         "plain": {"pdl": False},
         "pdl": {"pdl": True},
     },
+    "xrow": {  # the resident rows of 8 / 16 tokens: ring slots a warp, and 16 tokens as two CTAs of 8
+        "xr": {},
+        "xr8s4": {"QLP_SLOTS_XR8": 4},
+        "xr8s6": {"QLP_SLOTS_XR8": 6},
+        "xr_t8": {"QLP_MAX_TOK": 8},
+    },
     "l2": {
         "l2f0": {"QLP_L2_FETCH": 0},
         "l2f128": {"QLP_L2_FETCH": 128},
         "l2f256": {"QLP_L2_FETCH": 256},
     },
 }
-SHAPES = [(4096, 14336), (14336, 4096), (4096, 6144), (4096, 28672), (4096, 1024)]
+SHAPES = [(4096, 14336), (14336, 4096), (4096, 6144), (4096, 28672), (4096, 4096), (4096, 1024)]
 
 
 def build(name: str, defines: dict, folder: Path, source: Optional[Path] = None) -> ctypes.CDLL:

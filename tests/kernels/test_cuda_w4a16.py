@@ -16,9 +16,12 @@ from tests.helpers import assert_each_matches, kernel_case, late_copy
 @st.composite
 def cases(draw, max_n=300, ks=(128, 256, 384, 4096)):
     m = draw(st.integers(1, 20))
+    ns = draw(st.lists(st.integers(1, max_n // 16).map(lambda b: 16 * b), min_size=1, max_size=4))
+    if draw(st.booleans()):  # a row tile an SM or more (144 of 32 rows): above M = 1 the rows stay in shared memory
+        ns = ns[:2] + [4608]
     return dict(
         m=m,
-        ns=draw(st.lists(st.integers(1, max_n // 16).map(lambda b: 16 * b), min_size=1, max_size=4)),
+        ns=ns,
         k=draw(st.sampled_from(ks)),
         group_size=draw(st.sampled_from([32, 64, 128])),
         zero_points=draw(st.booleans()),
@@ -63,6 +66,10 @@ def check(m, ns, k, group_size, zero_points, dtype, bias, scale_dtype, row_tiles
               bias=False, scale_dtype=None, row_tiles=None, warps=None), 5)  # 288 tiles: the rule's 4 warps
 @example(dict(m=1, ns=[64, 48], k=14336, group_size=32, zero_points=True, dtype=torch.float16, bias=True,
               scale_dtype=None, row_tiles=1, warps=4), 6)  # 4 warps: 28 chunks each a tile, several groups
+@example(dict(m=12, ns=[64], k=8192, group_size=64, zero_points=True, dtype=torch.bfloat16, bias=False,
+              scale_dtype=None, row_tiles=2), 7)  # 16 tokens' rows past the shared memory: the ring's kernel
+@example(dict(m=7, ns=[4096, 1024], k=4096, group_size=128, zero_points=False, dtype=torch.float16, bias=True,
+              scale_dtype=None, row_tiles=None), 8)  # 8 tokens' rows in shared memory, the last one zeros
 def test_matches_reference_on_gpu(case, seed):
     check(**case, seed=seed)
 
@@ -104,7 +111,8 @@ def _sm90():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,k,ns,zero_points", [(1, 4096, [6144], False), (1, 4096, [14336, 14336], True),
-                                                (16, 14336, [4096], False), (5, 384, [48, 32], True)])
+                                                (16, 14336, [4096], False), (5, 384, [48, 32], True),
+                                                (12, 4096, [6144], True)])
 def test_dependent_launch_reads_the_activation_after_the_kernel_before_on_gpu(m, k, ns, zero_points):
     """The kernel before writes the activation late, after letting a dependent launch start
     (tests.helpers.late_copy): launched with programmatic dependent launch (eagerly and captured into

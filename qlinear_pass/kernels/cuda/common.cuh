@@ -139,6 +139,14 @@ inline int device_smem_optin() {
   return bytes;
 }
 
+// The streaming multiprocessors of the current device
+inline int device_sms() {
+  static std::atomic<int> known[MAX_DEVICES];
+  int sms = 0;
+  per_device(known, sms, [](int dev, int& out) { return cudaDeviceGetAttribute(&out, cudaDevAttrMultiProcessorCount, dev); });
+  return sms;
+}
+
 // CTAs of KERNEL (THREADS threads, BYTES of dynamic shared memory) that run at once on the current
 // device.  The kernel's shared-memory limit is raised to the device's most on its first launch
 // there; a kernel whose shared memory grows with its arguments (K) has a few sizes in a model, and
@@ -166,8 +174,8 @@ cudaError_t resident_ctas(int threads, int bytes, int& resident) {
       }
     }
   }
-  int sms = 0, per_sm = 0;
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const int sms = device_sms();
+  int per_sm = 0;
   e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, KERNEL, threads, bytes);
   if (e != cudaSuccess) return e;
   if (per_sm < 1) return cudaErrorInvalidConfiguration;

@@ -18,19 +18,21 @@
 // * an atom is an 8 x 8 tile of 16-byte rows with lane i's word at byte 4 i, so one ldmatrix hands
 //   each lane its words of four atoms; a lane's word becomes its four A registers with one LOP3 each
 //   (the nibble pair under the exponent of 128 / 1024: (word >> 4i) & 0x000F000F | magic), holding
-//   BIAS + q; the MMAs multiply these, and BIAS + z times the activation's sum over the group (one
-//   more MMA, with an all-ones A, per atom) comes off in fp32 (z is 8 in kernels built for layers
-//   without zero points).  The activation enters in its natural k order;
+//   BIAS + q; the MMAs multiply these, and BIAS + z times the activation's sum over the group (see
+//   below) comes off in fp32 (z is 8 in kernels built for layers without zero points).  The
+//   activation enters in its natural k order;
 // * the W warps of a CTA split K (chunk c goes to warp c % W) and add up through shared memory at
 //   the end of each row tile: no workspace, no atomics; the output is written once, in its dtype;
 // * CTAs are persistent (about as many as fit on the GPU at once): each walks its row tiles while
 //   its warps' rings run on from one tile into the next;
-// * with more than one token, the activation's 128 values of a chunk (each of the CTA's tokens)
-//   travel in the ring beside its weights (from L2: it is small, and every CTA reads it); with one,
-//   each warp loads its chunks of the row into shared memory once, with their sums over each
-//   sub-chunk, so its chunks need no copies and no MMAs for the sums.  ldmatrix turns the activation into the
-//   MMAs' B fragments, four 8 x 8 tiles an instruction (one token fills all 8 columns; only the first
-//   is written out);
+// * the activation: with more than one token, each chunk's 128 values of each of the CTA's tokens
+//   travel in the ring beside its weights (from L2: it is small, and every CTA reads it), and MMAs
+//   with an all-ones A sum them.  Where the CTAs walk several row tiles and the rows fit, they stay
+//   in a region of shared memory per warp after the first tile, with those sums (XR): the later
+//   tiles' slots carry weights only, and no MMAs sum.  With one token, each warp loads its chunks
+//   of the row into its region once, before the first tile, with their sums from the same
+//   registers.  ldmatrix turns the activation into the MMAs' B fragments, four 8 x 8 tiles an
+//   instruction (one token fills all 8 columns; only the first is written out);
 // * up to MAX_SEGMENTS layers that read the same activation (q/k/v, gate/up) share one launch: the
 //   row tiles of the layers are numbered one after another;
 // * launched with programmatic dependent launch (`pdl`), the CTAs start while the kernel before
@@ -66,6 +68,15 @@ constexpr int MAX_SEGMENTS = 3;
 #endif
 #ifndef QLP_SLOTS4_R2
 #define QLP_SLOTS4_R2 3
+#endif
+// cp.async ring slots a warp where 8 / 16 tokens' activation rows stay in shared memory (XR below):
+// the slots then carry weights only (past the first tile), and one CTA an SM has room for more of
+// them; 4 and 6 were no faster than 3 (bench_cuda_ring.py --set xrow, H200)
+#ifndef QLP_SLOTS_XR8
+#define QLP_SLOTS_XR8 3
+#endif
+#ifndef QLP_SLOTS_XR16
+#define QLP_SLOTS_XR16 3
 #endif
 // For more than one token: CTAs an SM the register allocation must leave room for (at M = 1 the
 // compiler's choice, 2 CTAs of 8 warps, was 2-11% faster than room for 3 or 4: bench_cuda_ring.py
@@ -145,31 +156,35 @@ __device__ __forceinline__ void ldsm_x2(uint32_t& d0, uint32_t& d1, const void* 
 
 // The shared memory of one CTA:
 //   the warps' rings   [W][STAGES] slots, each: [R blocks][8 atoms][128] weight bytes, [16 R][SUB]
-//                      fp32 scales, [16 R][4] zero-point bytes and [TOK][X_ROW] activation bytes
-//                      (none for one token)
+//                      fp32 scales, [16 R][4] zero-point bytes and, unless XR, [TOK][X_ROW]
+//                      activation bytes
 //   the reduction      [W][16 R][8 MT] fp32
-//   one token only     its activation row, each warp's chunks in a region of its own, [W][ceil(K /
-//                      128 / W)][128], then their sums over each sub-chunk [W][ceil(K / 128 / W)][SUB]
-//                      fp32 (extra(K) bytes past BYTES)
-template <int VEC, int R, int TOK, int W>
+//   XR only            the CTA's tokens' activation rows, each warp's chunks in a region of its own,
+//                      [W][ceil(K / 128 / W)][TOK][X_ROW] (one token: [..][256], no padding), then
+//                      their sums over each sub-chunk [W][ceil(K / 128 / W)][SUB][TOK] fp32 (extra(K)
+//                      bytes past BYTES)
+// XR: the activation rows stay in shared memory for the whole launch (always for one token; for 8
+// or 16 where the CTAs walk several row tiles and K leaves room for them: dispatch_w(), launch())
+template <int VEC, int R, int TOK, int W, bool XR>
 struct Layout {
   static constexpr int SUB = 16 / VEC;        // sub-chunks (quantization groups) in a chunk
   static constexpr int MT = TOK > 8 ? 2 : 1;  // 8-token MMA tiles
   // chunk slots per warp, all but one in flight while one is read (benchmarks/bench_cuda_ring.py --set
   // occupancy, H200: with 8 warps 3 slots for 32-row tiles up to 7% faster than 2 at M = 8 and 16, at
   // most 2% slower, within 2% at M = 1; with 4 warps 4 / 3 slots 2-4% faster than 6 / 4 on the layers
-  // that take 4 warps)
-  static constexpr int STAGES = W == 4 ? (R == 1 ? QLP_SLOTS4_R1 : QLP_SLOTS4_R2) : (R == 1 ? QLP_SLOTS_R1 : QLP_SLOTS_R2);
+  // that take 4 warps; --set xrow for the resident rows of 8 / 16 tokens)
+  static constexpr int STAGES = XR && TOK > 1 ? (TOK == 8 ? QLP_SLOTS_XR8 : QLP_SLOTS_XR16)
+                                : W == 4 ? (R == 1 ? QLP_SLOTS4_R1 : QLP_SLOTS4_R2) : (R == 1 ? QLP_SLOTS_R1 : QLP_SLOTS_R2);
   static constexpr int BLOCK_B = 8 * 128;     // a 16-row block's 8 atoms of a chunk (lanes read
                                               // consecutive words: no bank conflicts, no padding)
   static constexpr int W_B = R * BLOCK_B;
   static constexpr int S_B = 16 * R * 4 * SUB;
   static constexpr int Z_B = 16 * R * 4;
   // a token's 128 values of a chunk, and 16 bytes of padding: the rows of an 8 x 8 ldmatrix tile
-  // then start 4 banks apart, and its 8 rows of 16 bytes cover all 32 banks.  One token's chunks are
-  // read from its whole row instead (extra())
+  // then start 4 banks apart, and its 8 rows of 16 bytes cover all 32 banks.  One token needs no
+  // padding (every lane reads the same row)
   static constexpr int X_ROW = 128 * 2 + 16;
-  static constexpr int X_B = TOK == 1 ? 0 : TOK * X_ROW;
+  static constexpr int X_B = XR ? 0 : TOK * X_ROW;
   static constexpr int SLOT_B = W_B + S_B + Z_B + X_B;
   static constexpr int RING_B = W * STAGES * SLOT_B;
   // a row of the reduction holds the tile's 8 MT tokens and one pad: an odd stride, so the threads
@@ -177,9 +192,12 @@ struct Layout {
   static constexpr int RED_ROW = 8 * MT + 1;
   static constexpr int RED_B = W * 16 * R * RED_ROW * 4;
   static constexpr int BYTES = RING_B + RED_B;
-  // the dynamic shared memory past BYTES for an activation of K values: one token's row as each warp's
+  // XR: a token's row of a chunk in shared memory, and a chunk's rows
+  static constexpr int XR_ROW = TOK == 1 ? 256 : X_ROW;
+  static constexpr int XR_CHUNK = TOK * XR_ROW;
+  // the dynamic shared memory past BYTES for an activation of K values (XR): the rows of each warp's
   // chunks (up to ceil(K / 128 / W) a warp), then their sums
-  static constexpr int extra(int k) { return TOK == 1 ? W * ((k / 128 + W - 1) / W) * (256 + 4 * SUB) : 0; }
+  static constexpr int extra(int k) { return XR ? W * ((k / 128 + W - 1) / W) * (XR_CHUNK + 4 * SUB * TOK) : 0; }
 };
 
 // The sum of eight 16-bit values (T) packed in 16 bytes, in fp32
@@ -199,10 +217,11 @@ __device__ __forceinline__ float sum8(const uint4 v) {
 
 // T: the activation dtype; VEC: a sub-chunk (one scale each) is 8 * VEC k, VEC / 2 atoms (4, 8, 16);
 // TOK: tokens per CTA (1, 8 or 16; larger M takes more CTAs along y); R: 16-row tiles per warp;
-// W: warps a CTA; ZP: the layers have zero points (else every z is 8).
-template <typename T, int VEC, int TOK, int R, int W, bool ZP>
+// W: warps a CTA; ZP: the layers have zero points (else every z is 8); XR: the activation rows stay
+// in shared memory (Layout).
+template <typename T, int VEC, int TOK, int R, int W, bool ZP, bool XR>
 __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kernel(const __grid_constant__ Params p) {
-  using L = Layout<VEC, R, TOK, W>;
+  using L = Layout<VEC, R, TOK, W, XR>;
   constexpr int MT = L::MT;
   constexpr int STAGES = L::STAGES;
   constexpr int SUB = 16 / VEC;  // sub-chunks (one group each) in a chunk of 128 k
@@ -240,19 +259,25 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
     s_src = sg.s + (long long)row * sg.s_stride + warp * SUB;
     if constexpr (ZP) z_src = sg.z + (long long)row * sg.z_stride;
   };
+  // XR: the warp's region of the activation rows and of their sums
+  const int max_nch = (nchunks + W - 1) / W;
+  uint8_t* x_row = smem + L::BYTES + warp * max_nch * L::XR_CHUNK;
+  float* x_sums = reinterpret_cast<float*>(smem + L::BYTES + W * max_nch * L::XR_CHUNK) + warp * max_nch * SUB * TOK;
   // more than one token: a token's 128 values of a chunk, 16 pieces of 16 bytes a token: the lane's
-  // piece q (of XP) of the chunk `step` chunks past the warp's first, and where it goes in a slot
-  // (the rows past the last token repeat it; their outputs are not written)
+  // piece q (of XP) of the chunk `step` chunks past the warp's first, and where it goes: the slot, or
+  // with XR chunk c of the warp's region (the rows past the last token repeat it; their outputs are
+  // not written)
   constexpr int XP = TOK > 1 ? TOK / 2 : 1;
   auto x_src = [&](const int step, const int q) {
     const int piece = lane + 32 * q, tk = piece >> 4;
     return x_tok + (long long)min(tk, tokens - 1) * p.x_stride + (warp + step) * 128 + (piece & 15) * 8;
   };
-  auto x_dst = [&](uint8_t* slot, const int q) {
+  auto x_dst = [&](uint8_t* slot, const int c, const int q) {
     const int piece = lane + 32 * q;
-    return slot + L::W_B + L::S_B + L::Z_B + (piece >> 4) * L::X_ROW + (piece & 15) * 16;
+    return (XR ? x_row + c * L::XR_CHUNK : slot + L::W_B + L::S_B + L::Z_B) + (piece >> 4) * L::X_ROW + (piece & 15) * 16;
   };
   // the next chunk's weights, scales and zero points, and (act) its activation, as one group of copies
+  // (with XR, into the region during the CTA's first tile only)
   auto issue = [&](const bool act) {
     if (tj < ntiles) {
       uint8_t* slot = ring + ts * L::SLOT_B;
@@ -267,9 +292,9 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
         cp_async<4 * SUB>(slot + L::W_B + lane * 4 * SUB, s_src + step * SUB);
         if constexpr (ZP) cp_async<4>(slot + L::W_B + L::S_B + lane * 4, z_src + (((warp + step) * SUB) & ~3));
       }
-      if (TOK > 1 && act) {
+      if (TOK > 1 && act && (!XR || tj == 0)) {
 #pragma unroll
-        for (int q = 0; q < XP; ++q) cp_async<16>(x_dst(slot, q), x_src(step, q));
+        for (int q = 0; q < XP; ++q) cp_async<16>(x_dst(slot, ci, q), x_src(step, q));
       }
       if (++ci == nch) {
         ci = 0;
@@ -287,16 +312,15 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
   // slots' weights (which no kernel before this one writes).  In a programmatic dependent launch the
   // weights go first, the activation after grid_dependency_wait(); else the activation's first loads
   // go first.  No CTA barrier: a warp reads only its own chunks.
-  // More tokens: the first STAGES - 1 slots.  In a programmatic dependent launch, their weights
-  // before grid_dependency_wait(), and their activation after it, by plain loads (all issued, then
-  // stored): a cp.async group committed now would complete only after every weight copy before it.
-  // Else each slot's weights and activation as one group (the first chunk waits for its own copies
-  // only: 2-10% faster at M = 1 than the two passes, H200)
-  const int max_nch = (nchunks + W - 1) / W;  // one token: the warp's region of the row and of its sums
-  uint8_t* x_row = smem + L::BYTES + warp * max_nch * 256;
-  float* x_sums = reinterpret_cast<float*>(smem + L::BYTES + W * max_nch * 256) + warp * max_nch * SUB;
+  // More tokens: the first STAGES - 1 slots (with XR their activation goes to the region, during
+  // the first tile only: loading all of it first left a CTA of one or two tiles idle until it was
+  // there, 15-70% slower than the ring at M = 8 on N = 6144 and 1024, H200, xrow/upfront).  In a programmatic
+  // dependent launch, their weights before grid_dependency_wait(), and their activation after it, by
+  // plain loads (all issued, then stored): a cp.async group committed now would complete only after
+  // every weight copy before it.  Else each slot's weights and activation as one group (the first
+  // chunk waits for its own copies only: 2-10% faster at M = 1 than the two passes, H200)
   const int tj0 = tj;
-  if constexpr (TOK == 1) {
+  if constexpr (XR && TOK == 1) {
     // the warp's chunks c = warp + i W of the activation row, chunk i at 256 i of its region: 16 pieces of
     // 16 bytes a chunk, piece j of the region on lane j % 32; a sub-chunk is VEC pieces, on VEC lanes
     const uint4* src = reinterpret_cast<const uint4*>(x_tok);
@@ -351,7 +375,7 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
     int c = 0, j = tj0;
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-      if (j < ntiles) {
+      if (j < ntiles && (!XR || j == 0)) {
 #pragma unroll
         for (int q = 0; q < XP; ++q) xv[s][q] = *reinterpret_cast<const uint4*>(x_src(c * W, q));
       }
@@ -360,9 +384,9 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
     c = 0, j = tj0;
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-      if (j < ntiles) {
+      if (j < ntiles && (!XR || j == 0)) {
 #pragma unroll
-        for (int q = 0; q < XP; ++q) *reinterpret_cast<uint4*>(x_dst(ring + s * L::SLOT_B, q)) = xv[s][q];
+        for (int q = 0; q < XP; ++q) *reinterpret_cast<uint4*>(x_dst(ring + s * L::SLOT_B, c, q)) = xv[s][q];
       }
       if (++c == nch) c = 0, ++j;
     }
@@ -395,7 +419,7 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
       for (int s = 0; s < SUB; ++s) {
         // the activation of this sub-chunk as B fragments, per atom: (x[2t], x[2t+1]), (x[2t+8], x[2t+9])
         // of token g of the 8-token tile
-        const uint8_t* xs = TOK == 1 ? x_row + i * 256 : slot + L::W_B + L::S_B + L::Z_B;
+        const uint8_t* xs = XR ? x_row + i * L::XR_CHUNK : slot + L::W_B + L::S_B + L::Z_B;
         uint32_t xb[MT][AS][2];
 #pragma unroll
         for (int jj = 0; jj < MT; ++jj)
@@ -410,24 +434,34 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
           }
         // the sum of the sub-chunk's activation per token: the weights enter the MMAs as BIAS + q, and
         // BIAS + z times this sum comes off afterwards.  One token's from the prologue; more tokens'
-        // by an MMA with an all-ones A
+        // by an MMA with an all-ones A, which with XR happens in the CTA's first tile only: its sums
+        // stay in shared memory for the later tiles
         float xsum[MT][4];
-        if constexpr (TOK == 1) {
+        if constexpr (XR && TOK == 1) {
           const float v = x_sums[i * SUB + s];
 #pragma unroll
           for (int e = 0; e < 4; ++e) xsum[0][e] = v;
+        } else if (XR && j > 0) {
+#pragma unroll
+          for (int jj = 0; jj < MT; ++jj) {  // tokens 2 t and 2 t + 1 of the tile
+            const float2 v = *reinterpret_cast<const float2*>(x_sums + (i * SUB + s) * TOK + 8 * jj + 2 * t);
+            xsum[jj][0] = xsum[jj][2] = v.x;
+            xsum[jj][1] = xsum[jj][3] = v.y;
+          }
         } else {
 #pragma unroll
-        for (int jj = 0; jj < MT; ++jj) {
-          float xsum2[4] = {0.f, 0.f, 0.f, 0.f};
+          for (int jj = 0; jj < MT; ++jj) {
+            float xsum2[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-          for (int e = 0; e < 4; ++e) xsum[jj][e] = 0.f;
+            for (int e = 0; e < 4; ++e) xsum[jj][e] = 0.f;
 #pragma unroll
-          for (int a = 0; a < AS; ++a)
-            mma16<T>(a % 2 ? xsum2 : xsum[jj], Num<T>::ONES, Num<T>::ONES, Num<T>::ONES, Num<T>::ONES, xb[jj][a][0], xb[jj][a][1]);
+            for (int a = 0; a < AS; ++a)
+              mma16<T>(a % 2 ? xsum2 : xsum[jj], Num<T>::ONES, Num<T>::ONES, Num<T>::ONES, Num<T>::ONES, xb[jj][a][0], xb[jj][a][1]);
 #pragma unroll
-          for (int e = 0; e < 4; ++e) xsum[jj][e] += xsum2[e];
-        }
+            for (int e = 0; e < 4; ++e) xsum[jj][e] += xsum2[e];
+            if (XR && g == 0)  // every row holds the sums: (row 0, tokens 2 t, 2 t + 1) on lane t
+              *reinterpret_cast<float2*>(x_sums + (i * SUB + s) * TOK + 8 * jj + 2 * t) = make_float2(xsum[jj][0], xsum[jj][1]);
+          }
         }
         const int zi = ((c * SUB) & 3) + s;  // this group's byte in the copied word of zero points
 #pragma unroll
@@ -504,26 +538,34 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
   cp_wait<0>();
 }
 
-// One token's kernel holds the whole activation row in shared memory; where K makes that more than
-// the device has, the 8-token kernel runs it
-template <typename T, int VEC, int TOK, int R, int W>
+// XR kernels hold the activation rows in shared memory; where K makes that more than the device
+// has, the kernel with the rows in the ring runs them (8 tokens a CTA for one token, as many for 8 or 16)
+template <typename T, int VEC, int TOK, int R, int W, bool XR>
 cudaError_t launch(const Params& p, bool pdl, cudaStream_t stream) {
-  using L = Layout<VEC, R, TOK, W>;
+  using L = Layout<VEC, R, TOK, W, XR>;
   const int bytes = L::BYTES + L::extra(p.k);
-  if constexpr (TOK == 1) {
-    if (bytes > device_smem_optin()) return launch<T, VEC, 8, R, 8>(p, pdl, stream);
+  if constexpr (XR) {
+    if (bytes > device_smem_optin()) return launch<T, VEC, TOK == 1 ? 8 : TOK, R, 8, false>(p, pdl, stream);
   }
-  if (p.seg[0].z) return launch_persistent<w4a16_kernel<T, VEC, TOK, R, W, true>, TOK, W * 32>(p, bytes, pdl, stream);
-  return launch_persistent<w4a16_kernel<T, VEC, TOK, R, W, false>, TOK, W * 32>(p, bytes, pdl, stream);
+  if (p.seg[0].z) return launch_persistent<w4a16_kernel<T, VEC, TOK, R, W, true, XR>, TOK, W * 32>(p, bytes, pdl, stream);
+  return launch_persistent<w4a16_kernel<T, VEC, TOK, R, W, false, XR>, TOK, W * 32>(p, bytes, pdl, stream);
 }
 
-// 4 warps a CTA for one token only (the caller's rule, cuda_w4a16.warps_for); 8 for any M
+// 4 warps a CTA for one token only (the caller's rule, cuda_w4a16.warps_for); 8 for any M.  More
+// tokens' rows stay in shared memory (XR) where the launch has a row tile an SM or more: its CTAs
+// then walk several tiles and read their rows once.  H200, us at M = 8 / 16, XR in every launch
+// against the ring (benchmarks/results/h200/decode/cuda_w4a16/xrow/every_launch): (4096, 14336),
+// 448 tiles of 32 rows, 15.7 / 19.7 against 17.9 / 22.3; gate/up, 896, 25.1 / 32.1 against 28.6 /
+// 45.2; N = 6144, 192, 9.1 / 11.6 against 9.2 / 12.5; N = 1024, 64 of 16 rows, 4.7 / 6.0 against
+// 4.3 / 5.8
 template <typename T, int VEC, int TOK, int R>
 cudaError_t dispatch_w(const Params& p, int warps, bool pdl, cudaStream_t stream) {
   if constexpr (TOK == 1) {
-    if (warps == 4) return launch<T, VEC, TOK, R, 4>(p, pdl, stream);
+    if (warps == 4) return launch<T, VEC, TOK, R, 4, true>(p, pdl, stream);
+  } else {
+    if (p.total_tiles < device_sms()) return launch<T, VEC, TOK, R, 8, false>(p, pdl, stream);
   }
-  return launch<T, VEC, TOK, R, 8>(p, pdl, stream);
+  return launch<T, VEC, TOK, R, 8, true>(p, pdl, stream);
 }
 
 template <typename T, int VEC, int TOK>
