@@ -78,6 +78,12 @@ SETS = {
         "xr8s6": {"QLP_SLOTS_XR8": 6},
         "xr_t8": {"QLP_MAX_TOK": 8},
     },
+    "ctas8": {  # 8 tokens in the ring with 2 slots a warp (81 KB a CTA of 32-row tiles), and room for 2 CTAs an SM
+        "rule": {},
+        "ring_s2": {"QLP_XR_TOKENS": 0, "QLP_SLOTS_R1": 2, "QLP_SLOTS_R2": 2},
+        "ring_s2_min2": {"QLP_XR_TOKENS": 0, "QLP_SLOTS_R1": 2, "QLP_SLOTS_R2": 2, "QLP_MIN_CTAS": 2},
+        "ring_s3_min2": {"QLP_XR_TOKENS": 0, "QLP_MIN_CTAS": 2},
+    },
     "l2": {
         "l2f0": {"QLP_L2_FETCH": 0},
         "l2f128": {"QLP_L2_FETCH": 128},

@@ -239,7 +239,7 @@ def _cuda_kernel(scheme: str):
 def bench_prefill(label, scheme, g, zp, k, n, m) -> dict:
     """Weight-only at M = 16 .. 4096: our CUTLASS kernel of the scheme in every tile configuration, the
     weight-stationary tensor-core GEMM, the Triton GEMM that dequantises every tile in its mainloop, one
-    dequantising pass + cuBLAS, our CUDA decode kernel (w4a16, M <= 16) and bf16 F.linear; weights
+    dequantising pass + cuBLAS, our CUDA decode kernel (w4a16, M <= 64) and bf16 F.linear; weights
     rotated as above."""
     from qlinear_pass.kernels import triton_gemm as T
 
@@ -263,7 +263,7 @@ def bench_prefill(label, scheme, g, zp, k, n, m) -> dict:
         "dequant + cuBLAS": lambda ps: T.dequant_linear(x, ps[0], ps[1], zero(ps), None, torch.bfloat16,
                                                         kind=kind, group_size=g),
     }
-    if scheme == "w4a16" and m <= 16 and _cuda_kernel(scheme):
+    if scheme == "w4a16" and m <= 64 and _cuda_kernel(scheme):
         from qlinear_pass.kernels import cuda_w4a16, int4_layout
 
         paths["cuda_w4a16"] = lambda ps: cuda_w4a16.w4a16_decode(x, int4_layout.mma16_of(ps[0]), ps[1], zero(ps), None, g)

@@ -78,6 +78,10 @@ constexpr int MAX_SEGMENTS = 3;
 #ifndef QLP_SLOTS_XR16
 #define QLP_SLOTS_XR16 3
 #endif
+// 0: 8 / 16 tokens' rows always travel in the ring (the rule in dispatch_w() otherwise)
+#ifndef QLP_XR_TOKENS
+#define QLP_XR_TOKENS 1
+#endif
 // For more than one token: CTAs an SM the register allocation must leave room for (at M = 1 the
 // compiler's choice, 2 CTAs of 8 warps, was 2-11% faster than room for 3 or 4: bench_cuda_ring.py
 // --set occupancy, H200)
@@ -563,7 +567,7 @@ cudaError_t dispatch_w(const Params& p, int warps, bool pdl, cudaStream_t stream
   if constexpr (TOK == 1) {
     if (warps == 4) return launch<T, VEC, TOK, R, 4, true>(p, pdl, stream);
   } else {
-    if (p.total_tiles < device_sms()) return launch<T, VEC, TOK, R, 8, false>(p, pdl, stream);
+    if (!QLP_XR_TOKENS || p.total_tiles < device_sms()) return launch<T, VEC, TOK, R, 8, false>(p, pdl, stream);
   }
   return launch<T, VEC, TOK, R, 8, true>(p, pdl, stream);
 }
