@@ -69,7 +69,7 @@ def check(m, ns, k, group_size, zero_points, dtype, bias, scale_dtype, row_tiles
 @example(dict(m=12, ns=[64], k=8192, group_size=64, zero_points=True, dtype=torch.bfloat16, bias=False,
               scale_dtype=None, row_tiles=2), 7)  # 16 tokens' rows past the shared memory: the ring's kernel
 @example(dict(m=7, ns=[4096, 1024], k=4096, group_size=128, zero_points=False, dtype=torch.float16, bias=True,
-              scale_dtype=None, row_tiles=None), 8)  # 8 tokens' rows in shared memory, the last one zeros
+              scale_dtype=None, row_tiles=None), 8)  # 8 tokens' rows in shared memory, the last repeating the 7th
 def test_matches_reference_on_gpu(case, seed):
     check(**case, seed=seed)
 
