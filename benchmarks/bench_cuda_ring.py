@@ -46,6 +46,9 @@ from qlinear_pass.kernels import int4_layout  # noqa: E402
 #: defaults) and the arguments of its calls (``warps``: a CTA's, 8 or 4, the latter at M = 1 only;
 #: ``row_tiles``: 1 or 2; ``pdl``: programmatic dependent launch; by default the kernel's rules)
 SETS = {
+    "rule": {  # the source as it stands (with --against: beside another version of it)
+        "rule": {},
+    },
     "ring": {
         "s3s2": {"QLP_SLOTS_R2": 2},
         "s3s3": {},

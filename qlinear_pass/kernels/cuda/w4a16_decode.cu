@@ -499,16 +499,20 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
             for (int jj = 0; jj < MT; ++jj)
               mma16<T>(a % 2 ? part2[jj] : part[jj], f[0], f[1], f[2], f[3], xb[jj][a][0], xb[jj][a][1]);
           }
+          // with one token only column 0 (elements 0 and 2 on lanes t == 0) is ever written out: the
+          // odd columns' elements are left alone
 #pragma unroll
           for (int jj = 0; jj < MT; ++jj)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) part[jj][e] += part2[jj][e];
+            for (int e = 0; e < 4; e += TOK == 1 ? 2 : 1) part[jj][e] += part2[jj][e];
 #pragma unroll
           for (int jj = 0; jj < MT; ++jj) {
             acc[r][jj][0] += s_lo * fmaf(-zb_lo, xsum[jj][0], part[jj][0]);
-            acc[r][jj][1] += s_lo * fmaf(-zb_lo, xsum[jj][1], part[jj][1]);
             acc[r][jj][2] += s_hi * fmaf(-zb_hi, xsum[jj][2], part[jj][2]);
-            acc[r][jj][3] += s_hi * fmaf(-zb_hi, xsum[jj][3], part[jj][3]);
+            if constexpr (TOK > 1) {
+              acc[r][jj][1] += s_lo * fmaf(-zb_lo, xsum[jj][1], part[jj][1]);
+              acc[r][jj][3] += s_hi * fmaf(-zb_hi, xsum[jj][3], part[jj][3]);
+            }
           }
         }
       }
