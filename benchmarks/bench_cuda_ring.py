@@ -4,7 +4,7 @@ values of its tuning defines (or called with other warps a CTA), timed side by s
 behind ``cuda_w4a16.warps_for`` and the defaults of ``QLP_SLOTS_R1`` / ``QLP_SLOTS_R2`` / ``QLP_SLOTS4_R1`` /
 ``QLP_SLOTS4_R2`` (``cp.async`` ring depths with 8 / 4 warps),
 ``QLP_SLOTS_XR8`` / ``QLP_SLOTS_XR16`` (the ring depths where 8 / 16 tokens' activation rows stay in shared memory),
-``QLP_MIN_CTAS`` (the register budget for M > 1), ``QLP_MAX_TOK`` (tokens a CTA) and ``QLP_L2_FETCH`` (the DRAM block
+``QLP_HOIST_TOK`` (the tokens from which a chunk's weight words are all loaded first), ``QLP_MIN_CTAS`` (the register budget for M > 1), ``QLP_MAX_TOK`` (tokens a CTA) and ``QLP_L2_FETCH`` (the DRAM block
 L2 fetches for a weight copy), of ``cuda_w4a16.w4a16_row_tiles`` (the ``rows`` set) and of programmatic
 dependent launch (the ``pdl`` set; ``--producer`` puts a copy kernel that writes the activation before each
 call, as a model's norm or SwiGLU kernel does).  ``--against FILE`` times
@@ -48,6 +48,11 @@ from qlinear_pass.kernels import int4_layout  # noqa: E402
 SETS = {
     "rule": {  # the source as it stands (with --against: beside another version of it)
         "rule": {},
+    },
+    "hoist": {  # every weight word of a chunk loaded before its first MMA: 16 tokens a CTA (the rule), 8 and 16, never
+        "rule": {},
+        "t8": {"QLP_HOIST_TOK": 8},
+        "none": {"QLP_HOIST_TOK": 32},
     },
     "ring": {
         "s3s2": {"QLP_SLOTS_R2": 2},
@@ -119,6 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", choices=sorted(SETS), default="ring", help="which variants to build and time")
     ap.add_argument("--against", type=Path, default=None,
                     help="another w4a16_decode.cu (of this ABI), timed beside the variants as 'against'")
+    ap.add_argument("--bf16", action="store_true", help="also time bf16 F.linear on each shape (as 'bf16')")
     ap.add_argument("--producer", action="store_true",
                     help="a copy kernel writes the activation before each call (timed with it)")
     args = ap.parse_args(argv)
@@ -172,6 +178,13 @@ def main(argv=None) -> int:
                                                    row_tiles=row_tiles, warps=warps, pdl=pdl)
                         case["rel_err"][name] = S.relative_error(call(sets[0]), ref)
                         case["us"][name] = graph_time([(lambda ws: (lambda: call(ws)))(ws) for ws in sets]) * 1e6
+                    if args.bf16:
+                        wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+                        wbs = [wb.clone() for _ in range(int(2 * L2_BYTES // wb.nbytes) + 1)]
+                        case["us"]["bf16"] = graph_time([(lambda w: (lambda: torch.nn.functional.linear(x, w)))(w)
+                                                         for w in wbs]) * 1e6
+                        case["rel_err"]["bf16"] = 0.0
+                        del wbs
                     result["cases"].append(case)
                     say(f"K={k:5d} N={n:5d} M={m:2d}: " + " | ".join(
                         f"{name} {us:5.1f}" + ("" if case["rel_err"][name] <= S.TOLERANCE[torch.bfloat16] else " WRONG")

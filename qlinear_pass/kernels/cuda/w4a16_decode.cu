@@ -78,6 +78,14 @@ constexpr int MAX_SEGMENTS = 3;
 #ifndef QLP_SLOTS_XR16
 #define QLP_SLOTS_XR16 3
 #endif
+// Kernels of at least this many tokens a CTA load every weight word of a chunk before its first
+// MMA, the others each block's words just before its MMAs (1 / 8 / 16; 32: none).  H200, us, all at
+// once against one block at a time (benchmarks/results/h200/decode/cuda_w4a16/hoist): 16 tokens
+// 18.1 / 19.7 on (4096, 14336), 29.5 / 32.3 on gate/up, 11.2 / 11.7 on q/k/v; 8 tokens 16.5 / 15.8
+// and 26.2 / 25.1 (so 8 keep the old order); one token the same
+#ifndef QLP_HOIST_TOK
+#define QLP_HOIST_TOK 16
+#endif
 // 0: 8 / 16 tokens' rows always travel in the ring (the rule in dispatch_w() otherwise)
 #ifndef QLP_XR_TOKENS
 #define QLP_XR_TOKENS 1
@@ -419,6 +427,26 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
       const float* sc = reinterpret_cast<const float*>(slot + L::W_B);
       const uint8_t* zc = slot + L::W_B + L::S_B;
       const int c = warp + i * W;
+      // the lane's word of each atom of the chunk, [R blocks][SUB sub-chunks][AS atoms]: an atom is
+      // an 8 x 8 tile of 16-byte rows whose lane i word is at byte 4 i, so ldmatrix hands each lane
+      // its words of four atoms (two where a sub-chunk has two).  All before the first MMA
+      // (QLP_HOIST_TOK), or each block's just before its MMAs
+      constexpr bool HOIST = TOK >= QLP_HOIST_TOK;
+      uint32_t wd[R][SUB][AS];
+      auto load_words = [&](const int r, const int s) {
+        const uint8_t* blk = slot + r * L::BLOCK_B + s * AS * 128 + (lane >> 3) * 128 + (lane & 7) * 16;
+#pragma unroll
+        for (int a = 0; a < AS; a += 4) {
+          if constexpr (AS >= 4) ldsm_x4(wd[r][s][a], wd[r][s][a + 1], wd[r][s][a + 2], wd[r][s][a + 3], blk + a * 128);
+          else ldsm_x2(wd[r][s][a], wd[r][s][a + 1], blk);
+        }
+      };
+      if constexpr (HOIST) {
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int s = 0; s < SUB; ++s) load_words(r, s);
+      }
 #pragma unroll
       for (int s = 0; s < SUB; ++s) {
         // the activation of this sub-chunk as B fragments, per atom: (x[2t], x[2t+1]), (x[2t+8], x[2t+9])
@@ -474,16 +502,8 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
           const float s_lo = sc[rl * SUB + s], s_hi = sc[(rl + 8) * SUB + s];
           const float zb_lo = Num<T>::BIAS + (ZP ? zc[rl * 4 + zi] : 8.f);
           const float zb_hi = Num<T>::BIAS + (ZP ? zc[(rl + 8) * 4 + zi] : 8.f);
-          // the lane's word of each of the sub-chunk's atoms in this 16-row block: an atom is an 8 x 8
-          // tile of 16-byte rows whose lane i word is at byte 4 i, so ldmatrix hands each lane its
-          // words of four atoms (two where a sub-chunk has two)
-          uint32_t words[AS];
-          const uint8_t* blk = slot + r * L::BLOCK_B + s * AS * 128 + (lane >> 3) * 128 + (lane & 7) * 16;
-#pragma unroll
-          for (int a = 0; a < AS; a += 4) {
-            if constexpr (AS >= 4) ldsm_x4(words[a], words[a + 1], words[a + 2], words[a + 3], blk + a * 128);
-            else ldsm_x2(words[a], words[a + 1], blk);
-          }
+          if constexpr (!HOIST) load_words(r, s);
+          const uint32_t (&words)[AS] = wd[r][s];
           float part[MT][4], part2[MT][4];  // two accumulators: two independent chains of MMAs
 #pragma unroll
           for (int jj = 0; jj < MT; ++jj)
