@@ -4,11 +4,11 @@ random weights of one (K, N) layer in the kernel's layout, a random activation o
 calls, then a synchronize.  The profiles under ``benchmarks/results/h200/decode/cuda_w4a16/`` skip
 the first calls (the build, the layout copy, a cold launch) and take the fourth:
 
-    ncu --clock-control none -k regex:w4a16_kernel --launch-skip 3 --launch-count 1 \\
-        --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,\\
-    smsp__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,\\
-    smsp__warps_active.avg.per_cycle_active,launch__grid_size,\\
-    regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio \\
+    M=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum
+    M=$M,smsp__inst_executed.sum,sm__cycles_active.avg,smsp__issue_active.avg.pct_of_peak_sustained_active
+    M=$M,smsp__warps_active.avg.per_cycle_active,launch__grid_size,launch__occupancy_limit_shared_mem
+    M=$M,sm__cycles_elapsed.avg.per_second,regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio
+    ncu --clock-control none -k regex:w4a16_kernel --launch-skip 3 --launch-count 1 --metrics $M \\
         python benchmarks/ncu_cuda_w4a16.py 1 4096 28672
 
 (``m1_latency/ncu/``; ``xrow/ncu/`` used the profiler's locked clocks and ``--section`` SpeedOfLight,
