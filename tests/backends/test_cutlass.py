@@ -165,14 +165,14 @@ def test_auto_on_hopper_ranks_cutlass_by_m(toolchain_ok):
     assert _auto_winners("fp8_tensor") == cutlass_from_128
     assert _auto_winners("int8_rowwise") == {**cutlass_from_128, 128: "cutlass_int8", 1024: "cutlass_int8", None: "cutlass_int8"}
     block = _auto_winners("fp8_block")
-    assert block[1] == "triton_w8a8" and block[16] == "cuda_w8a8"  # h100/decode/cuda_w8a8_fp8_block
+    assert block[1] == block[16] == "cuda_w8a8"  # h100/decode/cuda_w8a8_fp8_block, h200/e2e/fp8_block_cuda_m1
     from qlinear_pass.backends import flashinfer as FI
 
     if FI._flashinfer() is not None:
         assert {block[b] for b in R.M_BUCKETS[2:]} == {"flashinfer_deepgemm_fp8_block"}
     toolchain_ok.setattr(FI, "_flashinfer", lambda: None)
     without = _auto_winners("fp8_block")
-    assert [without[b] for b in R.M_BUCKETS] == ["triton_w8a8", "cuda_w8a8"] + ["cutlass_fp8_block"] * 3
+    assert [without[b] for b in R.M_BUCKETS] == ["cuda_w8a8"] * 2 + ["cutlass_fp8_block"] * 3
 
 
 def test_auto_plan_runs_the_cuda_decode_kernel_to_m16_and_cutlass_above(toolchain_ok):
