@@ -3,7 +3,7 @@
 values of its tuning defines (or called with other warps a CTA), timed side by side: the measurement
 behind ``cuda_w4a16.warps_for`` and the defaults of ``QLP_SLOTS_R1`` / ``QLP_SLOTS_R2`` / ``QLP_SLOTS4_R1`` /
 ``QLP_SLOTS4_R2`` (``cp.async`` ring depths with 8 / 4 warps),
-``QLP_SLOTS_XR8`` / ``QLP_SLOTS_XR16`` (the ring depths where 8 / 16 tokens' activation rows stay in shared memory),
+``QLP_SLOTS_XR8`` / ``QLP_SLOTS_XR8_G64`` / ``QLP_SLOTS_XR16`` (the ring depths where 8 / 16 tokens' activation rows stay in shared memory),
 ``QLP_HOIST_TOK`` (the tokens from which a chunk's weight words are all loaded first), ``QLP_MIN_CTAS`` (the register budget for M > 1), ``QLP_MAX_TOK`` (tokens a CTA) and ``QLP_L2_FETCH`` (the DRAM block
 L2 fetches for a weight copy), of ``cuda_w4a16.w4a16_row_tiles`` (the ``rows`` set) and of programmatic
 dependent launch (the ``pdl`` set; ``--producer`` puts a copy kernel that writes the activation before each
@@ -85,6 +85,10 @@ SETS = {
         "xr8s4": {"QLP_SLOTS_XR8": 4},
         "xr8s6": {"QLP_SLOTS_XR8": 6},
         "xr_t8": {"QLP_MAX_TOK": 8},
+    },
+    "xr8": {  # 8 tokens' resident rows with 2 slots a warp (the rule: two CTAs an SM at K = 4096, g128) or 3 (one)
+        "rule": {},
+        "xr8s3": {"QLP_SLOTS_XR8": 3},
     },
     "ctas8": {  # 8 tokens in the ring with 2 slots a warp (81 KB a CTA of 32-row tiles), and room for 2 CTAs an SM
         "rule": {},

@@ -70,6 +70,10 @@ def check(m, ns, k, group_size, zero_points, dtype, bias, scale_dtype, row_tiles
               scale_dtype=None, row_tiles=2), 7)  # 16 tokens' rows past the shared memory: the ring's kernel
 @example(dict(m=7, ns=[4096, 1024], k=4096, group_size=128, zero_points=False, dtype=torch.float16, bias=True,
               scale_dtype=None, row_tiles=None), 8)  # 8 tokens' rows in shared memory, the last repeating the 7th
+@example(dict(m=16, ns=[4608], k=1024, group_size=64, zero_points=True, dtype=torch.float16, bias=True,
+              scale_dtype=None, row_tiles=2), 9)  # 16 tokens' rows in shared memory (their pieces permuted)
+@example(dict(m=8, ns=[4608, 32], k=2048, group_size=32, zero_points=False, dtype=torch.bfloat16, bias=False,
+              scale_dtype=None, row_tiles=2), 10)  # 8 tokens' rows, groups of 32: the 3-slot ring
 def test_matches_reference_on_gpu(case, seed):
     check(**case, seed=seed)
 

@@ -71,9 +71,15 @@ constexpr int MAX_SEGMENTS = 3;
 #endif
 // cp.async ring slots a warp where 8 / 16 tokens' activation rows stay in shared memory (XR below):
 // the slots then carry weights only (past the first tile), and one CTA an SM has room for more of
-// them; 4 and 6 were no faster than 3 (bench_cuda_ring.py --set xrow, H200)
+// them; 4 and 6 were no faster than 3 (bench_cuda_ring.py --set xrow, H200).  8 tokens with groups
+// of 128 or more: 2, so that two CTAs (110 KB each at K = 4096) share an SM, us with 2 / 3 slots
+// (--set xr8, H200, M = 8): (4096, 14336) 13.7 / 14.8, gate/up 23.4 / 23.9, q/k/v 8.6 / 8.8; groups
+// of 32 / 64 keep 3 (their scales and sums leave room for one CTA either way)
 #ifndef QLP_SLOTS_XR8
-#define QLP_SLOTS_XR8 3
+#define QLP_SLOTS_XR8 2
+#endif
+#ifndef QLP_SLOTS_XR8_G64
+#define QLP_SLOTS_XR8_G64 3
 #endif
 #ifndef QLP_SLOTS_XR16
 #define QLP_SLOTS_XR16 3
@@ -172,7 +178,7 @@ __device__ __forceinline__ void ldsm_x2(uint32_t& d0, uint32_t& d1, const void* 
 //                      activation bytes
 //   the reduction      [W][16 R][8 MT] fp32
 //   XR only            the CTA's tokens' activation rows, each warp's chunks in a region of its own,
-//                      [W][ceil(K / 128 / W)][TOK][X_ROW] (one token: [..][256], no padding), then
+//                      [W][ceil(K / 128 / W)][TOK][256] (no padding; the pieces placed by xr_at()), then
 //                      their sums over each sub-chunk [W][ceil(K / 128 / W)][SUB][TOK] fp32 (extra(K)
 //                      bytes past BYTES)
 // XR: the activation rows stay in shared memory for the whole launch (always for one token; for 8
@@ -185,7 +191,7 @@ struct Layout {
   // occupancy, H200: with 8 warps 3 slots for 32-row tiles up to 7% faster than 2 at M = 8 and 16, at
   // most 2% slower, within 2% at M = 1; with 4 warps 4 / 3 slots 2-4% faster than 6 / 4 on the layers
   // that take 4 warps; --set xrow for the resident rows of 8 / 16 tokens)
-  static constexpr int STAGES = XR && TOK > 1 ? (TOK == 8 ? QLP_SLOTS_XR8 : QLP_SLOTS_XR16)
+  static constexpr int STAGES = XR && TOK > 1 ? (TOK == 8 ? (VEC == 16 ? QLP_SLOTS_XR8 : QLP_SLOTS_XR8_G64) : QLP_SLOTS_XR16)
                                 : W == 4 ? (R == 1 ? QLP_SLOTS4_R1 : QLP_SLOTS4_R2) : (R == 1 ? QLP_SLOTS_R1 : QLP_SLOTS_R2);
   static constexpr int BLOCK_B = 8 * 128;     // a 16-row block's 8 atoms of a chunk (lanes read
                                               // consecutive words: no bank conflicts, no padding)
@@ -205,12 +211,17 @@ struct Layout {
   static constexpr int RED_B = W * 16 * R * RED_ROW * 4;
   static constexpr int BYTES = RING_B + RED_B;
   // XR: a token's row of a chunk in shared memory, and a chunk's rows
-  static constexpr int XR_ROW = TOK == 1 ? 256 : X_ROW;
+  static constexpr int XR_ROW = 256;  // no padding: xr_at() swizzles the pieces instead
   static constexpr int XR_CHUNK = TOK * XR_ROW;
   // the dynamic shared memory past BYTES for an activation of K values (XR): the rows of each warp's
   // chunks (up to ceil(K / 128 / W) a warp), then their sums
   static constexpr int extra(int k) { return XR ? W * ((k / 128 + W - 1) / W) * (XR_CHUNK + 4 * SUB * TOK) : 0; }
 };
+
+// XR: where piece u (16 bytes, 0-15) of token row r of a chunk lies in the region: rows of 256 bytes,
+// the piece at u ^ (r % 8), so the 8 rows of an ldmatrix tile (one piece each) fall on 8 different
+// bank quads without the ring's 16 bytes of padding a row (one token: row 0, the plain order)
+__device__ __forceinline__ int xr_at(int r, int u) { return r * 256 + ((u ^ (r & 7)) << 4); }
 
 // The sum of eight 16-bit values (T) packed in 16 bytes, in fp32
 template <typename T>
@@ -286,7 +297,8 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
   };
   auto x_dst = [&](uint8_t* slot, const int c, const int q) {
     const int piece = lane + 32 * q;
-    return (XR ? x_row + c * L::XR_CHUNK : slot + L::W_B + L::S_B + L::Z_B) + (piece >> 4) * L::X_ROW + (piece & 15) * 16;
+    return XR ? x_row + c * L::XR_CHUNK + xr_at(piece >> 4, piece & 15)
+              : slot + L::W_B + L::S_B + L::Z_B + (piece >> 4) * L::X_ROW + (piece & 15) * 16;
   };
   // the next chunk's weights, scales and zero points, and (act) its activation, as one group of copies
   // (with XR, into the region during the CTA's first tile only)
@@ -461,8 +473,9 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
             // With one token every row is that token: the MMAs' other 7 columns repeat column 0 and
             // are never written out
             const int tile8 = lane >> 3, row = TOK == 1 ? 0 : 8 * jj + (lane & 7);
+            const int u = 2 * (s * AS + a + (tile8 >> 1)) + (tile8 & 1);  // the row's 16-byte piece
             ldsm_x4(xb[jj][a][0], xb[jj][a][1], xb[jj][a + 1][0], xb[jj][a + 1][1],
-                    xs + row * L::X_ROW + ((s * AS + a + (tile8 >> 1)) * 16 + 8 * (tile8 & 1)) * 2);
+                    xs + (XR ? xr_at(row, u) : row * L::X_ROW + u * 16));
           }
         // the sum of the sub-chunk's activation per token: the weights enter the MMAs as BIAS + q, and
         // BIAS + z times this sum comes off afterwards.  One token's from the prologue; more tokens'
