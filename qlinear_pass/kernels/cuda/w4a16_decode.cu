@@ -218,9 +218,10 @@ struct Layout {
   static constexpr int extra(int k) { return XR ? W * ((k / 128 + W - 1) / W) * (XR_CHUNK + 4 * SUB * TOK) : 0; }
 };
 
-// XR: where piece u (16 bytes, 0-15) of token row r of a chunk lies in the region: rows of 256 bytes,
-// the piece at u ^ (r % 8), so the 8 rows of an ldmatrix tile (one piece each) fall on 8 different
-// bank quads without the ring's 16 bytes of padding a row (one token: row 0, the plain order)
+// XR with more than one token: where piece u (16 bytes, 0-15) of token row r of a chunk lies in the
+// region: rows of 256 bytes, the piece at u ^ (r % 8), so the 8 rows of an ldmatrix tile (one piece
+// each) fall on 8 different bank quads without the ring's 16 bytes of padding a row.  (One token's
+// region holds one row a chunk, in plain order.)
 __device__ __forceinline__ int xr_at(int r, int u) { return r * 256 + ((u ^ (r & 7)) << 4); }
 
 // The sum of eight 16-bit values (T) packed in 16 bytes, in fp32
@@ -473,9 +474,9 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
             // With one token every row is that token: the MMAs' other 7 columns repeat column 0 and
             // are never written out
             const int tile8 = lane >> 3, row = TOK == 1 ? 0 : 8 * jj + (lane & 7);
-            const int u = 2 * (s * AS + a + (tile8 >> 1)) + (tile8 & 1);  // the row's 16-byte piece
-            ldsm_x4(xb[jj][a][0], xb[jj][a][1], xb[jj][a + 1][0], xb[jj][a + 1][1],
-                    xs + (XR ? xr_at(row, u) : row * L::X_ROW + u * 16));
+            const uint8_t* at = XR && TOK > 1 ? xs + xr_at(row, 2 * (s * AS + a + (tile8 >> 1)) + (tile8 & 1))
+                                              : xs + row * L::X_ROW + ((s * AS + a + (tile8 >> 1)) * 16 + 8 * (tile8 & 1)) * 2;
+            ldsm_x4(xb[jj][a][0], xb[jj][a][1], xb[jj][a + 1][0], xb[jj][a + 1][1], at);
           }
         // the sum of the sub-chunk's activation per token: the weights enter the MMAs as BIAS + q, and
         // BIAS + z times this sum comes off afterwards.  One token's from the prologue; more tokens'
