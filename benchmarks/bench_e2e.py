@@ -550,7 +550,16 @@ def _cudagraph_skips() -> int:
 
 def disable_compile_caches() -> None:
     """Cold compiles: no FX-graph, AOTAutograd or autotune cache hits (the parent also sets
-    TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 for the variant's process)."""
+    TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 for the variant's process).
+
+    Also imports Inductor's compiler (``torch._inductor.compile_fx``, with its lowerings and
+    kernel templates) before any timed call, for every variant: ``torch.compile(backend="inductor")``
+    imports it when it is called (bf16's model build), a backend object such as qlinear_pass's in
+    its first compile, so without this the quantized variants' compile seconds alone carried
+    Inductor's import (0.6 s on a 2-core CPU machine; under cProfile on an H200 host, 5.3 s of
+    w4a16's first batch-1 call went to the op registrations it runs, none of bf16's:
+    benchmarks/results/h200/e2e/all_variants_xr/compile_profile_*.txt)."""
+    import torch._inductor.compile_fx  # noqa: F401
     from torch._inductor import config as inductor_config
 
     for key in ("fx_graph_cache", "fx_graph_remote_cache", "autotune_local_cache", "autotune_remote_cache"):
@@ -756,7 +765,8 @@ class VariantRun:
             fallbacks=fallbacks,
             unmatched_matmuls=unmatched,
             cudagraph_skips=_cudagraph_skips(),
-            caches="Inductor FX-graph, AOTAutograd and autotune caches off; Triton's own kernel cache as found",
+            caches="Inductor FX-graph, AOTAutograd and autotune caches off; Triton's own kernel cache as found; "
+                   "Inductor's compiler imported before the first call",
         )
         first = f"decode_b{self.settings.batches[0]}"
         if self.settings.compile_mode == "layer" and first in self.graphs:

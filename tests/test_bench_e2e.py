@@ -416,3 +416,14 @@ def test_inductor_pdl_is_a_setting_of_every_variant_and_named_in_the_summary(mon
     assert "; Inductor PDL on;" in E2E.summary(_doc(on.as_json(), []))
     monkeypatch.setenv("TORCHINDUCTOR_ENABLE_PDL", "1")
     assert _settings().inductor_pdl  # the environment's setting, recorded
+
+
+def test_inductor_is_imported_before_any_timed_compile():
+    """Every variant's compile seconds start with Inductor's compiler imported: bf16's torch.compile
+    imports it when called, a qlinear_pass backend only in its first compile (a fresh process: the
+    test process may have imported it already)."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import bench_e2e as E; "
+            "before = 'torch._inductor.compile_fx' in sys.modules; E.disable_compile_caches(); "
+            "print(before, 'torch._inductor.compile_fx' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(SCRIPT.parent)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
