@@ -36,7 +36,7 @@ for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from bench_decode import L2_BYTES, graph_time, tee  # noqa: E402
+from bench_decode import L2_BYTES, bf16_linear_time, graph_time, tee  # noqa: E402
 from qlinear_pass import schemes as S  # noqa: E402
 from qlinear_pass.kernels import cuda_build as CB  # noqa: E402
 from qlinear_pass.kernels import cuda_w4a16 as CW  # noqa: E402
@@ -183,11 +183,7 @@ def main(argv=None) -> int:
                         case["rel_err"][name] = S.relative_error(call(sets[0]), ref)
                         case["us"][name] = graph_time([(lambda ws: (lambda: call(ws)))(ws) for ws in sets]) * 1e6
                     if args.bf16:
-                        wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-                        wbs = [wb.clone() for _ in range(int(2 * L2_BYTES // wb.nbytes) + 1)]
-                        case["us"]["bf16"] = graph_time([(lambda w: (lambda: torch.nn.functional.linear(x, w)))(w)
-                                                         for w in wbs]) * 1e6
-                        del wbs  # its own random weights: timed, not checked
+                        case["us"]["bf16"] = bf16_linear_time(x, n, k) * 1e6
                     result["cases"].append(case)
                     say(f"K={k:5d} N={n:5d} M={m:2d}: " + " | ".join(
                         f"{name} {us:5.1f}" + ("" if case["rel_err"].get(name, 0.0) <= S.TOLERANCE[torch.bfloat16] else " WRONG")

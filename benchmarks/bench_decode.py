@@ -95,6 +95,13 @@ def graph_time(calls, reps_target: int = 200, replays: int = 7) -> float:
     return statistics.median(times)
 
 
+def bf16_linear_time(x: torch.Tensor, n: int, k: int) -> float:
+    """Seconds per bf16 ``F.linear`` of ``x`` with an [n, k] weight, copies of it rotated past L2
+    (random weights: timed, not checked)."""
+    wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(1, int(2 * L2_BYTES // (n * k * 2)) + 1))]
+    return graph_time([(lambda ww: (lambda: F.linear(x, ww)))(ww) for ww in wb])
+
+
 def copy_bandwidth() -> float:
     src = torch.randn(1 << 28, device="cuda")  # 1 GiB
     dst = torch.empty_like(src)
@@ -173,9 +180,7 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
 
     # peers: bf16 F.linear, the kernel a compiled model ran before, _scaled_mm with a quantized activation
     peers = {}
-    wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(1, int(2 * L2_BYTES // (n * k * 2)) + 1))]
-    peers["bf16 F.linear"] = graph_time([(lambda ww: (lambda: F.linear(x, ww)))(ww) for ww in wb])
-    del wb
+    peers["bf16 F.linear"] = bf16_linear_time(x, n, k)
     try:
         if m > 1:
             peers["triton GEMM"] = graph_time([(lambda ps: (lambda: triton_gemm(scheme, x, ps, g)))(ps) for ps in sets])
