@@ -241,7 +241,7 @@ def _cuda_kernel(scheme: str):
     return None
 
 
-def bench_prefill(label, scheme, g, zp, k, n, m) -> dict:
+def bench_prefill(label, scheme, g, zp, k, n, m, only=None) -> dict:
     """Weight-only at M = 16 .. 4096: our CUTLASS kernel of the scheme in every tile configuration, the
     weight-stationary tensor-core GEMM, the Triton GEMM that dequantises every tile in its mainloop, one
     dequantising pass + cuBLAS, our CUDA decode kernel (w4a16, M <= 64) and bf16 F.linear; weights
@@ -277,6 +277,8 @@ def bench_prefill(label, scheme, g, zp, k, n, m) -> dict:
         kernel, spec = cutlass
         for name in kernel.module().configs():
             paths[f"{kernel.name} {name}"] = (lambda name: lambda ps: kernel.run(spec, x, ps, None, config=name))(name)
+    if only:  # --paths: the paths whose names contain one of these (bf16 F.linear always runs)
+        paths = {nm: fn for nm, fn in paths.items() if any(o in nm for o in only)}
     reps = 20 if m >= 1024 else 100
     for name, fn in paths.items():
         try:
@@ -291,7 +293,7 @@ def bench_prefill(label, scheme, g, zp, k, n, m) -> dict:
         out["cutlass_config"] = name.split(" ", 1)[1]
         from qlinear_pass.backends.cutlass import tile_config
 
-        out["cutlass_tile_config"] = tile_config(cutlass[0].family, m, n, k)  # what the kernel runs by default
+        out["cutlass_tile_config"] = tile_config(cutlass[0].family, m, n, k, g)  # what the kernel runs by default
     best = getattr(T._wo_t_kernel, "best_config", None)
     out["weight_stationary_config"] = str(best) if best is not None else None
     out["split_k"] = T.wt_split_k(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count)
@@ -376,6 +378,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="", help="KxN,... (default: Llama-3-8B decode shapes)")
     ap.add_argument("--prefill", action="store_true",
                     help="weight-only formats at M = 16 .. 4096 (PREFILL_MS): every weight-only GEMM path vs bf16")
+    ap.add_argument("--paths", default="",
+                    help="with --prefill: comma-separated parts of path names to time (default: every path)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_decode.py needs a CUDA GPU", file=sys.stderr)
@@ -398,7 +402,7 @@ def main(argv=None) -> int:
             if S.get_scheme(scheme).weight_only and (not want or label in want):
                 for k, n in (shapes if args.shapes else [(4096, 14336), (14336, 4096), (4096, 6144)]):
                     for m in (ms if args.ms != ",".join(map(str, MS)) else PREFILL_MS):
-                        c = bench_prefill(label, scheme, g, zp, k, n, m)
+                        c = bench_prefill(label, scheme, g, zp, k, n, m, [p_ for p_ in args.paths.split(",") if p_])
                         res["cases"].append(c)
                         lines.append(prefill_row(c))
                         print(lines[-1], c.get("errors", ""), flush=True)

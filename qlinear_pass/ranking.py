@@ -169,7 +169,10 @@ SM90: tuple = (
         "12.5, 6.2 / 7.6, 45.3 / 44.0 (even at 16, 1.1-1.4x at 8)."),
     Row("sm90", "int8_weight_only", (128,), ("cutlass_int8_weight_only", "triton_weight_only", "torch_int8pack", "cuda_w8a16"),
         f"{_WO8_128}: int8, M=128 K=4096 N=14336 29.9 / 46.0 / 32.8, K=14336 N=4096 37.9 / 79.7 / 37.0, K=4096 "
-        "N=6144 24.7 / 35.9 / 16.6. cuda_w8a16 reads the weight once per 16 tokens: last."),
+        "N=6144 24.7 / 35.9 / 16.6. cuda_w8a16 reads the weight once per 16 tokens: last. "
+        f"M=17-64 (h200/prefill/cutlass_wo8_k128, {_H200}, us, cutlass with its 32-token / K-128 tiles vs bf16): "
+        "K=4096 N=14336 M=32 23.1 / 30.7, M=64 24.6 / 32.8; K=14336 N=4096 30.1 / 33.3, 33.8 / 36.0; N=6144 "
+        "19.3 / 16.0, 21.0 / 16.4."),
     Row("sm90", "int8_weight_only", (1024, None), ("cutlass_int8_weight_only", "triton_weight_only", "torch_int8pack"),
         f"{_WO8}: int8, K=4096 N=14336 337.4 / 345.1 / 315.6, K=14336 N=4096 306.8 / 342.7 / 331.3. End to end "
         "(h200/e2e/int8_weight_only_prefill, same call): 2048-token prefill 48.71 ms with cutlass, 53.23 with "
@@ -188,7 +191,10 @@ SM90: tuple = (
         "12.4, 6.1 / 7.7, 43.0 / 44.1."),
     Row("sm90", "fp8_weight_only", (128,), ("cutlass_fp8_weight_only", "triton_weight_only", "cuda_w8a16"),
         f"{_WO8_128}: fp8, M=128 K=4096 N=14336 27.8 / 46.3 / 32.6, K=14336 N=4096 36.7 / 80.8 / 37.0, N=6144 "
-        "23.6 / 34.6 / 16.3."),
+        "23.6 / 34.6 / 16.3. "
+        f"M=17-64 (h200/prefill/cutlass_wo8_k128, {_H200}, us, cutlass with its 32-token / K-128 tiles vs bf16): "
+        "K=4096 N=14336 M=32 21.4 / 31.0, M=64 22.9 / 33.2; K=14336 N=4096 29.2 / 33.1, 30.6 / 36.1; N=6144 "
+        "18.4 / 16.0, 19.5 / 16.3."),
     Row("sm90", "fp8_weight_only", (1024, None), ("cutlass_fp8_weight_only", "triton_weight_only"),
         f"{_WO8}: fp8, K=4096 N=14336 314.6 / 346.2 / 332.3, K=14336 N=4096 328.9 / 342.8 / 329.0. "
         f"{_WO8_128} (dequantise + cuBLAS in Triton's column): M=1024 181.4 / 193.8 / 151.3, 160.1 / 192.6 / 156.7, "
@@ -212,7 +218,11 @@ SM90: tuple = (
         "dequantise + cuBLAS won at M=4096 by 4-9%. End to end the Triton path's Python launches left the GPU "
         "idle (h200/e2e/w4a16_prefill: 97.8 ms wall for 48.1 ms of device time, against 55.0 / 49.2 ms with "
         "cutlass_w4a16, bf16 50.8 / 47.6); with the MMA-fragment layout (h200/e2e/mma16_all) 48.7 ms against "
-        "bf16's 49.8. tinygemm (torch_int4pack) kept as the fallback for shapes our kernels refuse."),
+        "bf16's 49.8. tinygemm (torch_int4pack) kept as the fallback for shapes our kernels refuse. "
+        f"M=17-64 (h200/prefill/cutlass_w4a16_k128, {_H200}, g128, us, cutlass_w4a16 with its 32-token / K-128 "
+        "tiles vs cuda_w4a16 vs bf16): K=4096 N=14336 M=32 20.2 / 27.8 / 30.6, M=64 22.3 / 52.8 / 32.9; K=14336 "
+        "N=4096 M=32 27.6 / 37.1 / 32.8, M=64 30.7 / 64.9 / 36.4; N=6144 M=32 17.6 / 14.9 / 16.1, M=64 18.8 / "
+        "24.6 / 16.1: cutlass first (cuda_w4a16 ahead only at M=32 on N=6144)."),
 )
 
 #: other CUDA GPUs (Ampere, Ada, Blackwell): nothing measured yet; our kernels first (sm80+)

@@ -53,7 +53,7 @@ FLOAT_ACTS = (torch.bfloat16, torch.float16, torch.float32)
 _CONFIG_INDICES: dict = {}
 
 
-def tile_config(family: str, m: int, n: int, k: int) -> str:
+def tile_config(family: str, m: int, n: int, k: int, group: int = 0) -> str:
     """The tile configuration (its name in qlp_gemm.cuh) a family runs for an M x N x K problem.
 
     From benchmarks/results/h100/cutlass/tiles/ (H100, every configuration timed on Llama-3-8B's
@@ -61,7 +61,8 @@ def tile_config(family: str, m: int, n: int, k: int) -> str:
     128x128 tiles in 2-CTA clusters.  Each family's rule picks the fastest configuration in at
     least 17 of those 20 cells and is within 5% of it in the rest.  For fp8_block the cluster
     along M (sharing the weight tile) beat the one along N by up to 10% from M = 1024 up; a
-    stream-K schedule, also timed, was never faster.
+    stream-K schedule, also timed, was never faster.  ``group``: w4a16's group size (its K 128 tiles
+    need groups of a multiple of 128; 0 or any other size takes the K 64 tiles).
     """
     if family == "fp8":
         if m <= 64:
@@ -83,8 +84,16 @@ def tile_config(family: str, m: int, n: int, k: int) -> str:
         # the waves are full the plain schedule was within 2% or up to 22% faster; at M = 128 on (4096,
         # 6144), whose 48 tiles of 128 x 128 fill a third of the GPU, 64-row pingpong tiles were 15-18%
         # faster than stream-K, which kept the lead where K is long ((14336, 4096): 32 tiles)
+        # M <= 64, every configuration at M = 16 / 32 / 64 on the three shapes above
+        # (h200/prefill/cutlass_w4a16_k128 for w4a16 g128, h200/prefill/cutlass_wo8_k128 for the 8-bit
+        # families): 32-token tiles up to M = 32, 64 above, each with K 128 (half the mainloop
+        # iterations of K 64 for the same bytes), fastest or within 4% in every cell; 5-14% faster
+        # than the 128x64x64 tiles before them where the row tiles fill the GPU (w4a16 M = 32 on
+        # (4096, 14336): 20.2 us against 23.6, bf16 30.6).  w4a16's K 128 needs groups of a multiple
+        # of 128; other groups keep K 64
         if m <= 64:
-            return "128x64x64 cooperative stream-K"
+            k128 = family != "w4a16" or (group > 0 and group % 128 == 0)
+            return f"128x{32 if m <= 32 else 64}x{128 if k128 else 64} cooperative stream-K"
         tiles128 = -(-n // 128) * -(-m // 128)
         if m <= 128 and k <= 8192 and 40 <= tiles128 < 66:  # (fewer tiles: not measured)
             return "64x128x64 pingpong"
@@ -129,12 +138,12 @@ class _CutlassKernel(Kernel):
     def module(self):
         return B.load(self.family)
 
-    def config_index(self, m: int, n: int, k: int, name: Optional[str] = None) -> int:
+    def config_index(self, m: int, n: int, k: int, name: Optional[str] = None, group: int = 0) -> int:
         """The index in the built module of configuration ``name`` (default: ``tile_config``'s choice)."""
         indices = _CONFIG_INDICES.get(self.family)
         if indices is None:
             indices = _CONFIG_INDICES[self.family] = {c: i for i, c in enumerate(self.module().configs())}
-        name = name or tile_config(self.family, m, n, k)
+        name = name or tile_config(self.family, m, n, k, group)
         if name not in indices:
             raise RuntimeError(f"the CUTLASS {self.family} build has no tile configuration {name!r} "
                                f"(it has {', '.join(indices)})")
@@ -300,7 +309,7 @@ class CutlassW4A16(_CutlassWeightOnly):
         x, out, bias = self._io(spec, x, bias)
         s_t, z_t = self.group_params(scale, zero, x.dtype)
         return self.module().gemm(x, mma16_of(w), s_t, z_t, spec.group_size, bias, out,
-                                  self.config_index(x.shape[0], spec.n, spec.k, config))
+                                  self.config_index(x.shape[0], spec.n, spec.k, config, spec.group_size))
 
 
 class _CutlassWeightOnly8(_CutlassWeightOnly):

@@ -236,11 +236,48 @@ def test_tile_config_names_configurations_the_sources_build():
     (128, 6144, 4096, "64x128x64 pingpong"),                 # 48 tiles of 128 x 128
     (128, 4096, 14336, "128x128x64 cooperative stream-K"),   # 32 tiles, but a long K to split
     (128, 14336, 4096, "128x128x64 cooperative stream-K"),   # 112 tiles
-    (64, 6144, 4096, "128x64x64 cooperative stream-K"),
     (128, 1024, 4096, "128x128x64 cooperative stream-K"),    # 8 tiles: pingpong's rule not measured there
 ])
 def test_weight_only_prefill_tiles_follow_the_waves(family, m, n, k, want):
     assert CU.tile_config(family, m, n, k) == want
+
+
+@pytest.mark.parametrize("m, group, want", [
+    (17, 128, "128x32x128 cooperative stream-K"),
+    (32, 256, "128x32x128 cooperative stream-K"),
+    (33, 128, "128x64x128 cooperative stream-K"),
+    (64, 128, "128x64x128 cooperative stream-K"),
+    (32, 64, "128x32x64 cooperative stream-K"),   # K 128 tiles need groups of a multiple of 128
+    (64, 64, "128x64x64 cooperative stream-K"),
+    (128, 128, "128x128x64 cooperative stream-K"),
+])
+def test_w4a16_small_m_tiles_follow_tokens_and_group(m, group, want):
+    assert CU.tile_config("w4a16", m, 14336, 4096, group) == want
+    assert want in cuh_configs()["w4a16"]
+
+
+@pytest.mark.parametrize("family", ["int8_wo", "fp8_wo"])
+def test_8bit_weight_only_small_m_tiles_take_k128(family):
+    assert CU.tile_config(family, 16, 6144, 4096) == "128x32x128 cooperative stream-K"
+    assert CU.tile_config(family, 32, 4096, 14336) == "128x32x128 cooperative stream-K"
+    assert CU.tile_config(family, 64, 6144, 4096) == "128x64x128 cooperative stream-K"
+    assert CU.tile_config(family, 65, 6144, 4096) == "64x128x64 pingpong"
+
+
+@pytest.mark.parametrize("group, want", [(128, "128x32x128 cooperative stream-K"), (64, "128x32x64 cooperative stream-K")])
+def test_w4a16_kernel_runs_the_tiles_of_its_group(monkeypatch, group, want):
+    kernel = R.get_kernel("cutlass_w4a16")
+    ran = []
+
+    class Recording(_FakeModule):
+        def gemm(self, *args):
+            ran.append(self.configs()[args[-1]])
+            return super().gemm(*args)
+
+    monkeypatch.setattr(type(kernel), "module", lambda self: Recording(self.family))
+    monkeypatch.setattr(CU, "_CONFIG_INDICES", {})
+    run_direct("w4a16", 32, 256, 512, act_input="none", group_size=group, kernel="cutlass_w4a16")
+    assert ran == [want]
 
 
 def test_a_configuration_the_build_lacks_is_named(monkeypatch):
@@ -285,6 +322,8 @@ class _FakeModule:
         m, k = x.shape
         n = 16 * w.shape[0]
         assert 0 <= config < len(self.configs())
+        tile_k = int(self.configs()[config].split()[0].split("x")[2])
+        assert group_size % tile_k == 0, "CUTLASS's mixed-input mainloop needs groups of a multiple of its K tile"
         assert x.is_contiguous() and w.is_contiguous() and int4_layout.shape_of(w) == (n, k)  # MMA-fragment layout
         w = int4_layout.from_mma16(w)
         # MN-major group scales and folded zero points in x's dtype: q * scale + zero

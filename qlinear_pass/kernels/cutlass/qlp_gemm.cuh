@@ -351,6 +351,9 @@ struct Fp8BlockConfigs {
 // all SMs.
 template <class ElementD>
 struct W4A16Configs {
+  template <class TileShape>
+  using StreamK = W4A16Gemm<ElementD, TileShape, Shape<_1, _1, _1>, KernelTmaWarpSpecializedCooperative,
+                            TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler>;
   struct C0 : W4A16Gemm<ElementD, Shape<_128, _128, _64>, Shape<_1, _1, _1>, KernelTmaWarpSpecializedCooperative,
                         TmaWarpSpecializedCooperative> {
     static constexpr const char* name = "128x128x64 cooperative";
@@ -363,25 +366,22 @@ struct W4A16Configs {
                         TmaWarpSpecializedCooperative> {
     static constexpr const char* name = "128x256x64 cooperative";
   };
-  struct C3 : W4A16Gemm<ElementD, Shape<_128, _64, _64>, Shape<_1, _1, _1>, KernelTmaWarpSpecializedCooperative,
-                        TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler> {
-    static constexpr const char* name = "128x64x64 cooperative stream-K";
-  };
-  struct C4 : W4A16Gemm<ElementD, Shape<_128, _128, _64>, Shape<_1, _1, _1>, KernelTmaWarpSpecializedCooperative,
-                        TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler> {
-    static constexpr const char* name = "128x128x64 cooperative stream-K";
-  };
-  struct C5 : W4A16Gemm<ElementD, Shape<_128, _256, _64>, Shape<_1, _1, _1>, KernelTmaWarpSpecializedCooperative,
-                        TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler> {
-    static constexpr const char* name = "128x256x64 cooperative stream-K";
-  };
+  struct C3 : StreamK<Shape<_128, _64, _64>> { static constexpr const char* name = "128x64x64 cooperative stream-K"; };
+  struct C4 : StreamK<Shape<_128, _128, _64>> { static constexpr const char* name = "128x128x64 cooperative stream-K"; };
+  struct C5 : StreamK<Shape<_128, _256, _64>> { static constexpr const char* name = "128x256x64 cooperative stream-K"; };
   struct C6 : W4A16Gemm<ElementD, Shape<_64, _128, _64>, Shape<_1, _1, _1>, KernelTmaWarpSpecializedPingpong,
                         TmaWarpSpecialized> {
     static constexpr const char* name = "64x128x64 pingpong";
   };
+  // M <= 64: 32-token tiles, and K 128 (groups of a multiple of 128): half the mainloop iterations
+  // (barriers, scale loads) of K 64 for the same bytes (h200/prefill/cutlass_w4a16_k128; 128x128x128
+  // stream-K, also timed there, was never the fastest)
+  struct C7 : StreamK<Shape<_128, _64, _128>> { static constexpr const char* name = "128x64x128 cooperative stream-K"; };
+  struct C8 : StreamK<Shape<_128, _32, _128>> { static constexpr const char* name = "128x32x128 cooperative stream-K"; };
+  struct C9 : StreamK<Shape<_128, _32, _64>> { static constexpr const char* name = "128x32x64 cooperative stream-K"; };
   // (two CTAs along the weight rows sharing the activation tile by TMA multicast, 128x256x64 c2x1,
   // measured 2-8% slower than C2 at M = 1024 / 2048: h200/prefill/cutlass_w4a16_cluster)
-  using List = ConfigList<C0, C1, C2, C3, C4, C5, C6>;
+  using List = ConfigList<C0, C1, C2, C3, C4, C5, C6, C7, C8, C9>;
 };
 
 // The 8-bit weight-only families: W4A16's tiles (the same swapped problem; K 64 is 64 bytes of weight).
@@ -389,16 +389,11 @@ template <class ElementW>
 struct W8A16Configs {
   template <class ElementD>
   struct Of {
-    struct C0 : W8A16Gemm<ElementW, ElementD, Shape<_128, _64, _64>, Shape<_1, _1, _1>,
-                          KernelTmaWarpSpecializedCooperative, TmaWarpSpecializedCooperative,
-                          cutlass::gemm::StreamKScheduler> {
-      static constexpr const char* name = "128x64x64 cooperative stream-K";
-    };
-    struct C1 : W8A16Gemm<ElementW, ElementD, Shape<_128, _128, _64>, Shape<_1, _1, _1>,
-                          KernelTmaWarpSpecializedCooperative, TmaWarpSpecializedCooperative,
-                          cutlass::gemm::StreamKScheduler> {
-      static constexpr const char* name = "128x128x64 cooperative stream-K";
-    };
+    template <class TileShape>
+    using StreamK = W8A16Gemm<ElementW, ElementD, TileShape, Shape<_1, _1, _1>, KernelTmaWarpSpecializedCooperative,
+                              TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler>;
+    struct C0 : StreamK<Shape<_128, _64, _64>> { static constexpr const char* name = "128x64x64 cooperative stream-K"; };
+    struct C1 : StreamK<Shape<_128, _128, _64>> { static constexpr const char* name = "128x128x64 cooperative stream-K"; };
     struct C2 : W8A16Gemm<ElementW, ElementD, Shape<_128, _128, _64>, Shape<_1, _1, _1>,
                           KernelTmaWarpSpecializedCooperative, TmaWarpSpecializedCooperative> {
       static constexpr const char* name = "128x128x64 cooperative";
@@ -407,18 +402,20 @@ struct W8A16Configs {
                           KernelTmaWarpSpecializedCooperative, TmaWarpSpecializedCooperative> {
       static constexpr const char* name = "128x256x64 cooperative";
     };
-    struct C4 : W8A16Gemm<ElementW, ElementD, Shape<_128, _256, _64>, Shape<_1, _1, _1>,
-                          KernelTmaWarpSpecializedCooperative, TmaWarpSpecializedCooperative,
-                          cutlass::gemm::StreamKScheduler> {
-      static constexpr const char* name = "128x256x64 cooperative stream-K";
-    };
+    struct C4 : StreamK<Shape<_128, _256, _64>> { static constexpr const char* name = "128x256x64 cooperative stream-K"; };
     struct C5 : W8A16Gemm<ElementW, ElementD, Shape<_64, _128, _64>, Shape<_1, _1, _1>,
                           KernelTmaWarpSpecializedPingpong, TmaWarpSpecialized> {
       static constexpr const char* name = "64x128x64 pingpong";
     };
-    using List = ConfigList<C0, C1, C2, C3, C4, C5>;
+    // M <= 64: 32-token tiles, and K 128 (a 128-byte line of each weight row an iteration):
+    // h200/prefill/cutlass_wo8_k128
+    struct C6 : StreamK<Shape<_128, _32, _64>> { static constexpr const char* name = "128x32x64 cooperative stream-K"; };
+    struct C7 : StreamK<Shape<_128, _32, _128>> { static constexpr const char* name = "128x32x128 cooperative stream-K"; };
+    struct C8 : StreamK<Shape<_128, _64, _128>> { static constexpr const char* name = "128x64x128 cooperative stream-K"; };
+    using List = ConfigList<C0, C1, C2, C3, C4, C5, C6, C7, C8>;
   };
 };
+
 template <class ElementD>
 using Int8WeightOnlyConfigs = typename W8A16Configs<int8_t>::template Of<ElementD>;
 template <class ElementD>
