@@ -27,6 +27,9 @@ def main(argv=None) -> int:
     ap.add_argument("variant", help="a bench_e2e.py variant, e.g. fp8_block/auto")
     ap.add_argument("--layers", default="32")
     ap.add_argument("--rows", type=int, default=22, help="profile rows to print")
+    ap.add_argument("--gaps", action="store_true",
+                    help="also profile one call with torch.profiler: the GPU's busy time against its span, and "
+                    "the kernels after which it waits longest for the next launch (where the host falls behind)")
     ap.add_argument("--decode-first", choices=("timed", "profiled"), default=None,
                     help="first run bench_e2e.py's batch-1 decode phase (compile, CUDA graph, timing), and with "
                     "'profiled' its decode profile too (a torch.profiler session), to time the prefill after them")
@@ -64,7 +67,41 @@ def main(argv=None) -> int:
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.rows)
     print("\n".join(line[:170] for line in out.getvalue().splitlines()[:args.rows + 40]))
+    if args.gaps:
+        gpu_gaps(args.variant, lambda: ctx.prefill_fn(model, tokens))
     return 0
+
+
+def gpu_gaps(label: str, call, rows: int = 8) -> None:
+    """One profiled ``call``: the GPU's busy time and span, the idle time after each kernel name (summed
+    over its launches: the host was late with the next one), and the host's largest self times."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        call()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA" and e.time_range.elapsed_us() > 0),
+                     key=lambda e: e.time_range.start)
+    if not kernels:
+        print(f"{label}: the profiler saw no GPU work")
+        return
+    idle, count = collections.defaultdict(float), collections.Counter()
+    for a, b in zip(kernels, kernels[1:]):
+        gap = b.time_range.start - a.time_range.end
+        if gap > 0:
+            idle[a.name[:60]] += gap
+            count[a.name[:60]] += 1
+    busy = sum(e.time_range.elapsed_us() for e in kernels)
+    span = kernels[-1].time_range.end - kernels[0].time_range.start
+    print(f"{label} (profiled): GPU span {span / 1e3:.2f} ms, busy {busy / 1e3:.2f} ms, {len(kernels)} kernels")
+    for name, gap in sorted(idle.items(), key=lambda t: -t[1])[:rows]:
+        print(f"   idle after {name}: {gap / 1e3:.2f} ms over {count[name]}")
+    host = sorted(((e.self_cpu_time_total, e.key[:70]) for e in prof.key_averages()), reverse=True)[:rows + 4]
+    for t, key in host:
+        print(f"   host self {t / 1e3:.2f} ms  {key}")
 
 
 if __name__ == "__main__":
