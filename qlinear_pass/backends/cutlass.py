@@ -87,10 +87,10 @@ def tile_config(family: str, m: int, n: int, k: int, group: int = 0) -> str:
         # M <= 64, every configuration at M = 16 / 32 / 64 on the three shapes above
         # (h200/prefill/cutlass_w4a16_k128 for w4a16 g128, h200/prefill/cutlass_wo8_k128 for the 8-bit
         # families): 32-token tiles up to M = 32, 64 above, each with K 128 (half the mainloop
-        # iterations of K 64 for the same bytes), fastest or within 4% in every cell; 5-14% faster
-        # than the 128x64x64 tiles before them where the row tiles fill the GPU (w4a16 M = 32 on
-        # (4096, 14336): 20.2 us against 23.6, bf16 30.6).  w4a16's K 128 needs groups of a multiple
-        # of 128; other groups keep K 64
+        # iterations of K 64 for the same bytes), fastest or within 4% in every cell; against the
+        # 128x64x64 tiles before them 6-22% faster on (4096, 14336) (w4a16 M = 32: 20.2 us against
+        # 23.6, bf16 30.6), at most 4% slower (M = 64 on (14336, 4096)).  w4a16's K 128 needs groups
+        # of a multiple of 128; other groups keep K 64
         if m <= 64:
             k128 = family != "w4a16" or (group > 0 and group % 128 == 0)
             return f"128x{32 if m <= 32 else 64}x{128 if k128 else 64} cooperative stream-K"
