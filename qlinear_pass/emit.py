@@ -24,12 +24,16 @@ def val(n: Any) -> Any:
 
 
 class Emitter:
-    """Creates nodes before ``anchor`` with fake values, as Inductor expects."""
+    """Creates nodes before ``anchor`` with fake values, as Inductor expects.
 
-    def __init__(self, graph: fx.Graph, anchor: fx.Node, meta_from: fx.Node) -> None:
+    ``shared`` (one dict for all the replacements of one graph, made in graph order) keeps nodes
+    that a later replacement may read instead of emitting the same ones again (:meth:`once`)."""
+
+    def __init__(self, graph: fx.Graph, anchor: fx.Node, meta_from: fx.Node, shared: Optional[dict] = None) -> None:
         self.graph = graph
         self.anchor = anchor
         self.meta_from = meta_from
+        self.shared = {} if shared is None else shared
         vals = [v for v in (val(n) for n in anchor.all_input_nodes) if isinstance(v, torch.Tensor)]
         self.fake_mode = torch._guards.detect_fake_mode(vals) if vals else None
 
@@ -51,6 +55,13 @@ class Emitter:
         else:
             node.meta["val"] = target(*fargs, **fkwargs)
         return node
+
+    def once(self, key: tuple, make) -> Any:
+        """``make()``'s nodes, emitted by the first replacement that asks for ``key`` and read by
+        the later ones (they come after it in the graph)."""
+        if key not in self.shared:
+            self.shared[key] = make()
+        return self.shared[key]
 
     def constant(self, name: str, tensor: torch.Tensor) -> fx.Node:
         """A new constant of the graph module (weights prepared at compile time)."""
@@ -110,7 +121,12 @@ def mn_major_scale_view(emit: Emitter, scale: fx.Node, m: int, groups: int) -> f
     float32 ``[G, M4]`` buffer (M4 = M rounded up to 4, the pad zero) and handed on as the ``[M, G]``
     view of it (strides ``(1, M4)``): the same values for any kernel, and for the block-scaled
     GEMMs the MN-major layout they load, which ``kernels.ops.mn_major_scales`` then takes without a
-    copy.  Inductor writes the buffer in a kernel of its own, or fused into the quantization."""
+    copy.  Inductor writes the buffer in a kernel of its own, or fused into the quantization.
+    Layers that share one quantization (q/k/v) share the view too."""
+    return emit.once(("mn_major_scale_view", scale, m, groups), lambda: _mn_major_scale_view(emit, scale, m, groups))
+
+
+def _mn_major_scale_view(emit: Emitter, scale: fx.Node, m: int, groups: int) -> fx.Node:
     s = emit(aten.reshape.default, scale, [m, groups])
     if val(s).dtype != torch.float32:
         s = emit(aten._to_copy.default, s, dtype=torch.float32)

@@ -194,11 +194,13 @@ def rewrite(graph: fx.Graph, cfg: C.LinearBackendConfig, record: CompileRecord, 
     # every kernel chosen does its once-per-process work (a build) now, at compile time
     for kernel in {k.name: k for _, sel, _ in chosen for k in ([k for _, k in sel.plan] or [sel.kernel]) if k}.values():
         kernel.prepare()
+    share_activation_quantization(graph, chosen)
+    memo: dict = {}  # nodes the replacements share (``Emitter.shared``)
     for group in sibling_groups(graph, chosen):
         if len(group) == 1:
-            _replace(graph, group[0][0], group[0][1])
+            _replace(graph, group[0][0], group[0][1], memo)
         else:
-            _replace_group(graph, group)
+            _replace_group(graph, group, memo)
     if matches:
         graph.eliminate_dead_code()
         graph.lint()
@@ -232,9 +234,9 @@ def _op_inputs(emit: Emitter, m: Match, sel: Selection) -> tuple:
     return x, params, bias, m.spec
 
 
-def _replace(graph: fx.Graph, m: Match, sel: Selection) -> None:
+def _replace(graph: fx.Graph, m: Match, sel: Selection, memo: dict) -> None:
     kernel: Kernel = sel.kernel
-    emit = Emitter(graph, m.end, m.anchor)
+    emit = Emitter(graph, m.end, m.anchor, memo)
     if kernel.opaque or sel.plan:
         x, params, bias, spec = _op_inputs(emit, m, sel)
         new = emit(torch.ops.qlinear_pass.linear.default, x, params, bias, sel.kernel_name, spec.to_json())
@@ -264,6 +266,70 @@ def _root(n: Any) -> Any:
     while isinstance(n, fx.Node) and n.op == "call_function" and n.target in _VIEWS:
         n = n.args[0]
     return n
+
+
+def share_activation_quantization(graph: fx.Graph, chosen: list) -> None:
+    """Layers that quantize the same activation the same way in the graph (q/k/v and gate/up of
+    an fp8 / int8 model, each reference module quantizing its own input) read the first one's
+    quantization: ``Match.act_q`` / ``act_scale`` of the later ones are re-pointed, and their own
+    chains become dead code.  Inductor keeps such copies apart (one fp8 copy and scale per
+    layer), so without this a prefill quantizes q/k/v's input three times.
+
+    Two chains are the same when their nodes, walked back to the activation both layers read,
+    are the same pure ATen ops on the same inputs and constants (a mutating or random op is
+    never shared)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    seen: dict = {}  # structural key -> the first node computing it
+    rep: dict = {}  # a chain's node -> the node it reads instead
+    items = sorted((it for it in chosen if _quantized_in_graph(it[0], it[1])), key=lambda it: order[it[0].anchor])
+    for m, _, _ in items:
+        if m.act_scale is None:
+            continue
+        root = _root(m.x)
+        for n in _chain_nodes((m.act_q, m.act_scale), root, order):
+            key = _pure_key(n, rep)
+            rep[n] = n if key is None else seen.setdefault(key, n)
+        m.act_q, m.act_scale = rep[m.act_q], rep[m.act_scale]
+
+
+def _chain_nodes(outs: tuple, root: fx.Node, order: dict) -> list:
+    """The call_function nodes ``outs`` are computed by after ``root`` (their ancestors that come
+    after it in the graph, ``root`` itself excluded), in graph order."""
+    start = order.get(root, -1)
+    found: set = set()
+    todo = [n for n in outs if isinstance(n, fx.Node)]
+    while todo:
+        n = todo.pop()
+        if n in found or n is root or n.op != "call_function" or order[n] <= start:
+            continue
+        found.add(n)
+        todo.extend(n.all_input_nodes)
+    return sorted(found, key=order.__getitem__)
+
+
+def _pure_key(n: fx.Node, rep: dict) -> Optional[tuple]:
+    """A hashable description of what ``n`` computes (its inputs as ``rep`` maps them), or None
+    when it must not be shared: not an ATen op, mutating, random, or with unhashable arguments."""
+    target = n.target
+    if not isinstance(target, torch._ops.OpOverload) or target._schema.is_mutable:
+        return None
+    if torch.Tag.nondeterministic_seeded in target.tags:
+        return None
+
+    def freeze(a):
+        if isinstance(a, fx.Node):
+            return ("node", rep.get(a, a))
+        if isinstance(a, (list, tuple)):
+            return (type(a).__name__, tuple(freeze(x) for x in a))
+        if isinstance(a, dict):
+            return ("dict", tuple(sorted((k, freeze(v)) for k, v in a.items())))
+        hash(a)
+        return (type(a).__name__, a.hex() if isinstance(a, float) else a)  # -0.0 is not 0.0, True not 1
+
+    try:
+        return (target, freeze(n.args), freeze(n.kwargs))
+    except TypeError:
+        return None
 
 
 def _group_key(m: Match, sel: Selection) -> Optional[tuple]:
@@ -307,13 +373,16 @@ def sibling_groups(graph: fx.Graph, chosen: list) -> list:
             else:
                 out.append([item])
         out.append(together)
+    # in graph order of where each call goes: a node one replacement emits for the next to share
+    # (``Emitter.shared``) then comes before every later one's call
+    out.sort(key=lambda g: order[g[0][0].end])
     return out
 
 
-def _replace_group(graph: fx.Graph, group: list) -> None:
+def _replace_group(graph: fx.Graph, group: list, memo: dict) -> None:
     """One ``qlinear_pass::linear_group`` call for sibling layers, placed before the first one's output."""
     m0, sel0, _ = group[0]
-    emit = Emitter(graph, m0.end, m0.anchor)
+    emit = Emitter(graph, m0.end, m0.anchor, memo)
     x, params, bias, spec = _op_inputs(emit, m0, sel0)
     shared_scale = _quantized_in_graph(m0, sel0)
     flat, biases, specs = list(params), [bias], [spec]

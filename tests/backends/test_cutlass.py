@@ -728,3 +728,74 @@ def test_the_pass_builds_a_weight_only_family_at_compile_time_not_in_the_first_f
     assert events[:2] == ["module", "run"], events
     ref = S.reference("w4a16", x, m[0].params, m[0].bias)
     assert S.relative_error(y, ref) < S.TOLERANCE[torch.bfloat16]
+
+
+def _cutlass_graph(toolchain_ok, model, x):
+    """``model(x)`` compiled on the CUTLASS backend with the extensions emulated: (output, the
+    graph's nodes after the pass, {module: its qlinear_pass::linear node})."""
+    from qlinear_pass import graph_pass
+    from qlinear_pass.spec import LayerSpec
+
+    for name in set(KERNELS.values()):
+        toolchain_ok.setattr(type(R.get_kernel(name)), "module", lambda self: _FakeModule(self.family))
+    toolchain_ok.setattr(R.DeviceInfo, "of", classmethod(lambda cls, d=None: H100))
+    graphs = []
+    orig = graph_pass.rewrite
+
+    def spy(graph, cfg, record, device=None):
+        orig(graph, cfg, record, device)
+        graphs.append(list(graph.nodes))
+
+    toolchain_ok.setattr(graph_pass, "rewrite", spy)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        y = torch.compile(model, backend=qp.make(linear_backend="cutlass", inductor=False))(x)
+    (nodes,) = graphs
+    ops = {LayerSpec.from_json(n.args[4]).module: n for n in nodes if n.target == torch.ops.qlinear_pass.linear.default}
+    return y, nodes, ops
+
+
+@pytest.mark.parametrize("scheme", list(KERNELS))
+def test_siblings_share_one_quantization_of_their_activation(toolchain_ok, scheme):
+    """q/k/v each quantize the normed activation in the graph; the kernels get one quantization
+    (and, block-scaled, one MN-major scale buffer), so Inductor computes it once, not three times."""
+    from qlinear_pass import graph_pass
+
+    from ..helpers import random_activation
+    from ..test_graph_pass import Siblings
+
+    torch.manual_seed(0)
+    model = qp.quantize(Siblings().to(torch.bfloat16), scheme)
+    x = random_activation((1, 5, 256))
+    y, nodes, ops = _cutlass_graph(toolchain_ok, model, x)
+    with torch.no_grad():
+        assert S.relative_error(y, model(x)) < S.TOLERANCE[torch.bfloat16]
+    assert sorted(ops) == ["k", "o", "q", "v"]
+    inputs = {name: graph_pass._root(n.args[0]) for name, n in ops.items()}
+    assert inputs["q"] is inputs["k"] is inputs["v"] and inputs["o"] is not inputs["q"]
+    scales = {name: n.args[1][-1] for name, n in ops.items()}
+    assert scales["q"] is scales["k"] is scales["v"] and scales["o"] is not scales["q"]
+    views = (torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+    quantized = [n for n in nodes if n.op == "call_function" and n.target not in views
+                 and getattr(n.meta.get("val"), "dtype", None) in (torch.float8_e4m3fn, torch.int8)]
+    assert len(quantized) == 2, [n.format_node() for n in quantized]  # h's and x's
+
+
+def test_siblings_quantizing_differently_keep_their_own(toolchain_ok):
+    """k quantizes the same activation per 1x128 group where q and v do per token: q and v share
+    one quantization, k keeps its own, and every output is still right."""
+    from qlinear_pass import graph_pass
+
+    from ..helpers import random_activation
+    from ..test_graph_pass import Siblings
+
+    torch.manual_seed(0)
+    model = Siblings().to(torch.bfloat16)
+    qp.quantize(model, "fp8_block", include=["k"])
+    qp.quantize(model, "fp8_rowwise")  # the rest
+    x = random_activation((1, 5, 256))
+    y, _, ops = _cutlass_graph(toolchain_ok, model, x)
+    with torch.no_grad():
+        assert S.relative_error(y, model(x)) < S.TOLERANCE[torch.bfloat16]
+    inputs = {name: graph_pass._root(n.args[0]) for name, n in ops.items()}
+    assert inputs["q"] is inputs["v"] and inputs["k"] is not inputs["q"]
