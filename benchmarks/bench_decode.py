@@ -190,7 +190,9 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
     if cuda is not None:
         # our CUDA decode kernel, with 16- and 32-row tiles; W8A8 with per-token / per-tensor scales is
         # given the quantized activation, as in a compiled model (where the quantization fuses into
-        # the kernel before); fp8_block quantizes it in the kernel
+        # the kernel before); fp8_block quantizes it in the kernel up to 8 tokens and is given it
+        # above, as the backend's rule does in a compiled model (CudaW8A8.takes_quantized_activation)
+        from qlinear_pass.backends.cuda import CudaW8A8
         from qlinear_pass.kernels import cuda_w4a16, cuda_w8a8, int4_layout
 
         if scheme == "w4a16":
@@ -199,6 +201,11 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
         elif sch.weight_only:
             def fn(ps, rt):
                 return cuda_w8a8.w8a16_decode(x, ps[0], ps[1], None, row_tiles=rt)
+        elif scheme == "fp8_block" and m > CudaW8A8.BLOCK_QUANTIZED_ABOVE:
+            xq_c, xs_c = S.quantize_activation(scheme, x)
+
+            def fn(ps, rt):
+                return cuda_w8a8.fp8_block_q_decode(xq_c, xs_c, ps[0], ps[1], None, torch.bfloat16, row_tiles=rt)
         elif scheme == "fp8_block":  # the kernel quantizes the activation itself
             def fn(ps, rt):
                 return cuda_w8a8.fp8_block_decode(x, ps[0], ps[1], None, row_tiles=rt)
@@ -210,6 +217,11 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
         for rt in (1, 2):
             out.setdefault("cuda_rel_err", {})[f"r{rt}"] = S.relative_error(fn(sets[0], rt), ref)
             peers[f"{cuda} r{rt}"] = graph_time([(lambda ps, rt=rt: (lambda: fn(ps, rt)))(ps) for ps in sets])
+        if scheme == "fp8_block" and m > CudaW8A8.BLOCK_QUANTIZED_ABOVE:  # the form the rule passes over, beside
+            for rt in (1, 2):
+                peers[f"{cuda} quantizing r{rt}"] = graph_time([
+                    (lambda ps, rt=rt: (lambda: cuda_w8a8.fp8_block_decode(x, ps[0], ps[1], None, row_tiles=rt)))(ps)
+                    for ps in sets])
         out["cuda_kernel"] = cuda
         rule = cuda_w4a16.w4a16_row_tiles if scheme == "w4a16" else cuda_w4a16.row_tiles_for
         out["cuda_row_tiles"] = rule(m, n, torch.cuda.get_device_properties(0).multi_processor_count)

@@ -99,11 +99,10 @@ class CudaW8A8(Kernel):
     def can_implement(self, spec: LayerSpec):
         from ..kernels.cuda_w8a8 import OUT_DTYPES, check_k
 
-        if spec.scheme == "fp8_block":
-            if spec.act_input != "dynamic":
-                return False, ("fp8_block: the kernel quantizes the activation per 1x128 group itself; a "
-                               "pre-quantized activation is not taken")
-            return _act16_limits(spec, check_k(spec.k))
+        if spec.scheme == "fp8_block" and spec.act_input == "dynamic":
+            return _act16_limits(spec, check_k(spec.k))  # quantized per 1x128 group in the kernel
+        if spec.scheme == "fp8_block" and spec.act_dtype != torch.float8_e4m3fn:
+            return False, f"fp8_block: a quantized activation is fp8 e4m3, not {spec.act_dtype}"
         if spec.out_dtype not in OUT_DTYPES:
             return False, f"writes bf16, fp16 or fp32, not {spec.out_dtype}"
         if spec.act_input == "dynamic" and spec.act_dtype not in OUT_DTYPES:
@@ -111,12 +110,20 @@ class CudaW8A8(Kernel):
         why = check_k(spec.k)
         return (False, why) if why else OK
 
+    #: fp8_block: above this many tokens (a static M) the graph quantizes the activation
+    BLOCK_QUANTIZED_ABOVE = 8
+
     def takes_quantized_activation(self, spec):
         """Per-token and per-tensor scales: yes, the kernel multiplies quantized bytes; the graph's
         quantization fuses into the kernel that writes the activation (the norm before q/k/v, the
-        SwiGLU before down_proj).  fp8_block: no, the kernel quantizes each 1x128 group in the chunk
-        it reads (one pass over the activation fewer)."""
-        return spec.scheme != "fp8_block"
+        SwiGLU before down_proj).  fp8_block: up to 8 tokens (or a symbolic M) no, the kernel
+        quantizes each 1x128 group in the chunk it reads (one pass over the activation fewer, and no
+        quantization kernels in the graph); above, yes: each CTA quantizes the activation again for
+        every row tile it computes, which at 16 tokens cost 1.3-1.6x the kernel's time (H200,
+        ``benchmarks/results/h200/decode/fp8_block_q/``)."""
+        if spec.scheme != "fp8_block":
+            return True
+        return spec.m is not None and spec.m > self.BLOCK_QUANTIZED_ABOVE
 
     @staticmethod
     def _quantized(spec, x, params):
@@ -130,19 +137,25 @@ class CudaW8A8(Kernel):
         return S.quantize_activation(spec.scheme, x)
 
     def run(self, spec, x, params, bias):
-        from ..kernels.cuda_w8a8 import fp8_block_decode, w8a8_decode
+        from ..kernels.cuda_w8a8 import fp8_block_decode, fp8_block_q_decode, w8a8_decode
 
         if spec.scheme == "fp8_block":
-            return fp8_block_decode(x if x.dim() == 2 else x.reshape(-1, spec.k), params[0], params[1], bias)
+            x = x if x.dim() == 2 else x.reshape(-1, spec.k)
+            if spec.act_input == "static":
+                return fp8_block_q_decode(x, params[-1], params[0], params[1], bias, spec.out_dtype)
+            return fp8_block_decode(x, params[0], params[1], bias)
         xq, sx = self._quantized(spec, x, params)
         return w8a8_decode(xq, sx, params[0], params[1], bias, spec.out_dtype)
 
     def run_group(self, specs, x, params, biases):
-        from ..kernels.cuda_w8a8 import Layer, fp8_block_decode_group, w8a8_decode_group
+        from ..kernels.cuda_w8a8 import Layer, fp8_block_decode_group, fp8_block_q_decode_group, w8a8_decode_group
 
         if specs[0].scheme == "fp8_block":
             x = x if x.dim() == 2 else x.reshape(-1, specs[0].k)
-            return fp8_block_decode_group(x, [Layer(p[0], p[1], b) for p, b in zip(params, biases)])
+            layers = [Layer(p[0], p[1], b) for p, b in zip(params, biases)]
+            if specs[0].act_input == "static":
+                return fp8_block_q_decode_group(x, params[0][-1], layers, specs[0].out_dtype)
+            return fp8_block_decode_group(x, layers)
         xq, sx = self._quantized(specs[0], x, params[0])
         return w8a8_decode_group(xq, sx, [Layer(p[0], p[1], b) for p, b in zip(params, biases)], specs[0].out_dtype)
 

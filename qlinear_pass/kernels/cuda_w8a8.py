@@ -12,6 +12,9 @@ weight scales with a bf16 / fp16 activation [M, K], which is also the output's d
 ``fp8_block_decode_group(x, layers)`` / ``fp8_block_decode``: ``fp8_block``, e4m3 weights with a
 scale per 128x128 block ([ceil(N/128), K/128]) and a bf16 / fp16 activation that the kernel
 quantizes to e4m3 per 1x128 group as the scheme does; the output in the activation's dtype.
+``fp8_block_q_decode_group(xq, sx, layers, out_dtype)`` / ``fp8_block_q_decode``: the same with the
+activation already quantized (e4m3 [M, K] and fp32 scales [M, K/128]), as a compiled graph hands
+it on above 8 tokens (``backends.cuda.CudaW8A8.takes_quantized_activation``).
 
 Any M is computed (more CTAs along M), but the kernel is made for M <= 16: each CTA reads its
 weight rows once per 16 tokens.  Programmatic dependent launch as in :mod:`.cuda_w4a16`
@@ -31,7 +34,7 @@ from .cuda_w4a16 import aligned, pdl_for, row_tiles_for
 #: the layers one launch serves (the kernel's MAX_SEGMENTS)
 MAX_SEGMENTS = 3
 #: the kernel's ABI_VERSION (Params and Segment as declared below)
-ABI_VERSION = 3
+ABI_VERSION = 4
 ELEMS = {torch.float8_e4m3fn: 0, torch.int8: 1}
 OUT_DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 #: the weight-only form's activations (and outputs)
@@ -71,7 +74,7 @@ def _library(device: torch.device) -> ctypes.CDLL:
 def prepare(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Check that a built library matches this module's structs and declare its functions (once)."""
     return cuda_build.bind(lib, "w8a8", _Params, MAX_SEGMENTS, ABI_VERSION, [ctypes.c_int] * 5,
-                           also=("w8a16", "fp8_block"))
+                           also=("w8a16", "fp8_block", "fp8_block_q"))
 
 
 def warps_for(m: int, tiles: int, sms: int) -> int:
@@ -244,3 +247,35 @@ def fp8_block_decode(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: O
                      row_tiles: Optional[int] = None, warps: Optional[int] = None, pdl: Optional[bool] = None) -> torch.Tensor:
     """One ``fp8_block`` layer: ``x`` [M, K] times ``w`` [N, K] -> [M, N] in ``x``'s dtype."""
     return fp8_block_decode_group(x, [Layer(w, sw, bias)], row_tiles, warps, pdl)[0]
+
+
+def fp8_block_q_decode_group(xq: torch.Tensor, sx: torch.Tensor, layers: Sequence[Layer], out_dtype: torch.dtype,
+                             row_tiles: Optional[int] = None, warps: Optional[int] = None,
+                             pdl: Optional[bool] = None) -> list[torch.Tensor]:
+    """``fp8_block`` with the activation quantized before: ``xq`` [M, K] (fp8 e4m3) with its scales
+    ``sx`` per 1x128 group ([M, K/128]) times each layer's e4m3 weight and 128x128-block scale ->
+    [M, N_i] each, in ``out_dtype``."""
+    if xq.dim() == 2 and xq.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"the fp8_block decode kernel takes an fp8 e4m3 activation here, not {xq.dtype}")
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"the fp8_block decode kernel writes bf16, fp16 or fp32, not {out_dtype}")
+    if xq.dim() == 2 and sx.numel() != xq.shape[0] * (xq.shape[1] // 128):
+        raise ValueError(f"the activation scale of shape {tuple(sx.shape)}: expected one per 1x128 group, "
+                         f"[M, K/128] = [{xq.shape[0]}, {xq.shape[1] // 128}]")
+    _check_activation(xq, "fp8_block")
+    m, k = xq.shape
+    if sx.device != xq.device:
+        raise ValueError(f"the activation scale is on {sx.device}, the activation on {xq.device}")
+    sx = sx.reshape(m, k // 128).float()
+    if sx.stride(1) != 1:
+        sx = sx.contiguous()
+    ready = _layers(xq, layers, torch.float8_e4m3fn, out_dtype, block=True)
+    return _launch("fp8_block_q", aligned(xq, 16, 16), sx, sx.stride(0), ready, ELEMS[torch.float8_e4m3fn],
+                   OUT_DTYPES[out_dtype], out_dtype, row_tiles, warps, pdl)
+
+
+def fp8_block_q_decode(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,
+                       bias: Optional[torch.Tensor], out_dtype: torch.dtype, row_tiles: Optional[int] = None,
+                       warps: Optional[int] = None, pdl: Optional[bool] = None) -> torch.Tensor:
+    """One ``fp8_block`` layer with a quantized activation: ``xq`` [M, K] times ``w`` [N, K] -> [M, N]."""
+    return fp8_block_q_decode_group(xq, sx, [Layer(w, sw, bias)], out_dtype, row_tiles, warps, pdl)[0]

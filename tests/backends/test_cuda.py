@@ -65,10 +65,13 @@ def test_explicit_cuda_without_nvcc_is_an_error_naming_why(monkeypatch):
         R.select(spec(scheme="int8_weight_only", group_size=None), qp.LinearBackendConfig("cuda"), H100)
     assert "cuda_w8a16" in str(e.value) and "nvcc was not found" in str(e.value)
     monkeypatch.setattr(cuda_build, "toolchain", lambda *a: ("/usr/local/cuda/bin/nvcc", ""))
-    with pytest.raises(qp.NoKernelError) as e:  # a pre-quantized fp8_block activation
-        R.select(spec(scheme="fp8_block", group_size=None, act_input="static", act_dtype=torch.float8_e4m3fn),
+    with pytest.raises(qp.NoKernelError) as e:  # a pre-quantized fp8_block activation must be e4m3
+        R.select(spec(scheme="fp8_block", group_size=None, act_input="static", act_dtype=torch.int8),
                  qp.LinearBackendConfig("cuda"), H100)
-    assert "quantizes the activation per 1x128 group itself" in str(e.value)
+    assert "a quantized activation is fp8 e4m3" in str(e.value)
+    sel = R.select(spec(scheme="fp8_block", group_size=None, act_input="static", act_dtype=torch.float8_e4m3fn),
+                   qp.LinearBackendConfig("cuda"), H100)
+    assert sel.kernel.name == "cuda_w8a8"
 
 
 def test_w4a16_launches_early_only_on_a_weight_copy_made_before(monkeypatch):
@@ -152,17 +155,55 @@ def test_w8a8_layer_limits_and_the_quantized_activation():
 
 
 def test_w8a8_fp8_block_limits():
-    """fp8_block: the kernel quantizes the 16-bit activation itself, writes its dtype, and leaves no
-    quantization in the graph."""
+    """fp8_block: up to 8 tokens (or a symbolic M) the kernel quantizes the 16-bit activation itself,
+    writes its dtype, and leaves no quantization in the graph; above 8 the graph quantizes, and the
+    kernel takes e4m3 bytes with their group scales."""
     k = CB.CudaW8A8()
     block = w8a8_spec(scheme="fp8_block")
     assert k.can_implement(block) == (True, "") and not k.takes_quantized_activation(block)
+    assert [k.takes_quantized_activation(w8a8_spec(scheme="fp8_block", m=m)) for m in (1, 8, 9, 16)] == [False, False, True, True]
     ok, why = k.can_implement(w8a8_spec(scheme="fp8_block", act_dtype=torch.float32, out_dtype=torch.float32))
     assert not ok and "bf16 / fp16 activations" in why
     ok, why = k.can_implement(w8a8_spec(scheme="fp8_block", out_dtype=torch.float32))
     assert not ok and "writes the activation's dtype" in why
-    ok, why = k.can_implement(w8a8_spec(scheme="fp8_block", act_input="static", act_dtype=torch.float8_e4m3fn))
-    assert not ok and "pre-quantized" in why
+    assert k.can_implement(w8a8_spec(scheme="fp8_block", act_input="static", act_dtype=torch.float8_e4m3fn,
+                                     out_dtype=torch.float32)) == (True, "")
+    ok, why = k.can_implement(w8a8_spec(scheme="fp8_block", act_input="static", act_dtype=torch.int8))
+    assert not ok and "fp8 e4m3" in why
+
+
+@pytest.mark.parametrize("tokens,quantized", [(8, False), (16, True)])
+def test_fp8_block_graph_quantizes_above_8_tokens(monkeypatch, tokens, quantized):
+    """A compiled fp8_block q/k/v group on the cuda backend gets the 16-bit activation up to 8
+    tokens, and above them the graph's e4m3 activation with its group scales, one quantization for
+    the three layers (the kernel emulated by the reference)."""
+    from ..helpers import random_activation
+    from ..test_graph_pass import Siblings
+
+    monkeypatch.setattr(cuda_build, "toolchain", lambda *a: ("/usr/local/cuda/bin/nvcc", ""))
+    monkeypatch.setattr(R.DeviceInfo, "of", classmethod(lambda cls, d=None: H100))
+    seen = []
+
+    def run_group(self, specs, x, params, biases):
+        seen.append((len(specs), specs[0].act_input, x.dtype))
+        if specs[0].act_input == "static":
+            return [S.reference("fp8_block", x, p[:2], b, input_scale=p[-1].reshape(x.shape[0], -1), out_dtype=s.out_dtype)
+                    for s, p, b in zip(specs, params, biases)]
+        return [S.reference("fp8_block", x, p, b, out_dtype=s.out_dtype) for s, p, b in zip(specs, params, biases)]
+
+    monkeypatch.setattr(CB.CudaW8A8, "run_group", run_group)
+    monkeypatch.setattr(CB.CudaW8A8, "run", lambda self, s, x, p, b: run_group(self, [s], x, [p], [b])[0])
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = qp.quantize(Siblings().to(torch.bfloat16), "fp8_block")
+    x = random_activation((1, tokens, 256))
+    with torch.no_grad():
+        y = torch.compile(model, backend=qp.make(linear_backend="cuda", inductor=False))(x)
+        ref = model(x)
+    torch._dynamo.reset()
+    want = ("static", torch.float8_e4m3fn) if quantized else ("dynamic", torch.bfloat16)
+    assert (3, *want) in seen and (1, *want) in seen  # q/k/v as one group, and o
+    assert S.relative_error(y, ref) < S.TOLERANCE[torch.bfloat16]
 
 
 def test_w8a8_quantizes_a_float_activation_itself():
@@ -234,7 +275,8 @@ def test_w8a16_device_and_layer_limits(monkeypatch):
                                            ("fp8_block", "cuda_w8a8")])
 def test_gpu_compiled_16bit_activation_layers_run_on_their_kernel(scheme, kernel):
     """A compiled int8 / fp8 weight-only or fp8_block model runs its layers (q/k/v as a group) on our
-    CUDA kernel at M = 1 and 8, given the 16-bit activation, and matches the eager modules."""
+    CUDA kernel at M = 1, 8 and 16 (fp8_block there given the graph's quantized activation), and
+    matches the eager modules."""
     from qlinear_pass.kernels import ops
 
     from ..test_graph_pass import Siblings
@@ -244,7 +286,7 @@ def test_gpu_compiled_16bit_activation_layers_run_on_their_kernel(scheme, kernel
         pytest.skip(why)
     torch.manual_seed(0)
     model = qp.quantize(Siblings(k=512, ns=(512, 128, 128)).to(torch.bfloat16), scheme).cuda()
-    for m in (1, 8):
+    for m in (1, 8, 16):  # fp8_block: quantized in the graph at 16
         x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
         before = ops.CALLS[kernel]
         with torch.no_grad():

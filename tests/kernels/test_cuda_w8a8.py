@@ -168,8 +168,9 @@ def test_swizzled_pieces_fill_the_slot_once_and_spread_over_banks():
 # --- the weight-only form (W8A16) -------------------------------------------------------------
 
 WO_SCHEMES = ("int8_weight_only", "fp8_weight_only")
-#: the forms that take a 16-bit activation: weight-only, and fp8_block (quantized in the kernel)
-SIXTEEN_BIT = (*WO_SCHEMES, "fp8_block")
+#: the forms that take a 16-bit activation: weight-only, and fp8_block (quantized in the kernel);
+#: "fp8_block_q" is fp8_block with the activation quantized before the kernel, as graphs above 8 tokens do
+SIXTEEN_BIT = (*WO_SCHEMES, "fp8_block", "fp8_block_q")
 
 
 @st.composite
@@ -191,14 +192,19 @@ def check_16bit(scheme, m, ns, k, dtype, bias, row_tiles, warps=None, seed=0):
     """Against the scheme's reference (fp8_block's quantizes the activation as the kernel does; a value
     at a rounding tie may land on the other e4m3 level: the kernel multiplies by 1 / scale)."""
     layers, refs, x = [], [], None
+    form, scheme = scheme, scheme.removesuffix("_q")
     for i, n in enumerate(ns):
         x_i, p, b, _, _ = kernel_case(scheme, m, n, k, dtype=dtype, bias=bias, seed=seed, device="cuda")
         _, p, b, _, _ = kernel_case(scheme, m, n, k, dtype=dtype, bias=bias, seed=seed + 1000 * i, device="cuda")
         x = x_i if x is None else x
         layers.append(CW.Layer(p[0], p[1], b))
         refs.append(S.reference(scheme, x, p, b, out_dtype=dtype))
-    run = CW.fp8_block_decode_group if scheme == "fp8_block" else CW.w8a16_decode_group
-    ys = run(x, layers, row_tiles=row_tiles, warps=warps)
+    if form == "fp8_block_q":
+        xq, sx = S.quantize_activation("fp8_block", x)
+        ys = CW.fp8_block_q_decode_group(xq, sx, layers, dtype, row_tiles=row_tiles, warps=warps)
+    else:
+        run = CW.fp8_block_decode_group if scheme == "fp8_block" else CW.w8a16_decode_group
+        ys = run(x, layers, row_tiles=row_tiles, warps=warps)
     for i, (y, ref) in enumerate(zip(ys, refs)):
         assert y.shape == ref.shape and y.dtype == dtype
         err = S.relative_error(y, ref)
@@ -217,6 +223,10 @@ def check_16bit(scheme, m, ns, k, dtype, bias, row_tiles, warps=None, seed=0):
 @example(dict(scheme="int8_weight_only", m=1, ns=[14336, 14336], k=4096, dtype=torch.bfloat16, bias=False, row_tiles=None,
               warps=None), 7)  # gate/up: the rule's 4 warps
 @example(dict(scheme="fp8_block", m=5, ns=[300], k=640, dtype=torch.float16, bias=True, row_tiles=2, warps=4), 8)  # 4 warps
+@example(dict(scheme="fp8_block_q", m=16, ns=[4096, 1024, 1024], k=4096, dtype=torch.bfloat16, bias=False, row_tiles=None), 9)
+@example(dict(scheme="fp8_block_q", m=9, ns=[300, 129], k=14336, dtype=torch.float16, bias=True, row_tiles=2), 10)  # 2 token tiles
+@example(dict(scheme="fp8_block_q", m=20, ns=[200], k=256, dtype=torch.bfloat16, bias=True, row_tiles=1), 11)  # M past 16
+@example(dict(scheme="fp8_block_q", m=1, ns=[40], k=640, dtype=torch.float16, bias=False, row_tiles=1, warps=4), 12)
 def test_16bit_activation_forms_match_reference_on_gpu(case, seed):
     ok, why = _runs_here()
     if not ok:
@@ -359,6 +369,39 @@ def test_fp8_block_puts_every_value_on_the_reference_level_on_gpu(dtype, seed):
     want = (xq.float().reshape(m, -1, 128) * sx[..., None]).reshape(m, k)
     off = ((y - want).abs() > 0.02 * want.abs()).sum().item()  # one level apart is 6-12%
     assert off == 0, f"{off} of {y.numel()} values on another e4m3 level than the reference's"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,ns", [(16, 4096, [4096, 1024, 1024]), (9, 14336, [200]), (3, 640, [300])])
+def test_fp8_block_quantized_before_gives_the_same_output_on_gpu(m, k, ns):
+    """The activation quantized by the scheme before the kernel (BLOCK_Q) and inside it (BLOCK) are
+    the same bytes and scales, so both forms write the same output, bit for bit."""
+    ok, why = _runs_here()
+    if not ok:
+        pytest.skip(why)
+    x, _, _, _, _ = kernel_case("fp8_block", m, 128, k, dtype=torch.bfloat16, bias=False, seed=m, device="cuda")
+    layers = []
+    for i, n in enumerate(ns):
+        _, p, b, _, _ = kernel_case("fp8_block", m, n, k, dtype=torch.bfloat16, bias=True, seed=100 + i, device="cuda")
+        layers.append(CW.Layer(p[0], p[1], b))
+    xq, sx = S.quantize_activation("fp8_block", x)
+    inside = CW.fp8_block_decode_group(x, layers)
+    before = CW.fp8_block_q_decode_group(xq, sx, layers, torch.bfloat16)
+    for a, b in zip(inside, before):
+        assert torch.equal(a, b)
+
+
+def test_fp8_block_quantized_before_refuses_bad_arguments():
+    xq = torch.zeros(2, 256, dtype=torch.float8_e4m3fn)
+    w = torch.zeros(200, 256, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="fp8 e4m3 activation here, not torch.bfloat16"):
+        CW.fp8_block_q_decode(xq.bfloat16(), torch.ones(2, 2), w, torch.ones(2, 2), None, torch.bfloat16)
+    with pytest.raises(ValueError, match="writes bf16, fp16 or fp32"):
+        CW.fp8_block_q_decode(xq, torch.ones(2, 2), w, torch.ones(2, 2), None, torch.int8)
+    with pytest.raises(ValueError, match=r"one per 1x128 group, \[M, K/128\] = \[2, 2\]"):
+        CW.fp8_block_q_decode(xq, torch.ones(2), w, torch.ones(2, 2), None, torch.bfloat16)
+    with pytest.raises(ValueError, match="runs on a CUDA GPU"):
+        CW.fp8_block_q_decode(xq, torch.ones(2, 2), w, torch.ones(2, 2), None, torch.bfloat16)
 
 
 def test_fp8_block_refuses_bad_arguments():

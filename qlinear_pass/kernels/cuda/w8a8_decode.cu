@@ -16,7 +16,11 @@
 //   kernel quantizes to e4m3 per 1x128 group (a group is one chunk below: the 4 lanes of a quad that
 //   read a token's chunk find its amax with two shuffles, and round x / scale exactly as the
 //   reference does); then W8A8's MMAs, and each chunk's sums scaled by its group's and its weight
-//   block's scale.
+//   block's scale;
+// * fp8_block with the activation arrived quantized (BLOCK_Q): e4m3 bytes and their fp32 scales per
+//   1x128 group ([M, K/128], rows sx_stride apart), as the graph writes them above 8 tokens, where
+//   every CTA quantizing the activation of each of its tiles costs more than the graph's one pass
+//   (the scheme's quantization, so the same bytes and scales as BLOCK's); then BLOCK's sums.
 //
 // Common to all three:
 //
@@ -61,7 +65,7 @@ constexpr int MAX_SEGMENTS = 3;
 #ifndef QLP_W8_SLOTS_R2
 #define QLP_W8_SLOTS_R2 2
 #endif
-constexpr int ABI_VERSION = 3;  // bumped whenever Params, Segment or the entry points' arguments change
+constexpr int ABI_VERSION = 4;  // bumped whenever Params, Segment or the entry points' arguments change
 
 struct Segment {
   const uint8_t* w;     // [n, k] bytes, rows w_stride bytes apart (16-byte aligned)
@@ -75,9 +79,10 @@ struct Segment {
 };
 
 struct Params {
-  const void* x;        // [m, k] activation (W8A8: quantized bytes; else bf16 / fp16), rows x_stride
-                        // elements apart (16-byte aligned)
-  const float* sx;      // W8A8: fp32 activation scales, [m] (sx_stride 1) or one (sx_stride 0); else null
+  const void* x;        // [m, k] activation (W8A8, BLOCK_Q: quantized bytes; else bf16 / fp16), rows
+                        // x_stride elements apart (16-byte aligned)
+  const float* sx;      // W8A8: fp32 activation scales, [m] (sx_stride 1) or one (sx_stride 0); BLOCK_Q:
+                        // [m, k / 128], rows sx_stride apart; else null
   long long x_stride, sx_stride;
   int m, k, nseg, total_tiles;
   Segment seg[MAX_SEGMENTS];
@@ -91,8 +96,14 @@ namespace {
 enum Elem { E4M3 = 0, S8 = 1 };
 // W8A8: the activation arrives quantized, one scale per token or per tensor; W8A16: weight-only, a
 // 16-bit activation; BLOCK (fp8_block): a 16-bit activation quantized here to e4m3 per 1x128 group,
-// the weight scaled per 128x128 block, both scales applied per chunk (a chunk is one group)
-enum Mode { W8A8 = 0, W8A16 = 1, BLOCK = 2 };
+// the weight scaled per 128x128 block, both scales applied per chunk (a chunk is one group);
+// BLOCK_Q: fp8_block with the activation quantized per 1x128 group before the kernel
+enum Mode { W8A8 = 0, W8A16 = 1, BLOCK = 2, BLOCK_Q = 3 };
+
+// the activation arrives as bytes (quantized), not 16-bit values
+__host__ __device__ constexpr bool bytes_in(int mode) { return mode == W8A8 || mode == BLOCK_Q; }
+// the sums are scaled per chunk (fp8_block), not once per output
+__host__ __device__ constexpr bool per_chunk(int mode) { return mode == BLOCK || mode == BLOCK_Q; }
 
 template <int ELEM> struct Acc { using type = float; };
 template <> struct Acc<S8> { using type = int; };
@@ -231,16 +242,16 @@ struct Layout {
   static constexpr int BYTES = RING_B + W * 16 * R * RED_ROW * 4;
 };
 
-// MODE: W8A8, W8A16 or BLOCK; ELEM: E4M3 or S8, the weight; X: the activation, uint8_t for W8A8
-// (quantized in ELEM's format) or __nv_bfloat16 / __half; O: the output dtype; TOK: tokens per CTA
+// MODE: W8A8, W8A16, BLOCK or BLOCK_Q; ELEM: E4M3 or S8, the weight; X: the activation, uint8_t for
+// W8A8 and BLOCK_Q (quantized in ELEM's format) or __nv_bfloat16 / __half; O: the output dtype; TOK: tokens per CTA
 // (1, 8 or 16; larger M takes more CTAs along y); R: 16-row tiles per warp; W: warps a CTA.
 template <int MODE, int ELEM, typename X, typename O, int TOK, int R, int W>
 __global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Params p) {
   using L = Layout<R, TOK, W>;
-  static_assert((MODE == W8A8) == std::is_same<X, uint8_t>::value, "W8A8 takes bytes, the others 16-bit values");
-  static_assert(MODE != BLOCK || ELEM == E4M3, "fp8_block is e4m3");
-  using A = typename std::conditional<MODE == W8A8, typename Acc<ELEM>::type, float>::type;
-  constexpr int XV = MODE == W8A8 ? 1 : 2;  // 16-byte pieces of activation a lane reads per (half chunk, token)
+  static_assert(bytes_in(MODE) == std::is_same<X, uint8_t>::value, "W8A8 and BLOCK_Q take bytes, the others 16-bit values");
+  static_assert(!per_chunk(MODE) || ELEM == E4M3, "fp8_block is e4m3");
+  using A = typename std::conditional<bytes_in(MODE), typename Acc<ELEM>::type, float>::type;
+  constexpr int XV = bytes_in(MODE) ? 1 : 2;  // 16-byte pieces of activation a lane reads per (half chunk, token)
   constexpr int MT = L::MT;
   constexpr int STAGES = L::STAGES;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -371,21 +382,31 @@ __global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Para
             }
           }
       };
-      if constexpr (MODE == BLOCK) {
+      if constexpr (per_chunk(MODE)) {
         // the group's e4m3 bytes and scale per token; the chunk's sums scaled by the scales of their
-        // token (column 2t / 2t + 1 of the fragment, quantized by the quad of lanes 8t / 8t + 4)
-        // and of the tile's 128-row weight block
+        // token (column 2t / 2t + 1 of the fragment: BLOCK quantized it in the quad of lanes 8t /
+        // 8t + 4, BLOCK_Q reads it) and of the tile's 128-row weight block
         uint4 xq[2][MT];
         float sx_col[MT][2];
 #pragma unroll
         for (int jj = 0; jj < MT; ++jj) {
-          const uint4 xg[2][2] = {{xc[0][jj][0], xc[0][jj][1]}, {xc[1][jj][0], xc[1][jj][1]}};
-          uint4 qg[2];
-          const float sx = quantize_group<X>(xg, qg);
-          xq[0][jj] = qg[0];
-          xq[1][jj] = qg[1];
-          sx_col[jj][0] = __shfl_sync(0xFFFFFFFFu, sx, 8 * t);
-          sx_col[jj][1] = __shfl_sync(0xFFFFFFFFu, sx, 8 * t + 4);
+          if constexpr (MODE == BLOCK) {
+            const uint4 xg[2][2] = {{xc[0][jj][0], xc[0][jj][1]}, {xc[1][jj][0], xc[1][jj][1]}};
+            uint4 qg[2];
+            const float sx = quantize_group<X>(xg, qg);
+            xq[0][jj] = qg[0];
+            xq[1][jj] = qg[1];
+            sx_col[jj][0] = __shfl_sync(0xFFFFFFFFu, sx, 8 * t);
+            sx_col[jj][1] = __shfl_sync(0xFFFFFFFFu, sx, 8 * t + 4);
+          } else {
+            xq[0][jj] = xc[0][jj][0];
+            xq[1][jj] = xc[1][jj][0];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int tk = 8 * jj + 2 * t + e;  // zeros past the last token: any finite scale
+              sx_col[jj][e] = tk < tokens ? __ldg(p.sx + (long long)(tok0 + tk) * p.sx_stride + c) : 0.f;
+            }
+          }
         }
         A part[R][MT][4], part2[R][MT][4];
 #pragma unroll
@@ -433,7 +454,7 @@ __global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Para
 #pragma unroll
       for (int w = 0; w < W; ++w) v += red[w][rr][tt];
       float y = static_cast<float>(v);
-      if constexpr (MODE != BLOCK) y *= sg.sw[row * sg.sw_stride];  // BLOCK: scaled per chunk
+      if constexpr (!per_chunk(MODE)) y *= sg.sw[row * sg.sw_stride];  // fp8_block: scaled per chunk
       if constexpr (MODE == W8A8) y *= p.sx[(tok0 + tt) * p.sx_stride];
       if (sg.bias) y += Io<O>::load(sg.bias, row);
       Io<O>::store(sg.out, (long long)(tok0 + tt) * sg.out_stride + row, y);
@@ -470,11 +491,12 @@ cudaError_t dispatch_m(const Params& p, int row_tiles, int warps, bool pdl, cuda
                   : dispatch_r<MODE, ELEM, X, O, 16>(p, row_tiles, warps, pdl, stream);
 }
 
-template <int ELEM>
-cudaError_t dispatch_w8a8(const Params& p, int out_dtype, int row_tiles, int warps, bool pdl, cudaStream_t stream) {
-  if (out_dtype == 0) return dispatch_m<W8A8, ELEM, uint8_t, __nv_bfloat16>(p, row_tiles, warps, pdl, stream);
-  if (out_dtype == 1) return dispatch_m<W8A8, ELEM, uint8_t, __half>(p, row_tiles, warps, pdl, stream);
-  return dispatch_m<W8A8, ELEM, uint8_t, float>(p, row_tiles, warps, pdl, stream);
+// W8A8 and BLOCK_Q: a quantized activation, the output in any of the three dtypes
+template <int MODE, int ELEM>
+cudaError_t dispatch_8(const Params& p, int out_dtype, int row_tiles, int warps, bool pdl, cudaStream_t stream) {
+  if (out_dtype == 0) return dispatch_m<MODE, ELEM, uint8_t, __nv_bfloat16>(p, row_tiles, warps, pdl, stream);
+  if (out_dtype == 1) return dispatch_m<MODE, ELEM, uint8_t, __half>(p, row_tiles, warps, pdl, stream);
+  return dispatch_m<MODE, ELEM, uint8_t, float>(p, row_tiles, warps, pdl, stream);
 }
 
 // W8A16 and BLOCK: the output in the activation's dtype
@@ -525,8 +547,8 @@ int qlp_w8a8_decode(const qlp::Params* p, int elem, int out_dtype, int row_tiles
   if (p->m <= 0 || p->total_tiles == 0) return 0;
   if (elem == 0 && qlp::device_sm() < 89) return qlp_fail(err, err_len, "fp8 MMAs need sm89 or newer");
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return qlp_launched(elem == 0 ? qlp::dispatch_w8a8<qlp::E4M3>(*p, out_dtype, row_tiles, warps, pdl != 0, s)
-                                : qlp::dispatch_w8a8<qlp::S8>(*p, out_dtype, row_tiles, warps, pdl != 0, s), err, err_len);
+  return qlp_launched(elem == 0 ? qlp::dispatch_8<qlp::W8A8, qlp::E4M3>(*p, out_dtype, row_tiles, warps, pdl != 0, s)
+                                : qlp::dispatch_8<qlp::W8A8, qlp::S8>(*p, out_dtype, row_tiles, warps, pdl != 0, s), err, err_len);
 }
 
 // W8A16 (weight-only), launched on `stream`: as qlp_w8a8_decode, with a 16-bit activation that is
@@ -552,6 +574,21 @@ int qlp_fp8_block_decode(const qlp::Params* p, int elem, int act_dtype, int row_
   if (p->m <= 0 || p->total_tiles == 0) return 0;
   if (qlp::device_sm() < 89) return qlp_fail(err, err_len, "fp8 MMAs need sm89 or newer");
   return qlp_launched(qlp::dispatch_16<qlp::BLOCK, qlp::E4M3>(*p, act_dtype, row_tiles, warps, pdl != 0, static_cast<cudaStream_t>(stream)),
+                      err, err_len);
+}
+
+// fp8_block with the activation quantized before the kernel (BLOCK_Q), launched on `stream`: as
+// qlp_w8a8_decode with e4m3 bytes (elem 0), p->sx the activation's fp32 scales per 1x128 group
+// ([m, k / 128], rows p->sx_stride apart) and each segment's sw per 128x128 weight block.
+int qlp_fp8_block_q_decode(const qlp::Params* p, int elem, int out_dtype, int row_tiles, int warps, int pdl, void* stream,
+                           char* err, int err_len) {
+  if (const char* why = qlp_check(p, elem, row_tiles, warps)) return qlp_fail(err, err_len, why);
+  if (elem != 0) return qlp_fail(err, err_len, "fp8_block is fp8 e4m3 (elem 0)");
+  if (out_dtype < 0 || out_dtype > 2) return qlp_fail(err, err_len, "out_dtype must be 0 (bf16), 1 (fp16) or 2 (fp32)");
+  if (p->m <= 0 || p->total_tiles == 0) return 0;
+  if (p->sx == nullptr) return qlp_fail(err, err_len, "the activation's group scales are missing");
+  if (qlp::device_sm() < 89) return qlp_fail(err, err_len, "fp8 MMAs need sm89 or newer");
+  return qlp_launched(qlp::dispatch_8<qlp::BLOCK_Q, qlp::E4M3>(*p, out_dtype, row_tiles, warps, pdl != 0, static_cast<cudaStream_t>(stream)),
                       err, err_len);
 }
 
