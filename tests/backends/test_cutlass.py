@@ -503,6 +503,36 @@ def test_gpu_fp8_block_graph_writes_the_scales_mn_major(monkeypatch, tokens):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["fp8_rowwise", "fp8_block"])
+def test_gpu_compiled_siblings_share_one_quantization(monkeypatch, scheme):
+    """Under Inductor, q/k/v's GEMMs read one quantized activation (fp8_block: one MN-major scale
+    buffer too), and every output matches the eager modules."""
+    from ..helpers import random_activation
+    from ..test_graph_pass import Siblings
+
+    _hopper_or_skip(KERNELS[scheme])
+    inputs = []
+    orig = CU._CutlassKernel.run
+
+    def spy(self, spec_, x, params, bias, config=None):
+        inputs.append((spec_.n, x.untyped_storage().data_ptr(), params[-1].untyped_storage().data_ptr()))
+        return orig(self, spec_, x, params, bias, config)
+
+    monkeypatch.setattr(CU._CutlassKernel, "run", spy)
+    torch.manual_seed(0)
+    model = qp.quantize(Siblings(k=512, ns=(512, 256, 256)).to(torch.bfloat16), scheme).cuda()
+    x = random_activation((1, 37, 512)).cuda()
+    with torch.no_grad():
+        with qp.linear_backend("cutlass"):
+            y = torch.compile(model, backend=qp.make(), dynamic=False)(x)
+        ref = model(x)
+    torch._dynamo.reset()
+    assert S.relative_error(y, ref) < 2 * S.TOLERANCE[torch.bfloat16]
+    qkv = [i for i in inputs if i[0] in (512, 256)]
+    assert len(qkv) == 3 and len({i[1] for i in qkv}) == 1 and len({i[2] for i in qkv}) == 1, inputs
+
+
+@pytest.mark.gpu
 def test_gpu_binding_rejects_bad_input():
     _hopper_or_skip("cutlass_fp8")
     mod = R.get_kernel("cutlass_fp8").module()
