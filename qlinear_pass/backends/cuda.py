@@ -119,7 +119,7 @@ class CudaW8A8(Kernel):
         SwiGLU before down_proj).  fp8_block: up to 8 tokens (or a symbolic M) no, the kernel
         quantizes each 1x128 group in the chunk it reads (one pass over the activation fewer, and no
         quantization kernels in the graph); above, yes: each CTA quantizes the activation again for
-        every row tile it computes, which at 16 tokens cost 1.3-1.6x the kernel's time (H200,
+        every row tile it computes, which at 16 tokens made the kernel 1.3-1.45x slower (H200,
         ``benchmarks/results/h200/decode/fp8_block_q/``)."""
         if spec.scheme != "fp8_block":
             return True

@@ -1,5 +1,5 @@
 // 8-bit weights at decode sizes, fp8 e4m3 or int8 ([N, K] bytes) with a scale per channel or per
-// tensor, in three forms:
+// tensor, in four forms:
 //
 // * W8A8: y[m, n] = sx[m] * sw[n] * sum_k xq[m, k] * wq[n, k] (+ bias[n]), the activation quantized
 //   in the weight's format (the scale per token or per tensor).  The activation arrives quantized:
@@ -22,7 +22,7 @@
 //   every CTA quantizing the activation of each of its tiles costs more than the graph's one pass
 //   (the scheme's quantization, so the same bytes and scales as BLOCK's); then BLOCK's sums.
 //
-// Common to all three:
+// Common to all four:
 //
 // * the weight is the 16-row A operand (rows = output channels), the activation the 8-column B
 //   operand (columns = tokens).  The k order inside an MMA is a permutation of the loaded k, the
