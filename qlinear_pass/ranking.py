@@ -144,7 +144,10 @@ SM90: tuple = (
         "End to end (h100/e2e/fp8_block_decode, same card): batch-8 decode 1.59x bf16 with it, 1.13x with "
         f"Triton. h100/flashinfer ({_H100}): flashinfer_deepgemm 0.98-1.16x our Triton block-scaled kernel "
         "at M=16 (K=4096 N=28672: 44.4 us static), so after cuda_w8a8; h100/cutlass/fp8_block: "
-        "cutlass_fp8_block 0.78-1.05x Triton at M <= 16."),
+        "cutlass_fp8_block 0.78-1.05x Triton at M <= 16. Above 8 tokens cuda_w8a8 takes the graph's "
+        f"quantized activation (h200/decode/fp8_block_q, {_H200}, one call, M=16, us, given it / quantizing "
+        "in the kernel / Triton's decode kernel / bf16): K=4096 N=14336 23.7 / 34.3 / 28.6 / 32.4, K=14336 "
+        "N=4096 20.7 / 27.4 / 47.7 / 33.4, N=6144 12.6 / 17.6 / 24.4 / 15.7."),
     Row("sm90", "fp8_block", (128, 1024, None), ("flashinfer_deepgemm_fp8_block", "cutlass_fp8_block", "triton_w8a8") + _FI_BLOCK_SM100,
         f"h100/cutlass/fp8_block/summary.md ({_H100}): cutlass_fp8_block 1.6-1.75x our Triton GEMM at "
         "M >= 1024 and 1.01-1.35x at M=128; against flashinfer_deepgemm 0.88-1.16x at M >= 1024 (three "
