@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import qlinear_pass as qp
@@ -16,6 +16,7 @@ from qlinear_pass.kernels import cutlass_build as B
 
 # imported here, not inside a test: importing a test module inside a running @given trips
 # hypothesis's nested-@given check
+from ..test_graph_pass import Siblings
 from .test_triton import run_direct
 
 H100 = R.DeviceInfo("cuda", (9, 0), "fake H100")
@@ -49,18 +50,23 @@ def test_device_reasons():
     assert not ok and "sm90a" in why and "sm100" in why
 
 
-@pytest.fixture
-def toolchain_ok(monkeypatch):
-    """A machine where everything the build needs is present (each test then takes one thing away)."""
+def _with_toolchain(mp: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """``mp`` patching in a machine where everything the build needs is present."""
     # imported first: it binds cutlass_build's nvcc by name, and must not bind the stand-in below
     from qlinear_pass.kernels import cuda_build  # our own CUDA kernels' nvcc, too
 
-    monkeypatch.setattr(torch.version, "cuda", "13.0")
-    monkeypatch.setattr(B, "nvcc", lambda: ("/opt/cuda/bin/nvcc", (13, 0), ""))
-    monkeypatch.setattr(B, "cutlass_include", lambda: ("/opt/cutlass/include", ""))
-    monkeypatch.setattr(B, "ninja_available", lambda: True)
-    monkeypatch.setattr(cuda_build, "toolchain", lambda *a: ("/opt/cuda/bin/nvcc", ""))
-    return monkeypatch
+    mp.setattr(torch.version, "cuda", "13.0")
+    mp.setattr(B, "nvcc", lambda: ("/opt/cuda/bin/nvcc", (13, 0), ""))
+    mp.setattr(B, "cutlass_include", lambda: ("/opt/cutlass/include", ""))
+    mp.setattr(B, "ninja_available", lambda: True)
+    mp.setattr(cuda_build, "toolchain", lambda *a: ("/opt/cuda/bin/nvcc", ""))
+    return mp
+
+
+@pytest.fixture
+def toolchain_ok(monkeypatch):
+    """A machine where everything the build needs is present (each test then takes one thing away)."""
+    return _with_toolchain(monkeypatch)
 
 
 def test_toolchain_reasons(toolchain_ok):
@@ -508,7 +514,6 @@ def test_gpu_compiled_siblings_share_one_quantization(monkeypatch, scheme):
     """Under Inductor, q/k/v's GEMMs read one quantized activation (fp8_block: one MN-major scale
     buffer too), and every output matches the eager modules."""
     from ..helpers import random_activation
-    from ..test_graph_pass import Siblings
 
     _hopper_or_skip(KERNELS[scheme])
     inputs = []
@@ -761,8 +766,9 @@ def test_the_pass_builds_a_weight_only_family_at_compile_time_not_in_the_first_f
 
 
 def _cutlass_graph(toolchain_ok, model, x):
-    """``model(x)`` compiled on the CUTLASS backend with the extensions emulated: (output, the
-    graph's nodes after the pass, {module: its qlinear_pass::linear node})."""
+    """``model(x)`` compiled on the CUTLASS backend with the extensions emulated, patching through
+    ``toolchain_ok`` (a MonkeyPatch): (output, the graph's nodes after the pass, {module: its
+    qlinear_pass::linear node})."""
     from qlinear_pass import graph_pass
     from qlinear_pass.spec import LayerSpec
 
@@ -792,7 +798,6 @@ def test_siblings_share_one_quantization_of_their_activation(toolchain_ok, schem
     from qlinear_pass import graph_pass
 
     from ..helpers import random_activation
-    from ..test_graph_pass import Siblings
 
     torch.manual_seed(0)
     model = qp.quantize(Siblings().to(torch.bfloat16), scheme)
@@ -811,21 +816,27 @@ def test_siblings_share_one_quantization_of_their_activation(toolchain_ok, schem
     assert len(quantized) == 2, [n.format_node() for n in quantized]  # h's and x's
 
 
-def test_siblings_quantizing_differently_keep_their_own(toolchain_ok):
-    """k quantizes the same activation per 1x128 group where q and v do per token: q and v share
-    one quantization, k keeps its own, and every output is still right."""
+@given(schemes=st.lists(st.sampled_from(list(KERNELS)), min_size=3, max_size=3))
+@example(schemes=["fp8_rowwise", "fp8_block", "fp8_rowwise"])
+@example(schemes=["fp8_rowwise", "fp8_tensor", "int8_rowwise"])  # per token, per tensor, int8: three chains
+def test_siblings_share_a_quantization_only_when_it_is_the_same(schemes):
+    """q/k/v quantized with any mix of schemes: the layers of one scheme read one quantization,
+    layers of different schemes each their own, and every output is still right."""
     from qlinear_pass import graph_pass
 
     from ..helpers import random_activation
-    from ..test_graph_pass import Siblings
 
     torch.manual_seed(0)
     model = Siblings().to(torch.bfloat16)
-    qp.quantize(model, "fp8_block", include=["k"])
-    qp.quantize(model, "fp8_rowwise")  # the rest
+    for name, scheme in zip("qkv", schemes):
+        qp.quantize(model, scheme, include=[name])
+    qp.quantize(model, "fp8_rowwise")  # o
     x = random_activation((1, 5, 256))
-    y, _, ops = _cutlass_graph(toolchain_ok, model, x)
+    with pytest.MonkeyPatch.context() as mp:  # patched anew for each example
+        y, _, ops = _cutlass_graph(_with_toolchain(mp), model, x)
     with torch.no_grad():
         assert S.relative_error(y, model(x)) < S.TOLERANCE[torch.bfloat16]
-    inputs = {name: graph_pass._root(n.args[0]) for name, n in ops.items()}
-    assert inputs["q"] is inputs["v"] and inputs["k"] is not inputs["q"]
+    inputs = {name: graph_pass._root(ops[name].args[0]) for name in "qkv"}
+    for a, sa in zip("qkv", schemes):
+        for b, sb in zip("qkv", schemes):
+            assert (inputs[a] is inputs[b]) == (sa == sb), (a, b, schemes)
