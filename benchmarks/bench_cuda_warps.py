@@ -32,17 +32,18 @@ SCHEMES = ("w4a16", "int8_weight_only", "fp8_weight_only", "fp8_rowwise", "fp8_b
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 6144), (4096, 28672), (4096, 4096), (4096, 1024)]
 
 
-def kernel_call(scheme: str, x: torch.Tensor, warps):
+def kernel_call(scheme: str, x: torch.Tensor, **knobs):
     """A function of one weight copy (weight, scale) that runs the scheme's decode kernel on ``x``
-    (fp8_rowwise: quantized here, once)."""
+    with ``knobs`` (``warps``, ``splits``: the kernel's keyword arguments; fp8_rowwise: quantized
+    here, once)."""
     if scheme == "w4a16":
-        return lambda w, s: CW.w4a16_decode(x, w, s, None, None, 128, warps=warps)
+        return lambda w, s: CW.w4a16_decode(x, w, s, None, None, 128, **knobs)
     if scheme == "fp8_rowwise":
         xq, sx = S.quantize_activation(scheme, x)
-        return lambda w, s: C8.w8a8_decode(xq, sx, w, s, None, x.dtype, warps=warps)
+        return lambda w, s: C8.w8a8_decode(xq, sx, w, s, None, x.dtype, **knobs)
     if scheme == "fp8_block":
-        return lambda w, s: C8.fp8_block_decode(x, w, s, None, warps=warps)
-    return lambda w, s: C8.w8a16_decode(x, w, s, None, warps=warps)
+        return lambda w, s: C8.fp8_block_decode(x, w, s, None, **knobs)
+    return lambda w, s: C8.w8a16_decode(x, w, s, None, **knobs)
 
 
 def weight_copies(scheme: str, n: int, k: int) -> tuple[dict, list]:
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
                     limit = 1 if scheme == "w4a16" else 8
                     if warps == 4 and m > limit:
                         continue
-                    call = kernel_call(scheme, x, warps)
+                    call = kernel_call(scheme, x, warps=warps)
                     case["rel_err"][name] = S.relative_error(call(*copies[0]), ref)
                     case["us"][name] = graph_time([(lambda ws: (lambda: call(*ws)))(ws) for ws in copies]) * 1e6
                 result["cases"].append(case)
