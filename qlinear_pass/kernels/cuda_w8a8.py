@@ -17,16 +17,13 @@ activation already quantized (e4m3 [M, K] and fp32 scales [M, K/128]), as a comp
 it on above 8 tokens (``backends.cuda.CudaW8A8.takes_quantized_activation``).
 
 Any M is computed (more CTAs along M), but the kernel is made for M <= 16: each CTA reads its
-weight rows once per 16 tokens.  Where a launch has too few row tiles to give every SM the same
-share, each tile is split along K (:func:`splits_for`) and the CTAs that run its parts add up through
-a small workspace kept with the first layer's weight (:func:`workspace`).  Programmatic dependent launch as in :mod:`.cuda_w4a16`
+weight rows once per 16 tokens.  Programmatic dependent launch as in :mod:`.cuda_w4a16`
 (``pdl``, :func:`.cuda_w4a16.pdl_for`): the kernel copies its first chunks' weights before the kernel
 ahead of it has finished.
 """
 from __future__ import annotations
 
 import ctypes
-import weakref
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -37,7 +34,7 @@ from .cuda_w4a16 import aligned, pdl_for, row_tiles_for
 #: the layers one launch serves (the kernel's MAX_SEGMENTS)
 MAX_SEGMENTS = 3
 #: the kernel's ABI_VERSION (Params and Segment as declared below)
-ABI_VERSION = 5
+ABI_VERSION = 4
 ELEMS = {torch.float8_e4m3fn: 0, torch.int8: 1}
 OUT_DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 #: the weight-only form's activations (and outputs)
@@ -62,8 +59,7 @@ class _Segment(ctypes.Structure):
 class _Params(ctypes.Structure):
     _fields_ = [("x", ctypes.c_void_p), ("sx", ctypes.c_void_p), ("x_stride", ctypes.c_longlong),
                 ("sx_stride", ctypes.c_longlong), ("m", ctypes.c_int), ("k", ctypes.c_int), ("nseg", ctypes.c_int),
-                ("total_tiles", ctypes.c_int), ("splits", ctypes.c_int), ("part", ctypes.c_void_p),
-                ("count", ctypes.c_void_p), ("seg", _Segment * MAX_SEGMENTS)]
+                ("total_tiles", ctypes.c_int), ("seg", _Segment * MAX_SEGMENTS)]
 
 
 def check_k(k: int) -> str:
@@ -90,70 +86,6 @@ def warps_for(m: int, tiles: int, sms: int) -> int:
     return 4 if m <= 8 and tiles >= 2 * sms else 8
 
 
-#: the parts a row tile may be split into along K
-SPLITS = (1, 2, 4)
-
-
-def splits_for(m: int, tiles: int, k: int, sms: int) -> int:
-    """Parts of K each row tile is split into, so that the units (tiles x parts) fill the SMs' last
-    round: 1 where the tiles already fill 90% of it, else the fewest parts that fill it best, each
-    part at least 8 chunks of 128 (one a warp).  Only up to 16 tokens (one CTA row of the grid).
-    q/k/v at 32-row tiles (192 on 132 SMs: 73%) take 2 parts (384: 97%)."""
-    if m > 16:
-        return 1
-    chunks = k // 128
-
-    def fill(parts: int) -> float:
-        units = tiles * parts
-        return units / (-(-units // sms) * sms)
-
-    if fill(1) >= 0.9:
-        return 1
-    options = [p for p in SPLITS if chunks % p == 0 and chunks // p >= 8] or [1]
-    return max(options, key=lambda p: (round(fill(p), 2), -p))
-
-
-def check_splits(splits: Optional[int], k: int) -> str:
-    """Why a launch cannot split its row tiles into ``splits`` parts of K ("" when it can; None: the rule's)."""
-    if splits is None or splits in SPLITS and (k // 128) % splits == 0:
-        return ""
-    return f"splits: one of {SPLITS} that divides K / 128 = {k // 128}, got {splits}"
-
-
-def _tokens_a_cta(m: int) -> int:
-    """The kernel's TOK for M tokens (w8a8_decode.cu, dispatch_m)."""
-    return 1 if m == 1 else 8 if m <= 8 else 16
-
-
-#: id(first weight of a launch) -> (weakref to it, {(counts, sums): (count, part)})
-_workspaces: dict = {}
-
-
-def workspace(key: torch.Tensor, counts: int, sums: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The workspace of a launch whose row tiles are split: ``counts`` uint32 counters (zero between
-    launches: the kernel counts the parts of each tile, and the last part sets its counter back) and
-    room for ``sums`` 32-bit partial sums.  Made once per size and kept while ``key`` (the launch's
-    first weight) lives, so that a CUDA graph that captured a launch (on whichever stream) keeps
-    reading the same one; one made during a capture is the graph's (its zeros are captured) and not
-    kept.  One launch of a layer runs at a time: two streams running the same layers at once would
-    share their counters."""
-    entry = _workspaces.get(id(key))
-    if entry is not None and entry[0]() is not key:
-        entry = None
-    want = (counts, sums)
-    if entry is not None and want in entry[1]:
-        return entry[1][want]
-    made = (torch.zeros(counts, dtype=torch.int32, device=key.device), torch.empty(sums, dtype=torch.int32, device=key.device))
-    if key.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return made
-    if entry is None:
-        entry = (weakref.ref(key), {})
-        _workspaces[id(key)] = entry
-        weakref.finalize(key, _workspaces.pop, id(key), None)
-    entry[1][want] = made
-    return made
-
-
 def _scale(s: torch.Tensor, count: int, what: str) -> tuple[torch.Tensor, int]:
     """A scale as fp32 values the kernel indexes with stride 1 (``count`` of them) or 0 (one)."""
     if s.numel() == 1:
@@ -178,8 +110,7 @@ def _layers(x: torch.Tensor, layers: Sequence[Layer], weight_dtype: torch.dtype,
             block: bool = False) -> tuple[list, bool]:
     """Each layer checked against the activation ``x`` [M, K] and made ready for the kernel:
     (weight, fp32 scale, its stride, bias in ``out_dtype`` or None, N); ``block``: the scale is per
-    128x128 block.  Also whether a weight was copied here (no early weight reads then), and the first
-    layer's weight (what a split launch's workspace is kept with)."""
+    128x128 block.  Also whether a weight was copied here (no early weight reads then)."""
     k = x.shape[1]
     prepared = []
     for i, layer in enumerate(layers):
@@ -196,22 +127,19 @@ def _layers(x: torch.Tensor, layers: Sequence[Layer], weight_dtype: torch.dtype,
         sw, sw_stride = _block_scale(layer.sw, n, k, what) if block else _scale(layer.sw, n, what)
         bias = layer.bias.to(out_dtype).contiguous() if layer.bias is not None else None
         prepared.append((aligned(layer.w, 16, 16), sw, sw_stride, bias, n))
-    return prepared, any(p[0] is not layer.w for p, layer in zip(prepared, layers)), layers[0].w if layers else None
+    return prepared, any(p[0] is not layer.w for p, layer in zip(prepared, layers))
 
 
-def _launch(entry: str, x: torch.Tensor, sx: Optional[torch.Tensor], sx_stride: int, layers: tuple,
+def _launch(entry: str, x: torch.Tensor, sx: Optional[torch.Tensor], sx_stride: int, layers: tuple[list, bool],
             elem: int, dtype_code: int, out_dtype: torch.dtype, row_tiles: Optional[int],
-            warps: Optional[int], pdl: Optional[bool], splits: Optional[int] = None) -> list[torch.Tensor]:
+            warps: Optional[int], pdl: Optional[bool]) -> list[torch.Tensor]:
     """Run ``qlp_<entry>_decode`` over the prepared layers (what :func:`_layers` returns), MAX_SEGMENTS
-    a launch: their outputs.  ``row_tiles``, ``warps``, ``pdl`` and ``splits`` default to
-    ``row_tiles_for``, :func:`warps_for`, ``pdl_for`` and :func:`splits_for`'s rule."""
-    prepared, converted, key = layers
+    a launch: their outputs.  ``row_tiles``, ``warps`` and ``pdl`` default to ``row_tiles_for``,
+    :func:`warps_for` and ``pdl_for``'s rule."""
+    prepared, converted = layers
     m, k = x.shape
     if warps is not None and warps not in (4, 8) or warps == 4 and m > 8:
         raise ValueError(f"warps a CTA: 8, or 4 for up to 8 tokens (M <= 8); got {warps} at M = {m}")
-    why = check_splits(splits, k)
-    if why:
-        raise ValueError(why)
     outs = [torch.empty((m, n), device=x.device, dtype=out_dtype) for *_, n in prepared]
     if m == 0 or not prepared:
         return outs
@@ -239,12 +167,6 @@ def _launch(entry: str, x: torch.Tensor, sx: Optional[torch.Tensor], sx_stride: 
                 seg.w_stride, seg.sw_stride, seg.out_stride = w.stride(0), sw_stride, outs[i].stride(0)
                 seg.n, seg.tiles = n, -(-n // rows)
             p.total_tiles = sum(p.seg[j].tiles for j in range(len(batch)))
-            p.splits = splits if splits is not None else splits_for(m, p.total_tiles, k, sms)
-            if p.splits > 1:
-                tok = _tokens_a_cta(m)
-                counts = -(-m // tok) * p.total_tiles
-                count, part = workspace(key, counts, counts * p.splits * rows * (16 if tok > 8 else 8))
-                p.count, p.part = count.data_ptr(), part.data_ptr()
             w = warps if warps is not None else warps_for(m, p.total_tiles, sms)
             if run(ctypes.byref(p), elem, dtype_code, row_tiles, w, early, stream, err, len(err)):
                 raise RuntimeError(f"the {entry} decode kernel failed: {err.value.decode(errors='replace')}")
@@ -263,7 +185,7 @@ def _check_activation(x: torch.Tensor, what: str) -> None:
 
 def w8a8_decode_group(xq: torch.Tensor, sx: torch.Tensor, layers: Sequence[Layer], out_dtype: torch.dtype,
                       row_tiles: Optional[int] = None, warps: Optional[int] = None,
-                      pdl: Optional[bool] = None, splits: Optional[int] = None) -> list[torch.Tensor]:
+                      pdl: Optional[bool] = None) -> list[torch.Tensor]:
     """``xq`` [M, K] (fp8 e4m3 or int8) with scales ``sx`` times each layer's weight -> [M, N_i] each, in ``out_dtype``."""
     if xq.dim() == 2 and xq.dtype not in ELEMS:
         raise ValueError(f"the W8A8 decode kernel takes an fp8 e4m3 or int8 activation, not {xq.dtype}")
@@ -275,19 +197,18 @@ def w8a8_decode_group(xq: torch.Tensor, sx: torch.Tensor, layers: Sequence[Layer
         raise ValueError(f"the activation scale is on {sx.device}, the activation on {xq.device}")
     ready = _layers(xq, layers, xq.dtype, out_dtype)
     return _launch("w8a8", aligned(xq, 16, 16), sx, sx_stride, ready, ELEMS[xq.dtype], OUT_DTYPES[out_dtype],
-                   out_dtype, row_tiles, warps, pdl, splits)
+                   out_dtype, row_tiles, warps, pdl)
 
 
 def w8a8_decode(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: Optional[torch.Tensor],
                 out_dtype: torch.dtype, row_tiles: Optional[int] = None, warps: Optional[int] = None,
-                pdl: Optional[bool] = None, splits: Optional[int] = None) -> torch.Tensor:
+                pdl: Optional[bool] = None) -> torch.Tensor:
     """One layer: ``xq`` [M, K] times the weight ``w`` [N, K] -> [M, N] in ``out_dtype``."""
-    return w8a8_decode_group(xq, sx, [Layer(w, sw, bias)], out_dtype, row_tiles, warps, pdl, splits)[0]
+    return w8a8_decode_group(xq, sx, [Layer(w, sw, bias)], out_dtype, row_tiles, warps, pdl)[0]
 
 
 def w8a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], row_tiles: Optional[int] = None,
-                       warps: Optional[int] = None, pdl: Optional[bool] = None,
-                       splits: Optional[int] = None) -> list[torch.Tensor]:
+                       warps: Optional[int] = None, pdl: Optional[bool] = None) -> list[torch.Tensor]:
     """The weight-only form: ``x`` [M, K] (bf16 / fp16) times each layer's 8-bit weight (all fp8 e4m3
     or all int8) and its scale -> [M, N_i] each, in ``x``'s dtype."""
     if x.dim() == 2 and x.dtype not in ACT_DTYPES:
@@ -301,19 +222,17 @@ def w8a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], row_tiles: Opti
     ready = _layers(x, layers, weight_dtype, x.dtype)
     # 16-byte pieces of 16-bit values: rows a multiple of 8 elements apart
     return _launch("w8a16", aligned(x, 16, 8), None, 0, ready, ELEMS[weight_dtype], ACT_DTYPES[x.dtype], x.dtype,
-                   row_tiles, warps, pdl, splits)
+                   row_tiles, warps, pdl)
 
 
 def w8a16_decode(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: Optional[torch.Tensor],
-                 row_tiles: Optional[int] = None, warps: Optional[int] = None, pdl: Optional[bool] = None,
-                 splits: Optional[int] = None) -> torch.Tensor:
+                 row_tiles: Optional[int] = None, warps: Optional[int] = None, pdl: Optional[bool] = None) -> torch.Tensor:
     """One weight-only layer: ``x`` [M, K] times the weight ``w`` [N, K] -> [M, N] in ``x``'s dtype."""
-    return w8a16_decode_group(x, [Layer(w, sw, bias)], row_tiles, warps, pdl, splits)[0]
+    return w8a16_decode_group(x, [Layer(w, sw, bias)], row_tiles, warps, pdl)[0]
 
 
 def fp8_block_decode_group(x: torch.Tensor, layers: Sequence[Layer], row_tiles: Optional[int] = None,
-                           warps: Optional[int] = None, pdl: Optional[bool] = None,
-                           splits: Optional[int] = None) -> list[torch.Tensor]:
+                           warps: Optional[int] = None, pdl: Optional[bool] = None) -> list[torch.Tensor]:
     """``fp8_block``: ``x`` [M, K] (bf16 / fp16; quantized inside the kernel per 1x128 group) times each
     layer's e4m3 weight with its 128x128-block scale -> [M, N_i] each, in ``x``'s dtype."""
     if x.dim() == 2 and x.dtype not in ACT_DTYPES:
@@ -321,19 +240,18 @@ def fp8_block_decode_group(x: torch.Tensor, layers: Sequence[Layer], row_tiles: 
     _check_activation(x, "fp8_block")
     ready = _layers(x, layers, torch.float8_e4m3fn, x.dtype, block=True)
     return _launch("fp8_block", aligned(x, 16, 8), None, 0, ready, ELEMS[torch.float8_e4m3fn], ACT_DTYPES[x.dtype],
-                   x.dtype, row_tiles, warps, pdl, splits)
+                   x.dtype, row_tiles, warps, pdl)
 
 
 def fp8_block_decode(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: Optional[torch.Tensor],
-                     row_tiles: Optional[int] = None, warps: Optional[int] = None, pdl: Optional[bool] = None,
-                     splits: Optional[int] = None) -> torch.Tensor:
+                     row_tiles: Optional[int] = None, warps: Optional[int] = None, pdl: Optional[bool] = None) -> torch.Tensor:
     """One ``fp8_block`` layer: ``x`` [M, K] times ``w`` [N, K] -> [M, N] in ``x``'s dtype."""
-    return fp8_block_decode_group(x, [Layer(w, sw, bias)], row_tiles, warps, pdl, splits)[0]
+    return fp8_block_decode_group(x, [Layer(w, sw, bias)], row_tiles, warps, pdl)[0]
 
 
 def fp8_block_q_decode_group(xq: torch.Tensor, sx: torch.Tensor, layers: Sequence[Layer], out_dtype: torch.dtype,
                              row_tiles: Optional[int] = None, warps: Optional[int] = None,
-                             pdl: Optional[bool] = None, splits: Optional[int] = None) -> list[torch.Tensor]:
+                             pdl: Optional[bool] = None) -> list[torch.Tensor]:
     """``fp8_block`` with the activation quantized before: ``xq`` [M, K] (fp8 e4m3) with its scales
     ``sx`` per 1x128 group ([M, K/128]) times each layer's e4m3 weight and 128x128-block scale ->
     [M, N_i] each, in ``out_dtype``."""
@@ -353,12 +271,11 @@ def fp8_block_q_decode_group(xq: torch.Tensor, sx: torch.Tensor, layers: Sequenc
         sx = sx.contiguous()
     ready = _layers(xq, layers, torch.float8_e4m3fn, out_dtype, block=True)
     return _launch("fp8_block_q", aligned(xq, 16, 16), sx, sx.stride(0), ready, ELEMS[torch.float8_e4m3fn],
-                   OUT_DTYPES[out_dtype], out_dtype, row_tiles, warps, pdl, splits)
+                   OUT_DTYPES[out_dtype], out_dtype, row_tiles, warps, pdl)
 
 
 def fp8_block_q_decode(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,
                        bias: Optional[torch.Tensor], out_dtype: torch.dtype, row_tiles: Optional[int] = None,
-                       warps: Optional[int] = None, pdl: Optional[bool] = None,
-                       splits: Optional[int] = None) -> torch.Tensor:
+                       warps: Optional[int] = None, pdl: Optional[bool] = None) -> torch.Tensor:
     """One ``fp8_block`` layer with a quantized activation: ``xq`` [M, K] times ``w`` [N, K] -> [M, N]."""
-    return fp8_block_q_decode_group(xq, sx, [Layer(w, sw, bias)], out_dtype, row_tiles, warps, pdl, splits)[0]
+    return fp8_block_q_decode_group(xq, sx, [Layer(w, sw, bias)], out_dtype, row_tiles, warps, pdl)[0]

@@ -211,28 +211,27 @@ const char* check_segments(const Params& p, int row_tiles) {
 }
 
 // The persistent grid: y = slices of TOK tokens, x = as many CTAs a slice as run at once (all
-// slices together), each with an equal share of the slice's units (row tiles or their parts)
-inline dim3 persistent_grid(int units, int m, int tok, int resident) {
+// slices together), each with an equal share of the slice's row tiles
+inline dim3 persistent_grid(int total_tiles, int m, int tok, int resident) {
   const int slices = (m + tok - 1) / tok;
   const int per_slice = std::max(1, resident / slices);
-  const int rounds = (units + per_slice - 1) / per_slice;
-  return dim3((units + rounds - 1) / rounds, slices);
+  const int rounds = (total_tiles + per_slice - 1) / per_slice;
+  return dim3((total_tiles + rounds - 1) / rounds, slices);
 }
 
 // Whether a launch can be a programmatic dependent launch here: a GPU of sm90+ and a CUDA 11.8+ build
 inline bool pdl_launches() { return CUDART_VERSION >= 11080 && device_sm() >= 90; }
 
 // Launch KERNEL (TOK tokens a CTA, THREADS threads, `bytes` of dynamic shared memory) as a
-// persistent grid over `units` (row tiles, or their parts along K) on `stream`; `pdl`: with
-// programmatic dependent launch where pdl_launches(), so the kernel's CTAs start, and copy weights,
-// while the kernel before them finishes
+// persistent grid on `stream`; `pdl`: with programmatic dependent launch where pdl_launches(), so
+// the kernel's CTAs start, and copy weights, while the kernel before them finishes
 template <auto KERNEL, int TOK, int THREADS, typename Params>
-cudaError_t launch_persistent(const Params& p, int units, int bytes, bool pdl, cudaStream_t stream) {
+cudaError_t launch_persistent(const Params& p, int bytes, bool pdl, cudaStream_t stream) {
   if (bytes > device_smem_optin()) return cudaErrorInvalidConfiguration;
   int resident = 0;
   cudaError_t e = resident_ctas<KERNEL>(THREADS, bytes, resident);
   if (e != cudaSuccess) return e;
-  const dim3 grid = persistent_grid(units, p.m, TOK, resident);
+  const dim3 grid = persistent_grid(p.total_tiles, p.m, TOK, resident);
 #if CUDART_VERSION >= 11080
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;

@@ -589,8 +589,8 @@ cudaError_t launch(const Params& p, bool pdl, cudaStream_t stream) {
   if constexpr (XR) {
     if (bytes > device_smem_optin()) return launch<T, VEC, TOK == 1 ? 8 : TOK, R, 8, false>(p, pdl, stream);
   }
-  if (p.seg[0].z) return launch_persistent<w4a16_kernel<T, VEC, TOK, R, W, true, XR>, TOK, W * 32>(p, p.total_tiles, bytes, pdl, stream);
-  return launch_persistent<w4a16_kernel<T, VEC, TOK, R, W, false, XR>, TOK, W * 32>(p, p.total_tiles, bytes, pdl, stream);
+  if (p.seg[0].z) return launch_persistent<w4a16_kernel<T, VEC, TOK, R, W, true, XR>, TOK, W * 32>(p, bytes, pdl, stream);
+  return launch_persistent<w4a16_kernel<T, VEC, TOK, R, W, false, XR>, TOK, W * 32>(p, bytes, pdl, stream);
 }
 
 // 4 warps a CTA for one token only (the caller's rule, cuda_w4a16.warps_for); 8 for any M.  More

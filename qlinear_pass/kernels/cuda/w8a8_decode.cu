@@ -37,9 +37,6 @@
 // * CTAs are persistent; each warp loads its next chunk's activation (from L2, shared by every CTA)
 //   into registers while it computes the current one;
 // * up to MAX_SEGMENTS layers that read the same activation (q/k/v, gate/up) share one launch;
-// * a row tile may be split along K into `splits` units that different CTAs run (so that layers
-//   with a few row tiles an SM still give every SM the same work); the tile's last unit waits for
-//   the others' sums, left in a workspace, and adds them in a fixed order;
 // * launched with programmatic dependent launch (`pdl`), the CTAs start while the kernel before
 //   finishes and copy their first chunks' weights; the activation only after grid_dependency_wait().
 //
@@ -68,7 +65,7 @@ constexpr int MAX_SEGMENTS = 3;
 #ifndef QLP_W8_SLOTS_R2
 #define QLP_W8_SLOTS_R2 2
 #endif
-constexpr int ABI_VERSION = 5;  // bumped whenever Params, Segment or the entry points' arguments change
+constexpr int ABI_VERSION = 4;  // bumped whenever Params, Segment or the entry points' arguments change
 
 struct Segment {
   const uint8_t* w;     // [n, k] bytes, rows w_stride bytes apart (16-byte aligned)
@@ -88,16 +85,6 @@ struct Params {
                         // [m, k / 128], rows sx_stride apart; else null
   long long x_stride, sx_stride;
   int m, k, nseg, total_tiles;
-  // split K: each row tile is `splits` units of K / splits (a divisor of K / 128 chunks), run by any
-  // CTAs; with more than one, every unit but the tile's last leaves its sums in `part` and counts
-  // itself in `count` (zero before the launch and again after it), and the last unit waits for the
-  // count, adds them up in unit order and writes the output.  The persistent grid (every CTA
-  // resident, each walking its units in order) keeps that wait finite.  part: [slices of TOK
-  // tokens][total_tiles][splits][16 * R][8 * MT] sums (int32 for int8 W8A8, else fp32); count:
-  // [slices][total_tiles]
-  int splits;
-  void* part;
-  unsigned int* count;
   Segment seg[MAX_SEGMENTS];
 };
 
@@ -239,18 +226,6 @@ __device__ __forceinline__ float quantize_group(const uint4 (&x)[2][2], uint4 (&
   return scale;
 }
 
-// A split tile's count: its parts other than the last add 1 once their sums are written (a release:
-// the CTA's writes before the barrier ahead of it are visible first); the last part waits for them
-// with acquiring loads (the CTA's reads after the barrier behind it see the sums)
-__device__ __forceinline__ void red_release(unsigned int* p, unsigned int v) {
-  asm volatile("fence.acq_rel.gpu;\n\tred.relaxed.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-__device__ __forceinline__ unsigned int load_acquire(const unsigned int* p) {
-  unsigned int v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
 // 16-byte piece u (0-7) of row r of a chunk slot: odd rows have their two 64-byte halves swapped
 __device__ __forceinline__ int piece_at(int r, int u) { return r * 128 + ((u ^ ((r & 1) << 2)) << 4); }
 
@@ -285,12 +260,9 @@ __global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Para
   const int g = lane >> 2, t = lane & 3;
   const int tok0 = blockIdx.y * TOK;
   const int tokens = min(TOK, p.m - tok0);
-  const int nchunks = p.k / 128 / p.splits;  // chunks of a unit (a row tile, or its K / splits)
-  const int nch = warp < nchunks ? (nchunks - warp + W - 1) / W : 0;  // this warp's chunks of a unit
-  const int units = p.total_tiles * p.splits;
-  const int ntiles = blockIdx.x < units ? (units - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;  // units, this CTA
-  // the first chunk of the CTA's j-th unit
-  auto chunk0 = [&](int j) { return (int)((blockIdx.x + j * gridDim.x) % p.splits) * nchunks; };
+  const int nchunks = p.k / 128;
+  const int nch = warp < nchunks ? (nchunks - warp + W - 1) / W : 0;  // this warp's chunks of a tile
+  const int ntiles = blockIdx.x < p.total_tiles ? (p.total_tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
 
   uint8_t* ring = smem + warp * STAGES * L::SLOT_B;
   A (*red)[16 * R][L::RED_ROW] = reinterpret_cast<A (*)[16 * R][L::RED_ROW]>(smem + L::RING_B);
@@ -300,14 +272,13 @@ __global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Para
   int tj = 0, ci = 0, ts = 0;
   const uint8_t* w_src[4 * R];
   auto at_tile = [&](int j) {
-    int tile = (blockIdx.x + j * gridDim.x) / p.splits;
-    const int first = chunk0(j);
+    int tile = blockIdx.x + j * gridDim.x;
     const Segment sg = pick(p, tile);
 #pragma unroll
     for (int q = 0; q < 4 * R; ++q) {  // 4 R pieces of 16 bytes a lane: row piece / 8, bytes 16 * (piece % 8)
       const int piece = lane + 32 * q;
       const int row = min(tile * 16 * R + (piece >> 3), sg.n - 1);
-      w_src[q] = sg.w + (long long)row * sg.w_stride + (first + warp) * 128 + (piece & 7) * 16;
+      w_src[q] = sg.w + (long long)row * sg.w_stride + warp * 128 + (piece & 7) * 16;
     }
   };
   auto issue = [&]() {
@@ -350,14 +321,11 @@ __global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Para
         for (int v = 0; v < XV; ++v) xr[h][jj][v] = tk < tokens ? __ldg(src + v) : make_uint4(0, 0, 0, 0);
       }
   };
-  if (nch > 0 && ntiles > 0) load_x(chunk0(0) + warp);
+  if (nch > 0 && ntiles > 0) load_x(warp);
 
   int cs = 0;  // the slot computed next
   for (int j = 0; j < ntiles; ++j) {
-    const int unit = blockIdx.x + j * gridDim.x;
-    const int whole = unit / p.splits;  // the row tile among all the launch's
-    const int first = chunk0(j);
-    int tile = whole;
+    int tile = blockIdx.x + j * gridDim.x;
     const Segment sg = pick(p, tile);
     const int row0 = tile * 16 * R;
     A acc[R][MT][4], acc2[R][MT][4];  // two accumulators: two independent chains of MMAs
@@ -370,7 +338,7 @@ __global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Para
 
     for (int i = 0; i < nch; ++i) {
       issue();
-      const int c = first + warp + i * W;
+      const int c = warp + i * W;
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
@@ -378,7 +346,7 @@ __global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Para
 #pragma unroll
           for (int v = 0; v < XV; ++v) xc[h][jj][v] = xr[h][jj][v];
       if (i + 1 < nch) load_x(c + W);
-      else if (j + 1 < ntiles) load_x(chunk0(j + 1) + warp);
+      else if (j + 1 < ntiles) load_x(warp);
       cp_wait<STAGES - 1>();
       __syncwarp();
       const uint8_t* slot = ring + cs * L::SLOT_B;
@@ -478,40 +446,11 @@ __global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Para
         red[warp][16 * r + g + 8][8 * jj + 2 * t + 1] = acc[r][jj][3] + acc2[r][jj][3];
       }
     __syncthreads();
-    constexpr int UNIT = R * 16 * MT * 8;  // sums a unit leaves: [16 R channels][8 MT tokens]
-    // split along K: the tile's last part (its finisher) adds the others' sums, left in the workspace,
-    // to its own; the others only leave theirs and count themselves done (release), never waiting
-    const int slice = unit % p.splits;
-    const bool last = slice == p.splits - 1;  // this CTA writes the tile's output
-    A* part = nullptr;                        // the tile's other parts' sums, in part order
-    if (p.splits > 1) {
-      const long long at = (long long)blockIdx.y * p.total_tiles + whole;
-      part = static_cast<A*>(p.part) + at * p.splits * UNIT;
-      if (!last) {
-        for (int idx = threadIdx.x; idx < UNIT; idx += W * 32) {
-          const int rr = idx % (R * 16), tt = idx / (R * 16);
-          A v = 0;
-#pragma unroll
-          for (int w = 0; w < W; ++w) v += red[w][rr][tt];
-          __stcg(part + slice * UNIT + idx, v);
-        }
-        __syncthreads();
-        if (threadIdx.x == 0) red_release(p.count + at, 1u);
-      } else {
-        if (threadIdx.x == 0) {
-          while (load_acquire(p.count + at) != (unsigned)(p.splits - 1)) {
-          }
-          p.count[at] = 0;  // every other part has counted: ready for the next launch
-        }
-        __syncthreads();
-      }
-    }
-    for (int idx = threadIdx.x; last && idx < UNIT; idx += W * 32) {
+    for (int idx = threadIdx.x; idx < R * 16 * MT * 8; idx += W * 32) {
       const int rr = idx % (R * 16), tt = idx / (R * 16);  // consecutive threads: consecutive channels
       const int row = row0 + rr;
       if (row >= sg.n || tt >= tokens) continue;
       A v = 0;
-      for (int u = 0; u + 1 < p.splits; ++u) v += __ldcg(part + u * UNIT + idx);
 #pragma unroll
       for (int w = 0; w < W; ++w) v += red[w][rr][tt];
       float y = static_cast<float>(v);
@@ -527,8 +466,7 @@ __global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Para
 
 template <int MODE, int ELEM, typename X, typename O, int TOK, int R, int W>
 cudaError_t launch(const Params& p, bool pdl, cudaStream_t stream) {
-  return launch_persistent<w8_kernel<MODE, ELEM, X, O, TOK, R, W>, TOK, W * 32>(p, p.total_tiles * p.splits, Layout<R, TOK, W>::BYTES,
-                                                                              pdl, stream);
+  return launch_persistent<w8_kernel<MODE, ELEM, X, O, TOK, R, W>, TOK, W * 32>(p, Layout<R, TOK, W>::BYTES, pdl, stream);
 }
 
 // 4 warps a CTA for up to 8 tokens (the caller's rule, cuda_w8a8.warps_for); 8 for any M
@@ -593,16 +531,13 @@ static const char* qlp_check(const qlp::Params* p, int elem, int row_tiles, int 
   if (warps != 8 && !(warps == 4 && p->m <= 8)) return "warps must be 8, or 4 for up to 8 tokens (M <= 8)";
   if (p->k % 128 != 0) return "K must be a multiple of 128";
   if (elem != 0 && elem != 1) return "elem must be 0 (fp8 e4m3) or 1 (int8)";
-  if (p->splits < 1 || (p->k / 128) % p->splits != 0) return "splits must divide K / 128";
-  if (p->splits > 1 && (p->part == nullptr || p->count == nullptr)) return "splits > 1 needs the workspace (part, count)";
   return nullptr;
 }
 
 // W8A8, launched on `stream`.  elem: 0 fp8 e4m3, 1 int8; out_dtype: 0 bf16, 1 fp16, 2 fp32;
 // row_tiles: 1 or 2 (16 or 32 channels a tile); the caller sets every segment's `tiles` for rows of
 // 16 * row_tiles and p->total_tiles to their sum.  warps: a CTA's, 8, or 4 for up to 8 tokens.
-// p->splits: units a row tile (a divisor of K / 128); above 1, p->part and p->count are the
-// workspace that Params describes, its counts zero.  pdl: 1 to launch with programmatic dependent launch (sm90+; the caller vouches that the kernel
+// pdl: 1 to launch with programmatic dependent launch (sm90+; the caller vouches that the kernel
 // before it in the stream wrote none of the layers' weights), 0 not.  Returns 0, or writes why not
 // into err.
 int qlp_w8a8_decode(const qlp::Params* p, int elem, int out_dtype, int row_tiles, int warps, int pdl, void* stream,
