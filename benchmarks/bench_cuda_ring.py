@@ -105,7 +105,9 @@ SETS = {
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 6144), (4096, 28672), (4096, 4096), (4096, 1024)]
 
 
-def build(name: str, defines: dict, folder: Path, source: Optional[Path] = None) -> ctypes.CDLL:
+def build(name: str, defines: dict, folder: Path, source: Optional[Path] = None, library: str = "w4a16_decode",
+          prepare=CW.prepare) -> ctypes.CDLL:
+    """``library``'s source (or ``source``) compiled with ``defines`` into ``folder``, loaded and checked by ``prepare``."""
     path, why = CB.toolchain()
     if path is None:
         raise RuntimeError(why)
@@ -113,11 +115,11 @@ def build(name: str, defines: dict, folder: Path, source: Optional[Path] = None)
     out = folder / f"lib_{name}.so"
     # another version of the source finds this one's headers (common.cuh) through -I
     cmd = [path, *CB.FLAGS, CB.arch_flag(cap), f"-I{CB.SOURCE_DIR}", *(f"-D{k}={v}" for k, v in defines.items()),
-           "-o", str(out), str(source or CB.SOURCE_DIR / CB.LIBRARIES["w4a16_decode"])]
+           "-o", str(out), str(source or CB.SOURCE_DIR / CB.LIBRARIES[library])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"nvcc failed for {name}:\n{proc.stderr[-3000:]}")
-    return CW.prepare(ctypes.CDLL(str(out)))
+    return prepare(ctypes.CDLL(str(out)))
 
 
 def main(argv=None) -> int:

@@ -58,12 +58,18 @@ namespace qlp {
 
 constexpr int MAX_SEGMENTS = 3;
 // cp.async ring slots a warp (16-row / 32-row tiles), for CTAs of 8 warps and of 4 (the caller picks
-// the warps per launch)
+// the warps per launch); _T16: in CTAs of 16 tokens
 #ifndef QLP_W8_SLOTS_R1
 #define QLP_W8_SLOTS_R1 3
 #endif
 #ifndef QLP_W8_SLOTS_R2
 #define QLP_W8_SLOTS_R2 2
+#endif
+#ifndef QLP_W8_SLOTS_R1_T16
+#define QLP_W8_SLOTS_R1_T16 QLP_W8_SLOTS_R1
+#endif
+#ifndef QLP_W8_SLOTS_R2_T16
+#define QLP_W8_SLOTS_R2_T16 QLP_W8_SLOTS_R2
 #endif
 constexpr int ABI_VERSION = 4;  // bumped whenever Params, Segment or the entry points' arguments change
 
@@ -235,7 +241,8 @@ __device__ __forceinline__ int piece_at(int r, int u) { return r * 128 + ((u ^ (
 template <int R, int TOK, int W>
 struct Layout {
   static constexpr int MT = TOK > 8 ? 2 : 1;  // 8-token MMA tiles
-  static constexpr int STAGES = R == 1 ? QLP_W8_SLOTS_R1 : QLP_W8_SLOTS_R2;
+  static constexpr int STAGES = TOK > 8 ? (R == 1 ? QLP_W8_SLOTS_R1_T16 : QLP_W8_SLOTS_R2_T16)
+                                        : (R == 1 ? QLP_W8_SLOTS_R1 : QLP_W8_SLOTS_R2);
   static constexpr int SLOT_B = 16 * R * 128;
   static constexpr int RING_B = W * STAGES * SLOT_B;
   static constexpr int RED_ROW = 8 * MT + 1;
