@@ -25,7 +25,7 @@ from . import cuda_build, int4_layout
 #: the layers one launch serves (the kernel's MAX_SEGMENTS)
 MAX_SEGMENTS = 3
 #: the kernel's ABI_VERSION (Params and Segment as declared below)
-ABI_VERSION = 8
+ABI_VERSION = 7
 DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 
 
@@ -49,8 +49,7 @@ class _Segment(ctypes.Structure):
 class _Params(ctypes.Structure):
     _fields_ = [("x", ctypes.c_void_p), ("x_stride", ctypes.c_longlong), ("m", ctypes.c_int), ("k", ctypes.c_int),
                 ("group", ctypes.c_int), ("nseg", ctypes.c_int), ("total_tiles", ctypes.c_int),
-                ("pdl", ctypes.c_int), ("pf", ctypes.c_void_p * MAX_SEGMENTS), ("pf_bytes", ctypes.c_longlong * MAX_SEGMENTS),
-                ("seg", _Segment * MAX_SEGMENTS)]
+                ("pdl", ctypes.c_int), ("seg", _Segment * MAX_SEGMENTS)]
 
 
 def check_group_size(k: int, group_size: int) -> str:
@@ -147,32 +146,12 @@ def _zero_points(z: torch.Tensor) -> torch.Tensor:
     return padded
 
 
-def prefetch_ranges(tensors: Sequence[torch.Tensor], device: torch.device, limit: Optional[int] = None) -> list:
-    """(address, bytes) of each tensor's elements for the kernel's L2 prefetch (``prefetch_l2``): on
-    ``device``, contiguous and 16-byte aligned, at most MAX_SEGMENTS, whole 16-byte units (a ragged
-    tail is left out), ``limit`` bytes in all (from the first)."""
-    if len(tensors) > MAX_SEGMENTS:
-        raise ValueError(f"at most {MAX_SEGMENTS} tensors to prefetch, got {len(tensors)}")
-    ranges, left = [], limit
-    for t in tensors:
-        if t.device != device:
-            raise ValueError(f"a tensor to prefetch is on {t.device}, the launch on {device}")
-        if not t.is_contiguous() or t.data_ptr() % 16:
-            raise ValueError("a tensor to prefetch must be contiguous and 16-byte aligned")
-        size = t.numel() * t.element_size() // 16 * 16
-        if left is not None:
-            size, left = min(size, left // 16 * 16), max(0, left - size)
-        ranges.append((t.data_ptr(), size))
-    return ranges
-
-
 def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int,
                        row_tiles: Optional[int] = None, warps: Optional[int] = None,
-                       pdl: Optional[bool] = None, prefetch: Sequence[tuple] = ()) -> list[torch.Tensor]:
+                       pdl: Optional[bool] = None) -> list[torch.Tensor]:
     """``x`` [M, K] (bf16 or fp16) times each layer's int4 weight -> one [M, N_i] output each, in x's dtype.
     ``row_tiles`` (1 or 2) and ``warps`` (8, or 4 at M = 1) default to :func:`w4a16_row_tiles` and
-    :func:`warps_for`; ``pdl`` (programmatic dependent launch) to :func:`pdl_for`'s rule.  ``prefetch``:
-    (address, bytes) ranges (:func:`prefetch_ranges`) that L2 fetches as the launch's CTAs finish."""
+    :func:`warps_for`; ``pdl`` (programmatic dependent launch) to :func:`pdl_for`'s rule."""
     if x.dim() != 2:
         raise ValueError(f"the activation must be 2-D [M, K], got shape {tuple(x.shape)}")
     if len({layer.z is None for layer in layers}) > 1:
@@ -244,9 +223,6 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
                 seg.z_stride = z.stride(0) if z is not None else 0
                 seg.n, seg.tiles = n, -(-n // rows)
             p.total_tiles = sum(p.seg[j].tiles for j in range(len(batch)))
-            if batch is batches[-1]:
-                for j, (address, size) in enumerate(prefetch):
-                    p.pf[j], p.pf_bytes[j] = address, size
             w = warps if warps is not None else warps_for(m, p.total_tiles, sms)
             if lib.qlp_w4a16_decode(ctypes.byref(p), DTYPES[x.dtype], row_tiles, w, early, stream, err, len(err)):
                 raise RuntimeError(f"the int4 decode kernel failed: {err.value.decode(errors='replace')}")
@@ -255,7 +231,7 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
 
 def w4a16_decode(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: Optional[torch.Tensor],
                  bias: Optional[torch.Tensor], group_size: int, row_tiles: Optional[int] = None,
-                 warps: Optional[int] = None, pdl: Optional[bool] = None, prefetch: Sequence[tuple] = ()) -> torch.Tensor:
+                 warps: Optional[int] = None, pdl: Optional[bool] = None) -> torch.Tensor:
     """One layer: ``x`` [M, K] times the int4 weight ``w`` ([N/16, K/16, 128], MMA-fragment layout) ->
     [M, N] in x's dtype."""
-    return w4a16_decode_group(x, [Layer(w, s, z, bias)], group_size, row_tiles, warps, pdl, prefetch)[0]
+    return w4a16_decode_group(x, [Layer(w, s, z, bias)], group_size, row_tiles, warps, pdl)[0]

@@ -98,30 +98,6 @@ __device__ __forceinline__ void launch_dependents() {
 #endif
 }
 
-// Ask L2 to fetch this CTA's share of up to N byte ranges (what the kernel after the next few will
-// read: the next layer's weights), split evenly over the grid's CTAs, by bulk prefetches from thread
-// 0.  Issued as a CTA finishes, they fill L2 while the last CTAs and the short kernels after this one
-// leave DRAM idle.  Ranges start 16-byte aligned and are whole 16-byte units (the caller's
-// checks); sm90+ (elsewhere nothing).
-template <int N>
-__device__ __forceinline__ void prefetch_l2(const void* const (&base)[N], const long long (&bytes)[N]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (threadIdx.x != 0) return;
-  const long long ctas = (long long)gridDim.x * gridDim.y, cta = (long long)blockIdx.y * gridDim.x + blockIdx.x;
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-    if (base[i] == nullptr || bytes[i] <= 0) continue;
-    const long long per = ((bytes[i] + ctas - 1) / ctas + 15) & ~15LL;
-    const long long lo = cta * per, hi = lo + per < bytes[i] ? lo + per : bytes[i];
-    for (long long a = lo; a < hi; a += 65536) {
-      const unsigned int size = static_cast<unsigned int>(hi - a < 65536 ? hi - a : 65536);
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(static_cast<const char*>(base[i]) + a), "r"(size)
-                   : "memory");
-    }
-  }
-#endif
-}
-
 // The layer (segment) that row tile `tile` of a launch belongs to, with `tile` made relative to it:
 // a select per field, not a dynamically indexed copy of the parameter array in local memory
 template <typename Params>

@@ -112,7 +112,7 @@ constexpr int MAX_SEGMENTS = 3;
 #ifndef QLP_MAX_TOK
 #define QLP_MAX_TOK 16
 #endif
-constexpr int ABI_VERSION = 8;  // bumped whenever Params, Segment or the entry point's arguments change
+constexpr int ABI_VERSION = 7;  // bumped whenever Params, Segment or the entry point's arguments change
 
 struct Segment {
   const uint8_t* w;     // [n/16][k/16][128] int4 in the MMA-fragment layout, 16-row blocks w_stride bytes apart
@@ -130,8 +130,6 @@ struct Params {
   long long x_stride;
   int m, k, group, nseg, total_tiles;
   int pdl;              // launched with programmatic dependent launch (set by qlp_w4a16_decode from its argument)
-  const void* pf[MAX_SEGMENTS];          // byte ranges L2 fetches as each CTA finishes (the next layers'
-  long long pf_bytes[MAX_SEGMENTS];      // weights), or null / 0
   Segment seg[MAX_SEGMENTS];
 };
 
@@ -580,7 +578,6 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
     __syncthreads();  // the reduction space is free again
   }
   cp_wait<0>();
-  prefetch_l2(p.pf, p.pf_bytes);
 }
 
 // XR kernels hold the activation rows in shared memory; where K makes that more than the device
@@ -659,9 +656,6 @@ int qlp_w4a16_decode(const qlp::Params* p, int dtype, int row_tiles, int warps, 
     if (!p->seg[i].z != !p->seg[0].z) return fail("the layers of a launch must all have zero points or all have none");
   }
   if (warps != 8 && !(warps == 4 && p->m == 1)) return fail("warps must be 8, or 4 for one token (M = 1)");
-  for (int i = 0; i < qlp::MAX_SEGMENTS; ++i)
-    if (p->pf_bytes[i] < 0 || p->pf_bytes[i] % 16 != 0 || reinterpret_cast<uintptr_t>(p->pf[i]) % 16 != 0)
-      return fail("prefetch ranges start 16-byte aligned and are whole 16-byte units");
   if (p->m <= 0 || p->total_tiles == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   qlp::Params q = *p;
