@@ -1,9 +1,8 @@
 #!/usr/bin/env python3
 """The 8-bit-weight decode kernel (``qlinear_pass/kernels/cuda/w8a8_decode.cu``) built with other
 depths of its ``cp.async`` ring (``QLP_W8_SLOTS_R1`` / ``QLP_W8_SLOTS_R2``: slots a warp with 16 /
-32-row tiles up to 8 tokens a CTA, ``QLP_W8_SLOTS_R1_T16`` / ``QLP_W8_SLOTS_R2_T16``: with 16) and a
-register budget for two CTAs of 16 tokens an SM (``QLP_W8_MIN_CTAS_T16``), timed side by side with
-bf16 ``F.linear``: the measurement behind the defaults.
+32-row tiles up to 8 tokens a CTA, ``QLP_W8_SLOTS_R1_T16`` / ``QLP_W8_SLOTS_R2_T16``: with 16), timed
+side by side with bf16 ``F.linear``: the measurement behind the defaults.
 
 Each variant is compiled with this machine's nvcc (the flags of ``kernels/cuda_build.py`` plus the
 defines), called with the row tiles and warps its rules pick, timed like ``bench_decode.py`` (CUDA
@@ -42,7 +41,6 @@ VARIANTS = {
     "t16s4": {"QLP_W8_SLOTS_R2_T16": 4, "QLP_W8_SLOTS_R1_T16": 4},
     "r2s3": {"QLP_W8_SLOTS_R2": 3},
     "r1s4": {"QLP_W8_SLOTS_R1": 4},
-    "t16min2": {"QLP_W8_MIN_CTAS_T16": 2},
 }
 
 

@@ -71,11 +71,6 @@ constexpr int MAX_SEGMENTS = 3;
 #ifndef QLP_W8_SLOTS_R2_T16
 #define QLP_W8_SLOTS_R2_T16 QLP_W8_SLOTS_R2
 #endif
-// CTAs of 16 tokens an SM that the register budget must leave room for (1: the compiler's choice,
-// about 164 registers a thread, one CTA of 8 warps an SM)
-#ifndef QLP_W8_MIN_CTAS_T16
-#define QLP_W8_MIN_CTAS_T16 1
-#endif
 constexpr int ABI_VERSION = 4;  // bumped whenever Params, Segment or the entry points' arguments change
 
 struct Segment {
@@ -258,7 +253,7 @@ struct Layout {
 // W8A8 and BLOCK_Q (quantized in ELEM's format) or __nv_bfloat16 / __half; O: the output dtype; TOK: tokens per CTA
 // (1, 8 or 16; larger M takes more CTAs along y); R: 16-row tiles per warp; W: warps a CTA.
 template <int MODE, int ELEM, typename X, typename O, int TOK, int R, int W>
-__global__ void __launch_bounds__(W * 32, TOK > 8 ? QLP_W8_MIN_CTAS_T16 : 1) w8_kernel(const __grid_constant__ Params p) {
+__global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Params p) {
   using L = Layout<R, TOK, W>;
   static_assert(bytes_in(MODE) == std::is_same<X, uint8_t>::value, "W8A8 and BLOCK_Q take bytes, the others 16-bit values");
   static_assert(!per_chunk(MODE) || ELEM == E4M3, "fp8_block is e4m3");
