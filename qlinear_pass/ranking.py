@@ -169,7 +169,9 @@ SM90: tuple = (
     Row("sm90", "int8_weight_only", (16,), ("cuda_w8a16", "triton_weight_only", "cutlass_int8_weight_only", "torch_int8pack"),
         f"{_W8A16}: int8, M=8 K=4096 N=14336 19.3 / 27.5 / 29.5, K=14336 N=4096 18.8 / 21.0 / 31.9, N=6144 10.8 / "
         "12.4 / 15.6, N=1024 5.7 / 7.5 / 7.9, gate/up 35.8 / 44.5 / 55.2; M=16 26.8 / 27.2, 20.4 / 21.3, 14.2 / "
-        "12.5, 6.2 / 7.6, 45.3 / 44.0 (even at 16, 1.1-1.4x at 8)."),
+        "12.5, 6.2 / 7.6, 45.3 / 44.0 (even at 16, 1.1-1.4x at 8). "
+        f"h200/decode/cuda_w8a16/rows48 ({_H200}, one run): N=6144 at M=16 in 48-row tiles (the kernel's rule "
+        "there) 11.1 against 14.3 in 32-row ones, ahead of Triton's 12.5 above."),
     Row("sm90", "int8_weight_only", (128,), ("cutlass_int8_weight_only", "triton_weight_only", "torch_int8pack", "cuda_w8a16"),
         f"{_WO8_128}: int8, M=128 K=4096 N=14336 29.9 / 46.0 / 32.8, K=14336 N=4096 37.9 / 79.7 / 37.0, K=4096 "
         "N=6144 24.7 / 35.9 / 16.6. cuda_w8a16 reads the weight once per 16 tokens: last. "
@@ -191,7 +193,9 @@ SM90: tuple = (
     Row("sm90", "fp8_weight_only", (16,), ("cuda_w8a16", "triton_weight_only", "cutlass_fp8_weight_only"),
         f"{_W8A16}: fp8, M=8 K=4096 N=14336 18.5 / 24.0 / 29.7, K=14336 N=4096 18.5 / 21.1 / 31.9, N=6144 10.4 / "
         "12.3 / 15.4, N=1024 5.6 / 7.6 / 7.9, gate/up 34.0 / 45.0 / 55.7; M=16 25.7 / 24.0, 20.2 / 21.2, 13.6 / "
-        "12.4, 6.1 / 7.7, 43.0 / 44.1."),
+        "12.4, 6.1 / 7.7, 43.0 / 44.1. "
+        f"h200/decode/cuda_w8a16/rows48 ({_H200}, one run): N=6144 at M=16 in 48-row tiles (the kernel's rule "
+        "there) 11.2 against 13.6 in 32-row ones, ahead of Triton's 12.4 above."),
     Row("sm90", "fp8_weight_only", (128,), ("cutlass_fp8_weight_only", "triton_weight_only", "cuda_w8a16"),
         f"{_WO8_128}: fp8, M=128 K=4096 N=14336 27.8 / 46.3 / 32.6, K=14336 N=4096 36.7 / 80.8 / 37.0, N=6144 "
         "23.6 / 34.6 / 16.3. "

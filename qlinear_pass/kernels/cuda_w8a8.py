@@ -86,6 +86,22 @@ def warps_for(m: int, tiles: int, sms: int) -> int:
     return 4 if m <= 8 and tiles >= 2 * sms else 8
 
 
+def w8_row_tiles(m: int, n_total: int, sms: int, block: bool = False) -> int:
+    """16-row tiles a warp: ``row_tiles_for``'s 1 or 2, but 3 (48 channels a tile) above 8 tokens with
+    a scale per channel or per tensor (``block``: fp8_block's 128x128 blocks, never) where 32-row
+    tiles fill under 80% of the SMs' last round and 48-row ones at least 90% (one CTA of 16 tokens
+    an SM): q/k/v together, N = 6144, take 128 tiles of 48 rows for one round where 192 of 32 take
+    two."""
+    rows = row_tiles_for(m, n_total, sms)
+    if m <= 8 or block or rows != 2:
+        return rows
+
+    def fill(tiles: int) -> float:
+        return tiles / (-(-tiles // sms) * sms)
+
+    return 3 if fill(-(-n_total // 32)) < 0.8 and fill(-(-n_total // 48)) >= 0.9 else rows
+
+
 def _scale(s: torch.Tensor, count: int, what: str) -> tuple[torch.Tensor, int]:
     """A scale as fp32 values the kernel indexes with stride 1 (``count`` of them) or 0 (one)."""
     if s.numel() == 1:
@@ -134,7 +150,7 @@ def _launch(entry: str, x: torch.Tensor, sx: Optional[torch.Tensor], sx_stride: 
             elem: int, dtype_code: int, out_dtype: torch.dtype, row_tiles: Optional[int],
             warps: Optional[int], pdl: Optional[bool]) -> list[torch.Tensor]:
     """Run ``qlp_<entry>_decode`` over the prepared layers (what :func:`_layers` returns), MAX_SEGMENTS
-    a launch: their outputs.  ``row_tiles``, ``warps`` and ``pdl`` default to ``row_tiles_for``,
+    a launch: their outputs.  ``row_tiles``, ``warps`` and ``pdl`` default to :func:`w8_row_tiles`,
     :func:`warps_for` and ``pdl_for``'s rule."""
     prepared, converted = layers
     m, k = x.shape
@@ -146,7 +162,7 @@ def _launch(entry: str, x: torch.Tensor, sx: Optional[torch.Tensor], sx_stride: 
     lib = _library(x.device)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     if row_tiles is None:
-        row_tiles = row_tiles_for(m, sum(n for *_, n in prepared), sms)
+        row_tiles = w8_row_tiles(m, sum(n for *_, n in prepared), sms, entry.startswith("fp8_block"))
     rows = 16 * row_tiles
     err = ctypes.create_string_buffer(256)
     stream = torch.cuda.current_stream(x.device).cuda_stream

@@ -29,7 +29,7 @@ def cases(draw):
         k=draw(st.sampled_from([128, 256, 640, 4096])),
         dtype=draw(st.sampled_from([torch.bfloat16, torch.float16, torch.float32])),
         bias=draw(st.booleans()),
-        row_tiles=draw(st.sampled_from([None, 1, 2])),
+        row_tiles=draw(st.sampled_from([None, 1, 2, 3] if m > 8 else [None, 1, 2])),  # 48 rows above 8 tokens
         warps=draw(st.sampled_from([None, 8, 4] if m <= 8 else [None, 8])),  # 4 warps a CTA up to M = 8
     )
 
@@ -63,6 +63,9 @@ def _runs_here():
 @example(dict(scheme="fp8_tensor", m=20, ns=[40], k=256, dtype=torch.float32, bias=True, row_tiles=1), 2)  # M past 16
 @example(dict(scheme="int8_rowwise", m=3, ns=[64, 48], k=14336, dtype=torch.bfloat16, bias=False, row_tiles=2), 3)  # long K
 @example(dict(scheme="fp8_rowwise", m=8, ns=[100, 33], k=14336, dtype=torch.float16, bias=True, row_tiles=1, warps=4), 4)  # 4 warps
+@example(dict(scheme="int8_rowwise", m=16, ns=[4096, 1024, 1024], k=4096, dtype=torch.bfloat16, bias=True,
+              row_tiles=None), 5)  # q/k/v at 16 tokens: the rule's 48-row tiles (int32 sums)
+@example(dict(scheme="fp8_tensor", m=25, ns=[100, 17], k=640, dtype=torch.float16, bias=False, row_tiles=3), 6)  # ragged, 2 token tiles
 def test_matches_reference_on_gpu(case, seed):
     ok, why = _runs_here()
     if not ok:
@@ -93,6 +96,31 @@ def test_refuses_bad_arguments():
     with pytest.raises(ValueError, match="writes bf16, fp16 or fp32"):
         CW.w8a8_decode(xq, sx, w, sw, None, torch.int8)
     assert "chunks of 128" in CW.check_k(192) and CW.check_k(4096) == ""
+
+
+def test_row_tiles_rule():
+    assert CW.w8_row_tiles(16, 6144, 132) == 3  # q/k/v: 192 tiles of 32 rows fill 73% of a second round, 128 of 48 one
+    assert CW.w8_row_tiles(16, 6144, 132, block=True) == 2  # fp8_block: a tile stays in its 128-row block
+    assert CW.w8_row_tiles(8, 6144, 132) == 2  # up to 8 tokens: 32 rows (several CTAs an SM)
+    assert CW.w8_row_tiles(16, 14336, 132) == 2  # 448 tiles fill 85%: 32 rows
+    assert CW.w8_row_tiles(16, 1024, 132) == 1  # too few rows for 32
+
+
+@pytest.mark.gpu
+def test_48_row_tiles_are_refused_where_they_cannot_run_on_gpu():
+    ok, why = _runs_here()
+    if not ok:
+        pytest.skip(why)
+    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+    w, sw = torch.zeros(64, 256, device="cuda", dtype=torch.int8), torch.ones(64, device="cuda")
+    with pytest.raises(RuntimeError, match="row_tiles 3 .* more than 8 tokens"):
+        CW.w8a16_decode(x, w, sw, None, row_tiles=3)
+    wb = torch.zeros(128, 256, device="cuda", dtype=torch.float8_e4m3fn)
+    with pytest.raises(RuntimeError, match="scale per channel or per tensor"):
+        CW.fp8_block_decode(torch.randn(16, 256, device="cuda", dtype=torch.bfloat16), wb, torch.ones(1, 2, device="cuda"),
+                            None, row_tiles=3)
+    with pytest.raises(RuntimeError, match="row_tiles must be 1, 2 or 3"):
+        CW.w8a16_decode(torch.randn(16, 256, device="cuda", dtype=torch.bfloat16), w, sw, None, row_tiles=4)
 
 
 def test_scales_are_one_value_or_one_per_row():
@@ -177,13 +205,14 @@ SIXTEEN_BIT = (*WO_SCHEMES, "fp8_block", "fp8_block_q")
 def sixteen_bit_cases(draw):
     m = draw(st.integers(1, 20))
     return dict(
-        scheme=draw(st.sampled_from(SIXTEEN_BIT)),
+        scheme=(scheme := draw(st.sampled_from(SIXTEEN_BIT))),
         m=m,
         ns=draw(st.lists(st.integers(1, 300), min_size=1, max_size=4)),
         k=draw(st.sampled_from([128, 256, 640, 4096])),
         dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])),
         bias=draw(st.booleans()),
-        row_tiles=draw(st.sampled_from([None, 1, 2])),
+        # 48-row tiles above 8 tokens, for a scale per channel (a tile of fp8_block stays in its 128-row block)
+        row_tiles=draw(st.sampled_from([None, 1, 2, 3] if m > 8 and scheme in WO_SCHEMES else [None, 1, 2])),
         warps=draw(st.sampled_from([None, 8, 4] if m <= 8 else [None, 8])),  # 4 warps a CTA up to M = 8
     )
 
@@ -227,6 +256,9 @@ def check_16bit(scheme, m, ns, k, dtype, bias, row_tiles, warps=None, seed=0):
 @example(dict(scheme="fp8_block_q", m=9, ns=[300, 129], k=14336, dtype=torch.float16, bias=True, row_tiles=2), 10)  # 2 token tiles
 @example(dict(scheme="fp8_block_q", m=20, ns=[200], k=256, dtype=torch.bfloat16, bias=True, row_tiles=1), 11)  # M past 16
 @example(dict(scheme="fp8_block_q", m=1, ns=[40], k=640, dtype=torch.float16, bias=False, row_tiles=1, warps=4), 12)
+@example(dict(scheme="int8_weight_only", m=16, ns=[4096, 1024, 1024], k=4096, dtype=torch.bfloat16, bias=False,
+              row_tiles=None), 13)  # q/k/v at 16 tokens: the rule's 48-row tiles
+@example(dict(scheme="fp8_weight_only", m=9, ns=[200, 60], k=14336, dtype=torch.float16, bias=True, row_tiles=3), 14)
 def test_16bit_activation_forms_match_reference_on_gpu(case, seed):
     ok, why = _runs_here()
     if not ok:

@@ -199,11 +199,11 @@ inline int device_sm() {
 }
 
 // Why a launch's segments cannot run (null when they can): 1 to MAX_SEGMENTS layers, row tiles of
-// 16 or 32 rows, and total_tiles the sum of the segments' tiles
-template <int MAX_SEGMENTS, typename Params>
+// 16 or 32 rows (or up to 16 * MAX_ROW_TILES), and total_tiles the sum of the segments' tiles
+template <int MAX_SEGMENTS, int MAX_ROW_TILES = 2, typename Params>
 const char* check_segments(const Params& p, int row_tiles) {
   if (p.nseg < 1 || p.nseg > MAX_SEGMENTS) return "between 1 and MAX_SEGMENTS layers a launch";
-  if (row_tiles != 1 && row_tiles != 2) return "row_tiles must be 1 or 2";
+  if (row_tiles < 1 || row_tiles > MAX_ROW_TILES) return MAX_ROW_TILES == 2 ? "row_tiles must be 1 or 2" : "row_tiles must be 1, 2 or 3";
   int total = 0;
   for (int i = 0; i < p.nseg; ++i) total += p.seg[i].tiles;
   if (total != p.total_tiles) return "total_tiles is not the sum of the segments' tiles";

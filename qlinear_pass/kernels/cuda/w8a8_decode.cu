@@ -57,8 +57,8 @@
 namespace qlp {
 
 constexpr int MAX_SEGMENTS = 3;
-// cp.async ring slots a warp (16-row / 32-row tiles), for CTAs of 8 warps and of 4 (the caller picks
-// the warps per launch); _T16: in CTAs of 16 tokens
+// cp.async ring slots a warp (16-row / 32-row tiles; 48-row ones take R2's), for CTAs of 8 warps and
+// of 4 (the caller picks the warps per launch); _T16: in CTAs of 16 tokens
 #ifndef QLP_W8_SLOTS_R1
 #define QLP_W8_SLOTS_R1 3
 #endif
@@ -485,8 +485,14 @@ cudaError_t dispatch_w(const Params& p, int warps, bool pdl, cudaStream_t stream
   return launch<MODE, ELEM, X, O, TOK, R, 8>(p, pdl, stream);
 }
 
+// 48-row tiles (3) for 16 tokens a CTA and a scale per channel or per tensor only (a tile of
+// fp8_block must stay inside one 128-row weight block): one CTA of 8 warps an SM there, and 6144
+// channels (q/k/v) make 128 tiles of 48 rows for one round where 192 of 32 take two
 template <int MODE, int ELEM, typename X, typename O, int TOK>
 cudaError_t dispatch_r(const Params& p, int row_tiles, int warps, bool pdl, cudaStream_t stream) {
+  if constexpr (TOK == 16 && !per_chunk(MODE)) {
+    if (row_tiles == 3) return dispatch_w<MODE, ELEM, X, O, TOK, 3>(p, warps, pdl, stream);
+  }
   return row_tiles == 1 ? dispatch_w<MODE, ELEM, X, O, TOK, 1>(p, warps, pdl, stream)
                         : dispatch_w<MODE, ELEM, X, O, TOK, 2>(p, warps, pdl, stream);
 }
@@ -533,8 +539,10 @@ static int qlp_launched(cudaError_t e, char* err, int err_len) {
 }
 
 // Why the parts both forms share cannot run (null when they can)
-static const char* qlp_check(const qlp::Params* p, int elem, int row_tiles, int warps) {
-  if (const char* why = qlp::check_segments<qlp::MAX_SEGMENTS>(*p, row_tiles)) return why;
+static const char* qlp_check(const qlp::Params* p, int elem, int row_tiles, int warps, bool block_scales) {
+  if (const char* why = qlp::check_segments<qlp::MAX_SEGMENTS, 3>(*p, row_tiles)) return why;
+  if (row_tiles == 3 && (p->m <= 8 || block_scales))
+    return "row_tiles 3 (48 channels a tile) needs more than 8 tokens and a scale per channel or per tensor";
   if (warps != 8 && !(warps == 4 && p->m <= 8)) return "warps must be 8, or 4 for up to 8 tokens (M <= 8)";
   if (p->k % 128 != 0) return "K must be a multiple of 128";
   if (elem != 0 && elem != 1) return "elem must be 0 (fp8 e4m3) or 1 (int8)";
@@ -542,14 +550,14 @@ static const char* qlp_check(const qlp::Params* p, int elem, int row_tiles, int 
 }
 
 // W8A8, launched on `stream`.  elem: 0 fp8 e4m3, 1 int8; out_dtype: 0 bf16, 1 fp16, 2 fp32;
-// row_tiles: 1 or 2 (16 or 32 channels a tile); the caller sets every segment's `tiles` for rows of
-// 16 * row_tiles and p->total_tiles to their sum.  warps: a CTA's, 8, or 4 for up to 8 tokens.
+// row_tiles: 1 or 2 (16 or 32 channels a tile), or 3 (48) above 8 tokens; the caller sets every
+// segment's `tiles` for rows of 16 * row_tiles and p->total_tiles to their sum.  warps: a CTA's, 8, or 4 for up to 8 tokens.
 // pdl: 1 to launch with programmatic dependent launch (sm90+; the caller vouches that the kernel
 // before it in the stream wrote none of the layers' weights), 0 not.  Returns 0, or writes why not
 // into err.
 int qlp_w8a8_decode(const qlp::Params* p, int elem, int out_dtype, int row_tiles, int warps, int pdl, void* stream,
                     char* err, int err_len) {
-  if (const char* why = qlp_check(p, elem, row_tiles, warps)) return qlp_fail(err, err_len, why);
+  if (const char* why = qlp_check(p, elem, row_tiles, warps, false)) return qlp_fail(err, err_len, why);
   if (out_dtype < 0 || out_dtype > 2) return qlp_fail(err, err_len, "out_dtype must be 0 (bf16), 1 (fp16) or 2 (fp32)");
   if (p->m <= 0 || p->total_tiles == 0) return 0;
   if (elem == 0 && qlp::device_sm() < 89) return qlp_fail(err, err_len, "fp8 MMAs need sm89 or newer");
@@ -562,7 +570,7 @@ int qlp_w8a8_decode(const qlp::Params* p, int elem, int out_dtype, int row_tiles
 // also the output's dtype (act_dtype: 0 bf16, 1 fp16) and no activation scale.
 int qlp_w8a16_decode(const qlp::Params* p, int elem, int act_dtype, int row_tiles, int warps, int pdl, void* stream,
                      char* err, int err_len) {
-  if (const char* why = qlp_check(p, elem, row_tiles, warps)) return qlp_fail(err, err_len, why);
+  if (const char* why = qlp_check(p, elem, row_tiles, warps, false)) return qlp_fail(err, err_len, why);
   if (act_dtype != 0 && act_dtype != 1) return qlp_fail(err, err_len, "act_dtype must be 0 (bf16) or 1 (fp16)");
   if (p->m <= 0 || p->total_tiles == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -575,7 +583,7 @@ int qlp_w8a16_decode(const qlp::Params* p, int elem, int act_dtype, int row_tile
 // activation is quantized to e4m3 per 1x128 group inside the kernel.
 int qlp_fp8_block_decode(const qlp::Params* p, int elem, int act_dtype, int row_tiles, int warps, int pdl, void* stream,
                          char* err, int err_len) {
-  if (const char* why = qlp_check(p, elem, row_tiles, warps)) return qlp_fail(err, err_len, why);
+  if (const char* why = qlp_check(p, elem, row_tiles, warps, true)) return qlp_fail(err, err_len, why);
   if (elem != 0) return qlp_fail(err, err_len, "fp8_block weights are fp8 e4m3 (elem 0)");
   if (act_dtype != 0 && act_dtype != 1) return qlp_fail(err, err_len, "act_dtype must be 0 (bf16) or 1 (fp16)");
   if (p->m <= 0 || p->total_tiles == 0) return 0;
@@ -589,7 +597,7 @@ int qlp_fp8_block_decode(const qlp::Params* p, int elem, int act_dtype, int row_
 // ([m, k / 128], rows p->sx_stride apart) and each segment's sw per 128x128 weight block.
 int qlp_fp8_block_q_decode(const qlp::Params* p, int elem, int out_dtype, int row_tiles, int warps, int pdl, void* stream,
                            char* err, int err_len) {
-  if (const char* why = qlp_check(p, elem, row_tiles, warps)) return qlp_fail(err, err_len, why);
+  if (const char* why = qlp_check(p, elem, row_tiles, warps, true)) return qlp_fail(err, err_len, why);
   if (elem != 0) return qlp_fail(err, err_len, "fp8_block is fp8 e4m3 (elem 0)");
   if (out_dtype < 0 || out_dtype > 2) return qlp_fail(err, err_len, "out_dtype must be 0 (bf16), 1 (fp16) or 2 (fp32)");
   if (p->m <= 0 || p->total_tiles == 0) return 0;
