@@ -11,7 +11,6 @@ graph replays over weight copies past L2) and checked against the scheme's refer
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -26,14 +25,13 @@ for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+from bench_cuda_launch import cells, command_line, kernel_call  # noqa: E402
 from bench_cuda_ring import build  # noqa: E402
-from bench_cuda_warps import kernel_call, weight_copies  # noqa: E402
-from bench_decode import bf16_linear_time, copy_bandwidth, graph_time, tee  # noqa: E402
+from bench_decode import copy_bandwidth  # noqa: E402
 from qlinear_pass import schemes as S  # noqa: E402
 from qlinear_pass.kernels import cuda_w8a8 as C8  # noqa: E402
 
 SCHEMES = ("int8_weight_only", "fp8_weight_only", "fp8_rowwise", "fp8_block")
-SHAPES = [(4096, 14336), (14336, 4096), (4096, 6144), (4096, 28672), (4096, 4096), (4096, 1024)]
 #: name -> the defines it is built with (the others keep the source's defaults)
 VARIANTS = {
     "base": {},
@@ -45,21 +43,10 @@ VARIANTS = {
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cuda_w8_ring"))
-    ap.add_argument("--ms", default="1,8,16")
-    ap.add_argument("--schemes", default=",".join(SCHEMES))
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_cuda_w8_ring.py needs a CUDA GPU", file=sys.stderr)
+    cli = command_line("cuda_w8_ring", __doc__, SCHEMES, argv)
+    if cli is None:
         return 2
-    schemes = args.schemes.split(",")
-    unknown = [s for s in schemes if s not in SCHEMES]
-    if unknown:
-        ap.error(f"unknown scheme {', '.join(unknown)} (known: {', '.join(SCHEMES)})")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    say = tee(out / "bench_cuda_w8_ring.log")
+    args, schemes, out, say = cli
     say("# variants: " + "; ".join(f"{name} = {d}" for name, d in VARIANTS.items()))
     copy_bw = copy_bandwidth()
     say(f"# us per call, {torch.cuda.get_device_name()}, copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write); "
@@ -75,32 +62,20 @@ def main(argv=None) -> int:
             libs = {name: f.result() for name, f in built.items()}
         say(f"# built {len(libs)} variants in {time.monotonic() - t0:.0f} s")
         try:
-            for k, n in SHAPES:
-                for m in (int(v) for v in args.ms.split(",")):
-                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                    bf16 = bf16_linear_time(x, n, k) * 1e6
-                    for scheme in schemes:
-                        p, copies = weight_copies(scheme, n, k)
-                        ref = S.reference(scheme, x, [p[name] for name in S.get_scheme(scheme).param_names
-                                                      if p.get(name) is not None], None)
-                        w, sw = copies[0]
-                        nbytes = w.numel() * w.element_size() + sw.numel() * sw.element_size()
-                        case = {"scheme": scheme, "k": k, "n": n, "m": m, "bf16_us": bf16, "weight_bytes": nbytes,
-                                "us": {}, "rel_err": {}}
-                        for name, lib in libs.items():
-                            C8._library = lambda device, lib=lib: lib
-                            call = kernel_call(scheme, x)
-                            case["rel_err"][name] = S.relative_error(call(*copies[0]), ref)
-                            case["us"][name] = graph_time([(lambda ws: (lambda: call(*ws)))(ws) for ws in copies]) * 1e6
-                        result["cases"].append(case)
-                        best = min(case["us"].values())
-                        tol = S.TOLERANCE[torch.bfloat16]
-                        say(f"{scheme:17s} K={k:5d} N={n:5d} M={m:2d}: " + " | ".join(
-                            f"{name} {us:5.1f}" + ("" if case["rel_err"][name] <= tol else " WRONG")
-                            for name, us in case["us"].items())
-                            + f" | {nbytes / (best * 1e-6) / copy_bw:4.0%} | bf16 {bf16:5.1f}")
-                        (out / "bench_cuda_w8_ring.json").write_text(json.dumps(result, indent=1))
-                        del copies
+            for c in cells(args.ms, schemes):
+                case = {"scheme": c.scheme, "k": c.k, "n": c.n, "m": c.m, "bf16_us": c.bf16_us,
+                        "weight_bytes": c.weight_bytes, "us": {}, "rel_err": {}}
+                for name, lib in libs.items():
+                    C8._library = lambda device, lib=lib: lib
+                    case["rel_err"][name], case["us"][name] = c.time(kernel_call(c.scheme, c.x))
+                result["cases"].append(case)
+                best = min(case["us"].values())
+                tol = S.TOLERANCE[torch.bfloat16]
+                say(f"{c.scheme:17s} K={c.k:5d} N={c.n:5d} M={c.m:2d}: " + " | ".join(
+                    f"{name} {us:5.1f}" + ("" if case["rel_err"][name] <= tol else " WRONG")
+                    for name, us in case["us"].items())
+                    + f" | {c.weight_bytes / (best * 1e-6) / copy_bw:4.0%} | bf16 {c.bf16_us:5.1f}")
+                (out / "bench_cuda_w8_ring.json").write_text(json.dumps(result, indent=1))
         finally:
             C8._library = original
     say(f"# {time.monotonic() - t0:.0f} s")
