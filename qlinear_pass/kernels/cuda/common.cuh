@@ -203,7 +203,8 @@ inline int device_sm() {
 template <int MAX_SEGMENTS, int MAX_ROW_TILES = 2, typename Params>
 const char* check_segments(const Params& p, int row_tiles) {
   if (p.nseg < 1 || p.nseg > MAX_SEGMENTS) return "between 1 and MAX_SEGMENTS layers a launch";
-  if (row_tiles < 1 || row_tiles > MAX_ROW_TILES) return MAX_ROW_TILES == 2 ? "row_tiles must be 1 or 2" : "row_tiles must be 1, 2 or 3";
+  if (row_tiles < 1 || row_tiles > MAX_ROW_TILES)
+    return MAX_ROW_TILES == 2 ? "row_tiles must be 1 or 2" : "row_tiles must be 1, 2 or 3";
   int total = 0;
   for (int i = 0; i < p.nseg; ++i) total += p.seg[i].tiles;
   if (total != p.total_tiles) return "total_tiles is not the sum of the segments' tiles";

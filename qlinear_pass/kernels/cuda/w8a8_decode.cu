@@ -551,10 +551,10 @@ static const char* qlp_check(const qlp::Params* p, int elem, int row_tiles, int 
 
 // W8A8, launched on `stream`.  elem: 0 fp8 e4m3, 1 int8; out_dtype: 0 bf16, 1 fp16, 2 fp32;
 // row_tiles: 1 or 2 (16 or 32 channels a tile), or 3 (48) above 8 tokens; the caller sets every
-// segment's `tiles` for rows of 16 * row_tiles and p->total_tiles to their sum.  warps: a CTA's, 8, or 4 for up to 8 tokens.
-// pdl: 1 to launch with programmatic dependent launch (sm90+; the caller vouches that the kernel
-// before it in the stream wrote none of the layers' weights), 0 not.  Returns 0, or writes why not
-// into err.
+// segment's `tiles` for rows of 16 * row_tiles and p->total_tiles to their sum.  warps: a CTA's, 8,
+// or 4 for up to 8 tokens.  pdl: 1 to launch with programmatic dependent launch (sm90+; the caller
+// vouches that the kernel before it in the stream wrote none of the layers' weights), 0 not.
+// Returns 0, or writes why not into err.
 int qlp_w8a8_decode(const qlp::Params* p, int elem, int out_dtype, int row_tiles, int warps, int pdl, void* stream,
                     char* err, int err_len) {
   if (const char* why = qlp_check(p, elem, row_tiles, warps, false)) return qlp_fail(err, err_len, why);
