@@ -37,7 +37,7 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) examples/quickstart.py
 
-# the fast tier: everything but the `slow` sm90 compile checks (a few minutes on 2 cores)
+# the fast tier: everything but the `slow` tier (the sm90 compile checks, whole-benchmark runs)
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
 

@@ -321,6 +321,7 @@ def test_kernel_breakdown_falls_back_to_aten_matmuls_and_takes_the_outermost():
 # --- the whole script, CPU mode -----------------------------------------------------------------
 
 
+@pytest.mark.slow  # two benchmark processes, about 30 s on 2 cores: `make test-all` and CI run it
 def test_cpu_small_run_writes_results(tmp_path):
     out = tmp_path / "out"
     cmd = [
