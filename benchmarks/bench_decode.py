@@ -188,10 +188,11 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
         out["triton_gemm_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     cuda = _cuda_kernel(scheme)
     if cuda is not None:
-        # our CUDA decode kernel, with 16- and 32-row tiles; W8A8 with per-token / per-tensor scales is
-        # given the quantized activation, as in a compiled model (where the quantization fuses into
-        # the kernel before); fp8_block quantizes it in the kernel up to 8 tokens and is given it
-        # above, as the backend's rule does in a compiled model (CudaW8A8.takes_quantized_activation)
+        # our CUDA decode kernel, with 16- and 32-row tiles (and 48 where the 8-bit one takes them);
+        # W8A8 with per-token / per-tensor scales is given the quantized activation, as in a compiled
+        # model (where the quantization fuses into the kernel before); fp8_block quantizes it in the
+        # kernel up to 8 tokens and is given it above, as the backend's rule does in a compiled model
+        # (CudaW8A8.takes_quantized_activation)
         from qlinear_pass.backends.cuda import CudaW8A8
         from qlinear_pass.kernels import cuda_w4a16, cuda_w8a8, int4_layout
 
@@ -214,7 +215,9 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
 
             def fn(ps, rt):
                 return cuda_w8a8.w8a8_decode(xq_c, xs_c, ps[0], ps[1], None, torch.bfloat16, row_tiles=rt)
-        for rt in (1, 2):
+        # 48-row tiles: the 8-bit kernel above 8 tokens with a scale per channel or per tensor
+        wide = scheme not in ("w4a16", "fp8_block") and m > 8
+        for rt in (1, 2, 3) if wide else (1, 2):
             out.setdefault("cuda_rel_err", {})[f"r{rt}"] = S.relative_error(fn(sets[0], rt), ref)
             peers[f"{cuda} r{rt}"] = graph_time([(lambda ps, rt=rt: (lambda: fn(ps, rt)))(ps) for ps in sets])
         if scheme == "fp8_block" and m > CudaW8A8.BLOCK_QUANTIZED_ABOVE:  # the form the rule passes over, beside
@@ -223,8 +226,9 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
                     (lambda ps, rt=rt: (lambda: cuda_w8a8.fp8_block_decode(x, ps[0], ps[1], None, row_tiles=rt)))(ps)
                     for ps in sets])
         out["cuda_kernel"] = cuda
-        rule = cuda_w4a16.w4a16_row_tiles if scheme == "w4a16" else cuda_w4a16.row_tiles_for
-        out["cuda_row_tiles"] = rule(m, n, torch.cuda.get_device_properties(0).multi_processor_count)
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        out["cuda_row_tiles"] = (cuda_w4a16.w4a16_row_tiles(m, n, sms) if scheme == "w4a16"
+                                 else cuda_w8a8.w8_row_tiles(m, n, sms, block=scheme == "fp8_block"))
     if scheme == "fp8_rowwise":
         xq, xs = S.quantize_activation(scheme, x)
         peers["_scaled_mm (x pre-quantized)"] = graph_time([
