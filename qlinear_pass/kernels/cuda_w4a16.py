@@ -78,6 +78,12 @@ def row_tiles_for(m: int, n_total: int, sms: int) -> int:
     return 2 if n_total // 32 >= 0.9 * sms else 1
 
 
+def last_round_fill(tiles: int, sms: int) -> float:
+    """How full the last round of a launch of ``tiles`` row tiles, one CTA an SM, leaves the SMs:
+    the tiles over the rounds' room (1.0: every round full)."""
+    return tiles / (-(-tiles // sms) * sms)
+
+
 def w4a16_row_tiles(m: int, n_total: int, sms: int) -> int:
     """:func:`row_tiles_for`, but at M = 1 16-row tiles also where 32-row tiles would fill under 80% of
     the SMs' last round (``n_total / 32`` tiles over ``sms``): q/k/v together (N = 6144, 192 tiles
@@ -86,8 +92,7 @@ def w4a16_row_tiles(m: int, n_total: int, sms: int) -> int:
     full) 14.2 / 12.1; N = 4096 (K = 14336, 128 tiles) 11.8 / 11.0."""
     rows = row_tiles_for(m, n_total, sms)
     if m == 1 and rows == 2:
-        tiles = n_total // 32
-        if tiles / (-(-tiles // sms) * sms) < 0.8:
+        if last_round_fill(n_total // 32, sms) < 0.8:
             return 1
     return rows
 
