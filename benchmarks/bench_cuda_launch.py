@@ -4,8 +4,9 @@ and the kernel's rule timed side by side with bf16 ``F.linear``: the measurement
 
 * ``--knob warps``: CTAs of 8 warps, of 4, and as ``cuda_w4a16.warps_for`` / ``cuda_w8a8.warps_for``
   pick (4 warps serve one token in the w4a16 kernel, up to 8 in the 8-bit one);
-* ``--knob rows``: the 8-bit kernel's row tiles of 16, 32 and 48 channels (48 above 8 tokens with a
-  scale per channel or per tensor) and as ``cuda_w8a8.w8_row_tiles`` picks.
+* ``--knob rows``: row tiles of 16, 32 and 48 channels (48 in the w4a16 kernel at 2-8 tokens, in
+  the 8-bit one above 8 tokens with a scale per channel or per tensor) and as
+  ``cuda_w4a16.w4a16_row_tiles`` / ``cuda_w8a8.w8_row_tiles`` pick.
 
 Each cell is timed like ``bench_decode.py`` (CUDA graph replays over weight copies past L2) and
 checked against the scheme's reference.  Writes ``bench_cuda_launch.json`` and
@@ -129,7 +130,9 @@ def serves(knob: str, value: Optional[int], scheme: str, m: int) -> bool:
     """Whether the kernel takes this value of the knob here."""
     if knob == "warps":
         return value != 4 or m <= (1 if scheme == "w4a16" else 8)
-    return value in (None, 1, 2) or m > 8 and scheme not in ("w4a16", "fp8_block")  # 48 rows: 8-bit, per channel
+    if scheme == "w4a16":
+        return value != 3 or 1 < m <= 8  # 48 rows: 2 to 8 tokens
+    return value in (None, 1, 2) or m > 8 and scheme != "fp8_block"  # 48 rows: above 8 tokens, per channel
 
 
 def main(argv=None) -> int:

@@ -155,7 +155,8 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
                        row_tiles: Optional[int] = None, warps: Optional[int] = None,
                        pdl: Optional[bool] = None) -> list[torch.Tensor]:
     """``x`` [M, K] (bf16 or fp16) times each layer's int4 weight -> one [M, N_i] output each, in x's dtype.
-    ``row_tiles`` (1 or 2) and ``warps`` (8, or 4 at M = 1) default to :func:`w4a16_row_tiles` and
+    ``row_tiles`` (1, 2, or 3 at M = 2-8: 16, 32 or 48 channels a tile) and ``warps`` (8, or 4 at
+    M = 1) default to :func:`w4a16_row_tiles` and
     :func:`warps_for`; ``pdl`` (programmatic dependent launch) to :func:`pdl_for`'s rule."""
     if x.dim() != 2:
         raise ValueError(f"the activation must be 2-D [M, K], got shape {tuple(x.shape)}")

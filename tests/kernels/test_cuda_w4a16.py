@@ -28,7 +28,7 @@ def cases(draw, max_n=300, ks=(128, 256, 384, 4096)):
         dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])),
         bias=draw(st.booleans()),
         scale_dtype=draw(st.sampled_from([torch.float32, None])),  # None: the activation's dtype
-        row_tiles=draw(st.sampled_from([None, 1, 2])),
+        row_tiles=draw(st.sampled_from([None, 1, 2, 3] if 1 < m <= 8 else [None, 1, 2])),  # 48 rows: 2-8 tokens
         warps=draw(st.sampled_from([None, 8, 4] if m == 1 else [None, 8])),  # 4 warps a CTA at M = 1 only
     )
 
@@ -74,6 +74,12 @@ def check(m, ns, k, group_size, zero_points, dtype, bias, scale_dtype, row_tiles
               scale_dtype=None, row_tiles=2), 9)  # 16 tokens' rows in shared memory (their pieces permuted)
 @example(dict(m=8, ns=[4608, 32], k=2048, group_size=32, zero_points=False, dtype=torch.bfloat16, bias=False,
               scale_dtype=None, row_tiles=2), 10)  # 8 tokens' rows, groups of 32: the 3-slot ring
+@example(dict(m=8, ns=[4096, 1024, 1024], k=4096, group_size=128, zero_points=False, dtype=torch.bfloat16,
+              bias=False, scale_dtype=None, row_tiles=3), 11)  # q/k/v at 8 tokens in 48-row tiles
+@example(dict(m=5, ns=[80, 32], k=384, group_size=32, zero_points=True, dtype=torch.float16, bias=True,
+              scale_dtype=torch.float32, row_tiles=3), 12)  # 48-row tiles past N (80 and 32 rows), groups of 32
+@example(dict(m=2, ns=[4608], k=1024, group_size=64, zero_points=True, dtype=torch.bfloat16, bias=True,
+              scale_dtype=None, row_tiles=3), 13)  # 48 rows, CTAs walking several tiles
 def test_matches_reference_on_gpu(case, seed):
     check(**case, seed=seed)
 
@@ -201,12 +207,24 @@ def test_warps_rule_and_its_limits():
         CW.w4a16_decode(x[:1], w, torch.ones(32, 2), None, None, 128, warps=6)
 
 
+@pytest.mark.gpu
+def test_48_row_tiles_are_refused_outside_2_to_8_tokens_on_gpu():
+    x, p, _, _, _ = kernel_case("w4a16", 1, 96, 256, group_size=128, device="cuda")
+    w = int4_layout.to_mma16(p[0])
+    for m in (1, 9):
+        with pytest.raises(RuntimeError, match="row_tiles 3 .* needs 2 to 8 tokens"):
+            CW.w4a16_decode(x.repeat(m, 1), w, p[1], None, None, 128, row_tiles=3)
+    with pytest.raises(RuntimeError, match="row_tiles must be 1, 2 or 3"):
+        CW.w4a16_decode(x.repeat(4, 1), w, p[1], None, None, 128, row_tiles=4)
+
+
 def test_row_tiles_rule():
     assert CW.row_tiles_for(1, 28672, 132) == 2  # gate/up together: 896 tiles of 32 rows
     assert CW.row_tiles_for(1, 4096, 132) == 2  # o_proj: 128 tiles of 32 rows, about one per SM
     assert CW.row_tiles_for(1, 1024, 132) == 1  # a lone k_proj: 64 tiles of 16 rows, 32 of 32 would idle SMs
     assert CW.w4a16_row_tiles(1, 6144, 132) == 1  # q/k/v at M = 1: 192 tiles of 32 rows fill 73% of 2 rounds
     assert CW.w4a16_row_tiles(8, 6144, 132) == 2  # more tokens: 32 rows
+    assert CW.w4a16_row_tiles(16, 14336, 132) == 2  # 448 tiles of 32 rows: 85% of 4 rounds
     assert CW.w4a16_row_tiles(1, 14336, 132) == 2  # 448 tiles: 85% of 4 rounds
     assert CW.w4a16_row_tiles(1, 28672, 132) == 2 and CW.w4a16_row_tiles(1, 4096, 132) == 2
     assert CW.w4a16_row_tiles(1, 1024, 132) == 1

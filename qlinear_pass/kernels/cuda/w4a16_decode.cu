@@ -240,7 +240,7 @@ __device__ __forceinline__ float sum8(const uint4 v) {
 }
 
 // T: the activation dtype; VEC: a sub-chunk (one scale each) is 8 * VEC k, VEC / 2 atoms (4, 8, 16);
-// TOK: tokens per CTA (1, 8 or 16; larger M takes more CTAs along y); R: 16-row tiles per warp;
+// TOK: tokens per CTA (1, 8 or 16; larger M takes more CTAs along y); R: 16-row tiles per warp (3 for 8 tokens only);
 // W: warps a CTA; ZP: the layers have zero points (else every z is 8); XR: the activation rows stay
 // in shared memory (Layout).
 template <typename T, int VEC, int TOK, int R, int W, bool ZP, bool XR>
@@ -269,8 +269,10 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
   // that tile, set when the copies move to a new tile
   int tj = 0, ci = 0, ts = 0;
   const uint8_t* w_src[R];  // the lane's first 16 bytes of each 16-row block (its second: 512 on)
-  const float* s_src = nullptr;
-  const uint8_t* z_src = nullptr;
+  // the scales and zero points of the tile's rows lane and lane + 32 (48-row tiles): SR rows a lane
+  constexpr int SR = (16 * R + 31) / 32;
+  const float* s_src[SR] = {};
+  const uint8_t* z_src[SR] = {};
   auto at_tile = [&](int j) {
     int tile = blockIdx.x + j * gridDim.x;
     const Segment sg = pick(p, tile);
@@ -279,9 +281,12 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
       const int block = min(tile * R + b, sg.n / 16 - 1);
       w_src[b] = sg.w + (long long)block * sg.w_stride + warp * L::BLOCK_B + lane * 16;
     }
-    const int row = min(tile * 16 * R + (lane & (16 * R - 1)), sg.n - 1);
-    s_src = sg.s + (long long)row * sg.s_stride + warp * SUB;
-    if constexpr (ZP) z_src = sg.z + (long long)row * sg.z_stride;
+#pragma unroll
+    for (int h = 0; h < SR; ++h) {
+      const int row = min(tile * 16 * R + lane + 32 * h, sg.n - 1);
+      s_src[h] = sg.s + (long long)row * sg.s_stride + warp * SUB;
+      if constexpr (ZP) z_src[h] = sg.z + (long long)row * sg.z_stride;
+    }
   };
   // XR: the warp's region of the activation rows and of their sums
   const int max_nch = (nchunks + W - 1) / W;
@@ -313,9 +318,13 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
 #pragma unroll
         for (int h = 0; h < 2; ++h)
           cp_async16_l2<QLP_L2_FETCH>(slot + b * L::BLOCK_B + (lane + 32 * h) * 16, w_src[b] + step * L::BLOCK_B + 512 * h);
-      if (lane < 16 * R) {  // the row's SUB scales, and the 4-byte word holding its SUB zero points
-        cp_async<4 * SUB>(slot + L::W_B + lane * 4 * SUB, s_src + step * SUB);
-        if constexpr (ZP) cp_async<4>(slot + L::W_B + L::S_B + lane * 4, z_src + (((warp + step) * SUB) & ~3));
+#pragma unroll
+      for (int h = 0; h < SR; ++h) {
+        const int rl = lane + 32 * h;
+        if (rl < 16 * R) {  // the row's SUB scales, and the 4-byte word holding its SUB zero points
+          cp_async<4 * SUB>(slot + L::W_B + rl * 4 * SUB, s_src[h] + step * SUB);
+          if constexpr (ZP) cp_async<4>(slot + L::W_B + L::S_B + rl * 4, z_src[h] + (((warp + step) * SUB) & ~3));
+        }
       }
       if (TOK > 1 && act && (!XR || tj == 0)) {
 #pragma unroll
@@ -610,8 +619,17 @@ cudaError_t dispatch_w(const Params& p, int warps, bool pdl, cudaStream_t stream
   return launch<T, VEC, TOK, R, 8, true>(p, pdl, stream);
 }
 
+// 48-row tiles (3) for CTAs of 8 tokens, their activation in the ring (the caller's rule takes them
+// where a launch's tiles fit one round, so no CTA walks several): 6144 channels (q/k/v) make 128
+// tiles of 48 rows, one CTA an SM, where 192 of 32 share 132 SMs.  H200, us with 32 / 48-row tiles
+// (benchmarks/results/h200/decode/cuda_w4a16/rows48): q/k/v M = 8 8.7 / 7.7, M = 16 10.1 / 10.1
+// (16 tokens' activation, 128 KB a CTA, weighs as much as its 48 rows of weights: no gain, so 16
+// tokens have no 48-row kernel); other shapes 32 rows as fast or faster
 template <typename T, int VEC, int TOK>
 cudaError_t dispatch_r(const Params& p, int row_tiles, int warps, bool pdl, cudaStream_t stream) {
+  if constexpr (TOK == 8) {
+    if (row_tiles == 3) return launch<T, VEC, TOK, 3, 8, false>(p, pdl, stream);
+  }
   return row_tiles == 1 ? dispatch_w<T, VEC, TOK, 1>(p, warps, pdl, stream) : dispatch_w<T, VEC, TOK, 2>(p, warps, pdl, stream);
 }
 
@@ -637,8 +655,8 @@ extern "C" {
 // The version of Params / Segment this library was built with (the caller checks it matches its own).
 int qlp_w4a16_abi(void) { return (int)(sizeof(qlp::Params) * 1000 + qlp::MAX_SEGMENTS * 10 + qlp::ABI_VERSION); }
 
-// Launch on `stream`.  dtype: 0 bf16, 1 fp16.  row_tiles: 1 or 2 (16 or 32 channels a tile); the
-// caller sets every segment's `tiles` for rows of 16 * row_tiles and p->total_tiles to their sum.
+// Launch on `stream`.  dtype: 0 bf16, 1 fp16.  row_tiles: 1, 2 or 3 (16, 32 or 48 channels a tile;
+// 48 for 2 to 8 tokens); the caller sets every segment's `tiles` for rows of 16 * row_tiles and p->total_tiles to their sum.
 // warps: a CTA's, 8, or 4 for one token (M = 1).  pdl: 1 to launch with programmatic dependent launch
 // (sm90+; the caller vouches that the kernel before it in the stream wrote none of the layers'
 // weights, scales or zero points), 0 not.  Returns 0, or writes why not into err.
@@ -648,7 +666,8 @@ int qlp_w4a16_decode(const qlp::Params* p, int dtype, int row_tiles, int warps, 
     snprintf(err, err_len, "%s", what);
     return 1;
   };
-  if (const char* why = qlp::check_segments<qlp::MAX_SEGMENTS>(*p, row_tiles)) return fail(why);
+  if (const char* why = qlp::check_segments<qlp::MAX_SEGMENTS, 3>(*p, row_tiles)) return fail(why);
+  if (row_tiles == 3 && (p->m == 1 || p->m > 8)) return fail("row_tiles 3 (48 channels a tile) needs 2 to 8 tokens");
   if (p->group != 32 && p->group != 64 && p->group % 128 != 0) return fail("group size must be 32, 64 or a multiple of 128");
   if (p->k % 128 != 0 || p->k % p->group != 0) return fail("K must be a multiple of 128 and of the group size");
   for (int i = 0; i < p->nseg; ++i) {
