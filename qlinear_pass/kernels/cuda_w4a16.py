@@ -85,15 +85,20 @@ def last_round_fill(tiles: int, sms: int) -> float:
 
 
 def w4a16_row_tiles(m: int, n_total: int, sms: int) -> int:
-    """:func:`row_tiles_for`, but at M = 1 16-row tiles also where 32-row tiles would fill under 80% of
-    the SMs' last round (``n_total / 32`` tiles over ``sms``): q/k/v together (N = 6144, 192 tiles
-    of 32 rows on 132 SMs) take 384 tiles of 16.  H200, g128, M = 1, us with 16 / 32-row tiles
-    (benchmarks/results/h200/decode/cuda_w4a16/rows): N = 6144 7.3 / 7.5; N = 14336 (448 tiles, 85%
-    full) 14.2 / 12.1; N = 4096 (K = 14336, 128 tiles) 11.8 / 11.0."""
+    """:func:`row_tiles_for`, but where 32-row tiles would fill under 80% of the SMs' last round
+    (``n_total / 32`` tiles over ``sms``): at M = 1 16-row tiles, at M = 2-8 48-row tiles (3) where
+    they fit one round at least 90% full.  q/k/v together (N = 6144, 192 tiles of 32 rows on 132
+    SMs) take 384 tiles of 16 at M = 1 and 128 of 48 at M = 2-8.  H200, g128, us with 16 / 32-row
+    tiles at M = 1 (benchmarks/results/h200/decode/cuda_w4a16/rows): N = 6144 7.3 / 7.5; N = 14336
+    (448 tiles, 85% full) 14.2 / 12.1; N = 4096 (K = 14336, 128 tiles) 11.8 / 11.0; with 32 / 48-row
+    tiles (.../cuda_w4a16/rows48): N = 6144 M = 8 8.7 / 7.7, M = 16 10.1 / 10.1 (16 tokens keep 32)."""
     rows = row_tiles_for(m, n_total, sms)
-    if m == 1 and rows == 2:
-        if last_round_fill(n_total // 32, sms) < 0.8:
+    if rows == 2 and m <= 8 and last_round_fill(-(-n_total // 32), sms) < 0.8:
+        if m == 1:
             return 1
+        wide = -(-n_total // 48)
+        if wide <= sms and last_round_fill(wide, sms) >= 0.9:
+            return 3
     return rows
 
 

@@ -69,13 +69,13 @@ def check(m, ns, k, group_size, zero_points, dtype, bias, scale_dtype, row_tiles
 @example(dict(m=12, ns=[64], k=8192, group_size=64, zero_points=True, dtype=torch.bfloat16, bias=False,
               scale_dtype=None, row_tiles=2), 7)  # 16 tokens' rows past the shared memory: the ring's kernel
 @example(dict(m=7, ns=[4096, 1024], k=4096, group_size=128, zero_points=False, dtype=torch.float16, bias=True,
-              scale_dtype=None, row_tiles=None), 8)  # 8 tokens' rows in shared memory, the last repeating the 7th
+              scale_dtype=None, row_tiles=None), 8)  # 8 tokens' rows in shared memory, the 8th zeros
 @example(dict(m=16, ns=[4608], k=1024, group_size=64, zero_points=True, dtype=torch.float16, bias=True,
               scale_dtype=None, row_tiles=2), 9)  # 16 tokens' rows in shared memory (their pieces permuted)
 @example(dict(m=8, ns=[4608, 32], k=2048, group_size=32, zero_points=False, dtype=torch.bfloat16, bias=False,
               scale_dtype=None, row_tiles=2), 10)  # 8 tokens' rows, groups of 32: the 3-slot ring
 @example(dict(m=8, ns=[4096, 1024, 1024], k=4096, group_size=128, zero_points=False, dtype=torch.bfloat16,
-              bias=False, scale_dtype=None, row_tiles=3), 11)  # q/k/v at 8 tokens in 48-row tiles
+              bias=False, scale_dtype=None, row_tiles=None), 11)  # q/k/v at 8 tokens: the rule's 48-row tiles
 @example(dict(m=5, ns=[80, 32], k=384, group_size=32, zero_points=True, dtype=torch.float16, bias=True,
               scale_dtype=torch.float32, row_tiles=3), 12)  # 48-row tiles past N (80 and 32 rows), groups of 32
 @example(dict(m=2, ns=[4608], k=1024, group_size=64, zero_points=True, dtype=torch.bfloat16, bias=True,
@@ -223,7 +223,9 @@ def test_row_tiles_rule():
     assert CW.row_tiles_for(1, 4096, 132) == 2  # o_proj: 128 tiles of 32 rows, about one per SM
     assert CW.row_tiles_for(1, 1024, 132) == 1  # a lone k_proj: 64 tiles of 16 rows, 32 of 32 would idle SMs
     assert CW.w4a16_row_tiles(1, 6144, 132) == 1  # q/k/v at M = 1: 192 tiles of 32 rows fill 73% of 2 rounds
-    assert CW.w4a16_row_tiles(8, 6144, 132) == 2  # more tokens: 32 rows
+    assert CW.w4a16_row_tiles(8, 6144, 132) == 3  # more tokens: 128 tiles of 48 rows, one round
+    assert CW.w4a16_row_tiles(4, 6144, 114) == 2  # 128 tiles of 48 rows would not fit 114 SMs in one round
+    assert CW.w4a16_row_tiles(16, 6144, 132) == 2  # 16 tokens: 32 rows (48 were no faster)
     assert CW.w4a16_row_tiles(16, 14336, 132) == 2  # 448 tiles of 32 rows: 85% of 4 rounds
     assert CW.w4a16_row_tiles(1, 14336, 132) == 2  # 448 tiles: 85% of 4 rounds
     assert CW.w4a16_row_tiles(1, 28672, 132) == 2 and CW.w4a16_row_tiles(1, 4096, 132) == 2

@@ -60,6 +60,13 @@ __device__ __forceinline__ void cp_async(void* dst, const void* src) {
   }
 }
 
+// cp.async of 16 bytes, or (full false) 16 zero bytes without reading from src (src must still be a
+// valid address)
+__device__ __forceinline__ void cp_async16_or_zero(void* dst, const void* src, bool full) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(full ? 16 : 0) : "memory");
+}
+
 // cp.async of 16 bytes that asks L2 to fetch the HINT-byte block around them from DRAM (128 or
 // 256; 0: no hint, the 32-byte sectors the copies touch)
 template <int HINT>

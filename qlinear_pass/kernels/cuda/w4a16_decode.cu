@@ -294,9 +294,14 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
   float* x_sums = reinterpret_cast<float*>(smem + L::BYTES + W * max_nch * L::XR_CHUNK) + warp * max_nch * SUB * TOK;
   // more than one token: a token's 128 values of a chunk, 16 pieces of 16 bytes a token: the lane's
   // piece q (of XP) of the chunk `step` chunks past the warp's first, and where it goes: the slot, or
-  // with XR chunk c of the warp's region (the rows past the last token repeat it; their outputs are
-  // not written)
+  // with XR chunk c of the warp's region.  The ring's kernels fill the rows past the last token with
+  // zeros (their outputs are not written) where they copied the last token's row into each: every CTA
+  // then asked L2 for the same few lines with every chunk, and M = 2 took 19.8 us where M = 8 took 13.9
+  // on (14336, 4096); with zeros 11.5 (H200, benchmarks/results/h200/decode/cuda_w4a16/zero_rows).
+  // XR kernels copy the rows in their first tile only and keep the copies (zeros cost them 2-5% at
+  // M = 12-16, ring_only_vs_everywhere there)
   constexpr int XP = TOK > 1 ? TOK / 2 : 1;
+  auto x_here = [&](const int q) { return (lane + 32 * q) >> 4 < tokens; };
   auto x_src = [&](const int step, const int q) {
     const int piece = lane + 32 * q, tk = piece >> 4;
     return x_tok + (long long)min(tk, tokens - 1) * p.x_stride + (warp + step) * 128 + (piece & 15) * 8;
@@ -328,7 +333,10 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
       }
       if (TOK > 1 && act && (!XR || tj == 0)) {
 #pragma unroll
-        for (int q = 0; q < XP; ++q) cp_async<16>(x_dst(slot, ci, q), x_src(step, q));
+        for (int q = 0; q < XP; ++q) {
+          if constexpr (XR) cp_async<16>(x_dst(slot, ci, q), x_src(step, q));
+          else cp_async16_or_zero(x_dst(slot, ci, q), x_src(step, q), x_here(q));
+        }
       }
       if (++ci == nch) {
         ci = 0;
@@ -411,7 +419,8 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
     for (int s = 0; s < STAGES - 1; ++s) {
       if (j < ntiles && (!XR || j == 0)) {
 #pragma unroll
-        for (int q = 0; q < XP; ++q) xv[s][q] = *reinterpret_cast<const uint4*>(x_src(c * W, q));
+        for (int q = 0; q < XP; ++q)
+          xv[s][q] = XR || x_here(q) ? *reinterpret_cast<const uint4*>(x_src(c * W, q)) : make_uint4(0, 0, 0, 0);
       }
       if (++c == nch) c = 0, ++j;
     }
