@@ -44,7 +44,7 @@ from qlinear_pass.kernels import int4_layout  # noqa: E402
 
 #: sets of variants (--set): name -> the defines it is built with (QLP_*; the others keep the source's
 #: defaults) and the arguments of its calls (``warps``: a CTA's, 8 or 4, the latter at M = 1 only;
-#: ``row_tiles``: 1 or 2; ``pdl``: programmatic dependent launch; by default the kernel's rules)
+#: ``row_tiles``: 1, 2, or 3 at M = 2-8; ``pdl``: programmatic dependent launch; by default the kernel's rules)
 SETS = {
     "rule": {  # the source as it stands (with --against: beside another version of it)
         "rule": {},

@@ -78,8 +78,8 @@ def check(m, ns, k, group_size, zero_points, dtype, bias, scale_dtype, row_tiles
               bias=False, scale_dtype=None, row_tiles=None), 11)  # q/k/v at 8 tokens: the rule's 48-row tiles
 @example(dict(m=5, ns=[80, 32], k=384, group_size=32, zero_points=True, dtype=torch.float16, bias=True,
               scale_dtype=torch.float32, row_tiles=3), 12)  # 48-row tiles past N (80 and 32 rows), groups of 32
-@example(dict(m=2, ns=[4608], k=1024, group_size=64, zero_points=True, dtype=torch.bfloat16, bias=True,
-              scale_dtype=None, row_tiles=3), 13)  # 48 rows, CTAs walking several tiles
+@example(dict(m=2, ns=[4608, 2304], k=1024, group_size=64, zero_points=True, dtype=torch.bfloat16, bias=True,
+              scale_dtype=None, row_tiles=3), 13)  # 144 tiles of 48 rows: CTAs walking two, 6 rows zeros
 def test_matches_reference_on_gpu(case, seed):
     check(**case, seed=seed)
 
