@@ -214,7 +214,10 @@ SM90: tuple = (
         "32.3; with 4 warps a CTA on many row tiles (h200/decode/cuda_warps) K=4096 N=14336 M=1 13.0, gate/up "
         "(N=28672) 22.8. End to end (h200/e2e/warps_w8): decode b1 2.01x bf16, b8 1.67x; with triton in an earlier "
         "run (h200/e2e) 1.69x and 1.02x. Latest (h200/decode/cuda_w4a16/xr_swizzle, cuda_w4a16 vs bf16 F.linear): "
-        "M=8 13.7 / 29.5, 13.9 / 31.8, 8.6 / 15.1 (N=6144); M=16 16.9 / 30.1, 19.6 / 32.1, 10.0 / 15.1."),
+        "M=8 13.7 / 29.5, 13.9 / 31.8, 8.6 / 15.1 (N=6144); M=16 16.9 / 30.1, 19.6 / 32.1, 10.0 / 15.1. "
+        "With empty token rows zero-filled and 48-row q/k/v tiles (h200/decode/cuda_w4a16/zero_rows, vs bf16): "
+        "M=2 K=14336 N=4096 11.5 / 32.2, N=6144 7.0 / 15.1; end to end at batch 4 (h200/e2e/zero_rows_b4) "
+        "1.94x bf16."),
     Row("sm90", "w4a16", (128, 1024, None), ("cutlass_w4a16", "triton_weight_only", "torch_int4pack"),
         f"h200/prefill/cutlass_w4a16_mma16 ({_H200}), g128, us, cutlass_w4a16 in the MMA-fragment layout (its "
         "fastest tile) vs triton_weight_only (the GEMM at M=128, one dequantising pass + cuBLAS above) vs bf16 "
