@@ -28,7 +28,7 @@ for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from bench_decode import L2_BYTES, bf16_linear_time, copy_bandwidth, graph_time, tee  # noqa: E402
+from bench_decode import L2_BYTES, bf16_linear_time, copy_bandwidth, graph_time, serves_48_rows, tee  # noqa: E402
 from qlinear_pass import schemes as S  # noqa: E402
 from qlinear_pass.kernels import cuda_w4a16 as CW  # noqa: E402
 from qlinear_pass.kernels import cuda_w8a8 as C8  # noqa: E402
@@ -130,9 +130,7 @@ def serves(knob: str, value: Optional[int], scheme: str, m: int) -> bool:
     """Whether the kernel takes this value of the knob here."""
     if knob == "warps":
         return value != 4 or m <= (1 if scheme == "w4a16" else 8)
-    if scheme == "w4a16":
-        return value != 3 or 1 < m <= 8  # 48 rows: 2 to 8 tokens
-    return value in (None, 1, 2) or m > 8 and scheme != "fp8_block"  # 48 rows: above 8 tokens, per channel
+    return value != 3 or serves_48_rows(scheme, m)
 
 
 def main(argv=None) -> int:

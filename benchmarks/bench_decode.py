@@ -134,6 +134,14 @@ def triton_gemm(scheme, x, ps, g):
     return T.w8a8_gemm(xq, ps[0], sa, ps[1], None, torch.bfloat16, a_scale=T.A_GROUP if gran == "group" else T.A_TOKEN, w_scale=ws)
 
 
+def serves_48_rows(scheme: str, m: int) -> bool:
+    """Whether our CUDA decode kernel takes 48-row tiles for ``scheme`` at M = ``m``: the w4a16 one at
+    2-8 tokens, the 8-bit one above 8 tokens with a scale per channel or per tensor (not fp8_block)."""
+    if scheme == "w4a16":
+        return 1 < m <= 8
+    return m > 8 and scheme != "fp8_block"
+
+
 def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> dict:
     sch = S.get_scheme(scheme)
     w = torch.randn(n, k, device="cuda") * 0.02
@@ -215,9 +223,7 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
 
             def fn(ps, rt):
                 return cuda_w8a8.w8a8_decode(xq_c, xs_c, ps[0], ps[1], None, torch.bfloat16, row_tiles=rt)
-        # 48-row tiles: the 8-bit kernel above 8 tokens with a scale per channel or per tensor
-        wide = scheme not in ("w4a16", "fp8_block") and m > 8
-        for rt in (1, 2, 3) if wide else (1, 2):
+        for rt in (1, 2, 3) if serves_48_rows(scheme, m) else (1, 2):
             out.setdefault("cuda_rel_err", {})[f"r{rt}"] = S.relative_error(fn(sets[0], rt), ref)
             peers[f"{cuda} r{rt}"] = graph_time([(lambda ps, rt=rt: (lambda: fn(ps, rt)))(ps) for ps in sets])
         if scheme == "fp8_block" and m > CudaW8A8.BLOCK_QUANTIZED_ABOVE:  # the form the rule passes over, beside

@@ -84,6 +84,12 @@ def last_round_fill(tiles: int, sms: int) -> float:
     return tiles / (-(-tiles // sms) * sms)
 
 
+def wide_tiles_fill_better(n_total: int, sms: int) -> bool:
+    """Whether 48-row tiles fill the SMs' last round at least 90% where 32-row ones fill under 80%
+    (q/k/v together, N = 6144 on 132 SMs: 128 tiles of 48 rows for one round, 192 of 32 for two)."""
+    return last_round_fill(-(-n_total // 32), sms) < 0.8 and last_round_fill(-(-n_total // 48), sms) >= 0.9
+
+
 def w4a16_row_tiles(m: int, n_total: int, sms: int) -> int:
     """:func:`row_tiles_for`, but where 32-row tiles would fill under 80% of the SMs' last round
     (``n_total / 32`` tiles over ``sms``): at M = 1 16-row tiles, at M = 2-8 48-row tiles (3) where
@@ -93,13 +99,11 @@ def w4a16_row_tiles(m: int, n_total: int, sms: int) -> int:
     (448 tiles, 85% full) 14.2 / 12.1; N = 4096 (K = 14336, 128 tiles) 11.8 / 11.0; with 32 / 48-row
     tiles (.../cuda_w4a16/rows48): N = 6144 M = 8 8.7 / 7.7, M = 16 10.1 / 10.1 (16 tokens keep 32)."""
     rows = row_tiles_for(m, n_total, sms)
-    if rows == 2 and m <= 8 and last_round_fill(-(-n_total // 32), sms) < 0.8:
-        if m == 1:
-            return 1
-        wide = -(-n_total // 48)
-        if wide <= sms and last_round_fill(wide, sms) >= 0.9:
-            return 3
-    return rows
+    if rows != 2 or m > 8:
+        return rows
+    if m == 1:
+        return 1 if last_round_fill(-(-n_total // 32), sms) < 0.8 else rows
+    return 3 if -(-n_total // 48) <= sms and wide_tiles_fill_better(n_total, sms) else rows
 
 
 def warps_for(m: int, tiles: int, sms: int) -> int:

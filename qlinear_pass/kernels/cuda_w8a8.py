@@ -29,7 +29,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from . import cuda_build
-from .cuda_w4a16 import aligned, last_round_fill, pdl_for, row_tiles_for
+from .cuda_w4a16 import aligned, pdl_for, row_tiles_for, wide_tiles_fill_better
 
 #: the layers one launch serves (the kernel's MAX_SEGMENTS)
 MAX_SEGMENTS = 3
@@ -95,8 +95,7 @@ def w8_row_tiles(m: int, n_total: int, sms: int, block: bool = False) -> int:
     rows = row_tiles_for(m, n_total, sms)
     if m <= 8 or block or rows != 2:
         return rows
-    wide = last_round_fill(-(-n_total // 32), sms) < 0.8 and last_round_fill(-(-n_total // 48), sms) >= 0.9
-    return 3 if wide else rows
+    return 3 if wide_tiles_fill_better(n_total, sms) else rows
 
 
 def _scale(s: torch.Tensor, count: int, what: str) -> tuple[torch.Tensor, int]:
