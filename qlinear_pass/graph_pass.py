@@ -197,6 +197,7 @@ def rewrite(graph: fx.Graph, cfg: C.LinearBackendConfig, record: CompileRecord, 
     share_activation_quantization(graph, chosen)
     memo: dict = {}  # nodes the replacements share (``Emitter.shared``)
     for group in sibling_groups(graph, chosen):
+        group = [(_after_takeovers(m, memo), sel, d) for m, sel, d in group]
         if len(group) == 1:
             _replace(graph, group[0][0], group[0][1], memo)
         else:
@@ -245,6 +246,10 @@ def _replace(graph: fx.Graph, m: Match, sel: Selection, memo: dict) -> None:
     _take_over(emit, m, new, kernel)
 
 
+#: ``memo`` key of {matched output: the replacement that took over its uses}
+_TAKEN = ("taken",)
+
+
 def _take_over(emit: Emitter, m: Match, new: fx.Node, kernel: Kernel) -> None:
     """The replacement, in the matched output's shape, takes over its uses."""
     want = val(m.end)
@@ -254,6 +259,21 @@ def _take_over(emit: Emitter, m: Match, new: fx.Node, kernel: Kernel) -> None:
     if got.dtype != want.dtype:
         raise AssertionError(f"{kernel.name} produced {got.dtype}, the graph expects {want.dtype}")
     m.end.replace_all_uses_with(new)
+    emit.shared.setdefault(_TAKEN, {})[m.end] = new
+
+
+def _after_takeovers(m: Match, memo: dict) -> Match:
+    """``m`` reading the replacements of layers replaced before it: a layer whose activation is
+    another's output (two linears back to back) would otherwise keep that one's reference alive."""
+    taken = memo.get(_TAKEN)
+    if not taken:
+        return m
+
+    def now(n):
+        return taken.get(n, n) if isinstance(n, fx.Node) else n
+
+    return dataclasses.replace(m, x=now(m.x), params=[now(p) for p in m.params], bias=now(m.bias),
+                               act_q=now(m.act_q), act_scale=now(m.act_scale))
 
 
 # --- sibling layers: one launch for the layers that read the same activation ------------------

@@ -265,3 +265,36 @@ def test_layers_of_kernels_without_groups_stay_apart():
     nodes, _, decisions = _linear_ops(model, random_activation((1, 1, 256)), "emulation")
     assert [n.target for n in nodes] == [torch.ops.qlinear_pass.linear.default] * 4
     assert all(d.note == "" for d in decisions)
+
+
+@pytest.mark.inductor
+def test_back_to_back_linears_are_both_replaced():
+    """A layer whose activation is the previous layer's output reads that layer's replacement: the
+    previous reference (its unpacking and float32 matmul) does not stay alive beside it."""
+    from qlinear_pass import graph_pass
+
+    torch.manual_seed(0)
+    m = qp.quantize(torch.nn.Sequential(torch.nn.Linear(128, 64, bias=False), torch.nn.Linear(64, 32, bias=False))
+                    .to(torch.bfloat16), "w4a16", group_size=32)
+    x = random_activation((5, 128))
+    seen = {}
+    orig = graph_pass.rewrite
+
+    def spy(graph, cfg, record, device=None):
+        orig(graph, cfg, record, device)
+        seen["targets"] = [n.target for n in graph.nodes if n.op == "call_function"]
+
+    def f(model, x):
+        return model(x)
+
+    graph_pass.rewrite = spy
+    try:
+        with torch.no_grad(), recorded() as recs:
+            # Inductor drops the views between the two: the second one's activation is the first one's output
+            y = torch.compile(f, backend=qp.make("emulation"))(m, x)
+    finally:
+        graph_pass.rewrite = orig
+    assert [d.spec.module for d in recs[0].decisions] == ["0", "1"]
+    assert seen["targets"].count(torch.ops.qlinear_pass.linear.default) == 2
+    assert torch.ops.aten.mm.default not in seen["targets"]
+    assert torch.equal(y, m(x))

@@ -317,6 +317,18 @@ def _skip(n: fx.Node, targets: set) -> fx.Node:
     return n
 
 
+def _widened_from(n: fx.Node) -> fx.Node:
+    """The float activation a chain of lossless converts (bf16 / fp16 -> fp32) starts from: a
+    narrowing convert (the previous layer's output cast to bf16) is kept, so the activation a
+    kernel gets has the values the graph computes."""
+    while n.op == "call_function" and n.target in CONVERTS:
+        src, dst = _dtype(n.args[0]), _dtype(n)
+        if src not in FLOAT_DTYPES or not (src == dst or dst == torch.float32):
+            break
+        n = n.args[0]
+    return n
+
+
 def _find_quantized(a: fx.Node, depth: int = 8) -> Optional[fx.Node]:
     """The nearest fp8/int8 node above ``a`` through dequantise ops (convert, mul, views)."""
     frontier = [a]
@@ -413,11 +425,17 @@ def _epilogue(anchor: fx.Node, n: int, bias: Optional[fx.Node], allow_scales: bo
     """Walk the single-user chain after the matmul: (end, bias, x-scale, w-scale, out dtype)."""
     end = anchor
     xs = ws = None
+    narrowed = False
     while True:
         u = _single_user(end)
         if u is None or u.op != "call_function":
             break
         if u.target in CONVERTS:
+            src, dst = _dtype(end), _dtype(u)
+            wider = src is not None and dst is not None and dst.itemsize > src.itemsize
+            if narrowed and wider:
+                break  # the layer's output rounded, then widened by its reader (the next linear, say)
+            narrowed = narrowed or (src is not None and dst is not None and dst.itemsize < src.itemsize)
             end = u
             continue
         if u.target == aten.add.Tensor and bias is None:

@@ -20,6 +20,7 @@ from .common import (  # noqa: F401
     _act_of,
     _bias_leaf,
     _classify_weight_leaves,
+    _widened_from,
     _dtype,
     _epilogue,
     _find_quantized,
@@ -135,7 +136,7 @@ def match_mm(node: fx.Node, static: frozenset) -> Match:
     if post is not None and q is not None:
         raise _Miss("the weight's scale multiplies the output of a matmul whose activation is quantized: not a weight-only scheme")
     if q is None:
-        act = _Act("none", _skip(a, CONVERTS) if _dtype(_skip(a, CONVERTS)) in FLOAT_DTYPES else a)
+        act = _Act("none", _widened_from(a))
     else:
         src, scale = None, None
         try:
