@@ -50,6 +50,7 @@ class Decision:
             "k": s.k,
             "m": s.m,
             "group_size": s.group_size,
+            "weight_layout": s.weight_layout,
             "act_input": s.act_input,
             "act_dtype": str(s.act_dtype).removeprefix("torch."),
             "out_dtype": str(s.out_dtype).removeprefix("torch."),

@@ -34,6 +34,8 @@ class Kernel:
     schemes: ClassVar[tuple[str, ...]]
     #: a plug-in's hint for ``auto``: among kernels the ranking table does not list, lower runs first
     priority: ClassVar[int] = 50
+    #: the weight layouts it reads (``LayerSpec.weight_layout``); the selection loop refuses the others
+    weight_layouts: ClassVar[tuple[str, ...]] = ("public",)
 
     def is_supported(self, device: DeviceInfo) -> Reason:
         return OK

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import schemes as S
+from .kernels.int4_layout import MMA16, PUBLIC, check_layout, check_shape, from_mma16, to_mma16
 
 
 class QuantizedLinear(nn.Module):
@@ -22,7 +23,16 @@ class QuantizedLinear(nn.Module):
 
     It is for inference: the quantized weight, its scales and the bias are
     buffers, not parameters, so nothing in it asks for gradients.
+
+    ``weight_layout``: how ``weight`` is held.  ``"public"`` is the scheme's layout (``schemes.py``).
+    A ``w4a16`` layer may hold the MMA-fragment layout instead (``"mma16"``, see
+    :meth:`repack`): the layout the CUDA and CUTLASS int4 kernels read, so the layer keeps one copy
+    of its weight where a public one gets a second for them.  Either way ``state_dict()`` and
+    checkpoints carry the public layout, ``load_state_dict`` takes it, and the module computes the
+    same reference.
     """
+
+    weight_layout: str = PUBLIC
 
     def __init__(
         self,
@@ -62,8 +72,52 @@ class QuantizedLinear(nn.Module):
 
     @property
     def params(self) -> list:
+        """The scheme's parameters in the public layout (``weight`` read back when held otherwise)."""
         names = S.get_scheme(self.scheme).param_names
-        return [getattr(self, n) for n in names]
+        return [self.public_weight() if n == "weight" else getattr(self, n) for n in names]
+
+    def public_weight(self) -> torch.Tensor:
+        """``weight`` in the public layout: the buffer itself, or read back from the layout held."""
+        if self.weight_layout == MMA16:
+            return torch.ops.qlinear_pass.int4_from_mma16(self.weight)
+        return self.weight
+
+    def repack(self, layout: str) -> "QuantizedLinear":
+        """Hold ``weight`` in ``layout`` from now on (``"public"`` or, for w4a16, ``"mma16"``), in
+        place: the old buffer is replaced, not kept.  Returns the module."""
+        check_layout(layout)
+        if layout == self.weight_layout:
+            return self
+        if layout == MMA16:
+            why = self.why_not_layout(layout)
+            if why:
+                raise ValueError(f"cannot hold this layer's weight in the {layout} layout: {why}")
+            self.weight = to_mma16(self.weight)
+        else:
+            self.weight = from_mma16(self.weight)
+        self.weight_layout = layout
+        return self
+
+    def why_not_layout(self, layout: str) -> str:
+        """Why this layer cannot hold ``layout`` ("" when it can)."""
+        check_layout(layout)
+        if layout == PUBLIC:
+            return ""
+        if self.scheme != "w4a16":
+            return f"the {layout} layout holds int4 weights (w4a16), not {self.scheme}"
+        return check_shape(self.out_features, self.in_features)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight_layout != PUBLIC:  # checkpoints carry the public layout
+            destination[prefix + "weight"] = from_mma16(self.weight)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "weight"
+        t = state_dict.get(key)
+        if self.weight_layout != PUBLIC and isinstance(t, torch.Tensor) and tuple(t.shape) == (self.out_features, self.in_features // 2):
+            state_dict[key] = to_mma16(t.to(self.weight.device))  # the public layout, as state_dict() gives it
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def dequantized_weight(self) -> torch.Tensor:
         return S.dequantize_weight(self.scheme, self.params, self.in_features)
@@ -74,7 +128,9 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.group_size else ""
         z = ", zero_points=True" if self.weight_zero is not None else ""
-        return f"{self.scheme}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{g}{z}"
+        lay = f", weight_layout={self.weight_layout!r}" if self.weight_layout != PUBLIC else ""
+        return (f"{self.scheme}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}{g}{z}{lay}")
 
 
 def _group_size(scheme: str, group_size: Optional[int]) -> Optional[int]:
@@ -108,6 +164,7 @@ def quantize(
     zero_points: bool = False,
     include=None,
     exclude=None,
+    weight_layout: str = PUBLIC,
     progress: Optional[bool] = None,
 ) -> nn.Module:
     """Replace the model's ``nn.Linear`` modules by :class:`QuantizedLinear`, in place.
@@ -118,13 +175,18 @@ def quantize(
     is replaced unless every selected layer can be: no half-quantized model.
     Nothing to replace is an error too (an already quantized model, an
     ``include`` that matches no linear), and a glob that matches no linear is
-    a warning.  ``progress``: True always, False never, None (default) a bar
-    on stderr once quantizing takes more than a few seconds.
+    a warning.  ``weight_layout``: how the layers hold their weights
+    (:class:`QuantizedLinear`); ``"mma16"`` (w4a16 only, N and K multiples of 16) keeps one copy
+    for the CUDA / CUTLASS int4 kernels instead of two.  ``progress``: True always, False never,
+    None (default) a bar on stderr once quantizing takes more than a few seconds.
     """
     s = S.get_scheme(scheme)
     group_size = _group_size(s.name, group_size)
     if zero_points and s.name != "w4a16":
         raise ValueError(f"zero_points is a w4a16 option; scheme {s.name} is symmetric")
+    check_layout(weight_layout)
+    if weight_layout != PUBLIC and s.name != "w4a16":
+        raise ValueError(f"weight_layout={weight_layout!r} holds int4 weights (w4a16); scheme {s.name} has the public layout only")
     inc, exc = _as_patterns(include), _as_patterns(exclude)
     chosen: list[tuple[str, nn.Linear]] = []
     problems: list[str] = []
@@ -138,6 +200,9 @@ def quantize(
         k = mod.in_features
         if s.name == "w4a16" and k % group_size:
             problems.append(f"{name or '<root>'}: K={k} is not a multiple of group_size={group_size}")
+        elif weight_layout != PUBLIC and check_shape(mod.out_features, k):
+            problems.append(f"{name or '<root>'}: weight_layout={weight_layout!r} needs N and K divisible by 16 "
+                            f"(N={mod.out_features}, K={k})")
         elif s.name == "fp8_block" and k % S.BLOCK:
             problems.append(f"{name or '<root>'}: K={k} is not a multiple of the 128-wide block")
         else:
@@ -153,7 +218,7 @@ def quantize(
 
     bar = Progress(len(chosen), f"quantizing to {s.name}", progress, unit="layer")
     for name, mod in chosen:
-        q = QuantizedLinear.from_linear(mod, s.name, group_size=group_size, zero_points=zero_points)
+        q = QuantizedLinear.from_linear(mod, s.name, group_size=group_size, zero_points=zero_points).repack(weight_layout)
         bar.update()
         if not name:
             bar.close()

@@ -57,6 +57,7 @@ class Report:
         table = []
         for r in self.rows:
             scheme = r["scheme"] + (f" g{r['group_size']}" if r.get("group_size") else "")
+            scheme += f" ({r['weight_layout']})" if r.get("weight_layout", "public") != "public" else ""
             kernel = (r["kernel"] or "-") + (" (fallback)" if r.get("fallback") else "") + (f" [{r['note']}]" if r.get("note") else "")
             rej = "; ".join(f"{n}: {why}" for n, why in r["rejected"]) or "-"
             table.append([r["module"] or "-", scheme, str(r["n"]), str(r["k"]), r["backend"], kernel, rej])

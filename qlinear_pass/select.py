@@ -86,11 +86,21 @@ def _first_fit(spec: LayerSpec, device: DeviceInfo, backend: str,
             continue
         ok, why = supported(k, device)
         if ok:
+            ok, why = reads_layout(k, spec)
+        if ok:
             ok, why = k.can_implement(spec)
         if ok:
             return k, rejected
         rejected.append((k.name, why or "no reason given"))
     return None, rejected
+
+
+def reads_layout(kernel: Kernel, spec: LayerSpec) -> Reason:
+    """Does ``kernel`` read the layout ``spec``'s weight is held in?"""
+    if spec.weight_layout in kernel.weight_layouts:
+        return True, ""
+    return False, (f"reads the weight in the {' / '.join(kernel.weight_layouts)} layout, not the {spec.weight_layout} "
+                   f"layout this layer holds (QuantizedLinear.repack('public') converts it back)")
 
 
 _warned: set = set()

@@ -78,6 +78,9 @@ class LayerSpec:
     #: M when it is fixed in the graph, None when it is symbolic
     m: Optional[int] = None
     module: str = ""
+    #: how the layer holds its weight: "public" (the scheme's layout, schemes.py), or for w4a16
+    #: "mma16" (``kernels/int4_layout.py``): only kernels whose ``weight_layouts`` name it can run it
+    weight_layout: str = "public"
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
@@ -96,7 +99,8 @@ class LayerSpec:
     def short(self) -> str:
         g = f" g{self.group_size}" if self.group_size else ""
         z = "+zp" if self.zero_points else ""
-        return f"{self.scheme}{g}{z} N={self.n} K={self.k}"
+        lay = f" ({self.weight_layout} layout)" if self.weight_layout != "public" else ""
+        return f"{self.scheme}{g}{z} N={self.n} K={self.k}{lay}"
 
 
 def plan_text(plan) -> str:

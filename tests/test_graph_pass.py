@@ -154,14 +154,17 @@ def test_replacement_is_one_custom_op_call():
 
 
 @pytest.mark.inductor
-def test_inductor_end_to_end_with_dynamic_m():
+@pytest.mark.parametrize("layout", ["public", "mma16"])
+def test_inductor_end_to_end_with_dynamic_m(layout):
     m = linear_model(128, 64, "w4a16", group_size=64, bias=True)
+    m[0].repack(layout)
     f = torch.compile(m, backend=qp.make("emulation"), dynamic=True)
     with torch.no_grad(), recorded() as recs:
         for rows in (3, 17):
             x = random_activation((rows, 128))
             assert S.relative_error(f(x), m(x)) < 1e-2
     assert len(recs) == 1 and recs[0].decisions[0].kernel == "emulation"
+    assert recs[0].decisions[0].spec.weight_layout == layout
 
 
 def test_record_times_the_pass():
@@ -267,15 +270,50 @@ def test_layers_of_kernels_without_groups_stay_apart():
     assert all(d.note == "" for d in decisions)
 
 
+def test_a_layer_holding_the_mma16_layout_hands_kernels_the_packed_weight():
+    """The pass finds the layer through the op that reads the layout back, gives the kernel the
+    packed tensor itself, and only kernels that read that layout may take it."""
+    from qlinear_pass import graph_pass
+
+    m = linear_model(128, 64, "w4a16", group_size=32, zero_points=True)
+    m[0].repack("mma16")
+    x = random_activation((3, 128))
+    seen = {}
+    orig = graph_pass.rewrite
+
+    def spy(graph, cfg, record, device=None):
+        orig(graph, cfg, record, device)
+        calls = [n for n in graph.nodes if n.target == torch.ops.qlinear_pass.linear.default]
+        seen["weights"] = [tuple(c.args[1][0].meta["val"].shape) for c in calls]
+        seen["targets"] = [n.target for n in graph.nodes if n.op == "call_function"]
+
+    graph_pass.rewrite = spy
+    try:
+        y, recs = compile_and_run(m, x)
+    finally:
+        graph_pass.rewrite = orig
+    (d,) = recs[0].decisions
+    assert d.spec.weight_layout == "mma16" and d.kernel == "emulation"
+    assert ("torch_int4pack", "reads the weight in the public layout, not the mma16 layout this layer holds "
+            "(QuantizedLinear.repack('public') converts it back)") in d.rejected
+    assert seen["weights"] == [(4, 8, 128)]  # the packed buffer, not the public bytes read back from it
+    assert torch.ops.qlinear_pass.int4_from_mma16.default not in seen["targets"]
+    assert torch.equal(y, m(x))
+    assert "w4a16 g32 (mma16)" in str(qp.explain(m, x))
+    with pytest.raises(qp.NoKernelError, match="torch_int4pack: reads the weight in the public layout"):
+        compile_and_run(m, x, "torch")
+
+
 @pytest.mark.inductor
-def test_back_to_back_linears_are_both_replaced():
+@pytest.mark.parametrize("layout", ["public", "mma16"])
+def test_back_to_back_linears_are_both_replaced(layout):
     """A layer whose activation is the previous layer's output reads that layer's replacement: the
     previous reference (its unpacking and float32 matmul) does not stay alive beside it."""
     from qlinear_pass import graph_pass
 
     torch.manual_seed(0)
     m = qp.quantize(torch.nn.Sequential(torch.nn.Linear(128, 64, bias=False), torch.nn.Linear(64, 32, bias=False))
-                    .to(torch.bfloat16), "w4a16", group_size=32)
+                    .to(torch.bfloat16), "w4a16", group_size=32, weight_layout=layout)
     x = random_activation((5, 128))
     seen = {}
     orig = graph_pass.rewrite

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -105,3 +107,53 @@ def test_quantize_shows_progress_when_asked(capsys):
     qp.quantize(m, "int8_weight_only", progress=True)
     err = capsys.readouterr().err
     assert "quantizing to int8_weight_only" in err and "2/2" in err
+
+
+# --- the weight layout a w4a16 layer holds ---------------------------------------------------------
+
+
+def _int4_model(zero_points=False, bias=True):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(256, 48, bias=bias), torch.nn.Linear(48, 32, bias=bias))
+    return m, qp.quantize(m, "w4a16", group_size=32 if zero_points else 64, zero_points=zero_points, include=["0"])
+
+
+@pytest.mark.parametrize("zero_points", [False, True])
+def test_a_layer_in_the_mma16_layout_holds_one_copy_and_computes_the_same(zero_points):
+    from qlinear_pass.kernels import int4_layout as L
+
+    _, public = _int4_model(zero_points)
+    packed = copy.deepcopy(public)
+    layer = packed[0].repack("mma16")
+    assert layer is packed[0] and layer.weight_layout == "mma16" and "weight_layout='mma16'" in repr(layer)
+    assert layer.weight.shape == (3, 16, 128) and torch.equal(L.from_mma16(layer.weight), public[0].weight)
+    assert [n for n, _ in layer.named_buffers()] == [n for n, _ in public[0].named_buffers()]  # replaced, not added
+    x = torch.randn(3, 256)
+    assert torch.equal(packed(x), public(x))
+    assert torch.equal(layer.dequantized_weight(), public[0].dequantized_weight())
+    # checkpoints carry the public layout, and load into either layout
+    sd = packed.state_dict()
+    assert sd.keys() == public.state_dict().keys()
+    assert all(torch.equal(sd[key], t) for key, t in public.state_dict().items())
+    fresh = copy.deepcopy(public)
+    fresh[0].repack("mma16").weight.zero_()
+    fresh.load_state_dict(sd)
+    assert fresh[0].weight_layout == "mma16" and torch.equal(fresh[0].weight, layer.weight)
+    assert torch.equal(layer.repack("public").weight, public[0].weight) and layer.weight_layout == "public"
+
+
+def test_quantize_holds_the_layout_asked_for_and_says_which_layers_cannot():
+    m = qp.quantize(torch.nn.Sequential(torch.nn.Linear(128, 64)), "w4a16", weight_layout="mma16")
+    assert m[0].weight_layout == "mma16" and m[0].weight.shape == (4, 8, 128)
+    odd = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(128, 24))
+    with pytest.raises(ValueError, match=r"1: weight_layout='mma16' needs N and K divisible by 16 \(N=24, K=128\)"):
+        qp.quantize(odd, "w4a16", weight_layout="mma16")
+    assert all(type(x) is torch.nn.Linear for x in odd)
+    with pytest.raises(ValueError, match="holds int4 weights"):
+        qp.quantize(torch.nn.Linear(128, 64), "int8_weight_only", weight_layout="mma16")
+    with pytest.raises(ValueError, match="not one of"):
+        qp.quantize(torch.nn.Linear(128, 64), "w4a16", weight_layout="marlin")
+    q = qp.quantize(torch.nn.Sequential(torch.nn.Linear(128, 64)), "fp8_rowwise")[0]
+    with pytest.raises(ValueError, match="holds int4 weights"):
+        q.repack("mma16")
+    assert q.repack("public") is q

@@ -60,6 +60,7 @@ class CudaW4A16(Kernel):
     name = "cuda_w4a16"
     backend = "cuda"
     schemes = ("w4a16",)
+    weight_layouts = ("public", "mma16")  # a public weight is read through its MMA-fragment copy
 
     def is_supported(self, device: DeviceInfo):
         return _cuda_status(device, 80, "bf16 mma.sync (Ampere or newer)")
@@ -75,13 +76,15 @@ class CudaW4A16(Kernel):
 
     def run_group(self, specs, x, params, biases):
         from ..kernels.cuda_w4a16 import Layer, w4a16_decode_group
-        from ..kernels.int4_layout import has_mma16, mma16_of
+        from ..kernels.int4_layout import MMA16, has_mma16, mma16_of
 
         x = x if x.dim() == 2 else x.reshape(-1, specs[0].k)
+        held = [s.weight_layout == MMA16 for s in specs]  # the layer holds the layout: no copy
         # a weight's MMA-fragment copy made in this call was written by the kernel just ahead of the
         # launch: no programmatic dependent launch then (the kernel would read it early)
-        ready = all(has_mma16(p[0]) for p in params)
-        layers = [Layer(mma16_of(p[0]), p[1], p[2] if len(p) > 2 else None, b) for p, b in zip(params, biases)]
+        ready = all(h or has_mma16(p[0]) for h, p in zip(held, params))
+        layers = [Layer(p[0] if h else mma16_of(p[0]), p[1], p[2] if len(p) > 2 else None, b)
+                  for h, p, b in zip(held, params, biases)]
         return w4a16_decode_group(x, layers, specs[0].group_size, pdl=None if ready else False)
 
 

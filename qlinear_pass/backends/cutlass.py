@@ -266,6 +266,7 @@ class CutlassW4A16(_CutlassWeightOnly):
     schemes = ("w4a16",)
     family = "w4a16"
     k_multiple = 8
+    weight_layouts = ("public", "mma16")  # a public weight is read through its MMA-fragment copy
 
     def __init__(self) -> None:
         #: id(scale) -> (weakref to it, versions, zero, scale MN-major, -zero * scale MN-major): the
@@ -302,13 +303,14 @@ class CutlassW4A16(_CutlassWeightOnly):
         return s_t, z_t
 
     def run(self, spec, x, params, bias, config: Optional[str] = None):
-        from ..kernels.int4_layout import mma16_of
+        from ..kernels.int4_layout import MMA16, mma16_of
 
         w, scale = params[0], params[1]
         zero = params[2] if len(params) > 2 else None
         x, out, bias = self._io(spec, x, bias)
         s_t, z_t = self.group_params(scale, zero, x.dtype)
-        return self.module().gemm(x, mma16_of(w), s_t, z_t, spec.group_size, bias, out,
+        w = w if spec.weight_layout == MMA16 else mma16_of(w)
+        return self.module().gemm(x, w, s_t, z_t, spec.group_size, bias, out,
                                   self.config_index(x.shape[0], spec.n, spec.k, config, spec.group_size))
 
 

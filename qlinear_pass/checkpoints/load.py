@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..kernels.int4_layout import PUBLIC, check_layout, check_shape
 from ..nn import QuantizedLinear
 from . import compressed_tensors as CT
 from . import safetensors_io as IO
@@ -117,6 +118,7 @@ def load_quantized(
     path: "str | os.PathLike",
     *,
     device: "torch.device | str | None" = None,
+    weight_layout: str = "public",
     progress: Optional[bool] = None,
 ) -> nn.Module:
     """Load a quantized checkpoint into ``model``, in place, and return it.
@@ -138,9 +140,12 @@ def load_quantized(
     the feature, and leaves ``model`` untouched.
 
     ``device``: where loaded tensors go (default: each layer's current device,
-    or the CPU for meta tensors).  ``progress``: True always, False never, None
-    (default) when loading takes more than a few seconds.
+    or the CPU for meta tensors).  ``weight_layout``: how the w4a16 layers hold their
+    weights (``QuantizedLinear``'s ``"public"`` or ``"mma16"``, the one copy the CUDA /
+    CUTLASS int4 kernels read); other schemes keep the public layout.  ``progress``: True
+    always, False never, None (default) when loading takes more than a few seconds.
     """
+    check_layout(weight_layout)
     path = os.fspath(path)
     refs, qc, ours = open_checkpoint(path)
     if qc is None:
@@ -187,6 +192,9 @@ def load_quantized(
         why = CT.check_k(fmt, name, k)
         if why:
             problems.append(why)
+            continue
+        if weight_layout != PUBLIC and fmt.scheme == "w4a16" and check_shape(n, k):
+            problems.append(f"{name}: weight_layout={weight_layout!r} needs N and K divisible by 16 (N={n}, K={k})")
             continue
         what = f"{fmt.scheme} ({fmt.storage}, {fmt.strategy} weight scales)"
         expected = CT.expected_tensors(fmt, n, k)
@@ -278,7 +286,8 @@ def load_quantized(
             if mod.bias is not None:
                 bias = get("bias") if f"{name}.bias" in refs else mod.bias.detach()
                 bias = bias.to(device=dev, dtype=mod.bias.dtype)
-            new_layers[name] = QuantizedLinear(fmt.scheme, k, n, params, bias, group_size=fmt.our_group_size(k))
+            layer = QuantizedLinear(fmt.scheme, k, n, params, bias, group_size=fmt.our_group_size(k))
+            new_layers[name] = layer.repack(weight_layout) if fmt.scheme == "w4a16" else layer
             bar.update()
         new_floats = []
         for full, t, ref in floats:

@@ -62,7 +62,7 @@ def save_quantized(model: nn.Module, path: "str | os.PathLike", *, progress: Opt
                 groups[key] = dict(CT.group_of(m.scheme, m.group_size, zp), targets=[])
             groups[key]["targets"].append(name)
             ours[name] = {"scheme": m.scheme, "group_size": m.group_size, "zero_points": zp}
-            params = {"weight": m.weight, "weight_scale": m.weight_scale, "weight_zero": m.weight_zero}
+            params = {"weight": m.public_weight(), "weight_scale": m.weight_scale, "weight_zero": m.weight_zero}
             for suffix, t in CT.from_params(m.scheme, params, m.out_features, m.in_features).items():
                 tensors[f"{name}.{suffix}"] = t
             if m.bias is not None:

@@ -21,6 +21,7 @@ apart along K and ``256 * K/16`` along N.
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -28,6 +29,17 @@ import torch
 #: rows and k of an atom; bytes of an atom
 ATOM = 16
 ATOM_BYTES = ATOM * ATOM // 2
+
+#: how a w4a16 layer may hold its weight (``QuantizedLinear.weight_layout``, ``LayerSpec.weight_layout``):
+#: the public ``[N, K/2]`` bytes, or this module's MMA-fragment layout ``[N/16, K/16, 128]``
+PUBLIC = "public"
+MMA16 = "mma16"
+LAYOUTS = (PUBLIC, MMA16)
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"weight_layout {layout!r} is not one of {LAYOUTS}")
 
 
 def check_shape(n: int, k: int) -> str:
@@ -84,9 +96,30 @@ def from_mma16(packed: torch.Tensor) -> torch.Tensor:
     return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
 
 
+# A layer that holds its weight in the MMA-fragment layout hands it to the model as the public
+# bytes through this op: one node the pattern matcher recognises (``patterns.common.build_match``
+# hands the kernels the packed tensor itself), and the reference math everywhere else.
+_LIB = torch.library.Library("qlinear_pass", "FRAGMENT")
+_LIB.define("int4_from_mma16(Tensor packed) -> Tensor")
+_LIB.impl("int4_from_mma16", lambda packed: from_mma16(packed), "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("qlinear_pass::int4_from_mma16", lib=_LIB)
+def _(packed):
+    n, k = shape_of(packed)
+    return packed.new_empty((n, k // 2))
+
+
+#: the op above, as it appears in a post-grad graph
+FROM_MMA16 = torch.ops.qlinear_pass.int4_from_mma16.default
+
 #: id(public weight) -> (weakref to it, its version, its MMA-fragment copy): the one copy every
 #: kernel that reads the layout shares, made on a layer's first call, dropped with its weight
 _copies: dict = {}
+
+TWO_COPIES = ("qlinear_pass: w4a16 weights held in the public [N, K/2] layout get a second copy in the MMA-fragment "
+              "layout that cuda_w4a16 and cutlass_w4a16 read, as large as the first; quantize(..., weight_layout='mma16') "
+              "(or QuantizedLinear.repack('mma16')) makes the layers hold that layout alone")
 
 
 def mma16_of(weight: torch.Tensor) -> torch.Tensor:
@@ -97,6 +130,7 @@ def mma16_of(weight: torch.Tensor) -> torch.Tensor:
     if packed is not None:
         return packed
     packed = to_mma16(weight)
+    warnings.warn(TWO_COPIES, UserWarning, stacklevel=2)
     if not (weight.is_cuda and torch.cuda.is_current_stream_capturing()):
         key = id(weight)
         if key not in _copies:

@@ -12,6 +12,7 @@ import torch.fx as fx
 
 from .. import schemes as S
 from ..emit import val
+from ..kernels.int4_layout import FROM_MMA16, MMA16, PUBLIC
 from ..spec import LayerSpec
 
 aten = torch.ops.aten
@@ -484,6 +485,12 @@ def build_match(found: _Side, static: frozenset) -> Match:
     """The :class:`Match` (and its :class:`LayerSpec`) of what a matcher found."""
     wt, act = found.weight, found.act
     params, shapes = _canonical_weight_params(wt)
+    layout = PUBLIC
+    w = wt.weight
+    if w.op == "call_function" and w.target == FROM_MMA16:
+        # a layer holding its weight in the MMA-fragment layout: the kernels get the packed tensor
+        # (those that read that layout; the selection loop turns the others away)
+        layout, params[0] = MMA16, w.args[0]
     if act.mode == "static":
         params = params + [act.scale]
         shapes = shapes + [() if act.granularity == "tensor" else None]
@@ -499,9 +506,10 @@ def build_match(found: _Side, static: frozenset) -> Match:
         zero_points=wt.zero is not None,
         act_input=act.mode,
         device=anchor_val.device.type if isinstance(anchor_val, torch.Tensor) else "cpu",
-        weights_constant=all(p.op == "get_attr" or p in static for p in (wt.weight, wt.scale, wt.zero) if p is not None),
+        weights_constant=all(p.op == "get_attr" or p in static for p in (params[0], wt.scale, wt.zero) if p is not None),
         m=found.m,
         module=module_path(found.anchor),
+        weight_layout=layout,
     )
     return Match(spec, found.anchor, found.end, act.x, params, shapes, found.bias, act.q, act.scale, found.weight_t)
 

@@ -92,6 +92,12 @@ def test_w4a16_launches_early_only_on_a_weight_copy_made_before(monkeypatch):
     params[0].add_(0)  # a new version of the weight: its copy is made again
     k.run(spec(n=32, k=256), x, params, None)
     assert seen == [False, None, False]
+    # a layer holding the layout hands the kernel its own buffer, read from the first call on
+    got = []
+    monkeypatch.setattr(cuda_w4a16, "w4a16_decode_group", lambda x, layers, g, pdl=None: got.append((pdl, layers[0].w)) or [None])
+    packed = int4_layout.to_mma16(S.quantize_weight("w4a16", torch.randn(32, 256), group_size=128)["weight"])
+    k.run(spec(n=32, k=256, weight_layout="mma16"), x, [packed, params[1]], None)
+    assert got[0][0] is None and got[0][1] is packed
 
 
 def test_running_on_cpu_tensors_is_refused():
@@ -123,6 +129,36 @@ def test_gpu_compiled_siblings_run_in_one_call():
         assert ops.CALLS["cuda_w4a16"] > before
         assert S.relative_error(y, ref) < S.TOLERANCE[torch.bfloat16]
         torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_gpu_layers_holding_the_mma16_layout_run_without_a_copy():
+    """A model quantized with weight_layout="mma16" hands the kernel its own buffers: no second
+    copy of the weights, and the same outputs as the eager modules."""
+    import warnings
+
+    from qlinear_pass.kernels import int4_layout, ops
+
+    from ..test_graph_pass import Siblings
+
+    ok, why = CB.CudaW4A16().is_supported(R.DeviceInfo.of("cuda"))
+    if not ok:
+        pytest.skip(why)
+    torch.manual_seed(0)
+    model = qp.quantize(Siblings(k=512, ns=(512, 128, 128)).to(torch.bfloat16), "w4a16", group_size=64,
+                        zero_points=True, weight_layout="mma16").cuda()
+    before, calls = int4_layout.copied_bytes(), ops.CALLS["cuda_w4a16"]
+    for m in (1, 8):
+        x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = torch.compile(model, backend=qp.make(linear_backend="cuda"))(x)
+        with torch.no_grad():
+            ref = model(x)
+        assert S.relative_error(y, ref) < S.TOLERANCE[torch.bfloat16]
+        torch._dynamo.reset()
+        assert not [w for w in caught if str(w.message) == int4_layout.TWO_COPIES]
+    assert ops.CALLS["cuda_w4a16"] > calls and int4_layout.copied_bytes() == before
 
 
 def w8a8_spec(**kw):

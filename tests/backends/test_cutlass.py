@@ -587,16 +587,23 @@ def test_w4a16_limits_name_the_reason():
 
 @pytest.mark.parametrize("m,group,zp,dtype", [(1, 128, False, torch.bfloat16), (7, 64, True, torch.float16),
                                               (130, 128, True, torch.bfloat16)])
-def test_w4a16_glue_against_reference_with_the_extension_emulated(monkeypatch, m, group, zp, dtype):
+@pytest.mark.parametrize("layout", ["public", "mma16"])
+def test_w4a16_glue_against_reference_with_the_extension_emulated(monkeypatch, m, group, zp, dtype, layout):
     """Scales transposed to MN-major in the activation dtype, zero points folded into -zero * scale
-    (8 where the layer has none), the bias cast: what the extension is given computes the reference."""
+    (8 where the layer has none), the bias cast, the weight in the MMA-fragment layout (the layer's
+    own, or a copy of a public one): what the extension is given computes the reference."""
+    from qlinear_pass.kernels import int4_layout
+
     from ..helpers import kernel_case
 
     kernel = R.get_kernel("cutlass_w4a16")
     monkeypatch.setattr(type(kernel), "module", lambda self: _FakeModule(self.family))
     n, k = 144, 512
     x, params, bias, _, ref = kernel_case("w4a16", m, n, k, group_size=group, zero_points=zp, dtype=dtype, seed=m)
-    s = R.LayerSpec("w4a16", n, k, dtype, dtype, has_bias=True, group_size=group, zero_points=zp, act_input="none")
+    if layout == "mma16":
+        params = [int4_layout.to_mma16(params[0]), *params[1:]]
+    s = R.LayerSpec("w4a16", n, k, dtype, dtype, has_bias=True, group_size=group, zero_points=zp, act_input="none",
+                    weight_layout=layout)
     y = kernel.run(s, x, params, bias.float())
     assert y.dtype == dtype and S.relative_error(y, ref) < S.TOLERANCE[dtype]
 
@@ -633,6 +640,32 @@ def test_gpu_w4a16_against_reference(m, n8, kg, group, zp, dtype, bias, seed):
     k = min(kg * group, 8192 // group * group)
     run_direct("w4a16", m, n8 * 16 * 3, k, act_input="none", group_size=group, zero_points=zp, dtype=dtype,
                bias=bias, seed=seed, device="cuda", poison=True, kernel="cutlass_w4a16")
+
+
+@pytest.mark.gpu
+def test_gpu_w4a16_layers_holding_the_mma16_layout_run_without_a_copy():
+    import warnings
+
+    from qlinear_pass.kernels import int4_layout
+
+    from ..helpers import random_activation
+    from ..test_graph_pass import Siblings
+
+    _hopper_or_skip("cutlass_w4a16")
+    torch.manual_seed(0)
+    model = qp.quantize(Siblings(k=512, ns=(512, 256, 256)).to(torch.bfloat16), "w4a16", weight_layout="mma16").cuda()
+    x = random_activation((1, 37, 512)).cuda()
+    before = int4_layout.copied_bytes()
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with qp.linear_backend("cutlass"):
+            y = torch.compile(model, backend=qp.make(), dynamic=False)(x)
+    with torch.no_grad():
+        ref = model(x)
+    torch._dynamo.reset()
+    assert S.relative_error(y, ref) < 2 * S.TOLERANCE[torch.bfloat16]
+    assert int4_layout.copied_bytes() == before
+    assert not [w for w in caught if str(w.message) == int4_layout.TWO_COPIES]
 
 
 @pytest.mark.gpu

@@ -101,3 +101,33 @@ def test_save_errors(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(qp.CheckpointError, match="not a directory"):
         qp.save_quantized(_quantized("fp8_rowwise", {}), str(tmp_path / "file"))
+
+
+@pytest.mark.parametrize("kw", [dict(group_size=32), dict(group_size=128, zero_points=True)])
+def test_w4a16_layers_in_the_mma16_layout_save_and_load_the_public_bytes(tmp_path, kw):
+    public = _quantized("w4a16", kw)
+    packed = _quantized("w4a16", dict(kw, weight_layout="mma16"))
+    assert all(getattr(packed, n).weight_layout == "mma16" for n in LAYERS)
+    path = str(tmp_path / "m")
+    qp.save_quantized(packed, path)
+    back = qp.load_quantized(R.float_model(bias=True, seed=3), path)  # the public layout, as written
+    assert all(getattr(back, n).weight_layout == "public" for n in LAYERS)
+    _same_state(public, back)
+    again = qp.load_quantized(R.float_model(bias=True, seed=3), path, weight_layout="mma16")
+    for n in LAYERS:
+        assert torch.equal(getattr(again, n).weight, getattr(packed, n).weight)
+    x = torch.randn(2, 256).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(again(x), public(x))
+
+
+def test_loading_into_a_layout_a_layer_cannot_hold_is_refused_before_anything_changes(tmp_path):
+    model = qp.quantize(torch.nn.Sequential(torch.nn.Linear(128, 24)), "w4a16", group_size=32)
+    path = str(tmp_path / "m")
+    qp.save_quantized(model, path)
+    target = torch.nn.Sequential(torch.nn.Linear(128, 24))
+    with pytest.raises(qp.CheckpointError, match=r"0: weight_layout='mma16' needs N and K divisible by 16 \(N=24, K=128\)"):
+        qp.load_quantized(target, path, weight_layout="mma16")
+    assert type(target[0]) is torch.nn.Linear
+    with pytest.raises(ValueError, match="not one of"):
+        qp.load_quantized(target, path, weight_layout="tiles")

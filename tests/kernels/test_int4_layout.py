@@ -70,14 +70,34 @@ def test_the_copy_is_made_once_remade_when_the_weight_changes_and_dropped_with_i
     q = torch.randint(0, 16, (32, 64), dtype=torch.uint8)
     w = S.pack_int4(q)
     before = L.copied_bytes()
-    first = L.mma16_of(w)
+    with pytest.warns(UserWarning, match="second copy in the MMA-fragment layout"):  # the memory it costs is said
+        first = L.mma16_of(w)
     assert L.mma16_of(w) is first and torch.equal(L.from_mma16(first), w)
     assert L.copied_bytes() == before + w.numel()
     w[0, 0] ^= 0xFF  # an in-place update (a checkpoint loaded into the layer)
-    second = L.mma16_of(w)
+    with pytest.warns(UserWarning):
+        second = L.mma16_of(w)
     assert second is not first and torch.equal(L.from_mma16(second), w)
     key = id(w)
     assert key in L._copies
     del w, first, second
     gc.collect()
     assert key not in L._copies
+
+
+@given(weights())
+def test_the_op_reads_the_public_bytes_back(q):
+    public = S.pack_int4(q)
+    packed = L.to_mma16(public)
+    assert torch.equal(torch.ops.qlinear_pass.int4_from_mma16(packed), public)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = torch.ops.qlinear_pass.int4_from_mma16(mode.from_tensor(packed))
+    assert fake.shape == public.shape and fake.dtype == torch.uint8
+
+
+def test_layout_names_are_checked():
+    L.check_layout("mma16")
+    with pytest.raises(ValueError, match=r"weight_layout 'tiles' is not one of \('public', 'mma16'\)"):
+        L.check_layout("tiles")
