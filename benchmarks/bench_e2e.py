@@ -150,6 +150,8 @@ class Settings:
     profile_steps: int
     group_size: int
     seed: int
+    #: how w4a16 layers hold their weights: "public", "mma16", or "auto" (see :func:`weight_layout`)
+    w4a16_layout: str = "auto"
 
     @property
     def cuda(self) -> bool:
@@ -216,6 +218,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         profile_steps=2,
         group_size=args.group_size,
         seed=args.seed,
+        w4a16_layout=args.w4a16_layout,
     )
 
 
@@ -354,9 +357,24 @@ def build_layer(s: ModelShape, index: int, device: str, dtype: torch.dtype, seed
     return layer
 
 
-def group_kw(scheme: str, group_size: int) -> dict:
-    """quantize()'s group_size argument, which only w4a16 takes."""
-    return {"group_size": group_size} if scheme == "w4a16" else {}
+#: backends whose w4a16 kernels read the MMA-fragment layout (and whose auto picks them on a GPU)
+MMA16_BACKENDS = ("auto", "cuda", "cutlass")
+
+
+def weight_layout(variant: "Variant", settings: Settings) -> str:
+    """How a w4a16 variant's layers hold their weights: ``--w4a16-layout``, or with ``auto`` the one
+    copy the CUDA / CUTLASS kernels read on a GPU when the variant's backend runs them ("mma16"),
+    the public layout otherwise."""
+    if settings.w4a16_layout != "auto":
+        return settings.w4a16_layout
+    return "mma16" if settings.cuda and variant.backend in MMA16_BACKENDS else "public"
+
+
+def quantize_kw(variant: "Variant", settings: Settings) -> dict:
+    """quantize()'s w4a16 arguments (group size, weight layout); other schemes take none."""
+    if variant.scheme != "w4a16":
+        return {}
+    return {"group_size": settings.group_size, "weight_layout": weight_layout(variant, settings)}
 
 
 def build_model(
@@ -378,7 +396,7 @@ def build_model(
         for i in range(s.layers):
             layer = build_layer(s, i, device, dtype, settings.seed, settings.shape.layers)
             if variant is not None and variant.scheme is not None:
-                qp.quantize(layer, variant.scheme, **group_kw(variant.scheme, settings.group_size))
+                qp.quantize(layer, variant.scheme, **quantize_kw(variant, settings))
             model.layers.append(layer)
             if (i + 1) % 8 == 0 or i + 1 == s.layers:
                 progress(f"built {i + 1}/{s.layers} layers")
@@ -1008,7 +1026,7 @@ class VariantRun:
         model = base
         if self.variant.scheme is not None:
             for layer in model.layers:
-                qp.quantize(layer, self.variant.scheme, **group_kw(self.variant.scheme, s.group_size))
+                qp.quantize(layer, self.variant.scheme, **quantize_kw(self.variant, s))
         gen = _generator(s.device, s.seed + 97)
         tokens = torch.randint(shape.vocab, (1, s.acc_tokens), device=s.device, generator=gen)
         with torch.no_grad():
@@ -1314,6 +1332,7 @@ def child_main(args: argparse.Namespace) -> int:
         "scheme": variant.scheme,
         "backend": variant.backend,
         "group_size": settings.group_size if variant.scheme == "w4a16" else None,
+        "weight_layout": weight_layout(variant, settings) if variant.scheme == "w4a16" else None,
         "lm_head": "bf16, not quantized",
         "status": "running",
         "phase": "start",
@@ -1647,7 +1666,8 @@ def plot(doc: dict, path: Path) -> bool:
 
 #: settings that must agree for --resume to keep an earlier run's variants
 _RESUME_KEYS = ("device", "compile_mode", "shape", "small", "inductor", "inductor_pdl", "batches", "decode_steps", "decode_runs",
-                "warmup_steps", "prefill_tokens", "prefill_runs", "max_seq", "acc_layers", "acc_tokens", "group_size", "seed")
+                "warmup_steps", "prefill_tokens", "prefill_runs", "max_seq", "acc_layers", "acc_tokens", "group_size", "seed",
+                "w4a16_layout")
 
 
 def _resumable(out_dir: Path, doc: dict) -> dict:
@@ -1751,6 +1771,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-steps", type=int, default=None, help="decode steps per timed run (default: 64, --quick 32, --small 4)")
     p.add_argument("--prefill-tokens", type=int, default=None, help="prompt length of the prefill (default: 2048, --small 64)")
     p.add_argument("--group-size", type=int, default=128, help="w4a16 group size (default: %(default)s)")
+    p.add_argument("--w4a16-layout", choices=("auto", "public", "mma16"), default="auto",
+                   help="how w4a16 layers hold their weights (quantize(weight_layout=...)); auto: mma16, the one copy "
+                   "the CUDA / CUTLASS kernels read, for the auto / cuda / cutlass backends on a GPU, public otherwise "
+                   "(default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="fewer steps and runs")
     p.add_argument("--no-inductor", dest="inductor", action="store_false",
                    help="compile without Inductor code generation (make(..., inductor=False); bf16: aot_eager): CPU smoke tests")
