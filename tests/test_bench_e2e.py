@@ -168,6 +168,24 @@ def test_quantized_layers_and_bf16_lm_head():
     assert 0.5 < ratio < 0.52
 
 
+@pytest.mark.parametrize("flag, device, backend, want", [
+    ("auto", "cuda", "auto", "mma16"), ("auto", "cuda", "cutlass", "mma16"), ("auto", "cuda", "triton", "public"),
+    ("auto", "cpu", "auto", "public"), ("public", "cuda", "auto", "public"), ("mma16", "cpu", "emulation", "mma16")])
+def test_w4a16_layout_follows_the_flag_and_the_backend(flag, device, backend, want):
+    settings = dataclasses.replace(_settings(), device=device, w4a16_layout=flag)
+    variant = E2E.Variant.parse(f"w4a16/{backend}")
+    assert E2E.weight_layout(variant, settings) == want
+    assert E2E.quantize_kw(variant, settings) == {"group_size": settings.group_size, "weight_layout": want}
+    assert E2E.quantize_kw(E2E.Variant.parse(f"fp8_rowwise/{backend}"), settings) == {}
+
+
+def test_w4a16_layers_hold_the_layout_asked_for():
+    settings = dataclasses.replace(_settings(), w4a16_layout="mma16")
+    model = E2E.build_model(settings.shape, settings, torch.bfloat16, E2E.Variant.parse("w4a16/emulation"))
+    layers = [m for m in model.layers.modules() if isinstance(m, E2E.qp.QuantizedLinear)]
+    assert layers and all(m.weight_layout == "mma16" for m in layers)
+
+
 # --- helpers ------------------------------------------------------------------------------
 
 
