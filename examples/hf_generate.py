@@ -63,6 +63,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16, help="new tokens to generate")
     ap.add_argument("--prompt", default="The quick brown fox", help="prompt text (needs a tokenizer)")
     ap.add_argument("--no-inductor", action="store_true", help="run the pass without Inductor code generation")
+    ap.add_argument("--weight-layout", choices=("auto", "public", "mma16"), default="auto",
+                    help="how w4a16 layers hold their weights; auto: mma16 (one copy, the one the CUDA / CUTLASS "
+                    "kernels read) on a GPU under the auto / cuda / cutlass backends, public otherwise")
     args = ap.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -70,13 +73,19 @@ def main() -> None:
     model, tokenizer = build(args.model, dtype, device)
     # lm_head stays in float (as quantized checkpoints keep it); a layer the scheme cannot hold
     # (K not a multiple of the group) is named in the error
-    qp.quantize(model, args.scheme, exclude=["lm_head"])
+    layout = args.weight_layout
+    if layout == "auto":
+        gpu_kernels = device == "cuda" and args.backend in ("auto", "cuda", "cutlass")
+        layout = "mma16" if args.scheme == "w4a16" and gpu_kernels else "public"
+    kw = {"weight_layout": layout} if args.scheme == "w4a16" else {}
+    qp.quantize(model, args.scheme, exclude=["lm_head"], **kw)
     if tokenizer is not None:
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)
     else:
         ids = torch.randint(2, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1)).to(device)
     print(f"qlinear_pass {qp.__version__} on {qp.DeviceInfo.of(device)}, torch {torch.__version__}")
-    print(f"model: {args.model or 'tiny random Llama'}, scheme {args.scheme}, backend {args.backend}, "
+    held = f" ({layout} weights)" if args.scheme == "w4a16" else ""
+    print(f"model: {args.model or 'tiny random Llama'}, scheme {args.scheme}{held}, backend {args.backend}, "
           f"prompt of {ids.shape[1]} tokens\n")
 
     eager_tokens, eager_rate = generate(model, ids, args.tokens)
