@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import schemes as S
+from .kernels import ops as _ops  # noqa: F401  (registers qlinear_pass::int4_from_mma16, read by public_weight)
 from .kernels.int4_layout import MMA16, PUBLIC, check_layout, check_shape, from_mma16, to_mma16
 
 

@@ -96,23 +96,6 @@ def from_mma16(packed: torch.Tensor) -> torch.Tensor:
     return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
 
 
-# A layer that holds its weight in the MMA-fragment layout hands it to the model as the public
-# bytes through this op: one node the pattern matcher recognises (``patterns.common.build_match``
-# hands the kernels the packed tensor itself), and the reference math everywhere else.
-_LIB = torch.library.Library("qlinear_pass", "FRAGMENT")
-_LIB.define("int4_from_mma16(Tensor packed) -> Tensor")
-_LIB.impl("int4_from_mma16", lambda packed: from_mma16(packed), "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("qlinear_pass::int4_from_mma16", lib=_LIB)
-def _(packed):
-    n, k = shape_of(packed)
-    return packed.new_empty((n, k // 2))
-
-
-#: the op above, as it appears in a post-grad graph
-FROM_MMA16 = torch.ops.qlinear_pass.int4_from_mma16.default
-
 #: id(public weight) -> (weakref to it, its version, its MMA-fragment copy): the one copy every
 #: kernel that reads the layout shares, made on a layer's first call, dropped with its weight
 _copies: dict = {}

@@ -1,5 +1,7 @@
 """``qlinear_pass::linear``: the custom op every opaque kernel runs behind (and
-``qlinear_pass::linear_group``, the same for sibling layers that read one activation).
+``qlinear_pass::linear_group``, the same for sibling layers that read one activation; and
+``qlinear_pass::int4_from_mma16``, through which a w4a16 layer holding the MMA-fragment layout
+reads its weight back).
 
 The graph pass replaces a matched linear by a call of this op carrying the
 chosen kernel's name (or, under ``auto`` with a dynamic M, a per-M plan such
@@ -22,6 +24,7 @@ from typing import Optional
 import torch
 
 from .. import registry
+from . import int4_layout
 from .. import schemes as S
 from ..spec import LayerSpec, parse_plan
 
@@ -138,6 +141,24 @@ _LIB.impl("linear_group", linear_group, "CompositeExplicitAutograd")
 @torch.library.register_fake("qlinear_pass::linear_group", lib=_LIB)
 def _(x, params, biases, kernel, specs):
     return [x.new_empty((*x.shape[:-1], s.n), dtype=s.out_dtype) for s in handle(kernel, specs, GroupHandle).specs]
+
+
+# A w4a16 layer that holds its weight in the MMA-fragment layout (``kernels/int4_layout.py``) hands
+# it to the model as the public bytes through this op: one node the pattern matcher recognises
+# (``patterns.common.build_match`` hands the kernels the packed tensor itself), and the reference
+# math everywhere else.
+_LIB.define("int4_from_mma16(Tensor packed) -> Tensor")
+_LIB.impl("int4_from_mma16", int4_layout.from_mma16, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("qlinear_pass::int4_from_mma16", lib=_LIB)
+def _(packed):
+    n, k = int4_layout.shape_of(packed)
+    return packed.new_empty((n, k // 2))
+
+
+#: the op above, as it appears in a post-grad graph
+FROM_MMA16 = torch.ops.qlinear_pass.int4_from_mma16.default
 
 
 def call(kernel: str, spec: LayerSpec, x: torch.Tensor, params, bias=None) -> torch.Tensor:

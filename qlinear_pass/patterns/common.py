@@ -12,7 +12,8 @@ import torch.fx as fx
 
 from .. import schemes as S
 from ..emit import val
-from ..kernels.int4_layout import FROM_MMA16, MMA16, PUBLIC
+from ..kernels.int4_layout import MMA16, PUBLIC
+from ..kernels.ops import FROM_MMA16
 from ..spec import LayerSpec
 
 aten = torch.ops.aten

@@ -85,18 +85,6 @@ def test_the_copy_is_made_once_remade_when_the_weight_changes_and_dropped_with_i
     assert key not in L._copies
 
 
-@given(weights())
-def test_the_op_reads_the_public_bytes_back(q):
-    public = S.pack_int4(q)
-    packed = L.to_mma16(public)
-    assert torch.equal(torch.ops.qlinear_pass.int4_from_mma16(packed), public)
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode() as mode:
-        fake = torch.ops.qlinear_pass.int4_from_mma16(mode.from_tensor(packed))
-    assert fake.shape == public.shape and fake.dtype == torch.uint8
-
-
 def test_layout_names_are_checked():
     L.check_layout("mma16")
     with pytest.raises(ValueError, match=r"weight_layout 'tiles' is not one of \('public', 'mma16'\)"):

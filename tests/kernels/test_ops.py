@@ -1,9 +1,13 @@
-"""The helpers kernels behind the op share: the MN-major layout of per-group activation scales."""
+"""The helpers kernels behind the op share (the MN-major layout of per-group activation scales), and
+qlinear_pass::int4_from_mma16, which reads an MMA-fragment int4 weight back as its public bytes."""
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qlinear_pass.kernels import ops
+from qlinear_pass import schemes as S
+from qlinear_pass.kernels import int4_layout, ops
+
+from .test_int4_layout import weights
 
 
 @given(m=st.integers(1, 41), groups=st.integers(1, 5), seed=st.integers(0, 100),
@@ -55,3 +59,15 @@ def test_the_op_resolves_its_strings_once(monkeypatch):
     for rows in (1, 3, 2):
         ops.call("emulation", spec, torch.randn(rows, 32), [p["weight"], p["weight_scale"]])
     assert len(calls) == 1
+
+
+@given(weights())
+def test_the_op_reads_the_public_bytes_back(q):
+    public = S.pack_int4(q)
+    packed = int4_layout.to_mma16(public)
+    assert torch.equal(torch.ops.qlinear_pass.int4_from_mma16(packed), public)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = torch.ops.qlinear_pass.int4_from_mma16(mode.from_tensor(packed))
+    assert fake.shape == public.shape and fake.dtype == torch.uint8
