@@ -533,3 +533,51 @@ def test_region_checks_run_on_the_gpu_that_holds_the_weights(monkeypatch, scheme
     with torch.no_grad():
         want = m(x)
     assert S.relative_error(y, want) < S.TOLERANCE[torch.bfloat16]
+
+
+class _Widened(torch.nn.Module):
+    """gpt-fast's int8 weight-only linear, its bf16 output read in fp32 (as a norm or SwiGLU reads it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = GptFastInt8(64, 48, "gpt_fast")
+
+    def forward(self, x):
+        return torch.sigmoid(self.lin(x).float())
+
+
+def test_a_16bit_output_widened_by_its_reader_ends_the_layer():
+    """The matmul writes bf16 and the reader widens it: the layer's output stays bf16 (what the
+    16-bit kernels write), the widening stays the reader's."""
+    m = _Widened()
+    x = random_activation((3, 64))
+    y, recs = compile_and_run(m, x, "emulation")
+    d = _one(recs)
+    assert d.spec.out_dtype == torch.bfloat16 and y.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.allclose(y, m(x), atol=1e-2)
+
+
+class _AddsRow(torch.nn.Module):
+    """A quantized linear plus a [1, N] tensor: the activation itself (a residual) or a bias-like parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = GptFastInt8(64, 64, "gpt_fast")
+        self.register_buffer("row", torch.randn(1, 64).to(torch.bfloat16))
+
+    def forward(self, x):
+        return self.lin(x) + (x if x.shape[0] == 1 else self.row)
+
+
+@pytest.mark.parametrize("m,is_bias", [(1, False), (3, True)])
+def test_a_one_row_addend_is_a_bias_only_over_several_rows(m, is_bias):
+    """With one row, ``linear(x) + r`` for a [1, N] ``r`` is as likely a residual add (the pass may
+    run it in the kernel, fusion.py) as a bias: it is not taken for one; over several rows a
+    [1, N] addend broadcasts like a bias and is."""
+    mod = _AddsRow()
+    x = random_activation((m, 64))
+    y, recs = compile_and_run(mod, x, "emulation")
+    assert _one(recs).spec.has_bias is is_bias
+    with torch.no_grad():
+        assert S.relative_error(y, mod(x)) < S.TOLERANCE[torch.bfloat16]

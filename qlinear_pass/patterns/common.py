@@ -3,6 +3,7 @@ epilogue helpers."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import weakref
 from typing import Any, Optional
@@ -415,10 +416,13 @@ def _single_user(n: fx.Node) -> Optional[fx.Node]:
     return users[0] if len(users) == 1 else None
 
 
-def _bias_leaf(b: fx.Node, n: int) -> Optional[fx.Node]:
+def _bias_leaf(b: fx.Node, n: int, rows: Optional[int] = None) -> Optional[fx.Node]:
+    """The bias ``b`` is, through converts and views: [N], or [1, N] unless the output is known to
+    have one row (``rows``), where a [1, N] addend is as likely an activation (a residual add,
+    ``fusion.py``) as a bias."""
     b = _skip(b, CONVERTS | VIEWS)
     shp = _shape(b)
-    if _dtype(b) in FLOAT_DTYPES and shp in ((n,), (1, n)):
+    if _dtype(b) in FLOAT_DTYPES and (shp == (n,) or shp == (1, n) and rows != 1):
         return b
     return None
 
@@ -435,14 +439,18 @@ def _epilogue(anchor: fx.Node, n: int, bias: Optional[fx.Node], allow_scales: bo
         if u.target in CONVERTS:
             src, dst = _dtype(end), _dtype(u)
             wider = src is not None and dst is not None and dst.itemsize > src.itemsize
-            if narrowed and wider:
-                break  # the layer's output rounded, then widened by its reader (the next linear, say)
+            if wider and (narrowed or src in (torch.bfloat16, torch.float16)):
+                # the layer's output is 16-bit (the matmul's, or rounded to it), then widened by its
+                # reader (the next linear, a norm or SwiGLU computing in fp32): the layer ends before
+                break
             narrowed = narrowed or (src is not None and dst is not None and dst.itemsize < src.itemsize)
             end = u
             continue
         if u.target == aten.add.Tensor and bias is None:
             other = u.args[1] if u.args[0] is end else u.args[0]
-            leaf = _bias_leaf(other, n) if isinstance(other, fx.Node) else None
+            out = _shape(end)
+            rows = math.prod(out[:-1]) if out and all(isinstance(d, int) for d in out) else None
+            leaf = _bias_leaf(other, n, rows) if isinstance(other, fx.Node) else None
             if leaf is None:
                 break
             bias, end = leaf, u
