@@ -25,8 +25,13 @@ from . import cuda_build, int4_layout
 #: the layers one launch serves (the kernel's MAX_SEGMENTS)
 MAX_SEGMENTS = 3
 #: the kernel's ABI_VERSION (Params and Segment as declared below)
-ABI_VERSION = 7
+ABI_VERSION = 8
 DTYPES = {torch.bfloat16: 0, torch.float16: 1}
+#: what the kernel may compute the activation from as it loads it, with one token (M = 1): the
+#: kernel's Prologue values (``fusion.PROLOGUES`` names them)
+PROLOGUES = {"": 0, "rmsnorm": 1, "silu_mul": 2}
+#: the largest K a prologue takes (the activation row is loaded in one round)
+PROLOGUE_MAX_K = 16384
 
 
 class Layer(NamedTuple):
@@ -41,15 +46,16 @@ class Layer(NamedTuple):
 
 class _Segment(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("z", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("out", ctypes.c_void_p), ("w_stride", ctypes.c_longlong), ("s_stride", ctypes.c_longlong),
-                ("z_stride", ctypes.c_longlong), ("out_stride", ctypes.c_longlong), ("n", ctypes.c_int),
-                ("tiles", ctypes.c_int)]
+                ("out", ctypes.c_void_p), ("res", ctypes.c_void_p), ("w_stride", ctypes.c_longlong),
+                ("s_stride", ctypes.c_longlong), ("z_stride", ctypes.c_longlong), ("out_stride", ctypes.c_longlong),
+                ("res_stride", ctypes.c_longlong), ("n", ctypes.c_int), ("tiles", ctypes.c_int)]
 
 
 class _Params(ctypes.Structure):
     _fields_ = [("x", ctypes.c_void_p), ("x_stride", ctypes.c_longlong), ("m", ctypes.c_int), ("k", ctypes.c_int),
                 ("group", ctypes.c_int), ("nseg", ctypes.c_int), ("total_tiles", ctypes.c_int),
-                ("pdl", ctypes.c_int), ("seg", _Segment * MAX_SEGMENTS)]
+                ("pdl", ctypes.c_int), ("prologue", ctypes.c_int), ("eps", ctypes.c_float), ("x2", ctypes.c_void_p),
+                ("norm_w", ctypes.c_void_p), ("seg", _Segment * MAX_SEGMENTS)]
 
 
 def check_group_size(k: int, group_size: int) -> str:
@@ -106,6 +112,18 @@ def w4a16_row_tiles(m: int, n_total: int, sms: int) -> int:
     return 3 if -(-n_total // 48) <= sms and wide_tiles_fill_better(n_total, sms) else rows
 
 
+def why_not_prologue(prologue: str, m: Optional[int], k: int) -> str:
+    """Why the kernel cannot compute the activation by ``prologue`` ("rmsnorm", "silu_mul") as it
+    loads it, for M tokens (None: not known) and this K ("" when it can)."""
+    if prologue not in PROLOGUES or not prologue:
+        return f"no prologue {prologue!r} (it has {', '.join(p for p in PROLOGUES if p)})"
+    if m != 1:
+        return f"runs {prologue} before the linear with one token (M = 1) only, not M = {m if m is not None else 'symbolic'}"
+    if k > PROLOGUE_MAX_K:
+        return f"runs {prologue} before the linear up to K = {PROLOGUE_MAX_K}, not {k}"
+    return ""
+
+
 def warps_for(m: int, tiles: int, sms: int) -> int:
     """Warps a CTA: 4 for one token where the row tiles are at least two per SM (each warp then
     walks twice the chunks of a tile between the CTA's reductions, and twice the CTAs share an SM),
@@ -160,15 +178,42 @@ def _zero_points(z: torch.Tensor) -> torch.Tensor:
     return padded
 
 
+def _prologue_operand(name: str, t: torch.Tensor, shape: tuple, x: torch.Tensor) -> torch.Tensor:
+    if tuple(t.shape) != shape or t.dtype != x.dtype or t.device != x.device:
+        raise ValueError(f"{name} must be {x.dtype} {list(shape)} on {x.device}, got {t.dtype} {list(t.shape)} on {t.device}")
+    return aligned(t.reshape(1, -1) if t.dim() == 1 else t, 16, 8)
+
+
 def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int,
                        row_tiles: Optional[int] = None, warps: Optional[int] = None,
-                       pdl: Optional[bool] = None) -> list[torch.Tensor]:
+                       pdl: Optional[bool] = None, *, prologue: str = "", x2: Optional[torch.Tensor] = None,
+                       norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0,
+                       residuals: Optional[Sequence[Optional[torch.Tensor]]] = None) -> list[torch.Tensor]:
     """``x`` [M, K] (bf16 or fp16) times each layer's int4 weight -> one [M, N_i] output each, in x's dtype.
     ``row_tiles`` (1, 2, or 3 at M = 2-8: 16, 32 or 48 channels a tile) and ``warps`` (8, or 4 at
     M = 1) default to :func:`w4a16_row_tiles` and
-    :func:`warps_for`; ``pdl`` (programmatic dependent launch) to :func:`pdl_for`'s rule."""
+    :func:`warps_for`; ``pdl`` (programmatic dependent launch) to :func:`pdl_for`'s rule.
+
+    Fused around the product (``fusion.py`` has the reference of each): ``prologue`` "rmsnorm" makes
+    the activation ``norm_weight * rmsnorm(x, eps)`` as the kernel loads it, "silu_mul" makes it
+    ``silu(x) * x2`` (M = 1 only, :func:`why_not_prologue`); ``residuals`` (one [M, N_i] tensor or
+    None a layer) are added to the outputs as they are stored."""
     if x.dim() != 2:
         raise ValueError(f"the activation must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if prologue:
+        why = why_not_prologue(prologue, x.shape[0], x.shape[1])
+        if why:
+            raise ValueError(f"the int4 decode kernel {why}")
+        if prologue == "rmsnorm":
+            if norm_weight is None:
+                raise ValueError("an rmsnorm prologue needs norm_weight")
+            norm_weight = _prologue_operand("norm_weight", norm_weight, (x.shape[1],), x)
+        elif x2 is None:
+            raise ValueError("a silu_mul prologue needs x2 (the up half)")
+        else:
+            x2 = _prologue_operand("x2", x2, tuple(x.shape), x)
+    if residuals is not None and len(residuals) != len(layers):
+        raise ValueError(f"one residual (or None) a layer: {len(residuals)} for {len(layers)} layers")
     if len({layer.z is None for layer in layers}) > 1:
         raise ValueError("the layers of one call must all have zero points or all have none")
     if warps is not None and warps not in (4, 8) or warps == 4 and x.shape[0] != 1:
@@ -210,6 +255,13 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
         converted = converted or w is not layer.w or s is not layer.s or (z is not None and z is not layer.z)
         prepared.append((w, s, z, bias.contiguous() if bias is not None else None, n))
     outs = [torch.empty((m, n), device=x.device, dtype=x.dtype) for *_, n in prepared]
+    res = [None] * len(prepared)
+    for i, r in enumerate(residuals or ()):
+        if r is not None:
+            if tuple(r.shape) != (m, prepared[i][-1]) or r.dtype != x.dtype or r.device != x.device:
+                raise ValueError(f"layer {i}: the residual must be {x.dtype} [{m}, {prepared[i][-1]}] on {x.device}, "
+                                 f"got {r.dtype} {list(r.shape)} on {r.device}")
+            res[i] = r if r.stride(-1) == 1 else r.contiguous()
     if m == 0 or not prepared:
         return outs
     x = aligned(x, 16, 8)
@@ -227,6 +279,9 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
         for batch in batches:
             p = _Params()
             p.x, p.x_stride, p.m, p.k, p.group = x.data_ptr(), x.stride(0), m, k, group_size
+            p.prologue, p.eps = PROLOGUES[prologue], eps
+            p.x2 = x2.data_ptr() if prologue == "silu_mul" else None
+            p.norm_w = norm_weight.data_ptr() if prologue == "rmsnorm" else None
             p.nseg = len(batch)
             for j, i in enumerate(batch):
                 w, s, z, bias, n = prepared[i]
@@ -235,10 +290,14 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
                 seg.z = z.data_ptr() if z is not None else None
                 seg.bias = bias.data_ptr() if bias is not None else None
                 seg.w_stride, seg.s_stride, seg.out_stride = w.stride(0), s.stride(0), outs[i].stride(0)
+                seg.res = res[i].data_ptr() if res[i] is not None else None
+                seg.res_stride = res[i].stride(0) if res[i] is not None else 0
                 seg.z_stride = z.stride(0) if z is not None else 0
                 seg.n, seg.tiles = n, -(-n // rows)
             p.total_tiles = sum(p.seg[j].tiles for j in range(len(batch)))
             w = warps if warps is not None else warps_for(m, p.total_tiles, sms)
+            if prologue == "rmsnorm" and w == 4 and k > PROLOGUE_MAX_K // 2:
+                w = 8  # the row's pieces in one round: 4 warps take K <= 8192
             if lib.qlp_w4a16_decode(ctypes.byref(p), DTYPES[x.dtype], row_tiles, w, early, stream, err, len(err)):
                 raise RuntimeError(f"the int4 decode kernel failed: {err.value.decode(errors='replace')}")
     return outs

@@ -8,6 +8,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from qlinear_pass import fusion
 from qlinear_pass import schemes as S
 from qlinear_pass.kernels import cuda_build, int4_layout, cuda_w4a16 as CW
 from tests.helpers import assert_each_matches, kernel_case, late_copy
@@ -82,6 +83,64 @@ def check(m, ns, k, group_size, zero_points, dtype, bias, scale_dtype, row_tiles
               scale_dtype=None, row_tiles=3), 13)  # 144 tiles of 48 rows: CTAs walking two, 6 rows zeros
 def test_matches_reference_on_gpu(case, seed):
     check(**case, seed=seed)
+
+
+@st.composite
+def fused_cases(draw):
+    """A prologue (one token), or none at any M, and a residual or none for each layer."""
+    prologue = draw(st.sampled_from(["", "rmsnorm", "silu_mul"]))
+    m = 1 if prologue else draw(st.integers(1, 20))
+    ns = draw(st.lists(st.integers(1, 300 // 16).map(lambda b: 16 * b), min_size=1, max_size=4))
+    if draw(st.booleans()):
+        ns = ns[:2] + [4608]
+    return dict(
+        prologue=prologue, m=m, ns=ns, k=draw(st.sampled_from([128, 384, 4096, 14336])),
+        group_size=draw(st.sampled_from([32, 64, 128])), zero_points=draw(st.booleans()),
+        dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])),
+        residual=[draw(st.booleans()) for _ in ns], warps=draw(st.sampled_from([None, 8, 4] if m == 1 else [None, 8])),
+    )
+
+
+def check_fused(prologue, m, ns, k, group_size, zero_points, dtype, residual, warps=None, seed=0):
+    """The kernel with a prologue and residuals against fusion.py's references around the scheme's."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(m, k, device="cuda", dtype=dtype, generator=g) * 2
+    x2 = torch.randn(m, k, device="cuda", dtype=dtype, generator=g) if prologue == "silu_mul" else None
+    nw = (torch.rand(k, device="cuda", generator=g) + 0.5).to(dtype) if prologue == "rmsnorm" else None
+    f = fusion.Fused(prologue, x2, nw, 1e-5, [torch.randn(m, n, device="cuda", dtype=dtype, generator=g) if r else None
+                                              for n, r in zip(ns, residual)])
+    act = fusion.prologue_of(f, x)
+    layers, refs = [], []
+    for i, n in enumerate(ns):
+        _, p, b, _, _ = kernel_case("w4a16", m, n, k, group_size=group_size, zero_points=zero_points, dtype=dtype,
+                                    bias=i % 2 == 1, seed=seed + i, device="cuda")
+        layers.append(CW.Layer(int4_layout.to_mma16(p[0]), p[1], p[2] if len(p) > 2 else None, b))
+        refs.append(S.reference("w4a16", act, p, b))
+    refs = fusion.add_residuals(refs, f.residuals)
+    ys = CW.w4a16_decode_group(x, layers, group_size, warps=warps, prologue=prologue, x2=x2, norm_weight=nw, eps=1e-5,
+                               residuals=f.residuals)
+    for i, (y, ref) in enumerate(zip(ys, refs)):
+        assert y.shape == ref.shape and y.dtype == dtype
+        err = S.relative_error(y, ref)
+        assert err <= S.TOLERANCE[dtype], f"{prologue or 'no prologue'} layer {i} of {ns} M={m} K={k} g{group_size}: {err:.3g}"
+
+
+@pytest.mark.gpu
+@given(fused_cases(), st.integers(0, 2**16))
+@example(dict(prologue="rmsnorm", m=1, ns=[4096, 1024, 1024], k=4096, group_size=128, zero_points=False,
+              dtype=torch.bfloat16, residual=[False] * 3, warps=None), 0)  # q/k/v
+@example(dict(prologue="rmsnorm", m=1, ns=[14336, 14336], k=4096, group_size=128, zero_points=False,
+              dtype=torch.bfloat16, residual=[False] * 2, warps=4), 0)  # gate/up, 4 warps
+@example(dict(prologue="silu_mul", m=1, ns=[4096], k=14336, group_size=128, zero_points=True,
+              dtype=torch.bfloat16, residual=[True], warps=None), 0)  # down_proj
+@example(dict(prologue="rmsnorm", m=1, ns=[64, 32], k=14336, group_size=32, zero_points=True,
+              dtype=torch.float16, residual=[True, False], warps=4), 0)  # 4 warps past K = 8192: 8 instead
+@example(dict(prologue="", m=8, ns=[4096], k=4096, group_size=128, zero_points=False,
+              dtype=torch.bfloat16, residual=[True], warps=None), 0)  # o_proj at batch 8
+@example(dict(prologue="", m=13, ns=[4608, 48], k=384, group_size=64, zero_points=True,
+              dtype=torch.float16, residual=[True, True], warps=None), 0)
+def test_fused_matches_reference_on_gpu(case, seed):
+    check_fused(**case, seed=seed)
 
 
 @pytest.mark.gpu
@@ -233,12 +292,33 @@ def test_row_tiles_rule():
 
 
 def test_abi_struct_sizes():
-    # the C structs: 5 pointers, 4 int64, 2 int32 a layer; the header's 6 int32 end on an 8-byte boundary
+    # the C structs: 6 pointers, 5 int64, 2 int32 a layer; the header's 7 int32 and a float end on an
+    # 8-byte boundary, then two pointers
     assert torch.tensor(0).element_size() == 8
     import ctypes
 
-    assert ctypes.sizeof(CW._Segment) == 80
-    assert ctypes.sizeof(CW._Params) == 8 + 8 + 6 * 4 + CW.MAX_SEGMENTS * 80
+    assert ctypes.sizeof(CW._Segment) == 96
+    assert ctypes.sizeof(CW._Params) == 8 + 8 + 7 * 4 + 4 + 2 * 8 + CW.MAX_SEGMENTS * 96
+
+
+def test_prologue_rule_and_refusals():
+    assert CW.why_not_prologue("rmsnorm", 1, 4096) == "" and CW.why_not_prologue("silu_mul", 1, 14336) == ""
+    assert "one token (M = 1) only, not M = 8" in CW.why_not_prologue("rmsnorm", 8, 4096)
+    assert "not M = symbolic" in CW.why_not_prologue("silu_mul", None, 4096)
+    assert "up to K = 16384, not 16512" in CW.why_not_prologue("rmsnorm", 1, 16512)
+    assert "no prologue 'gelu'" in CW.why_not_prologue("gelu", 1, 4096)
+    x = torch.zeros(2, 256, dtype=torch.bfloat16)
+    layer = CW.Layer(torch.zeros(2, 16, 128, dtype=torch.uint8), torch.ones(32, 2))
+    with pytest.raises(ValueError, match="one token"):
+        CW.w4a16_decode_group(x, [layer], 128, prologue="rmsnorm", norm_weight=torch.ones(256, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="needs norm_weight"):
+        CW.w4a16_decode_group(x[:1], [layer], 128, prologue="rmsnorm")
+    with pytest.raises(ValueError, match="needs x2"):
+        CW.w4a16_decode_group(x[:1], [layer], 128, prologue="silu_mul")
+    with pytest.raises(ValueError, match=r"norm_weight must be torch.bfloat16 \[256\]"):
+        CW.w4a16_decode_group(x[:1], [layer], 128, prologue="rmsnorm", norm_weight=torch.ones(128, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="one residual"):
+        CW.w4a16_decode_group(x, [layer], 128, residuals=[None, None])
 
 
 @pytest.mark.slow

@@ -112,7 +112,7 @@ constexpr int MAX_SEGMENTS = 3;
 #ifndef QLP_MAX_TOK
 #define QLP_MAX_TOK 16
 #endif
-constexpr int ABI_VERSION = 7;  // bumped whenever Params, Segment or the entry point's arguments change
+constexpr int ABI_VERSION = 8;  // bumped whenever Params, Segment or the entry point's arguments change
 
 struct Segment {
   const uint8_t* w;     // [n/16][k/16][128] int4 in the MMA-fragment layout, 16-row blocks w_stride bytes apart
@@ -120,7 +120,9 @@ struct Segment {
   const uint8_t* z;     // [n, k/G] zero points 0..15, rows z_stride apart (4-byte aligned); null: symmetric
   const void* bias;     // [n] in the activation dtype, or null
   void* out;            // [m, n] in the activation dtype, rows out_stride elements apart
-  long long w_stride, s_stride, z_stride, out_stride;
+  const void* res;      // [m, n] in the activation dtype, rows res_stride elements apart, added to the
+                        // output as rounded to that dtype (a residual connection); or null
+  long long w_stride, s_stride, z_stride, out_stride, res_stride;
   int n;
   int tiles;            // row tiles of this layer: ceil(n / rows per tile)
 };
@@ -130,8 +132,18 @@ struct Params {
   long long x_stride;
   int m, k, group, nseg, total_tiles;
   int pdl;              // launched with programmatic dependent launch (set by qlp_w4a16_decode from its argument)
+  // what the activation is made of as it is loaded (one token only, M = 1): PRO_NONE x itself;
+  // PRO_RMSNORM norm_w * rmsnorm(x) with eps; PRO_SILU_MUL silu(x) * x2 (x2 as x: [m, k], x_stride)
+  int prologue;
+  float eps;
+  const void* x2;
+  const void* norm_w;   // [k] in the activation dtype
   Segment seg[MAX_SEGMENTS];
 };
+
+enum Prologue { PRO_NONE = 0, PRO_RMSNORM = 1, PRO_SILU_MUL = 2 };
+// a prologue's row of K values is loaded in one round of at most this many pieces of 16 bytes a warp
+constexpr int PRO_PIECES = 256;
 
 // internal linkage for the code (see common.cuh)
 namespace {
@@ -215,7 +227,10 @@ struct Layout {
   static constexpr int XR_CHUNK = TOK * XR_ROW;
   // the dynamic shared memory past BYTES for an activation of K values (XR): the rows of each warp's
   // chunks (up to ceil(K / 128 / W) a warp), then their sums
-  static constexpr int extra(int k) { return XR ? W * ((k / 128 + W - 1) / W) * (XR_CHUNK + 4 * SUB * TOK) : 0; }
+  // (one token: and W floats for the warps' sums of squares of an RMSNorm prologue)
+  static constexpr int extra(int k) {
+    return XR ? W * ((k / 128 + W - 1) / W) * (XR_CHUNK + 4 * SUB * TOK) + (TOK == 1 ? 4 * W : 0) : 0;
+  }
 };
 
 // XR with more than one token: where piece u (16 bytes, 0-15) of token row r of a chunk lies in the
@@ -237,6 +252,74 @@ __device__ __forceinline__ float sum8(const uint4 v) {
     s += f.x + f.y;
   }
   return s;
+}
+
+template <typename T>
+__device__ __forceinline__ float2 to_f2(const uint32_t w) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
+  else return __half22float2(*reinterpret_cast<const __half2*>(&w));
+}
+template <typename T>
+__device__ __forceinline__ uint32_t from_f2(const float a, const float b) {
+  uint32_t w;
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) *reinterpret_cast<__nv_bfloat162*>(&w) = __floats2bfloat162_rn(a, b);
+  else *reinterpret_cast<__half2*>(&w) = __floats2half2_rn(a, b);
+  return w;
+}
+// a float rounded to T and back
+template <typename T>
+__device__ __forceinline__ float round_to(const float v) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) return __bfloat162float(__float2bfloat16_rn(v));
+  else return __half2float(__float2half_rn(v));
+}
+
+// The sum of squares of eight packed 16-bit values, in fp32
+template <typename T>
+__device__ __forceinline__ float sumsq8(const uint4 v) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = to_f2<T>(w[i]);
+    s = fmaf(f.x, f.x, fmaf(f.y, f.y, s));
+  }
+  return s;
+}
+
+// Two packed 16-bit products, rounded once: the product of two 16-bit floats is exact in fp32, so
+// this is T(float(a) * float(b)), as the graph computes it
+template <typename T>
+__device__ __forceinline__ uint32_t mul2(const uint32_t a, const uint32_t b) {
+  uint32_t d;
+  if constexpr (std::is_same<T, __nv_bfloat16>::value)
+    *reinterpret_cast<__nv_bfloat162*>(&d) = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
+  else *reinterpret_cast<__half2*>(&d) = __hmul2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+  return d;
+}
+
+// The prologues on eight packed values, rounded as a compiled graph rounds them: RMSNorm
+// T(nw * T(x * r)); SwiGLU T(T(silu(g)) * u), silu(g) = g / (1 + exp(-g)) in fp32
+template <typename T>
+__device__ __forceinline__ uint4 rmsnorm8(const uint4 x, const uint4 nw, const float r) {
+  const uint32_t a[4] = {x.x, x.y, x.z, x.w}, b[4] = {nw.x, nw.y, nw.z, nw.w};
+  uint32_t o[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = to_f2<T>(a[i]);
+    o[i] = mul2<T>(b[i], from_f2<T>(f.x * r, f.y * r));
+  }
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+template <typename T>
+__device__ __forceinline__ uint4 silu_mul8(const uint4 g, const uint4 u) {
+  const uint32_t a[4] = {g.x, g.y, g.z, g.w}, b[4] = {u.x, u.y, u.z, u.w};
+  uint32_t o[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = to_f2<T>(a[i]);
+    o[i] = mul2<T>(from_f2<T>(__fdividef(f.x, 1.f + __expf(-f.x)), __fdividef(f.y, 1.f + __expf(-f.y))), b[i]);
+  }
+  return make_uint4(o[0], o[1], o[2], o[3]);
 }
 
 // T: the activation dtype; VEC: a sub-chunk (one scale each) is 8 * VEC k, VEC / 2 atoms (4, 8, 16);
@@ -365,16 +448,22 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
   if constexpr (XR && TOK == 1) {
     // the warp's chunks c = warp + i W of the activation row, chunk i at 256 i of its region: 16 pieces of
     // 16 bytes a chunk, piece j of the region on lane j % 32; a sub-chunk is VEC pieces, on VEC lanes
+    // A prologue's second operand comes with the same pieces: the norm's weights, or SwiGLU's up half
     const uint4* src = reinterpret_cast<const uint4*>(x_tok);
+    const uint4* src2 = reinterpret_cast<const uint4*>(p.prologue == PRO_RMSNORM ? p.norm_w : p.x2);
     uint4* dst = reinterpret_cast<uint4*>(x_row);
     const int pieces = nch * 16;
-    constexpr int U = 8;  // pieces a lane loads at once (16 chunks a warp: K up to 8192 with 4 warps, 16384 with 8)
-    uint4 v[U];
+    constexpr int U = PRO_PIECES / 32;  // pieces a lane loads at once (16 chunks a warp: K up to 8192 with 4 warps, 16384 with 8)
+    uint4 v[U], v2[U];
     auto load = [&](const int base) {
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int j = base + 32 * u + lane;
-        if (j < pieces) v[u] = src[(warp + (j >> 4) * W) * 16 + (j & 15)];
+        if (j < pieces) {
+          const int at = (warp + (j >> 4) * W) * 16 + (j & 15);
+          v[u] = src[at];
+          if (p.prologue != PRO_NONE) v2[u] = src2[at];
+        }
       }
     };
     auto store = [&](const int base) {
@@ -384,6 +473,7 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
         if (base + 32 * u < pieces) {  // the same for the warp's lanes
           float sum = 0.f;
           if (j < pieces) {
+            if (p.prologue == PRO_SILU_MUL) v[u] = silu_mul8<T>(v[u], v2[u]);
             dst[j] = v[u];
             sum = sum8<T>(v[u]);
           }
@@ -401,6 +491,26 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
     for (int s = 0; s < STAGES - 1; ++s) issue(false);
     grid_dependency_wait();
     if (p.pdl) load(0);
+    if (p.prologue == PRO_RMSNORM) {
+      // the row's sum of squares over every warp's pieces (all in this first round: PRO_PIECES), then
+      // each piece normalised where it is.  Every warp meets the barrier, those without chunks too
+      float ss = 0.f;
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (32 * u + lane < pieces) ss += sumsq8<T>(v[u]);
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+      float* part = reinterpret_cast<float*>(smem + L::BYTES + W * max_nch * L::XR_CHUNK) + W * max_nch * SUB * TOK;  // extra()'s last W floats
+      if (lane == 0) part[warp] = ss;
+      __syncthreads();
+      float total = 0.f;
+#pragma unroll
+      for (int w = 0; w < W; ++w) total += part[w];
+      const float r = rsqrtf(total / static_cast<float>(p.k) + p.eps);
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (32 * u + lane < pieces) v[u] = rmsnorm8<T>(v[u], v2[u], r);
+    }
     for (int base = 0; base < pieces; base += 32 * U) {
       if (base != 0) load(base);
       store(base);
@@ -441,6 +551,18 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
     int tile = blockIdx.x + j * gridDim.x;
     const Segment sg = pick(p, tile);
     const int row0 = tile * 16 * R;
+    // one token: the residuals of the outputs this thread stores at the tile's end, loaded now, so
+    // their latency hides behind the tile's chunks (more tokens load them as they store: kept here,
+    // they cost the 8-token kernels registers enough for one CTA an SM fewer)
+    constexpr int OUTS = R * 16 * MT * 8, RES_N = (OUTS + W * 32 - 1) / (W * 32);
+    float res[RES_N];
+    if constexpr (TOK == 1) {
+#pragma unroll
+      for (int q = 0; q < RES_N; ++q) {
+        const int idx = threadIdx.x + q * W * 32, rr = idx % (R * 16);
+        res[q] = sg.res && idx < R * 16 && row0 + rr < sg.n ? Io<T>::load(sg.res, row0 + rr) : 0.f;
+      }
+    }
     float acc[R][MT][4];
 #pragma unroll
     for (int r = 0; r < R; ++r)
@@ -583,7 +705,10 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
         red[warp][16 * r + g + 8][8 * jj + 2 * t + 1] = acc[r][jj][3];
       }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < R * 16 * MT * 8; idx += W * 32) {
+#pragma unroll
+    for (int q = 0; q < RES_N; ++q) {
+      const int idx = threadIdx.x + q * W * 32;
+      if (idx >= OUTS) break;
       const int rr = idx % (R * 16), tt = idx / (R * 16);  // consecutive threads: consecutive channels
       const int row = row0 + rr;
       if (row >= sg.n || tt >= tokens) continue;
@@ -591,6 +716,8 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
 #pragma unroll
       for (int w = 0; w < W; ++w) v += red[w][rr][tt];
       if (sg.bias) v += Io<T>::load(sg.bias, row);
+      if (sg.res)
+        v = round_to<T>(v) + (TOK == 1 ? res[q] : Io<T>::load(sg.res, (long long)(tok0 + tt) * sg.res_stride + row));
       Io<T>::store(sg.out, (long long)(tok0 + tt) * sg.out_stride + row, v);
     }
     __syncthreads();  // the reduction space is free again
@@ -605,7 +732,10 @@ cudaError_t launch(const Params& p, bool pdl, cudaStream_t stream) {
   using L = Layout<VEC, R, TOK, W, XR>;
   const int bytes = L::BYTES + L::extra(p.k);
   if constexpr (XR) {
-    if (bytes > device_smem_optin()) return launch<T, VEC, TOK == 1 ? 8 : TOK, R, 8, false>(p, pdl, stream);
+    if (bytes > device_smem_optin()) {
+      if (p.prologue != PRO_NONE) return cudaErrorInvalidValue;  // the ring's kernel has no prologue (K <= 16384 fits)
+      return launch<T, VEC, TOK == 1 ? 8 : TOK, R, 8, false>(p, pdl, stream);
+    }
   }
   if (p.seg[0].z) return launch_persistent<w4a16_kernel<T, VEC, TOK, R, W, true, XR>, TOK, W * 32>(p, bytes, pdl, stream);
   return launch_persistent<w4a16_kernel<T, VEC, TOK, R, W, false, XR>, TOK, W * 32>(p, bytes, pdl, stream);
@@ -684,6 +814,14 @@ int qlp_w4a16_decode(const qlp::Params* p, int dtype, int row_tiles, int warps, 
     if (!p->seg[i].z != !p->seg[0].z) return fail("the layers of a launch must all have zero points or all have none");
   }
   if (warps != 8 && !(warps == 4 && p->m == 1)) return fail("warps must be 8, or 4 for one token (M = 1)");
+  if (p->prologue < qlp::PRO_NONE || p->prologue > qlp::PRO_SILU_MUL) return fail("prologue must be 0 (none), 1 (rmsnorm) or 2 (silu_mul)");
+  if (p->prologue != qlp::PRO_NONE) {
+    if (p->m != 1) return fail("a prologue (rmsnorm, silu_mul) runs with one token (M = 1) only");
+    if (p->k > 16384) return fail("a prologue (rmsnorm, silu_mul) takes K <= 16384");
+    if (p->prologue == qlp::PRO_RMSNORM && (p->k / 128 + warps - 1) / warps * 16 > qlp::PRO_PIECES)
+      return fail("an rmsnorm prologue with 4 warps takes K <= 8192 (8 warps: 16384)");
+    if (p->prologue == qlp::PRO_RMSNORM ? !p->norm_w : !p->x2) return fail("the prologue's second operand is missing");
+  }
   if (p->m <= 0 || p->total_tiles == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   qlp::Params q = *p;
