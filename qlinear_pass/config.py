@@ -129,13 +129,19 @@ class LinearBackendConfig:
     ``on_unsupported`` decides what an explicit backend does when it has no
     kernel for a layer: ``"raise"`` (:class:`~qlinear_pass.NoKernelError`) or
     ``"fallback"`` (use ``auto`` for that layer, with a warning).
+    ``fuse`` lets a kernel that can run the RMSNorm or SwiGLU before its layer and the residual add
+    after it in its own launch take them out of the graph (``fusion.py``); ``False`` leaves them
+    to Inductor.
     """
 
     linear_backend: str = "auto"
     per_scheme: Mapping[str, str] = dataclasses.field(default_factory=dict)
     on_unsupported: str = "raise"
+    fuse: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.fuse, bool):
+            raise TypeError(f"fuse must be True or False, got {type(self.fuse).__name__}: {self.fuse!r}")
         object.__setattr__(self, "linear_backend", normalize_backend(self.linear_backend))
         if not isinstance(self.per_scheme, Mapping):
             raise TypeError(f"per_scheme must be a mapping of scheme -> backend, got {type(self.per_scheme).__name__}")
@@ -148,7 +154,7 @@ class LinearBackendConfig:
 
     # MappingProxyType is not hashable; the config is (it keys caches).
     def _key(self) -> tuple:
-        return (self.linear_backend, tuple(self.per_scheme.items()), self.on_unsupported)
+        return (self.linear_backend, tuple(self.per_scheme.items()), self.on_unsupported, self.fuse)
 
     def __hash__(self) -> int:
         return hash(self._key())
@@ -162,6 +168,8 @@ class LinearBackendConfig:
             parts.append(f"per_scheme={dict(self.per_scheme)!r}")
         if self.on_unsupported != "raise":
             parts.append(f"on_unsupported={self.on_unsupported!r}")
+        if not self.fuse:
+            parts.append("fuse=False")
         return f"LinearBackendConfig({', '.join(parts)})"
 
     def backend_for(self, scheme: str) -> str:
@@ -174,6 +182,8 @@ class LinearBackendConfig:
             s += "[" + ",".join(f"{k}={v}" for k, v in self.per_scheme.items()) + "]"
         if self.on_unsupported != "raise":
             s += f"/{self.on_unsupported}"
+        if not self.fuse:
+            s += "/nofuse"
         return s
 
 

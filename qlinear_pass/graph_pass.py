@@ -21,6 +21,7 @@ import torch.fx as fx
 from torch._inductor import custom_graph_pass as _cgp
 
 from . import config as C
+from . import fusion
 from .kernels import ops as _ops  # noqa: F401  (registers qlinear_pass::linear)
 from .emit import Emitter, canonical_inputs, canonical_params, quantized_inputs, val
 from .patterns import Match, Unmatched, find_linears
@@ -197,12 +198,19 @@ def rewrite(graph: fx.Graph, cfg: C.LinearBackendConfig, record: CompileRecord, 
         kernel.prepare()
     share_activation_quantization(graph, chosen)
     memo: dict = {}  # nodes the replacements share (``Emitter.shared``)
+    sites = []  # the qlinear_pass calls emitted, for fusion.fuse
     for group in sibling_groups(graph, chosen):
         group = [(_after_takeovers(m, memo), sel, d) for m, sel, d in group]
         if len(group) == 1:
-            _replace(graph, group[0][0], group[0][1], memo)
+            node = _replace(graph, group[0][0], group[0][1], memo)
         else:
-            _replace_group(graph, group, memo)
+            node = _replace_group(graph, group, memo)
+        if node is not None:
+            sel = group[0][1]
+            sites.append(fusion.Site(node, [k for _, k in sel.plan] or [sel.kernel], _specs_of(node), [d for _, _, d in group]))
+    if sites and cfg.fuse:
+        graph.eliminate_dead_code()  # the replaced layers' nodes: a norm read by them alone is then read by the call alone
+        fusion.fuse(graph, sites)
     if matches:
         graph.eliminate_dead_code()
         graph.lint()
@@ -236,15 +244,26 @@ def _op_inputs(emit: Emitter, m: Match, sel: Selection) -> tuple:
     return x, params, bias, m.spec
 
 
-def _replace(graph: fx.Graph, m: Match, sel: Selection, memo: dict) -> None:
+def _specs_of(node: fx.Node) -> list:
+    """The layer specs a ``linear`` / ``linear_group`` call carries."""
+    text = node.args[4]
+    if node.target is torch.ops.qlinear_pass.linear.default:
+        return [LayerSpec.from_json(text)]
+    return [LayerSpec.from_json(t) for t in json.loads(text)]
+
+
+def _replace(graph: fx.Graph, m: Match, sel: Selection, memo: dict) -> Optional[fx.Node]:
+    """Replace one layer; its ``qlinear_pass::linear`` call, or None where the kernel wrote ATen nodes."""
     kernel: Kernel = sel.kernel
     emit = Emitter(graph, m.end, m.anchor, memo)
+    op = None
     if kernel.opaque or sel.plan:
         x, params, bias, spec = _op_inputs(emit, m, sel)
-        new = emit(torch.ops.qlinear_pass.linear.default, x, params, bias, sel.kernel_name, spec.to_json())
+        new = op = emit(torch.ops.qlinear_pass.linear.default, x, params, bias, sel.kernel_name, spec.to_json())
     else:
         new = kernel.emit(emit, m)
     _take_over(emit, m, new, kernel)
+    return op
 
 
 #: ``memo`` key of {matched output: the replacement that took over its uses}
@@ -400,7 +419,7 @@ def sibling_groups(graph: fx.Graph, chosen: list) -> list:
     return out
 
 
-def _replace_group(graph: fx.Graph, group: list, memo: dict) -> None:
+def _replace_group(graph: fx.Graph, group: list, memo: dict) -> fx.Node:
     """One ``qlinear_pass::linear_group`` call for sibling layers, placed before the first one's output."""
     m0, sel0, _ = group[0]
     emit = Emitter(graph, m0.end, m0.anchor, memo)
@@ -423,3 +442,4 @@ def _replace_group(graph: fx.Graph, group: list, memo: dict) -> None:
         _take_over(emit, m, emit(operator.getitem, outs, i), sel.kernel)
         others = ", ".join(nm for j, nm in enumerate(names) if j != i)
         decision.note = "; ".join(filter(None, [decision.note, f"one launch with {others}"]))
+    return outs

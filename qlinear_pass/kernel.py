@@ -12,11 +12,14 @@ graph (:meth:`Kernel.emit`, with the helpers of ``emit.py``).
 """
 from __future__ import annotations
 
-from typing import ClassVar, Optional, Sequence
+from typing import TYPE_CHECKING, ClassVar, Optional, Sequence
 
 import torch
 
 from .spec import OK, DeviceInfo, LayerSpec, Reason
+
+if TYPE_CHECKING:
+    from .fusion import Fused
 
 
 class Kernel:
@@ -87,6 +90,29 @@ class Kernel:
         where that is faster (at decode sizes a small layer alone leaves SMs idle), and the pass
         then hands it such groups (``groups_layers``)."""
         return [self.run(s, x, p, b) for s, p, b in zip(specs, params, biases)]
+
+    def why_not_fuse(self, spec: LayerSpec, what: str) -> str:
+        """Why it does not run ``what`` (``fusion.FUSIONS``: the "rmsnorm" or "silu_mul" that makes
+        its activation, the "residual" add after it) inside its launch for this layer; "" when it
+        does (:meth:`run_fused` then gets it, and the pass takes it out of the graph)."""
+        return f"does not run {what} in its launch"
+
+    def run_fused(
+        self,
+        specs: Sequence[LayerSpec],
+        x: torch.Tensor,
+        params: Sequence[Sequence[Optional[torch.Tensor]]],
+        biases: Sequence[Optional[torch.Tensor]],
+        fused: "Fused",
+    ) -> list[torch.Tensor]:
+        """:meth:`run_group` on the activation ``fused.prologue`` makes of ``x``, each output plus its
+        residual.  This default computes them around the product with the references of
+        ``fusion.py`` (a call the pass did not fuse for this kernel: another kernel of a per-M plan's);
+        a kernel whose :meth:`why_not_fuse` says yes overrides it."""
+        from .fusion import add_residuals, prologue_of
+
+        outs = self.run_group(specs, prologue_of(fused, x), params, biases)
+        return add_residuals(outs, fused.residuals)
 
     @property
     def groups_layers(self) -> bool:

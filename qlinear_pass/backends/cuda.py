@@ -74,7 +74,7 @@ class CudaW4A16(Kernel):
     def run(self, spec, x, params, bias):
         return self.run_group([spec], x, [params], [bias])[0]
 
-    def run_group(self, specs, x, params, biases):
+    def run_group(self, specs, x, params, biases, **fused):
         from ..kernels.cuda_w4a16 import Layer, w4a16_decode_group
         from ..kernels.int4_layout import MMA16, has_mma16, mma16_of
 
@@ -85,7 +85,27 @@ class CudaW4A16(Kernel):
         ready = all(h or has_mma16(p[0]) for h, p in zip(held, params))
         layers = [Layer(p[0] if h else mma16_of(p[0]), p[1], p[2] if len(p) > 2 else None, b)
                   for h, p, b in zip(held, params, biases)]
-        return w4a16_decode_group(x, layers, specs[0].group_size, pdl=None if ready else False)
+        return w4a16_decode_group(x, layers, specs[0].group_size, pdl=None if ready else False, **fused)
+
+    def why_not_fuse(self, spec, what):
+        """The residual add after it at any M; the RMSNorm or SwiGLU before it with one token (a
+        static M = 1) up to K = 16384, where each warp loads its share of the activation row once."""
+        from ..kernels.cuda_w4a16 import why_not_prologue
+
+        return "" if what == "residual" else why_not_prologue(what, spec.m, spec.k)
+
+    def run_fused(self, specs, x, params, biases, fused):
+        from ..fusion import prologue_of
+        from ..kernels.cuda_w4a16 import why_not_prologue
+
+        x = x if x.dim() == 2 else x.reshape(-1, specs[0].k)
+        kw = {"residuals": [r if r is None else r.reshape(x.shape[0], s.n) for s, r in zip(specs, fused.residuals)]}
+        if fused.prologue and why_not_prologue(fused.prologue, x.shape[0], x.shape[1]):
+            x = prologue_of(fused, x)  # this M has no prologue in the kernel (a per-M plan's other M)
+        elif fused.prologue:
+            x2 = fused.x2 if fused.x2 is None else fused.x2.reshape(x.shape)
+            kw.update(prologue=fused.prologue, x2=x2, norm_weight=fused.norm_weight, eps=fused.eps)
+        return self.run_group(specs, x, params, biases, **kw)
 
 
 @register_kernel

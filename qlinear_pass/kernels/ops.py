@@ -1,5 +1,7 @@
 """``qlinear_pass::linear``: the custom op every opaque kernel runs behind (and
-``qlinear_pass::linear_group``, the same for sibling layers that read one activation; and
+``qlinear_pass::linear_group``, the same for sibling layers that read one activation;
+``qlinear_pass::linear_fused``, either with the norm or SwiGLU before and the residual add after
+that ``fusion.fuse`` moved into it; and
 ``qlinear_pass::int4_from_mma16``, through which a w4a16 layer holding the MMA-fragment layout
 reads its weight back).
 
@@ -23,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .. import registry
+from .. import fusion, registry
 from . import int4_layout
 from .. import schemes as S
 from ..spec import LayerSpec, parse_plan
@@ -140,6 +142,46 @@ _LIB.impl("linear_group", linear_group, "CompositeExplicitAutograd")
 
 @torch.library.register_fake("qlinear_pass::linear_group", lib=_LIB)
 def _(x, params, biases, kernel, specs):
+    return [x.new_empty((*x.shape[:-1], s.n), dtype=s.out_dtype) for s in handle(kernel, specs, GroupHandle).specs]
+
+
+_LIB.define("linear_fused(Tensor x, Tensor? x2, Tensor?[] params, Tensor?[] biases, Tensor?[] residuals, "
+            "Tensor? norm_weight, float eps, str prologue, str kernel, str specs) -> Tensor[]")
+
+
+def linear_fused(
+    x: torch.Tensor,
+    x2: Optional[torch.Tensor],
+    params: list[Optional[torch.Tensor]],
+    biases: list[Optional[torch.Tensor]],
+    residuals: list[Optional[torch.Tensor]],
+    norm_weight: Optional[torch.Tensor],
+    eps: float,
+    prologue: str,
+    kernel: str,
+    specs: str,
+) -> list[torch.Tensor]:
+    """``linear_group`` of the layers ``specs`` on the activation that ``prologue`` makes of ``x``
+    ("rmsnorm": ``norm_weight * rmsnorm(x, eps)``; "silu_mul": ``silu(x) * x2``; "": x itself), each
+    output plus its residual (or None): ``Kernel.run_fused``, see ``fusion.py``."""
+    h = handle(kernel, specs, GroupHandle)
+    name, k = h.pick(x)
+    per = len(params) // len(h.specs)
+    chunks = [params[i * per:(i + 1) * per] for i in range(len(h.specs))]
+    CALLS[name] += len(h.specs)
+    outs = k.run_fused(h.specs, x, chunks, biases, fusion.Fused(prologue, x2, norm_weight, eps, residuals))
+    for s, out in zip(h.specs, outs):
+        if out.shape[-1] != s.n or out.dtype != s.out_dtype:
+            raise RuntimeError(f"kernel {name} returned {tuple(out.shape)} {out.dtype} for {s.module or s.short()}, "
+                               f"expected [..., {s.n}] {s.out_dtype}")
+    return list(outs)
+
+
+_LIB.impl("linear_fused", linear_fused, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("qlinear_pass::linear_fused", lib=_LIB)
+def _(x, x2, params, biases, residuals, norm_weight, eps, prologue, kernel, specs):
     return [x.new_empty((*x.shape[:-1], s.n), dtype=s.out_dtype) for s in handle(kernel, specs, GroupHandle).specs]
 
 

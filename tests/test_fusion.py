@@ -1,0 +1,223 @@
+"""fusion.py: the references of what a kernel may run around its product, and the pass moving a
+Llama block's norms, SwiGLU and residual adds into the calls of a kernel that runs them."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+import qlinear_pass as qp
+from qlinear_pass import fusion
+from qlinear_pass import registry as R
+from qlinear_pass import schemes as S
+from qlinear_pass.backends.emulation import EmulationKernel
+
+from .helpers import recorded
+
+
+class RMSNorm(nn.Module):
+    """Llama's (Hugging Face's LlamaRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Block(nn.Module):
+    """A Llama decoder layer's linears and what surrounds them: RMSNorm -> q/k/v, a stand-in for
+    attention, o_proj + residual, RMSNorm -> gate/up -> SwiGLU -> down_proj + residual."""
+
+    def __init__(self, hidden: int = 256, inter: int = 512, kv: int = 128) -> None:
+        super().__init__()
+        self.input_layernorm, self.post_attention_layernorm = RMSNorm(hidden), RMSNorm(hidden)
+        self.q_proj = nn.Linear(hidden, hidden, bias=False)
+        self.k_proj = nn.Linear(hidden, kv, bias=False)
+        self.v_proj = nn.Linear(hidden, kv, bias=False)
+        self.o_proj = nn.Linear(hidden, hidden, bias=False)
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        h = self.input_layernorm(x)
+        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        rep = q.shape[-1] // k.shape[-1]
+        a = q * torch.sigmoid(k.repeat_interleave(rep, -1)) + v.repeat_interleave(rep, -1)
+        x = x + self.o_proj(a)
+        h = self.post_attention_layernorm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+def block(dtype=torch.bfloat16, **quantize_kw):
+    torch.manual_seed(0)
+    return qp.quantize(Block().to(dtype), "w4a16", group_size=64, **quantize_kw)
+
+
+class _Fusing(EmulationKernel):
+    """The reference behind the op, declaring the fusions ``FUSES`` (a test plug-in kernel)."""
+
+    name = "fusing_reference"
+    backend = "fusetest"
+    FUSES: tuple = fusion.FUSIONS
+    seen: list = []
+
+    def why_not_fuse(self, spec, what):
+        return "" if what in self.FUSES else f"does not run {what} (this test's kernel)"
+
+    def run_group(self, specs, x, params, biases):
+        return [self.run(s, x, p, b) for s, p, b in zip(specs, params, biases)]
+
+    def run_fused(self, specs, x, params, biases, fused):
+        type(self).seen.append((fused.prologue, tuple(r is not None for r in fused.residuals)))
+        return super().run_fused(specs, x, params, biases, fused)
+
+
+@pytest.fixture
+def fusing():
+    _Fusing.seen = []
+    qp.register_kernel(_Fusing)
+    yield _Fusing
+    R.unregister_kernel(_Fusing.name)
+    _Fusing.FUSES = fusion.FUSIONS
+
+
+def _compiled(model, x, backend="fusetest", dynamic=False):
+    torch._dynamo.reset()
+    with torch.no_grad(), recorded() as recs:
+        y = torch.compile(model, backend=qp.make(linear_backend=backend), dynamic=dynamic)(x)
+        ref = model(x)
+    torch._dynamo.reset()
+    return y, ref, {d.spec.module: d.note for r in recs for d in r.decisions}
+
+
+# --- the references ---------------------------------------------------------------------------
+
+
+@st.composite
+def rows(draw):
+    m, k = draw(st.integers(1, 6)), draw(st.sampled_from([8, 64, 256]))
+    dtype = draw(st.sampled_from([torch.bfloat16, torch.float16]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    scale = draw(st.sampled_from([1e-3, 1.0, 30.0]))
+    return (torch.randn(m, k, generator=g) * scale).to(dtype), (torch.randn(m, k, generator=g) * scale).to(dtype)
+
+
+@given(rows())
+@example((torch.zeros(2, 8, dtype=torch.bfloat16), torch.ones(2, 8, dtype=torch.bfloat16)))  # a zero row: eps keeps it finite
+def test_references_compute_what_the_eager_modules_do(xy):
+    x, u = xy
+    norm = RMSNorm(x.shape[-1]).to(x.dtype)
+    with torch.no_grad():
+        assert torch.equal(fusion.rmsnorm(x, norm.weight, norm.eps), norm(x))
+    got, eager = fusion.silu_mul(x, u).float(), (F.silu(x) * u).float()
+    # silu through exp(-x) here, a sigmoid in eager: one rounding step of the 16-bit dtype apart at most
+    assert torch.allclose(got, eager, rtol=2 * torch.finfo(x.dtype).eps, atol=1e-6)
+    ys = [torch.ones_like(x), torch.ones_like(x)]
+    out = fusion.add_residuals(ys, [x, None])
+    assert torch.equal(out[0], ys[0] + x) and out[1] is ys[1]
+
+
+def test_an_unknown_prologue_is_an_error():
+    with pytest.raises(ValueError, match="unknown prologue 'gelu'"):
+        fusion.prologue_of(fusion.Fused("gelu"), torch.zeros(1, 8))
+
+
+# --- the pass -----------------------------------------------------------------------------------
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("shape", [(1, 256), (1, 1, 256)])  # 2-D, and 3-D as Hugging Face models run (views between)
+def test_a_block_at_one_token_runs_its_norms_swiglu_and_residuals_in_the_kernels(fusing, shape):
+    model = block()
+    y, ref, notes = _compiled(model, torch.randn(*shape, dtype=torch.bfloat16))
+    assert S.relative_error(y, ref) < S.TOLERANCE[torch.bfloat16]
+    for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+        assert "the RMSNorm before it runs in the kernel" in notes[name], notes[name]
+    assert "the residual add after it runs in the kernel" in notes["o_proj"]
+    assert "the SwiGLU before it and the residual add after it run in the kernel" in notes["down_proj"]
+    assert sorted(fusing.seen) == [("", (True,)), ("rmsnorm", (False, False)), ("rmsnorm", (False, False, False)),
+                                   ("silu_mul", (True,))]
+
+
+@pytest.mark.inductor
+def test_what_the_kernel_does_not_run_stays_in_the_graph_and_the_record_says_why(fusing):
+    fusing.FUSES = ("residual",)  # a kernel that adds residuals only (cuda_w4a16 above one token)
+    model = block()
+    y, ref, notes = _compiled(model, torch.randn(3, 256, dtype=torch.bfloat16))
+    assert S.relative_error(y, ref) < S.TOLERANCE[torch.bfloat16]
+    assert "rmsnorm before it stays in the graph (fusing_reference: does not run rmsnorm (this test's kernel))" \
+        in notes["q_proj"]
+    assert "silu_mul before it stays in the graph" in notes["down_proj"]
+    assert "the residual add after it runs in the kernel" in notes["down_proj"]
+    assert sorted(fusing.seen) == [("", (True,)), ("", (True,))]
+
+
+@pytest.mark.inductor
+def test_a_norm_read_by_another_layer_too_stays(fusing):
+    """A norm whose output something else reads is computed in the graph anyway: nothing to take out."""
+
+    class TwoReaders(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.a, self.b = RMSNorm(128), nn.Linear(128, 64, bias=False), nn.Linear(128, 64, bias=False)
+
+        def forward(self, x):
+            h = self.norm(x)
+            return self.a(h) * self.b(h).sum(-1, keepdim=True) + h[..., :64]
+
+    torch.manual_seed(0)
+    model = qp.quantize(TwoReaders().to(torch.bfloat16), "w4a16", group_size=64)
+    y, ref, notes = _compiled(model, torch.randn(1, 128, dtype=torch.bfloat16))
+    assert S.relative_error(y, ref) < S.TOLERANCE[torch.bfloat16]
+    assert not any("runs in the kernel" in n for n in notes.values()) and fusing.seen == []
+
+
+@pytest.mark.inductor
+def test_a_residual_of_another_dtype_is_not_taken(fusing):
+    """``out + r`` with r in float32 promotes: the add stays in the graph."""
+
+    class Promoting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(128, 128, bias=False)
+
+        def forward(self, x):
+            return self.lin(x) + x.float()
+
+    torch.manual_seed(0)
+    model = qp.quantize(Promoting().to(torch.bfloat16), "w4a16", group_size=64)
+    y, ref, notes = _compiled(model, torch.randn(2, 128, dtype=torch.bfloat16))
+    assert y.dtype == torch.float32 and S.relative_error(y, ref) < S.TOLERANCE[torch.bfloat16]
+    assert fusing.seen == [] and "runs in the kernel" not in notes["lin"]
+
+
+def test_the_default_kernel_fuses_nothing():
+    from qlinear_pass.spec import LayerSpec
+
+    spec = LayerSpec(scheme="w4a16", n=64, k=128, act_dtype=torch.bfloat16, out_dtype=torch.bfloat16, m=1, group_size=64)
+    assert EmulationKernel().why_not_fuse(spec, "rmsnorm") == "does not run rmsnorm in its launch"
+
+
+@pytest.mark.inductor
+def test_fuse_false_leaves_them_in_the_graph(fusing):
+    model = block()
+    torch._dynamo.reset()
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    with torch.no_grad(), recorded() as recs:
+        y = torch.compile(model, backend=qp.make(config=qp.LinearBackendConfig("fusetest", fuse=False)))(x)
+    torch._dynamo.reset()
+    assert fusing.seen == [] and not any("in the kernel" in d.note for r in recs for d in r.decisions)
+    with torch.no_grad():
+        assert S.relative_error(y, model(x)) < S.TOLERANCE[torch.bfloat16]
+    assert repr(qp.LinearBackendConfig("cuda", fuse=False)) == "LinearBackendConfig(linear_backend='cuda', fuse=False)"
+    assert qp.LinearBackendConfig("cuda", fuse=False).describe() == "cuda/nofuse"
+    with pytest.raises(TypeError, match="fuse must be True or False"):
+        qp.LinearBackendConfig("cuda", fuse=1)
