@@ -96,6 +96,9 @@ INLINE_LINEAR_OPS = (
 LINEAR_OP = "qlinear_pass::linear"
 #: one call for sibling layers that read the same activation (q/k/v, gate/up)
 LINEAR_GROUP_OP = "qlinear_pass::linear_group"
+#: one call, one or more layers, with the norm or SwiGLU before and the residual add after run in
+#: the kernel (``qlinear_pass/fusion.py``): their device time counts as the linears'
+LINEAR_FUSED_OP = "qlinear_pass::linear_fused"
 ACT_DTYPE = torch.bfloat16
 
 
@@ -230,21 +233,26 @@ class Variant:
     name: str
     scheme: Optional[str]
     backend: Optional[str]
+    #: the pass's ``fuse`` (``LinearBackendConfig``); ``scheme/backend/nofuse`` turns it off
+    fuse: bool = True
 
     @classmethod
     def parse(cls, text: str) -> "Variant":
         t = text.strip()
         if t.lower() == "bf16":
             return cls("bf16", None, None)
-        if t.count("/") != 1:
-            raise ValueError(f"variant {text!r}: expected 'bf16' or 'scheme/backend', e.g. 'fp8_rowwise/auto'")
-        scheme = normalize_scheme(t.split("/")[0])
-        backend = normalize_backend(t.split("/")[1])
-        return cls(f"{scheme}/{backend}", scheme, backend)
+        parts = t.split("/")
+        if len(parts) not in (2, 3) or len(parts) == 3 and parts[2].strip().lower() != "nofuse":
+            raise ValueError(f"variant {text!r}: expected 'bf16', 'scheme/backend' or 'scheme/backend/nofuse', "
+                             "e.g. 'fp8_rowwise/auto'")
+        scheme = normalize_scheme(parts[0])
+        backend = normalize_backend(parts[1])
+        fuse = len(parts) == 2
+        return cls(f"{scheme}/{backend}{'' if fuse else '/nofuse'}", scheme, backend, fuse)
 
     def label(self, group_size: int) -> str:
         if self.scheme == "w4a16":
-            return f"w4a16 g{group_size}/{self.backend}"
+            return f"w4a16 g{group_size}/{self.backend}{'' if self.fuse else '/nofuse'}"
         return self.name
 
 
@@ -551,7 +559,8 @@ def compile_kwargs(variant: Variant, settings: Settings, whole_model: bool) -> d
             return {"backend": "aot_eager"}
         return {"mode": "reduce-overhead"} if graphs else {"backend": "inductor"}
     options = {"triton.cudagraphs": True} if graphs else {}
-    return {"backend": qp.make(linear_backend=variant.backend, inductor=settings.inductor, **options)}
+    config = qp.LinearBackendConfig(variant.backend, fuse=variant.fuse)
+    return {"backend": qp.make(config=config, inductor=settings.inductor, **options)}
 
 
 def describe_compile(kwargs: dict) -> str:
@@ -1169,7 +1178,7 @@ def kernel_breakdown(events, steps: int, exclude_dims: tuple = (), top: int = 12
     the totals count device kernels only, not profiler annotations.
     """
     cpu = [e for e in events if _is_cpu_event(e)]
-    ops = [e for e in cpu if e.name in (LINEAR_OP, LINEAR_GROUP_OP)]
+    ops = [e for e in cpu if e.name in (LINEAR_OP, LINEAR_GROUP_OP, LINEAR_FUSED_OP)]
     linear_op = LINEAR_OP
     note = ""
     if not ops:

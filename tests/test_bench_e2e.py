@@ -13,6 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+import qlinear_pass as qp
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -209,6 +211,15 @@ def test_bad_variant_names_say_what_is_wrong(text):
         E2E.Variant.parse(text)
 
 
+def test_nofuse_variants_compile_with_fuse_off():
+    v = E2E.Variant.parse("w4a16/cuda/NoFuse")
+    assert (v.name, v.fuse, v.label(128)) == ("w4a16/cuda/nofuse", False, "w4a16 g128/cuda/nofuse")
+    assert E2E.Variant.parse("w4a16/cuda").fuse
+    settings = SimpleNamespace(inductor=True, cuda=False)
+    backend = E2E.compile_kwargs(v, settings, whole_model=False)["backend"]
+    assert backend.config == qp.LinearBackendConfig("cuda", fuse=False)
+
+
 def test_cpu_default_variants_run_on_cpu_backends():
     cpu = E2E.parse_variants(None, "cpu")
     assert cpu[0].name == "bf16"
@@ -274,18 +285,20 @@ def test_kernel_breakdown_counts_kernels_under_each_linear():
 
 def test_kernel_breakdown_divides_by_the_models_linears():
     """A linear_group call (q/k/v in one launch) runs several layers: per-linear figures divide by
-    the model's linear count, the calls are counted apart."""
+    the model's linear count, the calls are counted apart; a linear_fused call is a linear's too."""
     events = [
         _ev("qlinear_pass::linear_group", 0, 10, kernels=[("decode", 9.0)], shapes=[[1, 64]]),
         _ev("qlinear_pass::linear", 20, 30, kernels=[("decode", 3.0)], shapes=[[1, 64]]),
+        _ev("qlinear_pass::linear_fused", 40, 50, kernels=[("decode", 4.0)], shapes=[[1, 64]]),
         _ev("decode", 0, 9, device="cuda"),
         _ev("decode", 20, 23, device="cuda"),
+        _ev("decode", 40, 44, device="cuda"),
     ]
-    out = E2E.kernel_breakdown(events, steps=1, linears_per_step=4)
-    assert out["linears"] == 4 and out["linear_calls_per_step"] == 2
-    assert out["kernels_per_linear"] == 0.5
-    assert out["us_per_linear"] == pytest.approx(12.0 / 4)
-    assert [(g["kernels"], g["calls"]) for g in out["by_kernels"]] == [(["decode"], 2)]
+    out = E2E.kernel_breakdown(events, steps=1, linears_per_step=5)
+    assert out["linears"] == 5 and out["linear_calls_per_step"] == 3
+    assert out["kernels_per_linear"] == pytest.approx(3 / 5)
+    assert out["us_per_linear"] == pytest.approx(16.0 / 5)
+    assert [(g["kernels"], g["calls"]) for g in out["by_kernels"]] == [(["decode"], 3)]
 
 
 def test_kernel_breakdown_splits_a_step_and_skips_annotations():
