@@ -13,6 +13,7 @@ from qlinear_pass import fusion
 from qlinear_pass import registry as R
 from qlinear_pass import schemes as S
 from qlinear_pass.backends.emulation import EmulationKernel
+from qlinear_pass.examples_model import TinyBlock
 
 from .helpers import recorded
 
@@ -31,29 +32,14 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-class Block(nn.Module):
-    """A Llama decoder layer's linears and what surrounds them: RMSNorm -> q/k/v, a stand-in for
-    attention, o_proj + residual, RMSNorm -> gate/up -> SwiGLU -> down_proj + residual."""
+class Block(TinyBlock):
+    """The example block (q/k/v, attention, o_proj + residual, gate/up -> SwiGLU -> down_proj +
+    residual) with Llama's RMSNorm as Hugging Face writes it (``nn.RMSNorm`` applies its weight in
+    fp32 before it rounds: another computation, which the pass leaves in the graph)."""
 
-    def __init__(self, hidden: int = 256, inter: int = 512, kv: int = 128) -> None:
-        super().__init__()
-        self.input_layernorm, self.post_attention_layernorm = RMSNorm(hidden), RMSNorm(hidden)
-        self.q_proj = nn.Linear(hidden, hidden, bias=False)
-        self.k_proj = nn.Linear(hidden, kv, bias=False)
-        self.v_proj = nn.Linear(hidden, kv, bias=False)
-        self.o_proj = nn.Linear(hidden, hidden, bias=False)
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
-
-    def forward(self, x):
-        h = self.input_layernorm(x)
-        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
-        rep = q.shape[-1] // k.shape[-1]
-        a = q * torch.sigmoid(k.repeat_interleave(rep, -1)) + v.repeat_interleave(rep, -1)
-        x = x + self.o_proj(a)
-        h = self.post_attention_layernorm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+    def __init__(self, hidden: int = 256, intermediate: int = 512) -> None:
+        super().__init__(hidden, intermediate)
+        self.norm = RMSNorm(hidden)
 
 
 def block(dtype=torch.bfloat16, **quantize_kw):

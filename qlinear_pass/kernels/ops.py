@@ -124,12 +124,18 @@ def linear_group(
     """Layers that read the same activation ``x``, run by one kernel (``Kernel.run_group``): one
     output per layer.  ``params`` holds each layer's parameters in turn (the same count each);
     ``specs`` is a JSON list of the layers' specs."""
+    return _run_layers(kernel, specs, x, params, lambda k, layers, chunks: k.run_group(layers, x, chunks, biases))
+
+
+def _run_layers(kernel: str, specs: str, x: torch.Tensor, params: list, call) -> list[torch.Tensor]:
+    """The layers ``specs`` on the kernel the plan picks for ``x``: ``call(kernel, layer specs,
+    each layer's parameters)``, its outputs checked against the specs."""
     h = handle(kernel, specs, GroupHandle)
     name, k = h.pick(x)
     per = len(params) // len(h.specs)
     chunks = [params[i * per:(i + 1) * per] for i in range(len(h.specs))]
     CALLS[name] += len(h.specs)
-    outs = k.run_group(h.specs, x, chunks, biases)
+    outs = call(k, h.specs, chunks)
     for s, out in zip(h.specs, outs):
         if out.shape[-1] != s.n or out.dtype != s.out_dtype:
             raise RuntimeError(f"kernel {name} returned {tuple(out.shape)} {out.dtype} for {s.module or s.short()}, "
@@ -164,17 +170,8 @@ def linear_fused(
     """``linear_group`` of the layers ``specs`` on the activation that ``prologue`` makes of ``x``
     ("rmsnorm": ``norm_weight * rmsnorm(x, eps)``; "silu_mul": ``silu(x) * x2``; "": x itself), each
     output plus its residual (or None): ``Kernel.run_fused``, see ``fusion.py``."""
-    h = handle(kernel, specs, GroupHandle)
-    name, k = h.pick(x)
-    per = len(params) // len(h.specs)
-    chunks = [params[i * per:(i + 1) * per] for i in range(len(h.specs))]
-    CALLS[name] += len(h.specs)
-    outs = k.run_fused(h.specs, x, chunks, biases, fusion.Fused(prologue, x2, norm_weight, eps, residuals))
-    for s, out in zip(h.specs, outs):
-        if out.shape[-1] != s.n or out.dtype != s.out_dtype:
-            raise RuntimeError(f"kernel {name} returned {tuple(out.shape)} {out.dtype} for {s.module or s.short()}, "
-                               f"expected [..., {s.n}] {s.out_dtype}")
-    return list(outs)
+    fused = fusion.Fused(prologue, x2, norm_weight, eps, residuals)
+    return _run_layers(kernel, specs, x, params, lambda k, layers, chunks: k.run_fused(layers, x, chunks, biases, fused))
 
 
 _LIB.impl("linear_fused", linear_fused, "CompositeExplicitAutograd")

@@ -346,7 +346,7 @@ def test_gpu_compiled_block_runs_norms_swiglu_and_residuals_in_the_kernel(m):
     if not ok:
         pytest.skip(why)
     torch.manual_seed(0)
-    model = qp.quantize(Block(hidden=1024, inter=2048, kv=256).to(torch.bfloat16), "w4a16", group_size=128,
+    model = qp.quantize(Block(hidden=1024, intermediate=2048).to(torch.bfloat16), "w4a16", group_size=128,
                         weight_layout="mma16").cuda()
     # [batch, tokens, hidden] as Hugging Face models run: with 2-D activations, torch 2.11's Inductor
     # folds the reference's rounding of gate/up's output into the SwiGLU's widening (its

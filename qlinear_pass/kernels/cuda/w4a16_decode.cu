@@ -239,21 +239,6 @@ struct Layout {
 // region holds one row a chunk, in plain order.)
 __device__ __forceinline__ int xr_at(int r, int u) { return r * 256 + ((u ^ (r & 7)) << 4); }
 
-// The sum of eight 16-bit values (T) packed in 16 bytes, in fp32
-template <typename T>
-__device__ __forceinline__ float sum8(const uint4 v) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-  float s = 0.f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float2 f;
-    if constexpr (std::is_same<T, __nv_bfloat16>::value) f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[i]));
-    else f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
-    s += f.x + f.y;
-  }
-  return s;
-}
-
 template <typename T>
 __device__ __forceinline__ float2 to_f2(const uint32_t w) {
   if constexpr (std::is_same<T, __nv_bfloat16>::value) return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
@@ -273,15 +258,15 @@ __device__ __forceinline__ float round_to(const float v) {
   else return __half2float(__float2half_rn(v));
 }
 
-// The sum of squares of eight packed 16-bit values, in fp32
-template <typename T>
-__device__ __forceinline__ float sumsq8(const uint4 v) {
+// The sum (SQUARES: of the squares) of eight 16-bit values (T) packed in 16 bytes, in fp32
+template <typename T, bool SQUARES = false>
+__device__ __forceinline__ float sum8(const uint4 v) {
   const uint32_t w[4] = {v.x, v.y, v.z, v.w};
   float s = 0.f;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const float2 f = to_f2<T>(w[i]);
-    s = fmaf(f.x, f.x, fmaf(f.y, f.y, s));
+    s = SQUARES ? fmaf(f.x, f.x, fmaf(f.y, f.y, s)) : s + (f.x + f.y);
   }
   return s;
 }
@@ -497,7 +482,7 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
       float ss = 0.f;
 #pragma unroll
       for (int u = 0; u < U; ++u)
-        if (32 * u + lane < pieces) ss += sumsq8<T>(v[u]);
+        if (32 * u + lane < pieces) ss += sum8<T, true>(v[u]);
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
       float* part = reinterpret_cast<float*>(smem + L::BYTES + W * max_nch * L::XR_CHUNK) + W * max_nch * SUB * TOK;  // extra()'s last W floats
