@@ -198,9 +198,8 @@ def match_residual(out: fx.Node) -> Optional[tuple]:
     args = _pair(add, aten.add.Tensor) if add is not None else None
     if args is None:
         return None
-    mine = _through_views(args[0]) is out or args[0] is out
-    r = args[1] if mine else args[0]
-    if not isinstance(r, fx.Node) or r is args[0] and r is args[1]:
+    r = args[1] if _through_views(args[0]) is out else args[0]
+    if not isinstance(r, fx.Node) or _through_views(r) is out:  # out + out reads no other tensor
         return None
     rv, av, ov = val(r), val(add), val(out)
     if not all(isinstance(v, torch.Tensor) for v in (rv, av, ov)):
@@ -235,8 +234,11 @@ def fuse(graph: fx.Graph, sites: Sequence[Site]) -> None:
     """Move the prologue before and the residual add after each site into a
     ``qlinear_pass::linear_fused`` call, where its kernels run them (each decision notes what was
     fused, or why a prologue or residual that was there was not)."""
+    live = set(graph.nodes)
     for site in sites:
         node = site.node
+        if node not in live:  # its output was never read: dead code already gone
+            continue
         single = node.target is torch.ops.qlinear_pass.linear.default
         if single:
             x, params, bias, kernel, spec = node.args
@@ -246,7 +248,7 @@ def fuse(graph: fx.Graph, sites: Sequence[Site]) -> None:
         k = val(x).shape[-1]
         notes, prologue, x_new, x2, norm_w, eps = [], "", None, None, None, 0.0
         source = _through_views(x)
-        if source is not x and len(source.users) == 1 or source is x and len(x.users) == 1:
+        if len(source.users) == 1:  # read by this call alone (through views): nothing else needs it
             norm, swiglu = match_rmsnorm(source), match_silu_mul(source)
             found = ("rmsnorm", norm) if norm else ("silu_mul", swiglu) if swiglu else None
             if found:
@@ -278,11 +280,8 @@ def fuse(graph: fx.Graph, sites: Sequence[Site]) -> None:
             residuals[0] = emit(aten.reshape.default, residual[1], [-1, val(node).shape[-1]])
         new = emit(torch.ops.qlinear_pass.linear_fused.default, x, x2, list(params), list(biases), residuals,
                    norm_w, eps, prologue, kernel, specs)
-        if residual is not None:
-            out = emit(aten.reshape.default, emit(operator.getitem, new, 0), list(val(add).shape))
-            add.replace_all_uses_with(out)
-        if residual is not None:
-            pass  # the call and the views to the add are dead now
+        if residual is not None:  # the add's readers read the call; the old call and its views are dead
+            add.replace_all_uses_with(emit(aten.reshape.default, emit(operator.getitem, new, 0), list(val(add).shape)))
         elif single:
             node.replace_all_uses_with(emit(operator.getitem, new, 0))
         else:

@@ -185,6 +185,24 @@ def test_a_residual_of_another_dtype_is_not_taken(fusing):
     assert fusing.seen == [] and "runs in the kernel" not in notes["lin"]
 
 
+@pytest.mark.inductor
+def test_an_output_added_to_itself_is_no_residual(fusing):
+    class Doubled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(128, 64, bias=False)
+
+        def forward(self, x):
+            y = self.lin(x)
+            return y + y
+
+    torch.manual_seed(0)
+    model = qp.quantize(Doubled().to(torch.bfloat16), "w4a16", group_size=64)
+    y, ref, notes = _compiled(model, torch.randn(1, 128, dtype=torch.bfloat16))
+    assert S.relative_error(y, ref) < S.TOLERANCE[torch.bfloat16]
+    assert fusing.seen == [] and "in the kernel" not in notes["lin"]
+
+
 def test_the_default_kernel_fuses_nothing():
     from qlinear_pass.spec import LayerSpec
 
@@ -207,3 +225,4 @@ def test_fuse_false_leaves_them_in_the_graph(fusing):
     assert qp.LinearBackendConfig("cuda", fuse=False).describe() == "cuda/nofuse"
     with pytest.raises(TypeError, match="fuse must be True or False"):
         qp.LinearBackendConfig("cuda", fuse=1)
+
