@@ -84,6 +84,9 @@ class Emitter:
 
 aten = torch.ops.aten
 
+#: ops that only reshape their input (the pass looks through them to the data they show)
+RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
+
 
 def canonical_inputs(emit: Emitter, m: "Match") -> tuple[fx.Node, list, Optional[fx.Node]]:
     """The kernel's inputs: 2-D activation, canonical parameters, bias."""

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 import torch.fx as fx
 
-from .emit import Emitter, val
+from .emit import RESHAPES, Emitter, val
 
 #: prologues: ``rmsnorm`` (``weight * rmsnorm(x)``, Llama's RMSNorm), ``silu_mul`` (``silu(x) * x2``, SwiGLU)
 PROLOGUES = ("rmsnorm", "silu_mul")
@@ -77,7 +77,6 @@ def add_residuals(outs: Sequence[torch.Tensor], residuals: Sequence[Optional[tor
 
 aten = torch.ops.aten
 prims = torch.ops.prims
-_VIEWS = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
 _CVT = prims.convert_element_type.default
 
 
@@ -87,7 +86,7 @@ def _is(n, *targets) -> bool:
 
 def _through_views(n: fx.Node) -> fx.Node:
     """The node whose data ``n`` shows through a chain of views, each read by the next alone."""
-    while _is(n, *_VIEWS) and len(n.args[0].users) == 1:
+    while _is(n, *RESHAPES) and len(n.args[0].users) == 1:
         n = n.args[0]
     return n
 
@@ -96,7 +95,7 @@ def _only_reader(n: fx.Node) -> Optional[fx.Node]:
     """The node that reads ``n``'s data, through views, where it is the only one."""
     while len(n.users) == 1:
         (u,) = n.users
-        if not _is(u, *_VIEWS):
+        if not _is(u, *RESHAPES):
             return u
         n = u
     return None

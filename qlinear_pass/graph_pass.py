@@ -23,7 +23,7 @@ from torch._inductor import custom_graph_pass as _cgp
 from . import config as C
 from . import fusion
 from .kernels import ops as _ops  # noqa: F401  (registers qlinear_pass::linear)
-from .emit import Emitter, canonical_inputs, canonical_params, quantized_inputs, val
+from .emit import RESHAPES, Emitter, canonical_inputs, canonical_params, quantized_inputs, val
 from .patterns import Match, Unmatched, find_linears
 from .kernel import Kernel
 from .registry import registry_key
@@ -298,12 +298,9 @@ def _after_takeovers(m: Match, memo: dict) -> Match:
 
 # --- sibling layers: one launch for the layers that read the same activation ------------------
 
-_VIEWS = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
-
-
 def _root(n: Any) -> Any:
     """The node whose data a chain of reshapes / views shows."""
-    while isinstance(n, fx.Node) and n.op == "call_function" and n.target in _VIEWS:
+    while isinstance(n, fx.Node) and n.op == "call_function" and n.target in RESHAPES:
         n = n.args[0]
     return n
 

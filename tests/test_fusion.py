@@ -166,20 +166,27 @@ def test_a_norm_read_by_another_layer_too_stays(fusing):
     assert not any("runs in the kernel" in n for n in notes.values()) and fusing.seen == []
 
 
+class _Then(nn.Module):
+    """One linear (``lin``, 128 -> n) whose output ``then(y, x)`` combines with its input."""
+
+    def __init__(self, n, then):
+        super().__init__()
+        self.lin, self.then = nn.Linear(128, n, bias=False), then
+
+    def forward(self, x):
+        return self.then(self.lin(x), x)
+
+
+def _then(n, then):
+    torch.manual_seed(0)
+    return qp.quantize(_Then(n, then).to(torch.bfloat16), "w4a16", group_size=64)
+
+
 @pytest.mark.inductor
 def test_a_residual_of_another_dtype_is_not_taken(fusing):
     """``out + r`` with r in float32 promotes: the add stays in the graph."""
 
-    class Promoting(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(128, 128, bias=False)
-
-        def forward(self, x):
-            return self.lin(x) + x.float()
-
-    torch.manual_seed(0)
-    model = qp.quantize(Promoting().to(torch.bfloat16), "w4a16", group_size=64)
+    model = _then(128, lambda y, x: y + x.float())
     y, ref, notes = _compiled(model, torch.randn(2, 128, dtype=torch.bfloat16))
     assert y.dtype == torch.float32 and S.relative_error(y, ref) < S.TOLERANCE[torch.bfloat16]
     assert fusing.seen == [] and "runs in the kernel" not in notes["lin"]
@@ -187,17 +194,7 @@ def test_a_residual_of_another_dtype_is_not_taken(fusing):
 
 @pytest.mark.inductor
 def test_an_output_added_to_itself_is_no_residual(fusing):
-    class Doubled(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(128, 64, bias=False)
-
-        def forward(self, x):
-            y = self.lin(x)
-            return y + y
-
-    torch.manual_seed(0)
-    model = qp.quantize(Doubled().to(torch.bfloat16), "w4a16", group_size=64)
+    model = _then(64, lambda y, x: y + y)
     y, ref, notes = _compiled(model, torch.randn(1, 128, dtype=torch.bfloat16))
     assert S.relative_error(y, ref) < S.TOLERANCE[torch.bfloat16]
     assert fusing.seen == [] and "in the kernel" not in notes["lin"]
