@@ -90,3 +90,17 @@ def assert_each_matches(outs, refs) -> None:
         for i, (y, ref) in enumerate(zip(ys, want)):
             err = S.relative_error(y, ref)
             assert err <= S.TOLERANCE[y.dtype], f"activation {j}, layer {i}: relative error {err:.3g}"
+
+
+def fused_inputs(prologue: str, m: int, k: int, ns, residual, dtype, seed: int = 0):
+    """(x, fusion.Fused) on the GPU for a kernel test of what fusion moves into a launch: an
+    activation [M, K], the prologue's operand (SwiGLU's up half, or the norm's weights) and one
+    residual [M, N_i] or None a layer (``residual``: booleans)."""
+    from qlinear_pass import fusion
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(m, k, device="cuda", dtype=dtype, generator=g) * 2
+    x2 = torch.randn(m, k, device="cuda", dtype=dtype, generator=g) if prologue == "silu_mul" else None
+    nw = (torch.rand(k, device="cuda", generator=g) + 0.5).to(dtype) if prologue == "rmsnorm" else None
+    return x, fusion.Fused(prologue, x2, nw, 1e-5, [torch.randn(m, n, device="cuda", dtype=dtype, generator=g) if r else None
+                                                    for n, r in zip(ns, residual)])

@@ -17,6 +17,10 @@ this GPU the first time one runs (seconds; cached; see ``kernels/cuda_build.py``
 * ``cuda_w8a16``: ``int8_weight_only`` and ``fp8_weight_only`` at decode sizes: the same kernel with
   a bf16 / fp16 activation; the 8-bit weights become 16-bit values in registers (exactly) and the
   16-bit tensor-core MMA multiplies them, the per-channel scale applied once to the sum.
+
+Each runs the residual add after a layer in its launch at any M, and the ones that load a 16-bit
+activation (``cuda_w4a16``, ``cuda_w8a16``, ``cuda_w8a8``'s ``fp8_block`` up to 8 tokens) the
+RMSNorm or SwiGLU that makes it with one token (``why_not_fuse``; ``fusion.py``).
 """
 from __future__ import annotations
 
@@ -42,6 +46,27 @@ def _cuda_status(device: DeviceInfo, min_sm: int, what: str, nvcc_version: tuple
     if path is None:
         return False, f"it is built on first use with nvcc: {why}"
     return OK
+
+
+def _why_not_fuse(what: str, spec: LayerSpec, why_not_prologue) -> str:
+    """The residual add at any M; a prologue where the kernel's ``why_not_prologue(what, m, k)`` says so."""
+    return "" if what == "residual" else why_not_prologue(what, spec.m, spec.k)
+
+
+def _run_fused(kernel: Kernel, specs, x: torch.Tensor, params, biases, fused, why_not_prologue):
+    """``kernel.run_group`` with what fusion moved into its launch: the residuals as [M, N_i], and the
+    prologue with its operands where the kernel runs it at this M (``why_not_prologue(what, m, k)``);
+    at an M where it does not (another M of a per-M plan), the activation made here by the reference."""
+    from ..fusion import prologue_of
+
+    x = x if x.dim() == 2 else x.reshape(-1, specs[0].k)
+    kw = {"residuals": [r if r is None else r.reshape(x.shape[0], s.n) for s, r in zip(specs, fused.residuals)]}
+    if fused.prologue and why_not_prologue(fused.prologue, x.shape[0], x.shape[1]):
+        x = prologue_of(fused, x)
+    elif fused.prologue:
+        x2 = fused.x2 if fused.x2 is None else fused.x2.reshape(x.shape)
+        kw.update(prologue=fused.prologue, x2=x2, norm_weight=fused.norm_weight, eps=fused.eps)
+    return kernel.run_group(specs, x, params, biases, **kw)
 
 
 def _act16_limits(spec: LayerSpec, why_not: str):
@@ -92,20 +117,12 @@ class CudaW4A16(Kernel):
         static M = 1) up to K = 16384, where each warp loads its share of the activation row once."""
         from ..kernels.cuda_w4a16 import why_not_prologue
 
-        return "" if what == "residual" else why_not_prologue(what, spec.m, spec.k)
+        return _why_not_fuse(what, spec, why_not_prologue)
 
     def run_fused(self, specs, x, params, biases, fused):
-        from ..fusion import prologue_of
         from ..kernels.cuda_w4a16 import why_not_prologue
 
-        x = x if x.dim() == 2 else x.reshape(-1, specs[0].k)
-        kw = {"residuals": [r if r is None else r.reshape(x.shape[0], s.n) for s, r in zip(specs, fused.residuals)]}
-        if fused.prologue and why_not_prologue(fused.prologue, x.shape[0], x.shape[1]):
-            x = prologue_of(fused, x)  # this M has no prologue in the kernel (a per-M plan's other M)
-        elif fused.prologue:
-            x2 = fused.x2 if fused.x2 is None else fused.x2.reshape(x.shape)
-            kw.update(prologue=fused.prologue, x2=x2, norm_weight=fused.norm_weight, eps=fused.eps)
-        return self.run_group(specs, x, params, biases, **kw)
+        return _run_fused(self, specs, x, params, biases, fused, why_not_prologue)
 
 
 @register_kernel
@@ -170,17 +187,34 @@ class CudaW8A8(Kernel):
         xq, sx = self._quantized(spec, x, params)
         return w8a8_decode(xq, sx, params[0], params[1], bias, spec.out_dtype)
 
-    def run_group(self, specs, x, params, biases):
+    def run_group(self, specs, x, params, biases, **fused):
         from ..kernels.cuda_w8a8 import Layer, fp8_block_decode_group, fp8_block_q_decode_group, w8a8_decode_group
 
         if specs[0].scheme == "fp8_block":
             x = x if x.dim() == 2 else x.reshape(-1, specs[0].k)
             layers = [Layer(p[0], p[1], b) for p, b in zip(params, biases)]
             if specs[0].act_input == "static":
-                return fp8_block_q_decode_group(x, params[0][-1], layers, specs[0].out_dtype)
-            return fp8_block_decode_group(x, layers)
+                return fp8_block_q_decode_group(x, params[0][-1], layers, specs[0].out_dtype, **fused)
+            return fp8_block_decode_group(x, layers, **fused)
         xq, sx = self._quantized(specs[0], x, params[0])
-        return w8a8_decode_group(xq, sx, [Layer(p[0], p[1], b) for p, b in zip(params, biases)], specs[0].out_dtype)
+        return w8a8_decode_group(xq, sx, [Layer(p[0], p[1], b) for p, b in zip(params, biases)], specs[0].out_dtype,
+                                 **fused)
+
+    def why_not_fuse(self, spec, what):
+        """The residual add after it at any M; the RMSNorm or SwiGLU before it with one token (a static
+        M = 1) for fp8_block, which quantizes its 16-bit activation itself.  A quantized activation
+        (the other schemes, fp8_block above 8 tokens) comes from the graph's quantization, into which
+        the norm or SwiGLU already fuses."""
+        from ..kernels.cuda_w8a8 import why_not_prologue
+
+        if what != "residual" and (spec.scheme != "fp8_block" or self.takes_quantized_activation(spec)):
+            return f"takes the graph's quantized activation ({what} fuses into the quantization's kernel)"
+        return _why_not_fuse(what, spec, why_not_prologue)
+
+    def run_fused(self, specs, x, params, biases, fused):
+        from ..kernels.cuda_w8a8 import why_not_prologue
+
+        return _run_fused(self, specs, x, params, biases, fused, why_not_prologue)
 
 
 @register_kernel
@@ -205,8 +239,20 @@ class CudaW8A16(Kernel):
         x = x if x.dim() == 2 else x.reshape(-1, spec.k)
         return w8a16_decode(x, params[0], params[1], bias)
 
-    def run_group(self, specs, x, params, biases):
+    def run_group(self, specs, x, params, biases, **fused):
         from ..kernels.cuda_w8a8 import Layer, w8a16_decode_group
 
         x = x if x.dim() == 2 else x.reshape(-1, specs[0].k)
-        return w8a16_decode_group(x, [Layer(p[0], p[1], b) for p, b in zip(params, biases)])
+        return w8a16_decode_group(x, [Layer(p[0], p[1], b) for p, b in zip(params, biases)], **fused)
+
+    def why_not_fuse(self, spec, what):
+        """The residual add after it at any M; the RMSNorm or SwiGLU before it with one token (a static
+        M = 1) up to K = 32768: each warp makes its share of the activation row once, in shared memory."""
+        from ..kernels.cuda_w8a8 import why_not_prologue
+
+        return _why_not_fuse(what, spec, why_not_prologue)
+
+    def run_fused(self, specs, x, params, biases, fused):
+        from ..kernels.cuda_w8a8 import why_not_prologue
+
+        return _run_fused(self, specs, x, params, biases, fused, why_not_prologue)

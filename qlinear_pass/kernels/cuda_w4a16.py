@@ -112,15 +112,16 @@ def w4a16_row_tiles(m: int, n_total: int, sms: int) -> int:
     return 3 if -(-n_total // 48) <= sms and wide_tiles_fill_better(n_total, sms) else rows
 
 
-def why_not_prologue(prologue: str, m: Optional[int], k: int) -> str:
+def why_not_prologue(prologue: str, m: Optional[int], k: int, max_k: Optional[int] = PROLOGUE_MAX_K) -> str:
     """Why the kernel cannot compute the activation by ``prologue`` ("rmsnorm", "silu_mul") as it
-    loads it, for M tokens (None: not known) and this K ("" when it can)."""
+    loads it, for M tokens (None: not known) and this K ("" when it can).  ``max_k``: the largest K
+    (None: any; the 8-bit kernels', ``cuda_w8a8.PROLOGUE_MAX_K``, is another)."""
     if prologue not in PROLOGUES or not prologue:
         return f"no prologue {prologue!r} (it has {', '.join(p for p in PROLOGUES if p)})"
     if m != 1:
         return f"runs {prologue} before the linear with one token (M = 1) only, not M = {m if m is not None else 'symbolic'}"
-    if k > PROLOGUE_MAX_K:
-        return f"runs {prologue} before the linear up to K = {PROLOGUE_MAX_K}, not {k}"
+    if max_k is not None and k > max_k:
+        return f"runs {prologue} before the linear up to K = {max_k}, not {k}"
     return ""
 
 
@@ -184,6 +185,42 @@ def _prologue_operand(name: str, t: torch.Tensor, shape: tuple, x: torch.Tensor)
     return aligned(t.reshape(1, -1) if t.dim() == 1 else t, 16, 8)
 
 
+def prologue_operands(x: torch.Tensor, prologue: str, x2: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor],
+                      kernel: str, max_k: Optional[int] = PROLOGUE_MAX_K) -> tuple:
+    """A prologue's operands checked against the 2-D activation ``x`` (its dtype and device; rows on
+    16-byte boundaries, a copy where not): (x2, norm_weight), None where the prologue takes none.
+    ``kernel`` names the kernel in the errors, ``max_k`` as :func:`why_not_prologue`."""
+    if not prologue:
+        return None, None
+    why = why_not_prologue(prologue, x.shape[0], x.shape[1], max_k)
+    if why:
+        raise ValueError(f"the {kernel} kernel {why}")
+    if prologue == "rmsnorm":
+        if norm_weight is None:
+            raise ValueError("an rmsnorm prologue needs norm_weight")
+        return None, _prologue_operand("norm_weight", norm_weight, (x.shape[1],), x)
+    if x2 is None:
+        raise ValueError("a silu_mul prologue needs x2 (the up half)")
+    return _prologue_operand("x2", x2, tuple(x.shape), x), None
+
+
+def residual_operands(residuals: Optional[Sequence[Optional[torch.Tensor]]], m: int, ns: Sequence[int],
+                      dtype: torch.dtype, device: torch.device) -> list:
+    """One residual a layer, [M, N_i] in the output ``dtype`` on ``device`` (unit stride along its rows,
+    a copy where not), or None: what the kernels add to each output as they store it."""
+    if residuals is None:
+        return [None] * len(ns)
+    if len(residuals) != len(ns):
+        raise ValueError(f"one residual (or None) a layer: {len(residuals)} for {len(ns)} layers")
+    out = []
+    for i, (r, n) in enumerate(zip(residuals, ns)):
+        if r is not None and (tuple(r.shape) != (m, n) or r.dtype != dtype or r.device != device):
+            raise ValueError(f"layer {i}: the residual must be {dtype} [{m}, {n}] on {device}, "
+                             f"got {r.dtype} {list(r.shape)} on {r.device}")
+        out.append(r if r is None or r.stride(-1) == 1 else r.contiguous())
+    return out
+
+
 def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int,
                        row_tiles: Optional[int] = None, warps: Optional[int] = None,
                        pdl: Optional[bool] = None, *, prologue: str = "", x2: Optional[torch.Tensor] = None,
@@ -200,18 +237,7 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
     None a layer) are added to the outputs as they are stored."""
     if x.dim() != 2:
         raise ValueError(f"the activation must be 2-D [M, K], got shape {tuple(x.shape)}")
-    if prologue:
-        why = why_not_prologue(prologue, x.shape[0], x.shape[1])
-        if why:
-            raise ValueError(f"the int4 decode kernel {why}")
-        if prologue == "rmsnorm":
-            if norm_weight is None:
-                raise ValueError("an rmsnorm prologue needs norm_weight")
-            norm_weight = _prologue_operand("norm_weight", norm_weight, (x.shape[1],), x)
-        elif x2 is None:
-            raise ValueError("a silu_mul prologue needs x2 (the up half)")
-        else:
-            x2 = _prologue_operand("x2", x2, tuple(x.shape), x)
+    x2, norm_weight = prologue_operands(x, prologue, x2, norm_weight, "int4 decode")
     if residuals is not None and len(residuals) != len(layers):
         raise ValueError(f"one residual (or None) a layer: {len(residuals)} for {len(layers)} layers")
     if len({layer.z is None for layer in layers}) > 1:
@@ -255,13 +281,7 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
         converted = converted or w is not layer.w or s is not layer.s or (z is not None and z is not layer.z)
         prepared.append((w, s, z, bias.contiguous() if bias is not None else None, n))
     outs = [torch.empty((m, n), device=x.device, dtype=x.dtype) for *_, n in prepared]
-    res = [None] * len(prepared)
-    for i, r in enumerate(residuals or ()):
-        if r is not None:
-            if tuple(r.shape) != (m, prepared[i][-1]) or r.dtype != x.dtype or r.device != x.device:
-                raise ValueError(f"layer {i}: the residual must be {x.dtype} [{m}, {prepared[i][-1]}] on {x.device}, "
-                                 f"got {r.dtype} {list(r.shape)} on {r.device}")
-            res[i] = r if r.stride(-1) == 1 else r.contiguous()
+    res = residual_operands(residuals, m, [n for *_, n in prepared], x.dtype, x.device)
     if m == 0 or not prepared:
         return outs
     x = aligned(x, 16, 8)

@@ -17,7 +17,13 @@ activation already quantized (e4m3 [M, K] and fp32 scales [M, K/128]), as a comp
 it on above 8 tokens (``backends.cuda.CudaW8A8.takes_quantized_activation``).
 
 Any M is computed (more CTAs along M), but the kernel is made for M <= 16: each CTA reads its
-weight rows once per 16 tokens.  Programmatic dependent launch as in :mod:`.cuda_w4a16`
+weight rows once per 16 tokens.
+
+Fused around the product (``fusion.py`` has the reference of each), as in :mod:`.cuda_w4a16`:
+every form takes ``residuals`` (one [M, N_i] tensor in the output dtype or None a layer), added to
+the outputs as they are stored; the forms with a 16-bit activation (weight-only and
+``fp8_block_decode``) also take a ``prologue`` with one token (M = 1, K <= 32768): "rmsnorm" makes the
+activation ``norm_weight * rmsnorm(x, eps)`` as the kernel loads it, "silu_mul" ``silu(x) * x2``.  Programmatic dependent launch as in :mod:`.cuda_w4a16`
 (``pdl``, :func:`.cuda_w4a16.pdl_for`): the kernel copies its first chunks' weights before the kernel
 ahead of it has finished.
 """
@@ -29,12 +35,14 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from . import cuda_build
-from .cuda_w4a16 import aligned, pdl_for, row_tiles_for, wide_tiles_fill_better
+from .cuda_w4a16 import (PROLOGUES, aligned, pdl_for, prologue_operands, residual_operands, row_tiles_for,
+                         wide_tiles_fill_better)
+from .cuda_w4a16 import why_not_prologue as _why_not_prologue
 
 #: the layers one launch serves (the kernel's MAX_SEGMENTS)
 MAX_SEGMENTS = 3
 #: the kernel's ABI_VERSION (Params and Segment as declared below)
-ABI_VERSION = 4
+ABI_VERSION = 5
 ELEMS = {torch.float8_e4m3fn: 0, torch.int8: 1}
 OUT_DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 #: the weight-only form's activations (and outputs)
@@ -52,19 +60,31 @@ class Layer(NamedTuple):
 
 class _Segment(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("sw", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("out", ctypes.c_void_p),
-                ("w_stride", ctypes.c_longlong), ("sw_stride", ctypes.c_longlong), ("out_stride", ctypes.c_longlong),
-                ("n", ctypes.c_int), ("tiles", ctypes.c_int)]
+                ("res", ctypes.c_void_p), ("w_stride", ctypes.c_longlong), ("sw_stride", ctypes.c_longlong),
+                ("out_stride", ctypes.c_longlong), ("res_stride", ctypes.c_longlong), ("n", ctypes.c_int),
+                ("tiles", ctypes.c_int)]
 
 
 class _Params(ctypes.Structure):
     _fields_ = [("x", ctypes.c_void_p), ("sx", ctypes.c_void_p), ("x_stride", ctypes.c_longlong),
                 ("sx_stride", ctypes.c_longlong), ("m", ctypes.c_int), ("k", ctypes.c_int), ("nseg", ctypes.c_int),
-                ("total_tiles", ctypes.c_int), ("seg", _Segment * MAX_SEGMENTS)]
+                ("total_tiles", ctypes.c_int), ("prologue", ctypes.c_int), ("eps", ctypes.c_float),
+                ("x2", ctypes.c_void_p), ("norm_w", ctypes.c_void_p), ("seg", _Segment * MAX_SEGMENTS)]
 
 
 def check_k(k: int) -> str:
     """Why the kernel cannot run this K ("" when it can)."""
     return "" if k % 128 == 0 else f"the 8-bit-weight decode kernel walks K in chunks of 128 (K={k})"
+
+
+#: the largest K a prologue takes (the kernel's PRO_MAX_K: the activation row stays in shared memory)
+PROLOGUE_MAX_K = 32768
+
+
+def why_not_prologue(prologue: str, m: Optional[int], k: int) -> str:
+    """Why the forms with a 16-bit activation cannot make it by ``prologue`` ("rmsnorm",
+    "silu_mul") as they load it ("" when they can): one token (M = 1), K up to 32768."""
+    return _why_not_prologue(prologue, m, k, PROLOGUE_MAX_K)
 
 
 def _library(device: torch.device) -> ctypes.CDLL:
@@ -142,17 +162,37 @@ def _layers(x: torch.Tensor, layers: Sequence[Layer], weight_dtype: torch.dtype,
     return prepared, any(p[0] is not layer.w for p, layer in zip(prepared, layers))
 
 
+class _Fused(NamedTuple):
+    """What a launch runs around the product: the prologue ("" none) with its operands as
+    :func:`.cuda_w4a16.prologue_operands` made them, and one residual or None a layer."""
+
+    prologue: str = ""
+    x2: Optional[torch.Tensor] = None
+    norm_weight: Optional[torch.Tensor] = None
+    eps: float = 0.0
+    residuals: Optional[Sequence[Optional[torch.Tensor]]] = None
+
+
+def _fused(x: torch.Tensor, what: str, prologue: str = "", x2: Optional[torch.Tensor] = None,
+           norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0,
+           residuals: Optional[Sequence[Optional[torch.Tensor]]] = None) -> _Fused:
+    """The fused arguments of a form with a 16-bit activation ``x``, checked (``what`` names the form)."""
+    x2, norm_weight = prologue_operands(x, prologue, x2, norm_weight, f"{what} decode", PROLOGUE_MAX_K)
+    return _Fused(prologue, x2, norm_weight, eps, residuals)
+
+
 def _launch(entry: str, x: torch.Tensor, sx: Optional[torch.Tensor], sx_stride: int, layers: tuple[list, bool],
             elem: int, dtype_code: int, out_dtype: torch.dtype, row_tiles: Optional[int],
-            warps: Optional[int], pdl: Optional[bool]) -> list[torch.Tensor]:
+            warps: Optional[int], pdl: Optional[bool], fused: _Fused = _Fused()) -> list[torch.Tensor]:
     """Run ``qlp_<entry>_decode`` over the prepared layers (what :func:`_layers` returns), MAX_SEGMENTS
     a launch: their outputs.  ``row_tiles``, ``warps`` and ``pdl`` default to :func:`w8_row_tiles`,
-    :func:`warps_for` and ``pdl_for``'s rule."""
+    :func:`warps_for` and ``pdl_for``'s rule; ``fused``: the prologue and residuals."""
     prepared, converted = layers
     m, k = x.shape
     if warps is not None and warps not in (4, 8) or warps == 4 and m > 8:
         raise ValueError(f"warps a CTA: 8, or 4 for up to 8 tokens (M <= 8); got {warps} at M = {m}")
     outs = [torch.empty((m, n), device=x.device, dtype=out_dtype) for *_, n in prepared]
+    res = residual_operands(fused.residuals, m, [n for *_, n in prepared], out_dtype, x.device)
     if m == 0 or not prepared:
         return outs
     lib = _library(x.device)
@@ -171,12 +211,17 @@ def _launch(entry: str, x: torch.Tensor, sx: Optional[torch.Tensor], sx_stride: 
             p.x, p.x_stride = x.data_ptr(), x.stride(0)
             p.sx, p.sx_stride = (sx.data_ptr(), sx_stride) if sx is not None else (None, 0)
             p.m, p.k, p.nseg = m, k, len(batch)
+            p.prologue, p.eps = PROLOGUES[fused.prologue], fused.eps
+            p.x2 = fused.x2.data_ptr() if fused.x2 is not None else None
+            p.norm_w = fused.norm_weight.data_ptr() if fused.norm_weight is not None else None
             for j, i in enumerate(batch):
                 w, sw, sw_stride, bias, n = prepared[i]
                 seg = p.seg[j]
                 seg.w, seg.sw, seg.out = w.data_ptr(), sw.data_ptr(), outs[i].data_ptr()
                 seg.bias = bias.data_ptr() if bias is not None else None
                 seg.w_stride, seg.sw_stride, seg.out_stride = w.stride(0), sw_stride, outs[i].stride(0)
+                seg.res = res[i].data_ptr() if res[i] is not None else None
+                seg.res_stride = res[i].stride(0) if res[i] is not None else 0
                 seg.n, seg.tiles = n, -(-n // rows)
             p.total_tiles = sum(p.seg[j].tiles for j in range(len(batch)))
             w = warps if warps is not None else warps_for(m, p.total_tiles, sms)
@@ -185,20 +230,24 @@ def _launch(entry: str, x: torch.Tensor, sx: Optional[torch.Tensor], sx_stride: 
     return outs
 
 
-def _check_activation(x: torch.Tensor, what: str) -> None:
+def _check_activation(x: torch.Tensor, what: str, **fused) -> _Fused:
+    """The activation checked for the ``what`` form, with the ``fused`` arguments of a 16-bit one."""
     if x.dim() != 2:
         raise ValueError(f"the activation must be 2-D [M, K], got shape {tuple(x.shape)}")
+    extra = _fused(x, what, **fused)
     if x.device.type != "cuda":
         raise ValueError(f"the {what} decode kernel runs on a CUDA GPU, not {x.device}")
     why = check_k(x.shape[1])
     if why:
         raise ValueError(why)
+    return extra
 
 
 def w8a8_decode_group(xq: torch.Tensor, sx: torch.Tensor, layers: Sequence[Layer], out_dtype: torch.dtype,
-                      row_tiles: Optional[int] = None, warps: Optional[int] = None,
-                      pdl: Optional[bool] = None) -> list[torch.Tensor]:
-    """``xq`` [M, K] (fp8 e4m3 or int8) with scales ``sx`` times each layer's weight -> [M, N_i] each, in ``out_dtype``."""
+                      row_tiles: Optional[int] = None, warps: Optional[int] = None, pdl: Optional[bool] = None, *,
+                      residuals: Optional[Sequence[Optional[torch.Tensor]]] = None) -> list[torch.Tensor]:
+    """``xq`` [M, K] (fp8 e4m3 or int8) with scales ``sx`` times each layer's weight -> [M, N_i] each, in
+    ``out_dtype`` (plus ``residuals``, see the module's docstring)."""
     if xq.dim() == 2 and xq.dtype not in ELEMS:
         raise ValueError(f"the W8A8 decode kernel takes an fp8 e4m3 or int8 activation, not {xq.dtype}")
     if out_dtype not in OUT_DTYPES:
@@ -209,7 +258,7 @@ def w8a8_decode_group(xq: torch.Tensor, sx: torch.Tensor, layers: Sequence[Layer
         raise ValueError(f"the activation scale is on {sx.device}, the activation on {xq.device}")
     ready = _layers(xq, layers, xq.dtype, out_dtype)
     return _launch("w8a8", aligned(xq, 16, 16), sx, sx_stride, ready, ELEMS[xq.dtype], OUT_DTYPES[out_dtype],
-                   out_dtype, row_tiles, warps, pdl)
+                   out_dtype, row_tiles, warps, pdl, _Fused(residuals=residuals))
 
 
 def w8a8_decode(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: Optional[torch.Tensor],
@@ -220,12 +269,13 @@ def w8a8_decode(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.T
 
 
 def w8a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], row_tiles: Optional[int] = None,
-                       warps: Optional[int] = None, pdl: Optional[bool] = None) -> list[torch.Tensor]:
+                       warps: Optional[int] = None, pdl: Optional[bool] = None, **fused) -> list[torch.Tensor]:
     """The weight-only form: ``x`` [M, K] (bf16 / fp16) times each layer's 8-bit weight (all fp8 e4m3
-    or all int8) and its scale -> [M, N_i] each, in ``x``'s dtype."""
+    or all int8) and its scale -> [M, N_i] each, in ``x``'s dtype.  ``fused``: ``prologue``, ``x2``,
+    ``norm_weight``, ``eps``, ``residuals`` (see the module's docstring)."""
     if x.dim() == 2 and x.dtype not in ACT_DTYPES:
         raise ValueError(f"the W8A16 decode kernel takes a bf16 or fp16 activation, not {x.dtype}")
-    _check_activation(x, "W8A16")
+    extra = _check_activation(x, "W8A16", **fused)
     if not layers:
         return []
     weight_dtype = layers[0].w.dtype
@@ -234,7 +284,7 @@ def w8a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], row_tiles: Opti
     ready = _layers(x, layers, weight_dtype, x.dtype)
     # 16-byte pieces of 16-bit values: rows a multiple of 8 elements apart
     return _launch("w8a16", aligned(x, 16, 8), None, 0, ready, ELEMS[weight_dtype], ACT_DTYPES[x.dtype], x.dtype,
-                   row_tiles, warps, pdl)
+                   row_tiles, warps, pdl, extra)
 
 
 def w8a16_decode(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: Optional[torch.Tensor],
@@ -244,15 +294,16 @@ def w8a16_decode(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: Optio
 
 
 def fp8_block_decode_group(x: torch.Tensor, layers: Sequence[Layer], row_tiles: Optional[int] = None,
-                           warps: Optional[int] = None, pdl: Optional[bool] = None) -> list[torch.Tensor]:
+                           warps: Optional[int] = None, pdl: Optional[bool] = None, **fused) -> list[torch.Tensor]:
     """``fp8_block``: ``x`` [M, K] (bf16 / fp16; quantized inside the kernel per 1x128 group) times each
-    layer's e4m3 weight with its 128x128-block scale -> [M, N_i] each, in ``x``'s dtype."""
+    layer's e4m3 weight with its 128x128-block scale -> [M, N_i] each, in ``x``'s dtype.  ``fused``: as
+    :func:`w8a16_decode_group`'s (a prologue makes the activation before it is quantized)."""
     if x.dim() == 2 and x.dtype not in ACT_DTYPES:
         raise ValueError(f"the fp8_block decode kernel takes a bf16 or fp16 activation, not {x.dtype}")
-    _check_activation(x, "fp8_block")
+    extra = _check_activation(x, "fp8_block", **fused)
     ready = _layers(x, layers, torch.float8_e4m3fn, x.dtype, block=True)
     return _launch("fp8_block", aligned(x, 16, 8), None, 0, ready, ELEMS[torch.float8_e4m3fn], ACT_DTYPES[x.dtype],
-                   x.dtype, row_tiles, warps, pdl)
+                   x.dtype, row_tiles, warps, pdl, extra)
 
 
 def fp8_block_decode(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: Optional[torch.Tensor],
@@ -262,11 +313,11 @@ def fp8_block_decode(x: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: O
 
 
 def fp8_block_q_decode_group(xq: torch.Tensor, sx: torch.Tensor, layers: Sequence[Layer], out_dtype: torch.dtype,
-                             row_tiles: Optional[int] = None, warps: Optional[int] = None,
-                             pdl: Optional[bool] = None) -> list[torch.Tensor]:
+                             row_tiles: Optional[int] = None, warps: Optional[int] = None, pdl: Optional[bool] = None,
+                             *, residuals: Optional[Sequence[Optional[torch.Tensor]]] = None) -> list[torch.Tensor]:
     """``fp8_block`` with the activation quantized before: ``xq`` [M, K] (fp8 e4m3) with its scales
     ``sx`` per 1x128 group ([M, K/128]) times each layer's e4m3 weight and 128x128-block scale ->
-    [M, N_i] each, in ``out_dtype``."""
+    [M, N_i] each, in ``out_dtype`` (plus ``residuals``, see the module's docstring)."""
     if xq.dim() == 2 and xq.dtype != torch.float8_e4m3fn:
         raise ValueError(f"the fp8_block decode kernel takes an fp8 e4m3 activation here, not {xq.dtype}")
     if out_dtype not in OUT_DTYPES:
@@ -283,7 +334,7 @@ def fp8_block_q_decode_group(xq: torch.Tensor, sx: torch.Tensor, layers: Sequenc
         sx = sx.contiguous()
     ready = _layers(xq, layers, torch.float8_e4m3fn, out_dtype, block=True)
     return _launch("fp8_block_q", aligned(xq, 16, 16), sx, sx.stride(0), ready, ELEMS[torch.float8_e4m3fn],
-                   OUT_DTYPES[out_dtype], out_dtype, row_tiles, warps, pdl)
+                   OUT_DTYPES[out_dtype], out_dtype, row_tiles, warps, pdl, _Fused(residuals=residuals))
 
 
 def fp8_block_q_decode(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Tensor,

@@ -30,6 +30,24 @@ def test_backend_name_is_known_and_its_kernels_serve_their_schemes():
         assert names == served.get(scheme, [])
 
 
+def test_which_fusions_each_kernel_runs():
+    """Residual adds at any M; a prologue with one token where the kernel loads a 16-bit activation
+    (cuda_w4a16 up to K = 16384); never where the graph hands a quantized activation on."""
+    w4, w8a16, w8a8 = CB.CudaW4A16(), CB.CudaW8A16(), CB.CudaW8A8()
+    for kernel, scheme in [(w4, "w4a16"), (w8a16, "int8_weight_only"), (w8a16, "fp8_weight_only"), (w8a8, "fp8_block"),
+                           (w8a8, "fp8_rowwise"), (w8a8, "int8_rowwise")]:
+        for m in (1, 8, 16, None):
+            assert kernel.why_not_fuse(spec(scheme=scheme, m=m), "residual") == ""
+    for kernel, scheme in [(w4, "w4a16"), (w8a16, "int8_weight_only"), (w8a8, "fp8_block")]:
+        assert kernel.why_not_fuse(spec(scheme=scheme, m=1), "rmsnorm") == ""
+        assert kernel.why_not_fuse(spec(scheme=scheme, m=1, k=14336), "silu_mul") == ""
+        assert "one token (M = 1) only, not M = 8" in kernel.why_not_fuse(spec(scheme=scheme, m=8), "rmsnorm")
+    assert "up to K = 16384" in w4.why_not_fuse(spec(m=1, k=28672), "silu_mul")
+    assert w8a16.why_not_fuse(spec(scheme="fp8_weight_only", m=1, k=28672), "silu_mul") == ""
+    assert "quantized activation" in w8a8.why_not_fuse(spec(scheme="fp8_rowwise", m=1), "rmsnorm")
+    assert "quantized activation" in w8a8.why_not_fuse(spec(scheme="fp8_block", m=16), "silu_mul")  # quantized above 8 tokens
+
+
 def test_device_reasons(monkeypatch):
     k = CB.CudaW4A16()
     ok, why = k.is_supported(CPU)
@@ -333,24 +351,31 @@ def test_gpu_compiled_16bit_activation_layers_run_on_their_kernel(scheme, kernel
         torch._dynamo.reset()
 
 
+#: a scheme, its kernel on the cuda backend, and whether that kernel makes its activation (a prologue)
+FUSING = [("w4a16", CB.CudaW4A16, True), ("int8_weight_only", CB.CudaW8A16, True), ("fp8_weight_only", CB.CudaW8A16, True),
+          ("fp8_block", CB.CudaW8A8, True), ("fp8_rowwise", CB.CudaW8A8, False)]
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("scheme,kernel,prologue", FUSING)
 @pytest.mark.parametrize("m", [1, 8])
-def test_gpu_compiled_block_runs_norms_swiglu_and_residuals_in_the_kernel(m):
-    """A Llama block on cuda_w4a16: at one token the RMSNorms, the SwiGLU and the residual adds run
-    in its launches (tests/test_fusion.py has the same on the CPU with a test kernel); at 8 tokens
-    the residual adds only.  The outputs match the eager modules either way."""
+def test_gpu_compiled_block_runs_norms_swiglu_and_residuals_in_the_kernel(m, scheme, kernel, prologue):
+    """A Llama block on the cuda backend: at one token the RMSNorms, the SwiGLU and the residual adds
+    run in the launches of a kernel that loads a 16-bit activation (tests/test_fusion.py has the same
+    on the CPU with a test kernel); at 8 tokens, or where the graph quantizes the activation
+    (fp8_rowwise), the residual adds only.  The outputs match the eager modules either way."""
     from ..helpers import recorded
     from ..test_fusion import Block
 
-    ok, why = CB.CudaW4A16().is_supported(R.DeviceInfo.of("cuda"))
+    ok, why = kernel().is_supported(R.DeviceInfo.of("cuda"))
     if not ok:
         pytest.skip(why)
     torch.manual_seed(0)
-    model = qp.quantize(Block(hidden=1024, intermediate=2048).to(torch.bfloat16), "w4a16", group_size=128,
-                        weight_layout="mma16").cuda()
+    kw = dict(group_size=128, weight_layout="mma16") if scheme == "w4a16" else {}
+    model = qp.quantize(Block(hidden=1024, intermediate=2048).to(torch.bfloat16), scheme, **kw).cuda()
     # [batch, tokens, hidden] as Hugging Face models run: with 2-D activations, torch 2.11's Inductor
     # folds the reference's rounding of gate/up's output into the SwiGLU's widening (its
-    # pointless_convert), leaving fp32 outputs that cuda_w4a16 does not write
+    # pointless_convert), leaving fp32 outputs that the kernels do not write
     x = torch.randn(1, m, 1024, device="cuda", dtype=torch.bfloat16)
     torch._dynamo.reset()
     with torch.no_grad(), recorded() as recs:
@@ -359,11 +384,13 @@ def test_gpu_compiled_block_runs_norms_swiglu_and_residuals_in_the_kernel(m):
     torch._dynamo.reset()
     notes = {d.spec.module: d.note for r in recs for d in r.decisions}
     assert S.relative_error(y, ref) < S.TOLERANCE[torch.bfloat16]
+    assert {d.kernel for r in recs for d in r.decisions} == {kernel.name}
     assert "the residual add after it runs in the kernel" in notes["o_proj"]
-    if m == 1:
+    if m == 1 and prologue:
         assert "the RMSNorm before it runs in the kernel" in notes["q_proj"] and "RMSNorm" in notes["gate_proj"]
         assert "the SwiGLU before it and the residual add after it run in the kernel" in notes["down_proj"]
     else:
-        assert "rmsnorm before it stays in the graph (cuda_w4a16: runs rmsnorm before the linear with one token" \
-            in notes["q_proj"]
+        if prologue:
+            assert f"rmsnorm before it stays in the graph ({kernel.name}: runs rmsnorm before the linear with one token" \
+                in notes["q_proj"]
         assert "the residual add after it runs in the kernel" in notes["down_proj"]

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from qlinear_pass import fusion
 from qlinear_pass import schemes as S
 from qlinear_pass.kernels import cuda_build, int4_layout, cuda_w4a16 as CW
-from tests.helpers import assert_each_matches, kernel_case, late_copy
+from tests.helpers import assert_each_matches, fused_inputs, kernel_case, late_copy
 
 
 @st.composite
@@ -103,12 +103,8 @@ def fused_cases(draw):
 
 def check_fused(prologue, m, ns, k, group_size, zero_points, dtype, residual, warps=None, seed=0):
     """The kernel with a prologue and residuals against fusion.py's references around the scheme's."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(m, k, device="cuda", dtype=dtype, generator=g) * 2
-    x2 = torch.randn(m, k, device="cuda", dtype=dtype, generator=g) if prologue == "silu_mul" else None
-    nw = (torch.rand(k, device="cuda", generator=g) + 0.5).to(dtype) if prologue == "rmsnorm" else None
-    f = fusion.Fused(prologue, x2, nw, 1e-5, [torch.randn(m, n, device="cuda", dtype=dtype, generator=g) if r else None
-                                              for n, r in zip(ns, residual)])
+    x, f = fused_inputs(prologue, m, k, ns, residual, dtype, seed)
+    x2, nw = f.x2, f.norm_weight
     act = fusion.prologue_of(f, x)
     layers, refs = [], []
     for i, n in enumerate(ns):

@@ -10,11 +10,12 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from qlinear_pass import fusion
 from qlinear_pass import registry as R
 from qlinear_pass import schemes as S
 from qlinear_pass.backends.cuda import CudaW8A8
 from qlinear_pass.kernels import cuda_w8a8 as CW
-from tests.helpers import assert_each_matches, kernel_case, late_copy
+from tests.helpers import assert_each_matches, fused_inputs, kernel_case, late_copy
 
 SCHEMES = ("fp8_rowwise", "fp8_tensor", "int8_rowwise")
 
@@ -140,9 +141,9 @@ def test_warps_rule():
 
 
 def test_abi_struct_sizes():
-    # 4 pointers, 3 int64, 2 int32 a layer; 2 pointers, 2 int64, 4 int32 before them
-    assert ctypes.sizeof(CW._Segment) == 64
-    assert ctypes.sizeof(CW._Params) == 16 + 16 + 16 + CW.MAX_SEGMENTS * 64
+    # 5 pointers, 4 int64, 2 int32 a layer; 2 pointers, 2 int64, 5 int32 and a float, 2 pointers before them
+    assert ctypes.sizeof(CW._Segment) == 80
+    assert ctypes.sizeof(CW._Params) == 16 + 16 + 16 + 8 + 16 + CW.MAX_SEGMENTS * 80
 
 
 # --- the fragment mapping, modelled on the CPU --------------------------------------------------
@@ -264,6 +265,87 @@ def test_16bit_activation_forms_match_reference_on_gpu(case, seed):
     if not ok:
         pytest.skip(why)
     check_16bit(**case, seed=seed)
+
+
+# --- what fusion moves into the launch: a prologue (16-bit forms, one token), residuals (every form) ---
+
+
+@st.composite
+def fused_cases(draw):
+    scheme = draw(st.sampled_from([*SIXTEEN_BIT, *SCHEMES]))
+    prologue = draw(st.sampled_from(["", "rmsnorm", "silu_mul"])) if scheme in (*WO_SCHEMES, "fp8_block") else ""
+    m = 1 if prologue else draw(st.integers(1, 20))
+    ns = draw(st.lists(st.integers(1, 300), min_size=1, max_size=3))
+    return dict(scheme=scheme, prologue=prologue, m=m, ns=ns, k=draw(st.sampled_from([128, 640, 4096, 14336])),
+                dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])), residual=[draw(st.booleans()) for _ in ns],
+                warps=draw(st.sampled_from([None, 8, 4] if m <= 8 else [None, 8])))
+
+
+def check_fused(scheme, prologue, m, ns, k, dtype, residual, warps=None, seed=0):
+    """The kernel with a prologue and residuals against fusion.py's references around the scheme's."""
+    x, f = fused_inputs(prologue, m, k, ns, residual, dtype, seed)
+    x2, nw = f.x2, f.norm_weight
+    form, scheme = scheme, scheme.removesuffix("_q")
+    act = fusion.prologue_of(f, x)
+    quantized = form in SCHEMES or form == "fp8_block_q"
+    xq, sx = S.quantize_activation(scheme, act) if quantized else (None, None)
+    layers, refs = [], []
+    for i, n in enumerate(ns):
+        _, p, b, _, _ = kernel_case(scheme, m, n, k, dtype=dtype, bias=i % 2 == 1, seed=seed + 1000 * i, device="cuda")
+        layers.append(CW.Layer(p[0], p[1], b))
+        refs.append(S.reference(scheme, xq, p, b, input_scale=sx, out_dtype=dtype) if form in SCHEMES
+                    else S.reference(scheme, act, p, b, out_dtype=dtype))
+    refs = fusion.add_residuals(refs, f.residuals)
+    if form in SCHEMES:
+        ys = CW.w8a8_decode_group(xq, sx, layers, dtype, warps=warps, residuals=f.residuals)
+    elif form == "fp8_block_q":
+        ys = CW.fp8_block_q_decode_group(xq, sx, layers, dtype, warps=warps, residuals=f.residuals)
+    else:
+        run = CW.fp8_block_decode_group if scheme == "fp8_block" else CW.w8a16_decode_group
+        ys = run(x, layers, warps=warps, prologue=prologue, x2=x2, norm_weight=nw, eps=1e-5, residuals=f.residuals)
+    assert [(y.shape, y.dtype) for y in ys] == [(r.shape, dtype) for r in refs]
+    assert_each_matches([ys], [refs])
+
+
+@pytest.mark.gpu
+@given(fused_cases(), st.integers(0, 2**16))
+@example(dict(scheme="int8_weight_only", prologue="rmsnorm", m=1, ns=[4096, 1024, 1024], k=4096, dtype=torch.bfloat16,
+              residual=[False] * 3, warps=None), 0)  # q/k/v
+@example(dict(scheme="fp8_weight_only", prologue="rmsnorm", m=1, ns=[14336, 14336], k=4096, dtype=torch.bfloat16,
+              residual=[False] * 2, warps=None), 0)  # gate/up, the rule's 4 warps
+@example(dict(scheme="int8_weight_only", prologue="silu_mul", m=1, ns=[4096], k=14336, dtype=torch.bfloat16,
+              residual=[True], warps=None), 0)  # down_proj
+@example(dict(scheme="fp8_block", prologue="rmsnorm", m=1, ns=[300, 129], k=14336, dtype=torch.float16,
+              residual=[True, False], warps=4), 0)  # quantized in the kernel after the norm; K past the w4a16 limit
+@example(dict(scheme="fp8_block", prologue="silu_mul", m=1, ns=[4096], k=14336, dtype=torch.bfloat16,
+              residual=[True], warps=None), 0)
+@example(dict(scheme="fp8_rowwise", prologue="", m=1, ns=[4096], k=4096, dtype=torch.bfloat16,
+              residual=[True], warps=None), 0)  # o_proj of W8A8
+@example(dict(scheme="int8_weight_only", prologue="", m=8, ns=[4096], k=4096, dtype=torch.bfloat16,
+              residual=[True], warps=None), 0)  # o_proj at batch 8
+@example(dict(scheme="fp8_block_q", prologue="", m=13, ns=[300, 48], k=640, dtype=torch.float16,
+              residual=[True, True], warps=None), 0)
+def test_fused_matches_reference_on_gpu(case, seed):
+    ok, why = _runs_here()
+    if not ok:
+        pytest.skip(why)
+    check_fused(**case, seed=seed)
+
+
+def test_prologue_rule_and_refusals():
+    assert CW.why_not_prologue("rmsnorm", 1, 4096) == "" and CW.why_not_prologue("silu_mul", 1, 28672) == ""
+    assert "up to K = 32768, not 32896" in CW.why_not_prologue("silu_mul", 1, 32896)  # the row in shared memory
+    assert "one token (M = 1) only, not M = 8" in CW.why_not_prologue("rmsnorm", 8, 4096)
+    x = torch.zeros(2, 256, dtype=torch.bfloat16)
+    layer = CW.Layer(torch.zeros(16, 256, dtype=torch.int8), torch.ones(16))
+    with pytest.raises(ValueError, match="W8A16 decode kernel runs rmsnorm before the linear with one token"):
+        CW.w8a16_decode_group(x, [layer], prologue="rmsnorm", norm_weight=torch.ones(256, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="needs x2"):
+        CW.fp8_block_decode_group(x[:1], [layer], prologue="silu_mul")
+    with pytest.raises(ValueError, match=r"norm_weight must be torch.bfloat16 \[256\]"):
+        CW.w8a16_decode_group(x[:1], [layer], prologue="rmsnorm", norm_weight=torch.ones(128, dtype=torch.bfloat16))
+    with pytest.raises(TypeError):  # a quantized activation takes residuals only
+        CW.w8a8_decode_group(x.to(torch.int8), torch.ones(2), [layer], torch.bfloat16, prologue="rmsnorm")
 
 
 @pytest.mark.gpu

@@ -1,7 +1,8 @@
-// What the decode kernels in this folder share: the 16-bit MMA, a byte permute, cp.async, reading
-// and writing 16-bit / fp32 values, programmatic dependent launch, the segments of a launch (sibling
-// layers that read one activation), their checks, and the persistent grid (how many CTAs of a
-// kernel run at once on this GPU, found once per device).
+// What the decode kernels in this folder share: the 16-bit MMA, the prologues' arithmetic on packed
+// 16-bit values, a byte permute, cp.async, reading and writing 16-bit / fp32 values, programmatic
+// dependent launch, the segments of a launch (sibling layers that read one activation), their
+// checks, and the persistent grid (how many CTAs of a kernel run at once on this GPU, found once per
+// device).
 //
 // Include it inside an anonymous namespace, after <cuda_bf16.h>, <cuda_fp16.h>, <cuda_runtime.h>,
 // <stdint.h>, <algorithm>, <atomic> and <type_traits>: the per-device caches (per_device()) then
@@ -41,6 +42,106 @@ __device__ __forceinline__ void mma16(float (&c)[4], uint32_t a0, uint32_t a1, u
         "{%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+// What a prologue makes the activation of as the kernel loads it (one token, M = 1): the activation
+// itself; the weight times the RMSNorm of it; SiLU of it times a second operand (SwiGLU)
+enum Prologue { PRO_NONE = 0, PRO_RMSNORM = 1, PRO_SILU_MUL = 2 };
+
+template <typename T>
+__device__ __forceinline__ float2 to_f2(const uint32_t w) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
+  else return __half22float2(*reinterpret_cast<const __half2*>(&w));
+}
+template <typename T>
+__device__ __forceinline__ uint32_t from_f2(const float a, const float b) {
+  uint32_t w;
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) *reinterpret_cast<__nv_bfloat162*>(&w) = __floats2bfloat162_rn(a, b);
+  else *reinterpret_cast<__half2*>(&w) = __floats2half2_rn(a, b);
+  return w;
+}
+// a float rounded to T and back (fp32: as it is)
+template <typename T>
+__device__ __forceinline__ float round_to(const float v) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) return __bfloat162float(__float2bfloat16_rn(v));
+  else if constexpr (std::is_same<T, __half>::value) return __half2float(__float2half_rn(v));
+  else return v;
+}
+
+// The sum (SQUARES: of the squares) of eight 16-bit values (T) packed in 16 bytes, in fp32
+template <typename T, bool SQUARES = false>
+__device__ __forceinline__ float sum8(const uint4 v) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = to_f2<T>(w[i]);
+    s = SQUARES ? fmaf(f.x, f.x, fmaf(f.y, f.y, s)) : s + (f.x + f.y);
+  }
+  return s;
+}
+
+// Two packed 16-bit products, rounded once: the product of two 16-bit floats is exact in fp32, so
+// this is T(float(a) * float(b)), as the graph computes it
+template <typename T>
+__device__ __forceinline__ uint32_t mul2(const uint32_t a, const uint32_t b) {
+  uint32_t d;
+  if constexpr (std::is_same<T, __nv_bfloat16>::value)
+    *reinterpret_cast<__nv_bfloat162*>(&d) = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
+  else *reinterpret_cast<__half2*>(&d) = __hmul2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+  return d;
+}
+
+// The prologues on eight packed values, rounded as a compiled graph rounds them: RMSNorm
+// T(nw * T(x * r)); SwiGLU T(T(silu(g)) * u), silu(g) = g / (1 + exp(-g)) in fp32
+template <typename T>
+__device__ __forceinline__ uint4 rmsnorm8(const uint4 x, const uint4 nw, const float r) {
+  const uint32_t a[4] = {x.x, x.y, x.z, x.w}, b[4] = {nw.x, nw.y, nw.z, nw.w};
+  uint32_t o[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = to_f2<T>(a[i]);
+    o[i] = mul2<T>(b[i], from_f2<T>(f.x * r, f.y * r));
+  }
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+template <typename T>
+__device__ __forceinline__ uint4 silu_mul8(const uint4 g, const uint4 u) {
+  const uint32_t a[4] = {g.x, g.y, g.z, g.w}, b[4] = {u.x, u.y, u.z, u.w};
+  uint32_t o[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = to_f2<T>(a[i]);
+    o[i] = mul2<T>(from_f2<T>(__fdividef(f.x, 1.f + __expf(-f.x)), __fdividef(f.y, 1.f + __expf(-f.y))), b[i]);
+  }
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
+// An RMSNorm's 1 / rms of a row of K values from each warp's sum of squares `ss` of its share (in
+// every lane's own part): the lanes' sums, then the W warps' through `part` (W floats of shared
+// memory) and one barrier, which every warp of the CTA must meet
+template <int W>
+__device__ __forceinline__ float rms_scale(float ss, float* part, const int k, const float eps) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < W; ++w) total += part[w];
+  return rsqrtf(total / static_cast<float>(k) + eps);
+}
+
+// One token: the residuals (T, [n]) of the outputs a thread of THREADS stores at the end of a row tile
+// of ROWS channels from row0 (its q-th: channel (threadIdx.x + q THREADS) % ROWS, token 0; none past
+// the first ROWS), loaded at the tile's start so that their latency hides behind the tile's chunks
+template <typename T, int ROWS, int THREADS, int N>
+__device__ __forceinline__ void load_residuals(float (&res)[N], const void* r, const int row0, const int n) {
+#pragma unroll
+  for (int q = 0; q < N; ++q) {
+    const int idx = threadIdx.x + q * THREADS, rr = idx % ROWS;
+    res[q] = r && idx < ROWS && row0 + rr < n ? Io<T>::load(r, row0 + rr) : 0.f;
   }
 }
 

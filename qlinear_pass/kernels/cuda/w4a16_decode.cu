@@ -141,7 +141,6 @@ struct Params {
   Segment seg[MAX_SEGMENTS];
 };
 
-enum Prologue { PRO_NONE = 0, PRO_RMSNORM = 1, PRO_SILU_MUL = 2 };
 // a prologue's row of K values is loaded in one round of at most this many pieces of 16 bytes a warp
 constexpr int PRO_PIECES = 256;
 
@@ -238,74 +237,6 @@ struct Layout {
 // each) fall on 8 different bank quads without the ring's 16 bytes of padding a row.  (One token's
 // region holds one row a chunk, in plain order.)
 __device__ __forceinline__ int xr_at(int r, int u) { return r * 256 + ((u ^ (r & 7)) << 4); }
-
-template <typename T>
-__device__ __forceinline__ float2 to_f2(const uint32_t w) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
-  else return __half22float2(*reinterpret_cast<const __half2*>(&w));
-}
-template <typename T>
-__device__ __forceinline__ uint32_t from_f2(const float a, const float b) {
-  uint32_t w;
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) *reinterpret_cast<__nv_bfloat162*>(&w) = __floats2bfloat162_rn(a, b);
-  else *reinterpret_cast<__half2*>(&w) = __floats2half2_rn(a, b);
-  return w;
-}
-// a float rounded to T and back
-template <typename T>
-__device__ __forceinline__ float round_to(const float v) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) return __bfloat162float(__float2bfloat16_rn(v));
-  else return __half2float(__float2half_rn(v));
-}
-
-// The sum (SQUARES: of the squares) of eight 16-bit values (T) packed in 16 bytes, in fp32
-template <typename T, bool SQUARES = false>
-__device__ __forceinline__ float sum8(const uint4 v) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-  float s = 0.f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = to_f2<T>(w[i]);
-    s = SQUARES ? fmaf(f.x, f.x, fmaf(f.y, f.y, s)) : s + (f.x + f.y);
-  }
-  return s;
-}
-
-// Two packed 16-bit products, rounded once: the product of two 16-bit floats is exact in fp32, so
-// this is T(float(a) * float(b)), as the graph computes it
-template <typename T>
-__device__ __forceinline__ uint32_t mul2(const uint32_t a, const uint32_t b) {
-  uint32_t d;
-  if constexpr (std::is_same<T, __nv_bfloat16>::value)
-    *reinterpret_cast<__nv_bfloat162*>(&d) = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
-  else *reinterpret_cast<__half2*>(&d) = __hmul2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
-  return d;
-}
-
-// The prologues on eight packed values, rounded as a compiled graph rounds them: RMSNorm
-// T(nw * T(x * r)); SwiGLU T(T(silu(g)) * u), silu(g) = g / (1 + exp(-g)) in fp32
-template <typename T>
-__device__ __forceinline__ uint4 rmsnorm8(const uint4 x, const uint4 nw, const float r) {
-  const uint32_t a[4] = {x.x, x.y, x.z, x.w}, b[4] = {nw.x, nw.y, nw.z, nw.w};
-  uint32_t o[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = to_f2<T>(a[i]);
-    o[i] = mul2<T>(b[i], from_f2<T>(f.x * r, f.y * r));
-  }
-  return make_uint4(o[0], o[1], o[2], o[3]);
-}
-template <typename T>
-__device__ __forceinline__ uint4 silu_mul8(const uint4 g, const uint4 u) {
-  const uint32_t a[4] = {g.x, g.y, g.z, g.w}, b[4] = {u.x, u.y, u.z, u.w};
-  uint32_t o[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = to_f2<T>(a[i]);
-    o[i] = mul2<T>(from_f2<T>(__fdividef(f.x, 1.f + __expf(-f.x)), __fdividef(f.y, 1.f + __expf(-f.y))), b[i]);
-  }
-  return make_uint4(o[0], o[1], o[2], o[3]);
-}
 
 // T: the activation dtype; VEC: a sub-chunk (one scale each) is 8 * VEC k, VEC / 2 atoms (4, 8, 16);
 // TOK: tokens per CTA (1, 8 or 16; larger M takes more CTAs along y); R: 16-row tiles per warp (3 for 8 tokens only);
@@ -483,15 +414,8 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
 #pragma unroll
       for (int u = 0; u < U; ++u)
         if (32 * u + lane < pieces) ss += sum8<T, true>(v[u]);
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
       float* part = reinterpret_cast<float*>(smem + L::BYTES + W * max_nch * L::XR_CHUNK) + W * max_nch * SUB * TOK;  // extra()'s last W floats
-      if (lane == 0) part[warp] = ss;
-      __syncthreads();
-      float total = 0.f;
-#pragma unroll
-      for (int w = 0; w < W; ++w) total += part[w];
-      const float r = rsqrtf(total / static_cast<float>(p.k) + p.eps);
+      const float r = rms_scale<W>(ss, part, p.k, p.eps);
 #pragma unroll
       for (int u = 0; u < U; ++u)
         if (32 * u + lane < pieces) v[u] = rmsnorm8<T>(v[u], v2[u], r);
@@ -541,13 +465,7 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
     // they cost the 8-token kernels registers enough for one CTA an SM fewer)
     constexpr int OUTS = R * 16 * MT * 8, RES_N = (OUTS + W * 32 - 1) / (W * 32);
     float res[RES_N];
-    if constexpr (TOK == 1) {
-#pragma unroll
-      for (int q = 0; q < RES_N; ++q) {
-        const int idx = threadIdx.x + q * W * 32, rr = idx % (R * 16);
-        res[q] = sg.res && idx < R * 16 && row0 + rr < sg.n ? Io<T>::load(sg.res, row0 + rr) : 0.f;
-      }
-    }
+    if constexpr (TOK == 1) load_residuals<T, R * 16, W * 32>(res, sg.res, row0, sg.n);
     float acc[R][MT][4];
 #pragma unroll
     for (int r = 0; r < R; ++r)

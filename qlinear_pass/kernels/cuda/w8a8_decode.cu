@@ -37,6 +37,10 @@
 // * CTAs are persistent; each warp loads its next chunk's activation (from L2, shared by every CTA)
 //   into registers while it computes the current one;
 // * up to MAX_SEGMENTS layers that read the same activation (q/k/v, gate/up) share one launch;
+// * fused around the product (the pass's fusion.py): a residual added to each output as it is
+//   stored, after it is rounded to the output's dtype (any form, any M); with one token, W8A16 and
+//   BLOCK make their 16-bit activation as they load it (a prologue: the RMSNorm that precedes q/k/v
+//   and gate/up, or the SwiGLU that precedes down_proj), before BLOCK quantizes it;
 // * launched with programmatic dependent launch (`pdl`), the CTAs start while the kernel before
 //   finishes and copy their first chunks' weights; the activation only after grid_dependency_wait().
 //
@@ -71,7 +75,7 @@ constexpr int MAX_SEGMENTS = 3;
 #ifndef QLP_W8_SLOTS_R2_T16
 #define QLP_W8_SLOTS_R2_T16 QLP_W8_SLOTS_R2
 #endif
-constexpr int ABI_VERSION = 4;  // bumped whenever Params, Segment or the entry points' arguments change
+constexpr int ABI_VERSION = 5;  // bumped whenever Params, Segment or the entry points' arguments change
 
 struct Segment {
   const uint8_t* w;     // [n, k] bytes, rows w_stride bytes apart (16-byte aligned)
@@ -79,7 +83,9 @@ struct Segment {
                         // [ceil(n / 128), k / 128], rows sw_stride apart
   const void* bias;     // [n] in the output dtype, or null
   void* out;            // [m, n] in the output dtype, rows out_stride elements apart
-  long long w_stride, sw_stride, out_stride;
+  const void* res;      // [m, n] in the output dtype, rows res_stride elements apart, added to the
+                        // output as rounded to that dtype (a residual connection); or null
+  long long w_stride, sw_stride, out_stride, res_stride;
   int n;
   int tiles;            // row tiles of this layer: ceil(n / rows per tile)
 };
@@ -91,8 +97,18 @@ struct Params {
                         // [m, k / 128], rows sx_stride apart; else null
   long long x_stride, sx_stride;
   int m, k, nseg, total_tiles;
+  // W8A16 and BLOCK with one token (M = 1): what the activation is made of as it is loaded, PRO_NONE
+  // x itself; PRO_RMSNORM norm_w * rmsnorm(x) with eps; PRO_SILU_MUL silu(x) * x2 (x2 as x: [m, k],
+  // x_stride).  Else PRO_NONE
+  int prologue;
+  float eps;
+  const void* x2;
+  const void* norm_w;   // [k] in the activation dtype
   Segment seg[MAX_SEGMENTS];
 };
+
+// the largest K of a prologue: the activation row it makes stays in shared memory (64 KB)
+constexpr int PRO_MAX_K = 32768;
 
 // internal linkage for the code (see common.cuh)
 namespace {
@@ -237,7 +253,7 @@ __device__ __forceinline__ int piece_at(int r, int u) { return r * 128 + ((u ^ (
 
 // The shared memory of one CTA: the warps' rings [W][STAGES][16 R rows][128 bytes], then the
 // reduction [W][16 R][8 MT + 1] (an odd row stride: the threads that add up consecutive
-// channels read 32 different banks)
+// channels read 32 different banks), then the warps' sums of squares of an RMSNorm prologue [W]
 template <int R, int TOK, int W>
 struct Layout {
   static constexpr int MT = TOK > 8 ? 2 : 1;  // 8-token MMA tiles
@@ -246,16 +262,20 @@ struct Layout {
   static constexpr int SLOT_B = 16 * R * 128;
   static constexpr int RING_B = W * STAGES * SLOT_B;
   static constexpr int RED_ROW = 8 * MT + 1;
-  static constexpr int BYTES = RING_B + W * 16 * R * RED_ROW * 4;
+  static constexpr int RED_B = W * 16 * R * RED_ROW * 4;
+  static constexpr int BYTES = RING_B + RED_B + W * 4;
 };
 
 // MODE: W8A8, W8A16, BLOCK or BLOCK_Q; ELEM: E4M3 or S8, the weight; X: the activation, uint8_t for
 // W8A8 and BLOCK_Q (quantized in ELEM's format) or __nv_bfloat16 / __half; O: the output dtype; TOK: tokens per CTA
-// (1, 8 or 16; larger M takes more CTAs along y); R: 16-row tiles per warp; W: warps a CTA.
-template <int MODE, int ELEM, typename X, typename O, int TOK, int R, int W>
+// (1, 8 or 16; larger M takes more CTAs along y); R: 16-row tiles per warp; W: warps a CTA; PRO: the
+// launch has a prologue (p.prologue; one token and a 16-bit activation only), so the activation is
+// read from shared memory: a kernel of its own
+template <int MODE, int ELEM, typename X, typename O, int TOK, int R, int W, bool PRO = false>
 __global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Params p) {
   using L = Layout<R, TOK, W>;
   static_assert(bytes_in(MODE) == std::is_same<X, uint8_t>::value, "W8A8 and BLOCK_Q take bytes, the others 16-bit values");
+  static_assert(!PRO || (TOK == 1 && !bytes_in(MODE)), "a prologue: one token, a 16-bit activation");
   static_assert(!per_chunk(MODE) || ELEM == E4M3, "fp8_block is e4m3");
   using A = typename std::conditional<bytes_in(MODE), typename Acc<ELEM>::type, float>::type;
   constexpr int XV = bytes_in(MODE) ? 1 : 2;  // 16-byte pieces of activation a lane reads per (half chunk, token)
@@ -314,8 +334,42 @@ __global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Para
   grid_dependency_wait();
   launch_dependents();
 
+  // A prologue (one token, a 16-bit activation): each warp makes its chunks of the activation row
+  // (c = warp + i W, chunk i at 256 i of its region of shared memory past L::BYTES) once, for all the
+  // CTA's tiles, and reads them from there; a warp reads only its own chunks.  Made per chunk as it
+  // was loaded instead (from L2, for every tile), the arithmetic made the launches 30-60% slower
+  // (H200, Llama-3-8B shapes).  An RMSNorm first needs the row's sum of squares: each warp's share of
+  // it, then the warps' sums meet in shared memory (every warp meets the barrier, those without
+  // chunks too), then each warp normalises its chunks where they are
+  const int prologue = PRO ? p.prologue : PRO_NONE;
+  uint8_t* x_row = smem + L::BYTES + warp * ((nchunks + W - 1) / W) * 256;
+  if constexpr (PRO) {
+    const uint4* src = reinterpret_cast<const uint4*>(x_tok);
+    uint4* dst = reinterpret_cast<uint4*>(x_row);
+    const int pieces = nch * 16;  // of 16 bytes; piece j of the warp's is piece at(j) of the row
+    auto at = [&](const int j) { return (warp + (j >> 4) * W) * 16 + (j & 15); };
+    if (prologue == PRO_SILU_MUL) {
+      const uint4* up = reinterpret_cast<const uint4*>(static_cast<const X*>(p.x2) + (long long)tok0 * p.x_stride);
+#pragma unroll 4
+      for (int j = lane; j < pieces; j += 32) dst[j] = silu_mul8<X>(__ldg(src + at(j)), __ldg(up + at(j)));
+    } else {
+      float ss = 0.f;
+#pragma unroll 4
+      for (int j = lane; j < pieces; j += 32) {
+        const uint4 v = __ldg(src + at(j));
+        dst[j] = v;
+        ss += sum8<X, true>(v);
+      }
+      const float r = rms_scale<W>(ss, reinterpret_cast<float*>(smem + L::RING_B + L::RED_B), p.k, p.eps);
+      const uint4* nw = reinterpret_cast<const uint4*>(p.norm_w);
+#pragma unroll 4
+      for (int j = lane; j < pieces; j += 32) dst[j] = rmsnorm8<X>(dst[j], __ldg(nw + at(j)), r);
+    }
+    __syncwarp();
+  }
+
   // the activation of chunk c: the 16 k of (half h, lane t) of its token, 16 * XV bytes per (half,
-  // 8-token tile) a lane; zeros past the last token
+  // 8-token tile) a lane; zeros past the last token (with a prologue, from the warp's region)
   uint4 xr[2][MT][XV], xc[2][MT][XV];  // the next chunk's, this chunk's
   auto load_x = [&](int c) {
 #pragma unroll
@@ -323,9 +377,10 @@ __global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Para
 #pragma unroll
       for (int jj = 0; jj < MT; ++jj) {
         const int tk = 8 * jj + g;
-        const uint4* src = reinterpret_cast<const uint4*>(x_tok + (long long)tk * p.x_stride + c * 128 + h * 64 + t * 16);
+        const uint4* src = PRO ? reinterpret_cast<const uint4*>(x_row + (c - warp) / W * 256 + h * 128 + t * 32)
+                               : reinterpret_cast<const uint4*>(x_tok + (long long)tk * p.x_stride + c * 128 + h * 64 + t * 16);
 #pragma unroll
-        for (int v = 0; v < XV; ++v) xr[h][jj][v] = tk < tokens ? __ldg(src + v) : make_uint4(0, 0, 0, 0);
+        for (int v = 0; v < XV; ++v) xr[h][jj][v] = tk < tokens ? (PRO ? src[v] : __ldg(src + v)) : make_uint4(0, 0, 0, 0);
       }
   };
   if (nch > 0 && ntiles > 0) load_x(warp);
@@ -335,6 +390,11 @@ __global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Para
     int tile = blockIdx.x + j * gridDim.x;
     const Segment sg = pick(p, tile);
     const int row0 = tile * 16 * R;
+    // one token: the residuals of the outputs this thread stores at the tile's end, loaded now, so
+    // their latency hides behind the tile's chunks (more tokens load them as they store)
+    constexpr int OUTS = R * 16 * MT * 8, RES_N = (OUTS + W * 32 - 1) / (W * 32);
+    float res[RES_N];
+    if constexpr (TOK == 1) load_residuals<O, R * 16, W * 32>(res, sg.res, row0, sg.n);
     A acc[R][MT][4], acc2[R][MT][4];  // two accumulators: two independent chains of MMAs
 #pragma unroll
     for (int r = 0; r < R; ++r)
@@ -453,7 +513,10 @@ __global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Para
         red[warp][16 * r + g + 8][8 * jj + 2 * t + 1] = acc[r][jj][3] + acc2[r][jj][3];
       }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < R * 16 * MT * 8; idx += W * 32) {
+#pragma unroll
+    for (int q = 0; q < RES_N; ++q) {
+      const int idx = threadIdx.x + q * W * 32;
+      if (idx >= OUTS) break;
       const int rr = idx % (R * 16), tt = idx / (R * 16);  // consecutive threads: consecutive channels
       const int row = row0 + rr;
       if (row >= sg.n || tt >= tokens) continue;
@@ -464,6 +527,8 @@ __global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Para
       if constexpr (!per_chunk(MODE)) y *= sg.sw[row * sg.sw_stride];  // fp8_block: scaled per chunk
       if constexpr (MODE == W8A8) y *= p.sx[(tok0 + tt) * p.sx_stride];
       if (sg.bias) y += Io<O>::load(sg.bias, row);
+      if (sg.res)
+        y = round_to<O>(y) + (TOK == 1 ? res[q] : Io<O>::load(sg.res, (long long)(tok0 + tt) * sg.res_stride + row));
       Io<O>::store(sg.out, (long long)(tok0 + tt) * sg.out_stride + row, y);
     }
     __syncthreads();  // the reduction space is free again
@@ -473,7 +538,13 @@ __global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Para
 
 template <int MODE, int ELEM, typename X, typename O, int TOK, int R, int W>
 cudaError_t launch(const Params& p, bool pdl, cudaStream_t stream) {
-  return launch_persistent<w8_kernel<MODE, ELEM, X, O, TOK, R, W>, TOK, W * 32>(p, Layout<R, TOK, W>::BYTES, pdl, stream);
+  constexpr int bytes = Layout<R, TOK, W>::BYTES;
+  if constexpr (TOK == 1 && !bytes_in(MODE)) {
+    if (p.prologue != PRO_NONE)  // and the warps' regions of the activation row (2 K bytes, and some padding)
+      return launch_persistent<w8_kernel<MODE, ELEM, X, O, TOK, R, W, true>, TOK, W * 32>(
+          p, bytes + W * ((p.k / 128 + W - 1) / W) * 256, pdl, stream);
+  }
+  return launch_persistent<w8_kernel<MODE, ELEM, X, O, TOK, R, W>, TOK, W * 32>(p, bytes, pdl, stream);
 }
 
 // 4 warps a CTA for up to 8 tokens (the caller's rule, cuda_w8a8.warps_for); 8 for any M
@@ -538,14 +609,22 @@ static int qlp_launched(cudaError_t e, char* err, int err_len) {
   return 1;
 }
 
-// Why the parts both forms share cannot run (null when they can)
-static const char* qlp_check(const qlp::Params* p, int elem, int row_tiles, int warps, bool block_scales) {
+// Why the parts every form shares cannot run (null when they can); `prologue`: the form takes a
+// 16-bit activation, which a prologue may make (else p->prologue must be none)
+static const char* qlp_check(const qlp::Params* p, int elem, int row_tiles, int warps, bool block_scales, bool prologue) {
   if (const char* why = qlp::check_segments<qlp::MAX_SEGMENTS, 3>(*p, row_tiles)) return why;
   if (row_tiles == 3 && (p->m <= 8 || block_scales))
     return "row_tiles 3 (48 channels a tile) needs more than 8 tokens and a scale per channel or per tensor";
   if (warps != 8 && !(warps == 4 && p->m <= 8)) return "warps must be 8, or 4 for up to 8 tokens (M <= 8)";
   if (p->k % 128 != 0) return "K must be a multiple of 128";
   if (elem != 0 && elem != 1) return "elem must be 0 (fp8 e4m3) or 1 (int8)";
+  if (p->prologue < qlp::PRO_NONE || p->prologue > qlp::PRO_SILU_MUL) return "prologue must be 0 (none), 1 (rmsnorm) or 2 (silu_mul)";
+  if (p->prologue != qlp::PRO_NONE) {
+    if (!prologue) return "a quantized activation takes no prologue (rmsnorm, silu_mul)";
+    if (p->m != 1) return "a prologue (rmsnorm, silu_mul) runs with one token (M = 1) only";
+    if (p->k > qlp::PRO_MAX_K) return "a prologue (rmsnorm, silu_mul) takes K <= 32768";
+    if (p->prologue == qlp::PRO_RMSNORM ? !p->norm_w : !p->x2) return "the prologue's second operand is missing";
+  }
   return nullptr;
 }
 
@@ -557,7 +636,7 @@ static const char* qlp_check(const qlp::Params* p, int elem, int row_tiles, int 
 // Returns 0, or writes why not into err.
 int qlp_w8a8_decode(const qlp::Params* p, int elem, int out_dtype, int row_tiles, int warps, int pdl, void* stream,
                     char* err, int err_len) {
-  if (const char* why = qlp_check(p, elem, row_tiles, warps, false)) return qlp_fail(err, err_len, why);
+  if (const char* why = qlp_check(p, elem, row_tiles, warps, false, false)) return qlp_fail(err, err_len, why);
   if (out_dtype < 0 || out_dtype > 2) return qlp_fail(err, err_len, "out_dtype must be 0 (bf16), 1 (fp16) or 2 (fp32)");
   if (p->m <= 0 || p->total_tiles == 0) return 0;
   if (elem == 0 && qlp::device_sm() < 89) return qlp_fail(err, err_len, "fp8 MMAs need sm89 or newer");
@@ -567,10 +646,11 @@ int qlp_w8a8_decode(const qlp::Params* p, int elem, int out_dtype, int row_tiles
 }
 
 // W8A16 (weight-only), launched on `stream`: as qlp_w8a8_decode, with a 16-bit activation that is
-// also the output's dtype (act_dtype: 0 bf16, 1 fp16) and no activation scale.
+// also the output's dtype (act_dtype: 0 bf16, 1 fp16) and no activation scale; with one token (M = 1)
+// p->prologue may make the activation as it is loaded.
 int qlp_w8a16_decode(const qlp::Params* p, int elem, int act_dtype, int row_tiles, int warps, int pdl, void* stream,
                      char* err, int err_len) {
-  if (const char* why = qlp_check(p, elem, row_tiles, warps, false)) return qlp_fail(err, err_len, why);
+  if (const char* why = qlp_check(p, elem, row_tiles, warps, false, true)) return qlp_fail(err, err_len, why);
   if (act_dtype != 0 && act_dtype != 1) return qlp_fail(err, err_len, "act_dtype must be 0 (bf16) or 1 (fp16)");
   if (p->m <= 0 || p->total_tiles == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -583,7 +663,7 @@ int qlp_w8a16_decode(const qlp::Params* p, int elem, int act_dtype, int row_tile
 // activation is quantized to e4m3 per 1x128 group inside the kernel.
 int qlp_fp8_block_decode(const qlp::Params* p, int elem, int act_dtype, int row_tiles, int warps, int pdl, void* stream,
                          char* err, int err_len) {
-  if (const char* why = qlp_check(p, elem, row_tiles, warps, true)) return qlp_fail(err, err_len, why);
+  if (const char* why = qlp_check(p, elem, row_tiles, warps, true, true)) return qlp_fail(err, err_len, why);
   if (elem != 0) return qlp_fail(err, err_len, "fp8_block weights are fp8 e4m3 (elem 0)");
   if (act_dtype != 0 && act_dtype != 1) return qlp_fail(err, err_len, "act_dtype must be 0 (bf16) or 1 (fp16)");
   if (p->m <= 0 || p->total_tiles == 0) return 0;
@@ -597,7 +677,7 @@ int qlp_fp8_block_decode(const qlp::Params* p, int elem, int act_dtype, int row_
 // ([m, k / 128], rows p->sx_stride apart) and each segment's sw per 128x128 weight block.
 int qlp_fp8_block_q_decode(const qlp::Params* p, int elem, int out_dtype, int row_tiles, int warps, int pdl, void* stream,
                            char* err, int err_len) {
-  if (const char* why = qlp_check(p, elem, row_tiles, warps, true)) return qlp_fail(err, err_len, why);
+  if (const char* why = qlp_check(p, elem, row_tiles, warps, true, false)) return qlp_fail(err, err_len, why);
   if (elem != 0) return qlp_fail(err, err_len, "fp8_block is fp8 e4m3 (elem 0)");
   if (out_dtype < 0 || out_dtype > 2) return qlp_fail(err, err_len, "out_dtype must be 0 (bf16), 1 (fp16) or 2 (fp32)");
   if (p->m <= 0 || p->total_tiles == 0) return 0;
