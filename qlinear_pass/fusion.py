@@ -116,6 +116,28 @@ def _pair(n: fx.Node, target) -> Optional[tuple]:
     return None
 
 
+def _normalised(n) -> Optional[tuple]:
+    """``(x, eps)`` where ``n`` is ``xf * rsqrt(mean(xf ** 2, -1) + eps)``, ``xf`` a 16-bit x in fp32."""
+    prod = _pair(n, aten.mul.Tensor)
+    if prod is None:
+        return None
+    for xf, rs in (prod, prod[::-1]):
+        x = _f32_of(xf)
+        if x is None or not _is(rs, aten.rsqrt.default):
+            continue
+        add = _pair(rs.args[0], aten.add.Tensor) or _pair(rs.args[0], aten.add.Scalar)
+        if add is None or not isinstance(add[1], (int, float)):
+            continue
+        mean = add[0]
+        if not (_is(mean, aten.mean.dim) and len(mean.args) >= 3 and mean.args[2] is True
+                and list(mean.args[1]) in ([-1], [val(xf).dim() - 1])):
+            continue
+        sq = mean.args[0]
+        if _pair(sq, aten.pow.Tensor_Scalar) == (xf, 2) or _pair(sq, aten.mul.Tensor) == (xf, xf):
+            return x, float(add[1])
+    return None
+
+
 def match_rmsnorm(n: fx.Node) -> Optional[tuple]:
     """``(x, weight, eps)`` where ``n`` is ``weight * convert(xf * rsqrt(mean(xf ** 2, -1) + eps))``,
     ``xf`` x in fp32 (Llama's RMSNorm in a post-grad graph); else None."""
@@ -129,24 +151,23 @@ def match_rmsnorm(n: fx.Node) -> Optional[tuple]:
         if not (isinstance(wv, torch.Tensor) and isinstance(hv, torch.Tensor) and wv.dim() == 1
                 and wv.shape[0] == hv.shape[-1] and wv.dtype == hv.dtype == h.args[1]):
             continue
-        prod = _pair(h.args[0], aten.mul.Tensor)
-        if prod is None:
-            continue
-        for xf, rs in (prod, prod[::-1]):
-            x = _f32_of(xf)
-            if x is None or val(x).dtype != hv.dtype or not _is(rs, aten.rsqrt.default):
-                continue
-            add = _pair(rs.args[0], aten.add.Tensor)
-            if add is None or not isinstance(add[1], (int, float)):
-                continue
-            mean = add[0]
-            if not (_is(mean, aten.mean.dim) and len(mean.args) >= 3 and mean.args[2] is True
-                    and list(mean.args[1]) in ([-1], [val(xf).dim() - 1])):
-                continue
-            sq = mean.args[0]
-            if _pair(sq, aten.pow.Tensor_Scalar) == (xf, 2) or _pair(sq, aten.mul.Tensor) == (xf, xf):
-                return x, w, float(add[1])
+        norm = _normalised(h.args[0])
+        if norm is not None and val(norm[0]).dtype == hv.dtype:
+            return norm[0], w, norm[1]
     return None
+
+
+#: why an RMSNorm that applies its weight before it rounds stays in the graph (``explain()``)
+WEIGHT_FIRST = ("its RMSNorm stays in the graph: it applies its weight in fp32 before it rounds (as torch.nn.RMSNorm "
+                "does), where the kernels' prologue computes Hugging Face's Llama form, rounded before the weight")
+
+
+def is_rmsnorm_weight_first(n: fx.Node) -> bool:
+    """Whether ``n`` is ``convert(xf * rsqrt(mean(xf ** 2, -1) + eps) * weight)``: an RMSNorm with its
+    weight applied in fp32 and one rounding (``torch.nn.RMSNorm``, ``F.rms_norm``), which no kernel's
+    prologue computes (the pass says so rather than fuse another rounding)."""
+    args = _pair(n.args[0], aten.mul.Tensor) if _is(n, _CVT) else None
+    return args is not None and any(_normalised(a) is not None for a in args)
 
 
 def _silu_of(n) -> Optional[fx.Node]:
@@ -258,6 +279,8 @@ def fuse(graph: fx.Graph, sites: Sequence[Site]) -> None:
                     prologue, (x_new, norm_w, eps) = "rmsnorm", norm
                 else:
                     prologue, (x_new, x2) = "silu_mul", swiglu
+            elif is_rmsnorm_weight_first(source):
+                notes.append(WEIGHT_FIRST)
         residual = match_residual(node) if single else None
         if residual is not None:
             why = _can(site, RESIDUAL)

@@ -134,6 +134,24 @@ def test_a_block_at_one_token_runs_its_norms_swiglu_and_residuals_in_the_kernels
 
 
 @pytest.mark.inductor
+def test_torchs_rmsnorm_stays_in_the_graph_and_the_record_says_why(fusing):
+    """nn.RMSNorm applies its weight in fp32 and rounds once: not the prologue's computation, so its
+    norm stays (the SwiGLU and residual adds still move), and explain() says why."""
+    torch.manual_seed(0)
+    plain = Block()
+    plain.norm = nn.RMSNorm(256, eps=1e-5)
+    with torch.no_grad():
+        plain.norm.weight.copy_(torch.rand(256) + 0.5)
+    model = qp.quantize(plain.to(torch.bfloat16), "w4a16", group_size=64)
+    y, ref, notes = _compiled(model, torch.randn(1, 1, 256, dtype=torch.bfloat16))
+    assert S.relative_error(y, ref) < S.TOLERANCE[torch.bfloat16]
+    for name in ("q_proj", "gate_proj"):
+        assert fusion.WEIGHT_FIRST in notes[name] and "RMSNorm before it runs" not in notes[name], notes[name]
+    assert "the SwiGLU before it and the residual add after it run in the kernel" in notes["down_proj"]
+    assert "rmsnorm" not in [prologue for prologue, _ in fusing.seen]
+
+
+@pytest.mark.inductor
 def test_what_the_kernel_does_not_run_stays_in_the_graph_and_the_record_says_why(fusing):
     fusing.FUSES = ("residual",)  # a kernel that adds residuals only (cuda_w4a16 above one token)
     model = block()
