@@ -1778,7 +1778,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8],
                    help="decode batch sizes (default: 1,8)")
     p.add_argument("--decode-steps", type=int, default=None, help="decode steps per timed run (default: 64, --quick 32, --small 4)")
-    p.add_argument("--prefill-tokens", type=int, default=None, help="prompt length of the prefill (default: 2048, --small 64)")
+    p.add_argument("--prefill-tokens", type=int, default=None, help="prompt length of the prefill, and the position decoding starts from: "
+                   "attention reads that many cached tokens a step (default: 2048, --small 64)")
     p.add_argument("--group-size", type=int, default=128, help="w4a16 group size (default: %(default)s)")
     p.add_argument("--w4a16-layout", choices=("auto", "public", "mma16"), default="auto",
                    help="how w4a16 layers hold their weights (quantize(weight_layout=...)); auto: mma16, the one copy "
