@@ -18,9 +18,9 @@ this GPU the first time one runs (seconds; cached; see ``kernels/cuda_build.py``
   a bf16 / fp16 activation; the 8-bit weights become 16-bit values in registers (exactly) and the
   16-bit tensor-core MMA multiplies them, the per-channel scale applied once to the sum.
 
-Each runs the residual add after a layer in its launch at any M, and the ones that load a 16-bit
-activation (``cuda_w4a16``, ``cuda_w8a16``, ``cuda_w8a8``'s ``fp8_block`` up to 8 tokens) the
-RMSNorm or SwiGLU that makes it with one token (``why_not_fuse``; ``fusion.py``).
+Each runs the residual add after a layer in its launch at any M; with one token, those that load a
+16-bit activation (``cuda_w4a16``, ``cuda_w8a16``, and ``cuda_w8a8`` for ``fp8_block``) also run the
+RMSNorm or SwiGLU that makes it (``why_not_fuse``; ``fusion.py``).
 """
 from __future__ import annotations
 

@@ -22,10 +22,12 @@ weight rows once per 16 tokens.
 Fused around the product (``fusion.py`` has the reference of each), as in :mod:`.cuda_w4a16`:
 every form takes ``residuals`` (one [M, N_i] tensor in the output dtype or None a layer), added to
 the outputs as they are stored; the forms with a 16-bit activation (weight-only and
-``fp8_block_decode``) also take a ``prologue`` with one token (M = 1, K <= 32768): "rmsnorm" makes the
-activation ``norm_weight * rmsnorm(x, eps)`` as the kernel loads it, "silu_mul" ``silu(x) * x2``.  Programmatic dependent launch as in :mod:`.cuda_w4a16`
-(``pdl``, :func:`.cuda_w4a16.pdl_for`): the kernel copies its first chunks' weights before the kernel
-ahead of it has finished.
+``fp8_block_decode``) also take a ``prologue`` with one token (M = 1, K <= 32768): "rmsnorm" makes
+the activation ``norm_weight * rmsnorm(x, eps)`` before the kernel's first tile, "silu_mul" ``silu(x)
+* x2``.
+
+Programmatic dependent launch as in :mod:`.cuda_w4a16` (``pdl``, :func:`.cuda_w4a16.pdl_for`): the
+kernel copies its first chunks' weights before the kernel ahead of it has finished.
 """
 from __future__ import annotations
 

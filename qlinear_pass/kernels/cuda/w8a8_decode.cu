@@ -39,8 +39,9 @@
 // * up to MAX_SEGMENTS layers that read the same activation (q/k/v, gate/up) share one launch;
 // * fused around the product (the pass's fusion.py): a residual added to each output as it is
 //   stored, after it is rounded to the output's dtype (any form, any M); with one token, W8A16 and
-//   BLOCK make their 16-bit activation as they load it (a prologue: the RMSNorm that precedes q/k/v
-//   and gate/up, or the SwiGLU that precedes down_proj), before BLOCK quantizes it;
+//   BLOCK make their 16-bit activation before the first tile (a prologue: the RMSNorm that precedes
+//   q/k/v and gate/up, or the SwiGLU that precedes down_proj), each warp its share of the row, into
+//   shared memory, where its chunks are then read from (and BLOCK quantizes them);
 // * launched with programmatic dependent launch (`pdl`), the CTAs start while the kernel before
 //   finishes and copy their first chunks' weights; the activation only after grid_dependency_wait().
 //
@@ -253,7 +254,8 @@ __device__ __forceinline__ int piece_at(int r, int u) { return r * 128 + ((u ^ (
 
 // The shared memory of one CTA: the warps' rings [W][STAGES][16 R rows][128 bytes], then the
 // reduction [W][16 R][8 MT + 1] (an odd row stride: the threads that add up consecutive
-// channels read 32 different banks), then the warps' sums of squares of an RMSNorm prologue [W]
+// channels read 32 different banks), then the warps' sums of squares of an RMSNorm prologue [W];
+// past BYTES, a prologue's activation row (launch() adds its bytes)
 template <int R, int TOK, int W>
 struct Layout {
   static constexpr int MT = TOK > 8 ? 2 : 1;  // 8-token MMA tiles
@@ -338,7 +340,7 @@ __global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Para
   // (c = warp + i W, chunk i at 256 i of its region of shared memory past L::BYTES) once, for all the
   // CTA's tiles, and reads them from there; a warp reads only its own chunks.  Made per chunk as it
   // was loaded instead (from L2, for every tile), the arithmetic made the launches 30-60% slower
-  // (H200, Llama-3-8B shapes).  An RMSNorm first needs the row's sum of squares: each warp's share of
+  // (H200, Llama-3-8B shapes, benchmarks/results/h200/e2e/fusion_w8/per_chunk).  An RMSNorm first needs the row's sum of squares: each warp's share of
   // it, then the warps' sums meet in shared memory (every warp meets the barrier, those without
   // chunks too), then each warp normalises its chunks where they are
   const int prologue = PRO ? p.prologue : PRO_NONE;
