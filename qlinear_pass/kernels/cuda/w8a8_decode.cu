@@ -362,6 +362,8 @@ __global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Para
         dst[j] = v;
         ss += sum8<X, true>(v);
       }
+      // the norm's weights after the barrier: loaded before it, with the first pieces, and kept in
+      // registers across it, they measured no faster (benchmarks/results/h200/e2e/fusion_w8/norm_weights_early)
       const float r = rms_scale<W>(ss, reinterpret_cast<float*>(smem + L::RING_B + L::RED_B), p.k, p.eps);
       const uint4* nw = reinterpret_cast<const uint4*>(p.norm_w);
 #pragma unroll 4
