@@ -148,9 +148,9 @@ def pdl_for(pdl: Optional[bool], device: torch.device, converted: bool, one_toke
     Never by default for ``one_token`` (the w4a16 kernel at M = 1, which loads each warp's share of
     the activation row once): with it, a Llama-3-8B-shaped model decoded at batch 1 slower
     behind Inductor's programmatic dependent launch than with neither (2.11x against 2.22x bf16,
-    benchmarks/results/h200/e2e/x_row).  Nor behind our own launches (gate/up after o_proj, down
-    after gate/up, where nothing else runs in between): a batch-1 step was 5-7% slower so
-    (benchmarks/results/h200/e2e/early_start)."""
+    benchmarks/results/h200/e2e/x_row).  Nor, for any of these kernels, by default behind our own
+    launches (gate/up after o_proj, down_proj after gate/up, nothing in between): launched early
+    there, a batch-1 step was 5-7% slower (benchmarks/results/h200/e2e/early_start)."""
     if converted:
         return False
     if pdl is not None:
