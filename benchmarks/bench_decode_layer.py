@@ -1,0 +1,214 @@
+#!/usr/bin/env python3
+"""Where a batch-1 decode step's w4a16 linear time goes: the four launches of a Llama-3-8B-shaped
+layer (q/k/v with its RMSNorm, o_proj with its residual add, gate/up with its RMSNorm, down_proj
+with SwiGLU and its residual add), as the compiled model calls ``cuda_w4a16``, timed
+
+* ``sequence``: the four calls of each of --layers layers (distinct weights, so they stream from
+  HBM as in the model) one after another in one CUDA graph, as a step runs them (less attention);
+* ``alone``: each call on its own, the --layers copies of it back to back in one graph;
+* ``plain``: the same without its prologue and residual (what the fusions cost);
+* ``merged``: o_proj, gate and up as one launch of three segments on one activation (not the
+  layer's arithmetic: o_proj's output feeds gate/up), against o_proj and gate/up launched apart,
+  both plain: the most that putting two launches into one can save;
+
+and, under ``torch.profiler``, each kernel's device time inside one replay of the sequence.  Microseconds per
+layer; the bytes are the weights with their scales.  Writes ``bench_decode_layer.json``,
+``bench_decode_layer.png`` and ``bench_decode_layer.log`` to --out.
+
+    python benchmarks/bench_decode_layer.py --out /tmp/layer
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+for p in (REPO, REPO / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from bench_decode import copy_bandwidth, graph_time, tee  # noqa: E402
+from qlinear_pass.kernels import cuda_w4a16 as CW  # noqa: E402
+
+HIDDEN, INTER, Q, KV = 4096, 14336, 4096, 1024
+GROUP = 128
+EPS = 1e-5
+
+
+def int4_layer(n: int, k: int, gen: torch.Generator) -> CW.Layer:
+    """Random int4 weights in the kernel's layout with scales small enough to keep outputs finite
+    (timed, not checked: the kernel's tests check it against the reference)."""
+    w = torch.randint(0, 256, (n // 16, k // 16, 128), dtype=torch.uint8, generator=gen, device="cuda")
+    s = torch.rand((n, k // GROUP), generator=gen, device="cuda") * 2e-3 + 1e-3
+    return CW.Layer(w, s)
+
+
+class DecoderLinears:
+    """One layer's w4a16 linears and the calls the compiled model makes of them."""
+
+    def __init__(self, gen: torch.Generator):
+        self.qkv = [int4_layer(n, HIDDEN, gen) for n in (Q, KV, KV)]
+        self.o = int4_layer(HIDDEN, Q, gen)
+        self.gate_up = [int4_layer(INTER, HIDDEN, gen) for _ in range(2)]
+        self.down = int4_layer(HIDDEN, INTER, gen)
+
+    def bytes(self) -> dict:
+        def b(layers):
+            return sum(t.w.numel() + t.s.numel() * 4 for t in layers)
+
+        return {"qkv": b(self.qkv), "o_proj": b([self.o]), "gate_up": b(self.gate_up), "down": b([self.down])}
+
+
+class Activations:
+    def __init__(self, gen: torch.Generator):
+        def t(*shape):
+            return torch.randn(shape, generator=gen, device="cuda").to(torch.bfloat16)
+
+        self.x, self.attn = t(1, HIDDEN), t(1, Q)
+        self.norm1, self.norm2 = (t(HIDDEN) * 0.1 + 1.0), (t(HIDDEN) * 0.1 + 1.0)
+        self.gate, self.up = t(1, INTER), t(1, INTER)
+
+
+def calls(lin: DecoderLinears, a: Activations, fused: bool) -> dict:
+    """name -> a function running that call of ``lin`` (fused as the compiled model runs it, or plain)."""
+    g = CW.w4a16_decode_group
+    if fused:
+        return {
+            "qkv": lambda: g(a.x, lin.qkv, GROUP, prologue="rmsnorm", norm_weight=a.norm1, eps=EPS),
+            "o_proj": lambda: g(a.attn, [lin.o], GROUP, residuals=[a.x]),
+            "gate_up": lambda: g(a.x, lin.gate_up, GROUP, prologue="rmsnorm", norm_weight=a.norm2, eps=EPS),
+            "down": lambda: g(a.gate, [lin.down], GROUP, prologue="silu_mul", x2=a.up, residuals=[a.x]),
+        }
+    return {
+        "qkv": lambda: g(a.x, lin.qkv, GROUP),
+        "o_proj": lambda: g(a.attn, [lin.o], GROUP),
+        "gate_up": lambda: g(a.x, lin.gate_up, GROUP),
+        "down": lambda: g(a.gate, [lin.down], GROUP),
+    }
+
+
+def sequence(layer_calls: dict, names=("qkv", "o_proj", "gate_up", "down")):
+    def run():
+        for name in names:
+            layer_calls[name]()
+
+    return run
+
+
+def profile_kernels(runs, say) -> dict:
+    """Mean device us per launch of each kernel over a replay of one CUDA graph of ``runs``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for r in runs:
+            r()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for r in runs:
+            r()
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    times: dict = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA" and "w4a16_kernel" in e.name:
+            times.setdefault(e.name, []).append(e.device_time_total)
+    res = {}
+    for name, ts in times.items():
+        res[name] = {"launches": len(ts), "mean_us": statistics.mean(ts), "median_us": statistics.median(ts)}
+        say(f"  {len(ts):4d} x {statistics.mean(ts):7.2f} us  {name[:110]}")
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "decode_layer"))
+    ap.add_argument("--layers", type=int, default=32, help="layers of distinct weights (default: 32, as Llama-3-8B)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_decode_layer.py times CUDA kernels: no GPU here", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    say = tee(out / "bench_decode_layer.log")
+    card = torch.cuda.get_device_name()
+    say(f"{card}, torch {torch.__version__}; {args.layers} layers, M = 1, w4a16 g{GROUP}; us per layer")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    lins = []
+    for i in range(args.layers):
+        lins.append(DecoderLinears(gen))
+        if (i + 1) % 8 == 0:
+            say(f"  weights of {i + 1} / {args.layers} layers made")
+    a = Activations(gen)
+    CW.w4a16_decode_group(a.x, lins[0].qkv, GROUP)  # builds or loads the library
+    bw = copy_bandwidth()
+    nbytes = lins[0].bytes()
+    say(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write); weight bytes a layer: "
+        + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in nbytes.items()))
+    res: dict = {"card": card, "torch": torch.__version__, "machine": platform.node(), "layers": args.layers,
+                 "copy_bw": bw, "bytes": nbytes, "us": {}}
+    fused = [calls(lin, a, True) for lin in lins]
+    plain = [calls(lin, a, False) for lin in lins]
+
+    def time_us(runs) -> float:
+        return graph_time(runs, reps_target=2 * len(runs)) * 1e6
+
+    def record(key: str, us: float, nbytes_: float = 0.0) -> None:
+        res["us"][key] = us
+        rate = f"  {nbytes_ / us / 1e6:.2f} TB/s" if nbytes_ else ""
+        say(f"{key:28s} {us:8.2f}{rate}")
+
+    total = sum(nbytes.values())
+    record("sequence fused", time_us([sequence(c) for c in fused]), total)
+    record("sequence plain", time_us([sequence(c) for c in plain]), total)
+    for name in ("qkv", "o_proj", "gate_up", "down"):
+        record(f"alone fused {name}", time_us([c[name] for c in fused]), nbytes[name])
+        record(f"alone plain {name}", time_us([c[name] for c in plain]), nbytes[name])
+    g = CW.w4a16_decode_group
+    merged = [(lambda lin: lambda: g(a.x, [lin.o, *lin.gate_up], GROUP))(lin) for lin in lins]
+    record("merged o_proj+gate/up", time_us(merged), nbytes["o_proj"] + nbytes["gate_up"])
+    record("apart o_proj, gate/up", time_us([sequence(c, ("o_proj", "gate_up")) for c in plain]),
+           nbytes["o_proj"] + nbytes["gate_up"])
+    say("kernels inside the fused sequence (torch.profiler, one graph replay):")
+    res["profile_fused_sequence"] = profile_kernels([sequence(c) for c in fused], say)
+    (out / "bench_decode_layer.json").write_text(json.dumps(res, indent=1))
+    if plot(res, out / "bench_decode_layer.png"):
+        say(f"wrote {out / 'bench_decode_layer.png'}")
+    return 0
+
+
+def plot(res: dict, path: Path) -> bool:
+    """A bar per timing of ``res["us"]`` (us per layer), the card in the title; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    names, us = list(res["us"]), list(res["us"].values())
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(names) + 1.2))
+    ax.barh(names[::-1], us[::-1], color="tab:blue")
+    for y, v in enumerate(us[::-1]):
+        ax.text(v, y, f" {v:.1f}", va="center", fontsize=8)
+    ax.set_xlabel("us per layer")
+    ax.set_title(f"w4a16 g{GROUP} decode layer at M = 1, {res['layers']} layers, {res['card']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())
