@@ -66,8 +66,9 @@ def tee(path: Path):
     return say
 
 
-def graph_time(calls, reps_target: int = 200, replays: int = 7) -> float:
-    """Median seconds per call: one CUDA graph of many calls cycling over ``calls``."""
+def captured_graph(calls, reps: int) -> torch.cuda.CUDAGraph:
+    """One CUDA graph of ``reps`` calls cycling over ``calls`` (each run twice on a side stream
+    first), replayed once."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -76,13 +77,19 @@ def graph_time(calls, reps_target: int = 200, replays: int = 7) -> float:
             c()
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
-    reps = max(len(calls), reps_target)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         for i in range(reps):
             calls[i % len(calls)]()
     g.replay()
     torch.cuda.synchronize()
+    return g
+
+
+def graph_time(calls, reps_target: int = 200, replays: int = 7) -> float:
+    """Median seconds per call: one CUDA graph of many calls cycling over ``calls``."""
+    reps = max(len(calls), reps_target)
+    g = captured_graph(calls, reps)
     times = []
     for _ in range(replays):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -33,7 +33,7 @@ for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from bench_decode import copy_bandwidth, graph_time, tee  # noqa: E402
+from bench_decode import captured_graph, copy_bandwidth, graph_time, tee  # noqa: E402
 from qlinear_pass.kernels import cuda_w4a16 as CW  # noqa: E402
 
 HIDDEN, INTER, Q, KV = 4096, 14336, 4096, 1024
@@ -50,7 +50,7 @@ def int4_layer(n: int, k: int, gen: torch.Generator) -> CW.Layer:
 
 
 class DecoderLinears:
-    """One layer's w4a16 linears and the calls the compiled model makes of them."""
+    """One layer's w4a16 linears (q/k/v, o_proj, gate/up, down_proj)."""
 
     def __init__(self, gen: torch.Generator):
         self.qkv = [int4_layer(n, HIDDEN, gen) for n in (Q, KV, KV)]
@@ -66,6 +66,9 @@ class DecoderLinears:
 
 
 class Activations:
+    """What the calls read besides weights: the layer input, attention's output, the two norms'
+    weights, SwiGLU's gate and up halves (one token, bf16)."""
+
     def __init__(self, gen: torch.Generator):
         def t(*shape):
             return torch.randn(shape, generator=gen, device="cuda").to(torch.bfloat16)
@@ -105,18 +108,7 @@ def profile_kernels(runs, say) -> dict:
     """Mean device us per launch of each kernel over a replay of one CUDA graph of ``runs``."""
     from torch.profiler import ProfilerActivity, profile
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for r in runs:
-            r()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for r in runs:
-            r()
-    graph.replay()
-    torch.cuda.synchronize()
+    graph = captured_graph(runs, len(runs))
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         graph.replay()
         torch.cuda.synchronize()
