@@ -61,6 +61,23 @@ SETS = {
         "w4s4s3": {"warps": 4},
         "w4s6s4": {"warps": 4, "QLP_SLOTS4_R1": 6, "QLP_SLOTS4_R2": 4},
     },
+    "slots1": {  # one token: ring slots a warp, deeper rings keeping more weight bytes in flight while the prologue runs
+        "rule": {},
+        "w8r2s5": {"QLP_SLOTS1_R2": 5},
+        "w8r2s7": {"QLP_SLOTS1_R2": 7},
+        "w4r2s4": {"QLP_SLOTS4_R2": 4},
+        "w4r1s6": {"QLP_SLOTS4_R1": 6},
+    },
+    "grid": {  # launches of more tiles than resident CTAs: CTAs a multiple of the SMs (each SM's tiles within one of the others')
+        "rule": {},
+        "g4": {"QLP_GRID_PER_SM": 4},
+        "g3": {"QLP_GRID_PER_SM": 3},
+    },
+    "trigger": {  # programmatic dependent launch, the next kernel let start after the prologue or after the last copies
+        "rule": {},
+        "pdl": {"pdl": True},
+        "pdl_late": {"pdl": True, "QLP_LATE_TRIGGER": 1},
+    },
     "warps": {
         "w8": {"warps": 8},
         "w4": {"warps": 4},

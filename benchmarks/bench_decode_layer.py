@@ -15,7 +15,13 @@ and, under ``torch.profiler``, each kernel's device time inside one replay of th
 layer; the bytes are the weights with their scales.  Writes ``bench_decode_layer.json``,
 ``bench_decode_layer.png`` and ``bench_decode_layer.log`` to --out.
 
+Instead of that, ``--set NAME`` builds the kernel variants of ``bench_cuda_ring.py``'s set NAME
+(tuning defines, and the calls' programmatic dependent launch) and times the fused sequence and each
+fused call alone with each; ``--configs`` times the fused sequence and q/k/v or gate/up alone with
+those two calls in other row tiles / warps (``CONFIGS``).  Two rounds each, the variants interleaved.
+
     python benchmarks/bench_decode_layer.py --out /tmp/layer
+    python benchmarks/bench_decode_layer.py --out /tmp/layer --set trigger
 """
 from __future__ import annotations
 
@@ -78,25 +84,39 @@ class Activations:
         self.gate, self.up = t(1, INTER), t(1, INTER)
 
 
-def calls(lin: DecoderLinears, a: Activations, fused: bool) -> dict:
-    """name -> a function running that call of ``lin`` (fused as the compiled model runs it, or plain)."""
-    g = CW.w4a16_decode_group
+CALLS = ("qkv", "o_proj", "gate_up", "down")
+#: --configs: (call, row_tiles, warps) a sequence of fused calls is timed with besides the kernel's
+#: rules (None, None): q/k/v and gate/up, the calls whose RMSNorm every CTA computes on the whole row
+CONFIGS = (("qkv", 2, 8), ("qkv", 2, 4), ("qkv", 1, 8), ("qkv", 1, 4),
+           ("gate_up", 2, 8), ("gate_up", 1, 4))
+
+
+def calls(lin: DecoderLinears, a: Activations, fused: bool, pdl=None, config: dict = None) -> dict:
+    """name -> a function running that call of ``lin`` (fused as the compiled model runs it, or
+    plain; ``pdl``: the kernel's programmatic dependent launch, None its default rule; ``config``:
+    name -> (row_tiles, warps) for the calls not left to the kernel's rules)."""
+    config = config or {}
+
+    def g(name, *args, **kw):
+        row_tiles, warps = config.get(name, (None, None))
+        return CW.w4a16_decode_group(*args, row_tiles=row_tiles, warps=warps, pdl=pdl, **kw)
+
     if fused:
         return {
-            "qkv": lambda: g(a.x, lin.qkv, GROUP, prologue="rmsnorm", norm_weight=a.norm1, eps=EPS),
-            "o_proj": lambda: g(a.attn, [lin.o], GROUP, residuals=[a.x]),
-            "gate_up": lambda: g(a.x, lin.gate_up, GROUP, prologue="rmsnorm", norm_weight=a.norm2, eps=EPS),
-            "down": lambda: g(a.gate, [lin.down], GROUP, prologue="silu_mul", x2=a.up, residuals=[a.x]),
+            "qkv": lambda: g("qkv", a.x, lin.qkv, GROUP, prologue="rmsnorm", norm_weight=a.norm1, eps=EPS),
+            "o_proj": lambda: g("o_proj", a.attn, [lin.o], GROUP, residuals=[a.x]),
+            "gate_up": lambda: g("gate_up", a.x, lin.gate_up, GROUP, prologue="rmsnorm", norm_weight=a.norm2, eps=EPS),
+            "down": lambda: g("down", a.gate, [lin.down], GROUP, prologue="silu_mul", x2=a.up, residuals=[a.x]),
         }
     return {
-        "qkv": lambda: g(a.x, lin.qkv, GROUP),
-        "o_proj": lambda: g(a.attn, [lin.o], GROUP),
-        "gate_up": lambda: g(a.x, lin.gate_up, GROUP),
-        "down": lambda: g(a.gate, [lin.down], GROUP),
+        "qkv": lambda: g("qkv", a.x, lin.qkv, GROUP),
+        "o_proj": lambda: g("o_proj", a.attn, [lin.o], GROUP),
+        "gate_up": lambda: g("gate_up", a.x, lin.gate_up, GROUP),
+        "down": lambda: g("down", a.gate, [lin.down], GROUP),
     }
 
 
-def sequence(layer_calls: dict, names=("qkv", "o_proj", "gate_up", "down")):
+def sequence(layer_calls: dict, names=CALLS):
     def run():
         for name in names:
             layer_calls[name]()
@@ -123,11 +143,62 @@ def profile_kernels(runs, say) -> dict:
     return res
 
 
+def time_variants(lins, a, set_name: str, say, rounds: int = 2) -> dict:
+    """us of the fused sequence and of each fused call alone (``CALLS``), built as each variant of
+    ``bench_cuda_ring.SETS[set_name]``: variant -> what -> one value a round."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bench_cuda_ring import SETS, build
+
+    variants = SETS[set_name]
+    with tempfile.TemporaryDirectory(prefix="qlp_layer_") as tmp, ThreadPoolExecutor(len(variants)) as pool:
+        say(f"building {len(variants)} variants of set {set_name!r} ...")
+        built = {n: pool.submit(build, n, {k: v for k, v in d.items() if k.startswith("QLP_")}, Path(tmp)) for n, d in variants.items()}
+        libs = {n: f.result() for n, f in built.items()}
+    fused = {n: [calls(lin, a, True, pdl=variants[n].get("pdl")) for lin in lins] for n in variants}
+    original, res = CW._library, {}
+    try:
+        for r in range(rounds):
+            for what in ("sequence", *CALLS):
+                for n, lib in libs.items():
+                    CW._library = lambda device, lib=lib: lib
+                    runs = [sequence(c) for c in fused[n]] if what == "sequence" else [c[what] for c in fused[n]]
+                    res.setdefault(n, {}).setdefault(what, []).append(graph_time(runs, reps_target=2 * len(runs)) * 1e6)
+            for n in libs:
+                say(f"round {r} {n:10s} " + "  ".join(f"{w} {res[n][w][-1]:6.2f}" for w in res[n]))
+    finally:
+        CW._library = original
+    return {"set": set_name, "variants": variants, "us": res}
+
+
+def time_configs(lins, a, say, rounds: int = 2) -> dict:
+    """us of the fused sequence and of the call alone, for the kernel's rules and each of ``CONFIGS``:
+    "call row_tiles/warps" -> [(alone, sequence)] one a round."""
+    res: dict = {}
+    for r in range(rounds):
+        for name, row_tiles, warps in (("qkv", None, None), ("gate_up", None, None), *CONFIGS):
+            key = f"{name} {'rule' if row_tiles is None else f'{row_tiles}x16 rows, {warps} warps'}"
+            cs = [calls(lin, a, True, config={name: (row_tiles, warps)}) for lin in lins]
+            alone = graph_time([c[name] for c in cs], reps_target=2 * len(cs)) * 1e6
+            seq = graph_time([sequence(c) for c in cs], reps_target=2 * len(cs)) * 1e6
+            res.setdefault(key, []).append((alone, seq))
+            say(f"round {r} {key:32s} alone {alone:6.2f}  sequence {seq:6.2f}")
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "decode_layer"))
     ap.add_argument("--layers", type=int, default=32, help="layers of distinct weights (default: 32, as Llama-3-8B)")
+    ap.add_argument("--set", default=None, help="time the variants of this bench_cuda_ring.py set instead")
+    ap.add_argument("--configs", action="store_true", help="time q/k/v and gate/up in other tiles / warps instead")
     args = ap.parse_args(argv)
+    if args.set is not None:
+        from bench_cuda_ring import SETS
+
+        if args.set not in SETS:
+            ap.error(f"--set: no set {args.set!r} (there are {', '.join(sorted(SETS))})")
     if not torch.cuda.is_available():
         print("bench_decode_layer.py times CUDA kernels: no GPU here", file=sys.stderr)
         return 2
@@ -143,6 +214,14 @@ def main(argv=None) -> int:
         if (i + 1) % 8 == 0:
             say(f"  weights of {i + 1} / {args.layers} layers made")
     a = Activations(gen)
+    if args.set is not None or args.configs:
+        res = {"card": card, "torch": torch.__version__, "machine": platform.node(), "layers": args.layers}
+        if args.set is not None:
+            res["variants"] = time_variants(lins, a, args.set, say)
+        else:
+            res["configs"] = time_configs(lins, a, say)
+        (out / "bench_decode_layer.json").write_text(json.dumps(res, indent=1))
+        return 0
     CW.w4a16_decode_group(a.x, lins[0].qkv, GROUP)  # builds or loads the library
     bw = copy_bandwidth()
     nbytes = lins[0].bytes()

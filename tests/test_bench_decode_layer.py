@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -35,3 +36,20 @@ def test_without_a_gpu_it_says_so(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert B.main(["--out", str(tmp_path)]) == 2
     assert "no GPU here" in capsys.readouterr().err
+
+
+def test_calls_pass_their_config_and_early_start(monkeypatch):
+    seen = []
+    monkeypatch.setattr(B.CW, "w4a16_decode_group",
+                        lambda *args, row_tiles=None, warps=None, pdl=None, **kw: seen.append((row_tiles, warps, pdl, kw.get("prologue"))))
+    lin = type("Lin", (), {"qkv": [], "o": None, "gate_up": [], "down": None})()
+    a = type("Act", (), {"x": None, "attn": None, "norm1": None, "norm2": None, "gate": None, "up": None})()
+    cs = B.calls(lin, a, True, pdl=True, config={"qkv": (2, 8)})
+    B.sequence(cs)()
+    assert seen == [(2, 8, True, "rmsnorm"), (None, None, True, None), (None, None, True, "rmsnorm"), (None, None, True, "silu_mul")]
+
+
+def test_an_unknown_variant_set_is_refused(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        B.main(["--out", str(tmp_path), "--set", "no_such_set"])
+    assert "no set 'no_such_set'" in capsys.readouterr().err

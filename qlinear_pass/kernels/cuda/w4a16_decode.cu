@@ -69,6 +69,16 @@ constexpr int MAX_SEGMENTS = 3;
 #ifndef QLP_SLOTS4_R2
 #define QLP_SLOTS4_R2 3
 #endif
+// one token (M = 1) in CTAs of 8 warps: slots a warp with 16-row / 32-row tiles.  More copies in
+// flight while the prologue loads the row did not pay: 5 / 7 slots with 32-row tiles took down_proj
+// (K = 14336) 11.2 / 12.1 us against 11.8 and o_proj (K = 4096) 6.2 against 5.7 (H200, M = 1, fused
+// calls of 32 layers, benchmarks/results/h200/decode/cuda_w4a16/trace/variants/slots1.json)
+#ifndef QLP_SLOTS1_R1
+#define QLP_SLOTS1_R1 QLP_SLOTS_R1
+#endif
+#ifndef QLP_SLOTS1_R2
+#define QLP_SLOTS1_R2 QLP_SLOTS_R2
+#endif
 // cp.async ring slots a warp where 8 / 16 tokens' activation rows stay in shared memory (XR below):
 // the slots then carry weights only (past the first tile), and one CTA an SM has room for more of
 // them; 4 and 6 were no faster than 3 (bench_cuda_ring.py --set xrow, H200).  8 tokens with groups
@@ -108,9 +118,21 @@ constexpr int MAX_SEGMENTS = 3;
 #ifndef QLP_L2_FETCH
 #define QLP_L2_FETCH 128
 #endif
+// 1: a CTA lets the next kernel (launched with programmatic dependent launch) start once one of its
+// warps has issued its last weight copies, 0: once its prologue is done.  Either way the early start
+// slowed a layer's four fused calls at M = 1: 55.9 / 53.4 us against 45.6 without it (H200,
+// benchmarks/results/h200/decode/cuda_w4a16/trace/variants/trigger.json)
+#ifndef QLP_LATE_TRIGGER
+#define QLP_LATE_TRIGGER 0
+#endif
 // Tokens a CTA takes at most (8 or 16); more tokens take more CTAs along y
 #ifndef QLP_MAX_TOK
 #define QLP_MAX_TOK 16
+#endif
+// 1: every CTA writes when it starts, finishes its prologue, has its first chunk, ends each tile
+// and exits into a buffer set by qlp_w4a16_trace() (benchmarks/trace_decode_layer.py); 0 in the library
+#ifndef QLP_TRACE
+#define QLP_TRACE 0
 #endif
 constexpr int ABI_VERSION = 8;  // bumped whenever Params, Segment or the entry point's arguments change
 
@@ -143,6 +165,18 @@ struct Params {
 
 // a prologue's row of K values is loaded in one round of at most this many pieces of 16 bytes a warp
 constexpr int PRO_PIECES = 256;
+
+// Trace builds (QLP_TRACE): a CTA's record is TRACE_MARKS (globaltimer ns, clock64) pairs, then two
+// words of what it ran; each SM (its %smid modulo TRACE_SMS) fills a region of trace_cap records of
+// its own, so the CTAs that take a record contend with those of their SM only.  TRACE_SMEM: the
+// shared memory a CTA keeps its marks in until then (past the kernel's own, 8-byte aligned)
+constexpr int TRACE_MARKS = 16, TRACE_WORDS = 2 * TRACE_MARKS + 2;
+constexpr int TRACE_SMEM = QLP_TRACE ? 8 * TRACE_WORDS + 8 : 0;
+#if QLP_TRACE
+constexpr int TRACE_SMS = 256;
+__device__ unsigned long long* trace_buf;
+__device__ unsigned int trace_cap, trace_next[TRACE_SMS];
+#endif
 
 // internal linkage for the code (see common.cuh)
 namespace {
@@ -203,7 +237,8 @@ struct Layout {
   // most 2% slower, within 2% at M = 1; with 4 warps 4 / 3 slots 2-4% faster than 6 / 4 on the layers
   // that take 4 warps; --set xrow for the resident rows of 8 / 16 tokens)
   static constexpr int STAGES = XR && TOK > 1 ? (TOK == 8 ? (VEC == 16 ? QLP_SLOTS_XR8 : QLP_SLOTS_XR8_G64) : QLP_SLOTS_XR16)
-                                : W == 4 ? (R == 1 ? QLP_SLOTS4_R1 : QLP_SLOTS4_R2) : (R == 1 ? QLP_SLOTS_R1 : QLP_SLOTS_R2);
+                                : W == 4 ? (R == 1 ? QLP_SLOTS4_R1 : QLP_SLOTS4_R2)
+                                : TOK == 1 ? (R == 1 ? QLP_SLOTS1_R1 : QLP_SLOTS1_R2) : (R == 1 ? QLP_SLOTS_R1 : QLP_SLOTS_R2);
   static constexpr int BLOCK_B = 8 * 128;     // a 16-row block's 8 atoms of a chunk (lanes read
                                               // consecutive words: no bank conflicts, no padding)
   static constexpr int W_B = R * BLOCK_B;
@@ -227,7 +262,7 @@ struct Layout {
   // the dynamic shared memory past BYTES for an activation of K values (XR): the rows of each warp's
   // chunks (up to ceil(K / 128 / W) a warp), then their sums
   // (one token: and W floats for the warps' sums of squares of an RMSNorm prologue)
-  static constexpr int extra(int k) {
+  __host__ __device__ static constexpr int extra(int k) {
     return XR ? W * ((k / 128 + W - 1) / W) * (XR_CHUNK + 4 * SUB * TOK) + (TOK == 1 ? 4 * W : 0) : 0;
   }
 };
@@ -261,6 +296,26 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
   const int ntiles = blockIdx.x < p.total_tiles ? (p.total_tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
 
   uint8_t* ring = smem + warp * STAGES * L::SLOT_B;
+#if QLP_TRACE
+  // marks (thread 0, into shared memory past the kernel's own; at the exit the CTA takes a record
+  // and copies them there): 0 start, 12 set up, 13 first slots' copies issued, 15 the kernel before
+  // done (one token), 14 RMSNorm's scale known, 1 prologue done, 2 warp 0's first chunk in, 3 + j
+  // tile j stored (j < 8), 11 exit
+  unsigned long long* tm = reinterpret_cast<unsigned long long*>(smem + ((L::BYTES + L::extra(p.k) + 7) & ~7));
+  auto mark = [&](const int at) {
+    if (threadIdx.x == 0) {
+      unsigned long long t;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+      tm[2 * at] = t;
+      tm[2 * at + 1] = clock64();
+    }
+  };
+  if (threadIdx.x == 0)
+    for (int w = 0; w < 2 * TRACE_MARKS; ++w) tm[w] = 0;
+  mark(0);
+#else
+  auto mark = [](int) {};
+#endif
   float (*red)[16 * R][L::RED_ROW] = reinterpret_cast<float (*)[16 * R][L::RED_ROW]>(smem + L::RING_B);
   const T* x_tok = static_cast<const T*>(p.x) + (long long)tok0 * p.x_stride;
 
@@ -402,10 +457,13 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
     // the first loads ahead of the weight copies where the activation may be read at once (a plain
     // launch): a version that loaded the row after them was 0.1-0.8 us slower a call at M = 1 (H200,
     // benchmarks/results/h200/decode/cuda_w4a16/x_row)
+    mark(12);
     if (!p.pdl) load(0);
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) issue(false);
+    mark(13);
     grid_dependency_wait();
+    mark(15);
     if (p.pdl) load(0);
     if (p.prologue == PRO_RMSNORM) {
       // the row's sum of squares over every warp's pieces (all in this first round: PRO_PIECES), then
@@ -416,6 +474,7 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
         if (32 * u + lane < pieces) ss += sum8<T, true>(v[u]);
       float* part = reinterpret_cast<float*>(smem + L::BYTES + W * max_nch * L::XR_CHUNK) + W * max_nch * SUB * TOK;  // extra()'s last W floats
       const float r = rms_scale<W>(ss, part, p.k, p.eps);
+      mark(14);
 #pragma unroll
       for (int u = 0; u < U; ++u)
         if (32 * u + lane < pieces) v[u] = rmsnorm8<T>(v[u], v2[u], r);
@@ -453,7 +512,8 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
       if (++c == nch) c = 0, ++j;
     }
   }
-  launch_dependents();
+  mark(1);
+  if (!QLP_LATE_TRIGGER) launch_dependents();
 
   int cs = 0;  // the slot computed next
   for (int j = 0; j < ntiles; ++j) {
@@ -476,8 +536,10 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
 
     for (int i = 0; i < nch; ++i) {
       issue(true);
+      if (QLP_LATE_TRIGGER && tj >= ntiles) launch_dependents();  // this warp's last copies are out
       cp_wait<STAGES - 1>();
       __syncwarp();
+      if (j == 0 && i == 0) mark(2);
       const uint8_t* slot = ring + cs * L::SLOT_B;
       cs = cs + 1 == STAGES ? 0 : cs + 1;
       const float* sc = reinterpret_cast<const float*>(slot + L::W_B);
@@ -624,8 +686,24 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
       Io<T>::store(sg.out, (long long)(tok0 + tt) * sg.out_stride + row, v);
     }
     __syncthreads();  // the reduction space is free again
+    if (j < 8) mark(3 + j);
   }
   cp_wait<0>();
+  mark(11);
+#if QLP_TRACE
+  if (threadIdx.x == 0 && trace_cap) {
+    unsigned int sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    const unsigned int i = atomicAdd(&trace_next[sm % TRACE_SMS], 1u);
+    if (i < trace_cap) {
+      unsigned long long* trace = trace_buf + ((unsigned long long)(sm % TRACE_SMS) * trace_cap + i) * TRACE_WORDS;
+      for (int w = 0; w < 2 * TRACE_MARKS; ++w) trace[w] = tm[w];
+      trace[2 * TRACE_MARKS] = sm | (unsigned long long)blockIdx.x << 16 | (unsigned long long)gridDim.x << 32;
+      trace[2 * TRACE_MARKS + 1] = (unsigned long long)p.seg[0].n | (unsigned long long)p.k << 20 | (unsigned long long)p.nseg << 40 |
+                                   (unsigned long long)p.prologue << 44 | (unsigned long long)ntiles << 48;
+    }
+  }
+#endif
 }
 
 // XR kernels hold the activation rows in shared memory; where K makes that more than the device
@@ -633,7 +711,7 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
 template <typename T, int VEC, int TOK, int R, int W, bool XR>
 cudaError_t launch(const Params& p, bool pdl, cudaStream_t stream) {
   using L = Layout<VEC, R, TOK, W, XR>;
-  const int bytes = L::BYTES + L::extra(p.k);
+  const int bytes = L::BYTES + L::extra(p.k) + TRACE_SMEM;
   if constexpr (XR) {
     if (bytes > device_smem_optin()) {
       if (p.prologue != PRO_NONE) return cudaErrorInvalidValue;  // the ring's kernel has no prologue (K <= 16384 fits)
@@ -693,6 +771,21 @@ cudaError_t dispatch(const Params& p, int row_tiles, int warps, bool pdl, cudaSt
 }  // namespace qlp
 
 extern "C" {
+
+#if QLP_TRACE
+// Trace builds: the CTAs of later launches write their records (qlp::TRACE_WORDS words each) into
+// buf, [qlp::TRACE_SMS][cap] records, each SM's from the first of its row on (cap 0: none).
+// Returns the words a record takes (the caller checks it), or -1
+int qlp_w4a16_trace(void* buf, int cap) {
+  static const unsigned int zeros[qlp::TRACE_SMS] = {};
+  const unsigned int c = cap;
+  unsigned long long* b = static_cast<unsigned long long*>(buf);
+  if (cudaMemcpyToSymbol(qlp::trace_buf, &b, sizeof b) != cudaSuccess || cudaMemcpyToSymbol(qlp::trace_cap, &c, sizeof c) != cudaSuccess ||
+      cudaMemcpyToSymbol(qlp::trace_next, zeros, sizeof zeros) != cudaSuccess)
+    return -1;
+  return qlp::TRACE_WORDS * 1000 + qlp::TRACE_SMS;
+}
+#endif
 
 // The version of Params / Segment this library was built with (the caller checks it matches its own).
 int qlp_w4a16_abi(void) { return (int)(sizeof(qlp::Params) * 1000 + qlp::MAX_SEGMENTS * 10 + qlp::ABI_VERSION); }
