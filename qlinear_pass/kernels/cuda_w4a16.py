@@ -96,9 +96,13 @@ def wide_tiles_fill_better(n_total: int, sms: int) -> bool:
     return last_round_fill(-(-n_total // 32), sms) < 0.8 and last_round_fill(-(-n_total // 48), sms) >= 0.9
 
 
-def w4a16_row_tiles(m: int, n_total: int, sms: int) -> int:
+def w4a16_row_tiles(m: int, n_total: int, sms: int, prologue: str = "") -> int:
     """:func:`row_tiles_for`, but where 32-row tiles would fill under 80% of the SMs' last round
-    (``n_total / 32`` tiles over ``sms``): at M = 1 16-row tiles, at M = 2-8 48-row tiles (3) where
+    (``n_total / 32`` tiles over ``sms``): at M = 1 16-row tiles unless the launch has a
+    ``prologue`` (every CTA then reads the whole activation row and the norm's weights or SwiGLU's
+    second half: twice the CTAs read twice those bytes; H200, q/k/v with its RMSNorm, N = 6144, 7.9
+    us in 192 tiles of 32 rows and 8 warps against 8.3 in 384 of 16 and 4 warps, the layer 45.8
+    against 46.2, benchmarks/results/h200/decode/cuda_w4a16/trace), at M = 2-8 48-row tiles (3) where
     they fit one round at least 90% full.  q/k/v together (N = 6144, 192 tiles of 32 rows on 132
     SMs) take 384 tiles of 16 at M = 1 and 128 of 48 at M = 2-8.  H200, g128, us with 16 / 32-row
     tiles at M = 1 (benchmarks/results/h200/decode/cuda_w4a16/rows): N = 6144 7.3 / 7.5; N = 14336
@@ -108,7 +112,7 @@ def w4a16_row_tiles(m: int, n_total: int, sms: int) -> int:
     if rows != 2 or m > 8:
         return rows
     if m == 1:
-        return 1 if last_round_fill(-(-n_total // 32), sms) < 0.8 else rows
+        return 1 if not prologue and last_round_fill(-(-n_total // 32), sms) < 0.8 else rows
     return 3 if -(-n_total // 48) <= sms and wide_tiles_fill_better(n_total, sms) else rows
 
 
@@ -291,7 +295,7 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
     n_total = sum(n for *_, n in prepared)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     if row_tiles is None:
-        row_tiles = w4a16_row_tiles(m, n_total, sms)
+        row_tiles = w4a16_row_tiles(m, n_total, sms, prologue)
     rows = 16 * row_tiles
     err = ctypes.create_string_buffer(256)
     stream = torch.cuda.current_stream(x.device).cuda_stream

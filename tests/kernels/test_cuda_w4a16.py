@@ -276,6 +276,8 @@ def test_row_tiles_rule():
     assert CW.row_tiles_for(1, 4096, 132) == 2  # o_proj: 128 tiles of 32 rows, about one per SM
     assert CW.row_tiles_for(1, 1024, 132) == 1  # a lone k_proj: 64 tiles of 16 rows, 32 of 32 would idle SMs
     assert CW.w4a16_row_tiles(1, 6144, 132) == 1  # q/k/v at M = 1: 192 tiles of 32 rows fill 73% of 2 rounds
+    assert CW.w4a16_row_tiles(1, 6144, 132, "rmsnorm") == 2  # with its norm: half the CTAs read the row and the norm weights
+    assert CW.warps_for(1, 192, 132) == 8
     assert CW.w4a16_row_tiles(8, 6144, 132) == 3  # more tokens: 128 tiles of 48 rows, one round
     assert CW.w4a16_row_tiles(4, 6144, 114) == 2  # 128 tiles of 48 rows would not fit 114 SMs in one round
     assert CW.w4a16_row_tiles(16, 6144, 132) == 2  # 16 tokens: 32 rows (48 were no faster)
