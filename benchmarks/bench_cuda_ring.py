@@ -78,6 +78,10 @@ SETS = {
         "pdl": {"pdl": True},
         "pdl_late": {"pdl": True, "QLP_LATE_TRIGGER": 1},
     },
+    "carveout": {  # one L1 / shared-memory split for every launch (the most shared memory) or the driver's per kernel
+        "rule": {},
+        "c100": {"QLP_CARVEOUT": 100},
+    },
     "warps": {
         "w8": {"warps": 8},
         "w4": {"warps": 4},

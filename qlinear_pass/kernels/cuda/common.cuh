@@ -259,13 +259,22 @@ inline int device_sms() {
 // device.  The kernel's shared-memory limit is raised to the device's most on its first launch
 // there; a kernel whose shared memory grows with its arguments (K) has a few sizes in a model, and
 // the CTAs of each of the last 8 are kept, as (BYTES << 16) | CTAs
+// QLP_CARVEOUT (benchmarks only): >= 0, the kernels' preferred shared-memory carveout in percent
+// (100: the most shared memory), so consecutive launches ask the SMs for one split of L1 and shared
+// memory; -1: the driver's choice per kernel.  100 took a w4a16 decode layer's four fused calls
+// 45.8 us against 45.4 (H200, benchmarks/results/h200/decode/cuda_w4a16/trace/variants/carveout.json)
+#ifndef QLP_CARVEOUT
+#define QLP_CARVEOUT -1
+#endif
 template <auto KERNEL>
 cudaError_t resident_ctas(int threads, int bytes, int& resident) {
   static std::atomic<int> raised[MAX_DEVICES];
   static std::atomic<long long> known[MAX_DEVICES][8];
   int ok = 0;
   cudaError_t e = per_device(raised, ok, [](int, int& out) {
-    const cudaError_t e = cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, device_smem_optin());
+    cudaError_t e = cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, device_smem_optin());
+    if (e == cudaSuccess && QLP_CARVEOUT >= 0)
+      e = cudaFuncSetAttribute(KERNEL, cudaFuncAttributePreferredSharedMemoryCarveout, QLP_CARVEOUT);
     out = 1;
     return e;
   });
