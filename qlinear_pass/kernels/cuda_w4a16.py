@@ -104,7 +104,8 @@ def w4a16_row_tiles(m: int, n_total: int, sms: int, prologue: str = "") -> int:
     us in 192 tiles of 32 rows and 8 warps against 8.3 in 384 of 16 and 4 warps, the layer 45.8
     against 46.2, benchmarks/results/h200/decode/cuda_w4a16/trace), at M = 2-8 48-row tiles (3) where
     they fit one round at least 90% full.  q/k/v together (N = 6144, 192 tiles of 32 rows on 132
-    SMs) take 384 tiles of 16 at M = 1 and 128 of 48 at M = 2-8.  H200, g128, us with 16 / 32-row
+    SMs) take 384 tiles of 16 at M = 1 without a prologue (192 of 32 with their RMSNorm) and 128 of
+    48 at M = 2-8.  H200, g128, us with 16 / 32-row
     tiles at M = 1 (benchmarks/results/h200/decode/cuda_w4a16/rows): N = 6144 7.3 / 7.5; N = 14336
     (448 tiles, 85% full) 14.2 / 12.1; N = 4096 (K = 14336, 128 tiles) 11.8 / 11.0; with 32 / 48-row
     tiles (.../cuda_w4a16/rows48): N = 6144 M = 8 8.7 / 7.7, M = 16 10.1 / 10.1 (16 tokens keep 32)."""
