@@ -143,6 +143,17 @@ def build(name: str, defines: dict, folder: Path, source: Optional[Path] = None,
     return prepare(ctypes.CDLL(str(out)))
 
 
+def build_all(variants: dict, folder: Path, sources: Optional[dict] = None) -> dict:
+    """Each variant (name -> its defines, of which the QLP_* ones are built, and call arguments)
+    built into ``folder`` side by side, one nvcc each: name -> its loaded library.  ``sources``:
+    name -> another w4a16_decode.cu to build that variant from."""
+    sources = sources or {}
+    with ThreadPoolExecutor(max_workers=len(variants)) as pool:
+        built = {name: pool.submit(build, name, {k: v for k, v in d.items() if k.startswith("QLP_")}, folder,
+                                   sources.get(name)) for name, d in variants.items()}
+        return {name: f.result() for name, f in built.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cuda_ring"))
@@ -173,11 +184,7 @@ def main(argv=None) -> int:
         + (", each after a copy kernel that writes its activation" if args.producer else ""))
     with tempfile.TemporaryDirectory(prefix="qlp_ring_") as tmp:
         t0 = time.monotonic()
-        with ThreadPoolExecutor(max_workers=len(variants)) as pool:  # one nvcc each, side by side
-            built = {name: pool.submit(build, name, {k: v for k, v in d.items() if k.startswith("QLP_")}, Path(tmp),
-                                       args.against if name == "against" else None)
-                     for name, d in variants.items()}
-            libs = {name: f.result() for name, f in built.items()}
+        libs = build_all(variants, Path(tmp), {"against": args.against} if args.against else None)
         say(f"# built {len(libs)} variants in {time.monotonic() - t0:.0f} s")
         result = {"device": torch.cuda.get_device_name(), "group_size": args.group_size, "set": args.set, "variants": variants,
                   "against": str(args.against) if args.against else None, "producer": args.producer, "cases": []}

@@ -124,6 +124,22 @@ def sequence(layer_calls: dict, names=CALLS):
     return run
 
 
+def time_us(runs) -> float:
+    """Median us per run of ``runs`` (a list of functions), each replayed twice in one CUDA graph."""
+    return graph_time(runs, reps_target=2 * len(runs)) * 1e6
+
+
+def decoder_layers(layers: int, say):
+    """``layers`` layers' linears of distinct weights (seed 0, progress said every 8) and the activations."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    lins = []
+    for i in range(layers):
+        lins.append(DecoderLinears(gen))
+        if (i + 1) % 8 == 0:
+            say(f"  weights of {i + 1} / {layers} layers made")
+    return lins, Activations(gen)
+
+
 def profile_kernels(runs, say) -> dict:
     """Mean device us per launch of each kernel over a replay of one CUDA graph of ``runs``."""
     from torch.profiler import ProfilerActivity, profile
@@ -147,15 +163,13 @@ def time_variants(lins, a, set_name: str, say, rounds: int = 2) -> dict:
     """us of the fused sequence and of each fused call alone (``CALLS``), built as each variant of
     ``bench_cuda_ring.SETS[set_name]``: variant -> what -> one value a round."""
     import tempfile
-    from concurrent.futures import ThreadPoolExecutor
 
-    from bench_cuda_ring import SETS, build
+    from bench_cuda_ring import SETS, build_all
 
     variants = SETS[set_name]
-    with tempfile.TemporaryDirectory(prefix="qlp_layer_") as tmp, ThreadPoolExecutor(len(variants)) as pool:
+    with tempfile.TemporaryDirectory(prefix="qlp_layer_") as tmp:
         say(f"building {len(variants)} variants of set {set_name!r} ...")
-        built = {n: pool.submit(build, n, {k: v for k, v in d.items() if k.startswith("QLP_")}, Path(tmp)) for n, d in variants.items()}
-        libs = {n: f.result() for n, f in built.items()}
+        libs = build_all(variants, Path(tmp))
     fused = {n: [calls(lin, a, True, pdl=variants[n].get("pdl")) for lin in lins] for n in variants}
     original, res = CW._library, {}
     try:
@@ -164,7 +178,7 @@ def time_variants(lins, a, set_name: str, say, rounds: int = 2) -> dict:
                 for n, lib in libs.items():
                     CW._library = lambda device, lib=lib: lib
                     runs = [sequence(c) for c in fused[n]] if what == "sequence" else [c[what] for c in fused[n]]
-                    res.setdefault(n, {}).setdefault(what, []).append(graph_time(runs, reps_target=2 * len(runs)) * 1e6)
+                    res.setdefault(n, {}).setdefault(what, []).append(time_us(runs))
             for n in libs:
                 say(f"round {r} {n:10s} " + "  ".join(f"{w} {res[n][w][-1]:6.2f}" for w in res[n]))
     finally:
@@ -180,8 +194,8 @@ def time_configs(lins, a, say, rounds: int = 2) -> dict:
         for name, row_tiles, warps in (("qkv", None, None), ("gate_up", None, None), *CONFIGS):
             key = f"{name} {'rule' if row_tiles is None else f'{row_tiles}x16 rows, {warps} warps'}"
             cs = [calls(lin, a, True, config={name: (row_tiles, warps)}) for lin in lins]
-            alone = graph_time([c[name] for c in cs], reps_target=2 * len(cs)) * 1e6
-            seq = graph_time([sequence(c) for c in cs], reps_target=2 * len(cs)) * 1e6
+            alone = time_us([c[name] for c in cs])
+            seq = time_us([sequence(c) for c in cs])
             res.setdefault(key, []).append((alone, seq))
             say(f"round {r} {key:32s} alone {alone:6.2f}  sequence {seq:6.2f}")
     return res
@@ -207,13 +221,7 @@ def main(argv=None) -> int:
     say = tee(out / "bench_decode_layer.log")
     card = torch.cuda.get_device_name()
     say(f"{card}, torch {torch.__version__}; {args.layers} layers, M = 1, w4a16 g{GROUP}; us per layer")
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    lins = []
-    for i in range(args.layers):
-        lins.append(DecoderLinears(gen))
-        if (i + 1) % 8 == 0:
-            say(f"  weights of {i + 1} / {args.layers} layers made")
-    a = Activations(gen)
+    lins, a = decoder_layers(args.layers, say)
     if args.set is not None or args.configs:
         res = {"card": card, "torch": torch.__version__, "machine": platform.node(), "layers": args.layers}
         if args.set is not None:
@@ -232,9 +240,6 @@ def main(argv=None) -> int:
     fused = [calls(lin, a, True) for lin in lins]
     plain = [calls(lin, a, False) for lin in lins]
 
-    def time_us(runs) -> float:
-        return graph_time(runs, reps_target=2 * len(runs)) * 1e6
-
     def record(key: str, us: float, nbytes_: float = 0.0) -> None:
         res["us"][key] = us
         rate = f"  {nbytes_ / us / 1e6:.2f} TB/s" if nbytes_ else ""
@@ -243,7 +248,7 @@ def main(argv=None) -> int:
     total = sum(nbytes.values())
     record("sequence fused", time_us([sequence(c) for c in fused]), total)
     record("sequence plain", time_us([sequence(c) for c in plain]), total)
-    for name in ("qkv", "o_proj", "gate_up", "down"):
+    for name in CALLS:
         record(f"alone fused {name}", time_us([c[name] for c in fused]), nbytes[name])
         record(f"alone plain {name}", time_us([c[name] for c in plain]), nbytes[name])
     g = CW.w4a16_decode_group

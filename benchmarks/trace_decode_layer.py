@@ -216,8 +216,8 @@ def main(argv=None) -> int:
         print("trace_decode_layer.py traces CUDA kernels: no GPU here", file=sys.stderr)
         return 2
     from bench_cuda_ring import build
-    from bench_decode import captured_graph, graph_time, tee
-    from bench_decode_layer import GROUP, Activations, DecoderLinears, calls, sequence
+    from bench_decode import captured_graph, tee
+    from bench_decode_layer import GROUP, calls, decoder_layers, sequence, time_us
     from qlinear_pass.kernels import cuda_w4a16 as CW
 
     out = Path(args.out)
@@ -234,9 +234,7 @@ def main(argv=None) -> int:
     CW._library = lambda device: lib
     res: dict = {"card": card, "torch": torch.__version__, "layers": args.layers, "defines": defines, "runs": {}}
     try:
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        lins = [DecoderLinears(gen) for _ in range(args.layers)]
-        a = Activations(gen)
+        lins, a = decoder_layers(args.layers, say)
         fused = [calls(lin, a, True) for lin in lins]
         kinds = {
             "fused": lambda: [sequence(c) for c in fused],
@@ -247,7 +245,7 @@ def main(argv=None) -> int:
         }
         for kind in runs_wanted:
             runs = kinds[kind]()
-            us = graph_time(runs, reps_target=2 * len(runs)) * 1e6
+            us = time_us(runs)
             graph = captured_graph(runs, len(runs))
             records = trace_replay(lib, graph, cap=64 * args.layers)
             del graph

@@ -1,0 +1,23 @@
+"""benchmarks/bench_cuda_ring.py: building a set's variants (nvcc replaced by a recorder)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_cuda_ring as B  # noqa: E402
+
+
+def test_each_variant_is_built_from_its_tuning_defines_only(monkeypatch, tmp_path):
+    seen = {}
+
+    def build(name, defines, folder, source=None):
+        seen[name] = (defines, folder, source)
+        return f"lib_{name}"
+
+    monkeypatch.setattr(B, "build", build)
+    libs = B.build_all(B.SETS["trigger"], tmp_path, {"pdl_late": Path("other.cu")})
+    assert libs == {"rule": "lib_rule", "pdl": "lib_pdl", "pdl_late": "lib_pdl_late"}
+    assert seen["pdl"] == ({}, tmp_path, None)  # "pdl" is a call argument, not a define
+    assert seen["pdl_late"] == ({"QLP_LATE_TRIGGER": 1}, tmp_path, Path("other.cu"))
