@@ -355,6 +355,30 @@ def _cutlass_weight_only(scheme: str, g: int, zp: bool, k: int, n: int):
     return kernel, spec
 
 
+def barh_png(path: Path, labels: list, values: list, xlabel: str, title: str) -> bool:
+    """One horizontal bar a value, top to bottom in the given order, each labelled with its value;
+    False without matplotlib (the JSON and summary.md still hold every number) or values."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    if not values:
+        return False
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(labels) + 1.2))
+    ax.barh(labels[::-1], values[::-1], color="tab:blue")
+    for y, v in enumerate(values[::-1]):
+        ax.text(v, y, f" {v:.1f}", va="center", fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_prefill(res: dict, path: Path) -> bool:
     """One panel per (K, N): each path's speed relative to bf16 F.linear (bf16 time / path time) by M."""
     try:

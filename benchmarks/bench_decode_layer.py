@@ -39,7 +39,7 @@ for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from bench_decode import captured_graph, copy_bandwidth, graph_time, tee  # noqa: E402
+from bench_decode import barh_png, captured_graph, copy_bandwidth, graph_time, tee  # noqa: E402
 from qlinear_pass.kernels import cuda_w4a16 as CW  # noqa: E402
 
 HIDDEN, INTER, Q, KV = 4096, 14336, 4096, 1024
@@ -266,24 +266,8 @@ def main(argv=None) -> int:
 
 def plot(res: dict, path: Path) -> bool:
     """A bar per timing of ``res["us"]`` (us per layer), the card in the title; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    names, us = list(res["us"]), list(res["us"].values())
-    fig, ax = plt.subplots(figsize=(9, 0.35 * len(names) + 1.2))
-    ax.barh(names[::-1], us[::-1], color="tab:blue")
-    for y, v in enumerate(us[::-1]):
-        ax.text(v, y, f" {v:.1f}", va="center", fontsize=8)
-    ax.set_xlabel("us per layer")
-    ax.set_title(f"w4a16 g{GROUP} decode layer at M = 1, {res['layers']} layers, {res['card']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return barh_png(path, list(res["us"]), list(res["us"].values()), "us per layer",
+                    f"w4a16 g{GROUP} decode layer at M = 1, {res['layers']} layers, {res['card']}")
 
 
 if __name__ == "__main__":

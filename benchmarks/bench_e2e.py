@@ -459,6 +459,8 @@ def decode_attention(qg: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     at batch 1, 31 us at batch 8, close to reading the cache once).  Scores come out of the
     matmul in the activation dtype (fp32 accumulation) and are scaled, masked and softmaxed in
     float32.  Every variant runs this same code, so attention does not hide the linears.
+    ``bench_decode_attention.py`` times it beside SDPA and ``flex_attention`` (H200: 13.2 us a layer
+    at batch 1 against 51.9 and 87.6, or 38.7 with Inductor's autotuning).
     """
     scale = qg.shape[-1] ** -0.5
     scores = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * scale
