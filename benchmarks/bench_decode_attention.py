@@ -29,32 +29,28 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_e2e import decode_attention, sdpa_decode_attention  # noqa: E402
+from bench_e2e import decode_attention, grouped_mask, sdpa_decode_attention  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def grouped_mask(rep: int, slots: int, pos: torch.Tensor) -> torch.Tensor:
-    """[1, 1, rep, slots] bool: the one query token (at ``pos`` [1]) of each of a KV head's ``rep``
-    query heads sees the cache slots up to its position, as ``bench_e2e.decode_mask`` builds it."""
-    m = torch.arange(slots, device=pos.device)[None, :] <= pos[:, None]
-    return m[None].expand(rep, 1, slots).reshape(1, 1, rep, slots)
+def _grouped(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``fn`` (bench_e2e's form) with each KV head's query heads folded into rows, under its mask:
+    q [B, H, 1, D], caches [B, KV, S, D] -> [B, H, 1, D]."""
+    b, h, _, d = q.shape
+    rep = h // k.shape[1]
+    mask = grouped_mask(rep, torch.arange(k.shape[2], device=q.device), pos)
+    return fn(q.reshape(b, k.shape[1], rep, d), k, v, mask).reshape(b, h, 1, d)
 
 
 def matmul_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """bench_e2e.py's decode attention: q [B, H, 1, D], caches [B, KV, S, D] -> [B, H, 1, D]."""
-    b, h, _, d = q.shape
-    rep = h // k.shape[1]
-    qg = q.reshape(b, k.shape[1], rep, d)
-    return decode_attention(qg, k, v, grouped_mask(rep, k.shape[2], pos)).reshape(b, h, 1, d)
+    """bench_e2e.py's decode attention."""
+    return _grouped(decode_attention, q, k, v, pos)
 
 
 def sdpa_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` with the same grouped query rows and mask."""
-    b, h, _, d = q.shape
-    rep = h // k.shape[1]
-    qg = q.reshape(b, k.shape[1], rep, d)
-    return sdpa_decode_attention(qg, k, v, grouped_mask(rep, k.shape[2], pos)).reshape(b, h, 1, d)
+    return _grouped(sdpa_decode_attention, q, k, v, pos)
 
 
 def flex_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

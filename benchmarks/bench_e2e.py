@@ -508,12 +508,17 @@ def layer_forward(layer: DecoderLayer, x, cos, sin, pos, mask, prefill: bool, at
     return x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
 
 
-def decode_mask(model: Decoder, pos: torch.Tensor) -> torch.Tensor:
-    """[1, 1, rep*T, max_seq] bool, built on the device: query t sees cache slots <= pos[t]."""
-    rep = model.shape.heads // model.shape.kv_heads
-    m = model.positions[None, :] <= pos[:, None]
+def grouped_mask(rep: int, slots: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """[1, 1, rep*T, S] bool: query t of each of a KV head's ``rep`` query heads sees the cache
+    slots (``slots`` [S], their positions) up to ``pos[t]``."""
+    m = slots[None, :] <= pos[:, None]
     t, s = m.shape
     return m[None].expand(rep, t, s).reshape(1, 1, rep * t, s)
+
+
+def decode_mask(model: Decoder, pos: torch.Tensor) -> torch.Tensor:
+    """[1, 1, rep*T, max_seq] bool, built on the device: query t sees cache slots <= pos[t]."""
+    return grouped_mask(model.shape.heads // model.shape.kv_heads, model.positions, pos)
 
 
 def decode_logits(model: Decoder, layer_fn, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
