@@ -4,7 +4,7 @@ and the kernel's rule timed side by side with bf16 ``F.linear``: the measurement
 
 * ``--knob warps``: CTAs of 8 warps, of 4, and as ``cuda_w4a16.warps_for`` / ``cuda_w8a8.warps_for``
   pick (4 warps serve one token in the w4a16 kernel, up to 8 in the 8-bit one);
-* ``--knob rows``: row tiles of 16, 32 and 48 channels (48 in the w4a16 kernel at 2-8 tokens, in
+* ``--knob rows``: row tiles of 16, 32 and 48 channels (48 in the w4a16 kernel at 1-8 tokens, in
   the 8-bit one above 8 tokens with a scale per channel or per tensor) and as
   ``cuda_w4a16.w4a16_row_tiles`` / ``cuda_w8a8.w8_row_tiles`` pick.
 

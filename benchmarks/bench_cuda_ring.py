@@ -44,7 +44,7 @@ from qlinear_pass.kernels import int4_layout  # noqa: E402
 
 #: sets of variants (--set): name -> the defines it is built with (QLP_*; the others keep the source's
 #: defaults) and the arguments of its calls (``warps``: a CTA's, 8 or 4, the latter at M = 1 only;
-#: ``row_tiles``: 1, 2, or 3 at M = 2-8; ``pdl``: programmatic dependent launch; by default the kernel's rules)
+#: ``row_tiles``: 1, 2, or 3 at M <= 8 (8 warps at M = 1); ``pdl``: programmatic dependent launch; by default the kernel's rules)
 SETS = {
     "rule": {  # the source as it stands (with --against: beside another version of it)
         "rule": {},
@@ -72,6 +72,22 @@ SETS = {
         "rule": {},
         "g4": {"QLP_GRID_PER_SM": 4},
         "g3": {"QLP_GRID_PER_SM": 3},
+    },
+    "balance": {  # one token: each SM's share of q/k/v and gate/up within one 16-row block of another's
+        "rule": {},
+        # q/k/v as 130 tiles of 48 rows, one CTA an SM (the rule: 192 of 32, two CTAs on 60 SMs)
+        "r3": {"config": {"qkv": (3, 8)}},
+        # one CTA of 8 warps an SM walking its tiles (gate/up: 7 or 6 of 32 rows, where the rule's 448
+        # CTAs of 4 warps leave 8 tiles on 52 SMs and 6 on 80), ring slots 3 (the rule's), 5, 7
+        "g1": {"QLP_GRID_PER_SM": 1, "config": {"gate_up": (2, 8), "qkv": (1, 8)}},
+        "g1s5": {"QLP_GRID_PER_SM": 1, "QLP_SLOTS1_R1": 5, "QLP_SLOTS1_R2": 5, "config": {"gate_up": (2, 8), "qkv": (1, 8)}},
+        "g1s7": {"QLP_GRID_PER_SM": 1, "QLP_SLOTS1_R1": 7, "QLP_SLOTS1_R2": 7, "config": {"gate_up": (2, 8), "qkv": (1, 8)}},
+    },
+    "r3m1": {  # one token, no prologue: 16-row tiles in CTAs of 4 warps, 32 or 48 rows in CTAs of 8
+        "rule": {},
+        "r1w4": {"row_tiles": 1, "warps": 4},
+        "r2w8": {"row_tiles": 2, "warps": 8},
+        "r3w8": {"row_tiles": 3, "warps": 8},
     },
     "trigger": {  # programmatic dependent launch, the next kernel let start after the prologue or after the last copies
         "rule": {},

@@ -161,7 +161,9 @@ def profile_kernels(runs, say) -> dict:
 
 def time_variants(lins, a, set_name: str, say, rounds: int = 2) -> dict:
     """us of the fused sequence and of each fused call alone (``CALLS``), built as each variant of
-    ``bench_cuda_ring.SETS[set_name]``: variant -> what -> one value a round."""
+    ``bench_cuda_ring.SETS[set_name]`` (its ``config``: call -> (row_tiles, warps), as :func:`calls`
+    takes it): variant -> what -> one value a round.  Each variant's outputs are checked against the
+    first variant's before the timing."""
     import tempfile
 
     from bench_cuda_ring import SETS, build_all
@@ -170,9 +172,22 @@ def time_variants(lins, a, set_name: str, say, rounds: int = 2) -> dict:
     with tempfile.TemporaryDirectory(prefix="qlp_layer_") as tmp:
         say(f"building {len(variants)} variants of set {set_name!r} ...")
         libs = build_all(variants, Path(tmp))
-    fused = {n: [calls(lin, a, True, pdl=variants[n].get("pdl")) for lin in lins] for n in variants}
+    fused = {n: [calls(lin, a, True, pdl=variants[n].get("pdl"), config=variants[n].get("config")) for lin in lins]
+             for n in variants}
     original, res = CW._library, {}
     try:
+        # every variant computes what the first does (the first layer's calls, fp32 sums in another order)
+        outs = {}
+        for n, lib in libs.items():
+            CW._library = lambda device, lib=lib: lib
+            outs[n] = {what: [o.float() for o in fused[n][0][what]()] for what in CALLS}
+        first = next(iter(outs))
+        for n in outs:
+            err = max(((o - r).abs().max() / r.abs().max().clamp_min(1e-6)).item()
+                      for what in CALLS for o, r in zip(outs[n][what], outs[first][what]))
+            say(f"  {n}: largest difference from {first} {err:.2e} of the output's largest value")
+            if not err < 2e-2:
+                raise RuntimeError(f"variant {n} disagrees with {first}: {err:.2e}")
         for r in range(rounds):
             for what in ("sequence", *CALLS):
                 for n, lib in libs.items():

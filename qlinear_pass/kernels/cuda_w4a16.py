@@ -96,25 +96,30 @@ def wide_tiles_fill_better(n_total: int, sms: int) -> bool:
     return last_round_fill(-(-n_total // 32), sms) < 0.8 and last_round_fill(-(-n_total // 48), sms) >= 0.9
 
 
-def w4a16_row_tiles(m: int, n_total: int, sms: int, prologue: str = "") -> int:
+def w4a16_row_tiles(m: int, n_total: int, sms: int, prologue: str = "", group_size: int = 128) -> int:
     """:func:`row_tiles_for`, but where 32-row tiles would fill under 80% of the SMs' last round
-    (``n_total / 32`` tiles over ``sms``): at M = 1 16-row tiles unless the launch has a
-    ``prologue`` (every CTA then reads the whole activation row and the norm's weights or SwiGLU's
-    second half: twice the CTAs read twice those bytes; H200, q/k/v with its RMSNorm, N = 6144, 7.9
-    us in 192 tiles of 32 rows and 8 warps against 8.3 in 384 of 16 and 4 warps, the layer 45.8
-    against 46.2, benchmarks/results/h200/decode/cuda_w4a16/trace), at M = 2-8 48-row tiles (3) where
-    they fit one round at least 90% full.  q/k/v together (N = 6144, 192 tiles of 32 rows on 132
-    SMs) take 384 tiles of 16 at M = 1 without a prologue (192 of 32 with their RMSNorm) and 128 of
-    48 at M = 2-8.  H200, g128, us with 16 / 32-row
-    tiles at M = 1 (benchmarks/results/h200/decode/cuda_w4a16/rows): N = 6144 7.3 / 7.5; N = 14336
-    (448 tiles, 85% full) 14.2 / 12.1; N = 4096 (K = 14336, 128 tiles) 11.8 / 11.0; with 32 / 48-row
-    tiles (.../cuda_w4a16/rows48): N = 6144 M = 8 8.7 / 7.7, M = 16 10.1 / 10.1 (16 tokens keep 32)."""
+    (``n_total / 32`` tiles over ``sms``) and 48-row ones fit one round at least 90% full
+    (:func:`wide_tiles_fill_better`), 48-row tiles (3) at M = 2-8, and at M = 1 for groups of 128 or
+    more; else at M = 1 16-row tiles unless the launch has a ``prologue`` (every CTA then reads the
+    whole activation row and the norm's weights or SwiGLU's second half: twice the CTAs read twice
+    those bytes).  q/k/v together (N = 6144, 192 tiles of 32 rows on 132 SMs, of which 60 hold two
+    CTAs and finish 1.1 us after the others) take 128 tiles of 48 rows.  H200, us
+    (benchmarks/results/h200/decode/cuda_w4a16/balance): q/k/v with its RMSNorm 7.05 in 48-row tiles
+    against 7.7 in 32 (the layer's four calls 44.9 against 45.3); N = 6144 without a prologue, 48 / 16
+    / 32-row tiles: g128 6.7 / 7.1 / 7.3, g128 with zero points 7.1 / 7.5 / 7.8, g32 8.4 / 8.1 / 8.8
+    (so groups of 32 and 64 keep the 16-row rule).  Earlier (.../cuda_w4a16/trace): 7.9 us in 192
+    tiles of 32 rows and 8 warps against 8.3 in 384 of 16 and 4 warps with the RMSNorm; g128 at M = 1
+    with 16 / 32-row tiles (.../cuda_w4a16/rows): N = 14336 (448 tiles, 85% full) 14.2 / 12.1; N =
+    4096 (K = 14336, 128 tiles) 11.8 / 11.0; with 32 / 48-row tiles (.../cuda_w4a16/rows48): N = 6144
+    M = 8 8.7 / 7.7, M = 16 10.1 / 10.1 (16 tokens keep 32)."""
     rows = row_tiles_for(m, n_total, sms)
     if rows != 2 or m > 8:
         return rows
+    if (m > 1 or group_size >= 128) and -(-n_total // 48) <= sms and wide_tiles_fill_better(n_total, sms):
+        return 3
     if m == 1:
         return 1 if not prologue and last_round_fill(-(-n_total // 32), sms) < 0.8 else rows
-    return 3 if -(-n_total // 48) <= sms and wide_tiles_fill_better(n_total, sms) else rows
+    return rows
 
 
 def why_not_prologue(prologue: str, m: Optional[int], k: int, max_k: Optional[int] = PROLOGUE_MAX_K) -> str:
@@ -234,8 +239,8 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
                        norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0,
                        residuals: Optional[Sequence[Optional[torch.Tensor]]] = None) -> list[torch.Tensor]:
     """``x`` [M, K] (bf16 or fp16) times each layer's int4 weight -> one [M, N_i] output each, in x's dtype.
-    ``row_tiles`` (1, 2, or 3 at M = 2-8: 16, 32 or 48 channels a tile) and ``warps`` (8, or 4 at
-    M = 1) default to :func:`w4a16_row_tiles` and
+    ``row_tiles`` (1, 2, or 3 at M <= 8: 16, 32 or 48 channels a tile; 48 at M = 1 in CTAs of 8
+    warps) and ``warps`` (8, or 4 at M = 1) default to :func:`w4a16_row_tiles` and
     :func:`warps_for`; ``pdl`` (programmatic dependent launch) to :func:`pdl_for`'s rule.
 
     Fused around the product (``fusion.py`` has the reference of each): ``prologue`` "rmsnorm" makes
@@ -251,6 +256,8 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
         raise ValueError("the layers of one call must all have zero points or all have none")
     if warps is not None and warps not in (4, 8) or warps == 4 and x.shape[0] != 1:
         raise ValueError(f"warps a CTA: 8, or 4 for one token (M = 1); got {warps} at M = {x.shape[0]}")
+    if row_tiles == 3 and warps == 4:
+        raise ValueError("48-row tiles (row_tiles 3) run in CTAs of 8 warps, not 4")
     if x.dtype not in DTYPES:
         raise ValueError(f"the int4 decode kernel takes bf16 or fp16 activations, not {x.dtype}")
     if x.device.type != "cuda":
@@ -296,7 +303,7 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
     n_total = sum(n for *_, n in prepared)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     if row_tiles is None:
-        row_tiles = w4a16_row_tiles(m, n_total, sms, prologue)
+        row_tiles = w4a16_row_tiles(m, n_total, sms, prologue, group_size)
     rows = 16 * row_tiles
     err = ctypes.create_string_buffer(256)
     stream = torch.cuda.current_stream(x.device).cuda_stream
@@ -322,7 +329,7 @@ def w4a16_decode_group(x: torch.Tensor, layers: Sequence[Layer], group_size: int
                 seg.z_stride = z.stride(0) if z is not None else 0
                 seg.n, seg.tiles = n, -(-n // rows)
             p.total_tiles = sum(p.seg[j].tiles for j in range(len(batch)))
-            w = warps if warps is not None else warps_for(m, p.total_tiles, sms)
+            w = warps if warps is not None else 8 if row_tiles == 3 else warps_for(m, p.total_tiles, sms)
             if prologue == "rmsnorm" and w == 4 and k > PROLOGUE_MAX_K // 2:
                 w = 8  # the row's pieces in one round: 4 warps take K <= 8192
             if lib.qlp_w4a16_decode(ctypes.byref(p), DTYPES[x.dtype], row_tiles, w, early, stream, err, len(err)):

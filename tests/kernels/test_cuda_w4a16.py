@@ -29,9 +29,14 @@ def cases(draw, max_n=300, ks=(128, 256, 384, 4096)):
         dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])),
         bias=draw(st.booleans()),
         scale_dtype=draw(st.sampled_from([torch.float32, None])),  # None: the activation's dtype
-        row_tiles=draw(st.sampled_from([None, 1, 2, 3] if 1 < m <= 8 else [None, 1, 2])),  # 48 rows: 2-8 tokens
-        warps=draw(st.sampled_from([None, 8, 4] if m == 1 else [None, 8])),  # 4 warps a CTA at M = 1 only
+        **tiles_and_warps(draw, m),
     )
+
+
+def tiles_and_warps(draw, m):
+    """Row tiles (48 rows: 1-8 tokens) and warps a CTA (4 at M = 1 only, and not with 48 rows)."""
+    row_tiles = draw(st.sampled_from([None, 1, 2, 3] if m <= 8 else [None, 1, 2]))
+    return dict(row_tiles=row_tiles, warps=draw(st.sampled_from([None, 8, 4] if m == 1 and row_tiles != 3 else [None, 8])))
 
 
 def check(m, ns, k, group_size, zero_points, dtype, bias, scale_dtype, row_tiles, warps=None, seed=0):
@@ -97,11 +102,11 @@ def fused_cases(draw):
         prologue=prologue, m=m, ns=ns, k=draw(st.sampled_from([128, 384, 4096, 14336])),
         group_size=draw(st.sampled_from([32, 64, 128])), zero_points=draw(st.booleans()),
         dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])),
-        residual=[draw(st.booleans()) for _ in ns], warps=draw(st.sampled_from([None, 8, 4] if m == 1 else [None, 8])),
+        residual=[draw(st.booleans()) for _ in ns], **tiles_and_warps(draw, m),
     )
 
 
-def check_fused(prologue, m, ns, k, group_size, zero_points, dtype, residual, warps=None, seed=0):
+def check_fused(prologue, m, ns, k, group_size, zero_points, dtype, residual, warps=None, row_tiles=None, seed=0):
     """The kernel with a prologue and residuals against fusion.py's references around the scheme's."""
     x, f = fused_inputs(prologue, m, k, ns, residual, dtype, seed)
     x2, nw = f.x2, f.norm_weight
@@ -113,8 +118,8 @@ def check_fused(prologue, m, ns, k, group_size, zero_points, dtype, residual, wa
         layers.append(CW.Layer(int4_layout.to_mma16(p[0]), p[1], p[2] if len(p) > 2 else None, b))
         refs.append(S.reference("w4a16", act, p, b))
     refs = fusion.add_residuals(refs, f.residuals)
-    ys = CW.w4a16_decode_group(x, layers, group_size, warps=warps, prologue=prologue, x2=x2, norm_weight=nw, eps=1e-5,
-                               residuals=f.residuals)
+    ys = CW.w4a16_decode_group(x, layers, group_size, row_tiles=row_tiles, warps=warps, prologue=prologue, x2=x2,
+                               norm_weight=nw, eps=1e-5, residuals=f.residuals)
     assert [(y.shape, y.dtype) for y in ys] == [(r.shape, dtype) for r in refs]
     assert_each_matches([ys], [refs])
 
@@ -123,6 +128,8 @@ def check_fused(prologue, m, ns, k, group_size, zero_points, dtype, residual, wa
 @given(fused_cases(), st.integers(0, 2**16))
 @example(dict(prologue="rmsnorm", m=1, ns=[4096, 1024, 1024], k=4096, group_size=128, zero_points=False,
               dtype=torch.bfloat16, residual=[False] * 3, warps=None), 0)  # q/k/v
+@example(dict(prologue="rmsnorm", m=1, ns=[80, 32, 4608], k=14336, group_size=32, zero_points=True,
+              dtype=torch.float16, residual=[True, False, True], warps=None, row_tiles=3), 1)  # 48 rows past N, CTAs walking several
 @example(dict(prologue="rmsnorm", m=1, ns=[14336, 14336], k=4096, group_size=128, zero_points=False,
               dtype=torch.bfloat16, residual=[False] * 2, warps=4), 0)  # gate/up, 4 warps
 @example(dict(prologue="silu_mul", m=1, ns=[4096], k=14336, group_size=128, zero_points=True,
@@ -236,6 +243,8 @@ def test_refuses_bad_arguments():
     s = torch.ones(8, 2)
     with pytest.raises(ValueError, match="runs on a CUDA GPU"):
         CW.w4a16_decode(x, w, s, None, None, 128)
+    with pytest.raises(ValueError, match="48-row tiles .* 8 warps, not 4"):
+        CW.w4a16_decode(x, w, s, None, None, 128, row_tiles=3, warps=4)
     with pytest.raises(ValueError, match="bf16 or fp16"):
         CW.w4a16_decode(x.float(), w, s, None, None, 128)
     z = torch.zeros(8, 2, dtype=torch.uint8)
@@ -261,12 +270,11 @@ def test_warps_rule_and_its_limits():
 
 
 @pytest.mark.gpu
-def test_48_row_tiles_are_refused_outside_2_to_8_tokens_on_gpu():
+def test_48_row_tiles_are_refused_past_8_tokens_on_gpu():
     x, p, _, _, _ = kernel_case("w4a16", 1, 96, 256, group_size=128, device="cuda")
     w = int4_layout.to_mma16(p[0])
-    for m in (1, 9):
-        with pytest.raises(RuntimeError, match="row_tiles 3 .* needs 2 to 8 tokens"):
-            CW.w4a16_decode(x.repeat(m, 1), w, p[1], None, None, 128, row_tiles=3)
+    with pytest.raises(RuntimeError, match="row_tiles 3 .* needs 1 to 8 tokens"):
+        CW.w4a16_decode(x.repeat(9, 1), w, p[1], None, None, 128, row_tiles=3)
     with pytest.raises(RuntimeError, match="row_tiles must be 1, 2 or 3"):
         CW.w4a16_decode(x.repeat(4, 1), w, p[1], None, None, 128, row_tiles=4)
 
@@ -275,8 +283,12 @@ def test_row_tiles_rule():
     assert CW.row_tiles_for(1, 28672, 132) == 2  # gate/up together: 896 tiles of 32 rows
     assert CW.row_tiles_for(1, 4096, 132) == 2  # o_proj: 128 tiles of 32 rows, about one per SM
     assert CW.row_tiles_for(1, 1024, 132) == 1  # a lone k_proj: 64 tiles of 16 rows, 32 of 32 would idle SMs
-    assert CW.w4a16_row_tiles(1, 6144, 132) == 1  # q/k/v at M = 1: 192 tiles of 32 rows fill 73% of 2 rounds
-    assert CW.w4a16_row_tiles(1, 6144, 132, "rmsnorm") == 2  # with its norm: half the CTAs read the row and the norm weights
+    assert CW.w4a16_row_tiles(1, 6144, 132, "rmsnorm") == 3  # q/k/v with its norm: 128 tiles of 48 rows, one round
+    assert CW.w4a16_row_tiles(1, 6144, 132) == 3 and CW.w4a16_row_tiles(1, 6144, 132, group_size=256) == 3
+    assert CW.w4a16_row_tiles(1, 6144, 114, "rmsnorm") == 2  # ... where they fit one round
+    assert CW.w4a16_row_tiles(1, 6144, 132, group_size=32) == 1  # groups of 32 / 64 at M = 1: the 16-row rule
+    assert CW.w4a16_row_tiles(1, 6144, 132, "rmsnorm", group_size=64) == 2  # ... with a prologue 32 rows
+    assert CW.w4a16_row_tiles(8, 6144, 132, group_size=32) == 3  # more tokens: 48 rows for any group
     assert CW.warps_for(1, 192, 132) == 8
     assert CW.w4a16_row_tiles(8, 6144, 132) == 3  # more tokens: 128 tiles of 48 rows, one round
     assert CW.w4a16_row_tiles(4, 6144, 114) == 2  # 128 tiles of 48 rows would not fit 114 SMs in one round

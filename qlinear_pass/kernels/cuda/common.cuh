@@ -330,17 +330,18 @@ const char* check_segments(const Params& p, int row_tiles) {
 
 // The persistent grid: y = slices of TOK tokens, x = as many CTAs a slice as run at once (all
 // slices together), each with an equal share of the slice's row tiles.  QLP_GRID_PER_SM c > 0
-// (benchmarks only): one slice of more tiles than resident CTAs takes c CTAs an SM instead, so each
-// SM's tiles are within one of another's; gate/up at M = 1 (896 tiles: 448 CTAs, 52 SMs holding 4
-// and 80 holding 3, whose CTAs exit 2 us earlier) took 20.0-20.1 / 20.2 us with c = 4 / 3 against
-// 19.9-20.0 (H200, benchmarks/results/h200/decode/cuda_w4a16/trace/variants/grid.json)
+// (benchmarks only): one slice of more tiles than c CTAs an SM (or than resident CTAs) takes c CTAs
+// an SM instead; gate/up at M = 1 (896 tiles: 448 CTAs, 52 SMs holding 4 and 80 holding 3, whose
+// CTAs exit 2 us earlier) took 20.0-20.1 / 20.2 us with c = 4 / 3 against 19.9-20.0 (H200,
+// benchmarks/results/h200/decode/cuda_w4a16/trace/variants/grid.json), and with c = 1 (one CTA of
+// 8 warps an SM walking 6 or 7 tiles) 20.9-21.0 against 20.0-20.3 (.../cuda_w4a16/balance)
 #ifndef QLP_GRID_PER_SM
 #define QLP_GRID_PER_SM 0
 #endif
 inline dim3 persistent_grid(int total_tiles, int m, int tok, int resident) {
   const int slices = (m + tok - 1) / tok;
   const int per_slice = std::max(1, resident / slices);
-  if (QLP_GRID_PER_SM > 0 && slices == 1 && total_tiles > per_slice) {
+  if (QLP_GRID_PER_SM > 0 && slices == 1 && total_tiles > std::min(per_slice, QLP_GRID_PER_SM * device_sms())) {
     const int sms = device_sms();
     return dim3(sms * std::min(QLP_GRID_PER_SM, std::max(1, resident / sms)), 1);
   }

@@ -274,7 +274,7 @@ struct Layout {
 __device__ __forceinline__ int xr_at(int r, int u) { return r * 256 + ((u ^ (r & 7)) << 4); }
 
 // T: the activation dtype; VEC: a sub-chunk (one scale each) is 8 * VEC k, VEC / 2 atoms (4, 8, 16);
-// TOK: tokens per CTA (1, 8 or 16; larger M takes more CTAs along y); R: 16-row tiles per warp (3 for 8 tokens only);
+// TOK: tokens per CTA (1, 8 or 16; larger M takes more CTAs along y); R: 16-row tiles per warp (3 for 1 or 8 tokens only);
 // W: warps a CTA; ZP: the layers have zero points (else every z is 8); XR: the activation rows stay
 // in shared memory (Layout).
 template <typename T, int VEC, int TOK, int R, int W, bool ZP, bool XR>
@@ -739,16 +739,21 @@ cudaError_t dispatch_w(const Params& p, int warps, bool pdl, cudaStream_t stream
   return launch<T, VEC, TOK, R, 8, true>(p, pdl, stream);
 }
 
-// 48-row tiles (3) for CTAs of 8 tokens, their activation in the ring (the caller's rule takes them
-// where a launch's tiles fit one round, so no CTA walks several): 6144 channels (q/k/v) make 128
-// tiles of 48 rows, one CTA an SM, where 192 of 32 share 132 SMs.  H200, us with 32 / 48-row tiles
-// (benchmarks/results/h200/decode/cuda_w4a16/rows48): q/k/v M = 8 8.7 / 7.7, M = 16 10.1 / 10.1
-// (16 tokens' activation, 128 KB a CTA, weighs as much as its 48 rows of weights: no gain, so 16
-// tokens have no 48-row kernel); other shapes 32 rows as fast or faster
+// 48-row tiles (3) for CTAs of 8 tokens, their activation in the ring, and for one token in CTAs of
+// 8 warps (the caller's rule takes them where a launch's tiles fit one round, so no CTA walks
+// several): 6144 channels (q/k/v) make 128 tiles of 48 rows, one CTA an SM, where 192 of 32 share
+// 132 SMs and the 60 SMs holding two CTAs finish 1.1 us after the others.  H200, us with 32 / 48-row
+// tiles (benchmarks/results/h200/decode/cuda_w4a16/rows48): q/k/v M = 8 8.7 / 7.7, M = 16 10.1 /
+// 10.1 (16 tokens' activation, 128 KB a CTA, weighs as much as its 48 rows of weights: no gain, so
+// 16 tokens have no 48-row kernel); other shapes 32 rows as fast or faster.  M = 1, q/k/v with its
+// RMSNorm (.../cuda_w4a16/balance): 7.7 / 7.1
 template <typename T, int VEC, int TOK>
 cudaError_t dispatch_r(const Params& p, int row_tiles, int warps, bool pdl, cudaStream_t stream) {
   if constexpr (TOK == 8) {
     if (row_tiles == 3) return launch<T, VEC, TOK, 3, 8, false>(p, pdl, stream);
+  }
+  if constexpr (TOK == 1) {
+    if (row_tiles == 3) return launch<T, VEC, TOK, 3, 8, true>(p, pdl, stream);
   }
   return row_tiles == 1 ? dispatch_w<T, VEC, TOK, 1>(p, warps, pdl, stream) : dispatch_w<T, VEC, TOK, 2>(p, warps, pdl, stream);
 }
@@ -791,7 +796,7 @@ int qlp_w4a16_trace(void* buf, int cap) {
 int qlp_w4a16_abi(void) { return (int)(sizeof(qlp::Params) * 1000 + qlp::MAX_SEGMENTS * 10 + qlp::ABI_VERSION); }
 
 // Launch on `stream`.  dtype: 0 bf16, 1 fp16.  row_tiles: 1, 2 or 3 (16, 32 or 48 channels a tile;
-// 48 for 2 to 8 tokens); the caller sets every segment's `tiles` for rows of 16 * row_tiles and p->total_tiles to their sum.
+// 48 for 1 to 8 tokens, in CTAs of 8 warps for one); the caller sets every segment's `tiles` for rows of 16 * row_tiles and p->total_tiles to their sum.
 // warps: a CTA's, 8, or 4 for one token (M = 1).  pdl: 1 to launch with programmatic dependent launch
 // (sm90+; the caller vouches that the kernel before it in the stream wrote none of the layers'
 // weights, scales or zero points), 0 not.  Returns 0, or writes why not into err.
@@ -802,7 +807,8 @@ int qlp_w4a16_decode(const qlp::Params* p, int dtype, int row_tiles, int warps, 
     return 1;
   };
   if (const char* why = qlp::check_segments<qlp::MAX_SEGMENTS, 3>(*p, row_tiles)) return fail(why);
-  if (row_tiles == 3 && (p->m == 1 || p->m > 8)) return fail("row_tiles 3 (48 channels a tile) needs 2 to 8 tokens");
+  if (row_tiles == 3 && (p->m > 8 || (p->m == 1 && warps != 8)))
+    return fail("row_tiles 3 (48 channels a tile) needs 1 to 8 tokens, and 8 warps for one token");
   if (p->group != 32 && p->group != 64 && p->group % 128 != 0) return fail("group size must be 32, 64 or a multiple of 128");
   if (p->k % 128 != 0 || p->k % p->group != 0) return fail("K must be a multiple of 128 and of the group size");
   for (int i = 0; i < p->nseg; ++i) {
