@@ -143,9 +143,9 @@ def triton_gemm(scheme, x, ps, g):
 
 def serves_48_rows(scheme: str, m: int) -> bool:
     """Whether our CUDA decode kernel takes 48-row tiles for ``scheme`` at M = ``m``: the w4a16 one at
-    2-8 tokens, the 8-bit one above 8 tokens with a scale per channel or per tensor (not fp8_block)."""
+    1-8 tokens, the 8-bit one above 8 tokens with a scale per channel or per tensor (not fp8_block)."""
     if scheme == "w4a16":
-        return 1 < m <= 8
+        return m <= 8
     return m > 8 and scheme != "fp8_block"
 
 
@@ -240,7 +240,7 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
                     for ps in sets])
         out["cuda_kernel"] = cuda
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        out["cuda_row_tiles"] = (cuda_w4a16.w4a16_row_tiles(m, n, sms) if scheme == "w4a16"
+        out["cuda_row_tiles"] = (cuda_w4a16.w4a16_row_tiles(m, n, sms, group_size=g) if scheme == "w4a16"
                                  else cuda_w8a8.w8_row_tiles(m, n, sms, block=scheme == "fp8_block"))
     if scheme == "fp8_rowwise":
         xq, xs = S.quantize_activation(scheme, x)
@@ -486,6 +486,8 @@ def main(argv=None) -> int:
                     print(f"{label} K={k} N={n} M={m}: no configuration ran: {case['configs'][:2]}", flush=True)
                 (out_dir / "bench_decode.json").write_text(json.dumps(result, indent=1))
     write_summary(result, out_dir / "summary.md")
+    if plot_decode(result, out_dir / "bench_decode.png"):
+        print(f"wrote {out_dir / 'bench_decode.png'}", flush=True)
     return 0
 
 
@@ -509,14 +511,33 @@ def write_summary(result: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def _cuda_cells(case: dict, bf16_us: float, copy_bw: float) -> str:
-    """Our CUDA kernel's cells: its time with the row tiles its rule picks, % of copy, x bf16."""
+def _cuda_us(case: dict):
+    """Our CUDA kernel's name, the row tiles its rule picks and its us with them (None: not timed)."""
     rt = case.get("cuda_row_tiles")
     name = case.get("cuda_kernel", "cuda_w4a16")
-    t = case["peers_us"].get(f"{name} r{rt}") if rt else None
+    return name, rt, case["peers_us"].get(f"{name} r{rt}") if rt else None
+
+
+def _cuda_cells(case: dict, bf16_us: float, copy_bw: float) -> str:
+    """Our CUDA kernel's cells: its time with the row tiles its rule picks, % of copy, x bf16."""
+    name, rt, t = _cuda_us(case)
     if t is None:
         return "  |  |  |"
     return f" {name} {t:.1f} (r{rt}) | {case['weight_bytes'] / (t * 1e-6) / copy_bw:.0%} | {bf16_us / t:.2f} |"
+
+
+def plot_decode(result: dict, path: Path) -> bool:
+    """A bar per case: our CUDA kernel's weight bytes per second (its rule's row tiles) as % of the
+    measured copy bandwidth; False without matplotlib or such cases."""
+    labels, values = [], []
+    for c in result["cases"]:
+        _, _, t = _cuda_us(c)
+        if t:
+            labels.append(f"{c['format']} {c['k']}x{c['n']} M={c['m']}")
+            values.append(100 * c["weight_bytes"] / (t * 1e-6) / result["copy_bytes_per_s"])
+    return barh_png(path, labels, values, "% of the copy bandwidth (weight bytes / time)",
+                    f"Decode kernels (the rule's tiles), {result['device']}, copy "
+                    f"{result['copy_bytes_per_s'] / 1e12:.2f} TB/s read + write")
 
 
 if __name__ == "__main__":
