@@ -44,7 +44,8 @@ from qlinear_pass.kernels import int4_layout  # noqa: E402
 
 #: sets of variants (--set): name -> the defines it is built with (QLP_*; the others keep the source's
 #: defaults) and the arguments of its calls (``warps``: a CTA's, 8 or 4, the latter at M = 1 only;
-#: ``row_tiles``: 1, 2, or 3 at M <= 8 (8 warps at M = 1); ``pdl``: programmatic dependent launch; by default the kernel's rules)
+#: ``row_tiles``: 1, 2, or 3 at M <= 8 (8 warps at M = 1); ``pdl``: programmatic dependent launch; by default the kernel's rules;
+#: ``config``: call of a decoder layer -> (row_tiles, warps), for bench_decode_layer.py --set only)
 SETS = {
     "rule": {  # the source as it stands (with --against: beside another version of it)
         "rule": {},
@@ -182,6 +183,9 @@ def main(argv=None) -> int:
     ap.add_argument("--producer", action="store_true",
                     help="a copy kernel writes the activation before each call (timed with it)")
     args = ap.parse_args(argv)
+    if any("config" in d for d in SETS[args.set].values()):  # per-call tiles of a layer's calls
+        ap.error(f"--set {args.set}: its variants set the tiles of a layer's calls (config); "
+                 f"time it with bench_decode_layer.py --set {args.set}")
     if not torch.cuda.is_available():
         print("bench_cuda_ring.py needs a CUDA GPU", file=sys.stderr)
         return 2

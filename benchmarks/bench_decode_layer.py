@@ -228,6 +228,9 @@ def main(argv=None) -> int:
 
         if args.set not in SETS:
             ap.error(f"--set: no set {args.set!r} (there are {', '.join(sorted(SETS))})")
+        if any("warps" in d or "row_tiles" in d for d in SETS[args.set].values()):
+            ap.error(f"--set {args.set}: its variants set every call's warps or row tiles; time it with "
+                     f"bench_cuda_ring.py --set {args.set} (here a variant sets a call's through its config)")
     if not torch.cuda.is_available():
         print("bench_decode_layer.py times CUDA kernels: no GPU here", file=sys.stderr)
         return 2

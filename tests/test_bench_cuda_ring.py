@@ -21,3 +21,11 @@ def test_each_variant_is_built_from_its_tuning_defines_only(monkeypatch, tmp_pat
     assert libs == {"rule": "lib_rule", "pdl": "lib_pdl", "pdl_late": "lib_pdl_late"}
     assert seen["pdl"] == ({}, tmp_path, None)  # "pdl" is a call argument, not a define
     assert seen["pdl_late"] == ({"QLP_LATE_TRIGGER": 1}, tmp_path, Path("other.cu"))
+
+
+def test_a_set_of_layer_configs_is_refused_here(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        B.main(["--set", "balance"])
+    assert "time it with bench_decode_layer.py --set balance" in capsys.readouterr().err

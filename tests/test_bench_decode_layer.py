@@ -53,3 +53,9 @@ def test_an_unknown_variant_set_is_refused(capsys, tmp_path):
     with pytest.raises(SystemExit):
         B.main(["--out", str(tmp_path), "--set", "no_such_set"])
     assert "no set 'no_such_set'" in capsys.readouterr().err
+
+
+def test_a_set_of_shape_wide_tiles_is_refused_here(capsys):
+    with pytest.raises(SystemExit):
+        B.main(["--set", "rows"])
+    assert "time it with bench_cuda_ring.py --set rows" in capsys.readouterr().err
