@@ -241,8 +241,7 @@ def bench_case(label, scheme, g, zp, k, n, m, sweep: bool, copy_bw: float) -> di
         out["cuda_kernel"] = cuda
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         out["cuda_row_tiles"] = (cuda_w4a16.w4a16_row_tiles(m, n, sms, group_size=g) if scheme == "w4a16"
-                                 else cuda_w8a8.w8_row_tiles(m, n, sms, block=scheme == "fp8_block",
-                                                             quantized=m > CudaW8A8.BLOCK_QUANTIZED_ABOVE))
+                                 else cuda_w8a8.w8_row_tiles(m, n, sms, block=scheme == "fp8_block"))
     if scheme == "fp8_rowwise":
         xq, xs = S.quantize_activation(scheme, x)
         peers["_scaled_mm (x pre-quantized)"] = graph_time([

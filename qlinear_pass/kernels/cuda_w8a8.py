@@ -108,19 +108,13 @@ def warps_for(m: int, tiles: int, sms: int) -> int:
     return 4 if m <= 8 and tiles >= 2 * sms else 8
 
 
-def w8_row_tiles(m: int, n_total: int, sms: int, block: bool = False, quantized: bool = False) -> int:
+def w8_row_tiles(m: int, n_total: int, sms: int, block: bool = False) -> int:
     """16-row tiles a warp: ``row_tiles_for``'s 1 or 2, but 3 (48 channels a tile) above 8 tokens with
     a scale per channel or per tensor (``block``: fp8_block's 128x128 blocks, never) where 32-row
     tiles fill under 80% of the SMs' last round and 48-row ones at least 90% (one CTA of 16 tokens
     an SM): q/k/v together, N = 6144, take 128 tiles of 48 rows for one round where 192 of 32 take
-    two.  fp8_block given its ``quantized`` activation (BLOCK_Q) above 8 tokens: 1, faster than 2
-    since 503d963 made the 32-row kernel slower (H200, M = 16, us with 16 / 32-row tiles on (4096,
-    14336) / (14336, 4096) / (4096, 6144) / (4096, 1024): 25.0 / 27.1, 20.5 / 23.1, 14.0 / 14.4, 5.8
-    / 7.7; the tree before it, same call, 32-row: 23.8, 20.6, 12.6, 6.9;
-    benchmarks/results/h200/decode/recheck_48/fp8_block_m16/bisect)."""
+    two."""
     rows = row_tiles_for(m, n_total, sms)
-    if m > 8 and block and quantized:
-        return 1
     if m <= 8 or block or rows != 2:
         return rows
     return 3 if wide_tiles_fill_better(n_total, sms) else rows
@@ -206,8 +200,7 @@ def _launch(entry: str, x: torch.Tensor, sx: Optional[torch.Tensor], sx_stride: 
     lib = _library(x.device)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     if row_tiles is None:
-        row_tiles = w8_row_tiles(m, sum(n for *_, n in prepared), sms, block=entry.startswith("fp8_block"),
-                                 quantized=entry == "fp8_block_q")
+        row_tiles = w8_row_tiles(m, sum(n for *_, n in prepared), sms, block=entry.startswith("fp8_block"))
     rows = 16 * row_tiles
     err = ctypes.create_string_buffer(256)
     stream = torch.cuda.current_stream(x.device).cuda_stream

@@ -102,8 +102,7 @@ def test_refuses_bad_arguments():
 def test_row_tiles_rule():
     assert CW.w8_row_tiles(16, 6144, 132) == 3  # q/k/v: 192 tiles of 32 rows fill 73% of a second round, 128 of 48 one
     assert CW.w8_row_tiles(16, 6144, 132, block=True) == 2  # fp8_block: a tile stays in its 128-row block
-    assert CW.w8_row_tiles(16, 14336, 132, block=True, quantized=True) == 1  # given its quantized activation: 16 rows
-    assert CW.w8_row_tiles(8, 14336, 132, block=True, quantized=True) == 2  # ... above 8 tokens only
+    assert CW.w8_row_tiles(16, 14336, 132, block=True) == 2  # fp8_block at 16 tokens: 32 rows where they fill the SMs
     assert CW.w8_row_tiles(8, 6144, 132) == 2  # up to 8 tokens: 32 rows (several CTAs an SM)
     assert CW.w8_row_tiles(16, 14336, 132) == 2  # 448 tiles fill 85%: 32 rows
     assert CW.w8_row_tiles(16, 1024, 132) == 1  # too few rows for 32

@@ -517,13 +517,11 @@ __global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Para
         red[warp][16 * r + g + 8][8 * jj + 2 * t + 1] = acc[r][jj][3] + acc2[r][jj][3];
       }
     __syncthreads();
-#pragma unroll
-    for (int q = 0; q < RES_N; ++q) {
-      const int idx = threadIdx.x + q * W * 32;
-      if (idx >= OUTS) break;
+    // output idx of the tile (r1: its preloaded residual, one token only)
+    auto store_out = [&](const int idx, const float r1) {
       const int rr = idx % (R * 16), tt = idx / (R * 16);  // consecutive threads: consecutive channels
       const int row = row0 + rr;
-      if (row >= sg.n || tt >= tokens) continue;
+      if (row >= sg.n || tt >= tokens) return;
       A v = 0;
 #pragma unroll
       for (int w = 0; w < W; ++w) v += red[w][rr][tt];
@@ -532,8 +530,24 @@ __global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Para
       if constexpr (MODE == W8A8) y *= p.sx[(tok0 + tt) * p.sx_stride];
       if (sg.bias) y += Io<O>::load(sg.bias, row);
       if (sg.res)
-        y = round_to<O>(y) + (TOK == 1 ? res[q] : Io<O>::load(sg.res, (long long)(tok0 + tt) * sg.res_stride + row));
+        y = round_to<O>(y) + (TOK == 1 ? r1 : Io<O>::load(sg.res, (long long)(tok0 + tt) * sg.res_stride + row));
       Io<O>::store(sg.out, (long long)(tok0 + tt) * sg.out_stride + row, y);
+    };
+    // The stores unrolled, except in BLOCK_Q's 16-token kernel of 32-row tiles, which ptxas schedules
+    // 12-15% faster behind a plain loop (the form before 503d963) where every other measured kernel
+    // is 2-12% slower with it.  H200, M = 16, us unrolled / plain on (4096, 14336) / (14336, 4096) /
+    // (4096, 6144) (benchmarks/results/h200/decode/recheck_48/fp8_block_m16/epilogue): BLOCK_Q 32 rows
+    // 27.0 / 24.3, 23.7 / 20.5, 14.5 / 12.9; BLOCK_Q 16 rows 24.9 / 27.9, 20.8 / 22.8, 14.1 / 15.5;
+    // BLOCK 32 rows 30.3 / 34.2, 24.1 / 27.9, 15.9 / 17.6
+    if constexpr (MODE == BLOCK_Q && TOK == 16 && R == 2) {
+      for (int idx = threadIdx.x; idx < OUTS; idx += W * 32) store_out(idx, 0.f);
+    } else {
+#pragma unroll
+      for (int q = 0; q < RES_N; ++q) {
+        const int idx = threadIdx.x + q * W * 32;
+        if (idx >= OUTS) break;
+        store_out(idx, TOK == 1 ? res[q] : 0.f);
+      }
     }
     __syncthreads();  // the reduction space is free again
   }
