@@ -95,6 +95,10 @@ SETS = {
         "pdl": {"pdl": True},
         "pdl_late": {"pdl": True, "QLP_LATE_TRIGGER": 1},
     },
+    "exit": {  # programmatic dependent launch with the next kernel let start only as each CTA exits
+        "rule": {},
+        "pdl_exit": {"pdl": True, "QLP_LATE_TRIGGER": 2},
+    },
     "carveout": {  # one L1 / shared-memory split for every launch (the most shared memory) or the driver's per kernel
         "rule": {},
         "c100": {"QLP_CARVEOUT": 100},

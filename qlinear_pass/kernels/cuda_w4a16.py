@@ -160,7 +160,9 @@ def pdl_for(pdl: Optional[bool], device: torch.device, converted: bool, one_toke
     behind Inductor's programmatic dependent launch than with neither (2.11x against 2.22x bf16,
     benchmarks/results/h200/e2e/x_row).  Nor, for any of these kernels, by default behind our own
     launches (gate/up after o_proj, down_proj after gate/up, nothing in between): launched early
-    there, a batch-1 step was 5-7% slower (benchmarks/results/h200/e2e/early_start)."""
+    there, a batch-1 step was 5-7% slower (benchmarks/results/h200/e2e/early_start), and with the
+    next kernel let start only as each CTA exits, 9% slower (430.4 against 391.3 tok/s,
+    benchmarks/results/h200/decode/cuda_w4a16/pdl_exit)."""
     if converted:
         return False
     if pdl is not None:

@@ -119,9 +119,11 @@ constexpr int MAX_SEGMENTS = 3;
 #define QLP_L2_FETCH 128
 #endif
 // 1: a CTA lets the next kernel (launched with programmatic dependent launch) start once one of its
-// warps has issued its last weight copies, 0: once its prologue is done.  Either way the early start
-// slowed a layer's four fused calls at M = 1: 55.9 / 53.4 us against 45.6 without it (H200,
-// benchmarks/results/h200/decode/cuda_w4a16/trace/variants/trigger.json)
+// warps has issued its last weight copies, 0: once its prologue is done, 2: only as it exits (the
+// next kernel's launch then overlaps this one's completion, not its work).  Each slowed a layer's
+// four fused calls at M = 1: 55.9 / 53.4 us against 45.6 without it (H200,
+// benchmarks/results/h200/decode/cuda_w4a16/trace/variants/trigger.json), and 52.5 against 45.0 with
+// it exiting (.../cuda_w4a16/pdl_exit), so the library's launches at M = 1 go without (pdl_for)
 #ifndef QLP_LATE_TRIGGER
 #define QLP_LATE_TRIGGER 0
 #endif
@@ -513,7 +515,7 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
     }
   }
   mark(1);
-  if (!QLP_LATE_TRIGGER) launch_dependents();
+  if (QLP_LATE_TRIGGER == 0) launch_dependents();
 
   int cs = 0;  // the slot computed next
   for (int j = 0; j < ntiles; ++j) {
@@ -536,7 +538,7 @@ __global__ void __launch_bounds__(W * 32, TOK > 1 ? QLP_MIN_CTAS : 1) w4a16_kern
 
     for (int i = 0; i < nch; ++i) {
       issue(true);
-      if (QLP_LATE_TRIGGER && tj >= ntiles) launch_dependents();  // this warp's last copies are out
+      if (QLP_LATE_TRIGGER == 1 && tj >= ntiles) launch_dependents();  // this warp's last copies are out
       cp_wait<STAGES - 1>();
       __syncwarp();
       if (j == 0 && i == 0) mark(2);
