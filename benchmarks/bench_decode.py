@@ -273,8 +273,9 @@ def _cuda_kernel(scheme: str):
 def bench_prefill(label, scheme, g, zp, k, n, m, only=None) -> dict:
     """Weight-only at M = 16 .. 4096: our CUTLASS kernel of the scheme in every tile configuration, the
     weight-stationary tensor-core GEMM, the Triton GEMM that dequantises every tile in its mainloop, one
-    dequantising pass + cuBLAS, our CUDA decode kernel (w4a16, M <= 64) and bf16 F.linear; weights
-    rotated as above."""
+    dequantising pass + cuBLAS, our CUDA decode kernels (cuda_w4a16, cuda_w8a16; M <= 64) and bf16
+    F.linear; weights rotated as above.  ``auto`` records the kernel ``auto`` picks for a layer of this
+    M (and, for CUTLASS, the tile configuration it runs), and ``us["auto"]`` that path's time."""
     from qlinear_pass.kernels import triton_gemm as T
 
     p = S.quantize_weight(scheme, torch.randn(n, k, device="cuda") * 0.02, group_size=g or 128, zero_points=zp)
@@ -301,6 +302,10 @@ def bench_prefill(label, scheme, g, zp, k, n, m, only=None) -> dict:
         from qlinear_pass.kernels import cuda_w4a16, int4_layout
 
         paths["cuda_w4a16"] = lambda ps: cuda_w4a16.w4a16_decode(x, int4_layout.mma16_of(ps[0]), ps[1], zero(ps), None, g)
+    if scheme != "w4a16" and m <= 64 and _cuda_kernel(scheme):
+        from qlinear_pass.kernels import cuda_w8a8
+
+        paths["cuda_w8a16"] = lambda ps: cuda_w8a8.w8a16_decode(x, ps[0], ps[1], None)
     cutlass = _cutlass_weight_only(scheme, g, zp, k, n)
     if cutlass is not None:
         kernel, spec = cutlass
@@ -323,6 +328,11 @@ def bench_prefill(label, scheme, g, zp, k, n, m, only=None) -> dict:
         from qlinear_pass.backends.cutlass import tile_config
 
         out["cutlass_tile_config"] = tile_config(cutlass[0].family, m, n, k, g)  # what the kernel runs by default
+    out["auto"] = _auto_kernel(scheme, g, zp, k, n, m)
+    auto_path = (f"{out['auto']} {out['cutlass_tile_config']}" if cutlass and out["auto"] == cutlass[0].name
+                 else out["auto"])
+    if auto_path in out["us"]:
+        out["us"]["auto"] = out["us"][auto_path]
     best = getattr(T._wo_t_kernel, "best_config", None)
     out["weight_stationary_config"] = str(best) if best is not None else None
     out["split_k"] = T.wt_split_k(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count)
@@ -333,10 +343,22 @@ def bench_prefill(label, scheme, g, zp, k, n, m, only=None) -> dict:
     return out
 
 
+def _auto_kernel(scheme: str, g: int, zp: bool, k: int, n: int, m: int) -> str:
+    """The kernel ``auto`` runs a bf16 layer of this scheme and shape on with M fixed at ``m``, here."""
+    from qlinear_pass import config as C
+    from qlinear_pass import registry as R
+    from qlinear_pass.select import select
+
+    spec = R.LayerSpec(scheme, n, k, torch.bfloat16, torch.bfloat16, group_size=g or None, zero_points=zp,
+                       act_input="none", device="cuda", m=m)
+    return select(spec, C.LinearBackendConfig()).kernel.name
+
+
 #: our CUTLASS weight-only kernel of each scheme (each configuration timed, the fastest reported)
 CUTLASS_WEIGHT_ONLY = {"w4a16": "cutlass_w4a16", "int8_weight_only": "cutlass_int8_weight_only",
                        "fp8_weight_only": "cutlass_fp8_weight_only"}
-PREFILL_PATHS = (*CUTLASS_WEIGHT_ONLY.values(), "weight-stationary", "triton GEMM", "dequant + cuBLAS", "cuda_w4a16")
+PREFILL_PATHS = ("auto", *CUTLASS_WEIGHT_ONLY.values(), "weight-stationary", "triton GEMM", "dequant + cuBLAS", "cuda_w4a16",
+                 "cuda_w8a16")
 
 
 @functools.lru_cache(maxsize=None)
@@ -417,8 +439,8 @@ def prefill_row(c: dict) -> str:
     u = c["us"]
     bf = u["bf16 F.linear"]
     cells = " | ".join(f"{u[p]:.1f} ({bf / u[p]:.2f}x)" if p in u else "-" for p in PREFILL_PATHS)
-    return (f"| {c['format']} | {c['k']} | {c['n']} | {c['m']} | {bf:.1f} | {cells} | {c.get('cutlass_config', '-')} | "
-            f"{c['weight_stationary_config']} |")
+    return (f"| {c['format']} | {c['k']} | {c['n']} | {c['m']} | {bf:.1f} | {cells} | {c.get('auto', '-')} | "
+            f"{c.get('cutlass_config', '-')} | {c['weight_stationary_config']} |")
 
 
 def main(argv=None) -> int:
@@ -448,9 +470,10 @@ def main(argv=None) -> int:
         res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "cases": []}
         lines = [f"# Weight-only GEMMs at M = 16 .. 4096, {res['device']}", "",
                  "us per call (x bf16 = bf16 time / path time), weights rotated past L2, one run; the CUTLASS columns "
-                 "are the fastest tile configuration (named in 'cutlass tiles'; every one is in the JSON).", "",
-                 "| format | K | N | M | bf16 | " + " | ".join(PREFILL_PATHS) + " | cutlass tiles | weight-stationary config |",
-                 "|---|---|---|---|---|" + "---|" * len(PREFILL_PATHS) + "---|---|"]
+                 "are the fastest tile configuration (named in 'cutlass tiles'; every one is in the JSON); 'auto' is the "
+                 "kernel auto runs at this M (named in 'auto kernel'), in the tile configuration it runs.", "",
+                 "| format | K | N | M | bf16 | " + " | ".join(PREFILL_PATHS) + " | auto kernel | cutlass tiles | weight-stationary config |",
+                 "|---|---|---|---|---|" + "---|" * len(PREFILL_PATHS) + "---|---|---|"]
         for label, scheme, g, zp in FORMATS:
             if S.get_scheme(scheme).weight_only and (not want or label in want):
                 for k, n in (shapes if args.shapes else [(4096, 14336), (14336, 4096), (4096, 6144)]):

@@ -39,3 +39,14 @@ def test_the_plot_names_the_card_and_skips_untimed_cases(tmp_path):
     drawn = B.plot_decode(result(), path)
     assert drawn == (importlib.util.find_spec("matplotlib") is not None) == path.exists()
     assert B.plot_decode(result(rule_rows=4), tmp_path / "none.png") is False
+
+
+def test_a_prefill_row_shows_what_auto_runs():
+    case = {"format": "int8_weight_only", "k": 4096, "n": 6144, "m": 16, "weight_stationary_config": None,
+            "auto": "cuda_w8a16", "cutlass_config": "128x32x64 cooperative stream-K",
+            "us": {"bf16 F.linear": 15.8, "auto": 11.1, "cutlass_int8_weight_only": 19.0, "cuda_w8a16": 11.1}}
+    cells = [c.strip() for c in B.prefill_row(case).strip("|").split("|")]
+    assert cells[5] == "11.1 (1.42x)"  # auto, first of the paths
+    assert cells[5 + B.PREFILL_PATHS.index("cuda_w8a16")] == "11.1 (1.42x)"
+    assert cells[5 + B.PREFILL_PATHS.index("cuda_w4a16")] == "-"
+    assert cells[-3:] == ["cuda_w8a16", "128x32x64 cooperative stream-K", "None"]
