@@ -534,11 +534,12 @@ __global__ void __launch_bounds__(W * 32) w8_kernel(const __grid_constant__ Para
       Io<O>::store(sg.out, (long long)(tok0 + tt) * sg.out_stride + row, y);
     };
     // The stores unrolled, except in BLOCK_Q's 16-token kernel of 32-row tiles, which ptxas schedules
-    // 12-15% faster behind a plain loop (the form before 503d963) where every other measured kernel
-    // is 2-12% slower with it.  H200, M = 16, us unrolled / plain on (4096, 14336) / (14336, 4096) /
-    // (4096, 6144) (benchmarks/results/h200/decode/recheck_48/fp8_block_m16/epilogue): BLOCK_Q 32 rows
-    // 27.0 / 24.3, 23.7 / 20.5, 14.5 / 12.9; BLOCK_Q 16 rows 24.9 / 27.9, 20.8 / 22.8, 14.1 / 15.5;
-    // BLOCK 32 rows 30.3 / 34.2, 24.1 / 27.9, 15.9 / 17.6
+    // 12-15% faster behind a plain loop (the form before 503d963).  The other kernels are up to 16%
+    // slower with it, or faster only in tiles their rule does not take.  H200, M = 16, us unrolled /
+    // plain on (4096, 14336) / (14336, 4096) / (4096, 6144)
+    // (benchmarks/results/h200/decode/recheck_48/fp8_block_m16/epilogue, every_form/ there for the
+    // other forms): BLOCK_Q 32 rows 27.0 / 24.3, 23.7 / 20.5, 14.5 / 12.9; BLOCK_Q 16 rows 24.9 / 27.9,
+    // 20.8 / 22.8, 14.1 / 15.5; BLOCK 32 rows 30.3 / 34.2, 24.1 / 27.9, 15.9 / 17.6
     if constexpr (MODE == BLOCK_Q && TOK == 16 && R == 2) {
       for (int idx = threadIdx.x; idx < OUTS; idx += W * 32) store_out(idx, 0.f);
     } else {
