@@ -298,14 +298,12 @@ def bench_prefill(label, scheme, g, zp, k, n, m, only=None) -> dict:
         "dequant + cuBLAS": lambda ps: T.dequant_linear(x, ps[0], ps[1], zero(ps), None, torch.bfloat16,
                                                         kind=kind, group_size=g),
     }
-    if scheme == "w4a16" and m <= 64 and _cuda_kernel(scheme):
-        from qlinear_pass.kernels import cuda_w4a16, int4_layout
+    cuda = _cuda_kernel(scheme) if m <= 64 else None
+    if cuda is not None:
+        from qlinear_pass.kernels import cuda_w4a16, cuda_w8a8, int4_layout
 
-        paths["cuda_w4a16"] = lambda ps: cuda_w4a16.w4a16_decode(x, int4_layout.mma16_of(ps[0]), ps[1], zero(ps), None, g)
-    if scheme != "w4a16" and m <= 64 and _cuda_kernel(scheme):
-        from qlinear_pass.kernels import cuda_w8a8
-
-        paths["cuda_w8a16"] = lambda ps: cuda_w8a8.w8a16_decode(x, ps[0], ps[1], None)
+        paths[cuda] = ((lambda ps: cuda_w4a16.w4a16_decode(x, int4_layout.mma16_of(ps[0]), ps[1], zero(ps), None, g))
+                       if scheme == "w4a16" else (lambda ps: cuda_w8a8.w8a16_decode(x, ps[0], ps[1], None)))
     cutlass = _cutlass_weight_only(scheme, g, zp, k, n)
     if cutlass is not None:
         kernel, spec = cutlass
