@@ -305,6 +305,8 @@ def bench_prefill(label, scheme, g, zp, k, n, m, only=None) -> dict:
         paths[cuda] = ((lambda ps: cuda_w4a16.w4a16_decode(x, int4_layout.mma16_of(ps[0]), ps[1], zero(ps), None, g))
                        if scheme == "w4a16" else (lambda ps: cuda_w8a8.w8a16_decode(x, ps[0], ps[1], None)))
     cutlass = _cutlass_weight_only(scheme, g, zp, k, n)
+    if cutlass is not None and not keeps_kernel(only, cutlass[0].name):
+        cutlass = None  # --paths leaves it out: not built either (its first build takes minutes)
     if cutlass is not None:
         kernel, spec = cutlass
         for name in kernel.module().configs():
@@ -357,6 +359,12 @@ CUTLASS_WEIGHT_ONLY = {"w4a16": "cutlass_w4a16", "int8_weight_only": "cutlass_in
                        "fp8_weight_only": "cutlass_fp8_weight_only"}
 PREFILL_PATHS = ("auto", *CUTLASS_WEIGHT_ONLY.values(), "weight-stationary", "triton GEMM", "dequant + cuBLAS", "cuda_w4a16",
                  "cuda_w8a16")
+
+
+def keeps_kernel(only, kernel: str) -> bool:
+    """Whether --paths ``only`` (parts of path names; empty: every path) keeps any path of ``kernel``,
+    whose paths are named "<kernel> <tile configuration>"."""
+    return not only or any(o in kernel or kernel in o for o in only)
 
 
 @functools.lru_cache(maxsize=None)

@@ -50,3 +50,10 @@ def test_a_prefill_row_shows_what_auto_runs():
     assert cells[5 + B.PREFILL_PATHS.index("cuda_w8a16")] == "11.1 (1.42x)"
     assert cells[5 + B.PREFILL_PATHS.index("cuda_w4a16")] == "-"
     assert cells[-3:] == ["cuda_w8a16", "128x32x64 cooperative stream-K", "None"]
+
+
+def test_paths_that_leave_a_kernel_out_do_not_build_it():
+    assert B.keeps_kernel([], "cutlass_int8_weight_only")
+    assert B.keeps_kernel(["cuda", "cutlass"], "cutlass_int8_weight_only")
+    assert B.keeps_kernel(["cutlass_int8_weight_only 128x32x128 cooperative"], "cutlass_int8_weight_only")
+    assert not B.keeps_kernel(["cuda", "dequant"], "cutlass_int8_weight_only")
