@@ -100,23 +100,33 @@ def prepare(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 def warps_for(m: int, tiles: int, sms: int) -> int:
-    """Warps a CTA: 4 for up to 8 tokens where the row tiles are at least two per SM, else 8 (as
-    ``cuda_w4a16.warps_for``).  H200, int8 weight-only, us with 8 / 4 warps at M = 1 and at M = 8
+    """Warps a CTA: 4 for up to 16 tokens where the row tiles are at least two per SM, else 8.
+    H200, int8 weight-only, us with 8 / 4 warps at M = 1 and at M = 8
     (benchmarks/results/h200/decode/cuda_warps; fp8 weight-only, fp8_rowwise and fp8_block alike):
     N = 28672 35.3 / 32.7 and 35.7 / 33.3, N = 14336 19.1 / 17.9 and 19.3 / 18.3 (896 and 448 tiles of
-    32 rows); N = 6144 10.7 / 10.8 (192); K = 14336, N = 4096 18.4 / 25.3 (128); N = 1024 5.4 / 7.4."""
-    return 4 if m <= 8 and tiles >= 2 * sms else 8
+    32 rows); N = 6144 10.7 / 10.8 (192); K = 14336, N = 4096 18.4 / 25.3 (128); N = 1024 5.4 / 7.4.
+    At M = 16 (.../decode/cuda_w8a16/warps16/confirm, 32-row tiles): N = 14336 int8 / fp8 weight-only
+    26.6 / 25.6 against 23.1 / 22.2, fp8_block 24.3 / 21.0, fp8_rowwise 21.8 / 20.4; N = 28672
+    (gate/up) int8 weight-only 44.8 / 45.6, fp8_block 40.6 / 37.8, int8_rowwise 36.6 / 33.3.  Above
+    16 tokens (several CTAs along M) not measured: 8."""
+    return 4 if m <= 16 and tiles >= 2 * sms else 8
 
 
 def w8_row_tiles(m: int, n_total: int, sms: int, block: bool = False) -> int:
-    """16-row tiles a warp: ``row_tiles_for``'s 1 or 2, but 3 (48 channels a tile) above 8 tokens with
-    a scale per channel or per tensor (``block``: fp8_block's 128x128 blocks, never) where 32-row
-    tiles fill under 80% of the SMs' last round and 48-row ones at least 90% (one CTA of 16 tokens
-    an SM): q/k/v together, N = 6144, take 128 tiles of 48 rows for one round where 192 of 32 take
-    two."""
+    """16-row tiles a warp: ``row_tiles_for``'s 1 or 2, but above 8 tokens
+
+    * 3 (48 channels a tile) with a scale per channel or per tensor where 32-row tiles fill under 80%
+      of the SMs' last round and 48-row ones at least 90% (one CTA of 16 tokens an SM): q/k/v
+      together, N = 6144, take 128 tiles of 48 rows for one round where 192 of 32 take two;
+    * for fp8_block (``block``: its tiles stay inside 128x128 weight blocks, so never 48 rows), up
+      to 16 tokens, 1 where 16-row tiles make two an SM and 32-row ones do not, so the CTAs take 4
+      warps (:func:`warps_for`): H200, M = 16, q/k/v 13.0 us in 32-row tiles of 8 warps, 10.9 in
+      16-row tiles of 4 (benchmarks/results/h200/decode/cuda_w8a16/warps16/confirm)."""
     rows = row_tiles_for(m, n_total, sms)
-    if m <= 8 or block or rows != 2:
+    if m <= 8 or rows != 2:
         return rows
+    if block:
+        return 1 if m <= 16 and -(-n_total // 32) < 2 * sms <= -(-n_total // 16) else rows
     return 3 if wide_tiles_fill_better(n_total, sms) else rows
 
 
@@ -191,8 +201,8 @@ def _launch(entry: str, x: torch.Tensor, sx: Optional[torch.Tensor], sx_stride: 
     :func:`warps_for` and ``pdl_for``'s rule; ``fused``: the prologue and residuals."""
     prepared, converted = layers
     m, k = x.shape
-    if warps is not None and warps not in (4, 8) or warps == 4 and m > 8:
-        raise ValueError(f"warps a CTA: 8, or 4 for up to 8 tokens (M <= 8); got {warps} at M = {m}")
+    if warps is not None and warps not in (4, 8):
+        raise ValueError(f"warps a CTA: 8 or 4; got {warps}")
     outs = [torch.empty((m, n), device=x.device, dtype=out_dtype) for *_, n in prepared]
     res = residual_operands(fused.residuals, m, [n for *_, n in prepared], out_dtype, x.device)
     if m == 0 or not prepared:

@@ -31,7 +31,7 @@ def cases(draw):
         dtype=draw(st.sampled_from([torch.bfloat16, torch.float16, torch.float32])),
         bias=draw(st.booleans()),
         row_tiles=draw(st.sampled_from([None, 1, 2, 3] if m > 8 else [None, 1, 2])),  # 48 rows above 8 tokens
-        warps=draw(st.sampled_from([None, 8, 4] if m <= 8 else [None, 8])),  # 4 warps a CTA up to M = 8
+        warps=draw(st.sampled_from([None, 8, 4])),
     )
 
 
@@ -67,6 +67,9 @@ def _runs_here():
 @example(dict(scheme="int8_rowwise", m=16, ns=[4096, 1024, 1024], k=4096, dtype=torch.bfloat16, bias=True,
               row_tiles=None), 5)  # q/k/v at 16 tokens: the rule's 48-row tiles (int32 sums)
 @example(dict(scheme="fp8_tensor", m=25, ns=[100, 17], k=640, dtype=torch.float16, bias=False, row_tiles=3), 6)  # ragged, 2 token tiles
+# 4 warps a CTA above 8 tokens: 48-row tiles (int32 sums), and two slices of tokens
+@example(dict(scheme="int8_rowwise", m=16, ns=[300, 60], k=640, dtype=torch.bfloat16, bias=True, row_tiles=3, warps=4), 7)
+@example(dict(scheme="fp8_tensor", m=25, ns=[100], k=4096, dtype=torch.float16, bias=False, row_tiles=2, warps=4), 8)
 def test_matches_reference_on_gpu(case, seed):
     ok, why = _runs_here()
     if not ok:
@@ -101,7 +104,10 @@ def test_refuses_bad_arguments():
 
 def test_row_tiles_rule():
     assert CW.w8_row_tiles(16, 6144, 132) == 3  # q/k/v: 192 tiles of 32 rows fill 73% of a second round, 128 of 48 one
-    assert CW.w8_row_tiles(16, 6144, 132, block=True) == 2  # fp8_block: a tile stays in its 128-row block
+    # fp8_block (a tile stays in its 128-row block): 16 rows where they, and not 32, make two tiles an SM
+    assert CW.w8_row_tiles(16, 6144, 132, block=True) == 1
+    assert CW.w8_row_tiles(32, 6144, 132, block=True) == 2  # above 16 tokens not measured: 32 rows
+    assert CW.w8_row_tiles(16, 4096, 132, block=True) == 2  # 16-row tiles would be under two an SM
     assert CW.w8_row_tiles(16, 14336, 132, block=True) == 2  # fp8_block at 16 tokens: 32 rows where they fill the SMs
     assert CW.w8_row_tiles(8, 6144, 132) == 2  # up to 8 tokens: 32 rows (several CTAs an SM)
     assert CW.w8_row_tiles(16, 14336, 132) == 2  # 448 tiles fill 85%: 32 rows
@@ -138,7 +144,8 @@ def test_scales_are_one_value_or_one_per_row():
 def test_warps_rule():
     assert CW.warps_for(1, 896, 132) == 4 and CW.warps_for(8, 896, 132) == 4  # gate/up together
     assert CW.warps_for(1, 192, 132) == 8  # q/k/v: under two tiles an SM
-    assert CW.warps_for(16, 896, 132) == 8  # 16 tokens: 8 warps always
+    assert CW.warps_for(16, 448, 132) == 4  # 16 tokens, N = 14336
+    assert CW.warps_for(16, 128, 132) == 8 and CW.warps_for(17, 896, 132) == 8  # one tile an SM; several CTAs along M
 
 
 def test_abi_struct_sizes():
@@ -215,7 +222,7 @@ def sixteen_bit_cases(draw):
         bias=draw(st.booleans()),
         # 48-row tiles above 8 tokens, for a scale per channel (a tile of fp8_block stays in its 128-row block)
         row_tiles=draw(st.sampled_from([None, 1, 2, 3] if m > 8 and scheme in WO_SCHEMES else [None, 1, 2])),
-        warps=draw(st.sampled_from([None, 8, 4] if m <= 8 else [None, 8])),  # 4 warps a CTA up to M = 8
+        warps=draw(st.sampled_from([None, 8, 4])),
     )
 
 
@@ -261,6 +268,11 @@ def check_16bit(scheme, m, ns, k, dtype, bias, row_tiles, warps=None, seed=0):
 @example(dict(scheme="int8_weight_only", m=16, ns=[4096, 1024, 1024], k=4096, dtype=torch.bfloat16, bias=False,
               row_tiles=None), 13)  # q/k/v at 16 tokens: the rule's 48-row tiles
 @example(dict(scheme="fp8_weight_only", m=9, ns=[200, 60], k=14336, dtype=torch.float16, bias=True, row_tiles=3), 14)
+# 4 warps a CTA above 8 tokens, in each form
+@example(dict(scheme="fp8_block_q", m=16, ns=[200], k=4096, dtype=torch.bfloat16, bias=False, row_tiles=1, warps=4), 15)
+@example(dict(scheme="int8_weight_only", m=12, ns=[100, 40], k=14336, dtype=torch.float16, bias=True, row_tiles=2, warps=4), 16)
+@example(dict(scheme="fp8_block", m=14, ns=[300], k=640, dtype=torch.bfloat16, bias=True, row_tiles=2, warps=4), 17)
+@example(dict(scheme="fp8_weight_only", m=16, ns=[100], k=256, dtype=torch.float16, bias=False, row_tiles=3, warps=4), 18)
 def test_16bit_activation_forms_match_reference_on_gpu(case, seed):
     ok, why = _runs_here()
     if not ok:

@@ -566,12 +566,10 @@ cudaError_t launch(const Params& p, bool pdl, cudaStream_t stream) {
   return launch_persistent<w8_kernel<MODE, ELEM, X, O, TOK, R, W>, TOK, W * 32>(p, bytes, pdl, stream);
 }
 
-// 4 warps a CTA for up to 8 tokens (the caller's rule, cuda_w8a8.warps_for); 8 for any M
+// 4 or 8 warps a CTA, any M (the caller's rule: cuda_w8a8.warps_for)
 template <int MODE, int ELEM, typename X, typename O, int TOK, int R>
 cudaError_t dispatch_w(const Params& p, int warps, bool pdl, cudaStream_t stream) {
-  if constexpr (TOK <= 8) {
-    if (warps == 4) return launch<MODE, ELEM, X, O, TOK, R, 4>(p, pdl, stream);
-  }
+  if (warps == 4) return launch<MODE, ELEM, X, O, TOK, R, 4>(p, pdl, stream);
   return launch<MODE, ELEM, X, O, TOK, R, 8>(p, pdl, stream);
 }
 
@@ -634,7 +632,7 @@ static const char* qlp_check(const qlp::Params* p, int elem, int row_tiles, int 
   if (const char* why = qlp::check_segments<qlp::MAX_SEGMENTS, 3>(*p, row_tiles)) return why;
   if (row_tiles == 3 && (p->m <= 8 || block_scales))
     return "row_tiles 3 (48 channels a tile) needs more than 8 tokens and a scale per channel or per tensor";
-  if (warps != 8 && !(warps == 4 && p->m <= 8)) return "warps must be 8, or 4 for up to 8 tokens (M <= 8)";
+  if (warps != 8 && warps != 4) return "warps must be 8 or 4";
   if (p->k % 128 != 0) return "K must be a multiple of 128";
   if (elem != 0 && elem != 1) return "elem must be 0 (fp8 e4m3) or 1 (int8)";
   if (p->prologue < qlp::PRO_NONE || p->prologue > qlp::PRO_SILU_MUL) return "prologue must be 0 (none), 1 (rmsnorm) or 2 (silu_mul)";
@@ -649,8 +647,8 @@ static const char* qlp_check(const qlp::Params* p, int elem, int row_tiles, int 
 
 // W8A8, launched on `stream`.  elem: 0 fp8 e4m3, 1 int8; out_dtype: 0 bf16, 1 fp16, 2 fp32;
 // row_tiles: 1 or 2 (16 or 32 channels a tile), or 3 (48) above 8 tokens; the caller sets every
-// segment's `tiles` for rows of 16 * row_tiles and p->total_tiles to their sum.  warps: a CTA's, 8,
-// or 4 for up to 8 tokens.  pdl: 1 to launch with programmatic dependent launch (sm90+; the caller
+// segment's `tiles` for rows of 16 * row_tiles and p->total_tiles to their sum.  warps: a CTA's, 8
+// or 4.  pdl: 1 to launch with programmatic dependent launch (sm90+; the caller
 // vouches that the kernel before it in the stream wrote none of the layers' weights), 0 not.
 // Returns 0, or writes why not into err.
 int qlp_w8a8_decode(const qlp::Params* p, int elem, int out_dtype, int row_tiles, int warps, int pdl, void* stream,
