@@ -305,7 +305,7 @@ def bench_prefill(label, scheme, g, zp, k, n, m, only=None) -> dict:
         paths[cuda] = ((lambda ps: cuda_w4a16.w4a16_decode(x, int4_layout.mma16_of(ps[0]), ps[1], zero(ps), None, g))
                        if scheme == "w4a16" else (lambda ps: cuda_w8a8.w8a16_decode(x, ps[0], ps[1], None)))
     cutlass = _cutlass_weight_only(scheme, g, zp, k, n)
-    if cutlass is not None and not keeps_kernel(only, cutlass[0].name):
+    if cutlass is not None and not keeps_kernel(only, cutlass[0].name, list(paths)):
         cutlass = None  # --paths leaves it out: not built either (its first build takes minutes)
     if cutlass is not None:
         kernel, spec = cutlass
@@ -361,10 +361,11 @@ PREFILL_PATHS = ("auto", *CUTLASS_WEIGHT_ONLY.values(), "weight-stationary", "tr
                  "cuda_w8a16")
 
 
-def keeps_kernel(only, kernel: str) -> bool:
-    """Whether --paths ``only`` (parts of path names; empty: every path) keeps any path of ``kernel``,
-    whose paths are named "<kernel> <tile configuration>"."""
-    return not only or any(o in kernel or kernel in o for o in only)
+def keeps_kernel(only, kernel: str, others) -> bool:
+    """Whether --paths ``only`` (parts of path names; empty: every path) may keep a path of ``kernel``,
+    whose paths are named "<kernel> <tile configuration>" (known once it is built): a part that names
+    the kernel, or one that is part of none of the ``others`` paths (it may name a configuration)."""
+    return not only or any(o in kernel or kernel in o or not any(o in nm for nm in others) for o in only)
 
 
 @functools.lru_cache(maxsize=None)

@@ -53,7 +53,9 @@ def test_a_prefill_row_shows_what_auto_runs():
 
 
 def test_paths_that_leave_a_kernel_out_do_not_build_it():
-    assert B.keeps_kernel([], "cutlass_int8_weight_only")
-    assert B.keeps_kernel(["cuda", "cutlass"], "cutlass_int8_weight_only")
-    assert B.keeps_kernel(["cutlass_int8_weight_only 128x32x128 cooperative"], "cutlass_int8_weight_only")
-    assert not B.keeps_kernel(["cuda", "dequant"], "cutlass_int8_weight_only")
+    kernel, others = "cutlass_int8_weight_only", ["weight-stationary", "triton GEMM", "dequant + cuBLAS", "cuda_w8a16"]
+    assert B.keeps_kernel([], kernel, others)
+    assert B.keeps_kernel(["cuda", "cutlass"], kernel, others)
+    assert B.keeps_kernel(["cutlass_int8_weight_only 128x32x128 cooperative"], kernel, others)
+    assert B.keeps_kernel(["x32x128 cooperative stream-K"], kernel, others)  # a configuration
+    assert not B.keeps_kernel(["cuda", "dequant"], kernel, others)
