@@ -291,7 +291,7 @@ def fused_cases(draw):
     ns = draw(st.lists(st.integers(1, 300), min_size=1, max_size=3))
     return dict(scheme=scheme, prologue=prologue, m=m, ns=ns, k=draw(st.sampled_from([128, 640, 4096, 14336])),
                 dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])), residual=[draw(st.booleans()) for _ in ns],
-                warps=draw(st.sampled_from([None, 8, 4] if m <= 8 else [None, 8])))
+                warps=draw(st.sampled_from([None, 8, 4])))
 
 
 def check_fused(scheme, prologue, m, ns, k, dtype, residual, warps=None, seed=0):
@@ -338,6 +338,11 @@ def check_fused(scheme, prologue, m, ns, k, dtype, residual, warps=None, seed=0)
               residual=[True], warps=None), 0)  # o_proj at batch 8
 @example(dict(scheme="fp8_block_q", prologue="", m=13, ns=[300, 48], k=640, dtype=torch.float16,
               residual=[True, True], warps=None), 0)
+# residuals at 16 tokens in CTAs of 4 warps: fp8_block_q's 32-row tiles store in a plain loop
+@example(dict(scheme="fp8_block_q", prologue="", m=16, ns=[4096], k=640, dtype=torch.bfloat16,
+              residual=[True], warps=4), 0)
+@example(dict(scheme="int8_weight_only", prologue="", m=16, ns=[4096], k=4096, dtype=torch.float16,
+              residual=[True], warps=4), 0)
 def test_fused_matches_reference_on_gpu(case, seed):
     ok, why = _runs_here()
     if not ok:
