@@ -3,7 +3,7 @@
 and the kernel's rule timed side by side with bf16 ``F.linear``: the measurement behind the rules.
 
 * ``--knob warps``: CTAs of 8 warps, of 4, and as ``cuda_w4a16.warps_for`` / ``cuda_w8a8.warps_for``
-  pick (4 warps serve one token in the w4a16 kernel, up to 8 in the 8-bit one);
+  pick (4 warps serve one token in the w4a16 kernel, any M in the 8-bit one);
 * ``--knob rows``: row tiles of 16, 32 and 48 channels (48 in the w4a16 kernel at 1-8 tokens, in
   the 8-bit one above 8 tokens with a scale per channel or per tensor) and as
   ``cuda_w4a16.w4a16_row_tiles`` / ``cuda_w8a8.w8_row_tiles`` pick.
@@ -129,7 +129,7 @@ def command_line(name: str, doc: str, schemes: tuple, argv, add=None) -> Optiona
 def serves(knob: str, value: Optional[int], scheme: str, m: int) -> bool:
     """Whether the kernel takes this value of the knob here."""
     if knob == "warps":
-        return value != 4 or m <= (1 if scheme == "w4a16" else 8)
+        return value != 4 or scheme != "w4a16" or m == 1
     return value != 3 or serves_48_rows(scheme, m)
 
 
