@@ -137,7 +137,7 @@ def bind(lib: ctypes.CDLL, prefix: str, params: type, max_segments: int, abi_ver
 def _build(path: str, library: str, capability: tuple[int, int], folder: Path, so: Path, what: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     _say(f"building {what} for sm_{capability[0]}{capability[1]} with nvcc (first use on this machine only, "
-         f"seconds; cached under {folder})")
+         f"a minute or two; cached under {folder})")
     start = time.monotonic()
     tmp = so.with_suffix(".tmp.so")
     cmd = _command(path, library, capability, tmp)
