@@ -126,7 +126,7 @@ def w8_row_tiles(m: int, n_total: int, sms: int, block: bool = False) -> int:
     if m <= 8 or rows != 2:
         return rows
     if block:
-        return 1 if m <= 16 and -(-n_total // 32) < 2 * sms <= -(-n_total // 16) else rows
+        return 1 if warps_for(m, -(-n_total // 16), sms) == 4 != warps_for(m, -(-n_total // 32), sms) else rows
     return 3 if wide_tiles_fill_better(n_total, sms) else rows
 
 
