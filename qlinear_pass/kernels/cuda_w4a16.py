@@ -60,10 +60,10 @@ class _Params(ctypes.Structure):
 
 def check_group_size(k: int, group_size: int) -> str:
     """Why the kernel cannot run K with this group size ("" when it can)."""
-    if group_size not in (32, 64) and (group_size <= 0 or group_size % 128):
-        return f"the int4 decode kernel takes groups of 32, 64 or a multiple of 128, not {group_size}"
-    if k % 128 or k % group_size:
-        return f"the int4 decode kernel needs K divisible by 128 and by the group size (K={k}, group {group_size})"
+    if group_size not in (32, 64, 128):  # a chunk of 128 k reads 128 / G scales of a row
+        return f"the int4 decode kernel takes groups of 32, 64 or 128, not {group_size}"
+    if k % 128:
+        return f"the int4 decode kernel needs K divisible by 128 (K={k}, group {group_size})"
     return ""
 
 

@@ -250,9 +250,10 @@ def test_refuses_bad_arguments():
     z = torch.zeros(8, 2, dtype=torch.uint8)
     with pytest.raises(ValueError, match="all have zero points or all have none"):
         CW.w4a16_decode_group(x, [CW.Layer(w, s, z, None), CW.Layer(w, s, None, None)], 128)
-    assert "groups of 32, 64 or a multiple of 128" in CW.check_group_size(256, 16)
+    assert "groups of 32, 64 or 128" in CW.check_group_size(256, 16)
+    assert "groups of 32, 64 or 128" in CW.check_group_size(4096, 256)  # a scale a chunk of 128 at most
     assert "K divisible by 128" in CW.check_group_size(192, 64)
-    assert CW.check_group_size(4096, 128) == "" and CW.check_group_size(4096, 256) == ""
+    assert CW.check_group_size(4096, 128) == "" and CW.check_group_size(4096, 32) == ""
 
 
 def test_warps_rule_and_its_limits():

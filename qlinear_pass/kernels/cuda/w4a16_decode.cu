@@ -811,8 +811,9 @@ int qlp_w4a16_decode(const qlp::Params* p, int dtype, int row_tiles, int warps, 
   if (const char* why = qlp::check_segments<qlp::MAX_SEGMENTS, 3>(*p, row_tiles)) return fail(why);
   if (row_tiles == 3 && (p->m > 8 || (p->m == 1 && warps != 8)))
     return fail("row_tiles 3 (48 channels a tile) needs 1 to 8 tokens, and 8 warps for one token");
-  if (p->group != 32 && p->group != 64 && p->group % 128 != 0) return fail("group size must be 32, 64 or a multiple of 128");
-  if (p->k % 128 != 0 || p->k % p->group != 0) return fail("K must be a multiple of 128 and of the group size");
+  // a chunk of 128 k reads 128 / G scales of a row (one for G = 128): a larger group would need a scale shared by chunks
+  if (p->group != 32 && p->group != 64 && p->group != 128) return fail("group size must be 32, 64 or 128");
+  if (p->k % 128 != 0) return fail("K must be a multiple of 128");
   for (int i = 0; i < p->nseg; ++i) {
     if (p->seg[i].n % 16 != 0) return fail("every layer's N must be a multiple of 16 (whole atoms of the weight layout)");
     if (!p->seg[i].z != !p->seg[0].z) return fail("the layers of a launch must all have zero points or all have none");
