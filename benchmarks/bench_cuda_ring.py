@@ -169,10 +169,15 @@ def build_all(variants: dict, folder: Path, sources: Optional[dict] = None) -> d
     built into ``folder`` side by side, one nvcc each: name -> its loaded library.  ``sources``:
     name -> another w4a16_decode.cu to build that variant from."""
     sources = sources or {}
-    with ThreadPoolExecutor(max_workers=len(variants)) as pool:
-        built = {name: pool.submit(build, name, {k: v for k, v in d.items() if k.startswith("QLP_")}, folder,
-                                   sources.get(name)) for name, d in variants.items()}
-        return {name: f.result() for name, f in built.items()}
+    # variants of the same defines and source share one build
+    keys = {name: (tuple(sorted((k, v) for k, v in d.items() if k.startswith("QLP_"))), str(sources.get(name)))
+            for name, d in variants.items()}
+    first = {}
+    for name, key in keys.items():
+        first.setdefault(key, name)
+    with ThreadPoolExecutor(max_workers=len(first)) as pool:
+        built = {key: pool.submit(build, name, dict(key[0]), folder, sources.get(name)) for key, name in first.items()}
+        return {name: built[key].result() for name, key in keys.items()}
 
 
 def main(argv=None) -> int:
