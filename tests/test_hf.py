@@ -101,6 +101,33 @@ class CountingForward:
         return out
 
 
+def same_tokens_or_a_tie(out, ref, prompt_len: int, tol: float) -> int:
+    """The steps whose logits to compare: every one where the greedy tokens agree.  They may part
+    only where the eager logits of the two tokens tie within ``tol`` of their largest (16-bit
+    rounding picks either; bf16 ties exactly now and then), and after that the inputs differ."""
+    a, b = out.sequences[0].tolist(), ref.sequences[0].tolist()
+    if a == b:
+        return len(ref.logits)
+    first = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    step = first - prompt_len
+    logits = ref.logits[step][0].float()
+    gap = (logits[b[first]] - logits[a[first]]).abs().item()
+    assert gap <= tol * logits.abs().max().item(), (f"greedy tokens part at step {step} ({a[first]} against eager's "
+                                                     f"{b[first]}) where eager's logits differ by {gap:.3g}: not a tie")
+    return step + 1
+
+
+def test_a_part_only_at_a_tie_is_accepted():
+    from types import SimpleNamespace as NS
+
+    logits = [torch.tensor([[0.0, 1.0, 0.5]]), torch.tensor([[0.25, 0.5, 0.5]])]
+    ref = NS(sequences=torch.tensor([[7, 1, 1]]), logits=logits)
+    assert same_tokens_or_a_tie(NS(sequences=torch.tensor([[7, 1, 1]])), ref, 1, 1e-2) == 2
+    assert same_tokens_or_a_tie(NS(sequences=torch.tensor([[7, 1, 2]])), ref, 1, 1e-2) == 2  # 0.5 against 0.5
+    with pytest.raises(AssertionError, match="part at step 0 .* not a tie"):
+        same_tokens_or_a_tie(NS(sequences=torch.tensor([[7, 2, 2]])), ref, 1, 1e-2)  # 0.5 against 1.0
+
+
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_generate_compiled_matches_eager(case):
     model = tiny_model(case.arch, case.dtype)
@@ -118,10 +145,10 @@ def test_generate_compiled_matches_eager(case):
         with torch.no_grad():
             out = model.generate(prompt, **GENERATE)
 
-        assert out.sequences.tolist() == ref.sequences.tolist()
         assert len(out.logits) == len(ref.logits) == GENERATE["max_new_tokens"]
         tol = S.TOLERANCE[case.dtype]
-        for step, (a, b) in enumerate(zip(out.logits, ref.logits)):
+        steps = same_tokens_or_a_tie(out, ref, prompt.shape[1], tol)
+        for step, (a, b) in enumerate(zip(out.logits[:steps], ref.logits[:steps])):
             err = S.relative_error(a, b)
             assert err <= tol, f"step {step}: logits relative error {err:.3g} > {tol}"
 
