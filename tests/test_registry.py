@@ -241,9 +241,9 @@ def test_only_kernels_that_read_a_layout_may_take_a_layer_holding_it():
     R._load_backends()
     spec = qp.LayerSpec("w4a16", 64, 128, torch.bfloat16, torch.bfloat16, group_size=128, weight_layout="mma16")
     readers = {k.name for k in R._KERNELS.values() if "w4a16" in k.schemes and SEL.reads_layout(k, spec)[0]}
-    assert readers == {"emulation", "cuda_w4a16", "cutlass_w4a16"}
+    assert readers == {"emulation", "cuda_w4a16", "cutlass_w4a16", "triton_weight_only"}
     public = dataclasses.replace(spec, weight_layout="public")
     assert all(SEL.reads_layout(k, public)[0] for k in R._KERNELS.values())
-    ok, why = SEL.reads_layout(R.get_kernel("triton_weight_only"), spec)
+    ok, why = SEL.reads_layout(R.get_kernel("torch_int4pack"), spec)
     assert not ok and why.startswith("reads the weight in the public layout, not the mma16 layout")
     assert "(mma16 layout)" in spec.short() and qp.LayerSpec.from_json(spec.to_json()) == spec

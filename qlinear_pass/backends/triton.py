@@ -14,6 +14,11 @@ weight-only GEMM dequantising in registers (for w4a16 up to M = 64 the weight-st
 one, ``WEIGHT_STATIONARY_MAX_M``), or above M = 128 (``DEQUANT_ABOVE_M``) one dequantising pass
 over the weight and cuBLAS.
 
+A w4a16 layer that holds its weight in the MMA-fragment layout (``weight_layout="mma16"``,
+``kernels/int4_layout.py``) takes the dequantising pass and cuBLAS at every M: the Triton path
+that reads that layout, what ``auto`` runs such a layer on where ``cutlass_w4a16`` cannot run
+(CUTLASS not installed, not Hopper) above the M that ``cuda_w4a16`` serves.
+
 The path is chosen by M inside the op, so one compiled graph serves prefill
 and decode.  On a machine without a GPU the kernels run through Triton's
 interpreter when ``TRITON_INTERPRET=1`` (that is how CI checks them).
@@ -144,6 +149,7 @@ class TritonW8A8(_TritonKernel):
 class TritonWeightOnly(_TritonKernel):
     name = "triton_weight_only"
     schemes = ("int8_weight_only", "fp8_weight_only", "w4a16")
+    weight_layouts = ("public", "mma16")  # mma16: through the dequantising pass only
 
     def can_implement(self, spec: LayerSpec):
         if spec.act_dtype not in (torch.bfloat16, torch.float16):
@@ -162,7 +168,7 @@ class TritonWeightOnly(_TritonKernel):
 
         if spec.scheme == "w4a16":
             w, s, z = params
-            return w, s, z, T.W_INT4, spec.group_size
+            return w, s, z, T.W_INT4_MMA16 if spec.weight_layout == "mma16" else T.W_INT4, spec.group_size
         (w, s), z = params[:2], None
         return w, s, z, (T.W_INT8 if spec.scheme == "int8_weight_only" else T.W_FP8), 0
 
@@ -171,7 +177,7 @@ class TritonWeightOnly(_TritonKernel):
 
         x = x if x.dim() == 2 else x.reshape(-1, specs[0].k)
         g = specs[0].group_size if specs[0].scheme == "w4a16" else 0
-        if _decode_serves(specs[0].scheme, x.shape[0]) and D.fits(specs[0].k, g):
+        if _decode_serves(specs[0].scheme, x.shape[0]) and D.fits(specs[0].k, g) and specs[0].weight_layout != "mma16":
             layers = [D.Layer(*self._params(s, p)[:3], b) for s, p, b in zip(specs, params, biases)]
             return D.decode_gemm_group(x, layers, None, specs[0].out_dtype, w_kind=_decode_weight(layers[0].w),
                                        w_scale=D.Weight.GROUP if g else D.Weight.CHANNEL, act=D.Act.FLOAT, group_size=g)
@@ -184,6 +190,8 @@ class TritonWeightOnly(_TritonKernel):
         x = x if x.dim() == 2 else x.reshape(-1, spec.k)
         m = x.shape[0]
         w, s, z, kind, g = self._params(spec, params)
+        if kind == T.W_INT4_MMA16:  # the one path that reads this layout
+            return T.dequant_linear(x.contiguous(), w, s, z, bias, spec.out_dtype, kind=kind, group_size=g)
         if _decode_serves(spec.scheme, m) and D.fits(spec.k, g):
             return D.decode_gemm(x, w, s, z, None, bias, spec.out_dtype, w_kind=_decode_weight(w),
                                  w_scale=D.Weight.GROUP if g else D.Weight.CHANNEL, act=D.Act.FLOAT, group_size=g)

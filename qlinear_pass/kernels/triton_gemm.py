@@ -39,10 +39,14 @@ A_TENSOR, A_TOKEN, A_GROUP = 1, 2, 3
 W_TENSOR, W_CHANNEL, W_BLOCK = 1, 2, 3
 # weight storage
 W_INT8, W_FP8, W_INT4 = 0, 1, 2
+#: packed int4 in the MMA-fragment layout of kernels/int4_layout.py ([N/16, K/16, 128] bytes): read by the
+#: dequantising pass only
+W_INT4_MMA16 = 3
 # the same, readable inside kernels (a @jit function may only read constexpr globals)
 _A_TENSOR = tl.constexpr(A_TENSOR)
 _W_TENSOR, _W_BLOCK = tl.constexpr(W_TENSOR), tl.constexpr(W_BLOCK)
 _W_INT4 = tl.constexpr(W_INT4)
+_W_INT4_MMA16 = tl.constexpr(W_INT4_MMA16)
 
 
 def interpreting() -> bool:
@@ -433,22 +437,38 @@ def _dequant_kernel(W, SW, ZW, OUT, N, K, stride_wn, stride_sn, stride_zn, strid
                     W_KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZERO: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """OUT[n, k] = dequant(W)[n, k] in OUT's 16-bit dtype: int8 / fp8 per channel, or packed int4
-    groups (low nibble = even k) with optional zero points.  BLOCK_K % GROUP_SIZE == 0, K % BLOCK_K == 0."""
+    groups with optional zero points, in the public layout (low nibble = even k) or the MMA-fragment
+    one (W_INT4_MMA16: stride_wn the bytes between 16-row blocks).  BLOCK_K % GROUP_SIZE == 0,
+    K % BLOCK_K == 0, and for the MMA-fragment layout BLOCK_N and BLOCK_K multiples of 16."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     k0 = tl.program_id(1) * BLOCK_K
-    if W_KIND == _W_INT4:
-        HALF: tl.constexpr = BLOCK_K // 2
+    if W_KIND == _W_INT4 or W_KIND == _W_INT4_MMA16:
         GPT: tl.constexpr = BLOCK_K // GROUP_SIZE
-        offs_h = tl.arange(0, HALF)
-        p = tl.load(W + offs_n[:, None].to(tl.int64) * stride_wn + k0 // 2 + offs_h[None, :], mask=mask_n[:, None], other=0)
+        if W_KIND == _W_INT4:
+            HALF: tl.constexpr = BLOCK_K // 2
+            offs_h = tl.arange(0, HALF)
+            p = tl.load(W + offs_n[:, None].to(tl.int64) * stride_wn + k0 // 2 + offs_h[None, :], mask=mask_n[:, None], other=0)
+            q = tl.reshape(tl.join((p & 0xF).to(tl.float32), (p >> 4).to(tl.float32)), [BLOCK_N, GPT, GROUP_SIZE])
+        else:
+            # value (n, k) lies in atom (n / 16, k / 16), in the word of lane 4 g + t (g = n % 8,
+            # t = k % 8 / 2) as fragment value v = e + 2 hi + 4 kh (e = k % 2, hi = n % 16 / 8,
+            # kh = k % 16 / 8), at nibble 4 (v % 2) + v / 2 of the word (int4_layout.py)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            r = offs_n % 16
+            c = offs_k % 16
+            v = (c % 2)[None, :] + 2 * (r // 8)[:, None] + 4 * (c // 8)[None, :]
+            nib = v // 2 + 4 * (v % 2)
+            lane = 4 * (r % 8)[:, None] + ((c % 8) // 2)[None, :]
+            at = (offs_n // 16)[:, None].to(tl.int64) * stride_wn + ((offs_k // 16) * 128)[None, :] + 4 * lane + nib // 2
+            b = tl.load(W + at, mask=mask_n[:, None], other=0).to(tl.int32)
+            q = tl.reshape(((b >> (4 * (nib % 2))) & 0xF).to(tl.float32), [BLOCK_N, GPT, GROUP_SIZE])
         gidx = k0 // GROUP_SIZE + tl.arange(0, GPT)
         s = tl.load(SW + offs_n[:, None].to(tl.int64) * stride_sn + gidx[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)
         if HAS_ZERO:
             z = tl.load(ZW + offs_n[:, None].to(tl.int64) * stride_zn + gidx[None, :], mask=mask_n[:, None], other=0).to(tl.float32)
         else:
             z = tl.full([BLOCK_N, GPT], 8.0, tl.float32)
-        q = tl.reshape(tl.join((p & 0xF).to(tl.float32), (p >> 4).to(tl.float32)), [BLOCK_N, GPT, GROUP_SIZE])
         w = tl.reshape((q - z[:, :, None]) * s[:, :, None], [BLOCK_N, BLOCK_K])
     else:
         offs_k = tl.arange(0, BLOCK_K)
@@ -459,8 +479,11 @@ def _dequant_kernel(W, SW, ZW, OUT, N, K, stride_wn, stride_sn, stride_zn, strid
 
 
 def dequantize(w, sw, zw, dtype: torch.dtype, *, kind: int, k: int, group_size: int = 0) -> torch.Tensor:
-    """The weight as a dense [N, K] tensor of ``dtype`` (bf16 / fp16), one pass over it."""
-    n = w.shape[0]
+    """The weight as a dense [N, K] tensor of ``dtype`` (bf16 / fp16), one pass over it (``kind``
+    W_INT4_MMA16: ``w`` in the MMA-fragment layout, [N/16, K/16, 128])."""
+    n = w.shape[0] * (16 if kind == W_INT4_MMA16 else 1)
+    if kind == W_INT4_MMA16 and w.stride()[1:] != (128, 1):
+        w = w.contiguous()  # the kernel walks an atom's 128 bytes and a block's atoms by these strides
     out = torch.empty((n, k), device=w.device, dtype=dtype)
     block_k = 256 if k % 256 == 0 and (not group_size or 256 % group_size == 0) else 128
     if k % block_k or (group_size and block_k % group_size):

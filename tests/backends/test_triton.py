@@ -24,15 +24,20 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_direct(scheme, m, n, k, *, act_input, dtype=torch.bfloat16, bias=True, group_size=64, zero_points=False,
-               seed=0, device=DEVICE, poison=False, kernel=None, **run_kwargs):
-    """Call the kernel's run() directly (what the custom op does) and compare with the reference."""
+               seed=0, device=DEVICE, poison=False, kernel=None, layout="public", **run_kwargs):
+    """Call the kernel's run() directly (what the custom op does) and compare with the reference
+    (``layout`` "mma16": a w4a16 weight held in the MMA-fragment layout)."""
     sch = S.get_scheme(scheme)
     static = act_input == "static"
     x, params, b, xs, ref = kernel_case(scheme, m, n, k, static=static, group_size=group_size,
                                         zero_points=zero_points, dtype=dtype, bias=bias, seed=seed, device=device)
     spec = dict(scheme=scheme, n=n, k=k, act_dtype=x.dtype, out_dtype=dtype, has_bias=bias,
                 group_size=group_size if scheme == "w4a16" else None, zero_points=zero_points,
-                act_input=act_input, device=device, m=m)
+                act_input=act_input, device=device, m=m, weight_layout=layout)
+    if layout == "mma16":
+        from qlinear_pass.kernels.int4_layout import to_mma16
+
+        params = [to_mma16(params[0]), *params[1:]]
     if static:
         params = params + [xs]
     if poison and device == "cuda":
@@ -87,6 +92,45 @@ def test_dequantize_is_the_reference_weight(scheme, group, zp, dtype):
     else:
         ulp = torch.finfo(dtype).eps * ref32.abs() + torch.finfo(dtype).smallest_normal
         assert ((out.float() - ref32).abs() <= ulp).all()
+
+
+# a w4a16 weight in the MMA-fragment layout: the dequantising pass at every M
+@pytest.mark.parametrize("m", [1, 40, 130])
+@pytest.mark.parametrize("group,zp", [(32, True), (128, False)])
+def test_w4a16_in_the_mma16_layout(group, zp, m):
+    run_direct("w4a16", m, 48, 256, act_input="none", group_size=group, zero_points=zp, layout="mma16")
+    if m == 1:  # the group path (q/k/v) as well
+        from qlinear_pass.kernels.int4_layout import to_mma16
+
+        x, p, b, _, ref = kernel_case("w4a16", 1, 32, 256, group_size=group, zero_points=zp, device=DEVICE)
+        spec = LayerSpec(scheme="w4a16", n=32, k=256, act_dtype=x.dtype, out_dtype=x.dtype, has_bias=True,
+                         group_size=group, zero_points=zp, device=DEVICE, m=1, weight_layout="mma16")
+        ys = get_kernel("triton_weight_only").run_group([spec, spec], x, [[to_mma16(p[0]), *p[1:]]] * 2, [b, b])
+        assert all(S.relative_error(y, ref) <= S.TOLERANCE[x.dtype] for y in ys)
+
+
+@st.composite
+def mma16_weights(draw):
+    return dict(n=16 * draw(st.integers(1, 6)), k=128 * draw(st.integers(1, 3)), group=draw(st.sampled_from([32, 64, 128])),
+                zp=draw(st.booleans()), dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])),
+                seed=draw(st.integers(0, 99)))
+
+
+@given(case=mma16_weights())
+@example(case=dict(n=16, k=128, group=128, zp=False, dtype=torch.bfloat16, seed=0))  # one atom row, one block
+@example(case=dict(n=96, k=384, group=32, zp=True, dtype=torch.float16, seed=1))  # K off the 256-wide block
+def test_dequantize_reads_the_mma16_layout_as_the_public_one(case):
+    """The pass over the MMA-fragment layout gives the same values as over the public bytes, bit for bit."""
+    from qlinear_pass.kernels import triton_gemm as T
+    from qlinear_pass.kernels.int4_layout import to_mma16
+
+    c = case
+    g = torch.Generator().manual_seed(c["seed"])
+    p = S.quantize_weight("w4a16", torch.randn(c["n"], c["k"], generator=g), group_size=c["group"], zero_points=c["zp"])
+    w, s, z = (None if p.get(nm) is None else p[nm].to(DEVICE) for nm in S.get_scheme("w4a16").param_names)
+    public = T.dequantize(w, s, z, c["dtype"], kind=T.W_INT4, k=c["k"], group_size=c["group"])
+    packed = T.dequantize(to_mma16(w), s, z, c["dtype"], kind=T.W_INT4_MMA16, k=c["k"], group_size=c["group"])
+    assert torch.equal(packed, public)
 
 
 def test_fp16_and_no_bias():

@@ -91,6 +91,7 @@ def test_quantize_kernel_compiles(qdt, is_int8, group):
 
 
 @pytest.mark.parametrize("kind,wdt,group,zero", [(T.W_INT4, "u8", 128, True), (T.W_INT4, "u8", 32, False),
+                                                 (T.W_INT4_MMA16, "u8", 128, True), (T.W_INT4_MMA16, "u8", 32, False),
                                                  (T.W_INT8, "i8", 0, False), (T.W_FP8, "fp8e4nv", 0, False)])
 def test_dequant_kernel_compiles(kind, wdt, group, zero):
     types = {"W": f"*{wdt}", "SW": "*fp32", "ZW": "*u8", "OUT": "*bf16",
