@@ -273,7 +273,8 @@ def _cuda_kernel(scheme: str):
 def bench_prefill(label, scheme, g, zp, k, n, m, only=None) -> dict:
     """Weight-only at M = 16 .. 4096: our CUTLASS kernel of the scheme in every tile configuration, the
     weight-stationary tensor-core GEMM, the Triton GEMM that dequantises every tile in its mainloop, one
-    dequantising pass + cuBLAS, our CUDA decode kernels (cuda_w4a16, cuda_w8a16; M <= 64) and bf16
+    dequantising pass + cuBLAS (for w4a16 also from the MMA-fragment layout, the path of a layer holding
+    it where CUTLASS cannot run), our CUDA decode kernels (cuda_w4a16, cuda_w8a16; M <= 128) and bf16
     F.linear; weights rotated as above.  ``auto`` records the kernel ``auto`` picks for a layer of this
     M (and, for CUTLASS, the tile configuration it runs), and ``us["auto"]`` that path's time."""
     from qlinear_pass.kernels import triton_gemm as T
@@ -298,7 +299,12 @@ def bench_prefill(label, scheme, g, zp, k, n, m, only=None) -> dict:
         "dequant + cuBLAS": lambda ps: T.dequant_linear(x, ps[0], ps[1], zero(ps), None, torch.bfloat16,
                                                         kind=kind, group_size=g),
     }
-    cuda = _cuda_kernel(scheme) if m <= 64 else None
+    if scheme == "w4a16":
+        from qlinear_pass.kernels import int4_layout
+
+        paths["dequant (mma16) + cuBLAS"] = lambda ps: T.dequant_linear(
+            x, int4_layout.mma16_of(ps[0]), ps[1], zero(ps), None, torch.bfloat16, kind=T.W_INT4_MMA16, group_size=g)
+    cuda = _cuda_kernel(scheme) if m <= 128 else None
     if cuda is not None:
         from qlinear_pass.kernels import cuda_w4a16, cuda_w8a8, int4_layout
 

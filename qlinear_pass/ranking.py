@@ -13,7 +13,9 @@ Hopper GPU a ``fp8_block`` layer whose M is 2..16 tries ``a``, then ``b``, then 
 M buckets are :data:`M_BUCKETS`: M <= 1, <= 16, <= 128, <= 1024 and larger (``None``).
 A row may name activation dtypes (``act_dtypes``) where the measurements split by them (the
 CPU's int8pack / int4pack ops win with bfloat16 and lose with float32); a row without them
-serves every other dtype.
+serves every other dtype.  Likewise weight layouts (``weight_layouts``, ``LayerSpec.weight_layout``):
+a w4a16 layer holding the MMA-fragment layout follows its own row where the kernels that read
+that layout rank otherwise than for the public one.
 
 How the full order is made, for one (device class, scheme, M bucket):
 
@@ -68,7 +70,8 @@ class Row:
     """On ``device``, a ``scheme`` layer whose M falls in one of ``m`` tries ``kernels`` in order.
 
     With ``act_dtypes``, only layers whose activation has one of those dtypes; a row
-    without them serves the other dtypes.
+    without them serves the other dtypes.  ``weight_layouts`` alike, for the layouts a layer
+    holds its weight in.
     """
 
     device: str
@@ -77,6 +80,7 @@ class Row:
     kernels: tuple
     evidence: str
     act_dtypes: Optional[tuple] = None
+    weight_layouts: Optional[tuple] = None
 
 
 # --- the table -----------------------------------------------------------------------------
@@ -233,6 +237,18 @@ SM90: tuple = (
         "tiles vs cuda_w4a16 vs bf16): K=4096 N=14336 M=32 20.2 / 27.8 / 30.6, M=64 22.3 / 52.8 / 32.9; K=14336 "
         "N=4096 M=32 27.6 / 37.1 / 32.8, M=64 30.7 / 64.9 / 36.4; N=6144 M=32 17.6 / 14.9 / 16.1, M=64 18.8 / "
         "24.6 / 16.1: cutlass first (cuda_w4a16 ahead only at M=32 on N=6144)."),
+    # a layer holding the MMA-fragment layout: triton_weight_only reads it only through one dequantising
+    # pass (then cuBLAS), which costs a fixed 40-90 us a call; where CUTLASS cannot run, the decode kernel
+    # serves M <= 128 better (above, the public row: that pass before cuda_w4a16)
+    Row("sm90", "w4a16", (128,), ("cutlass_w4a16", "cuda_w4a16", "triton_weight_only", "torch_int4pack"),
+        f"h200/prefill/mma16_no_cutlass ({_H200}, CUTLASS not installed), g128, us, cuda_w4a16 vs "
+        "triton_weight_only's dequantising pass from the MMA-fragment layout + cuBLAS vs bf16 F.linear: K=4096 "
+        "N=14336 M=32 28.9 / 88.1 / 30.6, M=64 54.3 / 89.8 / 33.2, M=128 103.7 / 89.5 / 33.2; K=14336 N=4096 M=32 "
+        "34.1 / 90.0 / 33.1, M=64 61.8 / 93.2 / 36.0, M=128 116.7 / 95.0 / 37.3; N=6144 M=32 14.3 / 40.3 / 16.1, "
+        "M=64 25.1 / 40.6 / 16.5, M=128 46.8 / 42.0 / 16.4: cuda_w4a16 up to 3x faster at M=32-64, 10-20% "
+        "slower at 128. M=512 / 2048 the pass ran 138.8 / 372.4, 133.6 / 350.0, 59.3 / 156.3 against bf16's "
+        "88.2 / 319.5, 82.3 / 317.3, 35.9 / 134.5, where cuda_w4a16 (16 tokens a CTA) took a 2048-token "
+        "prefill to 0.22x bf16 end to end (h200/e2e/b16_no_cutlass).", weight_layouts=("mma16",)),
 )
 
 #: other CUDA GPUs (Ampere, Ada, Blackwell): nothing measured yet; our kernels first (sm80+)
@@ -245,6 +261,9 @@ CUDA: tuple = (
     Row("cuda", "int8_weight_only", ALL_M, ("triton_weight_only", "torch_int8pack"), _UNMEASURED),
     Row("cuda", "fp8_weight_only", ALL_M, ("triton_weight_only",), _UNMEASURED),
     Row("cuda", "w4a16", ALL_M, ("triton_weight_only", "torch_int4pack"), _UNMEASURED),
+    Row("cuda", "w4a16", (1, 16, 128), ("cuda_w4a16", "triton_weight_only", "torch_int4pack"),
+        "not measured on this device class; as the sm90 rows for this layout: triton_weight_only reads it only "
+        "through a dequantising pass, whose fixed cost a decode step cannot pay", weight_layouts=("mma16",)),
 )
 
 _CPU = ("cpu/bench_cpu.json (benchmarks/bench_cpu.py; AMD EPYC, 2 threads, shared machine, torch 2.13); "
@@ -300,33 +319,41 @@ _index: dict = {}
 _indexed: Optional[tuple] = None
 
 
-def row(cls: str, scheme: str, bucket: Optional[int], act_dtype: Optional[torch.dtype] = None) -> Optional[Row]:
-    """The row for device class ``cls``, ``scheme``, M bucket ``bucket`` and activation dtype
-    ``act_dtype`` (a row naming that dtype, else the row for any dtype), or None."""
+def row(cls: str, scheme: str, bucket: Optional[int], act_dtype: Optional[torch.dtype] = None,
+        weight_layout: Optional[str] = None) -> Optional[Row]:
+    """The row for device class ``cls``, ``scheme``, M bucket ``bucket``, activation dtype
+    ``act_dtype`` and weight layout ``weight_layout`` (a row naming that layout before one for any;
+    among those, a row naming that dtype before one for any), or None."""
     global _index, _indexed
     if _indexed is not TABLE:
         index = {}
         for r in TABLE:
             for b in r.m:
                 for dt in r.act_dtypes or (None,):
-                    key = (r.device, r.scheme, b, dt)
-                    if key in index:
-                        on = f", {dt}" if dt is not None else ""
-                        raise ValueError(f"two rows of qlinear_pass.ranking.TABLE cover ({r.device}, {r.scheme}, M bucket {b}{on})")
-                    index[key] = r
+                    for lay in r.weight_layouts or (None,):
+                        key = (r.device, r.scheme, b, dt, lay)
+                        if key in index:
+                            on = "".join(f", {v}" for v in (dt, lay) if v is not None)
+                            raise ValueError(f"two rows of qlinear_pass.ranking.TABLE cover ({r.device}, {r.scheme}, M bucket {b}{on})")
+                        index[key] = r
         _index, _indexed = index, TABLE
-    return _index.get((cls, scheme, bucket, act_dtype)) or _index.get((cls, scheme, bucket, None))
+    for lay in ((weight_layout, None) if weight_layout is not None else (None,)):
+        for dt in ((act_dtype, None) if act_dtype is not None else (None,)):
+            hit = _index.get((cls, scheme, bucket, dt, lay))
+            if hit is not None:
+                return hit
+    return None
 
 
 def order(kernels: Iterable[Kernel], scheme: str, device: DeviceInfo, bucket: Optional[int],
-          act_dtype: Optional[torch.dtype] = None) -> list[Kernel]:
+          act_dtype: Optional[torch.dtype] = None, weight_layout: Optional[str] = None) -> list[Kernel]:
     """``kernels`` (those registered for ``scheme``) in the order ``auto`` tries them on ``device``
-    for layers whose M falls in ``bucket`` and whose activation is ``act_dtype`` (see the module's
-    docstring)."""
+    for layers whose M falls in ``bucket``, whose activation is ``act_dtype`` and whose weight is
+    held in ``weight_layout`` (see the module's docstring)."""
     if bucket not in M_BUCKETS:
         raise ValueError(f"M bucket {bucket!r} is not one of {M_BUCKETS}")
     cls = device_class(device)
-    r = row(cls, scheme, bucket, act_dtype)
+    r = row(cls, scheme, bucket, act_dtype, weight_layout)
     listed = r.kernels if r is not None else ()
     behind = BEHIND_EMULATION.get(cls, ())
     by_name = {k.name: k for k in kernels}

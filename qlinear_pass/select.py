@@ -62,11 +62,14 @@ class Selection:
         return ", ".join(parts)
 
 
-def candidates(scheme: str, device: DeviceInfo, bucket: Optional[int] = 1, act_dtype=None) -> list[Kernel]:
+def candidates(scheme: str, device: DeviceInfo, bucket: Optional[int] = 1, act_dtype=None,
+               weight_layout: Optional[str] = None) -> list[Kernel]:
     """Kernels registered for ``scheme``, in the order ``auto`` tries them on ``device`` for
-    layers whose M falls in ``bucket`` and whose activation is ``act_dtype`` (``ranking.py``'s table)."""
+    layers whose M falls in ``bucket``, whose activation is ``act_dtype`` and whose weight is held in
+    ``weight_layout`` (``ranking.py``'s table)."""
     _load_backends()
-    return ranking.order([k for k in _KERNELS.values() if scheme in k.schemes], scheme, device, bucket, act_dtype)
+    return ranking.order([k for k in _KERNELS.values() if scheme in k.schemes], scheme, device, bucket, act_dtype,
+                         weight_layout)
 
 
 def supported(kernel: Kernel, device: DeviceInfo) -> Reason:
@@ -81,7 +84,7 @@ def _first_fit(spec: LayerSpec, device: DeviceInfo, backend: str,
     """The first candidate of ``backend`` (all of them for ``auto``), in the order of M bucket
     ``bucket``, that can run ``spec`` on ``device``; and (name, reason) for each one before it."""
     rejected: list[tuple[str, str]] = []
-    for k in candidates(spec.scheme, device, bucket, spec.act_dtype):
+    for k in candidates(spec.scheme, device, bucket, spec.act_dtype, spec.weight_layout):
         if backend != "auto" and k.backend != backend:
             continue
         ok, why = supported(k, device)

@@ -196,3 +196,33 @@ def test_sm90_w4a16_without_cutlass_or_groups_of_32_falls_to_triton(monkeypatch)
         s = dataclasses.replace(spec("w4a16", m=None, device="cuda"), group_size=group)
         sel = SEL.select(s, qp.LinearBackendConfig(), H100)
         assert [k.name for _, k in sel.plan][:2] == ["cuda_w4a16", second], (group, sel.plan)
+
+
+def test_a_layer_holding_the_mma16_layout_follows_its_own_rows():
+    """Where CUTLASS cannot run, an MMA-fragment layer takes cuda_w4a16 up to M = 128 (Triton reads
+    that layout only through a dequantising pass), then that pass; a public layer keeps its rows."""
+    for b in ranking.M_BUCKETS:
+        packed = [k.name for k in SEL.candidates("w4a16", H100, b, torch.bfloat16, "mma16")]
+        public = [k.name for k in SEL.candidates("w4a16", H100, b, torch.bfloat16, "public")]
+        assert public == [k.name for k in SEL.candidates("w4a16", H100, b)]
+        if b == 128:
+            assert packed[:3] == ["cutlass_w4a16", "cuda_w4a16", "triton_weight_only"]
+            assert public[:2] == ["cutlass_w4a16", "triton_weight_only"]
+        else:
+            assert packed == public
+        first = [k.name for k in SEL.candidates("w4a16", A100, b, torch.bfloat16, "mma16")][0]
+        assert first == ("cuda_w4a16" if b is not None and b <= 128 else "triton_weight_only"), b
+    assert ranking.row("sm90", "w4a16", 128, None, "mma16").weight_layouts == ("mma16",)
+    assert ranking.row("sm90", "w4a16", 128, torch.float16, "mma16").weight_layouts == ("mma16",)
+    assert ranking.row("sm90", "w4a16", 1024, None, "mma16").weight_layouts is None
+
+
+def test_an_mma16_layer_without_cutlass_takes_the_decode_kernel_then_the_dequantising_pass(monkeypatch):
+    import qlinear_pass as qp
+    from qlinear_pass.kernels import cuda_build, cutlass_build
+
+    monkeypatch.setattr(cuda_build, "toolchain", lambda *a: ("/opt/cuda/bin/nvcc", ""))
+    monkeypatch.setattr(cutlass_build, "toolchain_status", lambda: (False, "the CUTLASS headers are not installed"))
+    s = dataclasses.replace(spec("w4a16", m=None, device="cuda"), weight_layout="mma16")
+    sel = SEL.select(s, qp.LinearBackendConfig(), H100)
+    assert [(limit, k.name) for limit, k in sel.plan] == [(128, "cuda_w4a16"), (None, "triton_weight_only")]
