@@ -215,6 +215,8 @@ def quantize(
             + "\nPass exclude=[...] with these names to keep them in float."
         )
     _check_selection(model, s.name, chosen, inc, exc)
+    if s.name == "w4a16":
+        warn_if_layout_unread(weight_layout, chosen[0][1].weight.device, stacklevel=3)
     from .checkpoints.progress import Progress
 
     bar = Progress(len(chosen), f"quantizing to {s.name}", progress, unit="layer")
@@ -229,6 +231,22 @@ def quantize(
         setattr(parent, child, q)
     bar.close()
     return model
+
+
+def warn_if_layout_unread(layout: str, device: torch.device, stacklevel: int = 2) -> None:
+    """A warning where w4a16 layers on a GPU hold the MMA-fragment layout but this machine cannot
+    build the CUDA kernels that read it fast (no nvcc): every call then runs Triton's dequantising
+    pass and cuBLAS, which a decode step cannot afford."""
+    if layout != MMA16 or torch.device(device).type != "cuda":
+        return
+    from .kernels import cuda_build
+
+    path, why = cuda_build.toolchain()
+    if path is None:
+        warnings.warn(f"qlinear_pass: weight_layout='mma16' is read fast by cuda_w4a16 and cutlass_w4a16, which this "
+                      f"machine cannot build ({why}); without them its layers run Triton's dequantising pass and "
+                      "cuBLAS at every M, 40-90 us a call on Llama-3-8B shapes even for one token (H200). "
+                      "weight_layout='public' keeps Triton's decode kernel and GEMMs.", UserWarning, stacklevel=stacklevel)
 
 
 def _check_selection(model: nn.Module, scheme: str, chosen: list, inc, exc) -> None:

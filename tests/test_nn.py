@@ -157,3 +157,21 @@ def test_quantize_holds_the_layout_asked_for_and_says_which_layers_cannot():
     with pytest.raises(ValueError, match="holds int4 weights"):
         q.repack("mma16")
     assert q.repack("public") is q
+
+
+def test_the_mma16_layout_on_a_gpu_without_nvcc_is_a_warning(monkeypatch):
+    import warnings
+
+    from qlinear_pass import nn as QN
+    from qlinear_pass.kernels import cuda_build
+
+    monkeypatch.setattr(cuda_build, "toolchain", lambda *a: (None, "nvcc was not found"))
+    with pytest.warns(UserWarning, match=r"cannot build \(nvcc was not found\).*weight_layout='public' keeps"):
+        QN.warn_if_layout_unread("mma16", torch.device("cuda"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        QN.warn_if_layout_unread("public", torch.device("cuda"))  # the public layout: Triton reads it
+        QN.warn_if_layout_unread("mma16", torch.device("cpu"))  # a CPU: emulation either way
+        qp.quantize(torch.nn.Sequential(torch.nn.Linear(128, 64)), "w4a16", weight_layout="mma16")
+        monkeypatch.setattr(cuda_build, "toolchain", lambda *a: ("/usr/local/cuda/bin/nvcc", ""))
+        QN.warn_if_layout_unread("mma16", torch.device("cuda"))  # nvcc: cuda_w4a16 reads it

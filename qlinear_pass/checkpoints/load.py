@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..kernels.int4_layout import PUBLIC, check_layout, check_shape
-from ..nn import QuantizedLinear
+from ..nn import QuantizedLinear, warn_if_layout_unread
 from . import compressed_tensors as CT
 from . import safetensors_io as IO
 from .errors import CheckpointError
@@ -271,6 +271,9 @@ def load_quantized(
             return torch.device(device)
         return torch.device("cpu") if t.is_meta else t.device
 
+    w4 = [mod for mod, fmt in layers.values() if fmt.scheme == "w4a16"]
+    if w4:
+        warn_if_layout_unread(weight_layout, where(w4[0].weight), stacklevel=3)
     bar = Progress(len(layers) + len(floats), f"loading {os.path.basename(path.rstrip('/'))}", progress)
     try:
         new_layers: dict[str, QuantizedLinear] = {}
