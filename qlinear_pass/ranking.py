@@ -238,7 +238,7 @@ SM90: tuple = (
         "N=4096 M=32 27.6 / 37.1 / 32.8, M=64 30.7 / 64.9 / 36.4; N=6144 M=32 17.6 / 14.9 / 16.1, M=64 18.8 / "
         "24.6 / 16.1: cutlass first (cuda_w4a16 ahead only at M=32 on N=6144)."),
     # a layer holding the MMA-fragment layout: triton_weight_only reads it only through one dequantising
-    # pass (then cuBLAS), which costs a fixed 40-90 us a call; where CUTLASS cannot run, the decode kernel
+    # pass (then cuBLAS), which adds a fixed 24-58 us a call; where CUTLASS cannot run, the decode kernel
     # serves M <= 128 better (above, the public row: that pass before cuda_w4a16)
     Row("sm90", "w4a16", (128,), ("cutlass_w4a16", "cuda_w4a16", "triton_weight_only", "torch_int4pack"),
         f"h200/prefill/mma16_no_cutlass ({_H200}, CUTLASS not installed), g128, us, cuda_w4a16 vs "
