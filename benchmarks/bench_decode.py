@@ -299,14 +299,14 @@ def bench_prefill(label, scheme, g, zp, k, n, m, only=None) -> dict:
         "dequant + cuBLAS": lambda ps: T.dequant_linear(x, ps[0], ps[1], zero(ps), None, torch.bfloat16,
                                                         kind=kind, group_size=g),
     }
-    if scheme == "w4a16":
-        from qlinear_pass.kernels import int4_layout
+    from qlinear_pass.kernels import int4_layout
 
+    if scheme == "w4a16":
         paths["dequant (mma16) + cuBLAS"] = lambda ps: T.dequant_linear(
             x, int4_layout.mma16_of(ps[0]), ps[1], zero(ps), None, torch.bfloat16, kind=T.W_INT4_MMA16, group_size=g)
     cuda = _cuda_kernel(scheme) if m <= 128 else None
     if cuda is not None:
-        from qlinear_pass.kernels import cuda_w4a16, cuda_w8a8, int4_layout
+        from qlinear_pass.kernels import cuda_w4a16, cuda_w8a8
 
         paths[cuda] = ((lambda ps: cuda_w4a16.w4a16_decode(x, int4_layout.mma16_of(ps[0]), ps[1], zero(ps), None, g))
                        if scheme == "w4a16" else (lambda ps: cuda_w8a8.w8a16_decode(x, ps[0], ps[1], None)))
@@ -363,8 +363,8 @@ def _auto_kernel(scheme: str, g: int, zp: bool, k: int, n: int, m: int) -> str:
 #: our CUTLASS weight-only kernel of each scheme (each configuration timed, the fastest reported)
 CUTLASS_WEIGHT_ONLY = {"w4a16": "cutlass_w4a16", "int8_weight_only": "cutlass_int8_weight_only",
                        "fp8_weight_only": "cutlass_fp8_weight_only"}
-PREFILL_PATHS = ("auto", *CUTLASS_WEIGHT_ONLY.values(), "weight-stationary", "triton GEMM", "dequant + cuBLAS", "cuda_w4a16",
-                 "cuda_w8a16")
+PREFILL_PATHS = ("auto", *CUTLASS_WEIGHT_ONLY.values(), "weight-stationary", "triton GEMM", "dequant + cuBLAS",
+                 "dequant (mma16) + cuBLAS", "cuda_w4a16", "cuda_w8a16")
 
 
 def keeps_kernel(only, kernel: str, others) -> bool:
