@@ -25,6 +25,7 @@ from . import fusion
 from .kernels import ops as _ops  # noqa: F401  (registers qlinear_pass::linear)
 from .emit import RESHAPES, Emitter, canonical_inputs, canonical_params, quantized_inputs, val
 from .patterns import Match, Unmatched, find_linears
+from .patterns.common import CONVERTS
 from .kernel import Kernel
 from .registry import registry_key
 from .select import Selection, select
@@ -279,7 +280,16 @@ def _take_over(emit: Emitter, m: Match, new: fx.Node, kernel: Kernel) -> None:
     if got.dtype != want.dtype:
         raise AssertionError(f"{kernel.name} produced {got.dtype}, the graph expects {want.dtype}")
     m.end.replace_all_uses_with(new)
-    emit.shared.setdefault(_TAKEN, {})[m.end] = new
+    taken = emit.shared.setdefault(_TAKEN, {})
+    # the output and what it converts from in the same dtype (a no-op): a reader that skips such a
+    # convert (torch 2.11's Inductor folds the bf16 round trip between two linears into one) reads it too
+    n = m.end
+    while True:
+        taken[n] = new
+        src = n.args[0] if n.op == "call_function" and n.target in CONVERTS and n.args else None
+        if not isinstance(src, fx.Node) or getattr(val(src), "dtype", None) != got.dtype:
+            break
+        n = src
 
 
 def _after_takeovers(m: Match, memo: dict) -> Match:
