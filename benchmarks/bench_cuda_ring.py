@@ -95,6 +95,13 @@ SETS = {
         "pdl": {"pdl": True},
         "pdl_late": {"pdl": True, "QLP_LATE_TRIGGER": 1},
     },
+    "solo": {  # programmatic dependent launch with one CTA an SM (QLP_PDL_SOLO), so early CTAs share no SM
+        "rule": {},
+        "g8": {"config": {"gate_up": (2, 8)}},
+        "pdl": {"pdl": True},
+        "solo": {"pdl": True, "QLP_PDL_SOLO": 1, "config": {"gate_up": (2, 8)}},
+        "solo_late": {"pdl": True, "QLP_PDL_SOLO": 1, "QLP_LATE_TRIGGER": 1, "config": {"gate_up": (2, 8)}},
+    },
     "exit": {  # programmatic dependent launch with the next kernel let start only as each CTA exits
         "rule": {},
         "pdl_exit": {"pdl": True, "QLP_LATE_TRIGGER": 2},

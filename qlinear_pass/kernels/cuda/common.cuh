@@ -355,9 +355,16 @@ inline bool pdl_launches() { return CUDART_VERSION >= 11080 && device_sm() >= 90
 // Launch KERNEL (TOK tokens a CTA, THREADS threads, `bytes` of dynamic shared memory) as a
 // persistent grid on `stream`; `pdl`: with programmatic dependent launch where pdl_launches(), so
 // the kernel's CTAs start, and copy weights, while the kernel before them finishes
+// QLP_PDL_SOLO (benchmarks only): 1, a programmatic dependent launch asks for more than half an SM's
+// shared memory, so that its CTAs, starting early, share no SM with another CTA (of this launch or of
+// the one before): an early CTA then starts where a CTA of the launch before has exited
+#ifndef QLP_PDL_SOLO
+#define QLP_PDL_SOLO 0
+#endif
 template <auto KERNEL, int TOK, int THREADS, typename Params>
 cudaError_t launch_persistent(const Params& p, int bytes, bool pdl, cudaStream_t stream) {
   if (bytes > device_smem_optin()) return cudaErrorInvalidConfiguration;
+  if (QLP_PDL_SOLO && pdl && pdl_launches()) bytes = std::max(bytes, device_smem_optin() / 2 + 1024);
   int resident = 0;
   cudaError_t e = resident_ctas<KERNEL>(THREADS, bytes, resident);
   if (e != cudaSuccess) return e;
