@@ -278,7 +278,10 @@ def _take_over(emit: Emitter, m: Match, new: fx.Node, kernel: Kernel) -> None:
     if tuple(got.shape) != tuple(want.shape):
         new = emit(aten.reshape.default, new, list(want.shape))
     if got.dtype != want.dtype:
-        raise AssertionError(f"{kernel.name} produced {got.dtype}, the graph expects {want.dtype}")
+        if not m.widened:
+            raise AssertionError(f"{kernel.name} produced {got.dtype}, the graph expects {want.dtype}")
+        new = emit(torch.ops.prims.convert_element_type.default, new, want.dtype)
+        got = val(new)
     m.end.replace_all_uses_with(new)
     taken = emit.shared.setdefault(_TAKEN, {})
     # the output and what it converts from in the same dtype (a no-op): a reader that skips such a

@@ -104,3 +104,20 @@ def fused_inputs(prologue: str, m: int, k: int, ns, residual, dtype, seed: int =
     nw = (torch.rand(k, device="cuda", generator=g) + 0.5).to(dtype) if prologue == "rmsnorm" else None
     return x, fusion.Fused(prologue, x2, nw, 1e-5, [torch.randn(m, n, device="cuda", dtype=dtype, generator=g) if r else None
                                                     for n, r in zip(ns, residual)])
+
+
+def fold_round_trips(graph):
+    """convert(convert(t, bf16), float32) of a float32 ``t`` (the inner convert read by the outer
+    alone) made convert(t, float32), as torch 2.11's Inductor hands such a graph to the pass: a
+    linear's rounding to bf16 and its reader's widening folded into a no-op."""
+    cvt = torch.ops.prims.convert_element_type.default
+    for n in list(graph.nodes):
+        src = n.args[0] if n.target is cvt else None
+        if n.args[1:2] == (torch.float32,) and src is not None and src.target is cvt and len(src.users) == 1 \
+                and src.args[0].meta["val"].dtype == torch.float32:
+            with graph.inserting_before(n):
+                folded = graph.call_function(cvt, (src.args[0], torch.float32))
+            folded.meta = dict(n.meta)
+            n.replace_all_uses_with(folded)
+            graph.erase_node(n)
+    graph.eliminate_dead_code()

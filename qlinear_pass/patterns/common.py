@@ -78,6 +78,9 @@ class Match:
     act_q: Optional[fx.Node] = None  # the graph's own quantized activation (dynamic chains)
     act_scale: Optional[fx.Node] = None  # and its scale
     weight_t: Optional[fx.Node] = None  # the [K, N] operand as the graph has it
+    # the graph widens the layer's output (``spec.out_dtype``) to ``end``'s dtype, its rounding folded
+    # away (see _folded_rounding): the replacement rounds, then widens
+    widened: bool = False
 
 
 @dataclasses.dataclass
@@ -504,12 +507,16 @@ def build_match(found: _Side, static: frozenset) -> Match:
         params = params + [act.scale]
         shapes = shapes + [() if act.granularity == "tensor" else None]
     anchor_val = val(found.anchor)
+    out_dtype, widened = found.out_dtype, False
+    if out_dtype == torch.float32 and found.act_dtype in (torch.bfloat16, torch.float16) \
+            and _folded_rounding(found.anchor, found.end):
+        out_dtype, widened = found.act_dtype, True
     spec = LayerSpec(
         scheme=found.scheme,
         n=wt.n,
         k=wt.k,
         act_dtype=found.act_dtype,
-        out_dtype=found.out_dtype,
+        out_dtype=out_dtype,
         has_bias=found.bias is not None,
         group_size=wt.group_size,
         zero_points=wt.zero is not None,
@@ -520,7 +527,25 @@ def build_match(found: _Side, static: frozenset) -> Match:
         module=module_path(found.anchor),
         weight_layout=layout,
     )
-    return Match(spec, found.anchor, found.end, act.x, params, shapes, found.bias, act.q, act.scale, found.weight_t)
+    return Match(spec, found.anchor, found.end, act.x, params, shapes, found.bias, act.q, act.scale, found.weight_t,
+                 widened)
+
+
+def _folded_rounding(anchor: fx.Node, end: fx.Node) -> bool:
+    """Whether the layer's float32 output comes through a convert to its own dtype and through no
+    narrowing one: what Inductor of torch 2.11 leaves of convert(convert(y, bf16), float32), the
+    layer's rounding to its 16-bit activation dtype and its reader's widening folded into one.  No
+    trace makes such a convert (a no-op ``.to`` leaves none), so the eager module rounded there."""
+    folded, n = False, end
+    while n is not anchor and isinstance(n, fx.Node) and n.op == "call_function":
+        if n.target in CONVERTS:
+            src, dst = _dtype(n.args[0]), _dtype(n)
+            if src == dst:
+                folded = True
+            elif src is None or dst is None or dst.itemsize < src.itemsize:
+                return False
+        n = n.args[0]
+    return folded and n is anchor
 
 
 def operands(node: fx.Node) -> tuple:
