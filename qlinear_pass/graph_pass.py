@@ -24,7 +24,7 @@ from . import config as C
 from . import fusion
 from .kernels import ops as _ops  # noqa: F401  (registers qlinear_pass::linear)
 from .emit import RESHAPES, Emitter, canonical_inputs, canonical_params, quantized_inputs, val
-from .patterns import Match, Unmatched, find_linears
+from .patterns import Match, Unmatched, find_linears, unpad_rows
 from .patterns.common import CONVERTS
 from .kernel import Kernel
 from .registry import registry_key
@@ -185,6 +185,8 @@ class QLinearPass(_Base):
 
 def rewrite(graph: fx.Graph, cfg: C.LinearBackendConfig, record: CompileRecord, device: Optional[DeviceInfo] = None) -> None:
     matches, misses = find_linears(graph)
+    if unpad_rows(graph, matches):
+        matches, misses = find_linears(graph)
     for miss in misses:
         record.unmatched.append(_miss_row(miss))
     chosen = []

@@ -121,3 +121,29 @@ def fold_round_trips(graph):
             n.replace_all_uses_with(folded)
             graph.erase_node(n)
     graph.eliminate_dead_code()
+
+
+def pad_rows(graph):
+    """Each mm / addmm whose M rows are not a multiple of its alignment (4 float32 values, 8 16-bit
+    ones), as Inductor's ``pad_mm`` leaves it on a GPU where padding benchmarks faster:
+    slice(mm(constant_pad_nd(a, [0, 0, 0, p]), w), 0, 0, -p)."""
+    aten = torch.ops.aten
+    for n in list(graph.nodes):
+        if n.target not in (aten.mm.default, aten.addmm.default):
+            continue
+        i = 1 if n.target == aten.addmm.default else 0
+        a = n.args[i]
+        rows = a.meta["val"].shape[0]
+        align = {torch.float32: 4, torch.bfloat16: 8, torch.float16: 8}.get(a.meta["val"].dtype)
+        if align is None or not isinstance(rows, int) or rows % align == 0:
+            continue
+        p = align - rows % align
+        with graph.inserting_before(n):
+            pad = graph.call_function(aten.constant_pad_nd.default, (a, [0, 0, 0, p]))
+        pad.meta["val"] = aten.constant_pad_nd.default(a.meta["val"], [0, 0, 0, p])
+        n.replace_input_with(a, pad)
+        n.meta["val"] = n.target(*[x.meta["val"] if hasattr(x, "meta") else x for x in n.args])
+        with graph.inserting_after(n):
+            sl = graph.call_function(aten.slice.Tensor, (n, 0, 0, -p))
+        n.replace_all_uses_with(sl, delete_user_cb=lambda u: u is not sl)
+        sl.meta["val"] = aten.slice.Tensor(n.meta["val"], 0, 0, -p)

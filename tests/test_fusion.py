@@ -15,7 +15,7 @@ from qlinear_pass import schemes as S
 from qlinear_pass.backends.emulation import EmulationKernel
 from qlinear_pass.examples_model import TinyBlock
 
-from .helpers import fold_round_trips, recorded
+from .helpers import fold_round_trips, pad_rows, recorded
 
 
 class RMSNorm(nn.Module):
@@ -168,6 +168,32 @@ def test_torchs_rmsnorm_stays_in_the_graph_and_the_record_says_why(fusing):
         assert fusion.WEIGHT_FIRST in notes[name] and "RMSNorm before it runs" not in notes[name], notes[name]
     assert "the SwiGLU before it and the residual add after it run in the kernel" in notes["down_proj"]
     assert "rmsnorm" not in [prologue for prologue, _ in fusing.seen]
+
+
+@pytest.mark.inductor
+def test_rows_padded_by_inductor_are_given_back_to_the_layers_alone(fusing, monkeypatch):
+    """Inductor's pad_mm (GPU) pads the rows of a float32 matmul; the pass gives the quantized
+    layers their M rows back (16-bit activations, siblings and fusions as without the padding) and
+    leaves the padding of the matmuls it does not replace (attention's)."""
+    from qlinear_pass import graph_pass
+
+    orig, left = graph_pass.rewrite, {}
+
+    def rewrite(graph, cfg, record, device=None):
+        pad_rows(graph)
+        orig(graph, cfg, record, device)
+        left["pads"] = sum(n.target == torch.ops.aten.constant_pad_nd.default for n in graph.nodes)
+
+    model = block()
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    _, _, plain = _compiled(model, x)
+    monkeypatch.setattr(graph_pass, "rewrite", rewrite)
+    with recorded() as recs:
+        y, ref, notes = _compiled(model, x)
+    assert S.relative_error(y, ref) < S.TOLERANCE[torch.bfloat16]
+    assert notes == plain and "one launch with up_proj" in notes["gate_proj"]
+    assert {(d.spec.m, d.spec.act_dtype) for r in recs for d in r.decisions} == {(3, torch.bfloat16)}
+    assert left["pads"] >= 1  # attention's matmuls keep theirs
 
 
 @pytest.mark.inductor

@@ -11,7 +11,7 @@ import qlinear_pass as qp
 from qlinear_pass import schemes as S
 from qlinear_pass.graph_pass import QLinearPass
 
-from .helpers import compile_and_run, fold_round_trips, linear_model, random_activation, recorded
+from .helpers import compile_and_run, fold_round_trips, linear_model, pad_rows, random_activation, recorded
 
 
 @given(
@@ -346,3 +346,31 @@ def test_back_to_back_linears_are_both_replaced(layout, fold):
         assert recs[0].decisions[1].spec.act_dtype == torch.float32
     with torch.no_grad():
         assert torch.equal(y, m(x))
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [5, 8])
+def test_a_layer_gets_its_rows_back_from_inductors_padding(monkeypatch, bias, rows):
+    """mm / addmm padded to 8 rows by Inductor's pad_mm (a GPU's): the layer runs its own M rows on
+    its 16-bit activation, no padding left; 8 rows needed none."""
+    from qlinear_pass import graph_pass
+
+    orig, left = graph_pass.rewrite, {}
+
+    def rewrite(graph, cfg, record, device=None):
+        pad_rows(graph)
+        left["padded"] = sum(n.target == torch.ops.aten.constant_pad_nd.default for n in graph.nodes)
+        orig(graph, cfg, record, device)
+        left["after"] = sum(n.target == torch.ops.aten.constant_pad_nd.default for n in graph.nodes)
+
+    monkeypatch.setattr(graph_pass, "rewrite", rewrite)
+    model = linear_model(64, 32, "int8_weight_only", bias=bias)
+    x = random_activation((rows, 64))
+    with torch.no_grad(), recorded() as recs:
+        y = torch.compile(model, backend=qp.make("emulation"))(x)
+    (d,) = recs[0].decisions
+    assert (d.spec.m, d.spec.act_dtype, d.spec.has_bias) == (rows, torch.bfloat16, bias)
+    assert left == {"padded": int(rows % 4 != 0), "after": 0}
+    with torch.no_grad():
+        assert torch.equal(y, model(x))

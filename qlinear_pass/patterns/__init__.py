@@ -73,6 +73,46 @@ def find_linears(graph: fx.Graph) -> tuple[list[Match], list[Unmatched]]:
         return _find_linears(graph)
 
 
+def unpad_rows(graph: fx.Graph, matches: list[Match]) -> bool:
+    """Undo Inductor's row padding around the matched ``mm`` / ``addmm`` anchors: on a GPU its
+    ``pad_mm`` may turn ``mm(a, w)`` of M rows into ``slice(mm(constant_pad_nd(a, [0, 0, 0, p]),
+    w), 0, 0, -p)`` (M + p a multiple of 4 for float32 operands, where it benchmarks faster).  The
+    layer's kernel takes any M, and the padded activation is a copy of another node (its float32
+    widening: the layer would lose its 16-bit activation, its siblings and its fusions), so a
+    matched anchor gets its M rows back; the matmuls the pass does not replace keep their padding.
+    True where the graph changed (then match again)."""
+    changed = False
+    for m in matches:
+        node = m.anchor
+        if node.target not in MM_TARGETS or len(node.users) != 1:
+            continue
+        i = 1 if node.target == aten.addmm.default else 0
+        pad, sl = node.args[i], next(iter(node.users))
+        if not (isinstance(pad, fx.Node) and pad.target == aten.constant_pad_nd.default and len(pad.users) == 1
+                and sl.target == aten.slice.Tensor):
+            continue
+        widths, value = list(pad.args[1]), (pad.args[2] if len(pad.args) > 2 else 0)
+        rows = _shape(pad.args[0])[0] if len(_shape(pad.args[0])) == 2 else None
+        if len(widths) != 4 or widths[:3] != [0, 0, 0] or not isinstance(widths[3], int) or widths[3] <= 0 \
+                or value != 0 or not isinstance(rows, int):
+            continue
+        dim, start, end, step = (list(sl.args[1:]) + [0, None, None, 1][len(sl.args) - 1:])[:4]
+        if dim != 0 or start not in (0, None) or end not in (rows, -widths[3]) or step != 1:
+            continue
+        if i == 1 and len(_shape(node.args[0])) == 2 and _shape(node.args[0])[0] != 1:
+            continue  # a bias of M + p rows
+        args = list(node.args)
+        args[i] = pad.args[0]
+        with graph.inserting_before(node):
+            new = graph.call_function(node.target, tuple(args), dict(node.kwargs))
+        new.meta = {**node.meta, "val": sl.meta["val"]}
+        sl.replace_all_uses_with(new)
+        for dead in (sl, node, pad):
+            graph.erase_node(dead)
+        changed = True
+    return changed
+
+
 def static_inputs(graph: fx.Graph) -> frozenset:
     """Placeholders that are module parameters / buffers: the same tensors every call."""
     tc = torch._guards.TracingContext.try_get()
