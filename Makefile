@@ -11,7 +11,9 @@ PYTEST_ARGS ?=
 .PHONY: demo test test-all cutlass-build-check gpu-check bench-e2e bench clean
 
 # -qq: errors only (this machine's pip configuration warns about index folders it lacks, 34 lines)
-PIP    := $(PY) -m pip install -qq --disable-pip-version-check
+# --no-compile: pip compiles each package's bytecode on one core; one compileall over the venv
+# below does it on all of them (2-core machine: the setup took 88 s against 104)
+PIP    := $(PY) -m pip install -qq --disable-pip-version-check --no-compile
 
 # An isolated venv (no system site-packages: nothing else's plugins or warnings in the tests).
 # torch stays pinned: pip takes the local CPU wheel for exactly this version, where an unpinned
@@ -29,9 +31,12 @@ $(VENV)/.installed: pyproject.toml
 	@# CUTLASS headers for the compile check of the CUTLASS kernels (its Python deps are for its
 	@# own generator, which we do not use)
 	@$(PIP) --no-deps "nvidia-cutlass==4.2.0.0" ninja
-	@# (--no-compile: its 3,400 modules' bytecode took 28 of this step's 35 s on 2 cores, for tests
-	@# that import it in a few processes, 1.5 s slower each without it)
-	@$(PIP) --no-deps --no-compile "flashinfer-python==0.7.2"
+	@# the bytecode of what the tests import (a few packages ship files that do not compile,
+	@# which nothing imports: compileall's status is not the setup's)
+	@$(PY) -m compileall -q -j 0 $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") > /dev/null 2>&1 || true
+	@# FlashInfer last and without its bytecode: its 3,400 modules' took 28 s on 2 cores, for tests
+	@# that import it in a few processes, 1.5 s slower each without it
+	@$(PIP) --no-deps "flashinfer-python==0.7.2"
 	@touch $@
 
 demo: $(VENV)/.installed
