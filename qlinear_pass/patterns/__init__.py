@@ -76,7 +76,8 @@ def find_linears(graph: fx.Graph) -> tuple[list[Match], list[Unmatched]]:
 def unpad_rows(graph: fx.Graph, matches: list[Match]) -> bool:
     """Undo Inductor's row padding around the matched ``mm`` / ``addmm`` anchors: on a GPU its
     ``pad_mm`` may turn ``mm(a, w)`` of M rows into ``slice(mm(constant_pad_nd(a, [0, 0, 0, p]),
-    w), 0, 0, -p)`` (M + p a multiple of 4 for float32 operands, where it benchmarks faster).  The
+    w), 0, 0, -p)`` (M + p a multiple of 4 for float32 operands, 8 for 16-bit, where that
+    benchmarks faster).  The
     layer's kernel takes any M, and the padded activation is a copy of another node (its float32
     widening: the layer would lose its 16-bit activation, its siblings and its fusions), so a
     matched anchor gets its M rows back; the matmuls the pass does not replace keep their padding.

@@ -536,16 +536,18 @@ def _folded_rounding(anchor: fx.Node, end: fx.Node) -> bool:
     narrowing one: what Inductor of torch 2.11 leaves of convert(convert(y, bf16), float32), the
     layer's rounding to its 16-bit activation dtype and its reader's widening folded into one.  No
     trace makes such a convert (a no-op ``.to`` leaves none), so the eager module rounded there."""
-    folded, n = False, end
-    while n is not anchor and isinstance(n, fx.Node) and n.op == "call_function":
+    folded, n = False, anchor
+    while n is not end:  # the epilogue's chain of single users (_epilogue)
+        n = _single_user(n)
+        if n is None:
+            return False
         if n.target in CONVERTS:
             src, dst = _dtype(n.args[0]), _dtype(n)
             if src == dst:
                 folded = True
             elif src is None or dst is None or dst.itemsize < src.itemsize:
                 return False
-        n = n.args[0]
-    return folded and n is anchor
+    return folded
 
 
 def operands(node: fx.Node) -> tuple:
