@@ -97,7 +97,7 @@ def unpad_rows(graph: fx.Graph, matches: list[Match]) -> bool:
         if len(widths) != 4 or widths[:3] != [0, 0, 0] or not isinstance(widths[3], int) or widths[3] <= 0 \
                 or value != 0 or not isinstance(rows, int):
             continue
-        dim, start, end, step = (list(sl.args[1:]) + [0, None, None, 1][len(sl.args) - 1:])[:4]
+        dim, start, end, step = tuple(sl.args[1:]) + (0, None, None, 1)[len(sl.args) - 1:]  # slice's defaults
         if dim != 0 or start not in (0, None) or end not in (rows, -widths[3]) or step != 1:
             continue
         if i == 1 and len(_shape(node.args[0])) == 2 and _shape(node.args[0])[0] != 1:
