@@ -382,3 +382,23 @@ def test_a_layer_gets_its_rows_back_from_inductors_padding(monkeypatch, bias, ro
     assert left == {"padded": int(rows % 4 != 0), "after": 0}
     with torch.no_grad():
         assert torch.equal(y, model(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.inductor
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "w4a16"])
+def test_inductors_own_row_padding_on_a_gpu_leaves_the_layer_its_rows(scheme):
+    """The real pad_mm (forced to pad, as it does where padding benchmarks faster): the layer runs
+    its own 5 rows of its bf16 activation on the GPU kernel, and its output is the eager module's."""
+    import torch._inductor.config as inductor_config
+
+    model = linear_model(256, 128, scheme).cuda()
+    x = random_activation((5, 256)).cuda()
+    with inductor_config.patch(force_shape_pad=True, shape_padding=True), torch.no_grad(), recorded() as recs:
+        y = torch.compile(model, backend=qp.make("auto"))(x)
+    (d,) = recs[0].decisions
+    assert (d.spec.m, d.spec.act_dtype) == (5, torch.bfloat16), d.spec
+    assert not d.kernel.startswith("emulation"), d.kernel
+    with torch.no_grad():
+        ref = model(x)
+    assert S.relative_error(y, ref) <= S.TOLERANCE[torch.bfloat16]

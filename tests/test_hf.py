@@ -31,10 +31,10 @@ ARCHS = {
 }
 
 
-def tiny_model(arch: str, dtype: torch.dtype, seed: int = 0):
+def tiny_model(arch: str, dtype: torch.dtype, seed: int = 0, layers: int = 2):
     cfg_name, model_name = ARCHS[arch]
     torch.manual_seed(seed)
-    cfg = getattr(transformers, cfg_name)(**TINY)
+    cfg = getattr(transformers, cfg_name)(**{**TINY, "num_hidden_layers": layers})
     return getattr(transformers, model_name)(cfg).eval().to(dtype)
 
 
@@ -130,10 +130,12 @@ def test_a_part_only_at_a_tie_is_accepted():
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_generate_compiled_matches_eager(case):
-    model = tiny_model(case.arch, case.dtype)
+    # one decoder layer: Dynamo's tracing of each layer is most of a case's time (the tests below
+    # keep two, and check the second layer's names)
+    model = tiny_model(case.arch, case.dtype, layers=1)
     qp.quantize(model, case.scheme, group_size=case.group_size, zero_points=case.zero_points)
     quantized = sorted(n for n, m in model.named_modules() if isinstance(m, qp.QuantizedLinear))
-    assert "lm_head" in quantized and len(quantized) >= 9
+    assert "lm_head" in quantized and len(quantized) >= 5
     prompt = _prompt(1)
     with torch.no_grad():
         ref = model.generate(prompt, **GENERATE)

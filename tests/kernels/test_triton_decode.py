@@ -179,6 +179,7 @@ def test_decode_on_gpu(case, config, seed):
 
 if INTERPRETED:
 
+    @pytest.mark.slow  # an sm90 compile check (10 s on 2 cores): `make test-all` and CI run it
     def test_decode_kernel_compiles_for_sm90():
         env = {**os.environ, "TRITON_INTERPRET": "0"}
         out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "compiles", __file__],
