@@ -11,10 +11,13 @@ PYTEST_ARGS ?=
 .PHONY: demo test test-all cutlass-build-check gpu-check bench-e2e bench clean
 
 # -qq: errors only (this machine's pip configuration warns about index folders it lacks, 34 lines)
-# --no-compile: pip compiles each package's bytecode on one core; one compileall over the venv
-# below does it on all of them (2-core machine: the setup took 88 s against 104)
+# --no-compile: pip would compile the bytecode of all 14,000 modules the venv gets, on one core
+# (compiling them all on both took 31-36 s on a 2-core machine); Python compiles the 4,000 that the
+# tests import as they first import them instead, and keeps them: bytecode is written even where
+# the environment turns that off (PYTHONDONTWRITEBYTECODE), or every test process would compile
+# torch again (a fresh clone's make test took 316 s with compileall, 265 s without)
 PIP    := $(PY) -m pip install -qq --disable-pip-version-check --no-compile
-NO_BYTECODE := /tests/|/transformers/models/(?!(llama|qwen2|mistral|phi3|gemma|auto)/|__init__)|/site-packages/pip/
+export PYTHONDONTWRITEBYTECODE =
 
 # An isolated venv (no system site-packages: nothing else's plugins or warnings in the tests).
 # torch stays pinned: pip takes the local CPU wheel for exactly this version, where an unpinned
@@ -32,12 +35,6 @@ $(VENV)/.installed: pyproject.toml
 	@# CUTLASS headers for the compile check of the CUTLASS kernels (its Python deps are for its
 	@# own generator, which we do not use)
 	@$(PIP) --no-deps "nvidia-cutlass==4.2.0.0" ninja
-	@# the bytecode of what the tests import (a few packages ship files that do not compile,
-	@# which nothing imports: compileall's status is not the setup's); not the packages' own tests,
-	@# the Hugging Face architectures the tests do not build, or pip (8 s of 36 on 2 cores)
-	@$(PY) -m compileall -q -j 0 -x '$(NO_BYTECODE)' $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") > /dev/null 2>&1 || true
-	@# FlashInfer last and without its bytecode: its 3,400 modules' took 28 s on 2 cores, for tests
-	@# that import it in a few processes, 1.5 s slower each without it
 	@$(PIP) --no-deps "flashinfer-python==0.7.2"
 	@touch $@
 
