@@ -128,7 +128,8 @@ SM90: tuple = (
         "cutlass_fp8 is fp8_rowwise's kernel with a scalar scale (its fp8_rowwise numbers: see that row). "
         f"h100/cutlass/summary.md ({_H100}), fp8_tensor K=4096 N=28672: flashinfer_cublas_fp8 167.6 at "
         "M=1024 and 680.7 at M=4096 vs torch._scaled_mm 179.0 / 772.9; not re-ranked here."),
-    Row("sm90", "fp8_block", (1,), ("cuda_w8a8", "triton_w8a8", "cutlass_fp8_block", "flashinfer_deepgemm_fp8_block") + _FI_BLOCK_SM100,
+    Row("sm90", "fp8_block", (1,), ("cuda_w8a8", "triton_w8a8", "cutlass_fp8_block", "flashinfer_deepgemm_fp8_block",
+                                    "torch_scaled_mm_block") + _FI_BLOCK_SM100,
         f"{_BLOCK} (Triton: its decode kernel): M=1 K=4096 N=14336 22.7 / 22.1 / 41.6, K=14336 N=4096 23.5 / 24.5 / "
         "44.5, N=6144 11.6 / 12.4 / 20.9, N=1024 5.9 / 5.7 / 8.5, gate/up 41.4 / 41.2 / 81.6: even, and the CUDA "
         "kernel is built ahead (cached) where Triton's is compiled in the first call of each compiled graph: "
@@ -138,7 +139,8 @@ SM90: tuple = (
         f"h100/summary.md ({_H100}): flashinfer_deepgemm with a dynamic activation 0.27-0.71x our Triton "
         "kernel at M=1 (it needs the activation quantized apart); cutlass_fp8_block behind Triton at "
         "M <= 16 in 3 of 4 shapes (0.78-1.05x, h100/cutlass/fp8_block)."),
-    Row("sm90", "fp8_block", (16,), ("cuda_w8a8", "flashinfer_deepgemm_fp8_block", "triton_w8a8", "cutlass_fp8_block") + _FI_BLOCK_SM100,
+    Row("sm90", "fp8_block", (16,), ("cuda_w8a8", "flashinfer_deepgemm_fp8_block", "triton_w8a8", "cutlass_fp8_block",
+                                     "torch_scaled_mm_block") + _FI_BLOCK_SM100,
         f"{_BLOCK} (Triton: its decode kernel / its GEMM): M=8 K=4096 N=14336 23.2 / 33.3 / 48.2 / 41.7, K=14336 "
         "N=4096 24.1 / 47.1 / 92.7 / 44.9, N=6144 11.7 / 25.2 / 28.6 / 20.9, N=1024 5.8 / 10.7 / 20.7 / 8.6, "
         "gate/up 42.5 / 57.5 / 70.5 / 82.1; M=16 31.8 / 33.6 / 48.8 / 42.3, 26.5 / 48.6 / 93.4 / 45.5. With the "
@@ -152,11 +154,21 @@ SM90: tuple = (
         f"quantized activation (h200/decode/fp8_block_q, {_H200}, one call, M=16, us, given it / quantizing "
         "in the kernel / Triton's decode kernel / bf16): K=4096 N=14336 23.7 / 34.3 / 28.6 / 32.4, K=14336 "
         "N=4096 20.7 / 27.4 / 47.7 / 33.4, N=6144 12.6 / 17.6 / 24.4 / 15.7."),
-    Row("sm90", "fp8_block", (128, 1024, None), ("flashinfer_deepgemm_fp8_block", "cutlass_fp8_block", "triton_w8a8") + _FI_BLOCK_SM100,
+    Row("sm90", "fp8_block", (128, 1024, None), ("flashinfer_deepgemm_fp8_block", "cutlass_fp8_block", "torch_scaled_mm_block",
+                                                "triton_w8a8") + _FI_BLOCK_SM100,
         f"h100/cutlass/fp8_block/summary.md ({_H100}): cutlass_fp8_block 1.6-1.75x our Triton GEMM at "
         "M >= 1024 and 1.01-1.35x at M=128; against flashinfer_deepgemm 0.88-1.16x at M >= 1024 (three "
         "runs) and 0.75-0.95x at M <= 128 (K=4096 N=28672 M=128: deepgemm 49.4 us), so DeepGEMM first "
-        "where FlashInfer is installed."),
+        f"where FlashInfer is installed. h200/prefill/torch_block_scaled_mm/bench_linear ({_H200}, one call, "
+        "bench_linear.py, the graph's quantized activation given; us, torch._scaled_mm's block scales "
+        "(cuBLASLt) / our Triton GEMM / bf16 F.linear at M = 128, 1024, 4096): N=6144 16.6 / 20.8 / 16.3, "
+        "45.4 / 81.8 / 68.5, 165.4 / 323.3 / 260.6; K=4096 N=4096 16.3 / 15.1 / 14.4, 29.5 / 55.0 / 44.6, "
+        "112.1 / 211.7 / 174.0; gate/up 36.7 / 57.5 / 65.6, 191.3 / 375.2 / 305.8, 741.8 / 1466.1 / 1206.2; "
+        "K=14336 N=4096 43.3 / 46.5 / 37.0, 92.7 / 175.8 / 148.9, 369.1 / 714.4 / 591.8: ahead of Triton "
+        "in 11 of 12 cells (1.1-2.0x; 8% behind on N=4096 at M=128), with 20-34 us of host time a call "
+        "against Triton's 53-142 (probe.log there), so before it. End to end without CUTLASS and "
+        "FlashInfer (e2e/ there) the 2048-token prefill took 39.8 ms against bf16's 49.0 (1.23x; 59.9-63.3 "
+        "ms on Triton in two calls before). Not timed beside CUTLASS or DeepGEMM, which keep their places."),
     Row("sm90", "int8_rowwise", (1, 16), ("cuda_w8a8", "cutlass_int8", "triton_w8a8", "torch_int_mm"),
         f"{_W8A8}: K=4096 N=14336 M=1 22.4 / 27.6 / 41.9, M=8 22.7 / 31.3 / 42.1, M=16 24.8 / 32.1 / 42.6; "
         "K=14336 N=4096 M=16 24.2 / 36.2 / 45.4; gate/up (N=28672) M=1 41.1 / 50.1 / 81.6. "
@@ -256,7 +268,7 @@ _UNMEASURED = "not measured on this device class: our Triton kernels first, then
 CUDA: tuple = (
     Row("cuda", "fp8_tensor", ALL_M, ("triton_w8a8", "torch_scaled_mm") + _FI_TENSOR, _UNMEASURED),
     Row("cuda", "fp8_rowwise", ALL_M, ("triton_w8a8", "torch_scaled_mm"), _UNMEASURED),
-    Row("cuda", "fp8_block", ALL_M, ("triton_w8a8",) + _FI_BLOCK_SM100, _UNMEASURED),
+    Row("cuda", "fp8_block", ALL_M, ("triton_w8a8", "torch_scaled_mm_block") + _FI_BLOCK_SM100, _UNMEASURED),
     Row("cuda", "int8_rowwise", ALL_M, ("triton_w8a8", "torch_int_mm"), _UNMEASURED),
     Row("cuda", "int8_weight_only", ALL_M, ("triton_weight_only", "torch_int8pack"), _UNMEASURED),
     Row("cuda", "fp8_weight_only", ALL_M, ("triton_weight_only",), _UNMEASURED),
@@ -304,7 +316,7 @@ TABLE: tuple = SM90 + CUDA + CPU
 
 _GPU_ONLY = ("cuda_w4a16", "cuda_w8a8", "cuda_w8a16", "cutlass_fp8", "cutlass_int8", "cutlass_fp8_block", "cutlass_w4a16",
              "cutlass_int8_weight_only", "cutlass_fp8_weight_only",
-             "flashinfer_deepgemm_fp8_block") + _FI_TENSOR + _FI_BLOCK_SM100
+             "flashinfer_deepgemm_fp8_block", "torch_scaled_mm_block") + _FI_TENSOR + _FI_BLOCK_SM100
 #: kernels ``auto`` never reaches on a device class (placed after ``emulation``): our Triton
 #: kernels run on a CPU only through the interpreter, for tests; the GPU libraries refuse it
 BEHIND_EMULATION: dict = {

@@ -5,6 +5,8 @@ nodes into the graph (``emit``) instead of hiding behind the custom op.
 
 * ``torch_scaled_mm``: ``torch._scaled_mm`` for ``fp8_tensor`` / ``fp8_rowwise``
   (the activation quantization stays in the graph; the call is opaque)
+* ``torch_scaled_mm_block``: ``torch._scaled_mm`` with (1x128, 128x128) block scales for
+  ``fp8_block`` (cuBLASLt's block-scaled GEMM: a Hopper GPU and cuBLASLt 12.9+)
 * ``torch_int_mm``: ``torch._int_mm`` + epilogue for ``int8_rowwise``
 * ``torch_int8pack``: ``torch._weight_int8pack_mm`` for ``int8_weight_only``
   (behind the custom op: Inductor's lowering of it wants realized inputs)
@@ -117,6 +119,108 @@ class TorchScaledMM(Kernel):
         if bias is not None and not fused_bias:
             y = (y.float() + bias.float()).to(spec.out_dtype)
         return y
+
+
+def _block_scaled_mm(xq: torch.Tensor, w: torch.Tensor, sa: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+    """``xq [M, K] @ w [N, K].T`` in fp8 with 1x128 activation scales ``sa [M, K/128]`` and 128x128
+    weight-block scales ``sw [ceil(N/128), K/128]``, written in bfloat16.  cuBLASLt reads each K block's
+    scales as one column: the activation's with strides (1, M), the weight's as the transposed view of
+    its row-major ``sw`` (copies are made only where the layouts differ)."""
+    m = xq.shape[0]
+    sa = sa.float().reshape(m, -1)
+    m4 = -(-m // 4) * 4  # 16-byte scale columns: M rows padded to a multiple of 4 (zeros)
+    if m4 != m:
+        xq = torch.cat([xq, xq.new_zeros(m4 - m, xq.shape[1])])
+        sa = torch.cat([sa, sa.new_zeros(m4 - m, sa.shape[1])])
+    if sa.stride() != (1, m4):
+        col = torch.empty_strided(sa.shape, (1, m4), dtype=torch.float32, device=sa.device)
+        sa = col.copy_(sa)
+    sw = sw.float()
+    if not sw.is_contiguous():
+        sw = sw.contiguous()
+    y = torch._scaled_mm(xq.contiguous(), w.t(), sa, sw.t(), out_dtype=torch.bfloat16)
+    return y[:m] if m4 != m else y
+
+
+@functools.lru_cache(maxsize=None)
+def block_scaled_mm_error(device: torch.device) -> str:
+    """"" if this torch's ``_scaled_mm`` runs (1x128, 128x128) block scales on ``device``,
+    else its error (cuBLASLt's block-scaled GEMM needs a Hopper GPU and cuBLASLt 12.9+); tried once, on
+    real tensors even where the pass runs under a compile's fake tensors."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    try:
+        with unset_fake_temporarily():
+            return _try_block_scaled_mm(device)
+    except (RuntimeError, NotImplementedError, ValueError) as exc:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _try_block_scaled_mm(dev: torch.device) -> str:
+    xq = torch.ones(16, 512, device=dev).to(torch.float8_e4m3fn)
+    w = torch.ones(256, 512, device=dev).to(torch.float8_e4m3fn)
+    y = _block_scaled_mm(xq, w, torch.ones(16, 4, device=dev), torch.ones(2, 4, device=dev))
+    return "" if bool((y.float() == 512).all()) else "torch._scaled_mm with block scales gave a wrong result"
+
+
+@register_kernel
+class TorchScaledMMBlock(Kernel):
+    """``torch._scaled_mm`` with (1x128, 128x128) block scales: ``fp8_block`` on cuBLASLt's
+    block-scaled GEMM.  As ``torch_scaled_mm``, the activation's quantization stays in the graph
+    (Inductor fuses it), which writes its scales in the column layout cuBLASLt reads where M is a
+    fixed multiple of 4 (else ``run`` copies them, a launch of its own, and pads the rows to a
+    multiple of 4)."""
+
+    name = "torch_scaled_mm_block"
+    backend = "torch"
+    schemes = ("fp8_block",)
+    opaque = False
+
+    def is_supported(self, device: DeviceInfo):
+        if device.type != "cuda":
+            return False, f"torch._scaled_mm takes (1x128, 128x128) block scales on CUDA GPUs only, not {device.type}"
+        if device.sm != 90:
+            return False, f"torch._scaled_mm's block-scaled GEMM (cuBLASLt) runs on Hopper (sm90), this is {device}"
+        if not _has_kernel("aten::_scaled_mm", "CUDA"):
+            return False, f"torch {torch.__version__} has no _scaled_mm for CUDA"
+        if torch.cuda.is_available():
+            why = block_scaled_mm_error(torch.device("cuda", torch.cuda.current_device()))
+            if why:
+                return False, f"torch {torch.__version__}'s _scaled_mm refused block scales here: {why}"
+        return OK
+
+    def can_implement(self, spec: LayerSpec):
+        if spec.n % 16:
+            return False, f"torch._scaled_mm needs N divisible by 16 (N={spec.n})"
+        if spec.k % (4 * S.BLOCK):
+            # cuBLASLt reads a weight block's K scales in 16-byte columns; with K = 256 (two blocks)
+            # it returned a wrong result on an H200 (h200/prefill/torch_block_scaled_mm)
+            return False, f"torch._scaled_mm's block scales need K divisible by 512 (whole 16-byte scale columns; K={spec.k})"
+        if spec.out_dtype != torch.bfloat16:
+            return False, f"torch._scaled_mm with block scales writes bfloat16 here, this layer wants {spec.out_dtype}"
+        return OK
+
+    def emit(self, emit, m):
+        from ..emit import mn_major_scale_view, quantized_inputs, val
+
+        q, sa, params, bias = quantized_inputs(emit, m)
+        spec = dataclasses.replace(m.spec, act_input="static", act_dtype=torch.float8_e4m3fn)
+        rows = val(q).shape[0]
+        if isinstance(rows, int) and rows % 4 == 0:  # the view's strides are then (1, M): no copy in run
+            sa = mn_major_scale_view(emit, sa, rows, spec.k // S.BLOCK)
+        return emit(torch.ops.qlinear_pass.linear.default, q, [*params, sa], bias, self.name, spec.to_json())
+
+    def run(self, spec, x, params, bias):
+        if spec.act_input == "static":
+            w, sw, sa = params
+            xq = x.reshape(-1, spec.k)
+        else:
+            w, sw = params
+            xq, sa = S.quantize_activation(spec.scheme, x.reshape(-1, spec.k))
+        y = _block_scaled_mm(xq, w, sa, sw)
+        if bias is not None:
+            y = (y.float() + bias.float()).to(spec.out_dtype)
+        return y.reshape(*x.shape[:-1], spec.n)
 
 
 @register_kernel
