@@ -185,7 +185,7 @@ class QLinearPass(_Base):
 
 def rewrite(graph: fx.Graph, cfg: C.LinearBackendConfig, record: CompileRecord, device: Optional[DeviceInfo] = None) -> None:
     matches, misses = find_linears(graph)
-    if unpad_rows(graph, matches):
+    if unpad_rows(graph, matches, misses):
         matches, misses = find_linears(graph)
     for miss in misses:
         record.unmatched.append(_miss_row(miss))

@@ -384,6 +384,32 @@ def test_a_layer_gets_its_rows_back_from_inductors_padding(monkeypatch, bias, ro
         assert torch.equal(y, model(x))
 
 
+@pytest.mark.inductor
+@pytest.mark.parametrize("scheme", ["fp8_block", "fp8_tensor"])
+def test_padding_that_hides_an_activation_quantization_is_undone_too(monkeypatch, scheme):
+    """fp8_block / fp8_tensor dequantize the activation before the matmul, so pad_mm pads the
+    dequantized activation and the matmul no longer shows its quantization chain: the pass tries it
+    without the padding, finds the layer, and gives it its 5 rows back."""
+    from qlinear_pass import graph_pass
+
+    orig = graph_pass.rewrite
+
+    def rewrite(graph, cfg, record, device=None):
+        pad_rows(graph)
+        orig(graph, cfg, record, device)
+
+    monkeypatch.setattr(graph_pass, "rewrite", rewrite)
+    model = linear_model(256, 128, scheme, bias=True)
+    x = random_activation((5, 256))
+    with torch.no_grad(), recorded() as recs:
+        y = torch.compile(model, backend=qp.make("emulation"))(x)
+    assert [r.unmatched for r in recs] == [[]]
+    (d,) = recs[0].decisions
+    assert (d.spec.scheme, d.spec.m, d.spec.act_dtype) == (scheme, 5, torch.bfloat16)
+    with torch.no_grad():
+        assert S.relative_error(y, model(x)) <= S.TOLERANCE[torch.bfloat16]
+
+
 @pytest.mark.gpu
 @pytest.mark.inductor
 @pytest.mark.parametrize("scheme", ["int8_weight_only", "w4a16"])

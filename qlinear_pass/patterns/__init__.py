@@ -73,35 +73,31 @@ def find_linears(graph: fx.Graph) -> tuple[list[Match], list[Unmatched]]:
         return _find_linears(graph)
 
 
-def unpad_rows(graph: fx.Graph, matches: list[Match]) -> bool:
-    """Undo Inductor's row padding around the matched ``mm`` / ``addmm`` anchors: on a GPU its
-    ``pad_mm`` may turn ``mm(a, w)`` of M rows into ``slice(mm(constant_pad_nd(a, [0, 0, 0, p]),
+def unpad_rows(graph: fx.Graph, matches: list[Match], misses: list[Unmatched] = ()) -> bool:
+    """Undo Inductor's row padding around the quantized linears' ``mm`` / ``addmm`` anchors: on a GPU
+    its ``pad_mm`` may turn ``mm(a, w)`` of M rows into ``slice(mm(constant_pad_nd(a, [0, 0, 0, p]),
     w), 0, 0, -p)`` (M + p a multiple of 4 for float32 operands, 8 for 16-bit, where that
     benchmarks faster).  The
     layer's kernel takes any M, and the padded activation is a copy of another node (its float32
     widening: the layer would lose its 16-bit activation, its siblings and its fusions), so a
-    matched anchor gets its M rows back; the matmuls the pass does not replace keep their padding.
+    matched anchor gets its M rows back, and so does a missed one that matches without its padding
+    (where the activation is dequantized before the matmul, fp8_block's and fp8_tensor's, the padding
+    hides its quantization chain); the matmuls the pass does not replace keep their padding.
     True where the graph changed (then match again)."""
+    anchors = [m.anchor for m in matches]
+    padded_misses = [u.node for u in misses if _padding(u.node) is not None]
+    if padded_misses:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        static = static_inputs(graph)
+        with unset_fake_temporarily():
+            anchors += [node for node in padded_misses if _matches_unpadded(node, static)]
     changed = False
-    for m in matches:
-        node = m.anchor
-        if node.target not in MM_TARGETS or len(node.users) != 1:
+    for node in anchors:
+        padding = _padding(node)
+        if padding is None:
             continue
-        i = 1 if node.target == aten.addmm.default else 0
-        pad, sl = node.args[i], next(iter(node.users))
-        if not (isinstance(pad, fx.Node) and pad.target == aten.constant_pad_nd.default and len(pad.users) == 1
-                and sl.target == aten.slice.Tensor):
-            continue
-        widths, value = list(pad.args[1]), (pad.args[2] if len(pad.args) > 2 else 0)
-        rows = _shape(pad.args[0])[0] if len(_shape(pad.args[0])) == 2 else None
-        if len(widths) != 4 or widths[:3] != [0, 0, 0] or not isinstance(widths[3], int) or widths[3] <= 0 \
-                or value != 0 or not isinstance(rows, int):
-            continue
-        dim, start, end, step = tuple(sl.args[1:]) + (0, None, None, 1)[len(sl.args) - 1:]  # slice's defaults
-        if dim != 0 or start not in (0, None) or end not in (rows, -widths[3]) or step != 1:
-            continue
-        if i == 1 and len(_shape(node.args[0])) == 2 and _shape(node.args[0])[0] != 1:
-            continue  # a bias of M + p rows
+        i, pad, sl = padding
         args = list(node.args)
         args[i] = pad.args[0]
         with graph.inserting_before(node):
@@ -112,6 +108,46 @@ def unpad_rows(graph: fx.Graph, matches: list[Match]) -> bool:
             graph.erase_node(dead)
         changed = True
     return changed
+
+
+def _padding(node: fx.Node) -> "tuple[int, fx.Node, fx.Node] | None":
+    """(activation argument index, the pad, the slice) where ``node`` is an mm / addmm in pad_mm's
+    row-padded form, else None."""
+    if node.target not in MM_TARGETS or len(node.users) != 1:
+        return None
+    i = 1 if node.target == aten.addmm.default else 0
+    pad, sl = node.args[i], next(iter(node.users))
+    if not (isinstance(pad, fx.Node) and pad.target == aten.constant_pad_nd.default and len(pad.users) == 1
+            and sl.target == aten.slice.Tensor):
+        return None
+    widths, value = list(pad.args[1]), (pad.args[2] if len(pad.args) > 2 else 0)
+    rows = _shape(pad.args[0])[0] if len(_shape(pad.args[0])) == 2 else None
+    if len(widths) != 4 or widths[:3] != [0, 0, 0] or not isinstance(widths[3], int) or widths[3] <= 0 \
+            or value != 0 or not isinstance(rows, int):
+        return None
+    dim, start, end, step = tuple(sl.args[1:]) + (0, None, None, 1)[len(sl.args) - 1:]  # slice's defaults
+    if dim != 0 or start not in (0, None) or end not in (rows, -widths[3]) or step != 1:
+        return None
+    if i == 1 and len(_shape(node.args[0])) == 2 and _shape(node.args[0])[0] != 1:
+        return None  # a bias of M + p rows
+    return i, pad, sl
+
+
+def _matches_unpadded(node: fx.Node, static: frozenset) -> bool:
+    """Whether the padded anchor ``node`` is a quantized linear once it reads the unpadded activation
+    (tried on the node itself, its argument and output shape put back after)."""
+    i, pad, sl = _padding(node)
+    old_val = node.meta.get("val")
+    node.update_arg(i, pad.args[0])
+    node.meta["val"] = sl.meta["val"]
+    try:
+        _match_anchor(node, static)
+        return True
+    except _Miss:
+        return False
+    finally:
+        node.update_arg(i, pad)
+        node.meta["val"] = old_val
 
 
 def static_inputs(graph: fx.Graph) -> frozenset:
