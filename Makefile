@@ -1,6 +1,6 @@
 # make demo   set up .venv, then run the quickstart on this machine's default backends
 # make test   set up .venv, then run the fast tests (GPU tests skip without a GPU)
-# make test-all   the same, then the sm90 compile checks (what CI runs)
+# make test-all   the same, then the slow tier: sm90 compile checks, whole runs (what CI runs)
 # make bench-e2e  on a CUDA machine: the end-to-end decoder benchmark (benchmarks/bench_e2e.py)
 PYTHON ?= python3
 VENV   := .venv
@@ -45,8 +45,8 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
 
-# everything (what CI runs): the fast tier, then the sm90 compile checks, which print their
-# progress (-s) as nvcc and ptxas finish each source
+# everything (what CI runs): the fast tier, then the slow tier (the sm90 compile checks, which print their
+# progress (-s) as nvcc and ptxas finish each source, a benchmark run and the HF example run)
 test-all: test
 	$(PY) -m pytest -m slow -s -v -p no:xdist $(PYTEST_ARGS)
 

@@ -221,6 +221,7 @@ def test_explain_names_hf_layers_as_named_modules_does():
     assert "model.layers.1.self_attn.q_proj" in str(rep) and "args." not in str(rep)
 
 
+@pytest.mark.slow  # a whole example in its own process (17 s on 2 cores): `make test-all` and CI run it
 def test_the_example_runs_on_a_local_model_directory(tmp_path):
     """examples/hf_generate.py on a saved tiny Mistral: its tokens equal the eager model's."""
     import pathlib
