@@ -193,8 +193,9 @@ class TorchScaledMMBlock(Kernel):
         if spec.n % 16:
             return False, f"torch._scaled_mm needs N divisible by 16 (N={spec.n})"
         if spec.k % (4 * S.BLOCK):
-            # cuBLASLt reads a weight block's K scales in 16-byte columns; with K = 256 (two blocks)
-            # it returned a wrong result on an H200 (h200/prefill/torch_block_scaled_mm)
+            # cuBLASLt reads the weight's K/128 scales a block row in 16-byte columns: with K = 256,
+            # 384 or 640 and more than one 128-row block its results were silently wrong on an H200
+            # (benchmarks/results/h200/prefill/torch_block_scaled_mm/discover.json)
             return False, f"torch._scaled_mm's block scales need K divisible by 512 (whole 16-byte scale columns; K={spec.k})"
         if spec.out_dtype != torch.bfloat16:
             return False, f"torch._scaled_mm with block scales writes bfloat16 here, this layer wants {spec.out_dtype}"
