@@ -23,6 +23,7 @@ import torch
 
 from .. import schemes as S
 from ..kernel import Kernel
+from ..kernels.ops import mn_major_scales
 from ..registry import register_kernel
 from ..spec import OK, DeviceInfo, LayerSpec
 
@@ -124,21 +125,18 @@ class TorchScaledMM(Kernel):
 def _block_scaled_mm(xq: torch.Tensor, w: torch.Tensor, sa: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
     """``xq [M, K] @ w [N, K].T`` in fp8 with 1x128 activation scales ``sa [M, K/128]`` and 128x128
     weight-block scales ``sw [ceil(N/128), K/128]``, written in bfloat16.  cuBLASLt reads each K block's
-    scales as one column: the activation's with strides (1, M), the weight's as the transposed view of
-    its row-major ``sw`` (copies are made only where the layouts differ)."""
+    scales as one 16-byte-aligned column: the activation's MN-major (``kernels.ops.mn_major_scales``,
+    M padded to a multiple of 4, and the rows with it), the weight's as the transposed view of its
+    row-major ``sw`` (copies are made only where the layouts differ)."""
     m = xq.shape[0]
-    sa = sa.float().reshape(m, -1)
-    m4 = -(-m // 4) * 4  # 16-byte scale columns: M rows padded to a multiple of 4 (zeros)
+    cols = mn_major_scales(sa.reshape(m, -1))  # [K/128, M4], zero past M
+    m4 = cols.shape[1]
     if m4 != m:
         xq = torch.cat([xq, xq.new_zeros(m4 - m, xq.shape[1])])
-        sa = torch.cat([sa, sa.new_zeros(m4 - m, sa.shape[1])])
-    if sa.stride() != (1, m4):
-        col = torch.empty_strided(sa.shape, (1, m4), dtype=torch.float32, device=sa.device)
-        sa = col.copy_(sa)
     sw = sw.float()
     if not sw.is_contiguous():
         sw = sw.contiguous()
-    y = torch._scaled_mm(xq.contiguous(), w.t(), sa, sw.t(), out_dtype=torch.bfloat16)
+    y = torch._scaled_mm(xq.contiguous(), w.t(), cols.t(), sw.t(), out_dtype=torch.bfloat16)
     return y[:m] if m4 != m else y
 
 
@@ -167,9 +165,9 @@ def _try_block_scaled_mm(dev: torch.device) -> str:
 class TorchScaledMMBlock(Kernel):
     """``torch._scaled_mm`` with (1x128, 128x128) block scales: ``fp8_block`` on cuBLASLt's
     block-scaled GEMM.  As ``torch_scaled_mm``, the activation's quantization stays in the graph
-    (Inductor fuses it), which writes its scales in the column layout cuBLASLt reads where M is a
-    fixed multiple of 4 (else ``run`` copies them, a launch of its own, and pads the rows to a
-    multiple of 4)."""
+    (Inductor fuses it), which writes its scales in the column layout cuBLASLt reads where M is
+    fixed (as for ``cutlass_fp8_block``; else ``run`` copies them, a launch of its own); ``run``
+    pads the rows to a multiple of 4."""
 
     name = "torch_scaled_mm_block"
     backend = "torch"
@@ -207,7 +205,7 @@ class TorchScaledMMBlock(Kernel):
         q, sa, params, bias = quantized_inputs(emit, m)
         spec = dataclasses.replace(m.spec, act_input="static", act_dtype=torch.float8_e4m3fn)
         rows = val(q).shape[0]
-        if isinstance(rows, int) and rows % 4 == 0:  # the view's strides are then (1, M): no copy in run
+        if isinstance(rows, int):
             sa = mn_major_scale_view(emit, sa, rows, spec.k // S.BLOCK)
         return emit(torch.ops.qlinear_pass.linear.default, q, [*params, sa], bias, self.name, spec.to_json())
 

@@ -99,12 +99,14 @@ def test_block_scales_are_tried_on_real_tensors_while_the_pass_runs_under_fake_o
     assert "wrong result" in block_scaled_mm_error.__wrapped__(torch.device("cpu"))
 
 
-@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("static", [False, "rows", "columns"])
 @pytest.mark.parametrize("lead", [(1,), (5,), (2, 3)])
 def test_block_scaled_glue_hands_cublas_its_layouts(monkeypatch, static, lead):
     """torch_scaled_mm_block's run on a CPU, with _scaled_mm replaced by a stand-in that asserts the
     layouts cuBLASLt needs: the scheme reference's result, for a dynamic and a graph-quantized
-    activation (row-major scales, copied to columns), with a bias and a 3-D activation."""
+    activation (row-major scales, copied to columns, or the columns the compiled graph writes),
+    with a bias and a 3-D activation."""
+    from qlinear_pass.kernels.ops import mn_major_scales
     from qlinear_pass import schemes as S
 
     from ..helpers import linear_model, random_activation
@@ -117,6 +119,8 @@ def test_block_scaled_glue_hands_cublas_its_layouts(monkeypatch, static, lead):
     if static:
         xq, sa = S.quantize_activation("fp8_block", x.reshape(-1, 512))
         s = dataclasses.replace(s, act_input="static", act_dtype=torch.float8_e4m3fn)
+        if static == "columns":  # as emit.mn_major_scale_view has the graph write them
+            sa = mn_major_scales(sa.reshape(xq.shape[0], -1))[:, :xq.shape[0]].t()
         inputs, params = xq, params + [sa]
     y = get_kernel("torch_scaled_mm_block").run(s, inputs, params, q.bias)
     ref = S.reference("fp8_block", x, q.params, q.bias)
