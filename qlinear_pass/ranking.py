@@ -168,7 +168,12 @@ SM90: tuple = (
         "in 11 of 12 cells (1.1-2.0x; 8% behind on N=4096 at M=128), with 20-34 us of host time a call "
         "against Triton's 53-142 (probe.log there), so before it. End to end without CUTLASS and "
         "FlashInfer (e2e/ there) the 2048-token prefill took 39.8 ms against bf16's 49.0 (1.23x; 59.9-63.3 "
-        "ms on Triton in two calls before). Not timed beside CUTLASS or DeepGEMM, which keep their places."),
+        "ms on Triton in two calls before). Beside CUTLASS (torch_block_scaled_mm/beside_cutlass, one "
+        "H200 call, us, cutlass_fp8_block / torch_scaled_mm_block): M=128 N=4096 14.7 / 16.3, N=6144 15.1 / "
+        "16.7, gate/up 42.9 / 36.6, K=14336 36.7 / 43.5; at M >= 1024 cuBLASLt 1-6% faster on all 8 cells "
+        "(gate/up M=4096 775.0 / 743.9) but with 1.71 launches a linear (a memset) against 1.0, and the "
+        "2048-token prefill the same (36.26 / 36.03 ms, another call), so CUTLASS stays ahead at every M. "
+        "Not timed beside DeepGEMM."),
     Row("sm90", "int8_rowwise", (1, 16), ("cuda_w8a8", "cutlass_int8", "triton_w8a8", "torch_int_mm"),
         f"{_W8A8}: K=4096 N=14336 M=1 22.4 / 27.6 / 41.9, M=8 22.7 / 31.3 / 42.1, M=16 24.8 / 32.1 / 42.6; "
         "K=14336 N=4096 M=16 24.2 / 36.2 / 45.4; gate/up (N=28672) M=1 41.1 / 50.1 / 81.6. "
