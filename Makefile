@@ -12,12 +12,17 @@ PYTEST_ARGS ?=
 
 # -qq: errors only (this machine's pip configuration warns about index folders it lacks, 34 lines)
 # --no-compile: pip would compile the bytecode of all 14,000 modules the venv gets, on one core
-# (compiling them all on both took 31-36 s on a 2-core machine); Python compiles the 4,000 that the
-# tests import as they first import them instead, and keeps them: bytecode is written even where
-# the environment turns that off (PYTHONDONTWRITEBYTECODE), or every test process would compile
-# torch again (the setup took 56-86 s without compileall, 92-104 s with it)
+# (compiling them all on both took 31-36 s on a 2-core machine); of the 3,900 that the tests
+# import, the 2,300 of torch and the packages it brings are compiled on the other core while pip
+# installs the rest (below), and Python compiles the others as they are first imported, and keeps
+# them: bytecode is written even where the environment turns that off (PYTHONDONTWRITEBYTECODE),
+# or every test process would compile torch again (the setup took 56-86 s without compileall,
+# 92-104 s with it; each xdist worker compiling torch's on its first import cost it 15 s)
 PIP    := $(PY) -m pip install -qq --disable-pip-version-check --no-compile
 export PYTHONDONTWRITEBYTECODE =
+# (a file of Python 3.12 syntax among torch's test helpers fails to compile: quiet=2 keeps it quiet)
+COMPILE_TORCH := import compileall, os, sysconfig; sp = sysconfig.get_paths()["purelib"]; \
+	[compileall.compile_dir(os.path.join(sp, p), quiet=2) for p in ("torch", "sympy", "networkx", "mpmath")]
 
 # An isolated venv (no system site-packages: nothing else's plugins or warnings in the tests).
 # torch stays pinned: pip takes the local CPU wheel for exactly this version, where an unpinned
@@ -26,24 +31,25 @@ $(VENV)/.installed: pyproject.toml
 	@echo "setting up $(VENV): $(TORCH_PIN) (CPU), triton, the test tools, FlashInfer and CUTLASS headers"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PIP) $(TORCH_PIN)
-	@$(PIP) -e ".[test,triton]"
-	@# FlashInfer, for its selection and error tests: what `import flashinfer` needs, then the
-	@# package alone, last (its full list of dependencies is for GPUs: the cuDNN frontend, the
-	@# CUTLASS DSL, ...; installing anything with dependencies after it would make pip print
-	@# an ERROR block about those it lacks)
-	@$(PIP) "apache-tvm-ffi>=0.1.11,<0.2" nvidia-ml-py requests tqdm
+	@# the rest, while torch's bytecode compiles on the other core; FlashInfer, for its selection
+	@# and error tests: what `import flashinfer` needs here, the package itself in the last run
+	@# (its full list of dependencies is for GPUs: the cuDNN frontend, the CUTLASS DSL, ...; a
+	@# later install with dependencies would make pip print an ERROR block about those it lacks)
+	@$(PY) -c '$(COMPILE_TORCH)' >/dev/null 2>&1 & \
+	$(PIP) -e ".[test,triton]" "apache-tvm-ffi>=0.1.11,<0.2" nvidia-ml-py requests tqdm; status=$$?; wait; exit $$status
 	@# CUTLASS headers for the compile check of the CUTLASS kernels (its Python deps are for its
-	@# own generator, which we do not use)
-	@$(PIP) --no-deps "nvidia-cutlass==4.2.0.0" ninja
-	@$(PIP) --no-deps "flashinfer-python==0.7.2"
+	@# own generator, which we do not use), and FlashInfer
+	@$(PIP) --no-deps "nvidia-cutlass==4.2.0.0" ninja "flashinfer-python==0.7.2"
 	@touch $@
 
 demo: $(VENV)/.installed
 	$(PY) examples/quickstart.py
 
-# the fast tier: everything but the `slow` tier (the sm90 compile checks, whole-benchmark runs)
+# the fast tier: everything but the `slow` tier (the sm90 compile checks, whole-benchmark runs);
+# worksteal: a worker that runs out of tests takes over some of the other's queue (with `load`,
+# tests sent ahead to one worker waited for it there 12 s after the other had finished)
 test: $(VENV)/.installed
-	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist worksteal -m "not slow" $(PYTEST_ARGS)
 
 # everything (what CI runs): the fast tier, then the slow tier (the sm90 compile checks, which print their
 # progress (-s) as nvcc and ptxas finish each source, a benchmark run and the HF example run)

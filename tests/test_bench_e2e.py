@@ -450,6 +450,7 @@ def test_inductor_pdl_is_a_setting_of_every_variant_and_named_in_the_summary(mon
     assert _settings().inductor_pdl  # the environment's setting, recorded
 
 
+@pytest.mark.slow  # a fresh process importing the benchmark, torch and Inductor (6-8 s on 2 cores): `make test-all` and CI run it
 def test_inductor_is_imported_before_any_timed_compile():
     """Every variant's compile seconds start with Inductor's compiler imported: bf16's torch.compile
     imports it when called, a qlinear_pass backend only in its first compile (a fresh process: the

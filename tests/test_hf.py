@@ -130,8 +130,8 @@ def test_a_part_only_at_a_tie_is_accepted():
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_generate_compiled_matches_eager(case):
-    # one decoder layer: Dynamo's tracing of each layer is most of a case's time (the tests below
-    # keep two, and check the second layer's names)
+    # one decoder layer: Dynamo's tracing of each layer is most of a case's time (the explain and
+    # checkpoint tests below keep two: the second layer's names, and its weights from the file)
     model = tiny_model(case.arch, case.dtype, layers=1)
     qp.quantize(model, case.scheme, group_size=case.group_size, zero_points=case.zero_points)
     quantized = sorted(n for n, m in model.named_modules() if isinstance(m, qp.QuantizedLinear))
@@ -176,8 +176,9 @@ def test_generate_compiled_matches_eager(case):
 
 def test_generate_compiles_with_our_backend_in_a_compile_config():
     """Hugging Face's own compile of the decode steps (``CompileConfig``, the default on GPUs
-    with a static cache) with make()'s backend: it deep-copies the backend and passes its mode."""
-    model = tiny_model("llama", torch.float32)
+    with a static cache) with make()'s backend: it deep-copies the backend and passes its mode
+    (one decoder layer, as above)."""
+    model = tiny_model("llama", torch.float32, layers=1)
     qp.quantize(model, "int8_rowwise")
     prompt = _prompt(4)
     with torch.no_grad():
@@ -192,7 +193,7 @@ def test_generate_compiles_with_our_backend_in_a_compile_config():
     for r in records:
         assert sorted(d.spec.module for d in r.decisions) == quantized
     # its default mode ("reduce-overhead") is an Inductor setting: without Inductor, a clear error
-    model = tiny_model("llama", torch.float32)
+    model = tiny_model("llama", torch.float32, layers=1)
     qp.quantize(model, "int8_rowwise")
     cc = transformers.CompileConfig(backend=qp.make("auto", inductor=False))
     cc._compile_all_devices = True

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import qlinear_pass as qp
@@ -849,6 +849,9 @@ def test_siblings_share_one_quantization_of_their_activation(toolchain_ok, schem
     assert len(quantized) == 2, [n.format_node() for n in quantized]  # h's and x's
 
 
+# each example compiles; the sharing depends on which of q/k/v have the same scheme, which the two
+# pinned examples and half the usual drawn ones cover
+@settings(max_examples=max(1, settings.default.max_examples // 2))
 @given(schemes=st.lists(st.sampled_from(list(KERNELS)), min_size=3, max_size=3))
 @example(schemes=["fp8_rowwise", "fp8_block", "fp8_rowwise"])
 @example(schemes=["fp8_rowwise", "fp8_tensor", "int8_rowwise"])  # per token, per tensor, int8: three chains
